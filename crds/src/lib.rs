@@ -1,0 +1,19 @@
+//! kubeha API types: `HACluster` (cluster-scoped) and `HAService`
+//! (namespaced) in group `kubeha.io`, version `v1alpha1`, with the constants
+//! and mode rules that operator, agent and plugin share.
+
+pub mod cluster;
+pub mod manifests;
+pub mod mode;
+pub mod service;
+
+pub use cluster::{HACluster, HAClusterSpec, HAClusterStatus};
+pub use mode::Mode;
+pub use service::{HAService, HAServiceSpec, HAServiceStatus, Role};
+
+/// API group of every kubeha kind.
+pub const GROUP: &str = "kubeha.io";
+/// API version of the kinds.
+pub const VERSION: &str = "v1alpha1";
+/// Root directory on each node under which `hooks.source.hostPath` resolves.
+pub const HOOK_ROOT: &str = "/etc/kubeha/hooks";

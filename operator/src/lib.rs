@@ -1,0 +1,20 @@
+//! kubeha operator. The reconcilers, placement and leader election arrive
+//! with the operator issue; for now the crate only wires the CLI.
+
+use clap::Parser;
+
+/// Command line of `kubeha-operator`.
+#[derive(Parser, Debug)]
+#[command(
+    name = "kubeha-operator",
+    version,
+    about = "kubeha operator (reconciler not built yet)"
+)]
+pub struct Cli {}
+
+/// Runs the operator.
+pub fn run(_cli: Cli) -> anyhow::Result<()> {
+    anyhow::bail!(
+        "kubeha-operator: the reconciler is not built yet; this binary only answers --help and --version"
+    )
+}
