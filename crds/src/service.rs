@@ -26,7 +26,7 @@ use crate::cluster::Failback;
     printcolumn = r#"{"name":"Phase","type":"string","jsonPath":".status.phase"}"#,
     printcolumn = r#"{"name":"Active","type":"string","jsonPath":".status.activeNode","description":"Node in the master role"}"#,
     printcolumn = r#"{"name":"Standby","type":"string","jsonPath":".status.standbyNode","description":"Node in the vicemaster role"}"#,
-    printcolumn = r#"{"name":"VIPs","type":"string","jsonPath":".spec.vips[*].address"}"#,
+    printcolumn = r#"{"name":"VIPs","type":"string","jsonPath":".status.vips","description":"The VIPs, comma-separated"}"#,
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
 )]
 #[serde(rename_all = "camelCase")]
@@ -260,6 +260,11 @@ pub struct HAServiceStatus {
     /// Lease's leaseTransitions.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub epoch: Option<i64>,
+
+    /// The VIPs of the spec, comma-separated, for `kubectl get` (a printer
+    /// column shows only the first match of a list).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vips: Option<String>,
 
     /// One entry per member node, written by that node's agent.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]

@@ -106,14 +106,11 @@ impl Lab {
         )
     }
 
-    /// Brings the lab up unless another test or process already did; safe to
-    /// call from many tests at once (they serialise on a lock file).
+    /// `up`, serialised on a lock file so many tests may call it at once; the
+    /// first starts the lab, the others reuse it.
     pub fn ensure_up(&self) -> anyhow::Result<()> {
         let lock = File::create(self.root.join(".lab.lock")).context("creating .lab.lock")?;
         lock.lock().context("locking .lab.lock")?;
-        if self.apiserver_ready() {
-            return Ok(());
-        }
         self.up()
     }
 
