@@ -126,6 +126,7 @@ impl Lab {
         if !self.apiserver_ready() {
             // Leftovers of a killed run would hold the ports.
             self.stop_processes();
+            ports_free()?;
             self.write_pki()?;
             self.write_kubeconfig()?;
             self.start_etcd(&bins)?;
@@ -471,6 +472,20 @@ fn signal_all(pids: &[i32], signal: &str) {
         .args(pids.iter().map(|p| p.to_string()))
         .stderr(Stdio::null())
         .status();
+}
+
+/// Fails with a clear message when a lab port is taken (another lab, from
+/// another checkout, still running).
+fn ports_free() -> anyhow::Result<()> {
+    for port in [ETCD_CLIENT_PORT, ETCD_PEER_PORT, APISERVER_PORT] {
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_err() {
+            bail!(
+                "port 127.0.0.1:{port} is in use: another lab (from another checkout?) still runs; \
+                 run `cargo xtask lab down` there, or stop whatever listens on it"
+            );
+        }
+    }
+    Ok(())
 }
 
 fn link(target: &Path, link: &Path) -> anyhow::Result<()> {
