@@ -100,16 +100,50 @@ fn crdgen(root: &Path, check: bool) -> anyhow::Result<()> {
 }
 
 fn test(root: &Path, keep_lab: bool) -> anyhow::Result<()> {
-    let status = Command::new(env!("CARGO"))
-        .args(["test", "--workspace", "--locked"])
+    use std::io::{BufRead, BufReader, Write};
+    // cargo test's own closing line belongs to the last crate's doc-tests;
+    // read every `test result:` line and close with the workspace total.
+    let mut child = Command::new(env!("CARGO"))
+        .args(["test", "--workspace", "--locked", "--color=never"])
         .current_dir(root)
-        .status()
+        .stdout(std::process::Stdio::piped())
+        .spawn()
         .context("running cargo test")?;
+    let (mut passed, mut failed, mut ignored) = (0u64, 0u64, 0u64);
+    let stdout = child.stdout.take().expect("piped stdout");
+    for line in BufReader::new(stdout).lines() {
+        let line = line?;
+        println!("{line}");
+        std::io::stdout().flush()?;
+        if let Some(rest) = line.strip_prefix("test result: ") {
+            let count = |word: &str| -> u64 {
+                rest.split(';')
+                    .find_map(|part| {
+                        part.trim()
+                            .strip_suffix(word)?
+                            .trim()
+                            .rsplit(' ')
+                            .next()?
+                            .parse()
+                            .ok()
+                    })
+                    .unwrap_or(0)
+            };
+            passed += count("passed");
+            failed += count("failed");
+            ignored += count("ignored");
+        }
+    }
+    let status = child.wait()?;
     if !keep_lab {
         Lab::new(root).down()?;
     }
+    println!("\nworkspace: {passed} passed, {failed} failed, {ignored} skipped");
     if !status.success() {
         bail!("cargo test failed");
+    }
+    if passed == 0 {
+        bail!("no test ran");
     }
     Ok(())
 }
