@@ -3,6 +3,7 @@
 //! and mode rules that operator, agent and plugin share.
 
 pub mod cluster;
+pub mod leases;
 pub mod manifests;
 pub mod mode;
 pub mod service;

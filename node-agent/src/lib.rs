@@ -1,5 +1,11 @@
-//! kubeha node agent. Heartbeat, transitions, hooks, VIPs and GARP arrive
-//! with the agent issue; for now the crate only wires the CLI.
+//! kubeha node agent: renews this node's heartbeat, derives its role per
+//! service from the service Leases, and carries out transitions (VIPs with a
+//! kernel-enforced lifetime, hooks, gratuitous ARP), fencing itself when it
+//! loses the API server.
+
+pub mod heartbeat;
+pub mod metrics;
+pub mod statefile;
 
 use clap::Parser;
 

@@ -1,0 +1,245 @@
+//! Heartbeat: the agent renews its node's Lease for every HACluster it is a
+//! member of, every R, and tracks the time since its last successful renew on
+//! a monotonic clock. A renew counts from the instant its request was sent,
+//! so the agent's view is never more optimistic than the API server's.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta};
+use kube::api::{Api, Patch, PatchParams};
+use kubeha_crds::cluster::HeartbeatTiming;
+use kubeha_crds::leases;
+
+/// Heartbeat timing of one cluster as durations.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Timing {
+    /// D: lease duration.
+    pub lease_duration: Duration,
+    /// R: renew interval.
+    pub renew_interval: Duration,
+    /// RD: renew deadline, after which the agent fences itself.
+    pub renew_deadline: Duration,
+    /// Skew allowance added to D by observers.
+    pub clock_skew: Duration,
+    /// Configured VIP lifetime, if any.
+    pub vip_lifetime_seconds: Option<u32>,
+}
+
+impl From<&HeartbeatTiming> for Timing {
+    fn from(t: &HeartbeatTiming) -> Self {
+        let ms = |v: i32| Duration::from_millis(v.max(0) as u64);
+        Self {
+            lease_duration: ms(t.lease_duration_ms),
+            renew_interval: ms(t.renew_interval_ms),
+            renew_deadline: ms(t.renew_deadline_ms),
+            clock_skew: ms(t.clock_skew_ms),
+            vip_lifetime_seconds: t.vip_lifetime_seconds.map(|s| s.max(1) as u32),
+        }
+    }
+}
+
+/// What the agent knows of its own heartbeat in one cluster.
+#[derive(Debug, Clone, Copy)]
+pub struct Beat {
+    /// Timing in force.
+    pub timing: Timing,
+    /// When the last successful renew was sent (monotonic).
+    pub last_success: Option<Instant>,
+    /// Failed renews since the start.
+    pub failures: u64,
+}
+
+impl Beat {
+    /// Time since the last successful renew (`None` before the first).
+    pub fn age(&self, now: Instant) -> Option<Duration> {
+        self.last_success.map(|t| now.saturating_duration_since(t))
+    }
+
+    /// Whether the agent must consider itself cut off: no successful renew
+    /// for RD (or none at all yet).
+    pub fn past_deadline(&self, now: Instant) -> bool {
+        self.age(now)
+            .is_none_or(|age| age >= self.timing.renew_deadline)
+    }
+
+    /// Time left before D since the last successful renew.
+    pub fn left_before_lease_end(&self, now: Instant) -> Duration {
+        match self.age(now) {
+            Some(age) => self.timing.lease_duration.saturating_sub(age),
+            None => Duration::ZERO,
+        }
+    }
+}
+
+/// The heartbeat state of every cluster, shared between the renew loops, the
+/// fence watchdog, the transitions and the metrics.
+#[derive(Debug, Clone, Default)]
+pub struct Heartbeats(Arc<Mutex<HashMap<String, Beat>>>);
+
+impl Heartbeats {
+    /// A snapshot of one cluster's heartbeat.
+    pub fn get(&self, cluster: &str) -> Option<Beat> {
+        self.lock().get(cluster).copied()
+    }
+
+    /// A snapshot of every cluster's heartbeat.
+    pub fn all(&self) -> HashMap<String, Beat> {
+        self.lock().clone()
+    }
+
+    /// Sets (or updates) a cluster's timing, keeping its history.
+    pub fn set_timing(&self, cluster: &str, timing: Timing) {
+        self.lock()
+            .entry(cluster.to_owned())
+            .and_modify(|b| b.timing = timing)
+            .or_insert(Beat {
+                timing,
+                last_success: None,
+                failures: 0,
+            });
+    }
+
+    /// Forgets a cluster the node is no longer a member of.
+    pub fn remove(&self, cluster: &str) {
+        self.lock().remove(cluster);
+    }
+
+    fn record(&self, cluster: &str, sent: Instant, ok: bool) {
+        if let Some(b) = self.lock().get_mut(cluster) {
+            if ok {
+                // Renews may complete out of order; keep the latest send.
+                b.last_success = Some(b.last_success.map_or(sent, |t| t.max(sent)));
+            } else {
+                b.failures += 1;
+            }
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Beat>> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// The heartbeat Lease as the agent applies it (server-side apply, the
+/// node's own field manager): holder = node, duration = D rounded up.
+pub fn heartbeat_lease(cluster: &str, node: &str, timing: &Timing) -> Lease {
+    Lease {
+        metadata: ObjectMeta {
+            name: Some(leases::heartbeat_lease_name(cluster, node)),
+            labels: Some(
+                [
+                    (
+                        leases::LEASE_KIND_LABEL.to_owned(),
+                        leases::HEARTBEAT.to_owned(),
+                    ),
+                    (leases::CLUSTER_LABEL.to_owned(), cluster.to_owned()),
+                    (leases::NODE_LABEL.to_owned(), node.to_owned()),
+                ]
+                .into(),
+            ),
+            ..Default::default()
+        },
+        spec: Some(LeaseSpec {
+            holder_identity: Some(node.to_owned()),
+            lease_duration_seconds: Some(timing.lease_duration.as_millis().div_ceil(1000) as i32),
+            renew_time: Some(MicroTime(jiff::Timestamp::now())),
+            ..Default::default()
+        }),
+    }
+}
+
+/// Renews one cluster's heartbeat every R until the task is aborted.
+/// `on_renew` runs after each successful renew (to extend VIP lifetimes).
+pub async fn renew_loop(
+    api: Api<Lease>,
+    cluster: String,
+    node: String,
+    beats: Heartbeats,
+    metrics: crate::metrics::Metrics,
+    on_renew: tokio::sync::mpsc::UnboundedSender<String>,
+) {
+    let params = PatchParams::apply(&leases::agent_field_manager(&node)).force();
+    let name = leases::heartbeat_lease_name(&cluster, &node);
+    loop {
+        let Some(beat) = beats.get(&cluster) else {
+            return;
+        };
+        let timing = beat.timing;
+        let sent = Instant::now();
+        let lease = heartbeat_lease(&cluster, &node, &timing);
+        // A renew slower than R is useless: the next one is due.
+        let result = tokio::time::timeout(
+            timing.renew_interval,
+            api.patch(&name, &params, &Patch::Apply(&lease)),
+        )
+        .await;
+        let ok = matches!(result, Ok(Ok(_)));
+        beats.record(&cluster, sent, ok);
+        if ok {
+            let _ = on_renew.send(cluster.clone());
+        } else {
+            metrics.renew_failure(&cluster);
+            match result {
+                Ok(Err(e)) => tracing::warn!(%cluster, error = %e, "heartbeat renew failed"),
+                _ => tracing::warn!(%cluster, "heartbeat renew timed out"),
+            }
+        }
+        tokio::time::sleep_until((sent + timing.renew_interval).into()).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn timing() -> Timing {
+        Timing::from(&HeartbeatTiming::default())
+    }
+
+    #[test]
+    fn deadline_and_time_left() {
+        let t0 = Instant::now();
+        let mut beat = Beat {
+            timing: timing(),
+            last_success: None,
+            failures: 0,
+        };
+        assert!(beat.past_deadline(t0), "no renew yet means cut off");
+        beat.last_success = Some(t0);
+        assert!(!beat.past_deadline(t0 + Duration::from_millis(1999)));
+        assert!(beat.past_deadline(t0 + Duration::from_millis(2000)));
+        assert_eq!(
+            beat.left_before_lease_end(t0 + Duration::from_millis(2500)),
+            Duration::from_millis(500)
+        );
+        assert_eq!(
+            beat.left_before_lease_end(t0 + Duration::from_secs(9)),
+            Duration::ZERO
+        );
+    }
+
+    #[test]
+    fn renews_keep_the_latest_send() {
+        let beats = Heartbeats::default();
+        beats.set_timing("c", timing());
+        let t0 = Instant::now();
+        beats.record("c", t0 + Duration::from_millis(5), true);
+        beats.record("c", t0, true);
+        beats.record("c", t0, false);
+        let b = beats.get("c").unwrap();
+        assert_eq!(b.last_success, Some(t0 + Duration::from_millis(5)));
+        assert_eq!(b.failures, 1);
+    }
+
+    #[test]
+    fn lease_rounds_duration_up() {
+        let mut t = timing();
+        t.lease_duration = Duration::from_millis(1500);
+        let lease = heartbeat_lease("c", "node-1", &t);
+        assert_eq!(lease.spec.unwrap().lease_duration_seconds, Some(2));
+        assert_eq!(lease.metadata.name.as_deref(), Some("kubeha-hb-c-node-1"));
+    }
+}

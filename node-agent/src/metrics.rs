@@ -1,0 +1,247 @@
+//! Prometheus metrics of the agent and its HTTP endpoints: `/metrics`,
+//! `/healthz` (the process serves) and `/readyz` (every cluster's heartbeat
+//! renewed within RD).
+
+use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::routing::get;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+use crate::heartbeat::Heartbeats;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ClusterLabels {
+    cluster: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct HookLabels {
+    action: String,
+    outcome: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct TransitionLabels {
+    transition: String,
+}
+
+type HookHistogram = Family<HookLabels, Histogram, fn() -> Histogram>;
+
+/// The agent's metrics; cheap to clone.
+#[derive(Clone)]
+pub struct Metrics {
+    registry: Arc<Mutex<Registry>>,
+    renew_failures: Family<ClusterLabels, Counter>,
+    last_renew_age: Family<ClusterLabels, Gauge<f64, AtomicU64>>,
+    vips_held: Gauge,
+    garps_sent: Counter,
+    fences: Counter,
+    hook_runs: Family<HookLabels, Counter>,
+    hook_duration: HookHistogram,
+    transitions: Family<TransitionLabels, Counter>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let mut registry = Registry::with_prefix("kubeha_agent");
+        let m = Self {
+            registry: Default::default(),
+            renew_failures: Default::default(),
+            last_renew_age: Default::default(),
+            vips_held: Default::default(),
+            garps_sent: Default::default(),
+            fences: Default::default(),
+            hook_runs: Default::default(),
+            hook_duration: Family::new_with_constructor(|| {
+                Histogram::new(exponential_buckets(0.005, 2.0, 16))
+            }),
+            transitions: Default::default(),
+        };
+        registry.register(
+            "heartbeat_renew_failures",
+            "Failed heartbeat renews",
+            m.renew_failures.clone(),
+        );
+        registry.register(
+            "heartbeat_last_renew_age_seconds",
+            "Seconds since the last successful heartbeat renew",
+            m.last_renew_age.clone(),
+        );
+        registry.register("vips_held", "VIPs this node holds", m.vips_held.clone());
+        registry.register(
+            "garp_sent",
+            "Gratuitous ARP / unsolicited NA frames sent",
+            m.garps_sent.clone(),
+        );
+        registry.register("fences", "Self-fences", m.fences.clone());
+        registry.register(
+            "hook_runs",
+            "Hook script runs by action and outcome",
+            m.hook_runs.clone(),
+        );
+        registry.register(
+            "hook_duration_seconds",
+            "Hook script run time",
+            m.hook_duration.clone(),
+        );
+        registry.register(
+            "transitions",
+            "Role transitions by kind",
+            m.transitions.clone(),
+        );
+        *m.registry.lock().unwrap_or_else(|e| e.into_inner()) = registry;
+        m
+    }
+}
+
+impl Metrics {
+    /// Counts a failed heartbeat renew.
+    pub fn renew_failure(&self, cluster: &str) {
+        self.renew_failures
+            .get_or_create(&ClusterLabels {
+                cluster: cluster.to_owned(),
+            })
+            .inc();
+    }
+
+    /// Sets the number of VIPs held.
+    pub fn set_vips_held(&self, n: usize) {
+        self.vips_held.set(n as i64);
+    }
+
+    /// Counts GARP/NA frames sent.
+    pub fn garps_sent(&self, n: usize) {
+        self.garps_sent.inc_by(n as u64);
+    }
+
+    /// Counts a self-fence.
+    pub fn fenced(&self) {
+        self.fences.inc();
+    }
+
+    /// Records one hook run.
+    pub fn hook_run(&self, action: &str, outcome: &str, seconds: f64) {
+        let labels = HookLabels {
+            action: action.to_owned(),
+            outcome: outcome.to_owned(),
+        };
+        self.hook_runs.get_or_create(&labels).inc();
+        self.hook_duration.get_or_create(&labels).observe(seconds);
+    }
+
+    /// Counts a transition (takeover, takeback, giveaway, giveback, adopt).
+    pub fn transition(&self, transition: &str) {
+        self.transitions
+            .get_or_create(&TransitionLabels {
+                transition: transition.to_owned(),
+            })
+            .inc();
+    }
+
+    /// The text exposition, with the renew ages brought up to date.
+    pub fn encode(&self, beats: &Heartbeats) -> String {
+        let now = Instant::now();
+        // A cluster never renewed has no age yet (the text format has no
+        // portable infinity); `/readyz` reports it as past its deadline.
+        for (cluster, beat) in beats.all() {
+            if let Some(age) = beat.age(now) {
+                self.last_renew_age
+                    .get_or_create(&ClusterLabels { cluster })
+                    .set(age.as_secs_f64());
+            }
+        }
+        let mut out = String::new();
+        let registry = self.registry.lock().unwrap_or_else(|e| e.into_inner());
+        prometheus_client::encoding::text::encode(&mut out, &registry)
+            .expect("writing to a String cannot fail");
+        out
+    }
+}
+
+#[derive(Clone)]
+struct HttpState {
+    metrics: Metrics,
+    beats: Heartbeats,
+}
+
+/// Serves `/metrics`, `/healthz` and `/readyz` on `addr` until the task ends.
+pub async fn serve(
+    addr: std::net::SocketAddr,
+    metrics: Metrics,
+    beats: Heartbeats,
+) -> anyhow::Result<()> {
+    let app = Router::new()
+        .route(
+            "/metrics",
+            get(|State(s): State<HttpState>| async move { s.metrics.encode(&s.beats) }),
+        )
+        .route("/healthz", get(|| async { "ok" }))
+        .route(
+            "/readyz",
+            get(|State(s): State<HttpState>| async move {
+                let now = Instant::now();
+                let beats = s.beats.all();
+                if beats.values().all(|b| !b.past_deadline(now)) {
+                    (StatusCode::OK, "ok".to_owned())
+                } else {
+                    let late: Vec<String> = beats
+                        .iter()
+                        .filter(|(_, b)| b.past_deadline(now))
+                        .map(|(c, _)| c.clone())
+                        .collect();
+                    (
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        format!("heartbeat past its deadline in {late:?}"),
+                    )
+                }
+            }),
+        )
+        .with_state(HttpState { metrics, beats });
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    axum::serve(listener, app).await?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exposition_names_every_metric() {
+        let m = Metrics::default();
+        m.renew_failure("c");
+        m.hook_run("enter", "Success", 0.2);
+        m.transition("takeover");
+        m.garps_sent(6);
+        let beats = Heartbeats::default();
+        beats.set_timing(
+            "c",
+            crate::heartbeat::Timing::from(&kubeha_crds::cluster::HeartbeatTiming::default()),
+        );
+        let text = m.encode(&beats);
+        for name in [
+            "kubeha_agent_heartbeat_renew_failures_total{cluster=\"c\"} 1",
+            "kubeha_agent_garp_sent_total 6",
+            "kubeha_agent_hook_runs_total{action=\"enter\",outcome=\"Success\"} 1",
+            "kubeha_agent_transitions_total{transition=\"takeover\"} 1",
+            "kubeha_agent_fences_total 0",
+            "kubeha_agent_vips_held 0",
+        ] {
+            assert!(text.contains(name), "missing {name} in\n{text}");
+        }
+        assert!(
+            !text.contains("last_renew_age_seconds{"),
+            "no age before the first renew:\n{text}"
+        );
+    }
+}
