@@ -3,6 +3,7 @@
 //! kernel-enforced lifetime, hooks, gratuitous ARP), fencing itself when it
 //! loses the API server.
 
+pub mod assignments;
 pub mod heartbeat;
 pub mod metrics;
 pub mod statefile;
