@@ -4,24 +4,271 @@
 //! loses the API server.
 
 pub mod assignments;
+pub mod daemon;
+pub mod garp;
 pub mod heartbeat;
+pub mod hooks;
 pub mod metrics;
 pub mod statefile;
+pub mod transitions;
+pub mod vip;
 
-use clap::Parser;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use clap::{Args, Parser, Subcommand};
 
 /// Command line of `kubeha-agent`.
 #[derive(Parser, Debug)]
-#[command(
-    name = "kubeha-agent",
-    version,
-    about = "kubeha node agent (not built yet)"
-)]
-pub struct Cli {}
+#[command(name = "kubeha-agent", version, about = "kubeha node agent")]
+pub struct Cli {
+    #[command(flatten)]
+    paths: Paths,
+    /// Log format: text or json.
+    #[arg(long, env = "KUBEHA_LOG_FORMAT", default_value = "text", global = true)]
+    log_format: String,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Args, Debug, Clone)]
+struct Paths {
+    /// This node's Kubernetes name (downward API: spec.nodeName).
+    #[arg(long, env = "NODE_NAME", global = true)]
+    node_name: Option<String>,
+    /// Namespace of the heartbeat Leases (the operator's namespace).
+    #[arg(
+        long,
+        env = "POD_NAMESPACE",
+        default_value = "kubeha-system",
+        global = true
+    )]
+    namespace: String,
+    /// Root of host-path hook sources.
+    #[arg(long, env = "KUBEHA_HOOK_ROOT", default_value = kubeha_crds::HOOK_ROOT, global = true)]
+    hook_root: PathBuf,
+    /// Hook logs and the fence log.
+    #[arg(
+        long,
+        env = "KUBEHA_LOG_DIR",
+        default_value = "/var/log/kubeha",
+        global = true
+    )]
+    log_dir: PathBuf,
+    /// Status file (status.json) and materialised ConfigMap hooks.
+    #[arg(
+        long,
+        env = "KUBEHA_STATE_DIR",
+        default_value = "/run/kubeha",
+        global = true
+    )]
+    state_dir: PathBuf,
+    /// Address of /metrics, /healthz and /readyz.
+    #[arg(
+        long,
+        env = "KUBEHA_METRICS_ADDR",
+        default_value = "0.0.0.0:9090",
+        global = true
+    )]
+    metrics_addr: std::net::SocketAddr,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run the daemon (the default).
+    Run,
+    /// Print the node-local status file; works without the API server.
+    Status,
+    /// Hook sets by hand.
+    Hooks {
+        #[command(subcommand)]
+        command: HooksCommand,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum HooksCommand {
+    /// Run a service's hook set exactly as the daemon would (no daemon needed).
+    Run {
+        /// The service, `namespace/name`.
+        service: String,
+        /// enter, leave, monitor or periodic.
+        action: String,
+        /// Role to pass: master, vicemaster or none.
+        #[arg(long, default_value = "master")]
+        role: String,
+        /// Epoch to pass in KUBEHA_EPOCH (default: the status file's).
+        #[arg(long)]
+        epoch: Option<i64>,
+    },
+}
 
 /// Runs the agent.
-pub fn run(_cli: Cli) -> anyhow::Result<()> {
-    anyhow::bail!(
-        "kubeha-agent: the agent is not built yet; this binary only answers --help and --version"
-    )
+pub fn run(cli: Cli) -> anyhow::Result<()> {
+    init_tracing(&cli.log_format);
+    let runtime = tokio::runtime::Runtime::new()?;
+    match cli.command.unwrap_or(Command::Run) {
+        Command::Run => runtime.block_on(daemon::run(daemon_config(&cli.paths)?)),
+        Command::Status => {
+            let path = statefile::path(&cli.paths.state_dir);
+            let text = std::fs::read_to_string(&path).with_context(|| {
+                format!(
+                    "no status file at {} (has the agent run on this node?)",
+                    path.display()
+                )
+            })?;
+            println!("{text}");
+            Ok(())
+        }
+        Command::Hooks {
+            command:
+                HooksCommand::Run {
+                    service,
+                    action,
+                    role,
+                    epoch,
+                },
+        } => runtime.block_on(hooks_by_hand(&cli.paths, &service, &action, &role, epoch)),
+    }
+}
+
+fn daemon_config(paths: &Paths) -> anyhow::Result<daemon::Config> {
+    let Some(node) = paths.node_name.clone() else {
+        bail!(
+            "the node name is unknown: set NODE_NAME (downward API spec.nodeName) or --node-name"
+        );
+    };
+    Ok(daemon::Config {
+        node,
+        namespace: paths.namespace.clone(),
+        hook_root: paths.hook_root.clone(),
+        log_dir: paths.log_dir.clone(),
+        state_dir: paths.state_dir.clone(),
+        metrics_addr: paths.metrics_addr,
+    })
+}
+
+fn init_tracing(format: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if format == "json" {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+/// `kubeha-agent hooks run`: the spec comes from the API server when it
+/// answers, else from the status file; the scripts run through the same
+/// runner, context and checks as in the daemon.
+async fn hooks_by_hand(
+    paths: &Paths,
+    service: &str,
+    action: &str,
+    role: &str,
+    epoch: Option<i64>,
+) -> anyhow::Result<()> {
+    use kubeha_crds::service::{HookOutcome, Role};
+    let action = match action {
+        "enter" => hooks::Action::Enter,
+        "leave" => hooks::Action::Leave,
+        "monitor" => hooks::Action::Monitor,
+        "periodic" => hooks::Action::Periodic,
+        other => bail!("unknown action {other:?}: use enter, leave, monitor or periodic"),
+    };
+    let role = match role {
+        "master" => Role::Master,
+        "vicemaster" => Role::Vicemaster,
+        "none" => Role::None,
+        other => bail!("unknown role {other:?}: use master, vicemaster or none"),
+    };
+    let (ns, name) = service
+        .split_once('/')
+        .context("name the service as namespace/name")?;
+    let saved = statefile::read(&paths.state_dir).and_then(|s| s.services.get(service).cloned());
+    let from_api = async {
+        let client = kube::Client::try_default().await.ok()?;
+        let api: kube::Api<kubeha_crds::HAService> = kube::Api::namespaced(client.clone(), ns);
+        let svc = tokio::time::timeout(Duration::from_secs(3), api.get(name))
+            .await
+            .ok()?
+            .ok()?;
+        let clusters: kube::Api<kubeha_crds::HACluster> = kube::Api::all(client);
+        let cluster =
+            tokio::time::timeout(Duration::from_secs(3), clusters.get(&svc.spec.cluster_ref))
+                .await
+                .ok()?
+                .ok();
+        Some((svc.spec, cluster))
+    }
+    .await;
+    let (spec, members, cluster_name) = match (from_api, &saved) {
+        (Some((spec, cluster)), _) => {
+            let members = cluster.as_ref().map(|c| {
+                c.spec
+                    .members
+                    .nodes
+                    .iter()
+                    .map(|m| m.name.clone())
+                    .collect()
+            });
+            let name = spec.cluster_ref.clone();
+            (spec, members.unwrap_or_default(), name)
+        }
+        (None, Some(record)) => (record.spec.clone(), Vec::new(), record.cluster.clone()),
+        (None, None) => bail!(
+            "service {service} not found: the API server did not answer and the status file does not know it"
+        ),
+    };
+    let node_name = paths
+        .node_name
+        .clone()
+        .unwrap_or_else(|| "localhost".into());
+    let node = transitions::Node {
+        name: node_name,
+        netlink: vip::RtNetlink::new()?,
+        runner: hooks::HookRunner::new(paths.log_dir.clone()),
+        hook_root: paths.hook_root.clone(),
+        state_dir: paths.state_dir.clone(),
+        metrics: metrics::Metrics::default(),
+    };
+    let checksum = daemon::spec_checksum(&spec);
+    let svc = transitions::ServiceView {
+        key: service.to_owned(),
+        spec,
+        checksum,
+    };
+    let cluster = transitions::ClusterView {
+        name: cluster_name,
+        members,
+        beat: None,
+        fenced: Default::default(),
+        config_maps_in_service_namespace: false,
+    };
+    let epoch = epoch.or(saved.map(|r| r.epoch)).unwrap_or(0);
+    let results = node
+        .run_hooks_by_hand(&svc, &cluster, action, role, epoch)
+        .await?;
+    let mut failed = false;
+    for r in &results {
+        println!(
+            "{} {} -> {:?} (exit {:?}, {} ms)",
+            r.script, r.action, r.outcome, r.exit_code, r.duration_ms
+        );
+        for line in &r.output_tail {
+            println!("    {line}");
+        }
+        failed |= r.outcome != HookOutcome::Success;
+    }
+    if results.is_empty() {
+        println!("no {} scripts", action.as_str());
+    }
+    if failed {
+        bail!("a hook did not succeed");
+    }
+    Ok(())
 }

@@ -1,0 +1,1009 @@
+//! The agent daemon: watches HAClusters, HAServices and service Leases,
+//! renews heartbeats, runs transitions one at a time per service, extends VIP
+//! lifetimes on every renew, fences itself when a heartbeat passes RD, and
+//! keeps the node-local status file.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::core::v1::ObjectReference;
+use kube::api::{Api, Patch, PatchParams};
+use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::reflector::{self, Store};
+use kube::runtime::{WatchStreamExt, watcher};
+use kube::{Client, Resource, ResourceExt};
+use kubeha_crds::cluster::NoQuorumPolicy;
+use kubeha_crds::service::{NodeServiceState, Role};
+use kubeha_crds::{HACluster, HAService, HAServiceSpec, leases};
+use sha2::{Digest, Sha256};
+use tokio::sync::{Mutex, Notify, OwnedMutexGuard, mpsc};
+
+use crate::assignments::{self, Assignment, plan};
+use crate::heartbeat::{self, Heartbeats, Timing};
+use crate::hooks::HookRunner;
+use crate::metrics::Metrics;
+use crate::statefile::{self, ClusterRecord, NodeStatus, ServiceRecord};
+use crate::transitions::{ClusterView, Node, ServiceView};
+use crate::vip::RtNetlink;
+
+/// Where the agent keeps things and whom it serves.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// This node's Kubernetes name.
+    pub node: String,
+    /// Namespace of the heartbeat Leases (the operator's).
+    pub namespace: String,
+    /// Root of host-path hook sources.
+    pub hook_root: PathBuf,
+    /// Hook logs and the fence log.
+    pub log_dir: PathBuf,
+    /// Status file and materialised ConfigMap hooks.
+    pub state_dir: PathBuf,
+    /// Address of `/metrics`, `/healthz`, `/readyz`.
+    pub metrics_addr: std::net::SocketAddr,
+}
+
+impl Config {
+    /// The fence log.
+    pub fn fence_log(&self) -> PathBuf {
+        self.log_dir.join("fence.log")
+    }
+}
+
+/// Checksum of a spec (`KUBEHA_CONFIG_CHECKSUM`): SHA-256 of its JSON.
+pub fn spec_checksum(spec: &HAServiceSpec) -> String {
+    let json = serde_json::to_vec(spec).unwrap_or_default();
+    Sha256::digest(&json)
+        .iter()
+        .take(8)
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+struct Slot {
+    record: Arc<Mutex<ServiceRecord>>,
+    /// A record loaded from the status file, held before a restart: adopt
+    /// it instead of entering again.
+    adopt: bool,
+    next_monitor: Instant,
+    /// Consecutive failed monitor runs.
+    monitor_failures: Arc<AtomicI32>,
+    next_periodic: Instant,
+    next_refresh: Instant,
+    /// What was last reported to the API server.
+    reported: Option<String>,
+}
+
+/// The HAService a task reports on: status entry and Events.
+#[derive(Clone)]
+struct Target {
+    api: Api<HAService>,
+    name: String,
+    reference: ObjectReference,
+}
+
+struct Shared {
+    config: Config,
+    client: Client,
+    node: Node<RtNetlink>,
+    beats: Heartbeats,
+    metrics: Metrics,
+    fenced: std::sync::Mutex<HashMap<String, Arc<AtomicBool>>>,
+    notify: Notify,
+    recorder: Recorder,
+}
+
+/// Runs the daemon until a signal ends it.
+pub async fn run(config: Config) -> anyhow::Result<()> {
+    let client = Client::try_default().await?;
+    let metrics = Metrics::default();
+    let beats = Heartbeats::default();
+    let netlink = RtNetlink::new()?;
+    let runner = HookRunner::new(config.log_dir.clone());
+    let node = Node {
+        name: config.node.clone(),
+        netlink,
+        runner,
+        hook_root: config.hook_root.clone(),
+        state_dir: config.state_dir.clone(),
+        metrics: metrics.clone(),
+    };
+    let shared = Arc::new(Shared {
+        config: config.clone(),
+        client: client.clone(),
+        node,
+        beats: beats.clone(),
+        metrics: metrics.clone(),
+        fenced: Default::default(),
+        notify: Notify::new(),
+        recorder: Recorder::new(
+            client.clone(),
+            Reporter {
+                controller: "kubeha-agent".into(),
+                instance: Some(config.node.clone()),
+            },
+        ),
+    });
+
+    tokio::spawn({
+        let (m, b, addr) = (metrics.clone(), beats.clone(), config.metrics_addr);
+        async move {
+            if let Err(e) = crate::metrics::serve(addr, m, b).await {
+                tracing::error!(error = %e, "metrics endpoint failed");
+            }
+        }
+    });
+
+    let clusters = watch::<HACluster>(
+        Api::all(client.clone()),
+        watcher::Config::default(),
+        &shared,
+    );
+    let services = watch::<HAService>(
+        Api::all(client.clone()),
+        watcher::Config::default(),
+        &shared,
+    );
+    let service_leases = watch::<Lease>(
+        Api::all(client.clone()),
+        watcher::Config::default().labels(&leases::service_lease_selector()),
+        &shared,
+    );
+
+    let mut slots: BTreeMap<String, Slot> = BTreeMap::new();
+    if let Some(saved) = statefile::read(&config.state_dir) {
+        for (key, record) in saved.services {
+            let adopt = record.role == Role::Master;
+            slots.insert(key, new_slot(record, adopt));
+        }
+        tracing::info!(services = slots.len(), "loaded the status file");
+    }
+
+    let (renewed_tx, mut renewed_rx) = mpsc::unbounded_channel::<String>();
+    let mut renewers: HashMap<String, (Timing, tokio::task::JoinHandle<()>)> = HashMap::new();
+    let mut tick = tokio::time::interval(Duration::from_millis(50));
+    let mut last_write = Instant::now() - Duration::from_secs(10);
+    let mut shutdown = std::pin::pin!(tokio::signal::ctrl_c());
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    loop {
+        tokio::select! {
+            _ = shared.notify.notified() => {}
+            _ = tick.tick() => {}
+            Some(cluster) = renewed_rx.recv() => {
+                on_renewed(&shared, &slots, &cluster).await;
+            }
+            _ = &mut shutdown => break,
+            _ = term.recv() => break,
+        }
+        let clusters_now = clusters.state();
+        sync_heartbeats(&shared, &clusters_now, &mut renewers, &renewed_tx, &client);
+        fence_if_cut_off(&shared, &clusters_now, &slots).await;
+        reconcile(
+            &shared,
+            &clusters_now,
+            &services,
+            &service_leases,
+            &mut slots,
+        )
+        .await;
+        if last_write.elapsed() >= Duration::from_millis(500) {
+            write_status(&shared, &slots).await;
+            last_write = Instant::now();
+        }
+    }
+    // Shutting down is not a failover: keep VIPs (their lifetime runs out
+    // unless a restarted agent re-adopts them) and the status file.
+    write_status(&shared, &slots).await;
+    for (_, (_, h)) in renewers {
+        h.abort();
+    }
+    tracing::info!("agent stopped; VIPs left to their lifetime for re-adoption");
+    Ok(())
+}
+
+fn new_slot(record: ServiceRecord, adopt: bool) -> Slot {
+    let now = Instant::now();
+    Slot {
+        record: Arc::new(Mutex::new(record)),
+        adopt,
+        next_monitor: now,
+        monitor_failures: Arc::default(),
+        next_periodic: now,
+        next_refresh: now,
+        reported: None,
+    }
+}
+
+/// A reflector whose every event wakes the main loop. Errors (including a
+/// malformed object) are logged and retried with backoff: the watch goes on.
+fn watch<K>(api: Api<K>, config: watcher::Config, shared: &Arc<Shared>) -> Store<K>
+where
+    K: kube::Resource
+        + Clone
+        + std::fmt::Debug
+        + serde::de::DeserializeOwned
+        + Send
+        + Sync
+        + 'static,
+    K::DynamicType: Default + Eq + std::hash::Hash + Clone,
+{
+    let (reader, writer) = reflector::store();
+    let stream = reflector::reflector(writer, watcher(api, config)).default_backoff();
+    let shared = shared.clone();
+    tokio::spawn(async move {
+        let mut stream = std::pin::pin!(stream);
+        while let Some(event) = stream.next().await {
+            if let Err(e) = event {
+                tracing::warn!(error = %e, kind = %std::any::type_name::<K>(), "watch error (retrying)");
+            }
+            shared.notify.notify_one();
+        }
+    });
+    reader
+}
+
+fn fenced_flag(shared: &Shared, cluster: &str) -> Arc<AtomicBool> {
+    shared
+        .fenced
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .entry(cluster.to_owned())
+        .or_default()
+        .clone()
+}
+
+fn member_of<'a>(
+    clusters: &'a [Arc<HACluster>],
+    node: &str,
+) -> impl Iterator<Item = &'a Arc<HACluster>> {
+    clusters
+        .iter()
+        .filter(move |c| assignments::mode_of(c, node).is_some())
+}
+
+fn sync_heartbeats(
+    shared: &Arc<Shared>,
+    clusters: &[Arc<HACluster>],
+    renewers: &mut HashMap<String, (Timing, tokio::task::JoinHandle<()>)>,
+    renewed: &mpsc::UnboundedSender<String>,
+    client: &Client,
+) {
+    let node = &shared.config.node;
+    let mut wanted = HashMap::new();
+    for c in member_of(clusters, node) {
+        wanted.insert(c.name_any(), Timing::from(&c.spec.heartbeat));
+    }
+    renewers.retain(|name, (_, handle)| {
+        let keep = wanted.contains_key(name);
+        if !keep {
+            handle.abort();
+            shared.beats.remove(name);
+        }
+        keep
+    });
+    for (name, timing) in wanted {
+        shared.beats.set_timing(&name, timing);
+        if renewers
+            .get(&name)
+            .is_some_and(|(t, h)| *t == timing && !h.is_finished())
+        {
+            continue;
+        }
+        if let Some((_, h)) = renewers.remove(&name) {
+            h.abort();
+        }
+        let api: Api<Lease> = Api::namespaced(client.clone(), &shared.config.namespace);
+        let handle = tokio::spawn(heartbeat::renew_loop(
+            api,
+            name.clone(),
+            node.clone(),
+            shared.beats.clone(),
+            shared.metrics.clone(),
+            renewed.clone(),
+        ));
+        renewers.insert(name, (timing, handle));
+    }
+}
+
+fn cluster_view(shared: &Shared, cluster: &HACluster) -> ClusterView {
+    let name = cluster.name_any();
+    ClusterView {
+        members: cluster
+            .spec
+            .members
+            .nodes
+            .iter()
+            .map(|m| m.name.clone())
+            .collect(),
+        beat: shared.beats.get(&name),
+        fenced: fenced_flag(shared, &name),
+        config_maps_in_service_namespace: cluster
+            .spec
+            .allowed_hook_sources
+            .config_map_in_service_namespace,
+        name,
+    }
+}
+
+/// After a successful renew: clear the fence mark and extend the VIP
+/// lifetimes of every running master of that cluster.
+async fn on_renewed(shared: &Arc<Shared>, slots: &BTreeMap<String, Slot>, cluster: &str) {
+    let flag = fenced_flag(shared, cluster);
+    if flag.swap(false, Ordering::SeqCst) {
+        tracing::info!(%cluster, "heartbeat renewed again after a fence");
+    }
+    let view = ClusterView {
+        name: cluster.to_owned(),
+        members: Vec::new(),
+        beat: shared.beats.get(cluster),
+        fenced: flag,
+        config_maps_in_service_namespace: false,
+    };
+    for slot in slots.values() {
+        // A record in a transition is skipped: the transition sets its VIPs.
+        if let Ok(record) = slot.record.try_lock()
+            && record.cluster == cluster
+            && !slot.adopt
+        {
+            shared.node.extend(&record, &view).await;
+        }
+    }
+}
+
+/// The self-fence: for every cluster whose heartbeat passed RD, write the
+/// fence log line, drop the VIPs at once, run the leave scripts in the time
+/// left before D, then kill the hooks (and run the reset hook).
+async fn fence_if_cut_off(
+    shared: &Arc<Shared>,
+    clusters: &[Arc<HACluster>],
+    slots: &BTreeMap<String, Slot>,
+) {
+    let now = Instant::now();
+    for cluster in member_of(clusters, &shared.config.node) {
+        let name = cluster.name_any();
+        let Some(beat) = shared.beats.get(&name) else {
+            continue;
+        };
+        // Never renewed since start: nothing can be held but adopted records,
+        // whose VIP lifetime runs out by itself.
+        if beat.last_success.is_none() || !beat.past_deadline(now) {
+            continue;
+        }
+        let flag = fenced_flag(shared, &name);
+        if flag.load(Ordering::SeqCst) {
+            continue;
+        }
+        if cluster.spec.fence.no_quorum_policy == NoQuorumPolicy::Freeze {
+            freeze(shared, slots, &name).await;
+            continue;
+        }
+        flag.store(true, Ordering::SeqCst);
+        let age = beat.age(now).unwrap_or_default();
+        let line = format!(
+            "{} node={} cluster={} fence: no heartbeat renew for {} ms (renew deadline {} ms)",
+            jiff::Timestamp::now(),
+            shared.config.node,
+            name,
+            age.as_millis(),
+            beat.timing.renew_deadline.as_millis()
+        );
+        if let Err(e) = statefile::append_synced(&shared.config.fence_log(), &line) {
+            tracing::error!(error = %e, "writing the fence log failed");
+        }
+        tracing::error!(cluster = %name, age_ms = age.as_millis() as u64, "heartbeat past its deadline: fencing");
+        shared.metrics.fenced();
+        // 1. Drop every VIP of this cluster at once, without waiting for a
+        //    transition's lock.
+        let mut masters = Vec::new();
+        for (key, slot) in slots {
+            let (vips, iface, cluster_of) = match slot.record.try_lock() {
+                Ok(r) => (r.vips.clone(), r.interface.clone(), r.cluster.clone()),
+                // Busy: drop every VIP its spec names.
+                Err(_) => (Vec::new(), None, String::new()),
+            };
+            if !cluster_of.is_empty() && cluster_of != name {
+                continue;
+            }
+            shared.node.drop_vips(&vips, iface.as_deref()).await;
+            masters.push(key.clone());
+        }
+        // Also VIPs of records in the middle of a transition: kill their hooks
+        // so the transition ends and sees the fence mark.
+        shared.node.runner.kill_all();
+        // 2. Leave scripts within what is left before D.
+        let view = cluster_view(shared, cluster);
+        for key in masters {
+            let slot = &slots[&key];
+            let left = beat.left_before_lease_end(Instant::now());
+            let Ok(mut record) = tokio::time::timeout(left, slot.record.clone().lock_owned()).await
+            else {
+                continue;
+            };
+            if record.cluster != name {
+                continue;
+            }
+            shared
+                .node
+                .drop_vips(&record.vips.clone(), record.interface.clone().as_deref())
+                .await;
+            if record.role == Role::Master {
+                let svc = ServiceView {
+                    key: key.clone(),
+                    spec: record.spec.clone(),
+                    checksum: record.config_checksum.clone(),
+                };
+                let left = beat.left_before_lease_end(Instant::now());
+                shared
+                    .node
+                    .fence_leave(&mut record, &svc, &view, left)
+                    .await;
+            }
+        }
+        // 3. The fence action.
+        let killed = shared.node.runner.kill_all();
+        if let Some(reset) = &cluster.spec.fence.reset_hook
+            && cluster.spec.fence.action == kubeha_crds::cluster::FenceAction::ResetHook
+        {
+            tracing::error!(%reset, "running the reset hook");
+            let _ = tokio::process::Command::new(reset)
+                .arg("fence")
+                .status()
+                .await;
+        }
+        tracing::error!(cluster = %name, killed, "fenced");
+    }
+}
+
+/// `noQuorumPolicy: Freeze`: keep roles and VIPs without the API server
+/// (the split-brain risk the admin accepted), extending VIP lifetimes here.
+async fn freeze(shared: &Arc<Shared>, slots: &BTreeMap<String, Slot>, cluster: &str) {
+    let Some(mut beat) = shared.beats.get(cluster) else {
+        return;
+    };
+    beat.last_success = Some(Instant::now());
+    let view = ClusterView {
+        name: cluster.to_owned(),
+        members: Vec::new(),
+        beat: Some(beat),
+        fenced: Arc::default(),
+        config_maps_in_service_namespace: false,
+    };
+    for slot in slots.values() {
+        if let Ok(record) = slot.record.try_lock()
+            && record.cluster == cluster
+        {
+            shared.node.extend(&record, &view).await;
+        }
+    }
+}
+
+async fn reconcile(
+    shared: &Arc<Shared>,
+    clusters: &[Arc<HACluster>],
+    services: &Store<HAService>,
+    service_leases: &Store<Lease>,
+    slots: &mut BTreeMap<String, Slot>,
+) {
+    let node = shared.config.node.clone();
+    let by_name: HashMap<String, &Arc<HACluster>> =
+        clusters.iter().map(|c| (c.name_any(), c)).collect();
+    let lease_of: HashMap<(String, String), Arc<Lease>> = service_leases
+        .state()
+        .into_iter()
+        .map(|l| ((l.namespace().unwrap_or_default(), l.name_any()), l))
+        .collect();
+    let mut seen = std::collections::HashSet::new();
+    for svc in services.state() {
+        let key = format!("{}/{}", svc.namespace().unwrap_or_default(), svc.name_any());
+        let Some(cluster) = by_name.get(&svc.spec.cluster_ref) else {
+            continue;
+        };
+        let Some(mode) = assignments::mode_of(cluster, &node) else {
+            continue;
+        };
+        seen.insert(key.clone());
+        let lease = lease_of.get(&(
+            svc.namespace().unwrap_or_default(),
+            leases::service_lease_name(&svc.name_any()),
+        ));
+        let wanted = assignments::assignment(&node, lease.map(|l| l.as_ref()), Some(mode));
+        let view = cluster_view(shared, cluster);
+        let slot = slots.entry(key.clone()).or_insert_with(|| {
+            new_slot(
+                ServiceRecord {
+                    cluster: cluster.name_any(),
+                    role: Role::None,
+                    epoch: 0,
+                    state: NodeServiceState::Stopped,
+                    vips: Vec::new(),
+                    interface: None,
+                    acked_epoch: None,
+                    fail_count: 0,
+                    failed_epoch: None,
+                    spec: svc.spec.clone(),
+                    config_checksum: spec_checksum(&svc.spec),
+                    last_hooks: Vec::new(),
+                },
+                false,
+            )
+        });
+        let Ok(guard) = slot.record.clone().try_lock_owned() else {
+            continue;
+        };
+        // Nothing is entered while this node is cut off from the API server.
+        let cut_off = view.fenced.load(Ordering::SeqCst)
+            || view.beat.is_none_or(|b| b.past_deadline(Instant::now()));
+        let service = ServiceView {
+            key: key.clone(),
+            spec: svc.spec.clone(),
+            checksum: spec_checksum(&svc.spec),
+        };
+        let target = Target {
+            api: Api::namespaced(shared.client.clone(), &svc.namespace().unwrap_or_default()),
+            name: svc.name_any(),
+            reference: svc.object_ref(&()),
+        };
+
+        if slot.adopt {
+            if cut_off {
+                continue;
+            }
+            slot.adopt = false;
+            let adoptable =
+                wanted.role == Role::Master && wanted.may_enter && wanted.epoch == guard.epoch;
+            if adoptable {
+                spawn_adopt(shared.clone(), guard, view, target);
+                continue;
+            }
+            // Held before the restart but no longer ours: leave below.
+        }
+        let steps = plan(guard.role, wanted, guard.failed_epoch);
+        let entering = steps.iter().any(|s| {
+            matches!(
+                s,
+                assignments::Step::EnterMaster | assignments::Step::EnterVicemaster
+            )
+        });
+        if !(steps.is_empty() || entering && cut_off) {
+            spawn_steps(shared.clone(), guard, steps, service, view, wanted, target);
+            continue;
+        }
+        let now = Instant::now();
+        // Monitor on the running master.
+        if guard.role == Role::Master
+            && guard.state == NodeServiceState::Running
+            && now >= slot.next_monitor
+            && let Some(m) = svc.spec.hooks.as_ref().and_then(|h| h.monitor.clone())
+        {
+            slot.next_monitor = now + Duration::from_secs(m.interval_seconds.max(1) as u64);
+            let failures = slot.monitor_failures.clone();
+            spawn_monitor(
+                shared.clone(),
+                guard,
+                service,
+                view,
+                m.failure_threshold,
+                failures,
+                target,
+            );
+            continue;
+        }
+        if let Some(p) = svc.spec.hooks.as_ref().and_then(|h| h.periodic.clone())
+            && now >= slot.next_periodic
+        {
+            slot.next_periodic = now + Duration::from_secs(p.interval_seconds.max(1) as u64);
+            spawn_periodic(shared.clone(), guard, service, view);
+            continue;
+        }
+        if guard.role == Role::Master
+            && guard.state == NodeServiceState::Running
+            && svc.spec.garp.refresh_seconds > 0
+            && now >= slot.next_refresh
+        {
+            slot.next_refresh = now + Duration::from_secs(svc.spec.garp.refresh_seconds as u64);
+            let shared = shared.clone();
+            tokio::spawn(async move {
+                let placed: Vec<_> = guard
+                    .vips
+                    .iter()
+                    .filter_map(|v| crate::vip::Vip::parse(v, None).ok())
+                    .map(|v| (guard.interface.clone().unwrap_or_default(), v))
+                    .collect();
+                shared.node.garp(&placed, &guard.spec).await;
+            });
+            continue;
+        }
+        // Report when what the API server knows differs from the record.
+        let digest = format!(
+            "{:?}{:?}{}{:?}{}",
+            guard.role, guard.state, guard.epoch, guard.acked_epoch, guard.fail_count
+        );
+        if slot.reported.as_deref() != Some(&digest) {
+            slot.reported = Some(digest);
+            let shared = shared.clone();
+            tokio::spawn(async move { report(&shared, &target, &guard).await });
+        }
+    }
+    // Services gone (deleted, or this node no longer a member): leave.
+    let gone: Vec<String> = slots
+        .keys()
+        .filter(|k| !seen.contains(*k))
+        .cloned()
+        .collect();
+    for key in gone {
+        let slot = &slots[&key];
+        let Ok(guard) = slot.record.clone().try_lock_owned() else {
+            continue;
+        };
+        if guard.role == Role::None {
+            drop(guard);
+            slots.remove(&key);
+            continue;
+        }
+        let Some(cluster) = by_name.get(&guard.cluster) else {
+            continue;
+        };
+        let view = cluster_view(shared, cluster);
+        let (ns, name) = key.split_once('/').unwrap_or(("", &key));
+        let service = ServiceView {
+            key: key.clone(),
+            spec: guard.spec.clone(),
+            checksum: guard.config_checksum.clone(),
+        };
+        let steps = plan(guard.role, Assignment::NONE, None);
+        let target = Target {
+            api: Api::namespaced(shared.client.clone(), ns),
+            name: name.to_owned(),
+            reference: ObjectReference {
+                api_version: Some("kubeha.io/v1alpha1".into()),
+                kind: Some("HAService".into()),
+                name: Some(name.to_owned()),
+                namespace: Some(ns.to_owned()),
+                ..Default::default()
+            },
+        };
+        spawn_steps(
+            shared.clone(),
+            guard,
+            steps,
+            service,
+            view,
+            Assignment::NONE,
+            target,
+        );
+    }
+}
+
+/// Writes the scripts of a ConfigMap hook source into `dir` (mode 0755,
+/// owned by the agent's user, root), removing scripts the ConfigMap no longer
+/// has. The first namespace holding the ConfigMap wins.
+async fn materialize_config_map(
+    client: &Client,
+    namespaces: &[String],
+    name: &str,
+    dir: &std::path::Path,
+) -> anyhow::Result<()> {
+    use k8s_openapi::api::core::v1::ConfigMap;
+    use std::os::unix::fs::PermissionsExt;
+    let mut found = None;
+    for ns in namespaces {
+        let api: Api<ConfigMap> = Api::namespaced(client.clone(), ns);
+        if let Ok(Some(cm)) = tokio::time::timeout(Duration::from_secs(3), api.get_opt(name))
+            .await
+            .unwrap_or(Ok(None))
+        {
+            found = Some(cm);
+            break;
+        }
+    }
+    let Some(cm) = found else {
+        anyhow::bail!("hook ConfigMap {name} not found in namespaces {namespaces:?}");
+    };
+    std::fs::create_dir_all(dir)?;
+    let data = cm.data.unwrap_or_default();
+    for entry in std::fs::read_dir(dir)? {
+        let entry = entry?;
+        if !data.contains_key(entry.file_name().to_string_lossy().as_ref()) {
+            std::fs::remove_file(entry.path())?;
+        }
+    }
+    for (key, script) in data {
+        if key.contains('/') || key.starts_with('.') {
+            tracing::warn!(
+                configmap = name,
+                key,
+                "skipping a ConfigMap key that is not a plain file name"
+            );
+            continue;
+        }
+        let tmp = dir.join(format!(".{key}.tmp"));
+        std::fs::write(&tmp, script)?;
+        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o755))?;
+        std::fs::rename(&tmp, dir.join(&key))?;
+    }
+    Ok(())
+}
+
+#[allow(clippy::too_many_arguments)]
+fn spawn_steps(
+    shared: Arc<Shared>,
+    mut record: OwnedMutexGuard<ServiceRecord>,
+    steps: Vec<assignments::Step>,
+    service: ServiceView,
+    view: ClusterView,
+    wanted: Assignment,
+    target: Target,
+) {
+    tokio::spawn(async move {
+        tracing::info!(service = %service.key, ?steps, epoch = wanted.epoch, "transition");
+        if let Some(cm) = service
+            .spec
+            .hooks
+            .as_ref()
+            .and_then(|h| h.source.config_map.clone())
+        {
+            let mut namespaces = vec![shared.config.namespace.clone()];
+            if view.config_maps_in_service_namespace
+                && let Some((ns, _)) = service.key.split_once('/')
+            {
+                namespaces.push(ns.to_owned());
+            }
+            let dir = shared.config.state_dir.join("configmap-hooks").join(&cm);
+            if let Err(e) = materialize_config_map(&shared.client, &namespaces, &cm, &dir).await {
+                tracing::warn!(service = %service.key, error = %e, "hook ConfigMap not written out");
+            }
+        }
+        let primary = service
+            .spec
+            .preferred_nodes
+            .first()
+            .or(view.members.first())
+            == Some(&shared.config.node);
+        for step in steps {
+            let ok = shared
+                .node
+                .step(step, &mut record, &service, &view, wanted)
+                .await;
+            report(&shared, &target, &record).await;
+            let (warning, reason, note) = step_event(step, ok, &record, primary);
+            event(&shared, &target, warning, reason, note).await;
+            if !ok {
+                tracing::warn!(service = %service.key, ?step, "step failed");
+                break;
+            }
+        }
+        drop(record);
+        shared.notify.notify_one();
+    });
+}
+
+fn spawn_adopt(
+    shared: Arc<Shared>,
+    mut record: OwnedMutexGuard<ServiceRecord>,
+    view: ClusterView,
+    target: Target,
+) {
+    tokio::spawn(async move {
+        let ok = shared.node.adopt(&mut record, &view).await;
+        tracing::info!(
+            epoch = record.epoch,
+            ok,
+            "re-adopted a service held before the restart"
+        );
+        report(&shared, &target, &record).await;
+        drop(record);
+        shared.notify.notify_one();
+    });
+}
+
+#[allow(clippy::too_many_arguments)]
+fn spawn_monitor(
+    shared: Arc<Shared>,
+    mut record: OwnedMutexGuard<ServiceRecord>,
+    service: ServiceView,
+    view: ClusterView,
+    threshold: i32,
+    failures: Arc<AtomicI32>,
+    target: Target,
+) {
+    tokio::spawn(async move {
+        let failures_counter = failures.clone();
+        let Some(ok) = shared.node.monitor(&mut record, &service, &view).await else {
+            return;
+        };
+        let failures = if ok {
+            0
+        } else {
+            failures.load(Ordering::SeqCst) + 1
+        };
+        let counter = failures_counter.clone();
+        counter.store(failures, Ordering::SeqCst);
+        if failures >= threshold.max(1) {
+            counter.store(0, Ordering::SeqCst);
+            tracing::warn!(service = %service.key, failures, "monitor failed past its threshold: leaving");
+            let epoch = record.epoch;
+            shared
+                .node
+                .step(
+                    assignments::Step::LeaveMaster,
+                    &mut record,
+                    &service,
+                    &view,
+                    Assignment::NONE,
+                )
+                .await;
+            record.state = NodeServiceState::Failed;
+            record.failed_epoch = Some(epoch);
+            record.fail_count += 1;
+            report(&shared, &target, &record).await;
+        } else if failures > 0 {
+            tracing::warn!(service = %service.key, failures, threshold, "monitor failed");
+        }
+        drop(record);
+        shared.notify.notify_one();
+    });
+}
+
+fn spawn_periodic(
+    shared: Arc<Shared>,
+    mut record: OwnedMutexGuard<ServiceRecord>,
+    service: ServiceView,
+    view: ClusterView,
+) {
+    tokio::spawn(async move {
+        shared.node.periodic(&mut record, &service, &view).await;
+    });
+}
+
+/// Applies this node's entry of `status.nodes` (server-side apply with the
+/// node's own field manager). Best effort: the API server may be away.
+/// Publishes an Event on the HAService (best effort).
+async fn event(shared: &Shared, target: &Target, warning: bool, reason: &str, note: String) {
+    let ev = Event {
+        type_: if warning {
+            EventType::Warning
+        } else {
+            EventType::Normal
+        },
+        reason: reason.to_owned(),
+        note: Some(
+            format!("{}: {note}", shared.config.node)
+                .chars()
+                .take(1000)
+                .collect(),
+        ),
+        action: reason.to_owned(),
+        secondary: None,
+    };
+    if let Err(e) = shared.recorder.publish(&ev, &target.reference).await {
+        tracing::warn!(error = %e, reason, "publishing an Event failed");
+    }
+}
+
+/// The Event a finished step makes: reason and whether it is a warning.
+fn step_event(
+    step: assignments::Step,
+    ok: bool,
+    record: &ServiceRecord,
+    primary: bool,
+) -> (bool, &'static str, String) {
+    use assignments::Step::*;
+    let tail = || {
+        record
+            .last_hooks
+            .iter()
+            .filter(|h| h.outcome != kubeha_crds::service::HookOutcome::Success)
+            .map(|h| {
+                format!(
+                    "{} {} {:?}: {}",
+                    h.script,
+                    h.action,
+                    h.outcome,
+                    h.output_tail.join(" | ")
+                )
+            })
+            .collect::<Vec<_>>()
+            .join("; ")
+    };
+    if !ok && record.last_hooks.iter().any(|h| h.script == "-") {
+        // Not a hook: the VIPs could not be placed (missing interface, ...).
+        return (
+            true,
+            "VipFailed",
+            format!("{step:?} failed at epoch {}: {}", record.epoch, tail()),
+        );
+    }
+    if !ok {
+        return (
+            true,
+            "HookFailed",
+            format!("{step:?} failed at epoch {}: {}", record.epoch, tail()),
+        );
+    }
+    let reason = match (step, primary) {
+        (EnterMaster, true) => "TakeBack",
+        (EnterMaster, false) => "TakeOver",
+        (LeaveMaster, true) => "GiveAway",
+        (LeaveMaster, false) => "GiveBack",
+        (EnterVicemaster, _) => "EnteredStandby",
+        (LeaveVicemaster, _) => "LeftStandby",
+    };
+    (
+        false,
+        reason,
+        format!(
+            "{step:?} done at epoch {} (VIPs {:?})",
+            record.epoch, record.vips
+        ),
+    )
+}
+
+async fn report(shared: &Shared, target: &Target, record: &ServiceRecord) {
+    let (api, name) = (&target.api, target.name.as_str());
+    let entry = serde_json::json!({
+        "node": shared.config.node,
+        "role": record.role,
+        "state": record.state,
+        "epoch": record.epoch,
+        "ackedEpoch": record.acked_epoch,
+        "failCount": record.fail_count,
+        "hooks": record.last_hooks.iter().rev().take(8).rev().collect::<Vec<_>>(),
+    });
+    let patch = serde_json::json!({
+        "apiVersion": "kubeha.io/v1alpha1",
+        "kind": "HAService",
+        "status": { "nodes": [entry] },
+    });
+    let params = PatchParams::apply(&leases::agent_field_manager(&shared.config.node)).force();
+    match tokio::time::timeout(
+        Duration::from_secs(2),
+        api.patch_status(name, &params, &Patch::Apply(&patch)),
+    )
+    .await
+    {
+        Ok(Ok(_)) => {}
+        Ok(Err(e)) => tracing::warn!(service = name, error = %e, "status report failed"),
+        Err(_) => tracing::warn!(service = name, "status report timed out"),
+    }
+}
+
+async fn write_status(shared: &Shared, slots: &BTreeMap<String, Slot>) {
+    let now = Instant::now();
+    let mut status = NodeStatus {
+        node: shared.config.node.clone(),
+        updated_at: jiff::Timestamp::now().to_string(),
+        ..Default::default()
+    };
+    for (cluster, beat) in shared.beats.all() {
+        status.clusters.insert(
+            cluster.clone(),
+            ClusterRecord {
+                last_renew_age_ms: beat.age(now).map(|a| a.as_millis() as u64),
+                renew_failures: beat.failures,
+                fenced: fenced_flag(shared, &cluster).load(Ordering::SeqCst),
+            },
+        );
+    }
+    // A record in a transition keeps what the file said of it.
+    let mut previous: Option<NodeStatus> = None;
+    for (key, slot) in slots {
+        if let Ok(r) = slot.record.try_lock() {
+            status.services.insert(key.clone(), r.clone());
+        } else {
+            let previous = previous.get_or_insert_with(|| {
+                statefile::read(&shared.config.state_dir).unwrap_or_default()
+            });
+            if let Some(old) = previous.services.get(key) {
+                status.services.insert(key.clone(), old.clone());
+            }
+        }
+    }
+    if let Err(e) = statefile::write(&shared.config.state_dir, &status) {
+        tracing::warn!(error = %e, "writing the status file failed");
+    }
+}

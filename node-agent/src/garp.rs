@@ -1,0 +1,774 @@
+//! Gratuitous ARP and unsolicited IPv6 neighbour advertisements.
+//!
+//! When a node takes over a VIP, hosts and switches on the segment still map
+//! the address to the old holder's MAC. The new holder announces itself with
+//! raw Ethernet frames sent through a pnet datalink channel:
+//!
+//! - IPv4: an ARP request and an ARP reply per VIP, both broadcast, both with
+//!   sender and target protocol address equal to the VIP (RFC 5227 § 3 calls
+//!   the request form an "ARP Announcement"; some old stacks only honour the
+//!   reply form, so both are sent);
+//! - IPv6: an unsolicited Neighbor Advertisement (RFC 4861 § 7.2.6) to the
+//!   all-nodes group with the Override flag and the Target Link-Layer Address
+//!   option, so neighbours replace their cache entries at once.
+//!
+//! [`send_burst`] is blocking; call it from `tokio::task::spawn_blocking`.
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::time::Duration;
+
+use pnet::datalink::{self, Channel, Config, NetworkInterface};
+use pnet::packet::arp::{ArpHardwareTypes, ArpOperations, MutableArpPacket};
+use pnet::packet::ethernet::{EtherTypes, MutableEthernetPacket};
+use pnet::packet::icmpv6::ndp::{
+    MutableNeighborAdvertPacket, NdpOption, NdpOptionTypes, NeighborAdvertFlags,
+};
+use pnet::packet::icmpv6::{Icmpv6Code, Icmpv6Types};
+use pnet::packet::ip::IpNextHeaderProtocols;
+use pnet::packet::ipv6::MutableIpv6Packet;
+use pnet::util::{MacAddr, ipv6_checksum};
+
+/// Ethernet header length.
+const ETH_HEADER_LEN: usize = 14;
+/// ARP payload length for IPv4 over Ethernet.
+const ARP_LEN: usize = 28;
+/// Minimum Ethernet frame length without the FCS; ARP frames are padded to it.
+const ETH_MIN_FRAME_LEN: usize = 60;
+/// IPv6 header length.
+const IPV6_HEADER_LEN: usize = 40;
+/// Neighbor Advertisement: 24 bytes of message plus an 8-byte TLLA option.
+const NA_LEN: usize = 24 + 8;
+/// The all-nodes multicast group, destination of unsolicited advertisements.
+const ALL_NODES: Ipv6Addr = Ipv6Addr::new(0xff02, 0, 0, 0, 0, 0, 0, 1);
+/// The Ethernet multicast address of ff02::1 (33:33 + low 32 bits).
+const ALL_NODES_MAC: [u8; 6] = [0x33, 0x33, 0x00, 0x00, 0x00, 0x01];
+/// Hop limit that neighbour discovery messages must carry (RFC 4861 § 7.1.2).
+const ND_HOP_LIMIT: u8 = 255;
+/// Bound on one blocking send, so a wedged interface cannot hang a transition.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// Errors of [`send_burst`].
+#[derive(Debug, thiserror::Error)]
+pub enum GarpError {
+    /// No interface of that name in this network namespace.
+    #[error("interface {0:?} does not exist on this node")]
+    InterfaceMissing(String),
+    /// The interface cannot carry Ethernet frames (loopback, no MAC, ...).
+    #[error(
+        "interface {0:?} is not an Ethernet interface (loopback or no MAC address); \
+         cannot send gratuitous ARP on it"
+    )]
+    NotEthernet(String),
+    /// The sender MAC is not a unicast Ethernet address.
+    #[error("{0} is not a unicast MAC address; refusing to announce VIPs with it")]
+    InvalidMac(String),
+    /// The datalink channel could not be opened.
+    #[error("cannot open a packet socket on {iface}: {source} (the agent needs CAP_NET_RAW)")]
+    Channel {
+        /// The interface.
+        iface: String,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// pnet returned a channel type other than Ethernet.
+    #[error("pnet opened a non-Ethernet channel on {0}")]
+    UnsupportedChannel(String),
+    /// A frame could not be sent; `sent` frames went out before.
+    #[error("sending on {iface} failed after {sent} frames: {source}")]
+    Send {
+        /// The interface.
+        iface: String,
+        /// Frames sent before the failure.
+        sent: usize,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// How many announcements to send and how far apart.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GarpBurst {
+    /// Rounds; each round sends every form for every VIP once.
+    pub count: u32,
+    /// Pause between two rounds.
+    pub interval: Duration,
+}
+
+impl Default for GarpBurst {
+    /// Three rounds, 200 ms apart.
+    fn default() -> Self {
+        GarpBurst {
+            count: 3,
+            interval: Duration::from_millis(200),
+        }
+    }
+}
+
+/// Formats a MAC address as `aa:bb:cc:dd:ee:ff`.
+fn mac_string(mac: [u8; 6]) -> String {
+    MacAddr::from(mac).to_string()
+}
+
+/// Builds one broadcast ARP frame announcing `v4` at `mac`.
+fn arp_frame(mac: [u8; 6], v4: Ipv4Addr, request: bool) -> Option<Vec<u8>> {
+    let mut buf = vec![0u8; ETH_MIN_FRAME_LEN];
+    {
+        let mut eth = MutableEthernetPacket::new(&mut buf)?;
+        eth.set_destination(MacAddr::broadcast());
+        eth.set_source(MacAddr::from(mac));
+        eth.set_ethertype(EtherTypes::Arp);
+    }
+    let mut arp = MutableArpPacket::new(buf.get_mut(ETH_HEADER_LEN..ETH_HEADER_LEN + ARP_LEN)?)?;
+    arp.set_hardware_type(ArpHardwareTypes::Ethernet);
+    arp.set_protocol_type(EtherTypes::Ipv4);
+    arp.set_hw_addr_len(6);
+    arp.set_proto_addr_len(4);
+    arp.set_sender_hw_addr(MacAddr::from(mac));
+    arp.set_sender_proto_addr(v4);
+    arp.set_target_proto_addr(v4);
+    if request {
+        arp.set_operation(ArpOperations::Request);
+        arp.set_target_hw_addr(MacAddr::zero());
+    } else {
+        arp.set_operation(ArpOperations::Reply);
+        arp.set_target_hw_addr(MacAddr::broadcast());
+    }
+    Some(buf)
+}
+
+/// The two gratuitous ARP frames for `v4` sent from `mac`, padded to the
+/// 60-byte Ethernet minimum:
+///
+/// - `[0]`: ARP request, sender = target = `v4`, target MAC 00:00:00:00:00:00;
+/// - `[1]`: ARP reply, sender = target = `v4`, target MAC ff:ff:ff:ff:ff:ff.
+///
+/// Both go to the Ethernet broadcast address.
+pub fn arp_frames(mac: [u8; 6], v4: Ipv4Addr) -> [Vec<u8>; 2] {
+    // The buffers are sized for the packets, so the builders cannot fail;
+    // an empty frame would be caught by the unit tests.
+    [
+        arp_frame(mac, v4, true).unwrap_or_default(),
+        arp_frame(mac, v4, false).unwrap_or_default(),
+    ]
+}
+
+/// Builds the unsolicited Neighbor Advertisement frame; `None` only if a
+/// buffer were too small.
+fn na_frame(mac: [u8; 6], v6: Ipv6Addr) -> Option<Vec<u8>> {
+    let mut buf = vec![0u8; ETH_HEADER_LEN + IPV6_HEADER_LEN + NA_LEN];
+    {
+        let mut eth = MutableEthernetPacket::new(&mut buf)?;
+        eth.set_destination(MacAddr::from(ALL_NODES_MAC));
+        eth.set_source(MacAddr::from(mac));
+        eth.set_ethertype(EtherTypes::Ipv6);
+    }
+    {
+        let mut ip = MutableIpv6Packet::new(buf.get_mut(ETH_HEADER_LEN..)?)?;
+        ip.set_version(6);
+        ip.set_traffic_class(0);
+        ip.set_flow_label(0);
+        ip.set_payload_length(u16::try_from(NA_LEN).ok()?);
+        ip.set_next_header(IpNextHeaderProtocols::Icmpv6);
+        ip.set_hop_limit(ND_HOP_LIMIT);
+        // The kernel's own unsolicited NA uses the target as source.
+        ip.set_source(v6);
+        ip.set_destination(ALL_NODES);
+    }
+    let icmp = buf.get_mut(ETH_HEADER_LEN + IPV6_HEADER_LEN..)?;
+    {
+        let mut na = MutableNeighborAdvertPacket::new(icmp)?;
+        na.set_icmpv6_type(Icmpv6Types::NeighborAdvert);
+        na.set_icmpv6_code(Icmpv6Code(0));
+        na.set_checksum(0);
+        na.set_flags(NeighborAdvertFlags::Override);
+        na.set_reserved(0);
+        na.set_target_addr(v6);
+        na.set_options(&[NdpOption {
+            option_type: NdpOptionTypes::TargetLLAddr,
+            length: 1,
+            data: mac.to_vec(),
+        }]);
+    }
+    // Checksum over the pseudo-header and the whole ICMPv6 message; word 1
+    // (the checksum field itself) is skipped.
+    let sum = ipv6_checksum(icmp, 1, &[], &v6, &ALL_NODES, IpNextHeaderProtocols::Icmpv6);
+    let mut na = MutableNeighborAdvertPacket::new(icmp)?;
+    na.set_checksum(sum);
+    Some(buf)
+}
+
+/// The unsolicited Neighbor Advertisement for `v6` sent from `mac`: to ff02::1
+/// (Ethernet 33:33:00:00:00:01), source `v6`, hop limit 255, flags Override
+/// (Solicited and Router clear), target `v6`, option Target Link-Layer
+/// Address = `mac`, with a valid ICMPv6 checksum.
+pub fn unsolicited_na(mac: [u8; 6], v6: Ipv6Addr) -> Vec<u8> {
+    // See arp_frames: the builder cannot fail with the buffer it sizes.
+    na_frame(mac, v6).unwrap_or_default()
+}
+
+/// All frames of one round: two ARP forms per IPv4 VIP, one NA per IPv6 VIP.
+fn round_frames(mac: [u8; 6], vips: &[IpAddr]) -> Vec<Vec<u8>> {
+    vips.iter()
+        .flat_map(|vip| match vip {
+            IpAddr::V4(v4) => arp_frames(mac, *v4).to_vec(),
+            IpAddr::V6(v6) => vec![unsolicited_na(mac, *v6)],
+        })
+        .collect()
+}
+
+/// The pnet interface `iface`, checked to be Ethernet-like.
+fn ethernet_interface(iface: &str) -> Result<NetworkInterface, GarpError> {
+    let found = datalink::interfaces()
+        .into_iter()
+        .find(|i| i.name == iface)
+        .ok_or_else(|| GarpError::InterfaceMissing(iface.to_string()))?;
+    let has_mac = found.mac.is_some_and(|m| m != MacAddr::zero());
+    if found.is_loopback() || !has_mac {
+        return Err(GarpError::NotEthernet(iface.to_string()));
+    }
+    Ok(found)
+}
+
+/// Sends `burst.count` rounds of announcements for `vips` on `iface` from
+/// `mac`, sleeping `burst.interval` between rounds, and returns the number of
+/// frames sent. Each round sends, per IPv4 VIP, the ARP request and the ARP
+/// reply form and, per IPv6 VIP, one unsolicited Neighbor Advertisement.
+///
+/// Blocking: run it with `spawn_blocking`. Nothing is sent (and `Ok(0)`
+/// returned) when `vips` is empty or `count` is 0.
+pub fn send_burst(
+    iface: &str,
+    mac: [u8; 6],
+    vips: &[IpAddr],
+    burst: &GarpBurst,
+) -> Result<usize, GarpError> {
+    // Multicast bit set (includes broadcast) or all zero: not a unicast MAC.
+    if mac[0] & 1 == 1 || mac == [0; 6] {
+        return Err(GarpError::InvalidMac(mac_string(mac)));
+    }
+    if vips.is_empty() || burst.count == 0 {
+        return Ok(0);
+    }
+    let interface = ethernet_interface(iface)?;
+    let frames = round_frames(mac, vips);
+    let config = Config {
+        promiscuous: false,
+        read_buffer_size: 2048,
+        write_timeout: Some(WRITE_TIMEOUT),
+        ..Config::default()
+    };
+    let mut tx = match datalink::channel(&interface, config) {
+        Ok(Channel::Ethernet(tx, _rx)) => tx,
+        Ok(_) => return Err(GarpError::UnsupportedChannel(iface.to_string())),
+        Err(source) => {
+            return Err(GarpError::Channel {
+                iface: iface.to_string(),
+                source,
+            });
+        }
+    };
+    let mut sent = 0usize;
+    for round in 0..burst.count {
+        if round > 0 && !burst.interval.is_zero() {
+            std::thread::sleep(burst.interval);
+        }
+        for frame in &frames {
+            let result = tx.send_to(frame, None).unwrap_or_else(|| {
+                Err(std::io::Error::other(
+                    "pnet had no buffer space for the frame",
+                ))
+            });
+            if let Err(source) = result {
+                return Err(GarpError::Send {
+                    iface: iface.to_string(),
+                    sent,
+                    source,
+                });
+            }
+            sent += 1;
+        }
+    }
+    tracing::debug!(iface, vips = vips.len(), sent, "GARP burst sent");
+    Ok(sent)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::vip::netns_harness::{
+        Failure, NetNs, TestResult, check, child_entry, ip_json, run, test_path,
+    };
+    use crate::vip::{Netlink, RtNetlink};
+    use pnet::packet::Packet;
+    use pnet::packet::arp::ArpPacket;
+    use pnet::packet::ethernet::EthernetPacket;
+    use pnet::packet::icmpv6::ndp::NeighborAdvertPacket;
+    use pnet::packet::icmpv6::{self, Icmpv6Packet};
+    use pnet::packet::ipv6::Ipv6Packet;
+    use std::time::Instant;
+
+    const MAC: [u8; 6] = [0x02, 0x42, 0xac, 0x11, 0x00, 0x02];
+
+    /// Independent RFC 1071 check: the one's-complement sum over the
+    /// pseudo-header and the message (checksum included) must be 0xffff.
+    fn icmpv6_checksum_verifies(src: Ipv6Addr, dst: Ipv6Addr, msg: &[u8]) -> bool {
+        let mut bytes = Vec::new();
+        bytes.extend_from_slice(&src.octets());
+        bytes.extend_from_slice(&dst.octets());
+        bytes.extend_from_slice(&u32::try_from(msg.len()).unwrap_or(0).to_be_bytes());
+        bytes.extend_from_slice(&[0, 0, 0, 58]);
+        bytes.extend_from_slice(msg);
+        if bytes.len() % 2 == 1 {
+            bytes.push(0);
+        }
+        let mut sum: u32 = bytes
+            .chunks(2)
+            .map(|w| u32::from(u16::from_be_bytes([w[0], w[1]])))
+            .sum();
+        while sum > 0xffff {
+            sum = (sum & 0xffff) + (sum >> 16);
+        }
+        sum == 0xffff
+    }
+
+    /// Checks every field of an ARP announcement frame.
+    fn check_arp(frame: &[u8], mac: [u8; 6], v4: Ipv4Addr, request: bool) -> TestResult {
+        check!(
+            frame.len() == ETH_MIN_FRAME_LEN,
+            "ARP frame length {}",
+            frame.len()
+        );
+        let eth = EthernetPacket::new(frame).ok_or("short Ethernet frame")?;
+        check!(
+            eth.get_destination() == MacAddr::broadcast(),
+            "dst {}",
+            eth.get_destination()
+        );
+        check!(
+            eth.get_source() == MacAddr::from(mac),
+            "src {}",
+            eth.get_source()
+        );
+        check!(
+            eth.get_ethertype() == EtherTypes::Arp,
+            "ethertype {}",
+            eth.get_ethertype()
+        );
+        let arp = ArpPacket::new(eth.payload()).ok_or("short ARP packet")?;
+        check!(
+            arp.get_hardware_type() == ArpHardwareTypes::Ethernet,
+            "htype"
+        );
+        check!(arp.get_protocol_type() == EtherTypes::Ipv4, "ptype");
+        check!(
+            arp.get_hw_addr_len() == 6 && arp.get_proto_addr_len() == 4,
+            "lengths"
+        );
+        let (op, tha) = if request {
+            (ArpOperations::Request, MacAddr::zero())
+        } else {
+            (ArpOperations::Reply, MacAddr::broadcast())
+        };
+        check!(
+            arp.get_operation() == op,
+            "operation {:?}",
+            arp.get_operation()
+        );
+        check!(arp.get_sender_hw_addr() == MacAddr::from(mac), "sha");
+        check!(
+            arp.get_sender_proto_addr() == v4,
+            "spa {}",
+            arp.get_sender_proto_addr()
+        );
+        check!(
+            arp.get_target_hw_addr() == tha,
+            "tha {}",
+            arp.get_target_hw_addr()
+        );
+        check!(
+            arp.get_target_proto_addr() == v4,
+            "tpa {}",
+            arp.get_target_proto_addr()
+        );
+        check!(
+            frame[ETH_HEADER_LEN + ARP_LEN..].iter().all(|b| *b == 0),
+            "padding is not zero"
+        );
+        Ok(())
+    }
+
+    /// Checks every field of an unsolicited Neighbor Advertisement frame.
+    fn check_na(frame: &[u8], mac: [u8; 6], v6: Ipv6Addr) -> TestResult {
+        check!(frame.len() == 86, "NA frame length {}", frame.len());
+        let eth = EthernetPacket::new(frame).ok_or("short Ethernet frame")?;
+        check!(
+            eth.get_destination() == MacAddr::from(ALL_NODES_MAC),
+            "dst {}",
+            eth.get_destination()
+        );
+        check!(
+            eth.get_source() == MacAddr::from(mac),
+            "src {}",
+            eth.get_source()
+        );
+        check!(
+            eth.get_ethertype() == EtherTypes::Ipv6,
+            "ethertype {}",
+            eth.get_ethertype()
+        );
+        let ip = Ipv6Packet::new(eth.payload()).ok_or("short IPv6 packet")?;
+        check!(ip.get_version() == 6, "version");
+        check!(
+            ip.get_traffic_class() == 0 && ip.get_flow_label() == 0,
+            "tc/flow"
+        );
+        check!(
+            ip.get_payload_length() == 32,
+            "payload length {}",
+            ip.get_payload_length()
+        );
+        check!(
+            ip.get_next_header() == IpNextHeaderProtocols::Icmpv6,
+            "next header"
+        );
+        check!(
+            ip.get_hop_limit() == 255,
+            "hop limit {}",
+            ip.get_hop_limit()
+        );
+        check!(ip.get_source() == v6, "source {}", ip.get_source());
+        check!(
+            ip.get_destination() == ALL_NODES,
+            "destination {}",
+            ip.get_destination()
+        );
+        let icmp = Icmpv6Packet::new(ip.payload()).ok_or("short ICMPv6")?;
+        let expected = icmpv6::checksum(&icmp, &v6, &ALL_NODES);
+        check!(
+            icmp.get_checksum() == expected,
+            "checksum {:#x} != {expected:#x}",
+            icmp.get_checksum()
+        );
+        check!(
+            icmpv6_checksum_verifies(v6, ALL_NODES, ip.payload()),
+            "checksum does not verify"
+        );
+        let na = NeighborAdvertPacket::new(ip.payload()).ok_or("short NA")?;
+        check!(na.get_icmpv6_type() == Icmpv6Types::NeighborAdvert, "type");
+        check!(na.get_icmpv6_code() == Icmpv6Code(0), "code");
+        check!(
+            na.get_flags() == NeighborAdvertFlags::Override,
+            "flags {:#04x}: want Override only (Router and Solicited clear)",
+            na.get_flags()
+        );
+        check!(na.get_reserved() == 0, "reserved");
+        check!(
+            na.get_target_addr() == v6,
+            "target {}",
+            na.get_target_addr()
+        );
+        let options = na.get_options();
+        check!(options.len() == 1, "{} options", options.len());
+        check!(
+            options[0].option_type == NdpOptionTypes::TargetLLAddr,
+            "option type"
+        );
+        check!(
+            options[0].length == 1,
+            "option length {}",
+            options[0].length
+        );
+        check!(options[0].data == mac, "TLLA {:?}", options[0].data);
+        Ok(())
+    }
+
+    #[test]
+    fn arp_frames_are_request_and_reply_announcements() -> TestResult {
+        for v4 in [
+            Ipv4Addr::new(198, 18, 0, 100),
+            Ipv4Addr::new(10, 255, 255, 1),
+        ] {
+            let [request, reply] = arp_frames(MAC, v4);
+            check_arp(&request, MAC, v4, true)?;
+            check_arp(&reply, MAC, v4, false)?;
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn unsolicited_na_fields_and_checksum() -> TestResult {
+        for v6 in [
+            "2001:db8::100",
+            "fe80::1",
+            "2001:db8:ffff:ffff:ffff:ffff:ffff:fffe",
+        ] {
+            let v6: Ipv6Addr = v6.parse().map_err(|_| "address")?;
+            check_na(&unsolicited_na(MAC, v6), MAC, v6)?;
+        }
+        // A corrupted frame must not verify.
+        let v6: Ipv6Addr = "2001:db8::100".parse().map_err(|_| "address")?;
+        let mut frame = unsolicited_na(MAC, v6);
+        frame[ETH_HEADER_LEN + IPV6_HEADER_LEN + 10] ^= 1;
+        check!(
+            !icmpv6_checksum_verifies(v6, ALL_NODES, &frame[ETH_HEADER_LEN + IPV6_HEADER_LEN..]),
+            "corrupted NA still verifies"
+        );
+        Ok(())
+    }
+
+    #[test]
+    fn a_round_has_two_arp_forms_per_v4_and_one_na_per_v6() {
+        let vips: Vec<IpAddr> = ["198.18.0.100", "198.18.0.101", "2001:db8::100"]
+            .iter()
+            .filter_map(|s| s.parse().ok())
+            .collect();
+        assert_eq!(round_frames(MAC, &vips).len(), 5);
+        assert!(round_frames(MAC, &[]).is_empty());
+    }
+
+    #[test]
+    fn send_burst_refuses_bad_input_without_sending() {
+        let vips: Vec<IpAddr> = vec![Ipv4Addr::new(198, 18, 0, 100).into()];
+        let burst = GarpBurst::default();
+        for mac in [
+            [0u8; 6],
+            [0xff; 6],
+            [0x01, 0x00, 0x5e, 0, 0, 1],
+            [0x33, 0x33, 0, 0, 0, 1],
+        ] {
+            assert!(
+                matches!(
+                    send_burst("lo", mac, &vips, &burst),
+                    Err(GarpError::InvalidMac(_))
+                ),
+                "{mac:?}"
+            );
+        }
+        // Nothing to send: no socket is even opened.
+        assert_eq!(send_burst("nosuch0", MAC, &[], &burst).unwrap(), 0);
+        let none = GarpBurst { count: 0, ..burst };
+        assert_eq!(send_burst("nosuch0", MAC, &vips, &none).unwrap(), 0);
+        // Interface checks come before any socket.
+        let err = send_burst("nosuch0", MAC, &vips, &burst).unwrap_err();
+        assert!(matches!(err, GarpError::InterfaceMissing(_)), "{err}");
+        let err = send_burst("lo", MAC, &vips, &burst).unwrap_err();
+        assert!(matches!(err, GarpError::NotEthernet(_)), "{err}");
+    }
+
+    // ---- real kernel, inside throwaway namespaces -------------------------
+
+    /// Runs `case` of [`netns_child`] in a fresh namespace with the test links.
+    fn kernel_case(case: &str) -> TestResult {
+        let ns = NetNs::with_lab_links(case)?;
+        ns.run_case(&test_path(module_path!(), "netns_child"), case)
+    }
+
+    #[test]
+    fn kernel_burst_is_captured_on_the_veth_peer() -> TestResult {
+        kernel_case("garp-burst")
+    }
+
+    #[test]
+    fn kernel_burst_on_a_down_link_reports_the_error() -> TestResult {
+        kernel_case("garp-link-down")
+    }
+
+    /// Child side: does nothing unless started by [`NetNs::run_case`].
+    /// Ignored in a normal run: it is an entry point, not a test of its own.
+    #[test]
+    #[ignore = "entry point of the namespace child process"]
+    fn netns_child() {
+        child_entry(|case| async move {
+            match case.as_str() {
+                "garp-burst" => case_burst().await,
+                "garp-link-down" => case_link_down().await,
+                other => Err(format!("unknown case {other}").into()),
+            }
+        });
+    }
+
+    /// What the peer saw, by kind.
+    #[derive(Debug, Default, PartialEq, Eq)]
+    struct Seen {
+        requests: usize,
+        replies: usize,
+        nas: usize,
+    }
+
+    async fn case_burst() -> TestResult {
+        let mac = RtNetlink::new()?.mac_of("veth0").await?;
+        let v4 = Ipv4Addr::new(198, 18, 0, 100);
+        let v6: Ipv6Addr = "2001:db8::100".parse().map_err(|_| "address")?;
+        let vips = [IpAddr::V4(v4), IpAddr::V6(v6)];
+        let burst = GarpBurst {
+            count: 3,
+            interval: Duration::from_millis(100),
+        };
+        // The peer's neighbour cache holds stale entries for the VIPs (as a
+        // router would after a failover): the announcements must override
+        // them. Entries younger than the ARP locktime (1 s) are not updated.
+        let stale = "02:00:00:00:00:99";
+        for args in [
+            vec!["addr", "add", "198.18.0.2/24", "dev", "veth1"],
+            vec!["addr", "add", "2001:db8::2/64", "dev", "veth1", "nodad"],
+            vec![
+                "neigh",
+                "replace",
+                "198.18.0.100",
+                "lladdr",
+                stale,
+                "dev",
+                "veth1",
+                "nud",
+                "stale",
+            ],
+            vec![
+                "neigh",
+                "replace",
+                "2001:db8::100",
+                "lladdr",
+                stale,
+                "dev",
+                "veth1",
+                "nud",
+                "stale",
+            ],
+        ] {
+            run("ip", &args)?;
+        }
+        tokio::time::sleep(Duration::from_millis(1200)).await;
+
+        tokio::task::spawn_blocking(move || capture_burst(mac, v4, v6, &vips, &burst))
+            .await
+            .map_err(|e| Failure(format!("capture task: {e}")))??;
+
+        // The peer kernel accepted the frames (checksum, hop limit, flags)
+        // and now maps both VIPs to our MAC.
+        let ours = MacAddr::from(mac).to_string();
+        let neigh = ip_json(&["neigh", "show", "dev", "veth1"])?;
+        for vip in ["198.18.0.100", "2001:db8::100"] {
+            let lladdr = neigh
+                .as_array()
+                .into_iter()
+                .flatten()
+                .find(|n| n.get("dst").and_then(|d| d.as_str()) == Some(vip))
+                .and_then(|n| n.get("lladdr"))
+                .and_then(|l| l.as_str())
+                .unwrap_or("none");
+            check!(
+                lladdr == ours,
+                "peer maps {vip} to {lladdr}, want {ours}; neigh: {neigh}"
+            );
+        }
+        Ok(())
+    }
+
+    /// Opens a receiver on veth1, sends the burst on veth0, and checks that
+    /// exactly the expected frames arrived, byte for byte.
+    fn capture_burst(
+        mac: [u8; 6],
+        v4: Ipv4Addr,
+        v6: Ipv6Addr,
+        vips: &[IpAddr],
+        burst: &GarpBurst,
+    ) -> TestResult {
+        let peer = datalink::interfaces()
+            .into_iter()
+            .find(|i| i.name == "veth1")
+            .ok_or("veth1 not found")?;
+        let config = Config {
+            read_timeout: Some(Duration::from_millis(50)),
+            ..Config::default()
+        };
+        let mut rx = match datalink::channel(&peer, config)? {
+            Channel::Ethernet(_tx, rx) => rx,
+            _ => return Err("non-Ethernet channel on veth1".into()),
+        };
+
+        let start = Instant::now();
+        let sent = send_burst("veth0", mac, vips, burst)?;
+        let took = start.elapsed();
+        check!(
+            sent == 9,
+            "send_burst reported {sent} frames, want 3 rounds x 3 forms"
+        );
+        check!(
+            took >= Duration::from_millis(200),
+            "3 rounds 100 ms apart took only {took:?}"
+        );
+
+        let [request, reply] = arp_frames(mac, v4);
+        let na = unsolicited_na(mac, v6);
+        let mut seen = Seen::default();
+        let want = Seen {
+            requests: 3,
+            replies: 3,
+            nas: 3,
+        };
+        let deadline = Instant::now() + Duration::from_secs(3);
+        let mut last_match = Instant::now();
+        while Instant::now() < deadline && last_match.elapsed() < Duration::from_millis(500) {
+            let frame = match rx.next() {
+                Ok(frame) => frame,
+                Err(e) if e.kind() == std::io::ErrorKind::TimedOut => continue,
+                Err(e) => return Err(format!("receive on veth1: {e}").into()),
+            };
+            let from_us =
+                EthernetPacket::new(frame).is_some_and(|e| e.get_source() == MacAddr::from(mac));
+            if !from_us {
+                continue; // the kernel's own IPv6 chatter (MLD, RS)
+            }
+            if frame == request.as_slice() {
+                check_arp(frame, mac, v4, true)?;
+                seen.requests += 1;
+            } else if frame == reply.as_slice() {
+                check_arp(frame, mac, v4, false)?;
+                seen.replies += 1;
+            } else if frame == na.as_slice() {
+                check_na(frame, mac, v6)?;
+                seen.nas += 1;
+            } else {
+                // Not ours unless it claims one of our VIPs.
+                let eth = EthernetPacket::new(frame).ok_or("short frame")?;
+                let claims_vip = eth.get_ethertype() == EtherTypes::Arp
+                    && ArpPacket::new(eth.payload())
+                        .is_some_and(|a| a.get_sender_proto_addr() == v4);
+                check!(
+                    !claims_vip,
+                    "unexpected ARP frame for the VIP: {frame:02x?}"
+                );
+                continue;
+            }
+            last_match = Instant::now();
+        }
+        println!("captured on veth1: {seen:?} (send took {took:?})");
+        check!(seen == want, "captured {seen:?}, want {want:?}");
+        Ok(())
+    }
+
+    async fn case_link_down() -> TestResult {
+        let mac = RtNetlink::new()?.mac_of("dummy0").await?;
+        run("ip", &["link", "set", "dummy0", "down"])?;
+        let vips = [IpAddr::V4(Ipv4Addr::new(198, 19, 0, 100))];
+        let burst = GarpBurst {
+            count: 2,
+            interval: Duration::from_millis(10),
+        };
+        let result = tokio::task::spawn_blocking(move || send_burst("dummy0", mac, &vips, &burst))
+            .await
+            .map_err(|e| Failure(format!("send task: {e}")))?;
+        match result {
+            Err(e @ GarpError::Send { sent: 0, .. }) => {
+                println!("down link: {e}");
+                check!(
+                    e.to_string().contains("dummy0"),
+                    "message lacks the interface: {e}"
+                );
+                Ok(())
+            }
+            other => Err(format!("send on a down link: {other:?}").into()),
+        }
+    }
+}

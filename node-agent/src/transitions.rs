@@ -1,0 +1,715 @@
+//! Transitions of one service on this node: leave the old role, enter the new
+//! one; enter master = add VIPs (with a lifetime bounded by the heartbeat),
+//! run the enter scripts, send the GARP burst; leave master = remove the VIPs,
+//! run the leave scripts. Also re-adoption after a restart, VIP lifetime
+//! extension, monitor and periodic hooks, and the self-fence of one cluster.
+
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use kubeha_crds::HAServiceSpec;
+use kubeha_crds::service::{HookOutcome, HookResult, NodeServiceState, Role};
+
+use crate::assignments::{Assignment, Step};
+use crate::garp::{self, GarpBurst};
+use crate::heartbeat::Beat;
+use crate::hooks::{self, Action, HookContext, HookLayout, HookRunner, HookSet};
+use crate::metrics::Metrics;
+use crate::statefile::ServiceRecord;
+use crate::vip::{self, Netlink, Vip};
+
+/// Everything a transition needs besides the service itself.
+pub struct Node<N: Netlink> {
+    /// This node's name.
+    pub name: String,
+    /// Netlink access.
+    pub netlink: N,
+    /// Hook runner (shared registry of running hooks, for the fence).
+    pub runner: HookRunner,
+    /// Root of host-path hook sources.
+    pub hook_root: PathBuf,
+    /// Where ConfigMap hook sources are written out.
+    pub state_dir: PathBuf,
+    /// Metrics.
+    pub metrics: Metrics,
+}
+
+/// Facts about the service's cluster a transition uses.
+#[derive(Debug, Clone)]
+pub struct ClusterView {
+    /// Cluster name.
+    pub name: String,
+    /// Members in order.
+    pub members: Vec<String>,
+    /// The heartbeat of this node in that cluster.
+    pub beat: Option<Beat>,
+    /// Set when this node fenced itself for the cluster and has not renewed since.
+    pub fenced: Arc<AtomicBool>,
+    /// Whether hook ConfigMaps may also come from the service's namespace.
+    pub config_maps_in_service_namespace: bool,
+}
+
+/// A service as one transition sees it.
+#[derive(Debug, Clone)]
+pub struct ServiceView {
+    /// `namespace/name`.
+    pub key: String,
+    /// The spec acted on.
+    pub spec: HAServiceSpec,
+    /// Checksum of the spec.
+    pub checksum: String,
+}
+
+/// Why entering failed.
+#[derive(Debug, thiserror::Error)]
+pub enum EnterError {
+    /// No VIP interface (missing or no subnet holds the VIP).
+    #[error("VIP {vip}: {source}")]
+    Interface {
+        /// The VIP.
+        vip: String,
+        /// The netlink error.
+        source: vip::VipError,
+    },
+    /// The heartbeat is too old to give the VIP any lifetime.
+    #[error("heartbeat too old to add VIPs safely (renew first)")]
+    HeartbeatTooOld,
+    /// Fenced while entering.
+    #[error("fenced while entering")]
+    Fenced,
+}
+
+impl<N: Netlink> Node<N> {
+    /// The VIPs of a spec, parsed (invalid ones are skipped: the API server
+    /// already rejects them).
+    pub fn vips(spec: &HAServiceSpec) -> Vec<Vip> {
+        spec.vips
+            .iter()
+            .filter_map(|v| Vip::parse(&v.address, v.interface.as_deref()).ok())
+            .collect()
+    }
+
+    /// The hook set of a spec, if it has hooks.
+    pub fn hook_set(&self, svc: &ServiceView) -> Option<HookSet> {
+        let hooks = svc.spec.hooks.as_ref()?;
+        let dir = match (&hooks.source.host_path, &hooks.source.config_map) {
+            (Some(p), _) => self.hook_root.join(p),
+            (None, Some(cm)) => self.state_dir.join("configmap-hooks").join(cm),
+            (None, None) => return None,
+        };
+        let layout = match &hooks.script {
+            Some(s) => HookLayout::SingleScript(s.clone()),
+            None => HookLayout::Directory,
+        };
+        Some(HookSet { dir, layout })
+    }
+
+    fn context(
+        &self,
+        svc: &ServiceView,
+        cluster: &ClusterView,
+        action: Action,
+        role: Role,
+        epoch: i64,
+    ) -> HookContext {
+        let primary = svc
+            .spec
+            .preferred_nodes
+            .first()
+            .or(cluster.members.first())
+            .cloned()
+            .unwrap_or_default();
+        let is_primary = primary == self.name;
+        HookContext {
+            action,
+            role,
+            transition: hooks::transition(action, is_primary),
+            service: svc.key.clone(),
+            cluster: cluster.name.clone(),
+            node: self.name.clone(),
+            primary_node: primary,
+            peers: cluster
+                .members
+                .iter()
+                .filter(|m| **m != self.name)
+                .cloned()
+                .collect(),
+            vips: svc.spec.vips.iter().map(|v| v.address.clone()).collect(),
+            interface: svc
+                .spec
+                .vips
+                .first()
+                .and_then(|v| v.interface.clone())
+                .unwrap_or_default(),
+            epoch,
+            config_checksum: svc.checksum.clone(),
+        }
+    }
+
+    async fn run_hooks(
+        &self,
+        svc: &ServiceView,
+        cluster: &ClusterView,
+        action: Action,
+        role: Role,
+        epoch: i64,
+        timeout: Duration,
+    ) -> Vec<HookResult> {
+        let Some(set) = self.hook_set(svc) else {
+            return Vec::new();
+        };
+        let mut ctx = self.context(svc, cluster, action, role, epoch);
+        if let Some(iface) = Self::vips(&svc.spec)
+            .first()
+            .and_then(|v| v.interface.clone())
+        {
+            ctx.interface = iface;
+        }
+        let results = self.runner.run(&set, &ctx, timeout).await;
+        for r in &results {
+            self.metrics.hook_run(
+                action.as_str(),
+                &format!("{:?}", r.outcome),
+                r.duration_ms as f64 / 1000.0,
+            );
+        }
+        results
+    }
+
+    /// Runs one action's hooks by hand (`kubeha-agent hooks run`), with the
+    /// daemon's context and timeouts.
+    pub async fn run_hooks_by_hand(
+        &self,
+        svc: &ServiceView,
+        cluster: &ClusterView,
+        action: Action,
+        role: Role,
+        epoch: i64,
+    ) -> anyhow::Result<Vec<HookResult>> {
+        if self.hook_set(svc).is_none() {
+            anyhow::bail!("service {} has no hooks", svc.key);
+        }
+        let timeout = match action {
+            Action::Monitor => svc
+                .spec
+                .hooks
+                .as_ref()
+                .and_then(|h| h.monitor.as_ref())
+                .map(|m| m.timeout_seconds),
+            Action::Periodic => svc
+                .spec
+                .hooks
+                .as_ref()
+                .and_then(|h| h.periodic.as_ref())
+                .map(|p| p.timeout_seconds),
+            _ => None,
+        }
+        .map_or(Self::hook_timeout(svc), |s| {
+            Duration::from_secs(s.max(1) as u64)
+        });
+        Ok(self
+            .run_hooks(svc, cluster, action, role, epoch, timeout)
+            .await)
+    }
+
+    fn hook_timeout(svc: &ServiceView) -> Duration {
+        Duration::from_secs(
+            svc.spec
+                .hooks
+                .as_ref()
+                .map_or(60, |h| h.timeout_seconds.max(1) as u64),
+        )
+    }
+
+    /// Seconds of VIP lifetime allowed now: the configured or derived
+    /// lifetime, but never past D plus the skew allowance since the last
+    /// successful renew, so a VIP cannot outlive the lease.
+    pub fn allowed_lifetime(beat: &Beat, now: Instant) -> Option<u32> {
+        let age = beat.age(now)?;
+        let t = &beat.timing;
+        let full =
+            vip::lifetime_secs(t.lease_duration, t.clock_skew, t.vip_lifetime_seconds).ok()?;
+        let left = (t.lease_duration + t.clock_skew).checked_sub(age)?;
+        // Strictly below what is left, in whole seconds.
+        let left_secs = (left.as_millis().saturating_sub(1) / 1000) as u32;
+        let secs = full.min(left_secs);
+        (secs >= 1).then_some(secs)
+    }
+
+    /// Adds (or re-adds, extending the lifetime) every VIP; returns the
+    /// interface used per VIP.
+    async fn add_vips(
+        &self,
+        vips: &[Vip],
+        cluster: &ClusterView,
+    ) -> Result<Vec<(String, Vip)>, EnterError> {
+        let mut placed = Vec::new();
+        for v in vips {
+            let iface =
+                self.netlink
+                    .interface_for(v)
+                    .await
+                    .map_err(|source| EnterError::Interface {
+                        vip: v.to_string(),
+                        source,
+                    })?;
+            placed.push((iface, v.clone()));
+        }
+        let beat = cluster.beat.ok_or(EnterError::HeartbeatTooOld)?;
+        let secs =
+            Self::allowed_lifetime(&beat, Instant::now()).ok_or(EnterError::HeartbeatTooOld)?;
+        for (iface, v) in &placed {
+            if cluster.fenced.load(Ordering::SeqCst) {
+                return Err(EnterError::Fenced);
+            }
+            self.netlink
+                .add_vip(iface, v, Duration::from_secs(secs as u64))
+                .await
+                .map_err(|source| EnterError::Interface {
+                    vip: v.to_string(),
+                    source,
+                })?;
+        }
+        // The fence sets its flag before it deletes: a VIP added in the
+        // meantime is caught here.
+        if cluster.fenced.load(Ordering::SeqCst) {
+            self.del_vips(&placed).await;
+            return Err(EnterError::Fenced);
+        }
+        Ok(placed)
+    }
+
+    async fn del_vips(&self, placed: &[(String, Vip)]) {
+        for (iface, v) in placed {
+            if let Err(e) = self.netlink.del_vip(iface, v).await {
+                tracing::error!(vip = %v, %iface, error = %e, "removing VIP failed");
+            }
+        }
+    }
+
+    /// Where the VIPs of a record are: its interface, else resolved now.
+    async fn placed(&self, record: &ServiceRecord) -> Vec<(String, Vip)> {
+        let mut placed = Vec::new();
+        for v in Self::vips(&record.spec) {
+            let iface = match (&record.interface, self.netlink.interface_for(&v).await) {
+                (_, Ok(i)) => i,
+                (Some(i), Err(_)) => i.clone(),
+                (None, Err(_)) => continue,
+            };
+            placed.push((iface, v));
+        }
+        placed
+    }
+
+    /// One GARP burst for the VIPs placed, on their interfaces.
+    pub async fn garp(&self, placed: &[(String, Vip)], spec: &HAServiceSpec) -> usize {
+        let burst = GarpBurst {
+            count: spec.garp.count.max(1) as u32,
+            interval: Duration::from_millis(spec.garp.interval_ms.max(1) as u64),
+        };
+        let mut by_iface: std::collections::BTreeMap<String, Vec<IpAddr>> = Default::default();
+        for (iface, v) in placed {
+            by_iface.entry(iface.clone()).or_default().push(v.addr);
+        }
+        let mut sent = 0;
+        for (iface, addrs) in by_iface {
+            let mac = match self.netlink.mac_of(&iface).await {
+                Ok(m) => m,
+                Err(e) => {
+                    tracing::warn!(%iface, error = %e, "no MAC for GARP");
+                    continue;
+                }
+            };
+            let iface2 = iface.clone();
+            match tokio::task::spawn_blocking(move || {
+                garp::send_burst(&iface2, mac, &addrs, &burst)
+            })
+            .await
+            {
+                Ok(Ok(n)) => sent += n,
+                Ok(Err(e)) => tracing::warn!(%iface, error = %e, "GARP failed"),
+                Err(e) => tracing::warn!(%iface, error = %e, "GARP task failed"),
+            }
+        }
+        self.metrics.garps_sent(sent);
+        sent
+    }
+
+    /// Carries out one step on `record`, updating it. Returns whether the
+    /// step succeeded.
+    pub async fn step(
+        &self,
+        step: Step,
+        record: &mut ServiceRecord,
+        svc: &ServiceView,
+        cluster: &ClusterView,
+        wanted: Assignment,
+    ) -> bool {
+        match step {
+            Step::LeaveMaster => self.leave_master(record, svc, cluster).await,
+            Step::LeaveVicemaster => {
+                record.state = NodeServiceState::Stopping;
+                let results = self
+                    .run_hooks(
+                        svc,
+                        cluster,
+                        Action::Leave,
+                        Role::Vicemaster,
+                        record.epoch,
+                        Self::hook_timeout(svc),
+                    )
+                    .await;
+                let ok = hooks::overall(&results) == HookOutcome::Success;
+                record.last_hooks = results;
+                record.role = Role::None;
+                record.state = if ok {
+                    NodeServiceState::Stopped
+                } else {
+                    NodeServiceState::Failed
+                };
+                self.metrics.transition("giveback");
+                ok
+            }
+            Step::EnterMaster => self.enter_master(record, svc, cluster, wanted.epoch).await,
+            Step::EnterVicemaster => {
+                let results = self
+                    .run_hooks(
+                        svc,
+                        cluster,
+                        Action::Enter,
+                        Role::Vicemaster,
+                        wanted.epoch,
+                        Self::hook_timeout(svc),
+                    )
+                    .await;
+                let ok = hooks::overall(&results) == HookOutcome::Success;
+                record.last_hooks = results;
+                record.epoch = wanted.epoch;
+                if ok {
+                    record.role = Role::Vicemaster;
+                    record.state = NodeServiceState::Stopped;
+                } else {
+                    record.state = NodeServiceState::Failed;
+                    record.fail_count += 1;
+                }
+                ok
+            }
+        }
+    }
+
+    async fn enter_master(
+        &self,
+        record: &mut ServiceRecord,
+        svc: &ServiceView,
+        cluster: &ClusterView,
+        epoch: i64,
+    ) -> bool {
+        record.state = NodeServiceState::Starting;
+        record.epoch = epoch;
+        record.spec = svc.spec.clone();
+        record.config_checksum = svc.checksum.clone();
+        let vips = Self::vips(&svc.spec);
+        let placed = match self.add_vips(&vips, cluster).await {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::error!(service = %svc.key, epoch, error = %e, "cannot enter master");
+                record.state = NodeServiceState::Failed;
+                record.failed_epoch = Some(epoch);
+                record.last_hooks = vec![refused(&e.to_string())];
+                if !matches!(e, EnterError::Fenced | EnterError::HeartbeatTooOld) {
+                    record.fail_count += 1;
+                }
+                return false;
+            }
+        };
+        record.interface = placed.first().map(|(i, _)| i.clone());
+        record.vips = placed.iter().map(|(_, v)| v.to_string()).collect();
+        record.role = Role::Master;
+        self.metrics.set_vips_held(placed.len());
+        if let Some(route) = &svc.spec.default_route
+            && let Ok(gw) = route.gateway.parse::<IpAddr>()
+            && let Err(e) = self.netlink.add_default_route(gw).await
+        {
+            tracing::warn!(service = %svc.key, error = %e, "default route not added");
+        }
+        let results = self
+            .run_hooks(
+                svc,
+                cluster,
+                Action::Enter,
+                Role::Master,
+                epoch,
+                Self::hook_timeout(svc),
+            )
+            .await;
+        let outcome = hooks::overall(&results);
+        record.last_hooks = results;
+        if outcome != HookOutcome::Success || cluster.fenced.load(Ordering::SeqCst) {
+            // An enter failure: leave again, report, let the operator move it.
+            tracing::warn!(service = %svc.key, epoch, ?outcome, "enter failed; leaving again");
+            let enter_results = std::mem::take(&mut record.last_hooks);
+            self.leave_master(record, svc, cluster).await;
+            let mut all = enter_results;
+            all.append(&mut record.last_hooks);
+            record.last_hooks = all;
+            record.state = NodeServiceState::Failed;
+            record.failed_epoch = Some(epoch);
+            record.fail_count += 1;
+            return false;
+        }
+        self.garp(&placed, &svc.spec).await;
+        record.state = NodeServiceState::Running;
+        let primary = svc.spec.preferred_nodes.first().or(cluster.members.first());
+        self.metrics.transition(if primary == Some(&self.name) {
+            "takeback"
+        } else {
+            "takeover"
+        });
+        true
+    }
+
+    async fn leave_master(
+        &self,
+        record: &mut ServiceRecord,
+        svc: &ServiceView,
+        cluster: &ClusterView,
+    ) -> bool {
+        record.state = NodeServiceState::Stopping;
+        let placed = self.placed(record).await;
+        self.del_vips(&placed).await;
+        if let Some(route) = &record.spec.default_route
+            && let Ok(gw) = route.gateway.parse::<IpAddr>()
+        {
+            let _ = self.netlink.del_default_route(gw).await;
+        }
+        self.metrics.set_vips_held(0);
+        record.vips.clear();
+        let results = self
+            .run_hooks(
+                svc,
+                cluster,
+                Action::Leave,
+                Role::Master,
+                record.epoch,
+                Self::hook_timeout(svc),
+            )
+            .await;
+        let ok = hooks::overall(&results) == HookOutcome::Success;
+        record.last_hooks = results;
+        record.role = Role::None;
+        if ok {
+            record.state = NodeServiceState::Stopped;
+            record.acked_epoch = Some(record.epoch);
+        } else {
+            // The service may still run here: no acknowledgement, so nobody
+            // enters until this node is certainly fenced.
+            record.state = NodeServiceState::Failed;
+        }
+        let primary = svc.spec.preferred_nodes.first().or(cluster.members.first());
+        self.metrics.transition(if primary == Some(&self.name) {
+            "giveaway"
+        } else {
+            "giveback"
+        });
+        ok
+    }
+
+    /// Re-adopts a service this node held before a restart and still holds:
+    /// VIP lifetimes extended, one GARP burst, no enter hooks.
+    pub async fn adopt(&self, record: &mut ServiceRecord, cluster: &ClusterView) -> bool {
+        let vips = Self::vips(&record.spec);
+        match self.add_vips(&vips, cluster).await {
+            Ok(placed) => {
+                self.garp(&placed, &record.spec).await;
+                record.state = NodeServiceState::Running;
+                self.metrics.set_vips_held(placed.len());
+                self.metrics.transition("adopt");
+                true
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "re-adoption failed");
+                false
+            }
+        }
+    }
+
+    /// Extends the lifetime of a running master's VIPs after a renew.
+    pub async fn extend(&self, record: &ServiceRecord, cluster: &ClusterView) {
+        if record.role != Role::Master || record.state != NodeServiceState::Running {
+            return;
+        }
+        if let Err(e) = self.add_vips(&Self::vips(&record.spec), cluster).await {
+            tracing::warn!(error = %e, "extending VIP lifetimes failed");
+        }
+    }
+
+    /// Removes the VIPs of a record at once (the fence's first act; takes no
+    /// lock and runs no hook).
+    pub async fn drop_vips(&self, record_vips: &[String], record_iface: Option<&str>) {
+        for v in record_vips
+            .iter()
+            .filter_map(|v| Vip::parse(v, record_iface).ok())
+        {
+            let iface = match (record_iface, self.netlink.interface_for(&v).await) {
+                (Some(i), _) => i.to_owned(),
+                (None, Ok(i)) => i,
+                (None, Err(_)) => continue,
+            };
+            let _ = self.netlink.del_vip(&iface, &v).await;
+        }
+        self.metrics.set_vips_held(0);
+    }
+
+    /// Runs the monitor scripts once; `Some(true)` when the service runs.
+    pub async fn monitor(
+        &self,
+        record: &mut ServiceRecord,
+        svc: &ServiceView,
+        cluster: &ClusterView,
+    ) -> Option<bool> {
+        let monitor = svc.spec.hooks.as_ref()?.monitor.as_ref()?;
+        let timeout = Duration::from_secs(monitor.timeout_seconds.max(1) as u64);
+        let results = self
+            .run_hooks(
+                svc,
+                cluster,
+                Action::Monitor,
+                Role::Master,
+                record.epoch,
+                timeout,
+            )
+            .await;
+        if results.is_empty() {
+            return None;
+        }
+        let ok = hooks::overall(&results) == HookOutcome::Success;
+        record.last_hooks = results;
+        Some(ok)
+    }
+
+    /// Runs the periodic scripts once with the node's current role.
+    pub async fn periodic(
+        &self,
+        record: &mut ServiceRecord,
+        svc: &ServiceView,
+        cluster: &ClusterView,
+    ) {
+        let Some(p) = svc.spec.hooks.as_ref().and_then(|h| h.periodic.as_ref()) else {
+            return;
+        };
+        let timeout = Duration::from_secs(p.timeout_seconds.max(1) as u64);
+        let results = self
+            .run_hooks(
+                svc,
+                cluster,
+                Action::Periodic,
+                record.role,
+                record.epoch,
+                timeout,
+            )
+            .await;
+        if !results.is_empty() {
+            record.last_hooks = results;
+        }
+    }
+
+    /// After the VIPs were dropped: the leave scripts within the time left
+    /// before D (the service is given away as cleanly as time allows).
+    pub async fn fence_leave(
+        &self,
+        record: &mut ServiceRecord,
+        svc: &ServiceView,
+        cluster: &ClusterView,
+        left: Duration,
+    ) {
+        let results = if left.is_zero() {
+            Vec::new()
+        } else {
+            self.run_hooks(
+                svc,
+                cluster,
+                Action::Leave,
+                Role::Master,
+                record.epoch,
+                left,
+            )
+            .await
+        };
+        record.last_hooks = results;
+        record.role = Role::None;
+        record.vips.clear();
+        record.state = NodeServiceState::Failed;
+        // This epoch is burned: a fenced node never acts on it again.
+        record.failed_epoch = Some(record.epoch);
+    }
+}
+
+/// A hook result standing for a step that could not run.
+pub fn refused(reason: &str) -> HookResult {
+    HookResult {
+        script: "-".into(),
+        action: "enter".into(),
+        exit_code: None,
+        outcome: HookOutcome::Refused,
+        duration_ms: 0,
+        finished_at: Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+            jiff::Timestamp::now(),
+        )),
+        output_tail: vec![reason.to_owned()],
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::heartbeat::Timing;
+
+    fn beat(age_ms: u64, d_ms: u64, skew_ms: u64) -> (Beat, Instant) {
+        let now = Instant::now();
+        let timing = Timing {
+            lease_duration: Duration::from_millis(d_ms),
+            renew_interval: Duration::from_millis(d_ms / 3),
+            renew_deadline: Duration::from_millis(d_ms * 2 / 3),
+            clock_skew: Duration::from_millis(skew_ms),
+            vip_lifetime_seconds: None,
+        };
+        (
+            Beat {
+                timing,
+                last_success: Some(now - Duration::from_millis(age_ms)),
+                failures: 0,
+            },
+            now,
+        )
+    }
+
+    #[test]
+    fn lifetime_never_outlives_the_lease() {
+        // D 3 s + skew 0.5 s: a fresh renew allows 3 s; 1.2 s later only 2 s.
+        let (b, now) = beat(0, 3000, 500);
+        assert_eq!(
+            Node::<crate::vip::RtNetlink>::allowed_lifetime(&b, now),
+            Some(3)
+        );
+        let (b, now) = beat(1200, 3000, 500);
+        assert_eq!(
+            Node::<crate::vip::RtNetlink>::allowed_lifetime(&b, now),
+            Some(2)
+        );
+        // Too old: nothing may be added.
+        let (b, now) = beat(2600, 3000, 500);
+        assert_eq!(
+            Node::<crate::vip::RtNetlink>::allowed_lifetime(&b, now),
+            None
+        );
+        // Tight timing D = 1 s + 0.5 s skew: one second right after a renew.
+        let (b, now) = beat(100, 1000, 500);
+        assert_eq!(
+            Node::<crate::vip::RtNetlink>::allowed_lifetime(&b, now),
+            Some(1)
+        );
+    }
+}
