@@ -3,6 +3,8 @@
 
 use clap::Parser;
 
+pub mod placement;
+
 /// Command line of `kubeha-operator`.
 #[derive(Parser, Debug)]
 #[command(
