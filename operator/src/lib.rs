@@ -1,5 +1,6 @@
-//! kubeha operator. The reconcilers, placement and leader election arrive
-//! with the operator issue; for now the crate only wires the CLI.
+//! kubeha operator. `placement` (the pure scheduling function) is built; the
+//! reconcilers, leases and leader election are not yet, so the binary only
+//! answers --help and --version.
 
 use clap::Parser;
 
