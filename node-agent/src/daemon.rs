@@ -945,15 +945,18 @@ fn step_event(
 
 async fn report(shared: &Shared, target: &Target, record: &ServiceRecord) {
     let (api, name) = (&target.api, target.name.as_str());
-    let entry = serde_json::json!({
+    let mut entry = serde_json::json!({
         "node": shared.config.node,
         "role": record.role,
         "state": record.state,
         "epoch": record.epoch,
-        "ackedEpoch": record.acked_epoch,
         "failCount": record.fail_count,
         "hooks": record.last_hooks.iter().rev().take(8).rev().collect::<Vec<_>>(),
     });
+    // Only fields with a value: in an apply, a null would ask to remove one.
+    if let Some(acked) = record.acked_epoch {
+        entry["ackedEpoch"] = acked.into();
+    }
     let patch = serde_json::json!({
         "apiVersion": "kubeha.io/v1alpha1",
         "kind": "HAService",
