@@ -155,6 +155,27 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         &shared,
     );
 
+    // No plan before every store has its first full list: a restarted
+    // holder that saw its service but not yet its Lease would leave it.
+    let synced = Arc::new(AtomicBool::new(false));
+    tokio::spawn({
+        let (c, s, l) = (clusters.clone(), services.clone(), service_leases.clone());
+        let (synced, shared) = (synced.clone(), shared.clone());
+        async move {
+            if tokio::try_join!(
+                c.wait_until_ready(),
+                s.wait_until_ready(),
+                l.wait_until_ready()
+            )
+            .is_ok()
+            {
+                synced.store(true, Ordering::SeqCst);
+                shared.notify.notify_one();
+                tracing::info!("watches synced");
+            }
+        }
+    });
+
     let mut slots: BTreeMap<String, Slot> = BTreeMap::new();
     if let Some(saved) = statefile::read(&config.state_dir) {
         for (key, record) in saved.services {
@@ -183,6 +204,9 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         let clusters_now = clusters.state();
         sync_heartbeats(&shared, &clusters_now, &mut renewers, &renewed_tx, &client);
         fence_if_cut_off(&shared, &clusters_now, &slots).await;
+        if !synced.load(Ordering::SeqCst) {
+            continue;
+        }
         reconcile(
             &shared,
             &clusters_now,
