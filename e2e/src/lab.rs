@@ -3,11 +3,21 @@
 //! CRDs installed; the admin kubeconfig in `.lab/kubeconfig` and the lab's
 //! kubectl and helm linked into `.lab/bin/`.
 //!
-//! Every process the lab starts carries the lab folder's path on its command
-//! line, so `down` finds and stops them even after a killed run.
+//! The API server listens on the host's address on the lab's network segment
+//! ([`crate::nodes`]), so the nodes' namespaces reach it. With nodes, the lab
+//! also registers a Node object per node, applies the chart's RBAC, gives
+//! each node a service-account token of its own in
+//! `.lab/nodes/node-i/kubeconfig`, and starts and stops that node's agent
+//! inside its namespace.
+//!
+//! Every control-plane process the lab starts carries the lab folder's path
+//! on its command line, and everything that runs on a node runs inside a
+//! `kubeha-` namespace, so `down` finds and stops them even after a killed run.
 
+use std::ffi::{OsStr, OsString};
 use std::fmt::Write as _;
 use std::fs::{self, File};
+use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -15,6 +25,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 
 use crate::deps::Binaries;
+use crate::nodes::{self, HOST_IP, Segment};
 
 /// Port of the lab's etcd client endpoint (loopback only).
 pub const ETCD_CLIENT_PORT: u16 = 23790;
@@ -24,6 +35,75 @@ pub const ETCD_PEER_PORT: u16 = 23800;
 pub const APISERVER_PORT: u16 = 16443;
 
 const SA_ISSUER: &str = "https://kubernetes.default.svc.cluster.local";
+
+/// Namespace of the chart's service accounts (and the agents' Leases).
+pub const SYSTEM_NAMESPACE: &str = "kubeha-system";
+/// The agents' service account, as the chart renders it for release `kubeha`.
+pub const AGENT_SERVICE_ACCOUNT: &str = "kubeha-agent";
+/// Label on every Node object the lab registers (`kubeha.io/lab=true`).
+pub const NODE_LABEL: &str = "kubeha.io/lab";
+/// How long each node's service-account token lasts.
+pub const NODE_TOKEN_DURATION: &str = "48h";
+
+/// The ports the lab listens on: the constants above, unless overridden with
+/// `KUBEHA_LAB_ETCD_CLIENT_PORT`, `KUBEHA_LAB_ETCD_PEER_PORT` or
+/// `KUBEHA_LAB_APISERVER_PORT` (to run two labs side by side; every command
+/// touching the lab must then see the same overrides).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Ports {
+    /// etcd client endpoint, on 127.0.0.1.
+    pub etcd_client: u16,
+    /// etcd peer endpoint, on 127.0.0.1.
+    pub etcd_peer: u16,
+    /// kube-apiserver's secure port, on [`HOST_IP`].
+    pub apiserver: u16,
+}
+
+impl Default for Ports {
+    fn default() -> Self {
+        Self {
+            etcd_client: ETCD_CLIENT_PORT,
+            etcd_peer: ETCD_PEER_PORT,
+            apiserver: APISERVER_PORT,
+        }
+    }
+}
+
+impl Ports {
+    /// The defaults with the environment's overrides; fails on a value that
+    /// is not a port number.
+    pub fn from_env() -> anyhow::Result<Self> {
+        let get = |var: &str, default: u16| -> anyhow::Result<u16> {
+            match std::env::var_os(var) {
+                None => Ok(default),
+                Some(v) => v
+                    .to_str()
+                    .and_then(|v| v.trim().parse::<u16>().ok())
+                    .filter(|p| *p != 0)
+                    .with_context(|| format!("{var}={v:?} is not a port number (1-65535)")),
+            }
+        };
+        Ok(Self {
+            etcd_client: get("KUBEHA_LAB_ETCD_CLIENT_PORT", ETCD_CLIENT_PORT)?,
+            etcd_peer: get("KUBEHA_LAB_ETCD_PEER_PORT", ETCD_PEER_PORT)?,
+            apiserver: get("KUBEHA_LAB_APISERVER_PORT", APISERVER_PORT)?,
+        })
+    }
+
+    /// The API server's URL, as the admin and every node reach it.
+    pub fn apiserver_url(&self) -> String {
+        format!("https://{HOST_IP}:{}", self.apiserver)
+    }
+}
+
+/// How [`Lab::stop_agent`] stops an agent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StopSignal {
+    /// SIGTERM: the agent may shut down in order.
+    Term,
+    /// SIGKILL: the agent dies at once, as in a crash.
+    Kill,
+}
 
 /// A lab rooted in a repository checkout (its files live in `<root>/.lab`).
 #[derive(Debug, Clone)]
@@ -69,8 +149,17 @@ impl Lab {
     pub fn kubectl(&self) -> Command {
         let mut cmd = Command::new(Binaries::cached().kubectl);
         cmd.env("KUBECONFIG", self.kubeconfig())
+            .env("KUBECACHEDIR", self.kube_cache_dir())
             .current_dir(&self.root);
         cmd
+    }
+
+    /// kubectl's discovery and HTTP cache for this lab, `.lab/kube-cache`.
+    /// It goes with the lab: the shared `~/.kube/cache` keeps what an
+    /// earlier lab at the same address served, and `kubectl explain` was
+    /// seen to fail on a fresh lab because of it.
+    pub fn kube_cache_dir(&self) -> PathBuf {
+        self.dir.join("kube-cache")
     }
 
     /// Runs kubectl with `args` and returns its output, whatever its exit code.
@@ -95,57 +184,137 @@ impl Lab {
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
 
-    /// What a user exports to use the lab from a shell.
-    pub fn usage(&self) -> String {
-        format!(
-            "lab is up: kube-apiserver https://127.0.0.1:{APISERVER_PORT}\n\
-             export KUBECONFIG={} PATH={}:$PATH\n\
-             kubectl get haclusters,haservices -A",
-            self.kubeconfig().display(),
-            self.dir.join("bin").display()
-        )
+    /// What a user exports to use the lab from a shell, and how to look at
+    /// its first `nodes` nodes.
+    pub fn usage(&self, nodes: u8) -> String {
+        let ports = Ports::from_env().unwrap_or_default();
+        let mut s = format!(
+            "lab is up: kube-apiserver {url}\n\
+             export KUBECONFIG={kc} KUBECACHEDIR={cache} PATH={bin}:$PATH\n\
+             kubectl get haclusters,haservices -A\n",
+            url = ports.apiserver_url(),
+            kc = self.kubeconfig().display(),
+            cache = self.kube_cache_dir().display(),
+            bin = self.dir.join("bin").display()
+        );
+        if nodes > 0 {
+            let last = nodes::node_ip(nodes)
+                .map(|ip| ip.to_string())
+                .unwrap_or_default();
+            let _ = write!(
+                s,
+                "{nodes} node(s) on bridge {br}: node-1..node-{nodes} = {first}..{last} \
+                 (2001:db8::b..), client {client}\n\
+                 kubectl get nodes -o wide\n\
+                 ip netns exec {cl} ping -c1 {first}\n\
+                 ip netns exec {cl} ping -6 -c1 2001:db8::b\n\
+                 ip netns exec {n1} env KUBECONFIG={nkc} kubectl auth can-i create leases -n {SYSTEM_NAMESPACE}\n\
+                 kubeha-agent runs in each node namespace (logs in {logs}, \
+                 node-local status in .lab/nodes/node-N/run/status.json)\n",
+                br = nodes::BRIDGE,
+                first = nodes::node_ip(1)
+                    .map(|ip| ip.to_string())
+                    .unwrap_or_default(),
+                client = nodes::client_ip(),
+                cl = nodes::CLIENT_NS,
+                n1 = nodes::node_ns(1),
+                nkc = self.node_kubeconfig(1).display(),
+                logs = self.dir.join("logs").display(),
+            );
+        }
+        s.push_str("cargo xtask lab status; cargo xtask lab down");
+        s
     }
 
     /// `up`, serialised on a lock file so many tests may call it at once; the
     /// first starts the lab, the others reuse it.
     pub fn ensure_up(&self) -> anyhow::Result<()> {
-        let lock = File::create(self.root.join(".lab.lock")).context("creating .lab.lock")?;
-        lock.lock().context("locking .lab.lock")?;
-        self.up()
+        self.ensure_up_with_nodes(0)
     }
 
-    /// Builds what is missing, starts etcd and kube-apiserver, waits for
-    /// readiness and installs the CRDs. Idempotent: a running lab is reused.
+    /// [`Lab::up_with_nodes`], serialised on the same lock file as
+    /// [`Lab::ensure_up`].
+    pub fn ensure_up_with_nodes(&self, nodes: u8) -> anyhow::Result<()> {
+        // Before the lock file: without root it could not even be created,
+        // and the message would hide what is missing.
+        nodes::check_prerequisites()?;
+        let lock = File::create(self.root.join(".lab.lock")).context("creating .lab.lock")?;
+        lock.lock().context("locking .lab.lock")?;
+        self.up_with_nodes(nodes)
+    }
+
+    /// The control plane without nodes: [`Lab::up_with_nodes`] with 0.
     pub fn up(&self) -> anyhow::Result<()> {
+        self.up_with_nodes(0)
+    }
+
+    /// Builds what is missing, brings up the network segment (bridge, client
+    /// namespace, `nodes` node namespaces), starts etcd and kube-apiserver,
+    /// waits for readiness, installs the CRDs and, with nodes, registers them
+    /// (Node objects, the chart's RBAC, one token per node). Idempotent: a
+    /// running lab is reused; nodes are only ever added, never removed.
+    pub fn up_with_nodes(&self, nodes: u8) -> anyhow::Result<()> {
+        nodes::check_prerequisites()?;
+        if nodes > nodes::MAX_NODES {
+            bail!(
+                "the lab holds at most {} nodes, not {nodes}",
+                nodes::MAX_NODES
+            );
+        }
+        let ports = Ports::from_env()?;
         let bins = Binaries::ensure(&self.root)?;
         for sub in ["pki", "logs", "pids", "bin"] {
             fs::create_dir_all(self.dir.join(sub))?;
         }
         link(&bins.kubectl, &self.dir.join("bin/kubectl"))?;
         link(&bins.helm, &self.dir.join("bin/helm"))?;
-        if !self.apiserver_ready() {
+        // The API server binds the host's address on the bridge.
+        Segment::up(nodes)?;
+        let fresh = !self.control_plane_current(&ports);
+        if fresh {
             // Leftovers of a killed run would hold the ports.
             self.stop_processes();
-            ports_free()?;
+            ports_free(&ports)?;
             self.write_pki()?;
-            self.write_kubeconfig()?;
-            self.start_etcd(&bins)?;
-            self.start_apiserver(&bins)?;
+            self.write_kubeconfig(&ports)?;
+            self.start_etcd(&bins, &ports)?;
+            self.start_apiserver(&bins, &ports)?;
             self.wait_ready(Duration::from_secs(90))?;
         }
-        self.install_crds()
+        self.install_crds(fresh)?;
+        if nodes > 0 {
+            self.register_nodes(nodes, &bins, &ports)?;
+        }
+        Ok(())
     }
 
-    /// Stops every lab process and removes the lab's files.
+    /// Whether the running control plane is this lab's and up to date: the
+    /// admin kubeconfig names the URL these ports give, and it answers.
+    fn control_plane_current(&self, ports: &Ports) -> bool {
+        let wanted = format!("server: {}\n", ports.apiserver_url());
+        fs::read_to_string(self.kubeconfig()).is_ok_and(|k| k.contains(&wanted))
+            && self.apiserver_ready()
+    }
+
+    /// Stops every agent and lab process, removes the network segment (by
+    /// name prefix, also a killed run's leftovers) and the lab's files.
     pub fn down(&self) -> anyhow::Result<()> {
+        // Node namespaces first: their processes (agents, hooks) may still
+        // talk to the API server while they shut down.
+        let segment = Segment::down();
         let stopped = self.stop_processes();
         if self.dir.exists() {
             fs::remove_dir_all(&self.dir)
                 .with_context(|| format!("removing {}", self.dir.display()))?;
         }
         let _ = fs::remove_file(self.root.join(".lab.lock"));
+        let segment = segment.context("tearing down the lab's network segment")?;
         println!(
-            "lab down: stopped {stopped} process(es), removed {}",
+            "lab down: stopped {stopped} control-plane process(es) and {} in node namespaces, \
+             removed namespaces [{}], links [{}] and {}",
+            segment.processes,
+            segment.namespaces.join(" "),
+            segment.links.join(" "),
             self.dir.display()
         );
         Ok(())
@@ -182,6 +351,26 @@ impl Lab {
                 out.split_whitespace().collect::<Vec<_>>().join(" ")
             );
         }
+        let namespaces = nodes::lab_namespaces();
+        let _ = writeln!(s, "namespaces: {}", none_if_empty(&namespaces));
+        let _ = writeln!(s, "links: {}", none_if_empty(&nodes::lab_links()));
+        let mut agents = Vec::new();
+        for ns in &namespaces {
+            let Some(i) = ns
+                .strip_prefix(nodes::NS_PREFIX)
+                .and_then(|n| n.strip_prefix("node-"))
+                .and_then(|n| n.parse::<u8>().ok())
+            else {
+                continue;
+            };
+            agents.push(
+                match self.agent_pid(i).filter(|p| nodes::pid_in_ns(*p, ns)) {
+                    Some(pid) => format!("{} running (pid {pid})", nodes::node_name(i)),
+                    None => format!("{} not running", nodes::node_name(i)),
+                },
+            );
+        }
+        let _ = writeln!(s, "agents: {}", none_if_empty(&agents));
         s
     }
 
@@ -190,9 +379,27 @@ impl Lab {
     }
 
     fn write_pki(&self) -> anyhow::Result<()> {
-        if self.pki("admin.crt").exists() {
-            return Ok(());
+        let fresh = !self.pki("admin.crt").exists();
+        if fresh {
+            self.write_ca_and_admin()?;
         }
+        // A lab folder from before the segment has a certificate without the
+        // bridge address: sign a new one.
+        let san = format!("IP:{HOST_IP},");
+        let current = fs::read_to_string(self.pki("apiserver.ext")).is_ok_and(|e| e.contains(&san));
+        if fresh || !current {
+            self.sign(
+                "apiserver",
+                "/CN=kube-apiserver",
+                &format!(
+                    "subjectAltName={san}IP:127.0.0.1,IP:10.96.0.1,DNS:localhost,DNS:kubernetes,DNS:kubernetes.default,DNS:kubernetes.default.svc\nextendedKeyUsage=serverAuth\n"
+                ),
+            )?;
+        }
+        Ok(())
+    }
+
+    fn write_ca_and_admin(&self) -> anyhow::Result<()> {
         let ca_key = self.pki("ca.key");
         let ca_crt = self.pki("ca.crt");
         openssl(&["genrsa", "-out", s(&ca_key), "2048"])?;
@@ -209,11 +416,6 @@ impl Lab {
             "-subj",
             "/CN=kubeha-lab-ca",
         ])?;
-        self.sign(
-            "apiserver",
-            "/CN=kube-apiserver",
-            "subjectAltName=IP:127.0.0.1,IP:10.96.0.1,DNS:localhost,DNS:kubernetes,DNS:kubernetes.default,DNS:kubernetes.default.svc\nextendedKeyUsage=serverAuth\n",
-        )?;
         self.sign(
             "admin",
             "/O=system:masters/CN=kubeha-lab-admin",
@@ -269,11 +471,12 @@ impl Lab {
         Ok(())
     }
 
-    fn write_kubeconfig(&self) -> anyhow::Result<()> {
+    fn write_kubeconfig(&self, ports: &Ports) -> anyhow::Result<()> {
         let config = format!(
-            "apiVersion: v1\nkind: Config\nclusters:\n- name: kubeha-lab\n  cluster:\n    server: https://127.0.0.1:{APISERVER_PORT}\n    certificate-authority: {ca}\n\
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: kubeha-lab\n  cluster:\n    server: {url}\n    certificate-authority: {ca}\n\
              users:\n- name: kubeha-lab-admin\n  user:\n    client-certificate: {crt}\n    client-key: {key}\n\
              contexts:\n- name: kubeha-lab\n  context:\n    cluster: kubeha-lab\n    user: kubeha-lab-admin\ncurrent-context: kubeha-lab\n",
+            url = ports.apiserver_url(),
             ca = self.pki("ca.crt").display(),
             crt = self.pki("admin.crt").display(),
             key = self.pki("admin.key").display(),
@@ -282,9 +485,10 @@ impl Lab {
         Ok(())
     }
 
-    fn start_etcd(&self, bins: &Binaries) -> anyhow::Result<()> {
-        let peer = format!("http://127.0.0.1:{ETCD_PEER_PORT}");
-        let client = format!("http://127.0.0.1:{ETCD_CLIENT_PORT}");
+    fn start_etcd(&self, bins: &Binaries, ports: &Ports) -> anyhow::Result<()> {
+        // Loopback only: the nodes' namespaces must reach the API server, never etcd.
+        let peer = format!("http://127.0.0.1:{}", ports.etcd_peer);
+        let client = format!("http://127.0.0.1:{}", ports.etcd_client);
         let mut cmd = Command::new(&bins.etcd);
         cmd.arg("--name=kubeha-lab")
             .arg(format!("--data-dir={}", self.dir.join("etcd").display()))
@@ -299,15 +503,18 @@ impl Lab {
         self.spawn("etcd", cmd)
     }
 
-    fn start_apiserver(&self, bins: &Binaries) -> anyhow::Result<()> {
+    fn start_apiserver(&self, bins: &Binaries, ports: &Ports) -> anyhow::Result<()> {
         let p = |n: &str| self.pki(n).display().to_string();
         let mut cmd = Command::new(&bins.kube_apiserver);
         cmd.arg(format!(
-            "--etcd-servers=http://127.0.0.1:{ETCD_CLIENT_PORT}"
+            "--etcd-servers=http://127.0.0.1:{}",
+            ports.etcd_client
         ))
-        .arg("--bind-address=127.0.0.1")
-        .arg("--advertise-address=127.0.0.1")
-        .arg(format!("--secure-port={APISERVER_PORT}"))
+        // The host's address on the lab bridge, so the node namespaces reach
+        // it; no address of the host's own uplinks is bound.
+        .arg(format!("--bind-address={HOST_IP}"))
+        .arg(format!("--advertise-address={HOST_IP}"))
+        .arg(format!("--secure-port={}", ports.apiserver))
         .arg(format!("--cert-dir={}", self.dir.join("pki").display()))
         .arg(format!("--tls-cert-file={}", p("apiserver.crt")))
         .arg(format!("--tls-private-key-file={}", p("apiserver.key")))
@@ -387,21 +594,18 @@ impl Lab {
     }
 
     fn process_alive(&self, name: &str) -> bool {
-        fs::read_to_string(self.dir.join("pids").join(format!("{name}.pid")))
-            .ok()
-            .and_then(|p| p.trim().parse::<u32>().ok())
-            .is_some_and(|pid| !is_dead(pid as i32))
+        read_pid(&self.dir.join("pids").join(format!("{name}.pid")))
+            .is_some_and(|pid| !nodes::is_dead(pid))
     }
 
     /// The last `n` lines of a lab process's log.
     pub fn log_tail(&self, name: &str, n: usize) -> String {
-        let text = fs::read_to_string(self.dir.join("logs").join(format!("{name}.log")))
-            .unwrap_or_default();
-        let lines: Vec<&str> = text.lines().collect();
-        lines[lines.len().saturating_sub(n)..].join("\n")
+        tail(&self.dir.join("logs").join(format!("{name}.log")), n)
     }
 
-    fn install_crds(&self) -> anyhow::Result<()> {
+    /// Applies the CRDs and waits until they are established and published;
+    /// `fresh`: the control plane was just started.
+    fn install_crds(&self, fresh: bool) -> anyhow::Result<()> {
         let manifests = self.root.join("crds").join("manifests");
         self.kubectl_ok(&[
             "apply",
@@ -417,7 +621,417 @@ impl Lab {
             "crd/haclusters.kubeha.io",
             "crd/haservices.kubeha.io",
         ])?;
+        // kubectl caches the OpenAPI v3 index (`/openapi/v3`) and revalidates
+        // it with If-Modified-Since, which has one-second resolution: an index
+        // cached before the CRDs were published, in the same second, stays
+        // "not modified", and `kubectl explain` then fails with "couldn't find
+        // resource" (seen on fresh labs, about one in three). So wait until
+        // the API server publishes the CRDs' schemas (`--raw` bypasses the
+        // cache), then drop what kubectl cached before.
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let mut waited = false;
+        loop {
+            let index = self.kubectl_output(&["get", "--raw", "/openapi/v3"])?;
+            let group =
+                self.kubectl_output(&["get", "--raw", "/openapi/v3/apis/kubeha.io/v1alpha1"])?;
+            let group_doc = String::from_utf8_lossy(&group.stdout);
+            if index.status.success()
+                && group.status.success()
+                && String::from_utf8_lossy(&index.stdout).contains("\"apis/kubeha.io/v1alpha1\"")
+                && group_doc.contains("\"io.kubeha.v1alpha1.HACluster\"")
+                && group_doc.contains("\"io.kubeha.v1alpha1.HAService\"")
+            {
+                break;
+            }
+            if Instant::now() >= deadline {
+                bail!(
+                    "the API server did not publish the CRDs' OpenAPI schemas within 60 s: {}{}",
+                    String::from_utf8_lossy(&index.stderr),
+                    String::from_utf8_lossy(&group.stderr)
+                );
+            }
+            waited = true;
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        if fresh || waited {
+            // Past the second in which the index may have changed, so that
+            // no revalidation can match the old one.
+            std::thread::sleep(Duration::from_millis(1100));
+            let _ = fs::remove_dir_all(self.kube_cache_dir());
+        }
         Ok(())
+    }
+
+    /// Folder of lab node `i`: `.lab/nodes/node-i` (its kubeconfig, and the
+    /// `hooks`, `logs` and `run` folders of its agent).
+    pub fn node_dir(&self, i: u8) -> PathBuf {
+        self.dir.join("nodes").join(nodes::node_name(i))
+    }
+
+    /// Kubeconfig of lab node `i`: its own `kubeha-agent` token, the lab CA,
+    /// the API server on the bridge.
+    pub fn node_kubeconfig(&self, i: u8) -> PathBuf {
+        self.node_dir(i).join("kubeconfig")
+    }
+
+    /// The lab's kubectl run inside node `i`'s namespace with that node's
+    /// kubeconfig: what the node's agent is allowed to do, from where it runs.
+    pub fn node_kubectl(&self, i: u8) -> anyhow::Result<Command> {
+        self.check_node(i)?;
+        let mut cmd = nodes::exec_in(&nodes::node_ns(i), &[Binaries::cached().kubectl]);
+        cmd.env("KUBECONFIG", self.node_kubeconfig(i))
+            .env("KUBECACHEDIR", self.kube_cache_dir())
+            .current_dir(&self.root);
+        Ok(cmd)
+    }
+
+    /// Fails unless node `i` is part of the running lab (its namespace and
+    /// kubeconfig exist).
+    fn check_node(&self, i: u8) -> anyhow::Result<()> {
+        nodes::check_index(i)?;
+        let ns = nodes::node_ns(i);
+        if !nodes::ns_exists(&ns) || !self.node_kubeconfig(i).exists() {
+            bail!(
+                "{} is not part of the lab (no namespace {ns} or no {}); \
+                 bring it up with `cargo xtask lab up --nodes {i}` or Lab::ensure_up_with_nodes({i})",
+                nodes::node_name(i),
+                self.node_kubeconfig(i).display()
+            );
+        }
+        Ok(())
+    }
+
+    /// Node objects, the system namespace, the chart's RBAC and a token and
+    /// folders per node.
+    fn register_nodes(&self, count: u8, bins: &Binaries, ports: &Ports) -> anyhow::Result<()> {
+        let dir = self.dir.join("nodes");
+        fs::create_dir_all(&dir)?;
+        let mut items = vec![serde_json::json!({
+            "apiVersion": "v1",
+            "kind": "Namespace",
+            "metadata": { "name": SYSTEM_NAMESPACE },
+        })];
+        for i in 1..=count {
+            items.push(serde_json::json!({
+                "apiVersion": "v1",
+                "kind": "Node",
+                "metadata": {
+                    "name": nodes::node_name(i),
+                    "labels": {
+                        NODE_LABEL: "true",
+                        "kubernetes.io/hostname": nodes::node_name(i),
+                        "kubernetes.io/os": "linux",
+                    },
+                },
+            }));
+        }
+        let objects = dir.join("objects.json");
+        fs::write(
+            &objects,
+            serde_json::to_string_pretty(&serde_json::json!({
+                "apiVersion": "v1",
+                "kind": "List",
+                "items": items,
+            }))?,
+        )?;
+        self.kubectl_ok(&[
+            "apply",
+            "--server-side",
+            "--field-manager=kubeha-lab",
+            "-f",
+            s(&objects),
+        ])?;
+        for i in 1..=count {
+            // No kubelet reports addresses here; the lab does, as a kubelet
+            // would: both families' InternalIP and the hostname.
+            let status = serde_json::json!({
+                "status": { "addresses": [
+                    { "type": "InternalIP", "address": nodes::node_ip(i)?.to_string() },
+                    { "type": "InternalIP", "address": nodes::node_ip6(i)?.to_string() },
+                    { "type": "Hostname", "address": nodes::node_name(i) },
+                ]},
+            });
+            self.kubectl_ok(&[
+                "patch",
+                "node",
+                &nodes::node_name(i),
+                "--subresource=status",
+                "--type=merge",
+                "-p",
+                &status.to_string(),
+            ])?;
+        }
+        // The chart's own RBAC, so an agent gets exactly what the chart gives it.
+        let chart = self.root.join("charts").join("kubeha");
+        let out = Command::new(&bins.helm)
+            .args([
+                "template",
+                "kubeha",
+                s(&chart),
+                "--namespace",
+                SYSTEM_NAMESPACE,
+            ])
+            .args([
+                "--set",
+                "crds.install=false",
+                "--show-only",
+                "templates/rbac.yaml",
+            ])
+            .output()
+            .context("running the lab's helm")?;
+        if !out.status.success() {
+            bail!(
+                "helm template of the chart's RBAC failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        let rbac = dir.join("rbac.yaml");
+        fs::write(&rbac, &out.stdout)?;
+        self.kubectl_ok(&[
+            "apply",
+            "--server-side",
+            "--force-conflicts",
+            "--field-manager=kubeha-lab",
+            "-f",
+            s(&rbac),
+        ])?;
+        for i in 1..=count {
+            let node_dir = self.node_dir(i);
+            for sub in ["hooks", "logs", "run"] {
+                fs::create_dir_all(node_dir.join(sub))?;
+            }
+            // A fresh token on every `up`: valid whatever happened since
+            // (signing key or service account recreated).
+            let token = self.kubectl_ok(&[
+                "create",
+                "token",
+                AGENT_SERVICE_ACCOUNT,
+                "-n",
+                SYSTEM_NAMESPACE,
+                &format!("--duration={NODE_TOKEN_DURATION}"),
+            ])?;
+            let token = token.trim();
+            if token.is_empty() || token.contains(char::is_whitespace) {
+                bail!(
+                    "kubectl create token returned no usable token for {}",
+                    nodes::node_name(i)
+                );
+            }
+            let user = format!("{AGENT_SERVICE_ACCOUNT}-{}", nodes::node_name(i));
+            let config = format!(
+                "apiVersion: v1\nkind: Config\nclusters:\n- name: kubeha-lab\n  cluster:\n    server: {url}\n    certificate-authority: {ca}\n\
+                 users:\n- name: {user}\n  user:\n    token: {token}\n\
+                 contexts:\n- name: kubeha-lab\n  context:\n    cluster: kubeha-lab\n    user: {user}\n    namespace: {SYSTEM_NAMESPACE}\n\
+                 current-context: kubeha-lab\n",
+                url = ports.apiserver_url(),
+                ca = self.pki("ca.crt").display(),
+            );
+            write_private(&self.node_kubeconfig(i), &config)?;
+        }
+        Ok(())
+    }
+
+    /// The agent binary: `$KUBEHA_AGENT_BIN`, else `debug/kubeha-agent` under
+    /// `$CARGO_TARGET_DIR`, else `<repo>/target/debug/kubeha-agent`. Fails,
+    /// saying how to build it, when that file does not exist.
+    pub fn agent_binary(&self) -> anyhow::Result<PathBuf> {
+        agent_binary_from(
+            &self.root,
+            std::env::var_os("KUBEHA_AGENT_BIN"),
+            std::env::var_os("CARGO_TARGET_DIR"),
+        )
+    }
+
+    /// Pid file of node `i`'s agent.
+    fn agent_pid_file(&self, i: u8) -> PathBuf {
+        self.dir
+            .join("pids")
+            .join(format!("agent-{}.pid", nodes::node_name(i)))
+    }
+
+    /// Log of node `i`'s agent (stdout and stderr, appended across restarts).
+    pub fn agent_log(&self, i: u8) -> PathBuf {
+        self.dir
+            .join("logs")
+            .join(format!("agent-{}.log", nodes::node_name(i)))
+    }
+
+    /// Starts `kubeha-agent` ([`Lab::agent_binary`]) with `extra_args` inside
+    /// node `i`'s namespace, as that node: `NODE_NAME`, `POD_NAMESPACE`, its
+    /// own `KUBECONFIG`, hook, log and state folders under
+    /// `.lab/nodes/node-i/`, `RUST_LOG=info`; output to [`Lab::agent_log`].
+    /// Returns its pid.
+    pub fn start_agent<S: AsRef<OsStr>>(&self, i: u8, extra_args: &[S]) -> anyhow::Result<i32> {
+        let bin = self.agent_binary()?;
+        self.start_agent_program(i, &bin, extra_args)
+    }
+
+    /// [`Lab::start_agent`] with another program in place of the agent binary
+    /// (looked up on `PATH` when it has no `/`): the same namespace,
+    /// environment, log and pid file. For tests of the lab itself, which
+    /// cannot rely on the agent.
+    pub fn start_agent_program<P: AsRef<OsStr>, S: AsRef<OsStr>>(
+        &self,
+        i: u8,
+        program: P,
+        args: &[S],
+    ) -> anyhow::Result<i32> {
+        use std::io::Write as _;
+        use std::os::unix::process::CommandExt as _;
+        self.check_node(i)?;
+        if let Some(pid) = self.agent_pid(i)
+            && self.agent_running(i)
+        {
+            bail!(
+                "the agent of {} already runs (pid {pid})",
+                nodes::node_name(i)
+            );
+        }
+        let ns = nodes::node_ns(i);
+        let node_dir = self.node_dir(i);
+        for sub in ["hooks", "logs", "run"] {
+            fs::create_dir_all(node_dir.join(sub))?;
+        }
+        fs::create_dir_all(self.dir.join("logs"))?;
+        fs::create_dir_all(self.dir.join("pids"))?;
+        let log_path = self.agent_log(i);
+        let mut log = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log_path)
+            .with_context(|| format!("opening {}", log_path.display()))?;
+        writeln!(
+            log,
+            "--- lab: starting {} in {ns}",
+            Path::new(program.as_ref()).display()
+        )?;
+        let mut cmd = nodes::exec_in(&ns, &[program.as_ref()]);
+        cmd.args(args)
+            .env("NODE_NAME", nodes::node_name(i))
+            .env("POD_NAMESPACE", SYSTEM_NAMESPACE)
+            .env("KUBECONFIG", self.node_kubeconfig(i))
+            .env("KUBEHA_HOOK_ROOT", node_dir.join("hooks"))
+            .env("KUBEHA_LOG_DIR", node_dir.join("logs"))
+            .env("KUBEHA_STATE_DIR", node_dir.join("run"))
+            .env("RUST_LOG", "info")
+            .current_dir(&self.root)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            // Its own process group: a Ctrl-C meant for the test runner does
+            // not reach it.
+            .process_group(0);
+        let mut child = cmd
+            .spawn()
+            .with_context(|| format!("starting the agent of {}", nodes::node_name(i)))?;
+        let pid = i32::try_from(child.id()).context("pid out of range")?;
+        fs::write(self.agent_pid_file(i), pid.to_string())?;
+        // Reap it whenever it exits, so it never lingers as a zombie of ours.
+        std::thread::spawn(move || {
+            let _ = child.wait();
+        });
+        // `ip netns exec` enters the namespace, then executes the program.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if nodes::is_dead(pid) {
+                let _ = fs::remove_file(self.agent_pid_file(i));
+                bail!(
+                    "the agent of {} exited at once; last lines of {}:\n{}",
+                    nodes::node_name(i),
+                    log_path.display(),
+                    tail(&log_path, 20)
+                );
+            }
+            if nodes::pid_in_ns(pid, &ns) && !is_still_ip(pid) {
+                return Ok(pid);
+            }
+            if Instant::now() >= deadline {
+                nodes::signal_pids(&[pid], nix::sys::signal::Signal::SIGKILL);
+                let _ = fs::remove_file(self.agent_pid_file(i));
+                bail!(
+                    "the agent of {} (pid {pid}) did not start inside {ns} within 10 s; killed it",
+                    nodes::node_name(i)
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Pid recorded for node `i`'s agent, whether or not it still runs.
+    pub fn agent_pid(&self, i: u8) -> Option<i32> {
+        read_pid(&self.agent_pid_file(i))
+    }
+
+    /// Whether node `i`'s agent runs (its recorded pid lives, inside the
+    /// node's namespace).
+    pub fn agent_running(&self, i: u8) -> bool {
+        nodes::check_index(i).is_ok()
+            && self
+                .agent_pid(i)
+                .is_some_and(|pid| nodes::pid_in_ns(pid, &nodes::node_ns(i)))
+    }
+
+    /// Sends `signal` to node `i`'s agent (only the agent: what it started
+    /// keeps running) and waits for it to exit (30 s after SIGTERM, 5 s after
+    /// SIGKILL). Returns whether an agent was running.
+    pub fn stop_agent(&self, i: u8, signal: StopSignal) -> anyhow::Result<bool> {
+        nodes::check_index(i)?;
+        let Some(pid) = self.agent_pid(i).filter(|_| self.agent_running(i)) else {
+            let _ = fs::remove_file(self.agent_pid_file(i));
+            return Ok(false);
+        };
+        let (sig, timeout) = match signal {
+            StopSignal::Term => (nix::sys::signal::Signal::SIGTERM, Duration::from_secs(30)),
+            StopSignal::Kill => (nix::sys::signal::Signal::SIGKILL, Duration::from_secs(5)),
+        };
+        nodes::signal_pids(&[pid], sig);
+        if !nodes::wait_dead(&[pid], timeout) {
+            bail!(
+                "the agent of {} (pid {pid}) still runs {} s after {sig}",
+                nodes::node_name(i),
+                timeout.as_secs()
+            );
+        }
+        let _ = fs::remove_file(self.agent_pid_file(i));
+        Ok(true)
+    }
+
+    /// Cuts node `i` off from the API server: inside its namespace, a packet
+    /// filter drops TCP to and from the API server's address and port (nft
+    /// when installed, else iptables). The rest of the segment still works.
+    /// Idempotent; undone by [`Lab::heal`].
+    pub fn partition(&self, i: u8) -> anyhow::Result<()> {
+        self.check_node(i)?;
+        nodes::partition_ns(&nodes::node_ns(i), HOST_IP, Ports::from_env()?.apiserver)
+    }
+
+    /// Undoes [`Lab::partition`] for node `i`. Idempotent.
+    pub fn heal(&self, i: u8) -> anyhow::Result<()> {
+        self.check_node(i)?;
+        nodes::heal_ns(&nodes::node_ns(i), HOST_IP, Ports::from_env()?.apiserver)
+    }
+
+    /// Node `i` loses power: every process in its namespace (agent, hooks,
+    /// whatever else) is killed at once and its link to the bridge goes down.
+    /// Returns how many processes were killed. Undone by [`Lab::power_on`]
+    /// (which starts nothing).
+    pub fn power_off(&self, i: u8) -> anyhow::Result<usize> {
+        self.check_node(i)?;
+        let ns = nodes::node_ns(i);
+        let pids = nodes::ns_pids(&ns);
+        nodes::signal_pids(&pids, nix::sys::signal::Signal::SIGKILL);
+        if !nodes::wait_dead(&pids, Duration::from_secs(5)) {
+            bail!("processes in {ns} survived SIGKILL for 5 s");
+        }
+        let _ = fs::remove_file(self.agent_pid_file(i));
+        nodes::set_link(&nodes::node_link(i), false)?;
+        Ok(pids.len())
+    }
+
+    /// Brings node `i`'s link to the bridge back up after [`Lab::power_off`].
+    pub fn power_on(&self, i: u8) -> anyhow::Result<()> {
+        self.check_node(i)?;
+        nodes::set_link(&nodes::node_link(i), true)
     }
 
     /// Processes whose command line names the lab folder: (pid, command line).
@@ -442,50 +1056,101 @@ impl Lab {
     /// Returns how many there were.
     fn stop_processes(&self) -> usize {
         let pids: Vec<i32> = self.lab_processes().into_iter().map(|(p, _)| p).collect();
-        signal_all(&pids, "TERM");
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while Instant::now() < deadline && pids.iter().any(|p| !is_dead(*p)) {
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        signal_all(&pids, "KILL");
-        pids.len()
+        nodes::stop_pids(&pids, Duration::from_secs(10))
     }
 }
 
-/// Gone, or a zombie (exited, not yet reaped).
-fn is_dead(pid: i32) -> bool {
-    fs::read_to_string(format!("/proc/{pid}/stat"))
-        .map(|stat| {
-            stat.rsplit(')')
-                .next()
-                .is_some_and(|rest| rest.trim_start().starts_with('Z'))
-        })
-        .unwrap_or(true)
+fn read_pid(file: &Path) -> Option<i32> {
+    fs::read_to_string(file).ok()?.trim().parse().ok()
 }
 
-fn signal_all(pids: &[i32], signal: &str) {
-    if pids.is_empty() {
-        return;
+fn none_if_empty(items: &[String]) -> String {
+    if items.is_empty() {
+        "none".into()
+    } else {
+        items.join(", ")
     }
-    let _ = Command::new("kill")
-        .arg(format!("-{signal}"))
-        .args(pids.iter().map(|p| p.to_string()))
-        .stderr(Stdio::null())
-        .status();
 }
 
 /// Fails with a clear message when a lab port is taken (another lab, from
-/// another checkout, still running).
-fn ports_free() -> anyhow::Result<()> {
-    for port in [ETCD_CLIENT_PORT, ETCD_PEER_PORT, APISERVER_PORT] {
-        if std::net::TcpListener::bind(("127.0.0.1", port)).is_err() {
+/// another checkout, still running). Run once the bridge carries [`HOST_IP`].
+fn ports_free(ports: &Ports) -> anyhow::Result<()> {
+    let loopback = Ipv4Addr::LOCALHOST;
+    for (ip, port) in [
+        (loopback, ports.etcd_client),
+        (loopback, ports.etcd_peer),
+        (HOST_IP, ports.apiserver),
+    ] {
+        if let Err(e) = std::net::TcpListener::bind((ip, port)) {
             bail!(
-                "port 127.0.0.1:{port} is in use: another lab (from another checkout?) still runs; \
-                 run `cargo xtask lab down` there, or stop whatever listens on it"
+                "cannot listen on {ip}:{port} ({e}): another lab (from another checkout?) still runs; \
+                 run `cargo xtask lab down` there, stop whatever listens on it, or move this lab with \
+                 KUBEHA_LAB_ETCD_CLIENT_PORT / KUBEHA_LAB_ETCD_PEER_PORT / KUBEHA_LAB_APISERVER_PORT"
             );
         }
     }
     Ok(())
+}
+
+/// Whether `pid` still runs `ip` (`ip netns exec` before it executes the
+/// program).
+fn is_still_ip(pid: i32) -> bool {
+    fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|raw| {
+        raw.split(|b| *b == 0)
+            .next()
+            .is_some_and(|argv0| argv0 == b"ip" || argv0.ends_with(b"/ip"))
+    })
+}
+
+fn tail(file: &Path, n: usize) -> String {
+    let text = fs::read_to_string(file).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+/// Writes `contents` readable by the owner only, replacing `path` atomically.
+fn write_private(path: &Path, contents: &str) -> anyhow::Result<()> {
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let tmp = path.with_extension("tmp");
+    let mut f = fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)
+        .with_context(|| format!("writing {}", tmp.display()))?;
+    f.write_all(contents.as_bytes())?;
+    drop(f);
+    fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))
+}
+
+/// Where the agent binary is, given `$KUBEHA_AGENT_BIN` and
+/// `$CARGO_TARGET_DIR`; fails, saying how to build it, when it is missing.
+fn agent_binary_from(
+    root: &Path,
+    agent_bin: Option<OsString>,
+    target_dir: Option<OsString>,
+) -> anyhow::Result<PathBuf> {
+    let (path, from) = match (agent_bin, target_dir) {
+        (Some(bin), _) => (PathBuf::from(bin), "from KUBEHA_AGENT_BIN"),
+        (None, Some(target)) => (
+            root.join(target).join("debug").join("kubeha-agent"),
+            "under CARGO_TARGET_DIR",
+        ),
+        (None, None) => (
+            root.join("target").join("debug").join("kubeha-agent"),
+            "the default",
+        ),
+    };
+    if !path.is_file() {
+        bail!(
+            "the agent binary is missing: no file {} ({from}); build it with \
+             `cargo build -p kubeha-agent`, or set KUBEHA_AGENT_BIN to its path",
+            path.display()
+        );
+    }
+    Ok(path)
 }
 
 fn link(target: &Path, link: &Path) -> anyhow::Result<()> {
@@ -509,4 +1174,43 @@ fn openssl(args: &[&str]) -> anyhow::Result<()> {
 
 fn s(p: &Path) -> &str {
     p.to_str().expect("lab paths are UTF-8")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_missing_agent_binary_says_how_to_build_it() {
+        let root = Path::new("/nonexistent-kubeha-repo");
+        let err = agent_binary_from(root, None, None).unwrap_err().to_string();
+        assert!(
+            err.contains("/nonexistent-kubeha-repo/target/debug/kubeha-agent"),
+            "{err}"
+        );
+        assert!(err.contains("cargo build -p kubeha-agent"), "{err}");
+        let err = agent_binary_from(root, Some("/nope/agent".into()), Some("/t".into()))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("/nope/agent (from KUBEHA_AGENT_BIN)"), "{err}");
+        let err = agent_binary_from(root, None, Some("/t".into()))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("/t/debug/kubeha-agent (under CARGO_TARGET_DIR)"),
+            "{err}"
+        );
+        let found = agent_binary_from(root, Some("/bin/sh".into()), None).unwrap();
+        assert_eq!(found, PathBuf::from("/bin/sh"));
+    }
+
+    #[test]
+    fn ports_default_to_the_constants() {
+        let p = Ports::default();
+        assert_eq!(
+            (p.etcd_client, p.etcd_peer, p.apiserver),
+            (23790, 23800, 16443)
+        );
+        assert_eq!(p.apiserver_url(), "https://198.18.0.1:16443");
+    }
 }

@@ -1,5 +1,9 @@
 //! The kubeha lab: a real etcd and kube-apiserver built from their Go modules
-//! and started as processes, for the end-to-end tests and the local demo.
+//! and started as processes, and nodes on an isolated network segment (one
+//! network namespace per node), for the end-to-end tests and the local demo.
 
+pub mod bench;
 pub mod deps;
+pub mod ha;
 pub mod lab;
+pub mod nodes;

@@ -24,7 +24,8 @@ enum Cmd {
         #[arg(long)]
         check: bool,
     },
-    /// The local lab: a real etcd and kube-apiserver.
+    /// The local lab: a real etcd and kube-apiserver, and nodes on an
+    /// isolated network segment (needs root).
     Lab {
         #[command(subcommand)]
         command: LabCmd,
@@ -35,13 +36,42 @@ enum Cmd {
         #[arg(long)]
         keep_lab: bool,
     },
+    /// Benchmarks on the lab; they print their figures (nothing is asserted).
+    Bench {
+        #[command(subcommand)]
+        command: BenchCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum BenchCmd {
+    /// Lease change to first GARP seen by the client, agent RSS and idle CPU.
+    Agent {
+        /// Planned transitions to time.
+        #[arg(long, default_value_t = 50)]
+        transitions: usize,
+        /// Seconds of idle CPU sampling.
+        #[arg(long, default_value_t = 20)]
+        idle_seconds: u64,
+        /// Also write the figures as JSON to this file.
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
 }
 
 #[derive(Subcommand)]
 enum LabCmd {
-    /// Build (once, cached) and start the control plane, install the CRDs.
-    Up,
-    /// Stop every lab process and remove the lab's files.
+    /// Build (once, cached) and start the control plane, install the CRDs,
+    /// bring up the network segment and register the nodes.
+    Up {
+        /// How many nodes (network namespaces `kubeha-node-1..N`, Node
+        /// objects `node-1..N`). Nodes are only added: a lower number than
+        /// a running lab has removes none.
+        #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u8).range(0..=i64::from(kubeha_e2e::nodes::MAX_NODES)))]
+        nodes: u8,
+    },
+    /// Stop every lab process and agent, tear down the network segment (by
+    /// name prefix) and remove the lab's files.
     Down,
     /// Print what runs.
     Status,
@@ -61,9 +91,17 @@ fn main() -> anyhow::Result<()> {
         Cmd::Lab { command } => {
             let lab = Lab::new(&root);
             match command {
-                LabCmd::Up => {
-                    lab.up()?;
-                    println!("{}", lab.usage());
+                LabCmd::Up { nodes } => {
+                    if nodes > 0 {
+                        build_binaries(&root)?;
+                    }
+                    lab.up_with_nodes(nodes)?;
+                    for i in 1..=nodes {
+                        if !lab.agent_running(i) {
+                            lab.start_agent(i, &[] as &[&str])?;
+                        }
+                    }
+                    println!("{}", lab.usage(nodes));
                     Ok(())
                 }
                 LabCmd::Down => lab.down(),
@@ -74,6 +112,45 @@ fn main() -> anyhow::Result<()> {
             }
         }
         Cmd::Test { keep_lab } => test(&root, keep_lab),
+        Cmd::Bench {
+            command:
+                BenchCmd::Agent {
+                    transitions,
+                    idle_seconds,
+                    json,
+                },
+        } => {
+            build_binaries(&root)?;
+            let report = kubeha_e2e::bench::agent(&Lab::new(&root), transitions, idle_seconds)?;
+            println!(
+                "\nagent benchmark ({} transitions, node-1 <-> node-2, D = 3 s)",
+                report.transitions
+            );
+            println!("| figure | value |\n|---|---|");
+            println!(
+                "| lease change -> first GARP, median | {:.1} ms |",
+                report.lease_to_garp_ms.median
+            );
+            println!(
+                "| lease change -> first GARP, p95 | {:.1} ms |",
+                report.lease_to_garp_ms.p95
+            );
+            println!("| agent RSS | {:.1} MiB |", report.agent_rss_mb);
+            println!(
+                "| agent idle CPU | {:.2} % of one core |",
+                report.agent_idle_cpu_pct
+            );
+            if let Some(path) = json {
+                let value = serde_json::json!({
+                    "lease_to_garp_ms": {"median": report.lease_to_garp_ms.median, "p95": report.lease_to_garp_ms.p95},
+                    "agent_rss_mb": report.agent_rss_mb,
+                    "agent_idle_cpu_pct": report.agent_idle_cpu_pct,
+                });
+                std::fs::write(&path, serde_json::to_string_pretty(&value)?)?;
+                println!("wrote {}", path.display());
+            }
+            Ok(())
+        }
     }
 }
 
@@ -99,8 +176,30 @@ fn crdgen(root: &Path, check: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Builds the binaries the lab runs (the agent and operator processes).
+fn build_binaries(root: &Path) -> anyhow::Result<()> {
+    let status = Command::new(env!("CARGO"))
+        .args([
+            "build",
+            "--locked",
+            "--bins",
+            "-p",
+            "kubeha-agent",
+            "-p",
+            "kubeha-operator",
+        ])
+        .current_dir(root)
+        .status()
+        .context("running cargo build")?;
+    if !status.success() {
+        bail!("cargo build of the binaries failed");
+    }
+    Ok(())
+}
+
 fn test(root: &Path, keep_lab: bool) -> anyhow::Result<()> {
     use std::io::{BufRead, BufReader, Write};
+    build_binaries(root)?;
     // cargo test's own closing line belongs to the last crate's doc-tests;
     // read every `test result:` line and close with the workspace total.
     let mut child = Command::new(env!("CARGO"))

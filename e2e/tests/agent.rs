@@ -1,0 +1,628 @@
+//! The node agent on three lab nodes (real kernel, real API server). Until the
+//! operator exists, each test plays its part by writing the service Lease.
+//! Tests share the nodes' agents and run one at a time.
+
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use kubeha_e2e::ha::{self, Capture, Timing};
+use kubeha_e2e::lab::{Lab, StopSignal};
+use kubeha_e2e::nodes;
+
+static SERIAL: Mutex<()> = Mutex::new(());
+
+/// The lab with three nodes and an agent running on each.
+fn lab() -> Lab {
+    let lab = Lab::of_this_checkout();
+    lab.ensure_up_with_nodes(3)
+        .expect("the lab with three nodes must come up");
+    for i in 1..=3 {
+        if !lab.agent_running(i) {
+            lab.start_agent(i, &[] as &[&str]).expect("agent starts");
+        }
+    }
+    lab
+}
+
+fn vip_holders(vip: &str) -> Vec<u8> {
+    (1..=3).filter(|i| ha::vip_on_node(*i, vip)).collect()
+}
+
+fn service_status(lab: &Lab, name: &str) -> serde_json::Value {
+    let out = lab
+        .kubectl_ok(&[
+            "get",
+            "haservice",
+            name,
+            "-n",
+            ha::SERVICE_NAMESPACE,
+            "-o",
+            "json",
+        ])
+        .unwrap_or_default();
+    serde_json::from_str::<serde_json::Value>(&out)
+        .map(|v| v["status"].clone())
+        .unwrap_or_default()
+}
+
+fn node_entry(lab: &Lab, service: &str, node: u8) -> serde_json::Value {
+    let status = service_status(lab, service);
+    status["nodes"]
+        .as_array()
+        .and_then(|n| {
+            n.iter()
+                .find(|e| e["node"] == nodes::node_name(node))
+                .cloned()
+        })
+        .unwrap_or_default()
+}
+
+/// Waits until node `i` reports `Failed` for `service`.
+fn wait_failed(lab: &Lab, service: &str, i: u8) {
+    assert!(
+        ha::wait_until(
+            Duration::from_secs(15),
+            || node_entry(lab, service, i)["state"] == "Failed"
+        )
+        .is_some(),
+        "node-{i} never reported Failed: {}",
+        node_entry(lab, service, i)
+    );
+}
+
+fn cleanup(lab: &Lab, name: &str, vip: &str) {
+    ha::delete_service(lab, name);
+    // Agents leave services that are gone.
+    let gone = ha::wait_until(Duration::from_secs(15), || vip_holders(vip).is_empty());
+    ha::delete(lab, "hacluster", name, None);
+    assert!(
+        gone.is_some(),
+        "{vip} still held after the service was deleted"
+    );
+}
+
+/// Applies a fresh cluster and service named `name`. Whatever an earlier,
+/// failed run left (the service, its Lease, a VIP still held) goes first, so
+/// the agents see the test's lease change and not a stale one.
+fn setup(lab: &Lab, name: &str, vips: &[&str], hooks: Option<&str>, timing: Timing) {
+    ha::delete_service(lab, name);
+    for vip in vips {
+        let addr = vip.split('/').next().unwrap();
+        assert!(
+            ha::wait_until(Duration::from_secs(15), || vip_holders(addr).is_empty()).is_some(),
+            "{addr} still held from an earlier run"
+        );
+    }
+    ha::apply(lab, &ha::cluster(name, &[1, 2, 3], timing)).unwrap();
+    ha::apply(lab, &ha::service(name, name, vips, hooks, (3, 200))).unwrap();
+}
+
+#[test]
+fn vip_answers_ping_and_arp_and_the_client_sees_the_garp_burst() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let lab = lab();
+    let (name, v4, v6) = ("garp", "198.18.0.100", "2001:db8::100");
+    setup(
+        &lab,
+        name,
+        &["198.18.0.100/24", "2001:db8::100/64"],
+        None,
+        Timing::DEFAULT,
+    );
+    let capture = Capture::start(&lab, name).unwrap();
+    ha::set_service_lease(&lab, name, Some("node-1"), 1, true, Some("node-2")).unwrap();
+    assert!(
+        ha::wait_until(Duration::from_secs(15), || vip_holders(v4) == [1]).is_some(),
+        "VIP never reached node-1"
+    );
+    assert!(
+        ha::wait_until(Duration::from_secs(5), || ha::vip_on_node(1, v6)).is_some(),
+        "IPv6 VIP never reached node-1"
+    );
+    ha::wait_until(Duration::from_secs(5), || {
+        let f = capture.frames();
+        ["arp-request", "arp-reply", "na"]
+            .iter()
+            .all(|k| f.iter().filter(|x| x.kind == *k).count() >= 3)
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    let frames = capture.stop();
+    let mac = ha::mac_of(&nodes::node_ns(1), "eth0").unwrap();
+    for (kind, addr) in [("arp-request", v4), ("arp-reply", v4), ("na", v6)] {
+        let seen: Vec<&ha::Frame> = frames
+            .iter()
+            .filter(|f| f.kind == kind && f.address == addr)
+            .collect();
+        assert_eq!(seen.len(), 3, "{kind} for {addr}: {frames:#?}");
+        assert!(
+            seen.iter().all(|f| f.mac == mac),
+            "{kind} not sent by node-1 ({mac}): {seen:?}"
+        );
+        for pair in seen.windows(2) {
+            let gap = pair[1].time - pair[0].time;
+            assert!(
+                (0.15..0.40).contains(&gap),
+                "{kind} interval {gap:.3} s, configured 0.2 s"
+            );
+        }
+    }
+    // Ping answers, over IPv4 and IPv6, and the client resolved the VIP to node-1.
+    for (flag, addr) in [("-4", v4), ("-6", v6)] {
+        let ok = nodes::exec_in(
+            nodes::CLIENT_NS,
+            &["ping", flag, "-c", "2", "-W", "1", addr],
+        )
+        .status()
+        .unwrap()
+        .success();
+        assert!(ok, "ping {addr} from the client failed");
+    }
+    let neigh = nodes::exec_in(nodes::CLIENT_NS, &["ip", "neigh", "show", v4])
+        .output()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&neigh.stdout).contains(&mac),
+        "ARP for {v4} did not resolve to node-1"
+    );
+
+    // Planned move with the handover protocol: node-2 is the new holder but
+    // not cleared; node-1 leaves and acknowledges epoch 1; only then is
+    // node-2 cleared. Sampled every 10 ms: never two holders.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let sampler = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let mut double = 0;
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                if vip_holders(v4).len() > 1 {
+                    double += 1;
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            double
+        })
+    };
+    ha::set_service_lease(&lab, name, Some("node-2"), 2, false, Some("node-1")).unwrap();
+    assert!(
+        ha::wait_until(
+            Duration::from_secs(10),
+            || node_entry(&lab, name, 1)["ackedEpoch"] == 1
+        )
+        .is_some(),
+        "node-1 never acknowledged epoch 1"
+    );
+    assert!(
+        !ha::vip_on_node(1, v4) && !ha::vip_on_node(2, v4),
+        "an uncleared holder must not enter"
+    );
+    ha::set_service_lease(&lab, name, Some("node-2"), 2, true, Some("node-1")).unwrap();
+    assert!(
+        ha::wait_until(Duration::from_secs(10), || vip_holders(v4) == [2]).is_some(),
+        "VIP never reached node-2"
+    );
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    assert_eq!(sampler.join().unwrap(), 0, "two nodes held {v4} at once");
+    cleanup(&lab, name, v4);
+}
+
+#[test]
+fn hooks_run_in_order_with_their_environment_and_leave_before_enter() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let lab = lab();
+    let (name, vip) = ("hooks", "198.18.0.101");
+    let mut traces = Vec::new();
+    for i in 1..=3 {
+        let trace = lab.dir().join(format!("trace-{name}-{i}"));
+        let _ = std::fs::remove_file(&trace);
+        let ok = ha::tracing_script(&trace, 0);
+        // node-3's enter fails with exit 3: it leaves again and reports.
+        let enter_code = if i == 3 { 3 } else { 0 };
+        let failing = ha::tracing_script(&trace, enter_code);
+        ha::install_hooks(
+            &lab,
+            i,
+            name,
+            &[
+                ("E01backup", &ok),
+                ("E01server", &failing),
+                ("E02client", &ok),
+                ("L01server", &ok),
+                ("README", "not a hook"),
+            ],
+        )
+        .unwrap();
+        traces.push(trace);
+    }
+    let read = |i: u8| std::fs::read_to_string(&traces[usize::from(i) - 1]).unwrap_or_default();
+    setup(
+        &lab,
+        name,
+        &["198.18.0.101/24"],
+        Some(name),
+        Timing::DEFAULT,
+    );
+    // What an earlier run's service left while setup removed it is not ours.
+    for trace in &traces {
+        let _ = std::fs::remove_file(trace);
+    }
+    ha::set_service_lease(&lab, name, Some("node-1"), 1, true, Some("node-2")).unwrap();
+    assert!(ha::wait_until(Duration::from_secs(15), || vip_holders(vip) == [1]).is_some());
+    assert!(
+        ha::wait_until(Duration::from_secs(5), || read(2).lines().count() >= 3).is_some(),
+        "node-2 never entered vicemaster"
+    );
+    let lines: Vec<String> = read(1)
+        .lines()
+        .map(|l| l.split(" node=").next().unwrap().to_owned())
+        .collect();
+    assert_eq!(
+        lines,
+        [
+            "E01backup enter master transition=takeback epoch=1",
+            "E01server enter master transition=takeback epoch=1",
+            "E02client enter master transition=takeback epoch=1",
+        ],
+        "node-1 is the primary (first member): entering there is a takeback"
+    );
+    assert!(
+        read(1).contains("node=node-1 service=default/hooks vips=198.18.0.101/24"),
+        "{}",
+        read(1)
+    );
+    assert!(
+        read(2).starts_with("E01backup enter vicemaster"),
+        "{}",
+        read(2)
+    );
+    let log = lab.dir().join("nodes/node-1/logs");
+    let found = walk(&log).into_iter().any(|p| {
+        p.ends_with("E01server.log")
+            && std::fs::read_to_string(&p)
+                .unwrap_or_default()
+                .contains("ran E01server enter master")
+    });
+    assert!(
+        found,
+        "no per-script log with the script's output under {}",
+        log.display()
+    );
+
+    // Swap roles: node-1 leaves master before it enters vicemaster; node-2
+    // leaves vicemaster before it enters master (a takeover).
+    ha::set_service_lease(&lab, name, Some("node-2"), 2, false, Some("node-1")).unwrap();
+    assert!(
+        ha::wait_until(
+            Duration::from_secs(10),
+            || node_entry(&lab, name, 1)["ackedEpoch"] == 1
+        )
+        .is_some()
+    );
+    ha::set_service_lease(&lab, name, Some("node-2"), 2, true, Some("node-1")).unwrap();
+    assert!(ha::wait_until(Duration::from_secs(15), || vip_holders(vip) == [2]).is_some());
+    assert!(
+        ha::wait_until(Duration::from_secs(5), || read(1)
+            .contains("enter vicemaster"))
+        .is_some(),
+        "{}",
+        read(1)
+    );
+    let one = read(1);
+    let (leave, enter) = (
+        one.find("L01server leave master transition=giveaway")
+            .unwrap(),
+        one.find("enter vicemaster").unwrap(),
+    );
+    assert!(
+        leave < enter,
+        "node-1 entered vicemaster before leaving master:\n{one}"
+    );
+    let two = read(2);
+    let (leave, enter) = (
+        two.find("L01server leave vicemaster").unwrap(),
+        two.find("E01backup enter master transition=takeover")
+            .unwrap(),
+    );
+    assert!(
+        leave < enter,
+        "node-2 entered master before leaving vicemaster:\n{two}"
+    );
+
+    // An enter hook exiting 3 on node-3: it stops after E01server, leaves
+    // again, reports Failed with a fail count, and never keeps the VIP.
+    ha::set_service_lease(&lab, name, Some("node-3"), 3, false, None).unwrap();
+    assert!(
+        ha::wait_until(
+            Duration::from_secs(10),
+            || node_entry(&lab, name, 2)["ackedEpoch"] == 2
+        )
+        .is_some()
+    );
+    ha::set_service_lease(&lab, name, Some("node-3"), 3, true, None).unwrap();
+    wait_failed(&lab, name, 3);
+    let entry = node_entry(&lab, name, 3);
+    assert_eq!(entry["failCount"], 1, "{entry}");
+    let three = read(3);
+    assert!(
+        three.contains("E01server enter master") && !three.contains("E02client enter master"),
+        "{three}"
+    );
+    assert!(
+        three.contains("L01server leave master"),
+        "a failed enter leaves again:\n{three}"
+    );
+    assert!(!ha::vip_on_node(3, vip));
+    let hooks = entry["hooks"].to_string();
+    assert!(
+        hooks.contains("\"Failed\"") && hooks.contains("ran E01server enter master"),
+        "{hooks}"
+    );
+    cleanup(&lab, name, vip);
+}
+
+#[test]
+fn a_partitioned_active_node_drops_its_vip_before_the_lease_ends_and_logs_the_fence() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let lab = lab();
+    let (name, vip) = ("fence", "198.18.0.102");
+    setup(&lab, name, &["198.18.0.102/24"], None, Timing::DEFAULT);
+    ha::set_service_lease(&lab, name, Some("node-3"), 1, true, None).unwrap();
+    assert!(ha::wait_until(Duration::from_secs(15), || vip_holders(vip) == [3]).is_some());
+    let fence_log = lab.dir().join("nodes/node-3/logs/fence.log");
+    let lines_before = std::fs::read_to_string(&fence_log)
+        .unwrap_or_default()
+        .lines()
+        .count();
+    std::thread::sleep(Duration::from_millis(1500));
+
+    lab.partition(3).unwrap();
+    let cut = Instant::now();
+    let gone = ha::wait_until(Duration::from_secs(10), || !ha::vip_on_node(3, vip));
+    // The last renew was sent before the partition, so "gone before D since
+    // the last renew" is at most D after the cut.
+    let last_renew = heartbeat_renew_time(&lab, name, 3);
+    lab.heal(3).unwrap();
+    let gone = gone.expect("the VIP was never dropped");
+    let d = Duration::from_millis(Timing::DEFAULT.lease_ms as u64);
+    assert!(
+        gone < d,
+        "VIP dropped {gone:?} after the partition, D is {d:?}"
+    );
+    if let Some(since_renew) = last_renew {
+        let dropped_at = cut + gone;
+        assert!(
+            dropped_at.duration_since(since_renew) < d,
+            "VIP outlived D since the last renew"
+        );
+    }
+    let log = std::fs::read_to_string(&fence_log).unwrap_or_default();
+    assert!(
+        log.lines().count() > lines_before
+            && log.contains("cluster=fence")
+            && log.contains("fence:"),
+        "fence log: {log}"
+    );
+    // Back on the network, a fenced node does not act on the old epoch again.
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(
+        !ha::vip_on_node(3, vip),
+        "a fenced node re-entered its old epoch"
+    );
+    cleanup(&lab, name, vip);
+}
+
+/// The instant (on this machine's monotonic clock) of the last heartbeat renew
+/// of node `i`, from the Lease's renewTime (same machine, same clock).
+fn heartbeat_renew_time(lab: &Lab, cluster: &str, i: u8) -> Option<Instant> {
+    let out = lab
+        .kubectl_ok(&[
+            "get",
+            "lease",
+            &format!("kubeha-hb-{cluster}-{}", nodes::node_name(i)),
+            "-n",
+            ha::OPERATOR_NAMESPACE,
+            "-o",
+            "jsonpath={.spec.renewTime}",
+        ])
+        .ok()?;
+    let renew: jiff::Timestamp = out.trim().parse().ok()?;
+    let ago = jiff::Timestamp::now().duration_since(renew);
+    Some(Instant::now() - Duration::try_from(ago).ok()?)
+}
+
+#[test]
+fn a_killed_agent_loses_its_vip_to_the_kernel_and_a_quick_restart_readopts_it() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let lab = lab();
+    let (name, vip) = ("restart", "198.18.0.103");
+    let trace = lab.dir().join("trace-restart");
+    let _ = std::fs::remove_file(&trace);
+    for i in 1..=3 {
+        ha::install_hooks(
+            &lab,
+            i,
+            name,
+            &[("E01server", &ha::tracing_script(&trace, 0))],
+        )
+        .unwrap();
+    }
+    setup(
+        &lab,
+        name,
+        &["198.18.0.103/24"],
+        Some(name),
+        Timing::DEFAULT,
+    );
+    let _ = std::fs::remove_file(&trace);
+    ha::set_service_lease(&lab, name, Some("node-2"), 1, true, None).unwrap();
+    assert!(ha::wait_until(Duration::from_secs(15), || vip_holders(vip) == [2]).is_some());
+    // An agent killed in the middle of entering (VIP added, hooks or GARP
+    // still running) enters again on restart, as it should. This test kills
+    // it once the entry is complete and written to its status file.
+    let running = |i: u8| {
+        ha::agent_status(&lab, i)
+            .map(|s| {
+                s["services"][format!("{}/{name}", ha::SERVICE_NAMESPACE)]["state"] == "Running"
+            })
+            .unwrap_or(false)
+    };
+    assert!(
+        ha::wait_until(Duration::from_secs(10), || running(2)).is_some(),
+        "node-2 never wrote Running to its status file: {:?}",
+        ha::agent_status(&lab, 2)
+    );
+    let enters = || {
+        std::fs::read_to_string(&trace)
+            .unwrap_or_default()
+            .matches("enter master")
+            .count()
+    };
+    assert_eq!(enters(), 1);
+
+    // SIGKILL: nothing removes the VIP but the kernel, within its lifetime.
+    lab.stop_agent(2, StopSignal::Kill).unwrap();
+    let killed = Instant::now();
+    let lifetime =
+        Duration::from_millis((Timing::DEFAULT.lease_ms + Timing::DEFAULT.skew_ms) as u64);
+    let gone = ha::wait_until(lifetime + Duration::from_secs(2), || {
+        !ha::vip_on_node(2, vip)
+    });
+    assert!(gone.is_some(), "the kernel did not remove the VIP");
+    assert!(killed.elapsed() <= lifetime + Duration::from_secs(2));
+
+    // Restart: still the holder, so it re-adopts without enter hooks.
+    lab.start_agent(2, &[] as &[&str]).unwrap();
+    assert!(
+        ha::wait_until(Duration::from_secs(10), || ha::vip_on_node(2, vip)).is_some(),
+        "no re-adoption"
+    );
+    std::thread::sleep(Duration::from_secs(2));
+
+    // Kill and restart within the lifetime: the VIP stays throughout, no
+    // enter hook runs again, and the client sees one GARP burst.
+    let capture = Capture::start(&lab, name).unwrap();
+    lab.stop_agent(2, StopSignal::Kill).unwrap();
+    lab.start_agent(2, &[] as &[&str]).unwrap();
+    let watch_until = Instant::now() + Duration::from_secs(5);
+    let mut always = true;
+    while Instant::now() < watch_until {
+        always &= ha::vip_on_node(2, vip);
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let frames = capture.stop();
+    assert!(always, "the VIP disappeared during a quick restart");
+    assert_eq!(enters(), 1, "an enter hook ran again on restart");
+    let requests = frames
+        .iter()
+        .filter(|f| f.kind == "arp-request" && f.address == vip)
+        .count();
+    assert_eq!(requests, 3, "expected one burst of 3 requests: {frames:#?}");
+    cleanup(&lab, name, vip);
+}
+
+fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        for e in entries.flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                out.extend(walk(&p));
+            } else {
+                out.push(p);
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn a_hanging_hook_is_killed_with_its_children_and_an_unsafe_one_is_refused() {
+    use std::os::unix::fs::PermissionsExt;
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let lab = lab();
+    let (name, vip) = ("unsafe", "198.18.0.104");
+    let pids = lab.dir().join("pids-unsafe");
+    let trace = lab.dir().join("trace-unsafe");
+    // node-1: the enter script starts a child and hangs past the 5 s timeout.
+    let hang = format!(
+        "#!/bin/sh\nsleep 300 &\necho $! > {p}\necho $$ >> {p}\necho hanging\nsleep 300\n",
+        p = pids.display()
+    );
+    ha::install_hooks(&lab, 1, name, &[("E01hang", &hang)]).unwrap();
+    // node-2: a group-writable script is refused and nothing of the set runs.
+    let dir = ha::install_hooks(
+        &lab,
+        2,
+        name,
+        &[
+            ("E01server", &ha::tracing_script(&trace, 0)),
+            ("E02client", &ha::tracing_script(&trace, 0)),
+        ],
+    )
+    .unwrap();
+    std::fs::set_permissions(
+        dir.join("E01server"),
+        std::fs::Permissions::from_mode(0o775),
+    )
+    .unwrap();
+    setup(
+        &lab,
+        name,
+        &["198.18.0.104/24"],
+        Some(name),
+        Timing::DEFAULT,
+    );
+    let _ = std::fs::remove_file(&pids);
+    let _ = std::fs::remove_file(&trace);
+
+    ha::set_service_lease(&lab, name, Some("node-1"), 1, true, None).unwrap();
+    let started = Instant::now();
+    assert!(
+        ha::wait_until(Duration::from_secs(5), || std::fs::read_to_string(&pids)
+            .unwrap_or_default()
+            .lines()
+            .count()
+            == 2)
+        .is_some(),
+        "the hanging script never started"
+    );
+    let failed = ha::wait_until(Duration::from_secs(15), || {
+        node_entry(&lab, name, 1)["state"] == "Failed"
+    });
+    assert!(failed.is_some(), "{}", node_entry(&lab, name, 1));
+    assert!(
+        started.elapsed() >= Duration::from_secs(5),
+        "failed before the 5 s timeout"
+    );
+    let entry = node_entry(&lab, name, 1);
+    assert!(entry["hooks"].to_string().contains("TimedOut"), "{entry}");
+    // Killed (a zombie waiting for its reaper counts as dead).
+    let alive = |pid: &str| {
+        std::fs::read_to_string(format!("/proc/{}/status", pid.trim()))
+            .map(|s| {
+                !s.lines()
+                    .any(|l| l.starts_with("State:") && l.contains('Z'))
+            })
+            .unwrap_or(false)
+    };
+    for pid in std::fs::read_to_string(&pids).unwrap().lines() {
+        assert!(!alive(pid), "process {pid} of the timed-out hook survived");
+    }
+    assert!(!ha::vip_on_node(1, vip), "a failed enter keeps no VIP");
+
+    ha::set_service_lease(&lab, name, Some("node-2"), 2, true, None).unwrap();
+    wait_failed(&lab, name, 2);
+    let entry = node_entry(&lab, name, 2);
+    let hooks = entry["hooks"].to_string();
+    assert!(
+        hooks.contains("Refused") && hooks.contains("group-writable"),
+        "the refusal must say why: {hooks}"
+    );
+    assert!(
+        std::fs::read_to_string(&trace)
+            .unwrap_or_default()
+            .is_empty(),
+        "no script of a refused set may run"
+    );
+    assert!(!ha::vip_on_node(2, vip));
+    cleanup(&lab, name, vip);
+}
