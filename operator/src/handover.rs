@@ -23,15 +23,25 @@
 //! - P acknowledged: its entry's `ackedEpoch >= c`;
 //! - P is fenced: heartbeat Lost or Fenced by the operator's clock, or mode
 //!   `peerdown`;
-//! - P is H itself (only H could be running, so nothing can overlap);
 //! - P moved on: its entry reports a later epoch than c in a role other
 //!   than master, stopped or failed (an agent never acts on an older epoch
 //!   again, and it reports its role after each step);
+//! - P started nothing: its entry reports a failure at epoch c or later
+//!   whose only results are the agent's refusal marker (script `-`: the
+//!   VIPs could not be placed, no hook ran), and the operator has seen that
+//!   entry for at least E = D + skew, so any VIP added before the refusal
+//!   has outlived its kernel lifetime (the reconciler computes this as
+//!   [`NodeFacts::started_nothing`]);
 //! - nobody was ever cleared (no Lease yet): the first placement writes
 //!   holder, epoch 1 and enter-epoch 1 at once.
 //!
 //! Otherwise enter-epoch stays at its old value (it is never cleared or
-//! lowered) and the new holder waits. A Lease whose clearance the operator
+//! lowered) and the new holder waits. Even when the service moves back to
+//! P itself, P must prove it left c first: an agent that is still running
+//! at c and is cleared again would keep c as its own epoch and later
+//! acknowledge c, not the new epoch, so the operator makes it leave and
+//! enter again (its hooks run once more) to keep epochs and
+//! acknowledgements in step. A Lease whose clearance the operator
 //! cannot attribute (annotations edited by hand) is treated as if any node
 //! could have been cleared at any epoch up to the current one: every node
 //! but H must give a proof.
@@ -44,7 +54,7 @@
 //!
 //!   Cleared(A, e) ── master B ──▶ Waiting(B, e+1, for A@e) ── A proves ──▶ Cleared(B, e+1)
 //!        │                               │  master C: Waiting(C, e+2, for A@e)
-//!        │                               └─ master A: Cleared(A, e+2) (A is P)
+//!        │                               └─ master A: Waiting(A, e+2, for A@e)
 //!        └── master none ──▶ Stopping(e+1, A@e) ── A proves ──▶ Stopped(e+1)
 //!
 //!   Stopped(e) ── master B ──▶ Cleared(B, e+1)   (the last cleared node proved)
@@ -147,6 +157,10 @@ pub struct NodeFacts {
     pub fence: Fence,
     /// Its entry in the service's `status.nodes`, if any.
     pub entry: Option<ServiceNodeStatus>,
+    /// Its entry reports a failure before anything was started (the VIPs
+    /// were refused; no hook ran), seen by the operator for at least
+    /// D + skew: nothing of it can still be up.
+    pub started_nothing: bool,
 }
 
 /// Why a node certainly runs nothing of an epoch.
@@ -158,24 +172,16 @@ pub enum Proof {
     Fenced,
     /// It is `peerdown`.
     Peerdown,
-    /// It is the new holder itself.
-    SameNode,
+    /// It failed before starting anything (VIPs refused), long enough ago
+    /// that any VIP it added has expired.
+    StartedNothing,
     /// It reports a later epoch in a role other than master, not running.
     MovedOn,
 }
 
 /// Whether `node`, which may have been cleared to enter at `epoch` (or
-/// earlier), certainly runs nothing now. `holder` is the node about to be
-/// cleared, if any.
-pub fn proof(
-    node: &str,
-    epoch: i64,
-    holder: Option<&str>,
-    facts: &BTreeMap<String, NodeFacts>,
-) -> Option<Proof> {
-    if holder == Some(node) {
-        return Some(Proof::SameNode);
-    }
+/// earlier), certainly runs nothing now.
+pub fn proof(node: &str, epoch: i64, facts: &BTreeMap<String, NodeFacts>) -> Option<Proof> {
     let f = facts.get(node);
     match f.map(|f| f.fence).unwrap_or_default() {
         Fence::Peerdown => return Some(Proof::Peerdown),
@@ -185,6 +191,12 @@ pub fn proof(
     let entry = f.and_then(|f| f.entry.as_ref())?;
     if entry.acked_epoch.is_some_and(|a| a >= epoch) {
         return Some(Proof::Acked);
+    }
+    if f.is_some_and(|f| f.started_nothing)
+        && entry.state == NodeServiceState::Failed
+        && entry.epoch.is_some_and(|e| e >= epoch)
+    {
+        return Some(Proof::StartedNothing);
     }
     if entry.epoch.is_some_and(|e| e > epoch)
         && entry.role != Role::Master
@@ -315,7 +327,7 @@ pub fn handover(input: Input<'_>) -> Handover {
     // Nodes that may still run the service, and the epoch they may run.
     let (pending, pending_epoch, relied): (Vec<String>, i64, Vec<String>) = match &prev {
         Previous::Nobody => (Vec::new(), 0, Vec::new()),
-        Previous::Known { node, epoch } => match proof(node, *epoch, master, input.facts) {
+        Previous::Known { node, epoch } => match proof(node, *epoch, input.facts) {
             Some(p) => (
                 Vec::new(),
                 *epoch,
@@ -331,7 +343,7 @@ pub fn handover(input: Input<'_>) -> Handover {
             let mut pending = Vec::new();
             let mut relied = Vec::new();
             for node in input.facts.keys() {
-                match proof(node, *epoch, master, input.facts) {
+                match proof(node, *epoch, input.facts) {
                     None => pending.push(node.clone()),
                     Some(Proof::Fenced) => relied.push(node.clone()),
                     Some(_) => {}
@@ -394,8 +406,10 @@ pub fn leave_failed_on(
     let Previous::Known { node, epoch } = previous(current) else {
         return None;
     };
-    let entry = facts.get(&node)?.entry.as_ref()?;
-    let failed = entry.state == NodeServiceState::Failed
+    let f = facts.get(&node)?;
+    let entry = f.entry.as_ref()?;
+    let failed = !f.started_nothing
+        && entry.state == NodeServiceState::Failed
         && entry.acked_epoch.is_none_or(|a| a < epoch)
         && entry.epoch.is_some_and(|e| e >= epoch);
     failed.then_some(node)
@@ -573,13 +587,31 @@ mod tests {
     }
 
     #[test]
-    fn moving_back_to_the_cleared_node_clears_at_once() {
+    fn moving_back_to_the_cleared_node_waits_for_its_own_ack() {
         // a was cleared at 3; b took the holder at 4 but waited; back to a.
         let cur = lease("b", 4, Some(3), Some("a"));
         let facts = F::default().entry(entry("a", Role::Master, Running, 3, None));
         let h = run(Some(&cur), Some("a"), &facts);
+        assert_eq!(h.lease, lease("a", 5, Some(3), Some("a")));
+        assert!(!h.cleared_now, "a leaves 3 first, so it acknowledges 3");
+        let facts = F::default().entry(entry("a", Role::None, Stopped, 3, Some(3)));
+        let h = run(Some(&h.lease), Some("a"), &facts);
         assert_eq!(h.lease, lease("a", 5, Some(5), Some("a")));
+    }
+
+    #[test]
+    fn a_refused_enter_proves_nothing_started_once_vips_expired() {
+        let cur = lease("a", 3, Some(3), Some("a"));
+        let refused = entry("a", Role::None, Failed, 3, Some(1));
+        let mut facts = F::default().entry(refused);
+        // Not yet long enough: a leave failure as far as anyone knows.
+        assert_eq!(leave_failed_on(Some(&cur), &facts.0), Some("a".into()));
+        assert!(!run(Some(&cur), Some("b"), &facts).cleared_now);
+        facts.0.get_mut("a").unwrap().started_nothing = true;
+        assert_eq!(leave_failed_on(Some(&cur), &facts.0), None);
+        let h = run(Some(&cur), Some("b"), &facts);
         assert!(h.cleared_now);
+        assert!(h.relies_on_heartbeat.is_empty());
     }
 
     #[test]
@@ -758,6 +790,10 @@ mod tests {
         lost: bool,
         /// What the operator sees of it (reports lag).
         reported: Option<ServiceNodeStatus>,
+        /// The last enter was refused before starting anything.
+        refused: bool,
+        /// `refused` as last reported.
+        reported_refused: bool,
     }
 
     impl Agent {
@@ -782,9 +818,10 @@ mod tests {
             let holder = lease.holder.as_deref() == Some(name);
             let standby = lease.standby.as_deref() == Some(name);
             if let Some(e) = self.running
-                && !holder
+                && !(holder && lease.holder_may_enter())
             {
-                // Leave master; sometimes the leave hook fails.
+                // Not (or not yet) cleared as master: leave; sometimes the
+                // leave hook fails.
                 if rng.below(6) == 0 {
                     self.role = Role::None;
                     self.state = Some(Failed);
@@ -802,7 +839,15 @@ mod tests {
                 && self.running.is_none()
                 && self.failed_epoch != Some(lease.epoch)
             {
-                if rng.below(8) == 0 {
+                self.refused = false;
+                if rng.below(10) == 0 {
+                    // VIPs refused: nothing started, no ack.
+                    self.epoch = lease.epoch;
+                    self.failed_epoch = Some(lease.epoch);
+                    self.role = Role::None;
+                    self.state = Some(Failed);
+                    self.refused = true;
+                } else if rng.below(8) == 0 {
                     // Enter fails, leave succeeds.
                     self.epoch = lease.epoch;
                     self.acked = Some(lease.epoch);
@@ -862,6 +907,7 @@ mod tests {
                                 NodeFacts {
                                     fence,
                                     entry: a.reported.clone(),
+                                    started_nothing: a.reported_refused,
                                 },
                             )
                         })
@@ -889,6 +935,7 @@ mod tests {
                     let a = agents.get_mut(n).unwrap();
                     if !a.partitioned {
                         a.reported = Some(a.snapshot(n));
+                        a.reported_refused = a.refused;
                     }
                 }
                 // Partition: the agent fences itself (drops everything)

@@ -1,3 +1,4 @@
+#![warn(missing_docs)]
 //! kubeha operator: places each HAService on a member of its HACluster and
 //! hands it over between nodes so that at no instant two nodes run it.
 //!

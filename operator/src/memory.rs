@@ -63,6 +63,7 @@ pub struct Seen {
 pub struct ServiceMemory {
     seeded: bool,
     fail_seen: BTreeMap<String, (i32, Instant)>,
+    failed_since: BTreeMap<String, (Option<i64>, Instant)>,
     states: BTreeMap<String, NodeServiceState>,
     acked: BTreeMap<String, i64>,
     running: Option<(String, i64)>,
@@ -100,6 +101,16 @@ impl ServiceMemory {
     /// that rose (or is seen for the first time above zero) failed now.
     pub fn note_failures(&mut self, entries: &[ServiceNodeStatus], now: Instant) {
         for e in entries {
+            if e.state == NodeServiceState::Failed {
+                match self.failed_since.get(&e.node) {
+                    Some((epoch, _)) if *epoch == e.epoch => {}
+                    _ => {
+                        self.failed_since.insert(e.node.clone(), (e.epoch, now));
+                    }
+                }
+            } else {
+                self.failed_since.remove(&e.node);
+            }
             let count = e.fail_count.max(0);
             match self.fail_seen.get(&e.node) {
                 Some((prev, _)) if *prev == count => {}
@@ -111,6 +122,14 @@ impl ServiceMemory {
                 }
             }
         }
+    }
+
+    /// How long the operator has seen `node`'s entry in state `Failed` at
+    /// the same epoch.
+    pub fn failed_for(&self, node: &str, now: Instant) -> Option<Duration> {
+        self.failed_since
+            .get(node)
+            .map(|(_, at)| now.saturating_duration_since(*at))
     }
 
     /// The failures per node for placement.
@@ -461,6 +480,10 @@ mod tests {
             s.transitions[0].message
         );
         assert!(s.transitions.iter().all(|t| t.warning));
+        assert_eq!(
+            m.failed_for("a", t1 + Duration::from_secs(3)),
+            Some(Duration::from_secs(3))
+        );
         let f = m.failures(t1 + Duration::from_secs(5));
         assert_eq!(f["a"].count, 1);
         assert_eq!(f["a"].last_failure_ago, Duration::from_secs(5));

@@ -105,6 +105,14 @@ struct Evaluation {
     reference: ObjectReference,
 }
 
+fn earliest(a: Option<Instant>, b: Option<Instant>) -> Option<Instant> {
+    match (a, b) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, None) => a,
+        (None, b) => b,
+    }
+}
+
 fn requeue(ev: &Evaluation, now: Instant) -> Action {
     let by_expiry = ev
         .next_expiry
@@ -301,7 +309,12 @@ fn evaluate(svc: &HAService, ctx: &Ctx, deleting: bool, now: Instant) -> Evaluat
         .filter(|n| fences.get(n) == Some(&Fence::Heartbeat))
         .collect();
     let primary = primary(svc, cluster.as_deref());
-    let (failures, seen) = ctx.with_service_memory(&key, |m| {
+    let expiry = cluster
+        .as_ref()
+        .map(|c| Timing::from(&c.spec.heartbeat))
+        .unwrap_or_default()
+        .expiry();
+    let (failures, seen, started_nothing, refusal_wait) = ctx.with_service_memory(&key, |m| {
         m.note_failures(&entries, now);
         let seen = m.observe(
             &entries,
@@ -310,7 +323,21 @@ fn evaluate(svc: &HAService, ctx: &Ctx, deleting: bool, now: Instant) -> Evaluat
             &lost,
             now,
         );
-        (m.failures(now), seen)
+        let started_nothing: BTreeSet<String> = entries
+            .iter()
+            .filter(|e| service_plan::refused_before_start(e))
+            .filter(|e| m.failed_for(&e.node, now).is_some_and(|d| d >= expiry))
+            .map(|e| e.node.clone())
+            .collect();
+        // A refusal not yet old enough: look again when it is.
+        let refusal_wait = entries
+            .iter()
+            .filter(|e| service_plan::refused_before_start(e))
+            .filter_map(|e| m.failed_for(&e.node, now))
+            .filter(|d| *d < expiry)
+            .map(|d| expiry - d)
+            .min();
+        (m.failures(now), seen, started_nothing, refusal_wait)
     });
 
     let plan = service_plan::plan(&Facts {
@@ -324,13 +351,14 @@ fn evaluate(svc: &HAService, ctx: &Ctx, deleting: bool, now: Instant) -> Evaluat
         lease: lease_state.as_ref(),
         fences: &fences,
         failures,
+        started_nothing: &started_nothing,
     });
     Evaluation {
         plan,
         seen,
         lease,
         cluster: cluster_name,
-        next_expiry,
+        next_expiry: earliest(next_expiry, refusal_wait.map(|d| now + d)),
         reference: svc.object_ref(&()),
     }
 }

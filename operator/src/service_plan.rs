@@ -3,10 +3,12 @@
 //! Lease to write) and the operator-owned part of the status (phase, active
 //! and standby node, epoch, VIPs, conditions).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
-use kubeha_crds::service::{HAServiceSpec, HAServiceStatus, NodeServiceState, Phase};
+use kubeha_crds::service::{
+    HAServiceSpec, HAServiceStatus, NodeServiceState, Phase, ServiceNodeStatus,
+};
 
 use crate::conditions::{Cond, DEGRADED, READY, RECONCILING, STALLED};
 use crate::handover::{self, Fence, Handover, LeaseState, NodeFacts, Progress};
@@ -45,6 +47,9 @@ pub struct Facts<'a> {
     pub fences: &'a BTreeMap<String, Fence>,
     /// Failures per node, with the time the operator saw them.
     pub failures: BTreeMap<String, Failures>,
+    /// Nodes whose failure started nothing, long enough ago (see
+    /// [`NodeFacts::started_nothing`]).
+    pub started_nothing: &'a BTreeSet<String>,
 }
 
 /// The operator-owned part of an HAService status.
@@ -87,10 +92,21 @@ impl Plan {
     }
 }
 
-/// The handover facts per node: fences and status entries.
+/// Whether an entry reports a failure before anything was started: its
+/// only hook results are the agent's refusal marker (script `-`), which the
+/// agent writes when the VIPs could not be placed and no hook ran.
+pub fn refused_before_start(entry: &ServiceNodeStatus) -> bool {
+    entry.state == NodeServiceState::Failed
+        && !entry.hooks.is_empty()
+        && entry.hooks.iter().all(|h| h.script == "-")
+}
+
+/// The handover facts per node: fences, status entries, and which failed
+/// entries started nothing.
 pub fn node_facts(
     fences: &BTreeMap<String, Fence>,
     status: Option<&HAServiceStatus>,
+    started_nothing: &BTreeSet<String>,
 ) -> BTreeMap<String, NodeFacts> {
     let mut out: BTreeMap<String, NodeFacts> = fences
         .iter()
@@ -99,13 +115,15 @@ pub fn node_facts(
                 n.clone(),
                 NodeFacts {
                     fence: *f,
-                    entry: None,
+                    ..Default::default()
                 },
             )
         })
         .collect();
     for e in status.map(|s| s.nodes.as_slice()).unwrap_or_default() {
-        out.entry(e.node.clone()).or_default().entry = Some(e.clone());
+        let f = out.entry(e.node.clone()).or_default();
+        f.entry = Some(e.clone());
+        f.started_nothing = started_nothing.contains(&e.node) && refused_before_start(e);
     }
     out
 }
@@ -116,7 +134,7 @@ fn join(nodes: &[String]) -> String {
 
 /// Decides placement, handover and status for one service.
 pub fn plan(f: &Facts<'_>) -> Plan {
-    let facts = node_facts(f.fences, f.status);
+    let facts = node_facts(f.fences, f.status, f.started_nothing);
     let entries = f.status.map(|s| s.nodes.as_slice()).unwrap_or_default();
     let entry = |n: &str| entries.iter().find(|e| e.node == n);
 
@@ -302,7 +320,7 @@ mod tests {
     use super::*;
     use kubeha_crds::Mode;
     use kubeha_crds::cluster::{Failback, HeartbeatState, Placement};
-    use kubeha_crds::service::{Garp, Role, ServiceNodeStatus, Vip};
+    use kubeha_crds::service::{Garp, HookOutcome, HookResult, Role, Vip};
 
     use crate::placement::NodeView;
 
@@ -424,6 +442,7 @@ mod tests {
                 lease: self.lease.as_ref(),
                 fences: &self.fences,
                 failures: BTreeMap::new(),
+                started_nothing: &BTreeSet::new(),
             })
         }
     }
@@ -524,6 +543,7 @@ mod tests {
             lease: c.lease.as_ref(),
             fences: &c.fences,
             failures,
+            started_nothing: &BTreeSet::new(),
         });
         assert_eq!(p.handover.lease.holder.as_deref(), Some("b"));
         assert!(p.handover.cleared_now, "a acknowledged epoch 1");
@@ -637,8 +657,55 @@ mod tests {
             lease: None,
             fences: &c.fences,
             failures,
+            started_nothing: &BTreeSet::new(),
         });
         assert_eq!(p.status.phase, Phase::Errored);
         assert_eq!(cond(&p, STALLED).reason, "AllFailed");
+    }
+
+    #[test]
+    fn a_refused_enter_moves_once_its_vips_expired() {
+        let mut c = Case::new(&[("a", Alive), ("b", Alive)]);
+        c.lease = Some(cleared("a", 1));
+        let mut e = entry("a", Role::None, NodeServiceState::Failed, 1, None);
+        e.fail_count = 1;
+        e.hooks = vec![HookResult {
+            script: "-".into(),
+            action: "enter".into(),
+            exit_code: None,
+            outcome: HookOutcome::Refused,
+            duration_ms: 0,
+            finished_at: None,
+            output_tail: vec!["no interface holds 198.18.0.100/24".into()],
+        }];
+        assert!(refused_before_start(&e));
+        c.status = Some(status(vec![e]));
+        let failures = BTreeMap::from([(
+            "a".to_owned(),
+            Failures {
+                count: 1,
+                last_failure_ago: Duration::ZERO,
+            },
+        )]);
+        let run = |started: &BTreeSet<String>| {
+            plan(&Facts {
+                key: "ns/svc",
+                generation: Some(1),
+                spec: &c.spec,
+                status: c.status.as_ref(),
+                refusal: None,
+                deleting: false,
+                cluster: &c.cluster,
+                lease: c.lease.as_ref(),
+                fences: &c.fences,
+                failures: failures.clone(),
+                started_nothing: started,
+            })
+        };
+        let p = run(&BTreeSet::new());
+        assert_eq!(p.decision.unwrap().reason, Reason::WaitingForFence);
+        let p = run(&BTreeSet::from(["a".to_owned()]));
+        assert_eq!(p.handover.lease.holder.as_deref(), Some("b"));
+        assert!(p.handover.cleared_now);
     }
 }
