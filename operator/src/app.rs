@@ -198,7 +198,7 @@ pub async fn run(cli: Cli) -> Result<()> {
                 Ok(Err(e)) => tracing::error!(error = %e, "leader election failed"),
                 Err(e) => tracing::error!(error = %e, "leader election task failed"),
             }
-            return Err(crate::Error::Unnamed("leader election (ended unexpectedly)"));
+            return Err(crate::Error::LeaderElectionStopped);
         }
     }
     ctx.set_leader(false);

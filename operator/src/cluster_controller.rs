@@ -161,7 +161,14 @@ async fn reconcile_inner(cluster: &HACluster, ctx: &Ctx) -> Result<Action> {
     if let Some(patch) = &plan.mode_patch {
         let patch: json_patch::Patch = serde_json::from_value(patch.clone())?;
         match api
-            .patch(&name, &PatchParams::default(), &Patch::Json::<()>(patch))
+            .patch(
+                &name,
+                &PatchParams {
+                    field_manager: Some(FIELD_MANAGER.to_owned()),
+                    ..Default::default()
+                },
+                &Patch::Json::<()>(patch),
+            )
             .await
         {
             Ok(_) => {
@@ -272,5 +279,11 @@ mod tests {
         assert_eq!(p["status"]["servicesActive"], 1);
         assert_eq!(p["status"]["observedGeneration"], 2);
         assert_eq!(p["kind"], "HACluster");
+        let parsed: kubeha_crds::HAClusterStatus =
+            serde_json::from_value(p["status"].clone()).unwrap();
+        assert_eq!(parsed.ready.as_deref(), Some("1/2"));
+        assert_eq!(parsed.state.as_deref(), Some("default-locked"));
+        assert_eq!(parsed.services_active, Some(1));
+        assert_eq!(parsed.observed_generation, Some(2));
     }
 }

@@ -17,9 +17,9 @@ pub enum Error {
     /// Leader election failed.
     #[error("leader election: {0}")]
     Leader(#[from] kube_lease_manager::LeaseManagerError),
-    /// The Kubernetes client could not be configured.
-    #[error("Kubernetes client configuration: {0}")]
-    Config(#[from] kube::config::InferConfigError),
+    /// Leader election stopped; this replica may no longer write.
+    #[error("leader election stopped")]
+    LeaderElectionStopped,
     /// A JSON value could not be built.
     #[error("JSON: {0}")]
     Json(#[from] serde_json::Error),

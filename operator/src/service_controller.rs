@@ -446,11 +446,15 @@ async fn write_lease(
     if holder_changed {
         spec.acquire_time = Some(MicroTime(jiff::Timestamp::now()));
     }
+    let params = PostParams {
+        field_manager: Some(FIELD_MANAGER.to_owned()),
+        ..Default::default()
+    };
     let result = if current.is_some() {
-        api.replace(&name, &PostParams::default(), &lease).await
+        api.replace(&name, &params, &lease).await
     } else {
         lease.metadata.resource_version = None;
-        api.create(&PostParams::default(), &lease).await
+        api.create(&params, &lease).await
     };
     match result {
         Ok(_) => {
@@ -484,8 +488,11 @@ async fn adopt_unlabelled_lease(api: &Api<Lease>, name: &str, svc: &HAService) -
         lease = name,
         "a service Lease exists without the kubeha labels: labelling it"
     );
-    api.patch(name, &PatchParams::default(), &Patch::Merge(&patch))
-        .await?;
+    let params = PatchParams {
+        field_manager: Some(FIELD_MANAGER.to_owned()),
+        ..Default::default()
+    };
+    api.patch(name, &params, &Patch::Merge(&patch)).await?;
     Ok(())
 }
 
@@ -645,5 +652,34 @@ mod tests {
         assert_eq!(s["observedGeneration"], 7);
         assert!(s.get("nodes").is_none(), "agents own status.nodes");
         assert_eq!(p["kind"], "HAService");
+    }
+
+    #[test]
+    fn status_patch_matches_the_api_types() {
+        let fields = StatusFields {
+            phase: Phase::Starting,
+            active_node: Some("a".into()),
+            standby_node: Some("b".into()),
+            epoch: Some(2),
+            vips: "198.18.0.100/24".into(),
+            conditions: vec![conditions::Cond::yes(conditions::READY, "Active", "m")],
+        };
+        let conds = conditions::settle(
+            &[],
+            &fields.conditions,
+            Some(1),
+            Time(jiff::Timestamp::UNIX_EPOCH),
+        );
+        let p = status_patch(&fields, &conds, Some(1));
+        let parsed: kubeha_crds::HAServiceStatus =
+            serde_json::from_value(p["status"].clone()).unwrap();
+        assert_eq!(parsed.phase, Some(Phase::Starting));
+        assert_eq!(parsed.active_node.as_deref(), Some("a"));
+        assert_eq!(parsed.standby_node.as_deref(), Some("b"));
+        assert_eq!(parsed.epoch, Some(2));
+        assert_eq!(parsed.vips.as_deref(), Some("198.18.0.100/24"));
+        assert_eq!(parsed.conditions, conds);
+        assert_eq!(parsed.observed_generation, Some(1));
+        assert!(parsed.nodes.is_empty());
     }
 }
