@@ -68,7 +68,7 @@ use std::collections::BTreeMap;
 
 use k8s_openapi::api::coordination::v1::Lease;
 use kubeha_crds::leases;
-use kubeha_crds::service::{NodeServiceState, Role, ServiceNodeStatus};
+use kubeha_crds::service::{HAServiceStatus, NodeServiceState, Role, ServiceNodeStatus};
 
 /// Operator-private annotation on a service Lease: the node that was cleared
 /// to enter at the epoch in `kubeha.io/enter-epoch`. Agents ignore it; the
@@ -230,6 +230,33 @@ pub enum Previous {
     },
 }
 
+/// The Lease as it must be assumed when it is gone (deleted by hand) but
+/// the service's status shows it was placed before: nobody holds it, the
+/// epoch is the highest one the status knows (so the next holder gets a
+/// higher one than any agent has seen), and the node the operator last
+/// published as active counts as cleared at that epoch (or, if none was,
+/// anybody who reported may have been). `None` when the status shows no
+/// past placement.
+pub fn assumed_after_loss(status: &HAServiceStatus) -> Option<LeaseState> {
+    let seen = status
+        .nodes
+        .iter()
+        .flat_map(|e| [e.epoch, e.acked_epoch])
+        .chain([status.epoch])
+        .flatten()
+        // Agents report epoch 0 before anything was assigned.
+        .filter(|e| *e > 0)
+        .max()?;
+    let epoch = seen;
+    Some(LeaseState {
+        holder: None,
+        epoch,
+        standby: None,
+        enter_epoch: status.active_node.as_ref().map(|_| epoch),
+        cleared_node: status.active_node.clone(),
+    })
+}
+
 /// Who may have been cleared before, from the Lease as it is.
 pub fn previous(current: Option<&LeaseState>) -> Previous {
     let Some(l) = current else {
@@ -342,7 +369,11 @@ pub fn handover(input: Input<'_>) -> Handover {
         Previous::Unknown { epoch } => {
             let mut pending = Vec::new();
             let mut relied = Vec::new();
-            for node in input.facts.keys() {
+            // A node that never reported anything for this service never
+            // ran it (an agent reports after every step, and re-adopts and
+            // reports after a restart).
+            let reported = input.facts.iter().filter(|(_, f)| f.entry.is_some());
+            for (node, _) in reported {
                 match proof(node, *epoch, input.facts) {
                     None => pending.push(node.clone()),
                     Some(Proof::Fenced) => relied.push(node.clone()),
@@ -705,6 +736,48 @@ mod tests {
         // A fresh hand-made Lease with epoch 0: nobody was cleared.
         let cur = lease("", 0, None, None);
         assert!(run(Some(&cur), Some("b"), &F::default()).cleared_now);
+    }
+
+    #[test]
+    fn a_lost_lease_is_assumed_from_the_status() {
+        let status = HAServiceStatus {
+            active_node: Some("a".into()),
+            epoch: Some(6),
+            nodes: vec![
+                entry("a", Role::Master, Running, 7, Some(3)),
+                entry("b", Role::Vicemaster, Stopped, 5, None),
+            ],
+            ..Default::default()
+        };
+        let assumed = assumed_after_loss(&status).unwrap();
+        assert_eq!(assumed, lease("", 7, Some(7), Some("a")));
+        // Whoever comes next gets a fresh epoch and waits for a.
+        let facts = F::default()
+            .entry(status.nodes[0].clone())
+            .entry(status.nodes[1].clone());
+        let h = run(Some(&assumed), Some("a"), &facts);
+        assert_eq!(h.lease.epoch, 8);
+        assert!(h.write && !h.cleared_now);
+        // a leaves (the Lease vanished, so it has no role): cleared.
+        let facts = F::default().entry(entry("a", Role::None, Stopped, 7, Some(7)));
+        assert!(run(Some(&assumed), Some("a"), &facts).cleared_now);
+        // Never placed: nothing assumed, even with agents' first reports.
+        assert_eq!(assumed_after_loss(&HAServiceStatus::default()), None);
+        let fresh = HAServiceStatus {
+            nodes: vec![entry("a", Role::None, Stopped, 0, None)],
+            ..Default::default()
+        };
+        assert_eq!(assumed_after_loss(&fresh), None);
+        // Nobody published as active: anybody who reported must prove.
+        let status = HAServiceStatus {
+            epoch: Some(4),
+            nodes: vec![entry("b", Role::None, Stopped, 4, Some(4))],
+            ..Default::default()
+        };
+        let assumed = assumed_after_loss(&status).unwrap();
+        let facts = F::default().entry(status.nodes[0].clone()).node("c");
+        let h = run(Some(&assumed), Some("c"), &facts);
+        assert!(h.cleared_now, "b acknowledged 4; c never reported");
     }
 
     #[test]

@@ -30,7 +30,7 @@ use serde_json::json;
 use crate::conditions;
 use crate::context::{Ctx, FIELD_MANAGER, service_key};
 use crate::error::{Error, Result};
-use crate::handover::{CLEARED_NODE_ANNOTATION, Fence, LeaseState};
+use crate::handover::{self, CLEARED_NODE_ANNOTATION, Fence, LeaseState};
 use crate::heartbeat_view::{Fingerprint, Timing, with_mode};
 use crate::members::{self, Member, NodeInfo};
 use crate::memory::Seen;
@@ -226,7 +226,11 @@ fn evaluate(svc: &HAService, ctx: &Ctx, deleting: bool, now: Instant) -> Evaluat
         .stores
         .service_leases
         .get(&ObjectRef::new(&leases::service_lease_name(&svc.name_any())).within(&ns));
-    let lease_state = lease.as_deref().map(LeaseState::from_lease);
+    let lease_state = match lease.as_deref() {
+        Some(l) => Some(LeaseState::from_lease(l)),
+        // Gone although the service was placed before: assume the worst.
+        None => svc.status.as_ref().and_then(handover::assumed_after_loss),
+    };
     let entries = svc
         .status
         .as_ref()
