@@ -400,20 +400,23 @@ enum Written {
     Conflict,
 }
 
-async fn write_lease(
-    ctx: &Ctx,
-    svc: &HAService,
+/// The service Lease as the operator writes it: `current` (or a new one)
+/// with the kubeha labels, the annotations of `state`, the HAService as
+/// controlling owner, `holderIdentity` = master and `leaseTransitions` =
+/// epoch; `acquireTime` moves to `now` when the holder changes. Other fields
+/// of `current` (resourceVersion, foreign labels and annotations) are kept.
+/// Pure: this is exactly what the agents read (see `tests/agent_protocol.rs`).
+pub fn service_lease(
     current: Option<&Lease>,
+    svc: &HAService,
     state: &LeaseState,
     holder_changed: bool,
-) -> Result<Written> {
-    let ns = svc.namespace().ok_or(Error::Unnamed("namespace"))?;
-    let name = leases::service_lease_name(&svc.name_any());
-    let api: Api<Lease> = Api::namespaced(ctx.client.clone(), &ns);
+    now: jiff::Timestamp,
+) -> Lease {
     let mut lease = current.cloned().unwrap_or_else(|| Lease {
         metadata: ObjectMeta {
-            name: Some(name.clone()),
-            namespace: Some(ns.clone()),
+            name: Some(leases::service_lease_name(&svc.name_any())),
+            namespace: svc.namespace(),
             ..Default::default()
         },
         spec: None,
@@ -448,8 +451,22 @@ async fn write_lease(
     spec.holder_identity = state.holder.clone();
     spec.lease_transitions = Some(state.lease_transitions());
     if holder_changed {
-        spec.acquire_time = Some(MicroTime(jiff::Timestamp::now()));
+        spec.acquire_time = Some(MicroTime(now));
     }
+    lease
+}
+
+async fn write_lease(
+    ctx: &Ctx,
+    svc: &HAService,
+    current: Option<&Lease>,
+    state: &LeaseState,
+    holder_changed: bool,
+) -> Result<Written> {
+    let ns = svc.namespace().ok_or(Error::Unnamed("namespace"))?;
+    let name = leases::service_lease_name(&svc.name_any());
+    let api: Api<Lease> = Api::namespaced(ctx.client.clone(), &ns);
+    let mut lease = service_lease(current, svc, state, holder_changed, jiff::Timestamp::now());
     let params = PostParams {
         field_manager: Some(FIELD_MANAGER.to_owned()),
         ..Default::default()
