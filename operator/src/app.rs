@@ -42,8 +42,8 @@ pub struct Cli {
     /// Log format.
     #[arg(long, env = "KUBEHA_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
-    /// The operator's namespace: heartbeat Leases, the leader Lease, hook
-    /// ConfigMaps.
+    /// The operator's namespace: the agents' heartbeat Leases and the leader
+    /// Lease (service Leases live in each HAService's namespace).
     #[arg(long, env = "POD_NAMESPACE", default_value = "kubeha-system")]
     pub namespace: String,
     /// This replica's identity in the leader Lease and in Events.
@@ -206,4 +206,61 @@ pub async fn run(cli: Cli) -> Result<()> {
     // handover to a standby replica.
     tokio::time::sleep(Duration::from_millis(200)).await;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The arguments the chart's operator Deployment passes, with its
+    /// template expressions filled in with sample values.
+    fn chart_args() -> Vec<String> {
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../charts/kubeha/templates/operator-deployment.yaml"
+        );
+        let text = std::fs::read_to_string(path).unwrap();
+        let mut lines = text.lines().skip_while(|l| l.trim() != "args:").skip(1);
+        let mut args = Vec::new();
+        for line in lines.by_ref() {
+            let Some(arg) = line.trim().strip_prefix("- ") else {
+                break;
+            };
+            args.push(arg.replace("{{ .Values.metrics.port }}", "9090").replace(
+                r#"{{ include "kubeha.logFormat" .Values.operator.logFormat }}"#,
+                "json",
+            ));
+        }
+        args
+    }
+
+    #[test]
+    fn accepts_what_the_chart_passes() {
+        let args = chart_args();
+        assert!(args.iter().any(|a| a.starts_with("--metrics-addr")));
+        assert!(
+            args.iter().all(|a| !a.contains("{{")),
+            "a chart argument this test does not fill in: {args:?}"
+        );
+        let cli =
+            Cli::try_parse_from(std::iter::once("kubeha-operator".to_owned()).chain(args)).unwrap();
+        assert_eq!(cli.metrics_addr, "0.0.0.0:9090".parse().unwrap());
+        assert_eq!(cli.log_format, LogFormat::Json);
+        assert!(cli.leader_election);
+    }
+
+    #[test]
+    fn help_and_version_render() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
+        let help = Cli::command().render_long_help().to_string();
+        for flag in [
+            "--metrics-addr",
+            "--log-format",
+            "--namespace",
+            "--pod-name",
+        ] {
+            assert!(help.contains(flag), "{flag} missing from --help");
+        }
+    }
 }
