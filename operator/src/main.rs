@@ -1,5 +1,9 @@
 use clap::Parser;
 
-fn main() -> anyhow::Result<()> {
-    kubeha_operator::run(kubeha_operator::Cli::parse())
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = kubeha_operator::Cli::parse();
+    kubeha_operator::app::init_logging(cli.log_format);
+    kubeha_operator::run(cli).await?;
+    Ok(())
 }

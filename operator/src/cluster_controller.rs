@@ -1,0 +1,289 @@
+//! The HACluster reconciler: member heartbeats by the operator's clock,
+//! modes, roles, the cluster state string and conditions into the status
+//! (server-side apply by `kubeha-operator`); prohibited mode combinations
+//! reported (condition, Event `ProhibitedState`); `peerdown` marks of nodes
+//! that heartbeat again erased (Event `PeerReturned`); `ModeChanged` Events;
+//! heartbeat Leases of former members removed once they are Fenced.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use kube::api::{DeleteParams, Patch, PatchParams};
+use kube::runtime::controller::Action;
+use kube::runtime::reflector::ObjectRef;
+use kube::{Api, Resource, ResourceExt};
+use kubeha_crds::cluster::HeartbeatState;
+use kubeha_crds::{HACluster, Mode, leases};
+use serde_json::json;
+
+use crate::cluster_plan::{self, Facts, ServiceSummary, StatusFields};
+use crate::conditions;
+use crate::context::{Ctx, FIELD_MANAGER, service_key};
+use crate::error::{Error, Result};
+use crate::handover::LeaseState;
+use crate::heartbeat_view::Timing;
+use crate::members::{self, NodeInfo};
+use crate::memory::ModeEvent;
+
+const EXPIRY_MARGIN: Duration = Duration::from_millis(5);
+
+/// Reconciles one HACluster (the controller's reconcile function).
+pub async fn reconcile(cluster: Arc<HACluster>, ctx: Arc<Ctx>) -> Result<Action> {
+    let started = Instant::now();
+    let result = reconcile_inner(&cluster, &ctx).await;
+    ctx.metrics
+        .reconciled("hacluster", result.is_ok(), started.elapsed());
+    result
+}
+
+/// What to do after a failed reconcile.
+pub fn error_policy(cluster: Arc<HACluster>, error: &Error, _ctx: Arc<Ctx>) -> Action {
+    tracing::warn!(cluster = %cluster.name_any(), %error, "reconcile failed");
+    Action::requeue(Duration::from_secs(2))
+}
+
+fn status_patch(
+    fields: &StatusFields,
+    conditions: &[k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition],
+    generation: Option<i64>,
+) -> serde_json::Value {
+    let mut s = serde_json::Map::new();
+    s.insert("ready".into(), json!(fields.ready));
+    s.insert("state".into(), json!(fields.state));
+    s.insert("servicesActive".into(), json!(fields.services_active));
+    s.insert("members".into(), json!(fields.members));
+    s.insert("conditions".into(), json!(conditions));
+    if let Some(g) = generation {
+        s.insert("observedGeneration".into(), json!(g));
+    }
+    json!({
+        "apiVersion": "kubeha.io/v1alpha1",
+        "kind": "HACluster",
+        "status": serde_json::Value::Object(s),
+    })
+}
+
+async fn reconcile_inner(cluster: &HACluster, ctx: &Ctx) -> Result<Action> {
+    if !ctx.is_ready() {
+        return Ok(Action::requeue(Duration::from_millis(500)));
+    }
+    let now = Instant::now();
+    let name = cluster.name_any();
+    let infos: BTreeMap<String, NodeInfo> = ctx
+        .stores
+        .nodes
+        .state()
+        .iter()
+        .map(|n| (n.name_any(), NodeInfo::of(n)))
+        .collect();
+    let members = members::resolve(&cluster.spec, &infos);
+    ctx.first_seen(&name, now);
+
+    let peerdown_since: BTreeMap<String, Instant> = ctx.with_cluster_memory(&name, |m| {
+        members
+            .iter()
+            .filter_map(|n| m.peerdown_since(&n.name).map(|t| (n.name.clone(), t)))
+            .collect()
+    });
+    let member_names: BTreeSet<&str> = members.iter().map(|m| m.name.as_str()).collect();
+    let (heartbeats, returned, next_expiry, orphans) = ctx.with_view(&name, |view| {
+        view.set_timing(Timing::from(&cluster.spec.heartbeat));
+        let mut heartbeats = BTreeMap::new();
+        for m in &members {
+            let cordoned = infos.get(&m.name).is_some_and(|i| i.cordoned);
+            view.note_capable(&m.name, m.mode.allows_services() && !cordoned, now);
+            heartbeats.insert(m.name.clone(), view.state(&m.name, now));
+        }
+        let returned: BTreeSet<String> = members
+            .iter()
+            .filter(|m| m.mode == Mode::Peerdown)
+            .filter(|m| {
+                peerdown_since
+                    .get(&m.name)
+                    .is_some_and(|t| view.changed_since(&m.name, *t))
+            })
+            .map(|m| m.name.clone())
+            .collect();
+        let orphans: Vec<String> = view
+            .nodes()
+            .filter(|n| !member_names.contains(n))
+            .filter(|n| view.state(n, now) == HeartbeatState::Fenced)
+            .map(str::to_owned)
+            .collect();
+        let next = view.next_expiry(member_names.iter().copied(), now);
+        (heartbeats, returned, next, orphans)
+    });
+
+    let services: Vec<ServiceSummary> = ctx
+        .stores
+        .services
+        .state()
+        .iter()
+        .filter(|s| s.spec.cluster_ref == name)
+        .map(|s| {
+            let lease = ctx.stores.service_leases.get(
+                &ObjectRef::new(&leases::service_lease_name(&s.name_any()))
+                    .within(&s.namespace().unwrap_or_default()),
+            );
+            let state = lease.as_deref().map(LeaseState::from_lease);
+            ServiceSummary {
+                key: service_key(s),
+                phase: s.status.as_ref().and_then(|st| st.phase),
+                master: state.as_ref().and_then(|l| l.holder.clone()),
+                standby: state.as_ref().and_then(|l| l.standby.clone()),
+            }
+        })
+        .collect();
+
+    let plan = cluster_plan::plan(&Facts {
+        members: &members,
+        heartbeats: &heartbeats,
+        services: &services,
+        returned: &returned,
+    });
+    let modes: Vec<(String, Mode)> = members.iter().map(|m| (m.name.clone(), m.mode)).collect();
+    let mode_events = ctx.with_cluster_memory(&name, |m| {
+        m.observe(&modes, plan.prohibited.as_deref(), now)
+    });
+
+    let requeue = match next_expiry {
+        Some(t) => Action::requeue(t.saturating_duration_since(now) + EXPIRY_MARGIN),
+        None => Action::await_change(),
+    };
+    if !ctx.is_leader() {
+        return Ok(requeue);
+    }
+    let reference = cluster.object_ref(&());
+    let api: Api<HACluster> = Api::all(ctx.client.clone());
+
+    if let Some(patch) = &plan.mode_patch {
+        let patch: json_patch::Patch = serde_json::from_value(patch.clone())?;
+        match api
+            .patch(
+                &name,
+                &PatchParams {
+                    field_manager: Some(FIELD_MANAGER.to_owned()),
+                    ..Default::default()
+                },
+                &Patch::Json::<()>(patch),
+            )
+            .await
+        {
+            Ok(_) => {
+                for node in &plan.returned {
+                    tracing::warn!(cluster = %name, %node, "peerdown member heartbeats again: mark erased");
+                    ctx.publish(
+                        &reference,
+                        "PeerReturned",
+                        true,
+                        format!(
+                            "{node} was marked peerdown but heartbeats again: the mark is erased (mode default) and members in single or config return to default"
+                        ),
+                    )
+                    .await;
+                }
+                // The spec change triggers the next reconcile.
+                return Ok(Action::await_change());
+            }
+            // The spec moved on since it was read (the JSON patch tests
+            // failed): decide again on the new one.
+            Err(kube::Error::Api(s)) if s.code == 409 || s.code == 422 => {
+                return Ok(Action::requeue(Duration::from_millis(200)));
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+
+    let generation = cluster.meta().generation;
+    let old = cluster.status.clone().unwrap_or_default();
+    let conds = conditions::settle(
+        &old.conditions,
+        &plan.status.conditions,
+        generation,
+        Time(jiff::Timestamp::now()),
+    );
+    let unchanged = old.ready.as_deref() == Some(plan.status.ready.as_str())
+        && old.state.as_deref() == Some(plan.status.state.as_str())
+        && old.services_active == Some(plan.status.services_active)
+        && old.members == plan.status.members
+        && old.observed_generation == generation
+        && conditions::same(&old.conditions, &conds);
+    if !unchanged {
+        let patch = status_patch(&plan.status, &conds, generation);
+        api.patch_status(
+            &name,
+            &PatchParams::apply(FIELD_MANAGER).force(),
+            &Patch::Apply(&patch),
+        )
+        .await?;
+    }
+
+    for e in mode_events {
+        match e {
+            ModeEvent::Changed { node, from, to } => {
+                ctx.publish(
+                    &reference,
+                    "ModeChanged",
+                    false,
+                    format!("{node}: mode {from} -> {to}"),
+                )
+                .await
+            }
+            ModeEvent::Prohibited(msg) => {
+                tracing::warn!(cluster = %name, %msg, "prohibited mode combination");
+                ctx.publish(&reference, "ProhibitedState", true, msg).await
+            }
+        }
+    }
+
+    // Heartbeat Leases of nodes that are no longer members, once Fenced.
+    let leases_api: Api<k8s_openapi::api::coordination::v1::Lease> =
+        Api::namespaced(ctx.client.clone(), &ctx.namespace);
+    for node in orphans {
+        let lease_name = leases::heartbeat_lease_name(&name, &node);
+        match leases_api
+            .delete(&lease_name, &DeleteParams::default())
+            .await
+        {
+            Ok(_) => {
+                tracing::info!(cluster = %name, %node, "removed the heartbeat Lease of a former member")
+            }
+            Err(kube::Error::Api(s)) if s.code == 404 => {}
+            Err(e) => {
+                tracing::warn!(cluster = %name, %node, error = %e, "removing a stale heartbeat Lease failed")
+            }
+        }
+        ctx.with_view(&name, |v| v.forget(&node));
+    }
+
+    Ok(requeue)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn status_patch_shape() {
+        let fields = StatusFields {
+            ready: "1/2".into(),
+            state: "default-locked".into(),
+            services_active: 1,
+            members: vec![],
+            conditions: vec![],
+        };
+        let p = status_patch(&fields, &[], Some(2));
+        assert_eq!(p["status"]["ready"], "1/2");
+        assert_eq!(p["status"]["servicesActive"], 1);
+        assert_eq!(p["status"]["observedGeneration"], 2);
+        assert_eq!(p["kind"], "HACluster");
+        let parsed: kubeha_crds::HAClusterStatus =
+            serde_json::from_value(p["status"].clone()).unwrap();
+        assert_eq!(parsed.ready.as_deref(), Some("1/2"));
+        assert_eq!(parsed.state.as_deref(), Some("default-locked"));
+        assert_eq!(parsed.services_active, Some(1));
+        assert_eq!(parsed.observed_generation, Some(2));
+    }
+}

@@ -1,0 +1,367 @@
+//! What one reconcile of an HACluster decides, as a pure function: the
+//! status (members with heartbeat, mode and roles; `ready`, `state`,
+//! `servicesActive`; conditions), prohibited mode combinations the API
+//! server could not see (members picked by a selector), and the spec patch
+//! that erases a `peerdown` mark when that node heartbeats again.
+//!
+//! # Returning peers
+//!
+//! A member in mode `peerdown` whose heartbeat Lease the operator sees
+//! change *after* it first saw the mark has come back: the certification
+//! that it is powered off is false from then on. The operator sets that
+//! member to `default` and also every listed member in `single` or `config`
+//! (those modes require every other member to be locked or peerdown, so
+//! leaving them would create a prohibited state); `locked` members stay
+//! locked, since an admin put them there. Placement then carries on: the
+//! returned node is eligible once Alive.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use kubeha_crds::Mode;
+use kubeha_crds::cluster::{HeartbeatState, MemberStatus, ServiceRole};
+use kubeha_crds::mode::{check_modes, cluster_state};
+use kubeha_crds::service::{Phase, Role};
+use serde_json::json;
+
+use crate::conditions::{Cond, DEGRADED, READY, RECONCILING, STALLED};
+use crate::heartbeat_view::with_mode;
+use crate::members::Member;
+
+/// What the cluster reconciler knows of one service of the cluster.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServiceSummary {
+    /// `namespace/name`.
+    pub key: String,
+    /// Its phase.
+    pub phase: Option<Phase>,
+    /// Its master (service Lease holder).
+    pub master: Option<String>,
+    /// Its standby.
+    pub standby: Option<String>,
+}
+
+/// What the reconciler gathered about one cluster.
+#[derive(Clone, Debug)]
+pub struct Facts<'a> {
+    /// The resolved members, in member order.
+    pub members: &'a [Member],
+    /// Each member's heartbeat by the operator's clock, before modes.
+    pub heartbeats: &'a BTreeMap<String, HeartbeatState>,
+    /// The cluster's services.
+    pub services: &'a [ServiceSummary],
+    /// `peerdown` members seen heartbeating after the mark.
+    pub returned: &'a BTreeSet<String>,
+}
+
+/// The operator-owned part of an HACluster status.
+#[derive(Clone, Debug, PartialEq)]
+pub struct StatusFields {
+    /// Alive members / all members.
+    pub ready: String,
+    /// The modes in member order joined by `-`.
+    pub state: String,
+    /// Services that are Active.
+    pub services_active: i32,
+    /// One entry per member.
+    pub members: Vec<MemberStatus>,
+    /// Ready, Degraded, Reconciling, Stalled.
+    pub conditions: Vec<Cond>,
+}
+
+/// The result of [`plan`].
+#[derive(Clone, Debug, PartialEq)]
+pub struct Plan {
+    /// The status to publish.
+    pub status: StatusFields,
+    /// The prohibited-state message, when the modes are not allowed.
+    pub prohibited: Option<String>,
+    /// A JSON patch (RFC 6902, with tests) on the HACluster spec erasing
+    /// peerdown marks; `None` when nothing returned.
+    pub mode_patch: Option<serde_json::Value>,
+    /// Members whose mark the patch erases.
+    pub returned: Vec<String>,
+}
+
+/// Decides the status and mode repairs of one cluster.
+pub fn plan(f: &Facts<'_>) -> Plan {
+    let prohibited = check_modes(f.members.iter().map(|m| (m.name.as_str(), m.mode)))
+        .err()
+        .map(|e| e.to_string());
+
+    let heartbeat = |m: &Member| {
+        with_mode(
+            f.heartbeats
+                .get(&m.name)
+                .copied()
+                .unwrap_or(HeartbeatState::Stopping),
+            m.mode,
+        )
+    };
+    let members: Vec<MemberStatus> = f
+        .members
+        .iter()
+        .map(|m| {
+            let mut roles: Vec<ServiceRole> = Vec::new();
+            for s in f.services {
+                if s.master.as_deref() == Some(&m.name) {
+                    roles.push(ServiceRole {
+                        service: s.key.clone(),
+                        role: Role::Master,
+                    });
+                } else if s.standby.as_deref() == Some(&m.name) {
+                    roles.push(ServiceRole {
+                        service: s.key.clone(),
+                        role: Role::Vicemaster,
+                    });
+                }
+            }
+            MemberStatus {
+                node: m.name.clone(),
+                heartbeat: heartbeat(m),
+                mode: m.mode,
+                roles,
+            }
+        })
+        .collect();
+    let alive = members
+        .iter()
+        .filter(|m| m.heartbeat == HeartbeatState::Alive)
+        .count();
+    let services_active = f
+        .services
+        .iter()
+        .filter(|s| s.phase == Some(Phase::Active))
+        .count();
+
+    // Peerdown marks to erase.
+    let returned: Vec<&Member> = f
+        .members
+        .iter()
+        .filter(|m| m.listed && m.mode == Mode::Peerdown && f.returned.contains(&m.name))
+        .collect();
+    let mode_patch = (!returned.is_empty()).then(|| {
+        let mut ops = Vec::new();
+        let targets = f.members.iter().filter(|m| {
+            m.listed && (returned.iter().any(|r| r.name == m.name) || m.mode.is_exclusive())
+        });
+        for m in targets {
+            let Some(i) = m.index else { continue };
+            let base = format!("/spec/members/nodes/{i}");
+            ops.push(json!({"op": "test", "path": format!("{base}/name"), "value": m.name}));
+            ops.push(
+                json!({"op": "test", "path": format!("{base}/mode"), "value": m.mode.as_str()}),
+            );
+            ops.push(json!({"op": "replace", "path": format!("{base}/mode"), "value": "default"}));
+        }
+        serde_json::Value::Array(ops)
+    });
+
+    let mut conditions = Vec::new();
+    conditions.push(match (&prohibited, f.members.is_empty()) {
+        (Some(msg), _) => Cond::yes(STALLED, "ProhibitedModes", msg.clone()),
+        (None, true) => Cond::yes(
+            STALLED,
+            "NoMembers",
+            "no member nodes: list them in spec.members.nodes or label nodes to match spec.members.selector",
+        ),
+        (None, false) => Cond::no(STALLED, "Progressing", ""),
+    });
+    let can_run = members
+        .iter()
+        .any(|m| m.heartbeat == HeartbeatState::Alive && m.mode.allows_services());
+    conditions.push(if can_run && prohibited.is_none() {
+        Cond::yes(
+            READY,
+            "MembersAlive",
+            format!("{alive}/{} members alive", members.len()),
+        )
+    } else {
+        Cond::no(
+            READY,
+            "NoMemberCanRun",
+            "no member is alive in a mode that allows services",
+        )
+    });
+    let down: Vec<String> = members
+        .iter()
+        .filter(|m| m.heartbeat != HeartbeatState::Alive)
+        .map(|m| format!("{}: {:?}", m.node, m.heartbeat))
+        .collect();
+    conditions.push(if down.is_empty() {
+        Cond::no(DEGRADED, "AllAlive", "")
+    } else {
+        Cond::yes(DEGRADED, "MembersDown", down.join(", "))
+    });
+    conditions.push(if returned.is_empty() {
+        Cond::no(RECONCILING, "Settled", "")
+    } else {
+        Cond::yes(
+            RECONCILING,
+            "PeerReturned",
+            format!(
+                "{} heartbeat again: erasing the peerdown mark",
+                returned
+                    .iter()
+                    .map(|m| m.name.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        )
+    });
+
+    Plan {
+        status: StatusFields {
+            ready: format!("{alive}/{}", members.len()),
+            state: cluster_state(f.members.iter().map(|m| m.mode)),
+            services_active: i32::try_from(services_active).unwrap_or(i32::MAX),
+            members,
+            conditions,
+        },
+        prohibited,
+        mode_patch,
+        returned: returned.iter().map(|m| m.name.clone()).collect(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use HeartbeatState::*;
+
+    fn member(name: &str, mode: Mode, index: Option<usize>) -> Member {
+        Member {
+            name: name.into(),
+            mode,
+            listed: index.is_some(),
+            index,
+        }
+    }
+
+    fn beats(pairs: &[(&str, HeartbeatState)]) -> BTreeMap<String, HeartbeatState> {
+        pairs.iter().map(|(n, s)| (n.to_string(), *s)).collect()
+    }
+
+    fn cond<'a>(p: &'a Plan, t: &str) -> &'a Cond {
+        p.status.conditions.iter().find(|c| c.type_ == t).unwrap()
+    }
+
+    #[test]
+    fn status_of_a_healthy_cluster() {
+        let members = [
+            member("a", Mode::Default, Some(0)),
+            member("b", Mode::Locked, Some(1)),
+        ];
+        let services = [
+            ServiceSummary {
+                key: "ns/x".into(),
+                phase: Some(Phase::Active),
+                master: Some("a".into()),
+                standby: Some("b".into()),
+            },
+            ServiceSummary {
+                key: "ns/y".into(),
+                phase: Some(Phase::Starting),
+                master: Some("b".into()),
+                standby: None,
+            },
+        ];
+        let p = plan(&Facts {
+            members: &members,
+            heartbeats: &beats(&[("a", Alive), ("b", Alive)]),
+            services: &services,
+            returned: &BTreeSet::new(),
+        });
+        assert_eq!(p.status.ready, "2/2");
+        assert_eq!(p.status.state, "default-locked");
+        assert_eq!(p.status.services_active, 1);
+        assert_eq!(p.status.members[0].roles.len(), 1);
+        assert_eq!(p.status.members[1].roles.len(), 2);
+        assert_eq!(p.status.members[1].roles[0].role, Role::Vicemaster);
+        assert!(cond(&p, READY).status);
+        assert!(!cond(&p, DEGRADED).status);
+        assert!(!cond(&p, STALLED).status);
+        assert_eq!(p.mode_patch, None);
+    }
+
+    #[test]
+    fn lost_and_peerdown_members() {
+        let members = [
+            member("a", Mode::Single, Some(0)),
+            member("b", Mode::Peerdown, Some(1)),
+            member("c", Mode::Default, None),
+        ];
+        let p = plan(&Facts {
+            members: &members,
+            heartbeats: &beats(&[("a", Alive), ("b", Lost)]),
+            services: &[],
+            returned: &BTreeSet::new(),
+        });
+        assert_eq!(p.status.members[1].heartbeat, Fenced, "peerdown certifies");
+        assert_eq!(p.status.members[2].heartbeat, Stopping, "never seen");
+        assert_eq!(p.status.ready, "1/3");
+        // single + a selected default member: prohibited, the API could not see it.
+        assert!(
+            p.prohibited
+                .as_deref()
+                .unwrap()
+                .contains("locked or peerdown")
+        );
+        assert!(cond(&p, STALLED).status);
+        assert!(!cond(&p, READY).status);
+        assert!(cond(&p, DEGRADED).status);
+    }
+
+    #[test]
+    fn a_returning_peer_is_erased_with_the_exclusive_member() {
+        let members = [
+            member("a", Mode::Single, Some(0)),
+            member("b", Mode::Peerdown, Some(1)),
+            member("c", Mode::Locked, Some(2)),
+        ];
+        let p = plan(&Facts {
+            members: &members,
+            heartbeats: &beats(&[("a", Alive), ("b", Alive), ("c", Alive)]),
+            services: &[],
+            returned: &BTreeSet::from(["b".to_owned()]),
+        });
+        assert_eq!(p.returned, vec!["b".to_owned()]);
+        let patch = p.mode_patch.clone().unwrap();
+        let ops = patch.as_array().unwrap();
+        assert_eq!(ops.len(), 6, "{patch}");
+        assert_eq!(ops[0]["path"], "/spec/members/nodes/0/name");
+        assert_eq!(ops[1]["value"], "single");
+        assert_eq!(ops[5]["path"], "/spec/members/nodes/1/mode");
+        assert_eq!(ops[5]["value"], "default");
+        assert!(
+            !patch.to_string().contains("nodes/2"),
+            "locked stays locked"
+        );
+        assert!(cond(&p, RECONCILING).status);
+        // Parses as a JSON patch.
+        let _: json_patch_check::Ops = serde_json::from_value(patch).unwrap();
+    }
+
+    /// Minimal shape check of the RFC 6902 operations.
+    mod json_patch_check {
+        #[derive(serde::Deserialize)]
+        #[allow(dead_code)]
+        pub struct Op {
+            pub op: String,
+            pub path: String,
+            pub value: serde_json::Value,
+        }
+        pub type Ops = Vec<Op>;
+    }
+
+    #[test]
+    fn no_members_is_stalled() {
+        let p = plan(&Facts {
+            members: &[],
+            heartbeats: &BTreeMap::new(),
+            services: &[],
+            returned: &BTreeSet::new(),
+        });
+        assert_eq!(p.status.ready, "0/0");
+        assert_eq!(cond(&p, STALLED).reason, "NoMembers");
+    }
+}

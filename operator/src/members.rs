@@ -1,0 +1,272 @@
+//! The members of an HACluster: the listed nodes in order, then the nodes a
+//! label selector picks (alphabetically, mode `default`), with what the
+//! Node objects say about them (cordon, addresses). Pure.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+
+use k8s_openapi::api::core::v1::Node;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
+use kubeha_crds::Mode;
+use kubeha_crds::cluster::HAClusterSpec;
+
+/// One member.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Member {
+    /// Node name.
+    pub name: String,
+    /// Its mode (`default` for members picked only by the selector).
+    pub mode: Mode,
+    /// Whether it is listed in `spec.members.nodes` (only listed members
+    /// have a mode the operator can patch, and only they run an agent
+    /// heartbeat today).
+    pub listed: bool,
+    /// Index in `spec.members.nodes` when listed.
+    pub index: Option<usize>,
+}
+
+/// What the operator reads from a Node object.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct NodeInfo {
+    /// Node labels.
+    pub labels: BTreeMap<String, String>,
+    /// `spec.unschedulable`: cordoned.
+    pub cordoned: bool,
+    /// `status.addresses` that parse as IP addresses.
+    pub addresses: Vec<IpAddr>,
+}
+
+impl NodeInfo {
+    /// Reads a Node object.
+    pub fn of(node: &Node) -> Self {
+        Self {
+            labels: node.metadata.labels.clone().unwrap_or_default(),
+            cordoned: node
+                .spec
+                .as_ref()
+                .and_then(|s| s.unschedulable)
+                .unwrap_or(false),
+            addresses: node
+                .status
+                .as_ref()
+                .and_then(|s| s.addresses.as_ref())
+                .map(|a| {
+                    a.iter()
+                        .filter(|a| a.type_ == "InternalIP" || a.type_ == "ExternalIP")
+                        .filter_map(|a| a.address.parse().ok())
+                        .collect()
+                })
+                .unwrap_or_default(),
+        }
+    }
+}
+
+/// Whether `labels` match a Kubernetes label selector (matchLabels and
+/// matchExpressions In, NotIn, Exists, DoesNotExist; an unknown operator
+/// matches nothing). An empty selector matches everything.
+pub fn selector_matches(selector: &LabelSelector, labels: &BTreeMap<String, String>) -> bool {
+    let by_labels = selector
+        .match_labels
+        .iter()
+        .flatten()
+        .all(|(k, v)| labels.get(k) == Some(v));
+    let by_expressions = selector.match_expressions.iter().flatten().all(|e| {
+        let value = labels.get(&e.key);
+        let values = e.values.as_deref().unwrap_or_default();
+        match e.operator.as_str() {
+            "In" => value.is_some_and(|v| values.contains(v)),
+            "NotIn" => value.is_none_or(|v| !values.contains(v)),
+            "Exists" => value.is_some(),
+            "DoesNotExist" => value.is_none(),
+            _ => false,
+        }
+    });
+    by_labels && by_expressions
+}
+
+/// The members of a cluster given the Node objects by name. Listed names
+/// count once (first entry wins); selected nodes follow alphabetically.
+pub fn resolve(spec: &HAClusterSpec, nodes: &BTreeMap<String, NodeInfo>) -> Vec<Member> {
+    let mut out: Vec<Member> = Vec::new();
+    for (i, m) in spec.members.nodes.iter().enumerate() {
+        if out.iter().any(|o| o.name == m.name) {
+            continue;
+        }
+        out.push(Member {
+            name: m.name.clone(),
+            mode: m.mode,
+            listed: true,
+            index: Some(i),
+        });
+    }
+    if let Some(selector) = &spec.members.selector {
+        for (name, info) in nodes {
+            if !out.iter().any(|o| &o.name == name) && selector_matches(selector, &info.labels) {
+                out.push(Member {
+                    name: name.clone(),
+                    mode: Mode::Default,
+                    listed: false,
+                    index: None,
+                });
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelectorRequirement;
+    use kubeha_crds::cluster::{MemberNode, Members};
+
+    fn labels(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    fn spec(nodes: &[(&str, Mode)], selector: Option<LabelSelector>) -> HAClusterSpec {
+        HAClusterSpec {
+            members: Members {
+                nodes: nodes
+                    .iter()
+                    .map(|(n, m)| MemberNode {
+                        name: n.to_string(),
+                        mode: *m,
+                    })
+                    .collect(),
+                selector,
+            },
+            placement: Default::default(),
+            heartbeat: Default::default(),
+            startup_grace_seconds: 30,
+            vip_pool: vec![],
+            allowed_namespaces: vec![],
+            allowed_hook_sources: Default::default(),
+            failback: Default::default(),
+            fence: Default::default(),
+        }
+    }
+
+    #[test]
+    fn selectors() {
+        let l = labels(&[("ha", "yes"), ("zone", "a")]);
+        let sel = |ml: &[(&str, &str)], ex: Vec<LabelSelectorRequirement>| LabelSelector {
+            match_labels: Some(labels(ml)),
+            match_expressions: Some(ex),
+        };
+        let req = |key: &str, op: &str, values: &[&str]| LabelSelectorRequirement {
+            key: key.into(),
+            operator: op.into(),
+            values: Some(values.iter().map(|v| v.to_string()).collect()),
+        };
+        assert!(selector_matches(&LabelSelector::default(), &l));
+        assert!(selector_matches(&sel(&[("ha", "yes")], vec![]), &l));
+        assert!(!selector_matches(&sel(&[("ha", "no")], vec![]), &l));
+        assert!(selector_matches(
+            &sel(&[], vec![req("zone", "In", &["a", "b"])]),
+            &l
+        ));
+        assert!(!selector_matches(
+            &sel(&[], vec![req("zone", "NotIn", &["a"])]),
+            &l
+        ));
+        assert!(selector_matches(
+            &sel(&[], vec![req("rack", "NotIn", &["a"])]),
+            &l
+        ));
+        assert!(selector_matches(
+            &sel(&[], vec![req("ha", "Exists", &[])]),
+            &l
+        ));
+        assert!(selector_matches(
+            &sel(&[], vec![req("rack", "DoesNotExist", &[])]),
+            &l
+        ));
+        assert!(!selector_matches(
+            &sel(&[], vec![req("ha", "Bogus", &[])]),
+            &l
+        ));
+    }
+
+    #[test]
+    fn listed_then_selected_alphabetically() {
+        let nodes: BTreeMap<String, NodeInfo> = [
+            ("n-c", labels(&[("ha", "yes")])),
+            ("n-a", labels(&[("ha", "yes")])),
+            ("n-b", labels(&[])),
+            ("n-z", labels(&[("ha", "yes")])),
+        ]
+        .into_iter()
+        .map(|(n, l)| {
+            (
+                n.to_string(),
+                NodeInfo {
+                    labels: l,
+                    ..Default::default()
+                },
+            )
+        })
+        .collect();
+        let selector = LabelSelector {
+            match_labels: Some(labels(&[("ha", "yes")])),
+            match_expressions: None,
+        };
+        let s = spec(
+            &[
+                ("n-z", Mode::Locked),
+                ("n-b", Mode::Default),
+                ("n-z", Mode::Single),
+            ],
+            Some(selector),
+        );
+        let m = resolve(&s, &nodes);
+        let names: Vec<(&str, Mode, bool)> = m
+            .iter()
+            .map(|m| (m.name.as_str(), m.mode, m.listed))
+            .collect();
+        assert_eq!(
+            names,
+            vec![
+                ("n-z", Mode::Locked, true),
+                ("n-b", Mode::Default, true),
+                ("n-a", Mode::Default, false),
+                ("n-c", Mode::Default, false),
+            ]
+        );
+        assert_eq!(m[1].index, Some(1));
+    }
+
+    #[test]
+    fn node_info_reads_cordon_and_addresses() {
+        use k8s_openapi::api::core::v1::{NodeAddress, NodeSpec, NodeStatus};
+        let node = Node {
+            spec: Some(NodeSpec {
+                unschedulable: Some(true),
+                ..Default::default()
+            }),
+            status: Some(NodeStatus {
+                addresses: Some(vec![
+                    NodeAddress {
+                        address: "198.18.0.11".into(),
+                        type_: "InternalIP".into(),
+                    },
+                    NodeAddress {
+                        address: "node-1".into(),
+                        type_: "Hostname".into(),
+                    },
+                ]),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let info = NodeInfo::of(&node);
+        assert!(info.cordoned);
+        assert_eq!(
+            info.addresses,
+            vec!["198.18.0.11".parse::<IpAddr>().unwrap()]
+        );
+    }
+}

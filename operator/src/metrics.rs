@@ -1,0 +1,224 @@
+//! Prometheus metrics of the operator and its HTTP endpoints: `/metrics`,
+//! `/healthz` (the process serves) and `/readyz` (every watch has listed
+//! its objects once).
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::routing::get;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReasonLabels {
+    reason: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReconcileLabels {
+    controller: String,
+    result: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ControllerLabels {
+    controller: String,
+}
+
+type Histograms<L> = Family<L, Histogram, fn() -> Histogram>;
+
+/// The operator's metrics; cheap to clone.
+#[derive(Clone)]
+pub struct Metrics {
+    registry: Arc<Mutex<Registry>>,
+    failovers: Family<ReasonLabels, Counter>,
+    failover_duration: Histograms<ReasonLabels>,
+    reconciles: Family<ReconcileLabels, Counter>,
+    reconcile_duration: Histograms<ControllerLabels>,
+    leader: Gauge,
+    lease_writes: Counter,
+}
+
+fn failover_histogram() -> Histogram {
+    // 50 ms .. ~7 min
+    Histogram::new(exponential_buckets(0.05, 2.0, 14))
+}
+
+fn reconcile_histogram() -> Histogram {
+    // 0.5 ms .. ~16 s
+    Histogram::new(exponential_buckets(0.0005, 2.0, 16))
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let mut registry = Registry::with_prefix("kubeha_operator");
+        let m = Self {
+            registry: Default::default(),
+            failovers: Default::default(),
+            failover_duration: Family::new_with_constructor(failover_histogram),
+            reconciles: Default::default(),
+            reconcile_duration: Family::new_with_constructor(reconcile_histogram),
+            leader: Default::default(),
+            lease_writes: Default::default(),
+        };
+        registry.register(
+            "failovers",
+            "Masters assigned, by placement reason (Initial, Failover, Failback)",
+            m.failovers.clone(),
+        );
+        registry.register(
+            "failover_duration_seconds",
+            "From writing a new master into the service Lease to its status entry reporting Running",
+            m.failover_duration.clone(),
+        );
+        registry.register(
+            "reconciles",
+            "Reconciles by controller and result",
+            m.reconciles.clone(),
+        );
+        registry.register(
+            "reconcile_duration_seconds",
+            "Reconcile run time by controller",
+            m.reconcile_duration.clone(),
+        );
+        registry.register(
+            "leader",
+            "1 while this replica holds the operator leader Lease",
+            m.leader.clone(),
+        );
+        registry.register(
+            "service_lease_writes",
+            "Writes of service Leases (assignment changes)",
+            m.lease_writes.clone(),
+        );
+        *m.registry.lock().unwrap_or_else(|e| e.into_inner()) = registry;
+        m
+    }
+}
+
+impl Metrics {
+    /// Counts a new master by placement reason.
+    pub fn failover(&self, reason: &str) {
+        self.failovers
+            .get_or_create(&ReasonLabels {
+                reason: reason.to_owned(),
+            })
+            .inc();
+    }
+
+    /// Records the time from the Lease write to the new master running.
+    pub fn failover_completed(&self, reason: &str, took: Duration) {
+        self.failover_duration
+            .get_or_create(&ReasonLabels {
+                reason: reason.to_owned(),
+            })
+            .observe(took.as_secs_f64());
+    }
+
+    /// Counts one reconcile and its run time.
+    pub fn reconciled(&self, controller: &str, ok: bool, took: Duration) {
+        self.reconciles
+            .get_or_create(&ReconcileLabels {
+                controller: controller.to_owned(),
+                result: if ok { "ok" } else { "error" }.to_owned(),
+            })
+            .inc();
+        self.reconcile_duration
+            .get_or_create(&ControllerLabels {
+                controller: controller.to_owned(),
+            })
+            .observe(took.as_secs_f64());
+    }
+
+    /// Sets the leader gauge.
+    pub fn set_leader(&self, leader: bool) {
+        self.leader.set(i64::from(leader));
+    }
+
+    /// Counts a service Lease write.
+    pub fn lease_written(&self) {
+        self.lease_writes.inc();
+    }
+
+    /// The text exposition.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        let registry = self.registry.lock().unwrap_or_else(|e| e.into_inner());
+        if prometheus_client::encoding::text::encode(&mut out, &registry).is_err() {
+            out.clear();
+        }
+        out
+    }
+}
+
+#[derive(Clone)]
+struct HttpState {
+    metrics: Metrics,
+    ready: Arc<AtomicBool>,
+}
+
+/// The HTTP routes: `/metrics`, `/healthz`, `/readyz`.
+pub fn router(metrics: Metrics, ready: Arc<AtomicBool>) -> Router {
+    Router::new()
+        .route(
+            "/metrics",
+            get(|State(s): State<HttpState>| async move { s.metrics.encode() }),
+        )
+        .route("/healthz", get(|| async { "ok" }))
+        .route(
+            "/readyz",
+            get(|State(s): State<HttpState>| async move {
+                if s.ready.load(Ordering::SeqCst) {
+                    (StatusCode::OK, "ok")
+                } else {
+                    (StatusCode::SERVICE_UNAVAILABLE, "watches not synced yet")
+                }
+            }),
+        )
+        .with_state(HttpState { metrics, ready })
+}
+
+/// Serves the routes on `addr` until the task is dropped.
+pub async fn serve(
+    addr: std::net::SocketAddr,
+    metrics: Metrics,
+    ready: Arc<AtomicBool>,
+) -> crate::Result<()> {
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    axum::serve(listener, router(metrics, ready)).await?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exposition_names_every_metric() {
+        let m = Metrics::default();
+        m.failover("Failover");
+        m.failover_completed("Failover", Duration::from_millis(800));
+        m.reconciled("haservice", true, Duration::from_millis(2));
+        m.set_leader(true);
+        m.lease_written();
+        let text = m.encode();
+        for line in [
+            "kubeha_operator_failovers_total{reason=\"Failover\"} 1",
+            "kubeha_operator_failover_duration_seconds_count{reason=\"Failover\"} 1",
+            "kubeha_operator_reconciles_total{controller=\"haservice\",result=\"ok\"} 1",
+            "kubeha_operator_reconcile_duration_seconds_count{controller=\"haservice\"} 1",
+            "kubeha_operator_leader 1",
+            "kubeha_operator_service_lease_writes_total 1",
+        ] {
+            assert!(text.contains(line), "missing {line} in\n{text}");
+        }
+    }
+}

@@ -1,0 +1,711 @@
+//! What one reconcile of an HAService decides, as a pure function of what
+//! the reconciler gathered: placement's decision, the handover (the service
+//! Lease to write) and the operator-owned part of the status (phase, active
+//! and standby node, epoch, VIPs, conditions).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+
+use kubeha_crds::service::{
+    HAServiceSpec, HAServiceStatus, NodeServiceState, Phase, ServiceNodeStatus,
+};
+
+use crate::conditions::{Cond, DEGRADED, READY, RECONCILING, STALLED};
+use crate::handover::{self, Fence, Handover, LeaseState, NodeFacts, Progress};
+use crate::placement::{self, ClusterView, Decision, Failures, Reason, ServiceView};
+
+/// Why a service is not placed at all: it is stopped and `Stalled`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Refusal {
+    /// `InvalidSpec` or `ClusterNotFound`.
+    pub reason: &'static str,
+    /// What is wrong and how to fix it.
+    pub message: String,
+}
+
+/// What the reconciler gathered about one service.
+#[derive(Clone, Debug)]
+pub struct Facts<'a> {
+    /// `namespace/name`.
+    pub key: &'a str,
+    /// `metadata.generation`.
+    pub generation: Option<i64>,
+    /// The spec.
+    pub spec: &'a HAServiceSpec,
+    /// The status as it is (agents' entries included).
+    pub status: Option<&'a HAServiceStatus>,
+    /// Set when the service is refused (invalid, no cluster).
+    pub refusal: Option<Refusal>,
+    /// The service is being deleted: stop it everywhere.
+    pub deleting: bool,
+    /// Placement's view of the cluster.
+    pub cluster: &'a ClusterView,
+    /// The service Lease as it is.
+    pub lease: Option<&'a LeaseState>,
+    /// How each relevant node is fenced (members, nodes with entries, the
+    /// Lease's holder and cleared node).
+    pub fences: &'a BTreeMap<String, Fence>,
+    /// Failures per node, with the time the operator saw them.
+    pub failures: BTreeMap<String, Failures>,
+    /// Nodes whose failure started nothing, long enough ago (see
+    /// [`NodeFacts::started_nothing`]).
+    pub started_nothing: &'a BTreeSet<String>,
+}
+
+/// The operator-owned part of an HAService status.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StatusFields {
+    /// The phase.
+    pub phase: Phase,
+    /// The master (the Lease holder).
+    pub active_node: Option<String>,
+    /// The standby.
+    pub standby_node: Option<String>,
+    /// The epoch (the Lease's leaseTransitions), once there is a Lease.
+    pub epoch: Option<i64>,
+    /// The spec's VIPs, comma-separated.
+    pub vips: String,
+    /// Ready, Degraded, Reconciling, Stalled.
+    pub conditions: Vec<Cond>,
+}
+
+/// The result of [`plan`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Plan {
+    /// Placement's decision; `None` when the service is refused or being
+    /// deleted (then it is stopped).
+    pub decision: Option<Decision>,
+    /// The service Lease to write, and where the handover stands.
+    pub handover: Handover,
+    /// The status to publish.
+    pub status: StatusFields,
+    /// Re-evaluate after this long even without a change (placement's
+    /// timers: failback delay, startup grace, failure expiry).
+    pub requeue_after: Option<Duration>,
+}
+
+impl Plan {
+    /// Whether the service is stopped everywhere (no holder and nobody may
+    /// still run it): a deleted service may be released.
+    pub fn stopped(&self) -> bool {
+        self.handover.lease.holder.is_none() && self.handover.progress == Progress::Stopped
+    }
+}
+
+/// Whether an entry reports a failure before anything was started: its
+/// only hook results are the agent's refusal marker (script `-`), which the
+/// agent writes when the VIPs could not be placed and no hook ran.
+pub fn refused_before_start(entry: &ServiceNodeStatus) -> bool {
+    entry.state == NodeServiceState::Failed
+        && !entry.hooks.is_empty()
+        && entry.hooks.iter().all(|h| h.script == "-")
+}
+
+/// The handover facts per node: fences, status entries, and which failed
+/// entries started nothing.
+pub fn node_facts(
+    fences: &BTreeMap<String, Fence>,
+    status: Option<&HAServiceStatus>,
+    started_nothing: &BTreeSet<String>,
+) -> BTreeMap<String, NodeFacts> {
+    let mut out: BTreeMap<String, NodeFacts> = fences
+        .iter()
+        .map(|(n, f)| {
+            (
+                n.clone(),
+                NodeFacts {
+                    fence: *f,
+                    ..Default::default()
+                },
+            )
+        })
+        .collect();
+    for e in status.map(|s| s.nodes.as_slice()).unwrap_or_default() {
+        let f = out.entry(e.node.clone()).or_default();
+        f.entry = Some(e.clone());
+        f.started_nothing = started_nothing.contains(&e.node) && refused_before_start(e);
+    }
+    out
+}
+
+fn join(nodes: &[String]) -> String {
+    nodes.join(", ")
+}
+
+/// Decides placement, handover and status for one service.
+pub fn plan(f: &Facts<'_>) -> Plan {
+    let facts = node_facts(f.fences, f.status, f.started_nothing);
+    let entries = f.status.map(|s| s.nodes.as_slice()).unwrap_or_default();
+    let entry = |n: &str| entries.iter().find(|e| e.node == n);
+
+    let decision = if f.refusal.is_some() || f.deleting {
+        None
+    } else {
+        let view = ServiceView {
+            key: f.key.to_owned(),
+            preferred_nodes: f.spec.preferred_nodes.clone(),
+            failback: f.spec.failback.clone(),
+            migration_threshold: f.spec.migration_threshold,
+            failure_timeout: (f.spec.failure_timeout_seconds > 0).then(|| {
+                Duration::from_secs(u64::try_from(f.spec.failure_timeout_seconds).unwrap_or(0))
+            }),
+            failures: f.failures.clone(),
+            current_master: f.lease.and_then(|l| l.holder.clone()),
+            current_standby: f.lease.and_then(|l| l.standby.clone()),
+            current_phase: f.status.and_then(|s| s.phase),
+            ever_active: f.lease.is_some_and(|l| l.enter_epoch.is_some()),
+            errored: false,
+            leave_failed_on: handover::leave_failed_on(f.lease, &facts),
+        };
+        placement::place(f.cluster, std::slice::from_ref(&view))
+            .into_iter()
+            .next()
+    };
+
+    let (master, standby) = match &decision {
+        Some(d) => (d.master.as_deref(), d.standby.as_deref()),
+        None => (None, None),
+    };
+    let h = handover::handover(handover::Input {
+        current: f.lease,
+        master,
+        standby,
+        facts: &facts,
+    });
+
+    let epoch = h.lease.epoch;
+    let holder = h.lease.holder.clone();
+    let running_here = holder
+        .as_deref()
+        .and_then(entry)
+        .is_some_and(|e| e.state == NodeServiceState::Running && e.epoch == Some(epoch));
+    let phase = match (&holder, &h.progress) {
+        (Some(_), Progress::Cleared) if running_here => Phase::Active,
+        (Some(_), _) => Phase::Starting,
+        (None, Progress::Stopping { .. }) => Phase::Stopping,
+        (None, _) => match &decision {
+            Some(d) if d.phase != Phase::Active && d.phase != Phase::Starting => d.phase,
+            _ => Phase::Pending,
+        },
+    };
+
+    let mut conditions = Vec::new();
+    // Stalled: nothing progresses until someone changes something.
+    let stalled = if let Some(r) = &f.refusal {
+        Cond::yes(STALLED, r.reason, r.message.clone())
+    } else if let Some(d) = decision
+        .as_ref()
+        .filter(|d| d.reason == Reason::ProhibitedModes)
+    {
+        Cond::yes(
+            STALLED,
+            d.reason.as_str(),
+            "the members' modes of the cluster form a prohibited combination; the assignment is frozen until an admin fixes them (see the HACluster's conditions)",
+        )
+    } else if phase == Phase::Errored {
+        Cond::yes(
+            STALLED,
+            "AllFailed",
+            "every member that may run the service has reached the migration threshold; it stays stopped until a failure expires (failureTimeoutSeconds) or an admin clears the failures",
+        )
+    } else {
+        Cond::no(STALLED, "Progressing", "")
+    };
+    conditions.push(stalled);
+
+    let ready = match phase {
+        Phase::Active => Cond::yes(
+            READY,
+            "Active",
+            format!(
+                "running on {} at epoch {epoch}",
+                holder.clone().unwrap_or_default()
+            ),
+        ),
+        other => {
+            let why = match (&decision, &f.refusal) {
+                (_, Some(r)) => r.message.clone(),
+                (Some(d), None) => format!("placement: {}", d.reason),
+                (None, None) => "being deleted".to_owned(),
+            };
+            Cond::no(READY, format!("{other:?}"), why)
+        }
+    };
+    conditions.push(ready);
+
+    let reconciling = match (&holder, &h.progress) {
+        (Some(hn), Progress::Waiting { nodes, epoch: e }) => Cond::yes(
+            RECONCILING,
+            "WaitingForLeave",
+            format!(
+                "{hn} enters at epoch {epoch} once {} left epoch {e} (acknowledged) or is fenced",
+                join(nodes)
+            ),
+        ),
+        (Some(hn), Progress::Cleared) if !running_here => Cond::yes(
+            RECONCILING,
+            "Entering",
+            format!("{hn} is cleared to enter at epoch {epoch}; waiting for it to report Running"),
+        ),
+        (None, Progress::Stopping { nodes, epoch: e }) => Cond::yes(
+            RECONCILING,
+            "Stopping",
+            format!(
+                "waiting for {} to leave epoch {e} (acknowledge) or be fenced",
+                join(nodes)
+            ),
+        ),
+        _ => Cond::no(RECONCILING, "Settled", ""),
+    };
+    conditions.push(reconciling);
+
+    let failed: Vec<String> = entries
+        .iter()
+        .filter(|e| e.state == NodeServiceState::Failed)
+        .map(|e| format!("{} (fail count {})", e.node, e.fail_count))
+        .collect();
+    let degraded = if let Some(d) = decision
+        .as_ref()
+        .filter(|d| d.reason == Reason::WaitingForFence)
+    {
+        let node = handover::leave_failed_on(f.lease, &facts).unwrap_or_default();
+        Cond::yes(
+            DEGRADED,
+            d.reason.as_str(),
+            format!(
+                "{node} failed to leave and may still run the service; it moves once {node}'s heartbeat is Lost or an admin sets it peerdown"
+            ),
+        )
+    } else if !failed.is_empty() {
+        Cond::yes(
+            DEGRADED,
+            "NodeFailed",
+            format!("failed on {}", failed.join(", ")),
+        )
+    } else if matches!(phase, Phase::Active | Phase::Starting) && h.lease.standby.is_none() {
+        Cond::yes(
+            DEGRADED,
+            "NoStandby",
+            "no other eligible member can take over",
+        )
+    } else {
+        Cond::no(DEGRADED, "Redundant", "")
+    };
+    conditions.push(degraded);
+
+    let has_lease = f.lease.is_some() || h.write;
+    Plan {
+        requeue_after: decision.as_ref().and_then(|d| d.requeue_after),
+        status: StatusFields {
+            phase,
+            active_node: holder,
+            standby_node: h.lease.standby.clone(),
+            epoch: has_lease.then_some(epoch),
+            vips: f
+                .spec
+                .vips
+                .iter()
+                .map(|v| v.address.as_str())
+                .collect::<Vec<_>>()
+                .join(","),
+            conditions,
+        },
+        decision,
+        handover: h,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kubeha_crds::Mode;
+    use kubeha_crds::cluster::{Failback, HeartbeatState, Placement};
+    use kubeha_crds::service::{Garp, HookOutcome, HookResult, Role, Vip};
+
+    use crate::placement::NodeView;
+
+    const HOUR: Duration = Duration::from_secs(3600);
+
+    fn cluster(nodes: &[(&str, HeartbeatState)]) -> ClusterView {
+        ClusterView {
+            members: nodes
+                .iter()
+                .map(|(n, hb)| NodeView {
+                    name: n.to_string(),
+                    mode: Mode::Default,
+                    heartbeat: *hb,
+                    cordoned: false,
+                    eligible_for: HOUR,
+                })
+                .collect(),
+            placement: Placement::Alphabetical,
+            failback: Failback::default(),
+            startup_grace: Duration::from_secs(30),
+            since_start: HOUR,
+        }
+    }
+
+    fn spec() -> HAServiceSpec {
+        HAServiceSpec {
+            cluster_ref: "c".into(),
+            vips: vec![
+                Vip {
+                    address: "198.18.0.100/24".into(),
+                    interface: None,
+                },
+                Vip {
+                    address: "2001:db8::100/64".into(),
+                    interface: None,
+                },
+            ],
+            default_route: None,
+            hooks: None,
+            preferred_nodes: vec![],
+            failback: None,
+            migration_threshold: 1,
+            failure_timeout_seconds: 0,
+            garp: Garp::default(),
+        }
+    }
+
+    fn entry(
+        node: &str,
+        role: Role,
+        state: NodeServiceState,
+        epoch: i64,
+        acked: Option<i64>,
+    ) -> ServiceNodeStatus {
+        ServiceNodeStatus {
+            node: node.into(),
+            role,
+            state,
+            epoch: Some(epoch),
+            acked_epoch: acked,
+            fail_count: 0,
+            last_failure_time: None,
+            hooks: vec![],
+        }
+    }
+
+    fn status(entries: Vec<ServiceNodeStatus>) -> HAServiceStatus {
+        HAServiceStatus {
+            nodes: entries,
+            ..Default::default()
+        }
+    }
+
+    fn cond<'a>(p: &'a Plan, t: &str) -> &'a Cond {
+        p.status.conditions.iter().find(|c| c.type_ == t).unwrap()
+    }
+
+    struct Case {
+        spec: HAServiceSpec,
+        cluster: ClusterView,
+        lease: Option<LeaseState>,
+        status: Option<HAServiceStatus>,
+        fences: BTreeMap<String, Fence>,
+        refusal: Option<Refusal>,
+        deleting: bool,
+    }
+
+    impl Case {
+        fn new(nodes: &[(&str, HeartbeatState)]) -> Self {
+            Self {
+                spec: spec(),
+                cluster: cluster(nodes),
+                lease: None,
+                status: None,
+                fences: nodes
+                    .iter()
+                    .map(|(n, hb)| {
+                        let f = if matches!(hb, HeartbeatState::Lost | HeartbeatState::Fenced) {
+                            Fence::Heartbeat
+                        } else {
+                            Fence::None
+                        };
+                        (n.to_string(), f)
+                    })
+                    .collect(),
+                refusal: None,
+                deleting: false,
+            }
+        }
+        fn plan(&self) -> Plan {
+            plan(&Facts {
+                key: "ns/svc",
+                generation: Some(1),
+                spec: &self.spec,
+                status: self.status.as_ref(),
+                refusal: self.refusal.clone(),
+                deleting: self.deleting,
+                cluster: &self.cluster,
+                lease: self.lease.as_ref(),
+                fences: &self.fences,
+                failures: BTreeMap::new(),
+                started_nothing: &BTreeSet::new(),
+            })
+        }
+    }
+
+    fn cleared(holder: &str, epoch: i64) -> LeaseState {
+        LeaseState {
+            holder: Some(holder.into()),
+            epoch,
+            standby: None,
+            enter_epoch: Some(epoch),
+            cleared_node: Some(holder.into()),
+        }
+    }
+
+    use HeartbeatState::*;
+
+    #[test]
+    fn first_placement_starts_on_the_first_node() {
+        let p = Case::new(&[("a", Alive), ("b", Alive)]).plan();
+        assert!(p.handover.write && p.handover.cleared_now);
+        assert_eq!(p.status.phase, Phase::Starting);
+        assert_eq!(p.status.active_node.as_deref(), Some("a"));
+        assert_eq!(p.status.standby_node.as_deref(), Some("b"));
+        assert_eq!(p.status.epoch, Some(1));
+        assert_eq!(p.status.vips, "198.18.0.100/24,2001:db8::100/64");
+        assert!(cond(&p, RECONCILING).status);
+        assert!(!cond(&p, READY).status);
+    }
+
+    #[test]
+    fn running_holder_is_active_and_ready() {
+        let mut c = Case::new(&[("a", Alive), ("b", Alive)]);
+        c.lease = Some(LeaseState {
+            standby: Some("b".into()),
+            ..cleared("a", 1)
+        });
+        c.status = Some(status(vec![entry(
+            "a",
+            Role::Master,
+            NodeServiceState::Running,
+            1,
+            None,
+        )]));
+        let p = c.plan();
+        assert!(!p.handover.write);
+        assert_eq!(p.status.phase, Phase::Active);
+        assert!(cond(&p, READY).status);
+        assert!(!cond(&p, DEGRADED).status);
+        assert!(!cond(&p, RECONCILING).status);
+        assert!(!cond(&p, STALLED).status);
+    }
+
+    #[test]
+    fn failover_waits_for_the_lost_master_then_clears() {
+        let mut c = Case::new(&[("a", Lost), ("b", Alive)]);
+        c.lease = Some(cleared("a", 1));
+        c.status = Some(status(vec![entry(
+            "a",
+            Role::Master,
+            NodeServiceState::Running,
+            1,
+            None,
+        )]));
+        let p = c.plan();
+        assert_eq!(p.decision.as_ref().unwrap().reason, Reason::Failover);
+        assert_eq!(p.handover.lease.holder.as_deref(), Some("b"));
+        assert!(p.handover.cleared_now, "a is Lost: fenced");
+        assert_eq!(p.handover.relies_on_heartbeat, vec!["a".to_owned()]);
+        assert_eq!(p.status.phase, Phase::Starting);
+        assert!(cond(&p, DEGRADED).status, "no standby left");
+    }
+
+    #[test]
+    fn failed_monitor_moves_after_the_ack() {
+        let mut c = Case::new(&[("a", Alive), ("b", Alive)]);
+        c.lease = Some(cleared("a", 1));
+        let mut failed = entry("a", Role::None, NodeServiceState::Failed, 1, Some(1));
+        failed.fail_count = 1;
+        c.status = Some(status(vec![failed.clone()]));
+        let mut p_facts = Case::new(&[("a", Alive), ("b", Alive)]);
+        p_facts.lease = c.lease.clone();
+        p_facts.status = c.status.clone();
+        let failures = BTreeMap::from([(
+            "a".to_owned(),
+            Failures {
+                count: 1,
+                last_failure_ago: Duration::from_secs(1),
+            },
+        )]);
+        let p = plan(&Facts {
+            key: "ns/svc",
+            generation: Some(1),
+            spec: &c.spec,
+            status: c.status.as_ref(),
+            refusal: None,
+            deleting: false,
+            cluster: &c.cluster,
+            lease: c.lease.as_ref(),
+            fences: &c.fences,
+            failures,
+            started_nothing: &BTreeSet::new(),
+        });
+        assert_eq!(p.handover.lease.holder.as_deref(), Some("b"));
+        assert!(p.handover.cleared_now, "a acknowledged epoch 1");
+        assert!(cond(&p, DEGRADED).status);
+        assert_eq!(cond(&p, DEGRADED).reason, "NodeFailed");
+    }
+
+    #[test]
+    fn failed_leave_waits_for_the_fence() {
+        let mut c = Case::new(&[("a", Alive), ("b", Alive)]);
+        c.lease = Some(cleared("a", 1));
+        let mut failed = entry("a", Role::None, NodeServiceState::Failed, 1, None);
+        failed.fail_count = 1;
+        c.status = Some(status(vec![failed]));
+        c.spec.migration_threshold = 5;
+        let p = c.plan();
+        // a is still eligible (threshold 5) and still the master: it stays.
+        assert_eq!(p.handover.lease.holder.as_deref(), Some("a"));
+        // Once a is not eligible (cordoned), nobody may take it before the fence.
+        c.cluster.members[0].cordoned = true;
+        let p = c.plan();
+        assert_eq!(p.decision.as_ref().unwrap().reason, Reason::WaitingForFence);
+        assert_eq!(p.handover.lease.holder, None);
+        assert_eq!(p.status.phase, Phase::Stopping);
+        assert_eq!(cond(&p, DEGRADED).reason, "WaitingForFence");
+        // a's heartbeat Lost: the service moves to b at once.
+        c.cluster.members[0].heartbeat = Lost;
+        c.fences.insert("a".into(), Fence::Heartbeat);
+        let p = c.plan();
+        assert_eq!(p.handover.lease.holder.as_deref(), Some("b"));
+        assert!(p.handover.cleared_now);
+    }
+
+    #[test]
+    fn refused_services_are_stopped_and_stalled() {
+        let mut c = Case::new(&[("a", Alive)]);
+        c.lease = Some(cleared("a", 2));
+        c.status = Some(status(vec![entry(
+            "a",
+            Role::Master,
+            NodeServiceState::Running,
+            2,
+            None,
+        )]));
+        c.refusal = Some(Refusal {
+            reason: "InvalidSpec",
+            message: "spec.vips: outside the pool".into(),
+        });
+        let p = c.plan();
+        assert_eq!(p.handover.lease.holder, None);
+        assert_eq!(p.handover.lease.epoch, 3);
+        assert_eq!(p.status.phase, Phase::Stopping);
+        assert!(cond(&p, STALLED).status);
+        assert_eq!(cond(&p, STALLED).reason, "InvalidSpec");
+        assert!(!p.stopped());
+        // After the ack: Pending, stopped.
+        c.lease = Some(p.handover.lease.clone());
+        c.status = Some(status(vec![entry(
+            "a",
+            Role::None,
+            NodeServiceState::Stopped,
+            2,
+            Some(2),
+        )]));
+        let p = c.plan();
+        assert!(!p.handover.write);
+        assert_eq!(p.status.phase, Phase::Pending);
+        assert!(p.stopped());
+        // A refused service that never ran writes no Lease.
+        let mut c = Case::new(&[("a", Alive)]);
+        c.refusal = Some(Refusal {
+            reason: "ClusterNotFound",
+            message: "no HACluster c".into(),
+        });
+        let p = c.plan();
+        assert!(!p.handover.write);
+        assert_eq!(p.status.epoch, None);
+    }
+
+    #[test]
+    fn deleting_stops_then_releases() {
+        let mut c = Case::new(&[("a", Alive)]);
+        c.lease = Some(cleared("a", 1));
+        c.deleting = true;
+        let p = c.plan();
+        assert_eq!(p.handover.lease.holder, None);
+        assert!(!p.stopped());
+        c.lease = Some(p.handover.lease);
+        c.fences.insert("a".into(), Fence::Heartbeat);
+        assert!(c.plan().stopped(), "Lost counts as left");
+    }
+
+    #[test]
+    fn all_failed_is_errored_and_stalled() {
+        let c = Case::new(&[("a", Alive)]);
+        let failures = BTreeMap::from([(
+            "a".to_owned(),
+            Failures {
+                count: 1,
+                last_failure_ago: Duration::ZERO,
+            },
+        )]);
+        let p = plan(&Facts {
+            key: "ns/svc",
+            generation: Some(1),
+            spec: &c.spec,
+            status: None,
+            refusal: None,
+            deleting: false,
+            cluster: &c.cluster,
+            lease: None,
+            fences: &c.fences,
+            failures,
+            started_nothing: &BTreeSet::new(),
+        });
+        assert_eq!(p.status.phase, Phase::Errored);
+        assert_eq!(cond(&p, STALLED).reason, "AllFailed");
+    }
+
+    #[test]
+    fn a_refused_enter_moves_once_its_vips_expired() {
+        let mut c = Case::new(&[("a", Alive), ("b", Alive)]);
+        c.lease = Some(cleared("a", 1));
+        let mut e = entry("a", Role::None, NodeServiceState::Failed, 1, None);
+        e.fail_count = 1;
+        e.hooks = vec![HookResult {
+            script: "-".into(),
+            action: "enter".into(),
+            exit_code: None,
+            outcome: HookOutcome::Refused,
+            duration_ms: 0,
+            finished_at: None,
+            output_tail: vec!["no interface holds 198.18.0.100/24".into()],
+        }];
+        assert!(refused_before_start(&e));
+        c.status = Some(status(vec![e]));
+        let failures = BTreeMap::from([(
+            "a".to_owned(),
+            Failures {
+                count: 1,
+                last_failure_ago: Duration::ZERO,
+            },
+        )]);
+        let run = |started: &BTreeSet<String>| {
+            plan(&Facts {
+                key: "ns/svc",
+                generation: Some(1),
+                spec: &c.spec,
+                status: c.status.as_ref(),
+                refusal: None,
+                deleting: false,
+                cluster: &c.cluster,
+                lease: c.lease.as_ref(),
+                fences: &c.fences,
+                failures: failures.clone(),
+                started_nothing: started,
+            })
+        };
+        let p = run(&BTreeSet::new());
+        assert_eq!(p.decision.unwrap().reason, Reason::WaitingForFence);
+        let p = run(&BTreeSet::from(["a".to_owned()]));
+        assert_eq!(p.handover.lease.holder.as_deref(), Some("b"));
+        assert!(p.handover.cleared_now);
+    }
+}

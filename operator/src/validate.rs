@@ -1,0 +1,464 @@
+//! Validation of an HAService against its cluster and the rest of the
+//! world: the checks the API server cannot make because they span several
+//! objects. Pure: the caller gathers the facts.
+//!
+//! A service with any [`Problem`] is refused: it is never assigned (a
+//! running one is stopped) and reports `Stalled` until its spec, its
+//! cluster or the conflicting object changes.
+
+use std::net::IpAddr;
+use std::str::FromStr;
+
+use kubeha_crds::cluster::HAClusterSpec;
+use kubeha_crds::service::HAServiceSpec;
+
+/// An address with a prefix length, IPv4 or IPv6.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Cidr {
+    /// The address as written (host bits may be set).
+    pub addr: IpAddr,
+    /// The prefix length.
+    pub prefix: u8,
+}
+
+/// Why a string is not a CIDR.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{0:?} is not an address with a prefix length such as 198.18.0.10/24")]
+pub struct BadCidr(pub String);
+
+impl FromStr for Cidr {
+    type Err = BadCidr;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let bad = || BadCidr(s.to_owned());
+        let (addr, prefix) = s.trim().split_once('/').ok_or_else(bad)?;
+        let addr: IpAddr = addr.parse().map_err(|_| bad())?;
+        let prefix: u8 = prefix.parse().map_err(|_| bad())?;
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        if prefix > max {
+            return Err(bad());
+        }
+        Ok(Self { addr, prefix })
+    }
+}
+
+impl Cidr {
+    /// Whether `ip` lies in this network (same family, same prefix bits).
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        match (self.addr, ip) {
+            (IpAddr::V4(net), IpAddr::V4(ip)) => {
+                let mask = u32::MAX
+                    .checked_shl(32 - u32::from(self.prefix))
+                    .unwrap_or(0);
+                u32::from(net) & mask == u32::from(ip) & mask
+            }
+            (IpAddr::V6(net), IpAddr::V6(ip)) => {
+                let mask = u128::MAX
+                    .checked_shl(128 - u32::from(self.prefix))
+                    .unwrap_or(0);
+                u128::from(net) & mask == u128::from(ip) & mask
+            }
+            _ => false,
+        }
+    }
+}
+
+/// One reason a service is refused.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum Problem {
+    /// The service's namespace may not bind to the cluster.
+    #[error(
+        "namespace {namespace} may not bind HAServices to HACluster {cluster}; the cluster admin adds it (or \"*\") to spec.allowedNamespaces"
+    )]
+    NamespaceNotAllowed {
+        /// The service's namespace.
+        namespace: String,
+        /// The cluster.
+        cluster: String,
+    },
+    /// A VIP that does not parse.
+    #[error("spec.vips: {0}")]
+    BadVip(String),
+    /// A VIP listed twice.
+    #[error("spec.vips: address {0} is listed twice")]
+    DuplicateVip(String),
+    /// A VIP outside every range of the cluster's pool.
+    #[error(
+        "spec.vips: {address} is outside the VIP pool {pool:?} of HACluster {cluster}; pick an address inside it or ask the cluster admin to widen spec.vipPool"
+    )]
+    VipOutsidePool {
+        /// The VIP.
+        address: String,
+        /// The cluster's pool.
+        pool: Vec<String>,
+        /// The cluster.
+        cluster: String,
+    },
+    /// A VIP equal to a node's own address.
+    #[error(
+        "spec.vips: {address} is an address of node {node}; a VIP must not be any node's own address"
+    )]
+    VipIsNodeAddress {
+        /// The VIP.
+        address: String,
+        /// The node owning that address.
+        node: String,
+    },
+    /// A VIP an older service already claims.
+    #[error(
+        "spec.vips: {address} is already claimed by the older HAService {by}; pick another address"
+    )]
+    VipClaimed {
+        /// The VIP.
+        address: String,
+        /// The older service, `namespace/name`.
+        by: String,
+    },
+    /// A hook source the cluster does not allow.
+    #[error(
+        "spec.hooks.source: {kind} hooks are not allowed by HACluster {cluster} (spec.allowedHookSources)"
+    )]
+    HookSourceNotAllowed {
+        /// `hostPath` or `configMap`.
+        kind: &'static str,
+        /// The cluster.
+        cluster: String,
+    },
+}
+
+/// The service being validated.
+#[derive(Clone, Copy, Debug)]
+pub struct Subject<'a> {
+    /// Its namespace.
+    pub namespace: &'a str,
+    /// `namespace/name`.
+    pub key: &'a str,
+    /// Its creation time (older services keep contested VIPs).
+    pub created: Option<jiff::Timestamp>,
+    /// Its spec.
+    pub spec: &'a HAServiceSpec,
+}
+
+/// Another service's claim on VIPs.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Claim {
+    /// `namespace/name`.
+    pub key: String,
+    /// Its creation time.
+    pub created: Option<jiff::Timestamp>,
+    /// Its VIP addresses.
+    pub addresses: Vec<IpAddr>,
+}
+
+impl Claim {
+    /// The claim of a service spec (unparsable VIPs claim nothing).
+    pub fn of(key: String, created: Option<jiff::Timestamp>, spec: &HAServiceSpec) -> Self {
+        Self {
+            key,
+            created,
+            addresses: spec
+                .vips
+                .iter()
+                .filter_map(|v| v.address.parse::<Cidr>().ok())
+                .map(|c| c.addr)
+                .collect(),
+        }
+    }
+}
+
+/// Orders claims: older first; ties (or unknown times) by key.
+fn older(a: (Option<jiff::Timestamp>, &str), b: (Option<jiff::Timestamp>, &str)) -> bool {
+    let rank = |t: Option<jiff::Timestamp>| t.unwrap_or(jiff::Timestamp::MAX);
+    (rank(a.0), a.1) < (rank(b.0), b.1)
+}
+
+/// Checks a service against its cluster (`cluster_name`, `cluster`), the
+/// nodes' own addresses (`(node, address)`) and the other services' claims
+/// (the subject's own claim may be among them; it is skipped).
+pub fn validate(
+    subject: Subject<'_>,
+    cluster_name: &str,
+    cluster: &HAClusterSpec,
+    node_addresses: &[(String, IpAddr)],
+    claims: &[Claim],
+) -> Vec<Problem> {
+    let mut problems = Vec::new();
+    let allowed = cluster
+        .allowed_namespaces
+        .iter()
+        .any(|n| n == "*" || n == subject.namespace);
+    if !allowed {
+        problems.push(Problem::NamespaceNotAllowed {
+            namespace: subject.namespace.to_owned(),
+            cluster: cluster_name.to_owned(),
+        });
+    }
+
+    let pool: Vec<Cidr> = cluster
+        .vip_pool
+        .iter()
+        .filter_map(|p| p.parse().ok())
+        .collect();
+    let mut seen: Vec<IpAddr> = Vec::new();
+    for vip in &subject.spec.vips {
+        let cidr = match vip.address.parse::<Cidr>() {
+            Ok(c) => c,
+            Err(e) => {
+                problems.push(Problem::BadVip(e.to_string()));
+                continue;
+            }
+        };
+        let ip = cidr.addr;
+        if seen.contains(&ip) {
+            problems.push(Problem::DuplicateVip(ip.to_string()));
+            continue;
+        }
+        seen.push(ip);
+        if !pool.iter().any(|p| p.contains(ip)) {
+            problems.push(Problem::VipOutsidePool {
+                address: ip.to_string(),
+                pool: cluster.vip_pool.clone(),
+                cluster: cluster_name.to_owned(),
+            });
+        }
+        if let Some((node, _)) = node_addresses.iter().find(|(_, a)| *a == ip) {
+            problems.push(Problem::VipIsNodeAddress {
+                address: ip.to_string(),
+                node: node.clone(),
+            });
+        }
+        let contender = claims
+            .iter()
+            .filter(|c| c.key != subject.key && c.addresses.contains(&ip))
+            .filter(|c| older((c.created, &c.key), (subject.created, subject.key)))
+            .min_by(|a, b| {
+                if older((a.created, &a.key), (b.created, &b.key)) {
+                    std::cmp::Ordering::Less
+                } else {
+                    std::cmp::Ordering::Greater
+                }
+            });
+        if let Some(c) = contender {
+            problems.push(Problem::VipClaimed {
+                address: ip.to_string(),
+                by: c.key.clone(),
+            });
+        }
+    }
+
+    if let Some(source) = subject.spec.hooks.as_ref().map(|h| &h.source) {
+        let sources = &cluster.allowed_hook_sources;
+        if source.host_path.is_some() && !sources.host_path {
+            problems.push(Problem::HookSourceNotAllowed {
+                kind: "hostPath",
+                cluster: cluster_name.to_owned(),
+            });
+        }
+        if source.config_map.is_some()
+            && !sources.config_map
+            && !sources.config_map_in_service_namespace
+        {
+            problems.push(Problem::HookSourceNotAllowed {
+                kind: "configMap",
+                cluster: cluster_name.to_owned(),
+            });
+        }
+    }
+    problems
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kubeha_crds::cluster::{AllowedHookSources, Members};
+    use kubeha_crds::service::{Garp, HookSource, Hooks, Vip};
+
+    fn cluster(pool: &[&str], namespaces: &[&str]) -> HAClusterSpec {
+        HAClusterSpec {
+            members: Members::default(),
+            placement: Default::default(),
+            heartbeat: Default::default(),
+            startup_grace_seconds: 30,
+            vip_pool: pool.iter().map(|s| s.to_string()).collect(),
+            allowed_namespaces: namespaces.iter().map(|s| s.to_string()).collect(),
+            allowed_hook_sources: AllowedHookSources::default(),
+            failback: Default::default(),
+            fence: Default::default(),
+        }
+    }
+
+    fn spec(vips: &[&str]) -> HAServiceSpec {
+        HAServiceSpec {
+            cluster_ref: "c".into(),
+            vips: vips
+                .iter()
+                .map(|a| Vip {
+                    address: a.to_string(),
+                    interface: None,
+                })
+                .collect(),
+            default_route: None,
+            hooks: None,
+            preferred_nodes: vec![],
+            failback: None,
+            migration_threshold: 1,
+            failure_timeout_seconds: 0,
+            garp: Garp::default(),
+        }
+    }
+
+    fn subject<'a>(spec: &'a HAServiceSpec, key: &'a str, created: i64) -> Subject<'a> {
+        Subject {
+            namespace: key.split('/').next().unwrap(),
+            key,
+            created: Some(jiff::Timestamp::from_second(created).unwrap()),
+            spec,
+        }
+    }
+
+    #[test]
+    fn cidr_parsing_and_containment() {
+        let net: Cidr = "198.18.0.96/28".parse().unwrap();
+        assert!(net.contains("198.18.0.100".parse().unwrap()));
+        assert!(!net.contains("198.18.0.112".parse().unwrap()));
+        assert!(!net.contains("2001:db8::1".parse().unwrap()));
+        let v6: Cidr = "2001:db8::/64".parse().unwrap();
+        assert!(v6.contains("2001:db8::100".parse().unwrap()));
+        assert!(!v6.contains("2001:db9::1".parse().unwrap()));
+        let all: Cidr = "0.0.0.0/0".parse().unwrap();
+        assert!(all.contains("10.1.2.3".parse().unwrap()));
+        for bad in ["198.18.0.1", "198.18.0.1/33", "x/24", "::1/129", ""] {
+            assert!(bad.parse::<Cidr>().is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn a_valid_service_has_no_problems() {
+        let s = spec(&["198.18.0.100/24", "2001:db8::100/64"]);
+        let c = cluster(&["198.18.0.96/28", "2001:db8::/64"], &["apps"]);
+        assert_eq!(
+            validate(subject(&s, "apps/nfs", 1), "c", &c, &[], &[]),
+            vec![]
+        );
+        let c = cluster(&["198.18.0.96/28", "2001:db8::/64"], &["*"]);
+        assert_eq!(
+            validate(subject(&s, "other/nfs", 1), "c", &c, &[], &[]),
+            vec![]
+        );
+    }
+
+    #[test]
+    fn namespace_must_be_allowed() {
+        let s = spec(&["198.18.0.100/24"]);
+        let c = cluster(&["198.18.0.0/24"], &["apps"]);
+        let p = validate(subject(&s, "dev/nfs", 1), "c", &c, &[], &[]);
+        assert!(
+            matches!(&p[..], [Problem::NamespaceNotAllowed { .. }]),
+            "{p:?}"
+        );
+        let c = cluster(&["198.18.0.0/24"], &[]);
+        assert_eq!(
+            validate(subject(&s, "apps/nfs", 1), "c", &c, &[], &[]).len(),
+            1
+        );
+    }
+
+    #[test]
+    fn vip_outside_pool_or_on_a_node_is_refused() {
+        let s = spec(&["198.18.0.200/24", "198.18.0.11/24"]);
+        let c = cluster(&["198.18.0.0/25"], &["*"]);
+        let nodes = vec![("node-1".to_owned(), "198.18.0.11".parse().unwrap())];
+        let p = validate(subject(&s, "a/x", 1), "c", &c, &nodes, &[]);
+        assert_eq!(p.len(), 2, "{p:?}");
+        assert!(
+            matches!(&p[0], Problem::VipOutsidePool { address, .. } if address == "198.18.0.200")
+        );
+        assert!(matches!(&p[1], Problem::VipIsNodeAddress { node, .. } if node == "node-1"));
+        assert!(p[0].to_string().contains("spec.vipPool"));
+    }
+
+    #[test]
+    fn the_older_service_keeps_a_contested_vip() {
+        let c = cluster(&["198.18.0.0/24"], &["*"]);
+        let old = spec(&["198.18.0.100/24"]);
+        let young = spec(&["198.18.0.100/32"]);
+        let claims = vec![
+            Claim::of(
+                "a/old".into(),
+                Some(jiff::Timestamp::from_second(1).unwrap()),
+                &old,
+            ),
+            Claim::of(
+                "b/young".into(),
+                Some(jiff::Timestamp::from_second(2).unwrap()),
+                &young,
+            ),
+        ];
+        assert_eq!(
+            validate(subject(&old, "a/old", 1), "c", &c, &[], &claims),
+            vec![]
+        );
+        let p = validate(subject(&young, "b/young", 2), "c", &c, &[], &claims);
+        assert_eq!(
+            p,
+            vec![Problem::VipClaimed {
+                address: "198.18.0.100".into(),
+                by: "a/old".into()
+            }]
+        );
+        // Same creation second: the key decides, deterministically.
+        let p = validate(subject(&young, "b/young", 1), "c", &c, &[], &claims);
+        assert_eq!(p.len(), 1);
+    }
+
+    #[test]
+    fn duplicate_and_bad_vips() {
+        let c = cluster(&["198.18.0.0/24"], &["*"]);
+        let s = spec(&["198.18.0.5/24", "198.18.0.5/32", "nonsense"]);
+        let p = validate(subject(&s, "a/x", 1), "c", &c, &[], &[]);
+        assert!(p.contains(&Problem::DuplicateVip("198.18.0.5".into())));
+        assert!(p.iter().any(|p| matches!(p, Problem::BadVip(_))));
+    }
+
+    #[test]
+    fn hook_sources_must_be_allowed() {
+        let mut c = cluster(&["198.18.0.0/24"], &["*"]);
+        c.allowed_hook_sources = AllowedHookSources {
+            host_path: false,
+            config_map: false,
+            config_map_in_service_namespace: false,
+        };
+        let mut s = spec(&["198.18.0.5/24"]);
+        s.hooks = Some(Hooks {
+            source: HookSource {
+                host_path: Some("nfs".into()),
+                config_map: None,
+            },
+            script: None,
+            timeout_seconds: 60,
+            monitor: None,
+            periodic: None,
+        });
+        let p = validate(subject(&s, "a/x", 1), "c", &c, &[], &[]);
+        assert!(matches!(
+            &p[..],
+            [Problem::HookSourceNotAllowed {
+                kind: "hostPath",
+                ..
+            }]
+        ));
+        s.hooks.as_mut().unwrap().source = HookSource {
+            host_path: None,
+            config_map: Some("hooks".into()),
+        };
+        let p = validate(subject(&s, "a/x", 1), "c", &c, &[], &[]);
+        assert!(matches!(
+            &p[..],
+            [Problem::HookSourceNotAllowed {
+                kind: "configMap",
+                ..
+            }]
+        ));
+        c.allowed_hook_sources.config_map_in_service_namespace = true;
+        assert_eq!(validate(subject(&s, "a/x", 1), "c", &c, &[], &[]), vec![]);
+    }
+}

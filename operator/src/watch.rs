@@ -1,0 +1,337 @@
+//! The operator's watches, one per kind, each feeding a reflector store the
+//! controllers read, and the dispatcher that turns their events into
+//! reconcile requests and heartbeat observations.
+//!
+//! Objects are watched untyped and parsed one by one: a malformed object
+//! is logged and skipped instead of failing the whole list (a typed list
+//! fails as a whole when one item does not deserialize), so it never stops
+//! the watch of the others.
+//!
+//! | watch | selector | feeds |
+//! |---|---|---|
+//! | HAService, all namespaces | - | the service itself, its cluster |
+//! | HACluster | - | the cluster; its services when the spec changed |
+//! | Lease, all namespaces | `kubeha.io/lease=service` | the service named by `kubeha.io/service` |
+//! | Lease, operator namespace | `kubeha.io/lease=heartbeat` | heartbeat view; cluster and services when a member's state changed |
+//! | Node | - | every cluster and service when cordon, labels or addresses changed |
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Instant;
+
+use futures::stream::BoxStream;
+use futures::{Stream, StreamExt};
+use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::core::v1::Node;
+use kube::core::{ApiResource, DynamicObject};
+use kube::runtime::reflector::{self, ObjectRef, Store};
+use kube::runtime::{WatchStreamExt, watcher};
+use kube::{Api, Client, Resource, ResourceExt};
+use kubeha_crds::{HACluster, HAService, leases};
+use serde::de::DeserializeOwned;
+
+use crate::context::Ctx;
+use crate::heartbeat_view::{Fingerprint, Timing};
+use crate::members::NodeInfo;
+
+/// The reflector stores the controllers read.
+#[derive(Clone)]
+pub struct Stores {
+    /// Every HAService.
+    pub services: Store<HAService>,
+    /// Every HACluster.
+    pub clusters: Store<HACluster>,
+    /// Service Leases (every namespace).
+    pub service_leases: Store<Lease>,
+    /// Heartbeat Leases (operator namespace).
+    pub heartbeat_leases: Store<Lease>,
+    /// Nodes.
+    pub nodes: Store<Node>,
+}
+
+type Events<K> = BoxStream<'static, Result<watcher::Event<K>, watcher::Error>>;
+
+/// The reflected event streams; [`dispatch`] drives them.
+pub struct Streams {
+    services: Events<HAService>,
+    clusters: Events<HACluster>,
+    service_leases: Events<Lease>,
+    heartbeat_leases: Events<Lease>,
+    nodes: Events<Node>,
+}
+
+/// Parses one untyped object; a malformed one is logged and dropped.
+fn parse<K>(obj: DynamicObject) -> Option<K>
+where
+    K: Resource<DynamicType = ()> + DeserializeOwned,
+{
+    let name = format!(
+        "{}/{}",
+        obj.metadata.namespace.clone().unwrap_or_default(),
+        obj.metadata.name.clone().unwrap_or_default()
+    );
+    match obj.try_parse::<K>() {
+        Ok(k) => Some(k),
+        Err(e) => {
+            tracing::warn!(kind = %K::kind(&()), object = %name, error = %e, "skipping a malformed object");
+            None
+        }
+    }
+}
+
+fn typed<K>(event: watcher::Event<DynamicObject>) -> Option<watcher::Event<K>>
+where
+    K: Resource<DynamicType = ()> + DeserializeOwned,
+{
+    use watcher::Event::*;
+    match event {
+        Apply(o) => parse(o).map(Apply),
+        InitApply(o) => parse(o).map(InitApply),
+        Delete(o) => parse(o).map(Delete),
+        Init => Some(Init),
+        InitDone => Some(InitDone),
+    }
+}
+
+/// A fault-tolerant typed watch reflected into a store.
+fn reflect<K>(
+    client: &Client,
+    namespace: Option<&str>,
+    config: watcher::Config,
+) -> (
+    Store<K>,
+    impl Stream<Item = Result<watcher::Event<K>, watcher::Error>> + Send + use<K>,
+)
+where
+    K: Resource<DynamicType = ()>
+        + DeserializeOwned
+        + Clone
+        + std::fmt::Debug
+        + Send
+        + Sync
+        + 'static,
+{
+    let ar = ApiResource::erase::<K>(&());
+    let api: Api<DynamicObject> = match namespace {
+        Some(ns) => Api::namespaced_with(client.clone(), ns, &ar),
+        None => Api::all_with(client.clone(), &ar),
+    };
+    let events = watcher(api, config)
+        .default_backoff()
+        .filter_map(|r| async move {
+            match r {
+                Ok(e) => typed::<K>(e).map(Ok),
+                Err(e) => Some(Err(e)),
+            }
+        });
+    let (reader, writer) = reflector::store();
+    (reader, reflector::reflector(writer, events))
+}
+
+/// Starts the watches (lazily: nothing runs until [`dispatch`] polls them).
+pub fn start(client: &Client, namespace: &str) -> (Stores, Streams) {
+    let (services, s1) = reflect::<HAService>(client, None, watcher::Config::default());
+    let (clusters, s2) = reflect::<HACluster>(client, None, watcher::Config::default());
+    let (service_leases, s3) = reflect::<Lease>(
+        client,
+        None,
+        watcher::Config::default().labels(&leases::service_lease_selector()),
+    );
+    let (heartbeat_leases, s4) = reflect::<Lease>(
+        client,
+        Some(namespace),
+        watcher::Config::default().labels(&format!(
+            "{}={}",
+            leases::LEASE_KIND_LABEL,
+            leases::HEARTBEAT
+        )),
+    );
+    let (nodes, s5) = reflect::<Node>(client, None, watcher::Config::default());
+    (
+        Stores {
+            services,
+            clusters,
+            service_leases,
+            heartbeat_leases,
+            nodes,
+        },
+        Streams {
+            services: s1.boxed(),
+            clusters: s2.boxed(),
+            service_leases: s3.boxed(),
+            heartbeat_leases: s4.boxed(),
+            nodes: s5.boxed(),
+        },
+    )
+}
+
+impl Stores {
+    /// Waits until every watch has listed its objects once.
+    pub async fn wait_until_ready(&self) {
+        let _ = futures::join!(
+            self.services.wait_until_ready(),
+            self.clusters.wait_until_ready(),
+            self.service_leases.wait_until_ready(),
+            self.heartbeat_leases.wait_until_ready(),
+            self.nodes.wait_until_ready(),
+        );
+    }
+}
+
+fn object<K>(event: &watcher::Event<K>) -> Option<&K> {
+    use watcher::Event::*;
+    match event {
+        Apply(o) | InitApply(o) | Delete(o) => Some(o),
+        Init | InitDone => None,
+    }
+}
+
+/// What of a Node matters to placement and validation.
+fn node_fingerprint(node: &Node) -> NodeInfo {
+    NodeInfo::of(node)
+}
+
+/// Drives every watch until they end (never, in practice): keeps the stores
+/// up to date, observes heartbeat Leases the instant they arrive, and asks
+/// the controllers to reconcile what an event concerns.
+pub async fn dispatch(ctx: Arc<Ctx>, streams: Streams) {
+    let Streams {
+        services,
+        clusters,
+        service_leases,
+        heartbeat_leases,
+        nodes,
+    } = streams;
+
+    let c = ctx.clone();
+    let services = services.for_each(move |ev| {
+        let c = c.clone();
+        async move {
+            match ev {
+                Ok(ev) => {
+                    if let Some(svc) = object(&ev) {
+                        c.trigger_service(ObjectRef::from_obj(svc));
+                        c.trigger_cluster(ObjectRef::new(&svc.spec.cluster_ref));
+                    }
+                }
+                Err(e) => tracing::warn!(error = %e, "HAService watch error (retrying)"),
+            }
+        }
+    });
+
+    let c = ctx.clone();
+    let mut generations: HashMap<String, Option<i64>> = HashMap::new();
+    let clusters = clusters.for_each(move |ev| {
+        let c = c.clone();
+        let changed = match &ev {
+            Ok(ev) => object(ev).is_some_and(|cl| {
+                let deleted = matches!(ev, watcher::Event::Delete(_));
+                let before = generations.insert(cl.name_any(), cl.metadata.generation);
+                if deleted {
+                    generations.remove(&cl.name_any());
+                }
+                deleted || before != Some(cl.metadata.generation)
+            }),
+            Err(_) => false,
+        };
+        async move {
+            match ev {
+                Ok(ev) => {
+                    if let Some(cl) = object(&ev) {
+                        let name = cl.name_any();
+                        c.set_timing(&name, Timing::from(&cl.spec.heartbeat));
+                        c.trigger_cluster(ObjectRef::new(&name));
+                        if changed {
+                            c.trigger_services_of(&name);
+                        }
+                    }
+                }
+                Err(e) => tracing::warn!(error = %e, "HACluster watch error (retrying)"),
+            }
+        }
+    });
+
+    let c = ctx.clone();
+    let service_leases = service_leases.for_each(move |ev| {
+        let c = c.clone();
+        async move {
+            match ev {
+                Ok(ev) => {
+                    if let Some(lease) = object(&ev)
+                        && let (Some(ns), Some(svc)) =
+                            (lease.namespace(), lease.labels().get(leases::SERVICE_LABEL))
+                    {
+                        c.trigger_service(ObjectRef::new(svc).within(&ns));
+                    }
+                }
+                Err(e) => tracing::warn!(error = %e, "service Lease watch error (retrying)"),
+            }
+        }
+    });
+
+    let c = ctx.clone();
+    let heartbeat_leases = heartbeat_leases.for_each(move |ev| {
+        let c = c.clone();
+        async move {
+            match ev {
+                Ok(ev) => {
+                    let now = Instant::now();
+                    let Some(lease) = object(&ev) else { return };
+                    let labels = lease.labels();
+                    let (Some(cluster), Some(node)) = (
+                        labels.get(leases::CLUSTER_LABEL),
+                        labels.get(leases::NODE_LABEL),
+                    ) else {
+                        return;
+                    };
+                    match ev {
+                        watcher::Event::Delete(_) => {
+                            // No more renews: it expires by itself.
+                            c.trigger_cluster(ObjectRef::new(cluster));
+                        }
+                        _ => {
+                            let obs =
+                                c.observe_heartbeat(cluster, node, Fingerprint::of(lease), now);
+                            if obs.changes_state() {
+                                tracing::info!(%cluster, %node, ?obs, "heartbeat state changed");
+                                c.trigger_cluster(ObjectRef::new(cluster));
+                                c.trigger_services_of(cluster);
+                            } else if c.is_peerdown(cluster, node) {
+                                c.trigger_cluster(ObjectRef::new(cluster));
+                            }
+                        }
+                    }
+                }
+                Err(e) => tracing::warn!(error = %e, "heartbeat Lease watch error (retrying)"),
+            }
+        }
+    });
+
+    let c = ctx.clone();
+    let mut seen: HashMap<String, NodeInfo> = HashMap::new();
+    let nodes = nodes.for_each(move |ev| {
+        let c = c.clone();
+        let changed = match &ev {
+            Ok(ev) => object(ev).is_some_and(|n| {
+                let info = node_fingerprint(n);
+                let deleted = matches!(ev, watcher::Event::Delete(_));
+                let before = if deleted {
+                    seen.remove(&n.name_any())
+                } else {
+                    seen.insert(n.name_any(), info.clone())
+                };
+                deleted || before.as_ref() != Some(&info)
+            }),
+            Err(_) => false,
+        };
+        async move {
+            match ev {
+                Ok(_) if changed => c.trigger_everything(),
+                Ok(_) => {}
+                Err(e) => tracing::warn!(error = %e, "Node watch error (retrying)"),
+            }
+        }
+    });
+
+    futures::join!(services, clusters, service_leases, heartbeat_leases, nodes);
+}

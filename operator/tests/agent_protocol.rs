@@ -1,0 +1,241 @@
+//! The operator writes exactly what the agent reads: service Leases built
+//! by the operator (from [`handover`] decisions) are read back with the
+//! agent's own `assignments` functions, and heartbeat Leases built by the
+//! agent are routed and fingerprinted by the operator's rules.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::coordination::v1::Lease;
+use kubeha_agent::assignments::{self, Assignment, Step};
+use kubeha_agent::heartbeat::{self, Timing as AgentTiming};
+use kubeha_crds::cluster::HeartbeatTiming;
+use kubeha_crds::service::{NodeServiceState, Role, ServiceNodeStatus};
+use kubeha_crds::{HAService, Mode, leases};
+use kubeha_operator::context::FIELD_MANAGER;
+use kubeha_operator::handover::{self, Input, NodeFacts, Progress};
+use kubeha_operator::heartbeat_view::Fingerprint;
+use kubeha_operator::service_controller::service_lease;
+
+const NS: &str = "apps";
+
+fn service() -> HAService {
+    let mut svc: HAService = serde_json::from_value(serde_json::json!({
+        "apiVersion": "kubeha.io/v1alpha1",
+        "kind": "HAService",
+        "metadata": { "name": "web", "namespace": NS, "uid": "uid-web" },
+        "spec": { "clusterRef": "c1", "vips": [{ "address": "198.18.0.100/24" }] },
+    }))
+    .unwrap();
+    svc.metadata.generation = Some(1);
+    svc
+}
+
+/// One operator decision written as the operator writes it.
+fn decide(
+    current: Option<&Lease>,
+    master: Option<&str>,
+    standby: Option<&str>,
+    facts: &BTreeMap<String, NodeFacts>,
+) -> (Lease, Progress) {
+    let state = current.map(handover::LeaseState::from_lease);
+    let h = handover::handover(Input {
+        current: state.as_ref(),
+        master,
+        standby,
+        facts,
+    });
+    assert!(h.write, "the decision changes the Lease");
+    let lease = service_lease(
+        current,
+        &service(),
+        &h.lease,
+        h.holder_changed,
+        jiff::Timestamp::UNIX_EPOCH,
+    );
+    (lease, h.progress)
+}
+
+/// What the agent on `node` makes of the Lease.
+fn agent(node: &str, lease: &Lease) -> Assignment {
+    assignments::assignment(node, Some(lease), Some(Mode::Default))
+}
+
+fn entry(
+    node: &str,
+    role: Role,
+    state: NodeServiceState,
+    epoch: i64,
+    acked: Option<i64>,
+) -> NodeFacts {
+    NodeFacts {
+        entry: Some(ServiceNodeStatus {
+            node: node.into(),
+            role,
+            state,
+            epoch: Some(epoch),
+            acked_epoch: acked,
+            fail_count: 0,
+            last_failure_time: None,
+            hooks: Vec::new(),
+        }),
+        ..Default::default()
+    }
+}
+
+#[test]
+fn the_agent_finds_the_service_lease_where_the_operator_writes_it() {
+    let (lease, _) = decide(None, Some("a"), Some("b"), &BTreeMap::new());
+    // The agent watches every namespace with this selector and looks the
+    // Lease up by (service namespace, service_lease_name(service)).
+    let (key, value) = leases::service_lease_selector()
+        .split_once('=')
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .unwrap();
+    assert_eq!(
+        lease.metadata.labels.as_ref().unwrap().get(&key),
+        Some(&value)
+    );
+    assert_eq!(
+        lease
+            .metadata
+            .labels
+            .as_ref()
+            .unwrap()
+            .get(leases::SERVICE_LABEL),
+        Some(&"web".to_owned())
+    );
+    assert_eq!(lease.metadata.name.as_deref(), Some("kubeha-svc-web"));
+    assert_eq!(lease.metadata.namespace.as_deref(), Some(NS));
+    let owner = &lease.metadata.owner_references.as_ref().unwrap()[0];
+    assert_eq!(
+        (owner.kind.as_str(), owner.uid.as_str()),
+        ("HAService", "uid-web")
+    );
+    assert_eq!(owner.controller, Some(true));
+}
+
+#[test]
+fn a_handover_read_by_the_agents() {
+    let none = BTreeMap::new();
+
+    // First placement: a is master and cleared at once, b stands by.
+    let (l1, p) = decide(None, Some("a"), Some("b"), &none);
+    assert_eq!(p, Progress::Cleared);
+    let a = agent("a", &l1);
+    assert_eq!((a.role, a.epoch, a.may_enter), (Role::Master, 1, true));
+    assert_eq!(
+        assignments::plan(Role::None, a, None),
+        vec![Step::EnterMaster]
+    );
+    let b = agent("b", &l1);
+    assert_eq!((b.role, b.epoch), (Role::Vicemaster, 1));
+    assert_eq!(
+        assignments::plan(Role::None, b, None),
+        vec![Step::EnterVicemaster]
+    );
+    assert_eq!(agent("c", &l1).role, Role::None);
+
+    // Move to b while a still runs epoch 1: b gets epoch 2 but may not
+    // enter; a sees it must leave.
+    let running: BTreeMap<String, NodeFacts> = [
+        (
+            "a".into(),
+            entry("a", Role::Master, NodeServiceState::Running, 1, None),
+        ),
+        (
+            "b".into(),
+            entry("b", Role::Vicemaster, NodeServiceState::Stopped, 1, None),
+        ),
+    ]
+    .into();
+    let (l2, p) = decide(Some(&l1), Some("b"), Some("a"), &running);
+    assert!(matches!(p, Progress::Waiting { ref nodes, epoch: 1 } if nodes == &["a"]));
+    let b = agent("b", &l2);
+    assert_eq!((b.role, b.epoch, b.may_enter), (Role::Master, 2, false));
+    assert!(
+        !assignments::plan(Role::Vicemaster, b, None).contains(&Step::EnterMaster),
+        "not cleared: b must not enter"
+    );
+    let a = agent("a", &l2);
+    assert_eq!(a.role, Role::Vicemaster);
+    assert_eq!(
+        assignments::plan(Role::Master, a, None),
+        vec![Step::LeaveMaster, Step::EnterVicemaster]
+    );
+
+    // a reports as the agent does after those steps: it acknowledged the
+    // epoch it left (1) and stands by at 2. Now b is cleared.
+    let acked: BTreeMap<String, NodeFacts> = [
+        (
+            "a".into(),
+            entry("a", Role::Vicemaster, NodeServiceState::Stopped, 2, Some(1)),
+        ),
+        (
+            "b".into(),
+            entry("b", Role::None, NodeServiceState::Stopped, 1, None),
+        ),
+    ]
+    .into();
+    let (l3, p) = decide(Some(&l2), Some("b"), Some("a"), &acked);
+    assert_eq!(p, Progress::Cleared);
+    let b = agent("b", &l3);
+    assert_eq!((b.role, b.epoch, b.may_enter), (Role::Master, 2, true));
+    assert_eq!(
+        assignments::plan(Role::None, b, None),
+        vec![Step::EnterMaster]
+    );
+    assert_eq!(l3.spec.as_ref().unwrap().lease_transitions, Some(2));
+
+    // Nobody: b leaves, a leaves standby; nobody may enter anything.
+    let (l4, _) = decide(Some(&l3), None, None, &acked);
+    assert_eq!(l4.spec.as_ref().unwrap().holder_identity, None);
+    let b = agent("b", &l4);
+    assert_eq!(b.role, Role::None);
+    assert_eq!(
+        assignments::plan(Role::Master, b, None),
+        vec![Step::LeaveMaster]
+    );
+    assert_eq!(
+        assignments::plan(Role::Vicemaster, agent("a", &l4), None),
+        vec![Step::LeaveVicemaster]
+    );
+}
+
+#[test]
+fn the_operator_routes_and_times_the_agents_heartbeat_lease() {
+    let timing = AgentTiming::from(&HeartbeatTiming::default());
+    let lease = heartbeat::heartbeat_lease("c1", "node-1", &timing);
+    assert_eq!(
+        lease.metadata.name,
+        Some(leases::heartbeat_lease_name("c1", "node-1"))
+    );
+    let labels = lease.metadata.labels.clone().unwrap();
+    // The operator watches its namespace with kubeha.io/lease=heartbeat and
+    // routes by the cluster and node labels.
+    assert_eq!(
+        labels.get(leases::LEASE_KIND_LABEL).map(String::as_str),
+        Some(leases::HEARTBEAT)
+    );
+    assert_eq!(
+        labels.get(leases::CLUSTER_LABEL).map(String::as_str),
+        Some("c1")
+    );
+    assert_eq!(
+        labels.get(leases::NODE_LABEL).map(String::as_str),
+        Some("node-1")
+    );
+    // A renew changes the fingerprint (renewTime and resourceVersion).
+    let mut first = lease.clone();
+    first.metadata.resource_version = Some("10".into());
+    let mut next = heartbeat::heartbeat_lease("c1", "node-1", &timing);
+    next.metadata.resource_version = Some("11".into());
+    assert_ne!(Fingerprint::of(&first), Fingerprint::of(&next));
+    assert!(Fingerprint::of(&next).renew_time.is_some());
+}
+
+#[test]
+fn status_field_managers_never_collide() {
+    for node in ["node-1", "operator", "kubeha-operator", ""] {
+        assert_ne!(leases::agent_field_manager(node), FIELD_MANAGER);
+    }
+}
