@@ -2,7 +2,6 @@
 //! election, the two controllers and the metrics endpoint.
 
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use clap::{Parser, ValueEnum};
@@ -112,16 +111,8 @@ pub async fn run(cli: Cli) -> Result<()> {
         },
     ));
 
+    // Also marks the operator ready once every watch has listed.
     tokio::spawn(watch::dispatch(ctx.clone(), streams));
-    {
-        let (ctx, stores) = (ctx.clone(), stores.clone());
-        tokio::spawn(async move {
-            stores.wait_until_ready().await;
-            ctx.ready.store(true, Ordering::SeqCst);
-            tracing::info!("watches synced");
-            ctx.trigger_everything();
-        });
-    }
     {
         let (addr, m, ready) = (cli.metrics_addr, metrics.clone(), ctx.ready.clone());
         tokio::spawn(async move {

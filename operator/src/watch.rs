@@ -165,19 +165,6 @@ pub fn start(client: &Client, namespace: &str) -> (Stores, Streams) {
     )
 }
 
-impl Stores {
-    /// Waits until every watch has listed its objects once.
-    pub async fn wait_until_ready(&self) {
-        let _ = futures::join!(
-            self.services.wait_until_ready(),
-            self.clusters.wait_until_ready(),
-            self.service_leases.wait_until_ready(),
-            self.heartbeat_leases.wait_until_ready(),
-            self.nodes.wait_until_ready(),
-        );
-    }
-}
-
 fn object<K>(event: &watcher::Event<K>) -> Option<&K> {
     use watcher::Event::*;
     match event {
@@ -191,6 +178,39 @@ fn node_fingerprint(node: &Node) -> NodeInfo {
     NodeInfo::of(node)
 }
 
+/// Which watches have listed their objects once; the operator is ready when
+/// all five have.
+///
+/// Tracked from the events the watches yield, not with
+/// `Store::wait_until_ready`: that future keeps only the last waker of a
+/// store, and the controllers already wait on the HAService and HACluster
+/// stores, so a second waiter could sleep forever (seen in the lab: a
+/// replica that never became ready).
+#[derive(Default)]
+struct Synced(std::sync::atomic::AtomicU8);
+
+impl Synced {
+    const ALL: u8 = 0b1_1111;
+
+    /// Marks watch `bit` as listed when `ev` ends its initial list; returns
+    /// true exactly once, when the last of the five does.
+    fn note<K>(&self, bit: u8, ev: &Result<watcher::Event<K>, watcher::Error>) -> bool {
+        use std::sync::atomic::Ordering;
+        if !matches!(ev, Ok(watcher::Event::InitDone)) {
+            return false;
+        }
+        let before = self.0.fetch_or(1 << bit, Ordering::SeqCst);
+        before != Self::ALL && before | (1 << bit) == Self::ALL
+    }
+}
+
+/// Marks the operator ready and reconciles everything once.
+fn became_ready(ctx: &Ctx) {
+    ctx.ready.store(true, std::sync::atomic::Ordering::SeqCst);
+    tracing::info!("watches synced");
+    ctx.trigger_everything();
+}
+
 /// Drives every watch until they end (never, in practice): keeps the stores
 /// up to date, observes heartbeat Leases the instant they arrive, and asks
 /// the controllers to reconcile what an event concerns.
@@ -202,9 +222,13 @@ pub async fn dispatch(ctx: Arc<Ctx>, streams: Streams) {
         heartbeat_leases,
         nodes,
     } = streams;
+    let synced = Arc::new(Synced::default());
 
-    let c = ctx.clone();
+    let (c, sy) = (ctx.clone(), synced.clone());
     let services = services.for_each(move |ev| {
+        if sy.note(0, &ev) {
+            became_ready(&c);
+        }
         let c = c.clone();
         async move {
             match ev {
@@ -219,9 +243,12 @@ pub async fn dispatch(ctx: Arc<Ctx>, streams: Streams) {
         }
     });
 
-    let c = ctx.clone();
+    let (c, sy) = (ctx.clone(), synced.clone());
     let mut generations: HashMap<String, Option<i64>> = HashMap::new();
     let clusters = clusters.for_each(move |ev| {
+        if sy.note(1, &ev) {
+            became_ready(&c);
+        }
         let c = c.clone();
         let changed = match &ev {
             Ok(ev) => object(ev).is_some_and(|cl| {
@@ -251,8 +278,11 @@ pub async fn dispatch(ctx: Arc<Ctx>, streams: Streams) {
         }
     });
 
-    let c = ctx.clone();
+    let (c, sy) = (ctx.clone(), synced.clone());
     let service_leases = service_leases.for_each(move |ev| {
+        if sy.note(2, &ev) {
+            became_ready(&c);
+        }
         let c = c.clone();
         async move {
             match ev {
@@ -269,8 +299,11 @@ pub async fn dispatch(ctx: Arc<Ctx>, streams: Streams) {
         }
     });
 
-    let c = ctx.clone();
+    let (c, sy) = (ctx.clone(), synced.clone());
     let heartbeat_leases = heartbeat_leases.for_each(move |ev| {
+        if sy.note(3, &ev) {
+            became_ready(&c);
+        }
         let c = c.clone();
         async move {
             match ev {
@@ -307,9 +340,12 @@ pub async fn dispatch(ctx: Arc<Ctx>, streams: Streams) {
         }
     });
 
-    let c = ctx.clone();
+    let (c, sy) = (ctx.clone(), synced.clone());
     let mut seen: HashMap<String, NodeInfo> = HashMap::new();
     let nodes = nodes.for_each(move |ev| {
+        if sy.note(4, &ev) {
+            became_ready(&c);
+        }
         let c = c.clone();
         let changed = match &ev {
             Ok(ev) => object(ev).is_some_and(|n| {
@@ -334,4 +370,27 @@ pub async fn dispatch(ctx: Arc<Ctx>, streams: Streams) {
     });
 
     futures::join!(services, clusters, service_leases, heartbeat_leases, nodes);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ready_once_when_the_last_of_five_watches_has_listed() {
+        let synced = Synced::default();
+        let done: Result<watcher::Event<Node>, watcher::Error> = Ok(watcher::Event::InitDone);
+        let other: Result<watcher::Event<Node>, watcher::Error> = Ok(watcher::Event::Init);
+        assert!(!synced.note(4, &other));
+        for bit in 0..4 {
+            assert!(!synced.note(bit, &done), "watch {bit} alone is not all");
+        }
+        assert!(!synced.note(3, &done), "the same watch twice is not all");
+        assert!(synced.note(4, &done), "the fifth completes it");
+        assert!(
+            !synced.note(4, &done),
+            "a re-list later is not a second time"
+        );
+        assert!(!synced.note(0, &done));
+    }
 }
