@@ -2,6 +2,7 @@
 //! (namespaced) in group `kubeha.io`, version `v1alpha1`, with the constants
 //! and mode rules that operator, agent and plugin share.
 
+pub mod annotations;
 pub mod cluster;
 pub mod leases;
 pub mod manifests;

@@ -1,5 +1,11 @@
 use clap::Parser;
 
-fn main() -> anyhow::Result<()> {
-    kubectl_ha::run(kubectl_ha::Cli::parse())
+fn main() -> std::process::ExitCode {
+    match kubectl_ha::run(kubectl_ha::Cli::parse()) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
 }

@@ -19,7 +19,7 @@ use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Client, Resource, ResourceExt};
 use kubeha_crds::cluster::NoQuorumPolicy;
 use kubeha_crds::service::{NodeServiceState, Role};
-use kubeha_crds::{HACluster, HAService, HAServiceSpec, leases};
+use kubeha_crds::{HACluster, HAService, HAServiceSpec, annotations, leases};
 use sha2::{Digest, Sha256};
 use tokio::sync::{Mutex, Notify, OwnedMutexGuard, mpsc};
 
@@ -552,13 +552,55 @@ async fn reconcile(
                     spec: svc.spec.clone(),
                     config_checksum: spec_checksum(&svc.spec),
                     last_hooks: Vec::new(),
+                    // Nothing to clear on a new record: a clear request
+                    // already there counts as applied.
+                    clear_token: svc.annotations().get(annotations::CLEAR).cloned(),
                 },
                 false,
             )
         });
-        let Ok(guard) = slot.record.clone().try_lock_owned() else {
+        let Ok(mut guard) = slot.record.clone().try_lock_owned() else {
             continue;
         };
+        // An admin's clear request (a new `kubeha.io/clear` value): reset
+        // this node's failures; the report below (or the next step's)
+        // tells the operator.
+        let token = svc
+            .annotations()
+            .get(annotations::CLEAR)
+            .map(String::as_str);
+        if let Some(cleared) = guard.apply_clear(token) {
+            slot.monitor_failures.store(0, Ordering::SeqCst);
+            tracing::info!(service = %key, token, ?cleared, "clear request applied");
+            if cleared.changed() {
+                let note = format!(
+                    "failures cleared ({} {}): fail count {} -> 0{}{}",
+                    annotations::CLEAR,
+                    token.unwrap_or_default(),
+                    cleared.fail_count,
+                    if cleared.was_failed {
+                        ", state Failed -> Stopped"
+                    } else {
+                        ""
+                    },
+                    cleared.failed_epoch.map_or(String::new(), |e| format!(
+                        ", epoch {e} may be entered again"
+                    )),
+                );
+                let (shared, reference) = (shared.clone(), svc.object_ref(&()));
+                let target = Target {
+                    api: Api::namespaced(
+                        shared.client.clone(),
+                        &svc.namespace().unwrap_or_default(),
+                    ),
+                    name: svc.name_any(),
+                    reference,
+                };
+                tokio::spawn(async move {
+                    event(&shared, &target, false, "FailuresCleared", note).await;
+                });
+            }
+        }
         // Nothing is entered while this node is cut off from the API server.
         let cut_off = view.fenced.load(Ordering::SeqCst)
             || view.beat.is_none_or(|b| b.past_deadline(Instant::now()));

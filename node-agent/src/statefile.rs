@@ -67,6 +67,59 @@ pub struct ServiceRecord {
     pub config_checksum: String,
     /// Last hook results.
     pub last_hooks: Vec<HookResult>,
+    /// The value of the HAService's `kubeha.io/clear` annotation last
+    /// applied here (see [`ServiceRecord::apply_clear`]). Absent in status
+    /// files written before it existed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub clear_token: Option<String>,
+}
+
+/// What applying an admin's clear request reset on a record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cleared {
+    /// The fail count before the reset.
+    pub fail_count: i32,
+    /// Whether the record was `Failed` (it is `Stopped` now).
+    pub was_failed: bool,
+    /// The epoch whose enter had failed here and may now be entered again.
+    pub failed_epoch: Option<i64>,
+}
+
+impl Cleared {
+    /// Whether there was anything to clear.
+    pub fn changed(&self) -> bool {
+        self.fail_count != 0 || self.was_failed || self.failed_epoch.is_some()
+    }
+}
+
+impl ServiceRecord {
+    /// Applies the HAService's `kubeha.io/clear` annotation (`token`): when
+    /// it is set and differs from the value applied last, the failures of
+    /// this service on this node are cleared (fail count 0, the failed epoch
+    /// forgotten so it may be entered again, a `Failed` state back to
+    /// `Stopped`) and the token is remembered. Returns what was reset, or
+    /// `None` when there is no new request. Role, epoch, VIPs and the
+    /// acknowledged epoch are left alone: a clear proves nothing about a
+    /// leave that failed, so the operator still waits for this node's
+    /// acknowledgement or fence before clearing another node to enter.
+    pub fn apply_clear(&mut self, token: Option<&str>) -> Option<Cleared> {
+        let token = token?;
+        if self.clear_token.as_deref() == Some(token) {
+            return None;
+        }
+        self.clear_token = Some(token.to_owned());
+        let cleared = Cleared {
+            fail_count: self.fail_count,
+            was_failed: self.state == NodeServiceState::Failed,
+            failed_epoch: self.failed_epoch,
+        };
+        self.fail_count = 0;
+        self.failed_epoch = None;
+        if cleared.was_failed {
+            self.state = NodeServiceState::Stopped;
+        }
+        Some(cleared)
+    }
 }
 
 /// Path of the status file in `state_dir`.
@@ -135,6 +188,97 @@ mod tests {
         write(dir.path(), &status).unwrap();
         assert_eq!(read(dir.path()), Some(status));
         assert!(!dir.path().join(".status.json.tmp").exists());
+    }
+
+    fn record() -> ServiceRecord {
+        ServiceRecord {
+            cluster: "c".into(),
+            role: Role::None,
+            epoch: 3,
+            state: NodeServiceState::Failed,
+            vips: Vec::new(),
+            interface: None,
+            acked_epoch: Some(3),
+            fail_count: 2,
+            failed_epoch: Some(3),
+            spec: serde_json::from_value(serde_json::json!({
+                "clusterRef": "c",
+                "vips": [{"address": "198.18.0.100/24"}],
+            }))
+            .unwrap(),
+            config_checksum: "x".into(),
+            last_hooks: Vec::new(),
+            clear_token: None,
+        }
+    }
+
+    #[test]
+    fn a_new_clear_token_resets_the_failures_once() {
+        let mut r = record();
+        // No annotation: nothing happens.
+        assert_eq!(r.apply_clear(None), None);
+        assert_eq!(r.fail_count, 2);
+        let c = r.apply_clear(Some("2025-01-01T00:00:00Z")).unwrap();
+        assert_eq!(
+            c,
+            Cleared {
+                fail_count: 2,
+                was_failed: true,
+                failed_epoch: Some(3)
+            }
+        );
+        assert!(c.changed());
+        assert_eq!(r.fail_count, 0);
+        assert_eq!(r.failed_epoch, None);
+        assert_eq!(r.state, NodeServiceState::Stopped);
+        assert_eq!(r.clear_token.as_deref(), Some("2025-01-01T00:00:00Z"));
+        // Role, epoch and acknowledgement untouched.
+        assert_eq!((r.role, r.epoch, r.acked_epoch), (Role::None, 3, Some(3)));
+        // The same token again: already applied, even after new failures.
+        r.fail_count = 1;
+        r.state = NodeServiceState::Failed;
+        assert_eq!(r.apply_clear(Some("2025-01-01T00:00:00Z")), None);
+        assert_eq!(r.fail_count, 1);
+        // The annotation removed: the token is kept, nothing happens.
+        assert_eq!(r.apply_clear(None), None);
+        assert_eq!(r.clear_token.as_deref(), Some("2025-01-01T00:00:00Z"));
+        // A new value clears again.
+        assert!(r.apply_clear(Some("again")).unwrap().changed());
+        assert_eq!((r.fail_count, r.state), (0, NodeServiceState::Stopped));
+    }
+
+    #[test]
+    fn a_clear_leaves_a_healthy_record_alone() {
+        let mut r = record();
+        r.fail_count = 0;
+        r.failed_epoch = None;
+        r.role = Role::Master;
+        r.state = NodeServiceState::Running;
+        r.vips = vec!["198.18.0.100/24".into()];
+        let before = r.clone();
+        let c = r.apply_clear(Some("t")).unwrap();
+        assert!(!c.changed());
+        assert_eq!(
+            r,
+            ServiceRecord {
+                clear_token: Some("t".into()),
+                ..before
+            }
+        );
+    }
+
+    #[test]
+    fn status_files_without_a_clear_token_still_load() {
+        let mut value = serde_json::to_value(record()).unwrap();
+        assert!(value.get("clearToken").is_none(), "absent when unset");
+        value.as_object_mut().unwrap().remove("clearToken");
+        let r: ServiceRecord = serde_json::from_value(value).unwrap();
+        assert_eq!(r, record());
+        let mut with = record();
+        with.clear_token = Some("t".into());
+        let text = serde_json::to_string(&with).unwrap();
+        assert!(text.contains("\"clearToken\":\"t\""), "{text}");
+        assert_eq!(serde_json::from_str::<ServiceRecord>(&text).unwrap(), with);
     }
 
     #[test]

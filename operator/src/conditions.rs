@@ -1,5 +1,6 @@
 //! Status conditions (`Ready`, `Degraded`, `Reconciling`, `Stalled`, the
-//! kstatus set) with `observedGeneration`, and the rule that a condition's
+//! kstatus set, and `Moved` while an admin's move request stands) with
+//! `observedGeneration`, and the rule that a condition's
 //! `lastTransitionTime` changes only when its status does. Pure: the time
 //! is passed in.
 
@@ -13,6 +14,10 @@ pub const DEGRADED: &str = "Degraded";
 pub const RECONCILING: &str = "Reconciling";
 /// `Stalled`: nothing will progress until someone changes something.
 pub const STALLED: &str = "Stalled";
+/// `Moved`: present only while an HAService carries the
+/// `kubeha.io/move-to` annotation; True once the service runs on the node
+/// it names.
+pub const MOVED: &str = "Moved";
 
 /// A condition as computed, before its transition time is settled.
 #[derive(Clone, Debug, PartialEq, Eq)]

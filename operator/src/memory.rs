@@ -496,6 +496,11 @@ mod tests {
         e.fail_count = 0;
         m.note_failures(std::slice::from_ref(&e), t1);
         assert!(m.failures(t1).is_empty());
+        // An admin's clear: count 0 and the entry Stopped again.
+        assert!(m.failed_for("a", t1).is_some(), "still Failed");
+        e.state = NodeServiceState::Stopped;
+        m.note_failures(std::slice::from_ref(&e), t1);
+        assert_eq!(m.failed_for("a", t1), None);
     }
 
     #[test]

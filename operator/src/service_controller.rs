@@ -24,7 +24,7 @@ use kube::runtime::finalizer::{Event as FinalizerEvent, finalizer};
 use kube::runtime::reflector::ObjectRef;
 use kube::{Api, Resource, ResourceExt};
 use kubeha_crds::cluster::HeartbeatState;
-use kubeha_crds::{HACluster, HAService, Mode, leases};
+use kubeha_crds::{HACluster, HAService, Mode, annotations, leases};
 use serde_json::json;
 
 use crate::conditions;
@@ -356,6 +356,10 @@ fn evaluate(svc: &HAService, ctx: &Ctx, deleting: bool, now: Instant) -> Evaluat
         fences: &fences,
         failures,
         started_nothing: &started_nothing,
+        move_to: svc
+            .annotations()
+            .get(annotations::MOVE_TO)
+            .map(String::as_str),
     });
     Evaluation {
         plan,
@@ -577,6 +581,15 @@ async fn publish_status(ctx: &Ctx, svc: &HAService, fields: &StatusFields) -> Re
     Ok(())
 }
 
+/// Whether the status does not yet say that the move request is blocked
+/// for this reason (so the Event is published once per reason).
+fn move_blocked_is_new(svc: &HAService, why: &str) -> bool {
+    !svc.status
+        .iter()
+        .flat_map(|s| &s.conditions)
+        .any(|c| c.type_ == conditions::MOVED && c.status == "False" && c.message == why)
+}
+
 async fn apply(svc: &HAService, ctx: &Ctx, deleting: bool) -> Result<Action> {
     let key = service_key(svc);
     let mut now = Instant::now();
@@ -627,6 +640,13 @@ async fn apply(svc: &HAService, ctx: &Ctx, deleting: bool) -> Result<Action> {
     }
 
     publish_status(ctx, svc, &ev.plan.status).await?;
+
+    if let Some(why) = &ev.plan.move_blocked
+        && move_blocked_is_new(svc, why)
+    {
+        ctx.publish(&ev.reference, "MoveNotPossible", true, why.clone())
+            .await;
+    }
 
     if let Some(done) = &ev.seen.completed {
         ctx.metrics.failover_completed(&done.reason, done.duration);

@@ -2,15 +2,24 @@
 //! the reconciler gathered: placement's decision, the handover (the service
 //! Lease to write) and the operator-owned part of the status (phase, active
 //! and standby node, epoch, VIPs, conditions).
+//!
+//! An admin's move request (annotation [`annotations::MOVE_TO`]) is applied
+//! here, before placement: while the node it names is eligible, it goes
+//! first in the service's preferred nodes and the failback policy becomes
+//! `Automatic` with no delay, so placement moves the service there at once
+//! (a `Failback` through the ordinary handover). While it is not eligible
+//! nothing changes and the `Moved` condition says why.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
+use kubeha_crds::annotations;
+use kubeha_crds::cluster::{Failback, FailbackPolicy, HeartbeatState};
 use kubeha_crds::service::{
     HAServiceSpec, HAServiceStatus, NodeServiceState, Phase, ServiceNodeStatus,
 };
 
-use crate::conditions::{Cond, DEGRADED, READY, RECONCILING, STALLED};
+use crate::conditions::{Cond, DEGRADED, MOVED, READY, RECONCILING, STALLED};
 use crate::handover::{self, Fence, Handover, LeaseState, NodeFacts, Progress};
 use crate::placement::{self, ClusterView, Decision, Failures, Reason, ServiceView};
 
@@ -50,6 +59,9 @@ pub struct Facts<'a> {
     /// Nodes whose failure started nothing, long enough ago (see
     /// [`NodeFacts::started_nothing`]).
     pub started_nothing: &'a BTreeSet<String>,
+    /// The node an admin asked the service to run on (annotation
+    /// [`annotations::MOVE_TO`]); `None` or blank: no request.
+    pub move_to: Option<&'a str>,
 }
 
 /// The operator-owned part of an HAService status.
@@ -82,6 +94,10 @@ pub struct Plan {
     /// Re-evaluate after this long even without a change (placement's
     /// timers: failback delay, startup grace, failure expiry).
     pub requeue_after: Option<Duration>,
+    /// Set when an admin's move request cannot be carried out now: why, and
+    /// the fix (also the `Moved` condition's message; announce it as an
+    /// Event when it is new).
+    pub move_blocked: Option<String>,
 }
 
 impl Plan {
@@ -132,11 +148,70 @@ fn join(nodes: &[String]) -> String {
     nodes.join(", ")
 }
 
+/// `kubectl ha ... NAME -n NAMESPACE` arguments for the service `ns/name`.
+fn kubectl_target(key: &str) -> String {
+    match key.split_once('/') {
+        Some((ns, name)) if !ns.is_empty() => format!("{name} -n {ns}"),
+        _ => key.to_owned(),
+    }
+}
+
+/// Why the service cannot be moved to `target` now, as one sentence that
+/// names the annotation and the fix; `None` when `target` is eligible (a
+/// member whose mode allows services, heartbeat Alive, not cordoned, not
+/// failed for this service).
+pub fn move_blocker(
+    cluster: &ClusterView,
+    svc: &ServiceView,
+    cluster_name: &str,
+    target: &str,
+) -> Option<String> {
+    let svc_args = kubectl_target(&svc.key);
+    let (why, fix) = match cluster.members.iter().find(|n| n.name == target) {
+        None => (
+            format!("{target} is not a member of HACluster {cluster_name}"),
+            format!("name a member (kubectl ha status --cluster {cluster_name})"),
+        ),
+        Some(node) if placement::eligible(cluster, svc, node) => return None,
+        Some(node) if !node.mode.allows_services() => (
+            format!("{target} is in mode {}, which runs no services", node.mode),
+            format!(
+                "set it to default (kubectl ha mode {target} default --cluster {cluster_name})"
+            ),
+        ),
+        Some(node) if node.heartbeat != HeartbeatState::Alive => (
+            format!("{target}'s heartbeat is {:?}", node.heartbeat),
+            "make sure its kubeha-agent runs and renews its heartbeat".to_owned(),
+        ),
+        Some(node) if node.cordoned => (
+            format!("{target} is cordoned"),
+            format!("uncordon it (kubectl uncordon {target})"),
+        ),
+        Some(_) => (
+            format!(
+                "{target} has failed for this service (fail count {}, migration threshold {})",
+                svc.failures.get(target).map_or(0, |f| f.count),
+                svc.migration_threshold.max(1)
+            ),
+            format!(
+                "clear its failures (kubectl ha clear {svc_args}; that also drops the move request) and move again"
+            ),
+        ),
+    };
+    Some(format!(
+        "{} asks for {target}, but {why}, so the service stays where it is; {fix}, or withdraw the request (kubectl annotate haservice {svc_args} {}-)",
+        annotations::MOVE_TO,
+        annotations::MOVE_TO
+    ))
+}
+
 /// Decides placement, handover and status for one service.
 pub fn plan(f: &Facts<'_>) -> Plan {
     let facts = node_facts(f.fences, f.status, f.started_nothing);
     let entries = f.status.map(|s| s.nodes.as_slice()).unwrap_or_default();
     let entry = |n: &str| entries.iter().find(|e| e.node == n);
+    let move_to = f.move_to.map(str::trim).filter(|n| !n.is_empty());
+    let mut move_blocked = None;
 
     let decision = if f.refusal.is_some() || f.deleting {
         None
@@ -157,6 +232,21 @@ pub fn plan(f: &Facts<'_>) -> Plan {
             errored: false,
             leave_failed_on: handover::leave_failed_on(f.lease, &facts),
         };
+        let mut view = view;
+        if let Some(target) = move_to {
+            move_blocked = move_blocker(f.cluster, &view, &f.spec.cluster_ref, target);
+            if move_blocked.is_none() {
+                // First choice, and moved there at once whatever the
+                // failback policy: only toward this node, since it now
+                // ranks first among the eligible ones.
+                view.preferred_nodes.retain(|n| n != target);
+                view.preferred_nodes.insert(0, target.to_owned());
+                view.failback = Some(Failback {
+                    policy: FailbackPolicy::Automatic,
+                    delay_seconds: 0,
+                });
+            }
+        }
         placement::place(f.cluster, std::slice::from_ref(&view))
             .into_iter()
             .next()
@@ -293,6 +383,35 @@ pub fn plan(f: &Facts<'_>) -> Plan {
     };
     conditions.push(degraded);
 
+    // Moved: only while an admin's move request stands.
+    if let (Some(target), Some(d)) = (move_to, &decision) {
+        let moved = if let Some(why) = &move_blocked {
+            Cond::no(MOVED, "TargetNotEligible", why.clone())
+        } else if holder.as_deref() == Some(target) && phase == Phase::Active {
+            Cond::yes(
+                MOVED,
+                "OnTarget",
+                format!(
+                    "runs on {target} as {} asks; the request stays until it is removed (kubectl annotate haservice {} {}-)",
+                    annotations::MOVE_TO,
+                    kubectl_target(f.key),
+                    annotations::MOVE_TO
+                ),
+            )
+        } else {
+            Cond::no(
+                MOVED,
+                "Moving",
+                format!(
+                    "moving to {target} as {} asks (placement: {})",
+                    annotations::MOVE_TO,
+                    d.reason
+                ),
+            )
+        };
+        conditions.push(moved);
+    }
+
     let has_lease = f.lease.is_some() || h.write;
     Plan {
         requeue_after: decision.as_ref().and_then(|d| d.requeue_after),
@@ -312,6 +431,7 @@ pub fn plan(f: &Facts<'_>) -> Plan {
         },
         decision,
         handover: h,
+        move_blocked,
     }
 }
 
@@ -406,6 +526,8 @@ mod tests {
         fences: BTreeMap<String, Fence>,
         refusal: Option<Refusal>,
         deleting: bool,
+        failures: BTreeMap<String, Failures>,
+        move_to: Option<String>,
     }
 
     impl Case {
@@ -428,6 +550,8 @@ mod tests {
                     .collect(),
                 refusal: None,
                 deleting: false,
+                failures: BTreeMap::new(),
+                move_to: None,
             }
         }
         fn plan(&self) -> Plan {
@@ -441,8 +565,9 @@ mod tests {
                 cluster: &self.cluster,
                 lease: self.lease.as_ref(),
                 fences: &self.fences,
-                failures: BTreeMap::new(),
+                failures: self.failures.clone(),
                 started_nothing: &BTreeSet::new(),
+                move_to: self.move_to.as_deref(),
             })
         }
     }
@@ -544,6 +669,7 @@ mod tests {
             fences: &c.fences,
             failures,
             started_nothing: &BTreeSet::new(),
+            move_to: None,
         });
         assert_eq!(p.handover.lease.holder.as_deref(), Some("b"));
         assert!(p.handover.cleared_now, "a acknowledged epoch 1");
@@ -658,6 +784,7 @@ mod tests {
             fences: &c.fences,
             failures,
             started_nothing: &BTreeSet::new(),
+            move_to: None,
         });
         assert_eq!(p.status.phase, Phase::Errored);
         assert_eq!(cond(&p, STALLED).reason, "AllFailed");
@@ -700,6 +827,7 @@ mod tests {
                 fences: &c.fences,
                 failures: failures.clone(),
                 started_nothing: started,
+                move_to: None,
             })
         };
         let p = run(&BTreeSet::new());
@@ -707,5 +835,218 @@ mod tests {
         let p = run(&BTreeSet::from(["a".to_owned()]));
         assert_eq!(p.handover.lease.holder.as_deref(), Some("b"));
         assert!(p.handover.cleared_now);
+    }
+
+    fn running(node: &str, epoch: i64) -> ServiceNodeStatus {
+        entry(node, Role::Master, NodeServiceState::Running, epoch, None)
+    }
+
+    fn moved(p: &Plan) -> Option<&Cond> {
+        p.status.conditions.iter().find(|c| c.type_ == MOVED)
+    }
+
+    #[test]
+    fn move_under_failback_never_hands_over_without_two_holders() {
+        let mut c = Case::new(&[("a", Alive), ("b", Alive)]);
+        assert_eq!(c.cluster.failback.policy, FailbackPolicy::Never);
+        c.lease = Some(LeaseState {
+            standby: Some("b".into()),
+            ..cleared("a", 1)
+        });
+        c.status = Some(status(vec![running("a", 1)]));
+        // Without a request a stays (a is first anyway, failback Never).
+        let p = c.plan();
+        assert!(!p.handover.write);
+        assert!(moved(&p).is_none(), "no request, no Moved condition");
+
+        c.move_to = Some("b".into());
+        let p = c.plan();
+        let d = p.decision.as_ref().unwrap();
+        assert_eq!(
+            (d.master.as_deref(), d.reason),
+            (Some("b"), Reason::Failback)
+        );
+        assert_eq!(d.standby.as_deref(), Some("a"));
+        assert!(p.handover.write && p.handover.holder_changed);
+        assert_eq!(p.handover.lease.holder.as_deref(), Some("b"));
+        assert_eq!(p.handover.lease.epoch, 2);
+        assert!(!p.handover.cleared_now, "b waits until a left epoch 1");
+        assert!(!p.handover.lease.holder_may_enter());
+        assert_eq!(
+            p.handover.progress,
+            Progress::Waiting {
+                nodes: vec!["a".into()],
+                epoch: 1
+            }
+        );
+        assert_eq!(p.move_blocked, None);
+        assert_eq!(moved(&p).unwrap().reason, "Moving");
+        assert!(!moved(&p).unwrap().status);
+
+        // a acknowledges epoch 1: b is cleared.
+        c.lease = Some(p.handover.lease.clone());
+        c.status = Some(status(vec![entry(
+            "a",
+            Role::Vicemaster,
+            NodeServiceState::Stopped,
+            2,
+            Some(1),
+        )]));
+        let p = c.plan();
+        assert!(p.handover.write && p.handover.cleared_now);
+        assert!(p.handover.lease.holder_may_enter());
+        assert_eq!(p.handover.lease.epoch, 2);
+
+        // b runs: Moved, and it stays there (a would rank first without
+        // the request, but the request keeps b first).
+        c.lease = Some(p.handover.lease.clone());
+        c.status = Some(status(vec![
+            entry("a", Role::Vicemaster, NodeServiceState::Stopped, 2, Some(1)),
+            running("b", 2),
+        ]));
+        let p = c.plan();
+        assert!(!p.handover.write);
+        assert_eq!(p.status.phase, Phase::Active);
+        assert!(moved(&p).unwrap().status);
+        assert_eq!(moved(&p).unwrap().reason, "OnTarget");
+    }
+
+    #[test]
+    fn a_standing_move_returns_to_its_node_once_eligible_again() {
+        // The service failed over from b (Lost) to a; b is back.
+        let mut c = Case::new(&[("a", Alive), ("b", Alive)]);
+        c.spec.preferred_nodes = vec!["a".into()];
+        c.lease = Some(cleared("a", 3));
+        c.status = Some(status(vec![
+            running("a", 3),
+            entry("b", Role::None, NodeServiceState::Failed, 2, None),
+        ]));
+        c.move_to = Some("b".into());
+        let p = c.plan();
+        assert_eq!(p.handover.lease.holder.as_deref(), Some("b"));
+        assert_eq!(p.decision.unwrap().reason, Reason::Failback);
+        // While b is Lost the request cannot be honoured: a keeps it.
+        c.cluster.members[1].heartbeat = Lost;
+        c.fences.insert("b".into(), Fence::Heartbeat);
+        let p = c.plan();
+        assert!(!p.handover.write);
+        assert_eq!(p.status.active_node.as_deref(), Some("a"));
+        assert!(
+            p.move_blocked
+                .as_deref()
+                .unwrap()
+                .contains("heartbeat is Lost")
+        );
+    }
+
+    #[test]
+    fn move_to_an_ineligible_node_reports_and_stays() {
+        let base = || {
+            let mut c = Case::new(&[("a", Alive), ("b", Alive)]);
+            c.lease = Some(LeaseState {
+                standby: Some("b".into()),
+                ..cleared("a", 1)
+            });
+            c.status = Some(status(vec![running("a", 1)]));
+            c
+        };
+        let stays = |c: &Case, expect: &[&str]| {
+            let p = c.plan();
+            // The standby may change (b may not stand by), the master not.
+            assert!(!p.handover.holder_changed, "{:?}", p.handover);
+            assert_eq!(p.handover.lease.epoch, 1);
+            assert_eq!(p.status.active_node.as_deref(), Some("a"));
+            assert_eq!(p.decision.as_ref().unwrap().reason, Reason::Unchanged);
+            let why = p.move_blocked.clone().expect("blocked");
+            let m = moved(&p).unwrap();
+            assert!(!m.status);
+            assert_eq!(m.reason, "TargetNotEligible");
+            assert_eq!(m.message, why);
+            assert!(why.starts_with("kubeha.io/move-to asks for "), "{why}");
+            assert!(why.contains("stays where it is"), "{why}");
+            assert!(
+                why.contains("kubectl annotate haservice svc -n ns kubeha.io/move-to-"),
+                "{why}"
+            );
+            for e in expect {
+                assert!(why.contains(e), "{why} lacks {e}");
+            }
+            // Ready is not affected: the service runs.
+            assert!(cond(&p, READY).status);
+        };
+
+        let mut c = base();
+        c.move_to = Some("z".into());
+        stays(
+            &c,
+            &[
+                "z is not a member of HACluster c",
+                "kubectl ha status --cluster c",
+            ],
+        );
+
+        let mut c = base();
+        c.move_to = Some("b".into());
+        c.cluster.members[1].mode = Mode::Locked;
+        stays(
+            &c,
+            &["mode locked", "kubectl ha mode b default --cluster c"],
+        );
+
+        let mut c = base();
+        c.move_to = Some("b".into());
+        c.cluster.members[1].cordoned = true;
+        stays(&c, &["kubectl uncordon b"]);
+
+        let mut c = base();
+        c.move_to = Some("b".into());
+        c.failures.insert(
+            "b".into(),
+            Failures {
+                count: 1,
+                last_failure_ago: Duration::ZERO,
+            },
+        );
+        stays(&c, &["fail count 1", "kubectl ha clear svc -n ns"]);
+    }
+
+    #[test]
+    fn move_to_the_current_master_is_a_no_op() {
+        let mut c = Case::new(&[("a", Alive), ("b", Alive)]);
+        c.lease = Some(LeaseState {
+            standby: Some("b".into()),
+            ..cleared("a", 1)
+        });
+        c.status = Some(status(vec![running("a", 1)]));
+        let before = c.plan();
+        c.move_to = Some(" a ".into());
+        let p = c.plan();
+        assert!(!p.handover.write);
+        assert_eq!(p.handover, before.handover);
+        assert_eq!(p.decision.as_ref().unwrap().reason, Reason::Unchanged);
+        assert_eq!(p.move_blocked, None);
+        assert!(moved(&p).unwrap().status);
+        // A blank annotation is no request at all.
+        c.move_to = Some("".into());
+        assert!(moved(&c.plan()).is_none());
+    }
+
+    #[test]
+    fn cleared_failures_make_an_errored_service_placeable() {
+        let mut c = Case::new(&[("a", Alive)]);
+        c.failures.insert(
+            "a".into(),
+            Failures {
+                count: 1,
+                last_failure_ago: Duration::ZERO,
+            },
+        );
+        assert_eq!(c.plan().status.phase, Phase::Errored);
+        // The agent reset its count: the operator's memory forgets it.
+        c.failures.clear();
+        let p = c.plan();
+        assert_eq!(p.status.phase, Phase::Starting);
+        assert_eq!(p.handover.lease.holder.as_deref(), Some("a"));
+        assert!(!cond(&p, STALLED).status);
     }
 }
