@@ -153,6 +153,10 @@ pub fn cpu_seconds(pid: u32) -> anyhow::Result<f64> {
 /// RSS and idle CPU.
 pub fn agent(lab: &Lab, transitions: usize, idle_secs: u64) -> anyhow::Result<AgentReport> {
     lab.ensure_up_with_nodes(3)?;
+    // This benchmark plays the operator: a real one would fight over the Lease.
+    for r in 0..=1 {
+        lab.stop_operator(r, crate::lab::StopSignal::Term)?;
+    }
     for i in 1..=3 {
         if !lab.agent_running(i) {
             lab.start_agent(i, &[] as &[&str])?;
@@ -223,6 +227,346 @@ pub fn agent(lab: &Lab, transitions: usize, idle_secs: u64) -> anyhow::Result<Ag
         agent_rss_mb: rss,
         agent_idle_cpu_pct: cpu,
         transitions: samples.len(),
+    })
+}
+
+/// Results of `bench failover`.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct FailoverReport {
+    /// D of the default timing, seconds.
+    pub lease_duration_s: f64,
+    /// Power-off of the active node to the first ping reply from the new
+    /// node's MAC, default timing.
+    pub unplanned_ms: Summary,
+    /// The same at the tight timing (D = 1 s).
+    pub unplanned_tight_ms: Summary,
+    /// `kubectl ha move` started to the first ping reply from the target
+    /// node's MAC, default timing.
+    pub switchover_ms: Summary,
+    /// Write requests per second the API server served at steady state
+    /// (3 nodes, `steady_services` HAServices, nothing changing).
+    pub steady_writes_per_s: f64,
+    /// Instants, sampled at most 10 ms apart during every run, at which two
+    /// powered nodes held the same VIP.
+    pub split_brain_instants: usize,
+    /// Samples taken by the split-brain sampler.
+    pub split_brain_samples: usize,
+    /// Runs per figure.
+    pub runs: usize,
+}
+
+/// The lab with three powered nodes, an agent on each and operator
+/// replica 0 alone.
+fn operator_lab(lab: &Lab) -> anyhow::Result<()> {
+    lab.ensure_up_with_nodes(3)?;
+    for i in 1..=3 {
+        lab.power_on(i)?;
+        if !lab.agent_running(i) {
+            lab.start_agent(i, &[] as &[&str])?;
+        }
+    }
+    lab.stop_operator(1, crate::lab::StopSignal::Term)?;
+    if !lab.operator_running(0) {
+        lab.start_operator(0, &[])?;
+    }
+    Ok(())
+}
+
+/// The active node of `name` once its phase is Active, its VIP is on that
+/// node only and every member heartbeats (`ready` 3/3).
+fn settled(lab: &Lab, name: &str, vip: &str) -> anyhow::Result<u8> {
+    let mut active = None;
+    let ok = ha::wait_until(Duration::from_secs(60), || {
+        let status = ha::service_status(lab, name);
+        active = status["activeNode"]
+            .as_str()
+            .and_then(|n| n.strip_prefix("node-")?.parse::<u8>().ok());
+        let ready = lab
+            .kubectl_ok(&["get", "hacluster", name, "-o", "jsonpath={.status.ready}"])
+            .unwrap_or_default();
+        status["phase"] == "Active"
+            && ready.trim() == "3/3"
+            && active.is_some_and(|a| ha::vip_holders(vip) == [a])
+    });
+    if ok.is_none() {
+        bail!(
+            "{name} did not settle: status {}, holders {:?}",
+            ha::service_status(lab, name),
+            ha::vip_holders(vip)
+        );
+    }
+    Ok(active.unwrap())
+}
+
+/// A ping from the client namespace every 10 ms, with replies captured.
+struct Pinger {
+    ping: std::process::Child,
+    capture: Capture,
+}
+
+impl Pinger {
+    fn start(lab: &Lab, name: &str, vip: &str) -> anyhow::Result<Pinger> {
+        let capture = Capture::start_filtered(
+            lab,
+            name,
+            &format!("icmp and icmp[icmptype] == icmp-echoreply and src host {vip}"),
+        )?;
+        let ping = nodes::exec_in(nodes::CLIENT_NS, &["ping", "-n", "-q", "-i", "0.01", vip])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .context("starting ping in the client namespace")?;
+        Ok(Pinger { ping, capture })
+    }
+
+    /// Epoch seconds of the first reply captured so far at or after
+    /// `since` from one of `macs`.
+    fn reply_since(&self, since: f64, macs: &[&String]) -> Option<f64> {
+        self.capture
+            .frames()
+            .into_iter()
+            .filter(|f| f.kind == "echo-reply" && f.time >= since && macs.contains(&&f.mac))
+            .map(|f| f.time)
+            .reduce(f64::min)
+    }
+
+    /// [`Pinger::reply_since`], waiting up to `timeout` for one.
+    fn first_reply(&self, since: f64, macs: &[&String], timeout: Duration) -> Option<f64> {
+        let mut first = None;
+        ha::wait_until(timeout, || {
+            first = self.reply_since(since, macs);
+            first.is_some()
+        });
+        first
+    }
+}
+
+impl Drop for Pinger {
+    fn drop(&mut self) {
+        let _ = self.ping.kill();
+        let _ = self.ping.wait();
+    }
+}
+
+/// Unplanned failovers: power off the active node, time to the first reply
+/// from another node's MAC, power it back on and wait for the cluster to
+/// settle. Returns the samples and (double-holder instants, samples).
+fn unplanned(
+    lab: &Lab,
+    name: &str,
+    vip: &str,
+    timing: Timing,
+    runs: usize,
+) -> anyhow::Result<(Vec<f64>, (usize, usize))> {
+    ha::delete_service(lab, name);
+    ha::apply(lab, &ha::cluster(name, &[1, 2, 3], timing))?;
+    ha::apply(
+        lab,
+        &ha::service(name, name, &[&format!("{vip}/24")], None, (3, 100)),
+    )?;
+    let macs: Vec<String> = (1..=3)
+        .map(|i| ha::mac_of(&nodes::node_ns(i), nodes::NS_IFACE))
+        .collect::<anyhow::Result<_>>()?;
+    let pinger = Pinger::start(lab, name, vip)?;
+    let (mut samples, mut double, mut taken) = (Vec::new(), 0, 0);
+    for run in 1..=runs {
+        let active = settled(lab, name, vip)?;
+        let sampler = ha::SplitBrain::start(vip, &[active]);
+        lab.power_off(active)?;
+        let off = now_epoch_secs();
+        let others: Vec<&String> = (1..=3u8)
+            .filter(|i| *i != active)
+            .map(|i| &macs[usize::from(i) - 1])
+            .collect();
+        let first = pinger.first_reply(off, &others, Duration::from_secs(30));
+        let (d, n) = sampler.stop();
+        double += d;
+        taken += n;
+        let Some(first) = first else {
+            bail!(
+                "run {run}: no reply from another node within 30 s of powering off node-{active}"
+            );
+        };
+        samples.push((first - off) * 1000.0);
+        eprintln!(
+            "unplanned (D = {} ms) run {run:>2}: node-{active} off -> {:.0} ms",
+            timing.lease_ms,
+            samples.last().unwrap()
+        );
+        lab.power_on(active)?;
+        lab.start_agent(active, &[] as &[&str])?;
+    }
+    drop(pinger);
+    settled(lab, name, vip)?;
+    ha::delete(lab, "haservice", name, Some(ha::SERVICE_NAMESPACE));
+    ha::wait_until(Duration::from_secs(20), || ha::vip_holders(vip).is_empty());
+    ha::delete_service(lab, name);
+    ha::delete(lab, "hacluster", name, None);
+    Ok((samples, (double, taken)))
+}
+
+/// Planned switchovers: `kubectl ha move` to the next node, timed from the
+/// command's start to that node's first reply.
+fn switchover(
+    lab: &Lab,
+    name: &str,
+    vip: &str,
+    runs: usize,
+) -> anyhow::Result<(Vec<f64>, (usize, usize))> {
+    ha::delete_service(lab, name);
+    ha::apply(lab, &ha::cluster(name, &[1, 2, 3], Timing::DEFAULT))?;
+    ha::apply(
+        lab,
+        &ha::service(name, name, &[&format!("{vip}/24")], None, (3, 100)),
+    )?;
+    let pinger = Pinger::start(lab, name, vip)?;
+    let (mut samples, mut double, mut taken) = (Vec::new(), 0, 0);
+    for run in 1..=runs {
+        let active = settled(lab, name, vip)?;
+        let target = active % 3 + 1;
+        let mac = ha::mac_of(&nodes::node_ns(target), nodes::NS_IFACE)?;
+        let sampler = ha::SplitBrain::start(vip, &[]);
+        let asked = now_epoch_secs();
+        lab.kubectl_ha_ok(&[
+            "--wait",
+            "0",
+            "move",
+            name,
+            "--to",
+            &nodes::node_name(target),
+            "-n",
+            ha::SERVICE_NAMESPACE,
+        ])?;
+        let first = pinger.first_reply(asked, &[&mac], Duration::from_secs(30));
+        let (d, n) = sampler.stop();
+        double += d;
+        taken += n;
+        let Some(first) = first else {
+            bail!("run {run}: no reply from node-{target} within 30 s of the move");
+        };
+        samples.push((first - asked) * 1000.0);
+        eprintln!(
+            "switchover run {run:>2}: node-{active} -> node-{target}: {:.0} ms",
+            samples.last().unwrap()
+        );
+    }
+    drop(pinger);
+    ha::delete(lab, "haservice", name, Some(ha::SERVICE_NAMESPACE));
+    ha::wait_until(Duration::from_secs(20), || ha::vip_holders(vip).is_empty());
+    ha::delete_service(lab, name);
+    ha::delete(lab, "hacluster", name, None);
+    Ok((samples, (double, taken)))
+}
+
+/// Write requests (POST, PUT, PATCH, APPLY, DELETE) the API server has
+/// served so far, from its own `apiserver_request_total`.
+fn apiserver_writes(lab: &Lab) -> anyhow::Result<f64> {
+    let text = lab.kubectl_ok(&["get", "--raw", "/metrics"])?;
+    Ok(text
+        .lines()
+        .filter(|l| l.starts_with("apiserver_request_total{"))
+        .filter(|l| {
+            ["POST", "PUT", "PATCH", "APPLY", "DELETE"]
+                .iter()
+                .any(|v| l.contains(&format!("verb=\"{v}\"")))
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum())
+}
+
+/// Steady state: `services` HAServices on a 3-node cluster, all Active;
+/// API writes per second over `secs`.
+fn steady(lab: &Lab, services: usize, secs: u64) -> anyhow::Result<f64> {
+    let name = "bench-steady";
+    let mut cluster = ha::cluster(name, &[1, 2, 3], Timing::DEFAULT);
+    cluster["spec"]["vipPool"] = json!(["198.18.8.0/22"]);
+    ha::apply(lab, &cluster)?;
+    let names: Vec<String> = (0..services).map(|k| format!("{name}-{k}")).collect();
+    for (k, svc) in names.iter().enumerate() {
+        let mut s = ha::service(
+            svc,
+            name,
+            &[&format!("198.18.{}.{}/22", 8 + k / 250, 1 + k % 250)],
+            None,
+            (1, 100),
+        );
+        s["spec"]["vips"][0]["interface"] = json!(nodes::NS_IFACE);
+        ha::apply(lab, &s)?;
+    }
+    let all_active = ha::wait_until(Duration::from_secs(180), || {
+        lab.kubectl_ok(&[
+            "get",
+            "haservices",
+            "-n",
+            ha::SERVICE_NAMESPACE,
+            "-o",
+            "jsonpath={range .items[*]}{.metadata.name}={.status.phase}{\"\\n\"}{end}",
+        ])
+        .is_ok_and(|out| {
+            out.lines()
+                .filter(|l| l.starts_with(name))
+                .filter(|l| l.ends_with("=Active"))
+                .count()
+                == services
+        })
+    });
+    if all_active.is_none() {
+        bail!("not all {services} services became Active within 180 s");
+    }
+    std::thread::sleep(Duration::from_secs(10));
+    let (w0, t0) = (apiserver_writes(lab)?, Instant::now());
+    std::thread::sleep(Duration::from_secs(secs));
+    let rate = (apiserver_writes(lab)? - w0) / t0.elapsed().as_secs_f64();
+    for svc in &names {
+        ha::delete(lab, "haservice", svc, Some(ha::SERVICE_NAMESPACE));
+    }
+    ha::wait_until(Duration::from_secs(120), || {
+        lab.kubectl_ok(&[
+            "get",
+            "haservices",
+            "-n",
+            ha::SERVICE_NAMESPACE,
+            "-o",
+            "name",
+        ])
+        .is_ok_and(|o| !o.contains(name))
+    });
+    for svc in &names {
+        ha::delete(
+            lab,
+            "lease",
+            &format!("kubeha-svc-{svc}"),
+            Some(ha::SERVICE_NAMESPACE),
+        );
+    }
+    ha::delete(lab, "hacluster", name, None);
+    Ok(rate)
+}
+
+/// `bench failover`: unplanned failovers at the default and the tight timing,
+/// planned switchovers, and the steady API write rate.
+pub fn failover(
+    lab: &Lab,
+    runs: usize,
+    services: usize,
+    steady_secs: u64,
+) -> anyhow::Result<FailoverReport> {
+    operator_lab(lab)?;
+    let (unplanned_default, sb1) =
+        unplanned(lab, "bench-fo", "198.18.0.120", Timing::DEFAULT, runs)?;
+    let (unplanned_tight, sb2) =
+        unplanned(lab, "bench-fo-tight", "198.18.0.121", Timing::TIGHT, runs)?;
+    let (switch, sb3) = switchover(lab, "bench-move", "198.18.0.122", runs)?;
+    let rate = steady(lab, services, steady_secs)?;
+    Ok(FailoverReport {
+        lease_duration_s: f64::from(Timing::DEFAULT.lease_ms) / 1000.0,
+        unplanned_ms: summarize(&unplanned_default),
+        unplanned_tight_ms: summarize(&unplanned_tight),
+        switchover_ms: summarize(&switch),
+        steady_writes_per_s: rate,
+        split_brain_instants: sb1.0 + sb2.0 + sb3.0,
+        split_brain_samples: sb1.1 + sb2.1 + sb3.1,
+        runs,
     })
 }
 

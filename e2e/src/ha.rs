@@ -103,12 +103,18 @@ impl Timing {
 
 /// An HACluster of lab nodes `members` (all in mode default).
 pub fn cluster(name: &str, members: &[u8], timing: Timing) -> Value {
+    let members: Vec<(u8, &str)> = members.iter().map(|i| (*i, "default")).collect();
+    cluster_with_modes(name, &members, timing)
+}
+
+/// An HACluster of lab nodes with their modes, `(node, mode)`.
+pub fn cluster_with_modes(name: &str, members: &[(u8, &str)], timing: Timing) -> Value {
     json!({
         "apiVersion": "kubeha.io/v1alpha1",
         "kind": "HACluster",
         "metadata": {"name": name},
         "spec": {
-            "members": {"nodes": members.iter().map(|i| json!({"name": nodes::node_name(*i)})).collect::<Vec<_>>()},
+            "members": {"nodes": members.iter().map(|(i, mode)| json!({"name": nodes::node_name(*i), "mode": mode})).collect::<Vec<_>>()},
             "placement": "Ordered",
             "heartbeat": {
                 "leaseDurationMs": timing.lease_ms,
@@ -230,6 +236,93 @@ pub fn vip_on_node(i: u8, vip: &str) -> bool {
     })
 }
 
+/// Lab nodes on which `vip` (address without prefix) is configured now.
+pub fn vip_holders(vip: &str) -> Vec<u8> {
+    (1..=nodes::MAX_NODES)
+        .filter(|i| nodes::ns_exists(&nodes::node_ns(*i)))
+        .filter(|i| vip_on_node(*i, vip))
+        .collect()
+}
+
+/// `status` of HAService `name` in [`SERVICE_NAMESPACE`] (null when absent).
+pub fn service_status(lab: &Lab, name: &str) -> Value {
+    lab.kubectl_ok(&[
+        "get",
+        "haservice",
+        name,
+        "-n",
+        SERVICE_NAMESPACE,
+        "-o",
+        "json",
+    ])
+    .ok()
+    .and_then(|out| serde_json::from_str::<Value>(&out).ok())
+    .map(|v| v["status"].clone())
+    .unwrap_or_default()
+}
+
+/// Node `i`'s entry in the status of service `service` (null when absent).
+pub fn node_entry(lab: &Lab, service: &str, i: u8) -> Value {
+    service_status(lab, service)["nodes"]
+        .as_array()
+        .and_then(|n| n.iter().find(|e| e["node"] == nodes::node_name(i)).cloned())
+        .unwrap_or_default()
+}
+
+/// Samples every 10 ms which powered nodes hold `vip`; counts the instants
+/// at which two did.
+pub struct SplitBrain {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    handle: std::thread::JoinHandle<(usize, usize)>,
+}
+
+impl SplitBrain {
+    /// Starts sampling; nodes in `off` (powered off: link down, nothing
+    /// reachable) are not counted.
+    pub fn start(vip: &str, off: &[u8]) -> SplitBrain {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (vip, off) = (vip.to_owned(), off.to_vec());
+        let handle = {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                let (mut double, mut samples) = (0, 0);
+                while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                    let holders: Vec<u8> = vip_holders(&vip)
+                        .into_iter()
+                        .filter(|i| !off.contains(i))
+                        .collect();
+                    if holders.len() > 1 {
+                        double += 1;
+                    }
+                    samples += 1;
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                (double, samples)
+            })
+        };
+        SplitBrain { stop, handle }
+    }
+
+    /// Stops sampling; returns (instants with two holders, samples).
+    pub fn stop(self) -> (usize, usize) {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        self.handle.join().unwrap()
+    }
+}
+
+/// Whether the client reaches `vip` and resolved it to node `i`'s MAC.
+pub fn client_reaches(vip: &str, i: u8) -> bool {
+    let ping = nodes::exec_in(nodes::CLIENT_NS, &["ping", "-c", "1", "-W", "1", vip])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    let mac = mac_of(&nodes::node_ns(i), nodes::NS_IFACE).unwrap_or_default();
+    let neigh = nodes::exec_in(nodes::CLIENT_NS, &["ip", "neigh", "show", vip])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).to_lowercase())
+        .unwrap_or_default();
+    ping && !mac.is_empty() && neigh.contains(&mac)
+}
+
 /// The MAC address of `iface` in network namespace `ns`, lowercase.
 pub fn mac_of(ns: &str, iface: &str) -> anyhow::Result<String> {
     let out = Command::new("ip")
@@ -260,7 +353,8 @@ pub fn wait_until(timeout: Duration, mut f: impl FnMut() -> bool) -> Option<Dura
 pub struct Frame {
     /// Capture time, seconds since the epoch.
     pub time: f64,
-    /// `arp-request`, `arp-reply` or `na` (unsolicited neighbour advertisement).
+    /// `arp-request`, `arp-reply`, `na` (unsolicited neighbour advertisement)
+    /// or `echo-reply` (an IPv4 ping answer; `address` is its source).
     pub kind: String,
     /// The address the frame announces.
     pub address: String,
@@ -276,8 +370,14 @@ pub struct Capture {
 }
 
 impl Capture {
-    /// Starts capturing; returns once tcpdump listens.
+    /// Starts capturing ARP and neighbour advertisements; returns once
+    /// tcpdump listens.
     pub fn start(lab: &Lab, name: &str) -> anyhow::Result<Capture> {
+        Self::start_filtered(lab, name, "arp or (icmp6 and ip6[40] == 136)")
+    }
+
+    /// Starts capturing what the tcpdump expression `filter` selects.
+    pub fn start_filtered(lab: &Lab, name: &str, filter: &str) -> anyhow::Result<Capture> {
         let file = lab.dir().join("logs").join(format!("capture-{name}.txt"));
         let out = std::fs::File::create(&file)?;
         let child = Command::new("ip")
@@ -294,7 +394,7 @@ impl Capture {
                 "-tt",
                 "-vv",
             ])
-            .args(["arp or (icmp6 and ip6[40] == 136)"])
+            .arg(filter)
             .stdout(out)
             .stderr(Stdio::piped())
             .spawn()
@@ -389,6 +489,19 @@ pub fn parse_tcpdump(text: &str) -> Vec<Frame> {
                     mac,
                 });
             }
+        } else if line.contains("ethertype IPv4")
+            && lines
+                .get(i + 1)
+                .is_some_and(|l| l.contains("ICMP echo reply"))
+        {
+            // "    198.18.0.120 > 198.18.0.200: ICMP echo reply, id 7, seq 3, length 64"
+            let addr = lines[i + 1].split_whitespace().next().unwrap_or_default();
+            frames.push(Frame {
+                time,
+                kind: "echo-reply".into(),
+                address: addr.to_owned(),
+                mac,
+            });
         } else if line.contains("neighbor advertisement")
             || lines
                 .get(i + 1)
@@ -440,6 +553,17 @@ mod tests {
 1700000000.100200 aa:bb:cc:dd:ee:01 > 33:33:00:00:00:01, ethertype IPv6 (0x86dd), length 86: (hlim 255, next-header ICMPv6 (58) payload length: 32) 2001:db8::b > ff02::1: [icmp6 sum ok] ICMP6, neighbor advertisement, length 32, tgt is 2001:db8::100, Flags [override]\n\
 1700000000.200000 aa:bb:cc:dd:ee:02 > ff:ff:ff:ff:ff:ff, ethertype ARP (0x0806), length 42: Ethernet (len 6), IPv4 (len 4), Request who-has 198.18.0.11 tell 198.18.0.200, length 28\n";
         let frames = parse_tcpdump(text);
+        let echo = "1700000001.500000 aa:bb:cc:dd:ee:02 > aa:bb:cc:dd:ee:c8, ethertype IPv4 (0x0800), length 98: (tos 0x0, ttl 64, id 1, offset 0, flags [none], proto ICMP (1), length 84)\n    198.18.0.120 > 198.18.0.200: ICMP echo reply, id 7, seq 3, length 64\n";
+        let replies = parse_tcpdump(echo);
+        assert_eq!(replies.len(), 1);
+        assert_eq!(
+            (
+                replies[0].kind.as_str(),
+                replies[0].address.as_str(),
+                replies[0].mac.as_str()
+            ),
+            ("echo-reply", "198.18.0.120", "aa:bb:cc:dd:ee:02")
+        );
         let kinds: Vec<(&str, &str)> = frames
             .iter()
             .map(|f| (f.kind.as_str(), f.address.as_str()))

@@ -835,7 +835,9 @@ impl Lab {
     /// `$CARGO_TARGET_DIR`, else `<repo>/target/debug/kubeha-agent`. Fails,
     /// saying how to build it, when that file does not exist.
     pub fn agent_binary(&self) -> anyhow::Result<PathBuf> {
-        agent_binary_from(
+        binary_from(
+            "kubeha-agent",
+            "KUBEHA_AGENT_BIN",
             &self.root,
             std::env::var_os("KUBEHA_AGENT_BIN"),
             std::env::var_os("CARGO_TARGET_DIR"),
@@ -1125,28 +1127,237 @@ fn write_private(path: &Path, contents: &str) -> anyhow::Result<()> {
     fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))
 }
 
-/// Where the agent binary is, given `$KUBEHA_AGENT_BIN` and
-/// `$CARGO_TARGET_DIR`; fails, saying how to build it, when it is missing.
-fn agent_binary_from(
+/// Service account of the operator in the chart's RBAC.
+pub const OPERATOR_SERVICE_ACCOUNT: &str = "kubeha-operator";
+
+/// Operator replicas run as host processes (the lab has no kubelet), like the
+/// Deployment's pods would: the chart's service-account token, `POD_NAME`
+/// `operator-R`, `POD_NAMESPACE`, metrics on `127.0.0.1:19090+R`.
+impl Lab {
+    /// The operator binary: `$KUBEHA_OPERATOR_BIN`, else `debug/kubeha-operator`
+    /// under `$CARGO_TARGET_DIR` or `<repo>/target`.
+    pub fn operator_binary(&self) -> anyhow::Result<PathBuf> {
+        binary_from(
+            "kubeha-operator",
+            "KUBEHA_OPERATOR_BIN",
+            &self.root,
+            std::env::var_os("KUBEHA_OPERATOR_BIN"),
+            std::env::var_os("CARGO_TARGET_DIR"),
+        )
+    }
+
+    /// Address of replica `r`'s `/metrics`, `/healthz` and `/readyz`.
+    pub fn operator_metrics_addr(r: u8) -> String {
+        format!("127.0.0.1:{}", 19090 + u16::from(r))
+    }
+
+    fn operator_pid_file(&self, r: u8) -> PathBuf {
+        self.dir.join("pids").join(format!("operator-{r}.pid"))
+    }
+
+    /// Log of operator replica `r` (appended across restarts).
+    pub fn operator_log(&self, r: u8) -> PathBuf {
+        self.dir.join("logs").join(format!("operator-{r}.log"))
+    }
+
+    /// Pid recorded for operator replica `r`.
+    pub fn operator_pid(&self, r: u8) -> Option<i32> {
+        read_pid(&self.operator_pid_file(r))
+    }
+
+    /// Whether operator replica `r` runs.
+    pub fn operator_running(&self, r: u8) -> bool {
+        self.operator_pid(r).is_some_and(|pid| !nodes::is_dead(pid))
+    }
+
+    /// Starts operator replica `r` with `extra_args` (the lab uses a short
+    /// leader lock, 4 s renewed 2 s before expiry, unless overridden) and
+    /// waits until its `/readyz` answers 200 (30 s).
+    pub fn start_operator(&self, r: u8, extra_args: &[&str]) -> anyhow::Result<i32> {
+        use std::io::Write as _;
+        use std::os::unix::process::CommandExt as _;
+        if self.operator_running(r) {
+            bail!("operator replica {r} already runs");
+        }
+        let bin = self.operator_binary()?;
+        let kubeconfig = self.dir.join(format!("operator-{r}.kubeconfig"));
+        let token = self.kubectl_ok(&[
+            "create",
+            "token",
+            OPERATOR_SERVICE_ACCOUNT,
+            "-n",
+            SYSTEM_NAMESPACE,
+            &format!("--duration={NODE_TOKEN_DURATION}"),
+        ])?;
+        let ports = Ports::from_env().unwrap_or_default();
+        write_private(
+            &kubeconfig,
+            &format!(
+                "apiVersion: v1\nkind: Config\nclusters:\n- name: kubeha-lab\n  cluster:\n    server: {url}\n    certificate-authority: {ca}\n\
+                 users:\n- name: operator-{r}\n  user:\n    token: {token}\n\
+                 contexts:\n- name: kubeha-lab\n  context:\n    cluster: kubeha-lab\n    user: operator-{r}\n    namespace: {SYSTEM_NAMESPACE}\n\
+                 current-context: kubeha-lab\n",
+                url = ports.apiserver_url(),
+                ca = self.pki("ca.crt").display(),
+                token = token.trim(),
+            ),
+        )?;
+        fs::create_dir_all(self.dir.join("logs"))?;
+        fs::create_dir_all(self.dir.join("pids"))?;
+        let log_path = self.operator_log(r);
+        let mut log = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log_path)?;
+        writeln!(log, "--- lab: starting operator replica {r}")?;
+        let addr = Self::operator_metrics_addr(r);
+        let mut child = Command::new(&bin)
+            // argv[0] names the lab, so `lab down` finds it like every lab process.
+            .arg0(self.dir.join(format!("kubeha-operator-{r}")))
+            .args([
+                "--metrics-addr",
+                &addr,
+                "--leader-lease-seconds",
+                "4",
+                "--leader-grace-seconds",
+                "2",
+            ])
+            .args(extra_args)
+            .env("KUBECONFIG", &kubeconfig)
+            .env("POD_NAMESPACE", SYSTEM_NAMESPACE)
+            .env("POD_NAME", format!("operator-{r}"))
+            .env("RUST_LOG", "info")
+            .current_dir(&self.root)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .process_group(0)
+            .spawn()
+            .with_context(|| format!("starting {}", bin.display()))?;
+        let pid = i32::try_from(child.id()).context("pid out of range")?;
+        fs::write(self.operator_pid_file(r), pid.to_string())?;
+        std::thread::spawn(move || {
+            let _ = child.wait();
+        });
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if nodes::is_dead(pid) {
+                bail!(
+                    "operator replica {r} exited at once; last lines of {}:\n{}",
+                    log_path.display(),
+                    tail(&log_path, 20)
+                );
+            }
+            if http_get(&addr, "/readyz").is_ok_and(|(code, _)| code == 200) {
+                return Ok(pid);
+            }
+            if Instant::now() >= deadline {
+                bail!(
+                    "operator replica {r} not ready on {addr}/readyz within 30 s; last lines of {}:\n{}",
+                    log_path.display(),
+                    tail(&log_path, 20)
+                );
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Sends `signal` to operator replica `r` and waits for it to exit.
+    /// Returns whether it was running.
+    pub fn stop_operator(&self, r: u8, signal: StopSignal) -> anyhow::Result<bool> {
+        let Some(pid) = self.operator_pid(r).filter(|_| self.operator_running(r)) else {
+            return Ok(false);
+        };
+        let sig = match signal {
+            StopSignal::Term => nix::sys::signal::Signal::SIGTERM,
+            StopSignal::Kill => nix::sys::signal::Signal::SIGKILL,
+        };
+        nodes::signal_pids(&[pid], sig);
+        if !nodes::wait_dead(&[pid], Duration::from_secs(30)) {
+            bail!("operator replica {r} (pid {pid}) still runs 30 s after {sig}");
+        }
+        let _ = fs::remove_file(self.operator_pid_file(r));
+        Ok(true)
+    }
+}
+
+impl Lab {
+    /// The `kubectl ha` plugin (`$KUBECTL_HA_BIN`, else `debug/kubectl-ha`
+    /// under the target folder) pointed at the lab as its admin.
+    pub fn kubectl_ha(&self) -> anyhow::Result<Command> {
+        let bin = binary_from(
+            "kubectl-ha",
+            "KUBECTL_HA_BIN",
+            &self.root,
+            std::env::var_os("KUBECTL_HA_BIN"),
+            std::env::var_os("CARGO_TARGET_DIR"),
+        )?;
+        let mut cmd = Command::new(bin);
+        cmd.env("KUBECONFIG", self.kubeconfig())
+            .current_dir(&self.root);
+        Ok(cmd)
+    }
+
+    /// Runs `kubectl ha ARGS`; fails with its output unless it succeeds.
+    pub fn kubectl_ha_ok(&self, args: &[&str]) -> anyhow::Result<String> {
+        let out = self.kubectl_ha()?.args(args).output()?;
+        if !out.status.success() {
+            bail!(
+                "kubectl ha {} failed: {}{}",
+                args.join(" "),
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+}
+
+/// A plain HTTP/1.0 GET on loopback: status code and body.
+pub fn http_get(addr: &str, path: &str) -> anyhow::Result<(u16, String)> {
+    use std::io::{Read as _, Write as _};
+    let mut stream = std::net::TcpStream::connect_timeout(&addr.parse()?, Duration::from_secs(2))?;
+    stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+    write!(stream, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n")?;
+    let mut text = String::new();
+    stream.read_to_string(&mut text)?;
+    let code = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .context("no HTTP status line")?;
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    Ok((code, body))
+}
+
+/// Where binary `name` of the workspace is, given its override variable
+/// `env_var` (its value `bin`) and `$CARGO_TARGET_DIR`; fails, saying how to
+/// build it, when it is missing.
+fn binary_from(
+    name: &str,
+    env_var: &str,
     root: &Path,
-    agent_bin: Option<OsString>,
+    bin: Option<OsString>,
     target_dir: Option<OsString>,
 ) -> anyhow::Result<PathBuf> {
-    let (path, from) = match (agent_bin, target_dir) {
-        (Some(bin), _) => (PathBuf::from(bin), "from KUBEHA_AGENT_BIN"),
+    let (path, from) = match (bin, target_dir) {
+        (Some(bin), _) => (PathBuf::from(bin), format!("from {env_var}")),
         (None, Some(target)) => (
-            root.join(target).join("debug").join("kubeha-agent"),
-            "under CARGO_TARGET_DIR",
+            root.join(target).join("debug").join(name),
+            "under CARGO_TARGET_DIR".to_owned(),
         ),
         (None, None) => (
-            root.join("target").join("debug").join("kubeha-agent"),
-            "the default",
+            root.join("target").join("debug").join(name),
+            "the default".to_owned(),
         ),
     };
     if !path.is_file() {
         bail!(
-            "the agent binary is missing: no file {} ({from}); build it with \
-             `cargo build -p kubeha-agent`, or set KUBEHA_AGENT_BIN to its path",
+            "the {name} binary is missing: no file {} ({from}); build it with \
+             `cargo build -p {name}`, or set {env_var} to its path",
             path.display()
         );
     }
@@ -1183,24 +1394,45 @@ mod tests {
     #[test]
     fn a_missing_agent_binary_says_how_to_build_it() {
         let root = Path::new("/nonexistent-kubeha-repo");
-        let err = agent_binary_from(root, None, None).unwrap_err().to_string();
+        let err = binary_from("kubeha-agent", "KUBEHA_AGENT_BIN", root, None, None)
+            .unwrap_err()
+            .to_string();
         assert!(
             err.contains("/nonexistent-kubeha-repo/target/debug/kubeha-agent"),
             "{err}"
         );
         assert!(err.contains("cargo build -p kubeha-agent"), "{err}");
-        let err = agent_binary_from(root, Some("/nope/agent".into()), Some("/t".into()))
-            .unwrap_err()
-            .to_string();
+        let err = binary_from(
+            "kubeha-agent",
+            "KUBEHA_AGENT_BIN",
+            root,
+            Some("/nope/agent".into()),
+            Some("/t".into()),
+        )
+        .unwrap_err()
+        .to_string();
         assert!(err.contains("/nope/agent (from KUBEHA_AGENT_BIN)"), "{err}");
-        let err = agent_binary_from(root, None, Some("/t".into()))
-            .unwrap_err()
-            .to_string();
+        let err = binary_from(
+            "kubeha-agent",
+            "KUBEHA_AGENT_BIN",
+            root,
+            None,
+            Some("/t".into()),
+        )
+        .unwrap_err()
+        .to_string();
         assert!(
             err.contains("/t/debug/kubeha-agent (under CARGO_TARGET_DIR)"),
             "{err}"
         );
-        let found = agent_binary_from(root, Some("/bin/sh".into()), None).unwrap();
+        let found = binary_from(
+            "kubeha-agent",
+            "KUBEHA_AGENT_BIN",
+            root,
+            Some("/bin/sh".into()),
+            None,
+        )
+        .unwrap();
         assert_eq!(found, PathBuf::from("/bin/sh"));
     }
 

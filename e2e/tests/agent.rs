@@ -16,6 +16,11 @@ fn lab() -> Lab {
     let lab = Lab::of_this_checkout();
     lab.ensure_up_with_nodes(3)
         .expect("the lab with three nodes must come up");
+    // These tests play the operator: a real one would fight over the Leases.
+    for r in 0..=1 {
+        lab.stop_operator(r, StopSignal::Term)
+            .expect("operator stops");
+    }
     for i in 1..=3 {
         if !lab.agent_running(i) {
             lab.start_agent(i, &[] as &[&str]).expect("agent starts");
@@ -24,56 +29,22 @@ fn lab() -> Lab {
     lab
 }
 
-fn vip_holders(vip: &str) -> Vec<u8> {
-    (1..=3).filter(|i| ha::vip_on_node(*i, vip)).collect()
-}
-
-fn service_status(lab: &Lab, name: &str) -> serde_json::Value {
-    let out = lab
-        .kubectl_ok(&[
-            "get",
-            "haservice",
-            name,
-            "-n",
-            ha::SERVICE_NAMESPACE,
-            "-o",
-            "json",
-        ])
-        .unwrap_or_default();
-    serde_json::from_str::<serde_json::Value>(&out)
-        .map(|v| v["status"].clone())
-        .unwrap_or_default()
-}
-
-fn node_entry(lab: &Lab, service: &str, node: u8) -> serde_json::Value {
-    let status = service_status(lab, service);
-    status["nodes"]
-        .as_array()
-        .and_then(|n| {
-            n.iter()
-                .find(|e| e["node"] == nodes::node_name(node))
-                .cloned()
-        })
-        .unwrap_or_default()
-}
-
 /// Waits until node `i` reports `Failed` for `service`.
 fn wait_failed(lab: &Lab, service: &str, i: u8) {
     assert!(
-        ha::wait_until(
-            Duration::from_secs(15),
-            || node_entry(lab, service, i)["state"] == "Failed"
-        )
+        ha::wait_until(Duration::from_secs(15), || ha::node_entry(lab, service, i)
+            ["state"]
+            == "Failed")
         .is_some(),
         "node-{i} never reported Failed: {}",
-        node_entry(lab, service, i)
+        ha::node_entry(lab, service, i)
     );
 }
 
 fn cleanup(lab: &Lab, name: &str, vip: &str) {
     ha::delete_service(lab, name);
     // Agents leave services that are gone.
-    let gone = ha::wait_until(Duration::from_secs(15), || vip_holders(vip).is_empty());
+    let gone = ha::wait_until(Duration::from_secs(15), || ha::vip_holders(vip).is_empty());
     ha::delete(lab, "hacluster", name, None);
     assert!(
         gone.is_some(),
@@ -89,7 +60,7 @@ fn setup(lab: &Lab, name: &str, vips: &[&str], hooks: Option<&str>, timing: Timi
     for vip in vips {
         let addr = vip.split('/').next().unwrap();
         assert!(
-            ha::wait_until(Duration::from_secs(15), || vip_holders(addr).is_empty()).is_some(),
+            ha::wait_until(Duration::from_secs(15), || ha::vip_holders(addr).is_empty()).is_some(),
             "{addr} still held from an earlier run"
         );
     }
@@ -112,7 +83,7 @@ fn vip_answers_ping_and_arp_and_the_client_sees_the_garp_burst() {
     let capture = Capture::start(&lab, name).unwrap();
     ha::set_service_lease(&lab, name, Some("node-1"), 1, true, Some("node-2")).unwrap();
     assert!(
-        ha::wait_until(Duration::from_secs(15), || vip_holders(v4) == [1]).is_some(),
+        ha::wait_until(Duration::from_secs(15), || ha::vip_holders(v4) == [1]).is_some(),
         "VIP never reached node-1"
     );
     assert!(
@@ -168,25 +139,12 @@ fn vip_answers_ping_and_arp_and_the_client_sees_the_garp_burst() {
     // Planned move with the handover protocol: node-2 is the new holder but
     // not cleared; node-1 leaves and acknowledges epoch 1; only then is
     // node-2 cleared. Sampled every 10 ms: never two holders.
-    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let sampler = {
-        let stop = stop.clone();
-        std::thread::spawn(move || {
-            let mut double = 0;
-            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
-                if vip_holders(v4).len() > 1 {
-                    double += 1;
-                }
-                std::thread::sleep(Duration::from_millis(10));
-            }
-            double
-        })
-    };
+    let sampler = ha::SplitBrain::start(v4, &[]);
     ha::set_service_lease(&lab, name, Some("node-2"), 2, false, Some("node-1")).unwrap();
     assert!(
         ha::wait_until(
             Duration::from_secs(10),
-            || node_entry(&lab, name, 1)["ackedEpoch"] == 1
+            || ha::node_entry(&lab, name, 1)["ackedEpoch"] == 1
         )
         .is_some(),
         "node-1 never acknowledged epoch 1"
@@ -197,11 +155,14 @@ fn vip_answers_ping_and_arp_and_the_client_sees_the_garp_burst() {
     );
     ha::set_service_lease(&lab, name, Some("node-2"), 2, true, Some("node-1")).unwrap();
     assert!(
-        ha::wait_until(Duration::from_secs(10), || vip_holders(v4) == [2]).is_some(),
+        ha::wait_until(Duration::from_secs(10), || ha::vip_holders(v4) == [2]).is_some(),
         "VIP never reached node-2"
     );
-    stop.store(true, std::sync::atomic::Ordering::SeqCst);
-    assert_eq!(sampler.join().unwrap(), 0, "two nodes held {v4} at once");
+    let (double, samples) = sampler.stop();
+    assert_eq!(
+        double, 0,
+        "two nodes held {v4} in {double} of {samples} samples"
+    );
     cleanup(&lab, name, v4);
 }
 
@@ -246,10 +207,16 @@ fn hooks_run_in_order_with_their_environment_and_leave_before_enter() {
         let _ = std::fs::remove_file(trace);
     }
     ha::set_service_lease(&lab, name, Some("node-1"), 1, true, Some("node-2")).unwrap();
-    assert!(ha::wait_until(Duration::from_secs(15), || vip_holders(vip) == [1]).is_some());
+    assert!(ha::wait_until(Duration::from_secs(15), || ha::vip_holders(vip) == [1]).is_some());
     assert!(
         ha::wait_until(Duration::from_secs(5), || read(2).lines().count() >= 3).is_some(),
         "node-2 never entered vicemaster"
+    );
+    // The VIP comes first, the scripts after it: wait for all three.
+    assert!(
+        ha::wait_until(Duration::from_secs(5), || read(1).lines().count() >= 3).is_some(),
+        "node-1 never ran its three enter scripts: {}",
+        read(1)
     );
     let lines: Vec<String> = read(1)
         .lines()
@@ -293,12 +260,12 @@ fn hooks_run_in_order_with_their_environment_and_leave_before_enter() {
     assert!(
         ha::wait_until(
             Duration::from_secs(10),
-            || node_entry(&lab, name, 1)["ackedEpoch"] == 1
+            || ha::node_entry(&lab, name, 1)["ackedEpoch"] == 1
         )
         .is_some()
     );
     ha::set_service_lease(&lab, name, Some("node-2"), 2, true, Some("node-1")).unwrap();
-    assert!(ha::wait_until(Duration::from_secs(15), || vip_holders(vip) == [2]).is_some());
+    assert!(ha::wait_until(Duration::from_secs(15), || ha::vip_holders(vip) == [2]).is_some());
     assert!(
         ha::wait_until(Duration::from_secs(5), || read(1)
             .contains("enter vicemaster"))
@@ -315,6 +282,13 @@ fn hooks_run_in_order_with_their_environment_and_leave_before_enter() {
     assert!(
         leave < enter,
         "node-1 entered vicemaster before leaving master:\n{one}"
+    );
+    assert!(
+        ha::wait_until(Duration::from_secs(5), || read(2)
+            .contains("E01backup enter master"))
+        .is_some(),
+        "{}",
+        read(2)
     );
     let two = read(2);
     let (leave, enter) = (
@@ -333,13 +307,13 @@ fn hooks_run_in_order_with_their_environment_and_leave_before_enter() {
     assert!(
         ha::wait_until(
             Duration::from_secs(10),
-            || node_entry(&lab, name, 2)["ackedEpoch"] == 2
+            || ha::node_entry(&lab, name, 2)["ackedEpoch"] == 2
         )
         .is_some()
     );
     ha::set_service_lease(&lab, name, Some("node-3"), 3, true, None).unwrap();
     wait_failed(&lab, name, 3);
-    let entry = node_entry(&lab, name, 3);
+    let entry = ha::node_entry(&lab, name, 3);
     assert_eq!(entry["failCount"], 1, "{entry}");
     let three = read(3);
     assert!(
@@ -366,7 +340,7 @@ fn a_partitioned_active_node_drops_its_vip_before_the_lease_ends_and_logs_the_fe
     let (name, vip) = ("fence", "198.18.0.102");
     setup(&lab, name, &["198.18.0.102/24"], None, Timing::DEFAULT);
     ha::set_service_lease(&lab, name, Some("node-3"), 1, true, None).unwrap();
-    assert!(ha::wait_until(Duration::from_secs(15), || vip_holders(vip) == [3]).is_some());
+    assert!(ha::wait_until(Duration::from_secs(15), || ha::vip_holders(vip) == [3]).is_some());
     let fence_log = lab.dir().join("nodes/node-3/logs/fence.log");
     let lines_before = std::fs::read_to_string(&fence_log)
         .unwrap_or_default()
@@ -454,7 +428,7 @@ fn a_killed_agent_loses_its_vip_to_the_kernel_and_a_quick_restart_readopts_it() 
     );
     let _ = std::fs::remove_file(&trace);
     ha::set_service_lease(&lab, name, Some("node-2"), 1, true, None).unwrap();
-    assert!(ha::wait_until(Duration::from_secs(15), || vip_holders(vip) == [2]).is_some());
+    assert!(ha::wait_until(Duration::from_secs(15), || ha::vip_holders(vip) == [2]).is_some());
     // An agent killed in the middle of entering (VIP added, hooks or GARP
     // still running) enters again on restart, as it should. This test kills
     // it once the entry is complete and written to its status file.
@@ -586,14 +560,14 @@ fn a_hanging_hook_is_killed_with_its_children_and_an_unsafe_one_is_refused() {
         "the hanging script never started"
     );
     let failed = ha::wait_until(Duration::from_secs(15), || {
-        node_entry(&lab, name, 1)["state"] == "Failed"
+        ha::node_entry(&lab, name, 1)["state"] == "Failed"
     });
-    assert!(failed.is_some(), "{}", node_entry(&lab, name, 1));
+    assert!(failed.is_some(), "{}", ha::node_entry(&lab, name, 1));
     assert!(
         started.elapsed() >= Duration::from_secs(5),
         "failed before the 5 s timeout"
     );
-    let entry = node_entry(&lab, name, 1);
+    let entry = ha::node_entry(&lab, name, 1);
     assert!(entry["hooks"].to_string().contains("TimedOut"), "{entry}");
     // Killed (a zombie waiting for its reaper counts as dead).
     let alive = |pid: &str| {
@@ -611,7 +585,7 @@ fn a_hanging_hook_is_killed_with_its_children_and_an_unsafe_one_is_refused() {
 
     ha::set_service_lease(&lab, name, Some("node-2"), 2, true, None).unwrap();
     wait_failed(&lab, name, 2);
-    let entry = node_entry(&lab, name, 2);
+    let entry = ha::node_entry(&lab, name, 2);
     let hooks = entry["hooks"].to_string();
     assert!(
         hooks.contains("Refused") && hooks.contains("group-writable"),

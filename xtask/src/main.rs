@@ -45,6 +45,22 @@ enum Cmd {
 
 #[derive(Subcommand)]
 enum BenchCmd {
+    /// Unplanned failover and planned switchover to the client's first reply
+    /// (default and tight timing), and the steady API write rate.
+    Failover {
+        /// Runs per figure.
+        #[arg(long, default_value_t = 30)]
+        runs: usize,
+        /// HAServices for the steady-state write rate.
+        #[arg(long, default_value_t = 100)]
+        services: usize,
+        /// Seconds over which the steady write rate is measured.
+        #[arg(long, default_value_t = 30)]
+        steady_seconds: u64,
+        /// Also write the figures as JSON to this file.
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
     /// Lease change to first GARP seen by the client, agent RSS and idle CPU.
     Agent {
         /// Planned transitions to time.
@@ -114,6 +130,58 @@ fn main() -> anyhow::Result<()> {
         Cmd::Test { keep_lab } => test(&root, keep_lab),
         Cmd::Bench {
             command:
+                BenchCmd::Failover {
+                    runs,
+                    services,
+                    steady_seconds,
+                    json,
+                },
+        } => {
+            build_binaries(&root)?;
+            let r = kubeha_e2e::bench::failover(&Lab::new(&root), runs, services, steady_seconds)?;
+            println!(
+                "\nfailover benchmark ({} runs each, 3 nodes; D = {} s default, 1 s tight)",
+                r.runs, r.lease_duration_s
+            );
+            println!("| figure | median | p95 |\n|---|---|---|");
+            for (what, s) in [
+                (
+                    "unplanned: power-off -> first reply from the new node",
+                    r.unplanned_ms,
+                ),
+                ("unplanned, tight timing (D = 1 s)", r.unplanned_tight_ms),
+                (
+                    "planned switchover: command -> first reply",
+                    r.switchover_ms,
+                ),
+            ] {
+                println!("| {what} | {:.0} ms | {:.0} ms |", s.median, s.p95);
+            }
+            println!(
+                "| API writes/s at steady state ({services} HAServices) | {:.1} | |",
+                r.steady_writes_per_s
+            );
+            println!(
+                "| split-brain instants ({} samples, <= 10 ms apart) | {} | |",
+                r.split_brain_samples, r.split_brain_instants
+            );
+            if let Some(path) = json {
+                let summary = |s: kubeha_e2e::bench::Summary| serde_json::json!({"median": s.median, "p95": s.p95});
+                let value = serde_json::json!({
+                    "lease_duration_s": r.lease_duration_s,
+                    "unplanned_ms": summary(r.unplanned_ms),
+                    "unplanned_tight_ms": summary(r.unplanned_tight_ms),
+                    "switchover_ms": summary(r.switchover_ms),
+                    "steady_writes_per_s": r.steady_writes_per_s,
+                    "split_brain_instants": r.split_brain_instants,
+                });
+                std::fs::write(&path, serde_json::to_string_pretty(&value)?)?;
+                println!("wrote {}", path.display());
+            }
+            Ok(())
+        }
+        Cmd::Bench {
+            command:
                 BenchCmd::Agent {
                     transitions,
                     idle_seconds,
@@ -176,7 +244,7 @@ fn crdgen(root: &Path, check: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Builds the binaries the lab runs (the agent and operator processes).
+/// Builds the binaries the lab runs (agent, operator, the kubectl plugin).
 fn build_binaries(root: &Path) -> anyhow::Result<()> {
     let status = Command::new(env!("CARGO"))
         .args([
@@ -187,6 +255,8 @@ fn build_binaries(root: &Path) -> anyhow::Result<()> {
             "kubeha-agent",
             "-p",
             "kubeha-operator",
+            "-p",
+            "kubectl-ha",
         ])
         .current_dir(root)
         .status()

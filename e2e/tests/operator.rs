@@ -1,0 +1,457 @@
+//! The operator with the real agent on three lab nodes (real kernel, real API
+//! server): failover on power-off, planned moves, modes, hook failures and
+//! operator HA. Tests share the lab's agents and operator replicas and run one
+//! at a time; each uses its own cluster and service names.
+
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use kubeha_e2e::ha::{self, Timing};
+use kubeha_e2e::lab::{Lab, StopSignal, http_get};
+
+static SERIAL: Mutex<()> = Mutex::new(());
+
+/// The lab with three nodes, an agent on each and operator replica 0.
+fn lab() -> Lab {
+    let lab = Lab::of_this_checkout();
+    lab.ensure_up_with_nodes(3)
+        .expect("the lab with three nodes must come up");
+    for i in 1..=3 {
+        // A node an earlier test powered off comes back.
+        lab.power_on(i).unwrap();
+        if !lab.agent_running(i) {
+            lab.start_agent(i, &[] as &[&str]).expect("agent starts");
+        }
+    }
+    if !lab.operator_running(0) {
+        lab.start_operator(0, &[])
+            .expect("operator replica 0 starts");
+    }
+    lab
+}
+
+/// A cluster of nodes 1..=3 and a service with one IPv4 VIP, both named
+/// `name`, after removing what an earlier run left.
+fn fresh(lab: &Lab, name: &str, vip: &str, hooks: Option<&str>, timing: Timing) {
+    ha::delete_service(lab, name);
+    assert!(
+        ha::wait_until(Duration::from_secs(20), || ha::vip_holders(vip).is_empty()).is_some(),
+        "{vip} still held from an earlier run"
+    );
+    ha::apply(lab, &ha::cluster(name, &[1, 2, 3], timing)).unwrap();
+    // Every member heartbeats before the service exists, so placement is
+    // the ordered one (node-1 active, node-2 standby).
+    let ready = ha::wait_until(Duration::from_secs(20), || {
+        lab.kubectl_ok(&["get", "hacluster", name, "-o", "jsonpath={.status.ready}"])
+            .is_ok_and(|r| r.trim() == "3/3")
+    });
+    assert!(
+        ready.is_some(),
+        "cluster {name} never had 3/3 members ready"
+    );
+    ha::apply(
+        lab,
+        &ha::service(name, name, &[&format!("{vip}/24")], hooks, (3, 100)),
+    )
+    .unwrap();
+}
+
+/// Deletes the service (the operator gives it away first: finalizer) and
+/// its cluster; the VIP must be gone everywhere.
+fn cleanup(lab: &Lab, name: &str, vip: &str) {
+    ha::delete(lab, "haservice", name, Some(ha::SERVICE_NAMESPACE));
+    let gone = ha::wait_until(Duration::from_secs(20), || ha::vip_holders(vip).is_empty());
+    let removed = ha::wait_until(Duration::from_secs(20), || {
+        lab.kubectl_output(&["get", "haservice", name, "-n", ha::SERVICE_NAMESPACE])
+            .is_ok_and(|o| !o.status.success())
+    });
+    ha::delete_service(lab, name);
+    ha::delete(lab, "hacluster", name, None);
+    assert!(
+        gone.is_some(),
+        "{vip} still held after the service was deleted"
+    );
+    assert!(removed.is_some(), "the finalizer never let {name} go");
+}
+
+/// The node the status calls active once the phase is Active and exactly
+/// that node holds the VIP.
+fn wait_active(lab: &Lab, name: &str, vip: &str, timeout: Duration) -> u8 {
+    let mut seen = None;
+    let ok = ha::wait_until(timeout, || {
+        let status = ha::service_status(lab, name);
+        let active = status["activeNode"]
+            .as_str()
+            .and_then(|n| n.strip_prefix("node-"))
+            .and_then(|n| n.parse::<u8>().ok());
+        seen = active;
+        status["phase"] == "Active" && active.is_some_and(|a| ha::vip_holders(vip) == [a])
+    });
+    assert!(
+        ok.is_some(),
+        "{name} never became Active with its VIP on the active node: status {}, holders {:?}",
+        ha::service_status(lab, name),
+        ha::vip_holders(vip)
+    );
+    seen.unwrap()
+}
+
+/// Sum of every sample of `metric` (any labels) on operator replica `r`.
+fn metric(r: u8, metric: &str) -> f64 {
+    let (_, body) = http_get(&Lab::operator_metrics_addr(r), "/metrics").unwrap_or_default();
+    body.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter(|l| l.split(['{', ' ']).next() == Some(metric))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// Reasons of the Events about object `name` in `namespace`.
+fn event_reasons(lab: &Lab, namespace: &str, name: &str) -> Vec<String> {
+    let out = lab
+        .kubectl_ok(&[
+            "get",
+            "events",
+            "-n",
+            namespace,
+            "--field-selector",
+            &format!("involvedObject.name={name}"),
+            "-o",
+            "jsonpath={range .items[*]}{.reason}{\"\\n\"}{end}",
+        ])
+        .unwrap_or_default();
+    out.lines().map(str::to_owned).collect()
+}
+
+fn set_modes(lab: &Lab, name: &str, modes: &[(u8, &str)], timing: Timing) {
+    ha::apply(lab, &ha::cluster_with_modes(name, modes, timing)).unwrap();
+}
+
+#[test]
+fn power_off_moves_the_vip_to_the_next_node_and_status_events_metrics_record_it() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let lab = lab();
+    let (name, vip) = ("op-poweroff", "198.18.0.110");
+    fresh(&lab, name, vip, None, Timing::DEFAULT);
+    assert_eq!(
+        wait_active(&lab, name, vip, Duration::from_secs(30)),
+        1,
+        "ordered placement starts on the first member"
+    );
+    assert!(
+        ha::wait_until(Duration::from_secs(5), || ha::client_reaches(vip, 1)).is_some(),
+        "the client never reached {vip} on node-1"
+    );
+    let failovers = metric(0, "kubeha_operator_failovers_total");
+
+    let sampler = ha::SplitBrain::start(vip, &[]);
+    lab.power_off(1).unwrap();
+    let off = Instant::now();
+    let moved = ha::wait_until(Duration::from_secs(20), || {
+        ha::vip_holders(vip).into_iter().filter(|i| *i != 1).eq([2])
+    });
+    let reached = ha::wait_until(Duration::from_secs(10), || ha::client_reaches(vip, 2));
+    let (double, samples) = sampler.stop();
+    assert!(moved.is_some(), "the VIP never reached node-2");
+    assert!(
+        reached.is_some(),
+        "the client never got answers from node-2's MAC"
+    );
+    eprintln!(
+        "power-off to first reply from node-2: {:?} (D = {} ms)",
+        off.elapsed(),
+        Timing::DEFAULT.lease_ms
+    );
+    assert_eq!(
+        double, 0,
+        "two nodes held {vip} in {double} of {samples} samples"
+    );
+
+    assert_eq!(wait_active(&lab, name, vip, Duration::from_secs(10)), 2);
+    let reasons = event_reasons(&lab, ha::SERVICE_NAMESPACE, name);
+    assert!(
+        reasons.iter().any(|r| r == "TakeOver"),
+        "no TakeOver Event: {reasons:?}"
+    );
+    assert!(
+        ha::wait_until(Duration::from_secs(5), || metric(
+            0,
+            "kubeha_operator_failovers_total"
+        ) > failovers)
+        .is_some(),
+        "kubeha_operator_failovers_total did not grow"
+    );
+
+    lab.power_on(1).unwrap();
+    lab.start_agent(1, &[] as &[&str]).unwrap();
+    cleanup(&lab, name, vip);
+}
+
+#[test]
+fn a_move_switches_the_service_over_with_never_two_holders() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let lab = lab();
+    let (name, vip) = ("op-move", "198.18.0.111");
+    fresh(&lab, name, vip, None, Timing::DEFAULT);
+    assert_eq!(wait_active(&lab, name, vip, Duration::from_secs(30)), 1);
+
+    let sampler = ha::SplitBrain::start(vip, &[]);
+    let asked = Instant::now();
+    let printed = lab
+        .kubectl_ha_ok(&["move", name, "--to", "node-3", "-n", ha::SERVICE_NAMESPACE])
+        .unwrap();
+    assert!(
+        printed.contains(name),
+        "kubectl ha move prints the status:\n{printed}"
+    );
+    let moved = ha::wait_until(Duration::from_secs(20), || ha::client_reaches(vip, 3));
+    let (double, samples) = sampler.stop();
+    assert!(moved.is_some(), "the VIP never reached node-3");
+    eprintln!("move to first reply from node-3: {:?}", asked.elapsed());
+    assert_eq!(
+        double, 0,
+        "two nodes held {vip} in {double} of {samples} samples"
+    );
+    assert_eq!(wait_active(&lab, name, vip, Duration::from_secs(10)), 3);
+    let reasons = event_reasons(&lab, ha::SERVICE_NAMESPACE, name);
+    assert!(
+        reasons.iter().any(|r| r == "GiveAway" || r == "GiveBack"),
+        "no GiveAway/GiveBack Event for the planned move: {reasons:?}"
+    );
+    cleanup(&lab, name, vip);
+}
+
+#[test]
+fn locked_stops_and_keeps_services_off_and_single_runs_them_alone() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let lab = lab();
+    let (name, vip) = ("op-modes", "198.18.0.112");
+    let timing = Timing::DEFAULT;
+    fresh(&lab, name, vip, None, timing);
+    assert_eq!(wait_active(&lab, name, vip, Duration::from_secs(30)), 1);
+
+    let sampler = ha::SplitBrain::start(vip, &[]);
+    lab.kubectl_ha_ok(&["--wait", "0", "mode", "node-1", "locked", "--cluster", name])
+        .unwrap();
+    assert_eq!(
+        wait_active(&lab, name, vip, Duration::from_secs(20)),
+        2,
+        "locking node-1 moves its service to the next member"
+    );
+    // Kept off: node-1 still heartbeats, the service does not come back.
+    std::thread::sleep(Duration::from_millis(2 * timing.lease_ms as u64));
+    assert!(
+        !ha::vip_on_node(1, vip),
+        "a locked node took the service back"
+    );
+    assert_eq!(wait_active(&lab, name, vip, Duration::from_secs(1)), 2);
+
+    // single on node-3 with the others locked: the service runs there.
+    set_modes(
+        &lab,
+        name,
+        &[(1, "locked"), (2, "locked"), (3, "single")],
+        timing,
+    );
+    assert_eq!(wait_active(&lab, name, vip, Duration::from_secs(20)), 3);
+    // The API server refuses single next to a default member.
+    let refused = ha::apply(
+        &lab,
+        &ha::cluster_with_modes(
+            name,
+            &[(1, "default"), (2, "locked"), (3, "single")],
+            timing,
+        ),
+    );
+    assert!(
+        refused.is_err(),
+        "single beside a default member was accepted"
+    );
+
+    set_modes(
+        &lab,
+        name,
+        &[(1, "default"), (2, "default"), (3, "default")],
+        timing,
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    let (double, samples) = sampler.stop();
+    assert_eq!(
+        double, 0,
+        "two nodes held {vip} in {double} of {samples} samples"
+    );
+    assert_eq!(ha::vip_holders(vip).len(), 1);
+    let reasons = event_reasons(&lab, "", name);
+    assert!(
+        reasons.iter().any(|r| r == "ModeChanged"),
+        "no ModeChanged Event on the cluster: {reasons:?}"
+    );
+    cleanup(&lab, name, vip);
+}
+
+#[test]
+fn peerdown_lets_the_survivor_take_over_at_once_and_a_returning_node_loses_the_mark() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let lab = lab();
+    let (name, vip) = ("op-peerdown", "198.18.0.113");
+    // A long lease, so "without waiting for the lease" shows.
+    let timing = Timing {
+        lease_ms: 15_000,
+        renew_ms: 2_000,
+        deadline_ms: 8_000,
+        skew_ms: 500,
+    };
+    fresh(&lab, name, vip, None, timing);
+    assert_eq!(wait_active(&lab, name, vip, Duration::from_secs(30)), 1);
+
+    lab.power_off(1).unwrap();
+    let off = Instant::now();
+    lab.kubectl_ha_ok(&["--wait", "0", "peerdown", "node-1", "--cluster", name])
+        .unwrap();
+    let moved = ha::wait_until(Duration::from_secs(20), || ha::client_reaches(vip, 2));
+    assert!(moved.is_some(), "the survivor never took over");
+    let took = off.elapsed();
+    eprintln!("power-off + peerdown to first reply from node-2: {took:?}");
+    assert!(
+        took < Duration::from_millis(timing.lease_ms as u64),
+        "took {took:?}: the survivor waited for the lease (D = {} ms)",
+        timing.lease_ms
+    );
+
+    // node-1 comes back and heartbeats: the mark is erased.
+    lab.power_on(1).unwrap();
+    lab.start_agent(1, &[] as &[&str]).unwrap();
+    let erased = ha::wait_until(Duration::from_secs(20), || {
+        lab.kubectl_ok(&[
+            "get",
+            "hacluster",
+            name,
+            "-o",
+            "jsonpath={.spec.members.nodes[0].mode}",
+        ])
+        .is_ok_and(|m| m.trim() != "peerdown")
+    });
+    assert!(
+        erased.is_some(),
+        "the peerdown mark of a returning node stayed"
+    );
+    let reasons = event_reasons(&lab, "", name);
+    assert!(
+        reasons.iter().any(|r| r == "PeerReturned"),
+        "no PeerReturned Event: {reasons:?}"
+    );
+    // The service ends up on exactly one node.
+    wait_active(&lab, name, vip, Duration::from_secs(40));
+    cleanup(&lab, name, vip);
+}
+
+#[test]
+fn an_enter_failure_moves_on_and_a_failure_everywhere_is_errored_until_cleared() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let lab = lab();
+    let (name, vip) = ("op-hookfail", "198.18.0.114");
+    let trace = lab.dir().join("trace-op-hookfail");
+    let install = |failing: &[u8]| {
+        for i in 1..=3 {
+            let code = if failing.contains(&i) { 1 } else { 0 };
+            ha::install_hooks(
+                &lab,
+                i,
+                name,
+                &[("E01server", &ha::tracing_script(&trace, code))],
+            )
+            .unwrap();
+        }
+    };
+    install(&[1]);
+    fresh(&lab, name, vip, Some(name), Timing::DEFAULT);
+    assert_eq!(
+        wait_active(&lab, name, vip, Duration::from_secs(40)),
+        2,
+        "the enter hook fails on node-1: the service moves to node-2"
+    );
+    let reasons = event_reasons(&lab, ha::SERVICE_NAMESPACE, name);
+    assert!(
+        reasons.iter().any(|r| r == "HookFailed"),
+        "no HookFailed Event: {reasons:?}"
+    );
+
+    // Now the hooks fail everywhere: moved to node-3, it fails there, then
+    // on node-2 (node-1 is still failed): no node is left.
+    install(&[1, 2, 3]);
+    lab.kubectl_ha_ok(&[
+        "--wait",
+        "0",
+        "move",
+        name,
+        "--to",
+        "node-3",
+        "-n",
+        ha::SERVICE_NAMESPACE,
+    ])
+    .unwrap();
+    let errored = ha::wait_until(Duration::from_secs(40), || {
+        ha::service_status(&lab, name)["phase"] == "Errored"
+    });
+    assert!(
+        errored.is_some(),
+        "never Errored: {}",
+        ha::service_status(&lab, name)
+    );
+    assert!(
+        ha::vip_holders(vip).is_empty(),
+        "an Errored service holds its VIP"
+    );
+    // Stays Errored: nothing runs while nobody clears it.
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(ha::service_status(&lab, name)["phase"], "Errored");
+    assert!(ha::vip_holders(vip).is_empty());
+
+    // Fixed and cleared: it runs again.
+    install(&[]);
+    lab.kubectl_ha_ok(&["--wait", "0", "clear", name, "-n", ha::SERVICE_NAMESPACE])
+        .unwrap();
+    wait_active(&lab, name, vip, Duration::from_secs(40));
+    cleanup(&lab, name, vip);
+}
+
+#[test]
+fn killing_the_operator_leader_hands_over_and_a_failover_meanwhile_completes() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let lab = lab();
+    if !lab.operator_running(1) {
+        lab.start_operator(1, &[])
+            .expect("operator replica 1 starts");
+    }
+    let (name, vip) = ("op-leader", "198.18.0.115");
+    fresh(&lab, name, vip, None, Timing::DEFAULT);
+    assert_eq!(wait_active(&lab, name, vip, Duration::from_secs(30)), 1);
+    let leader = |r: u8| metric(r, "kubeha_operator_leader") == 1.0;
+    let l = (0..=1).find(|r| leader(*r)).expect("one replica leads");
+    let other = 1 - l;
+
+    // The leader dies and, at the same moment, the active node loses power.
+    lab.stop_operator(l, StopSignal::Kill).unwrap();
+    lab.power_off(1).unwrap();
+    let t0 = Instant::now();
+    let moved = ha::wait_until(Duration::from_secs(40), || ha::client_reaches(vip, 2));
+    assert!(
+        moved.is_some(),
+        "the failover never completed without the old leader"
+    );
+    eprintln!(
+        "leader killed + power-off to first reply from node-2: {:?}",
+        t0.elapsed()
+    );
+    assert!(leader(other), "replica {other} did not take the lead");
+    assert_eq!(wait_active(&lab, name, vip, Duration::from_secs(10)), 2);
+
+    lab.power_on(1).unwrap();
+    lab.start_agent(1, &[] as &[&str]).unwrap();
+    // Back to replica 0 alone for the other tests.
+    lab.stop_operator(1, StopSignal::Term).unwrap();
+    if !lab.operator_running(0) {
+        lab.start_operator(0, &[]).unwrap();
+    }
+    cleanup(&lab, name, vip);
+}
