@@ -251,6 +251,8 @@ pub struct FailoverReport {
     pub split_brain_instants: usize,
     /// Samples taken by the split-brain sampler.
     pub split_brain_samples: usize,
+    /// The longest time between two consecutive samples, ms.
+    pub split_brain_max_gap_ms: f64,
     /// Runs per figure.
     pub runs: usize,
 }
@@ -350,14 +352,14 @@ impl Drop for Pinger {
 
 /// Unplanned failovers: power off the active node, time to the first reply
 /// from another node's MAC, power it back on and wait for the cluster to
-/// settle. Returns the samples and (double-holder instants, samples).
+/// settle. Returns the samples and what the split-brain sampler saw.
 fn unplanned(
     lab: &Lab,
     name: &str,
     vip: &str,
     timing: Timing,
     runs: usize,
-) -> anyhow::Result<(Vec<f64>, (usize, usize))> {
+) -> anyhow::Result<(Vec<f64>, ha::Sampled)> {
     ha::delete_service(lab, name);
     ha::apply(lab, &ha::cluster(name, &[1, 2, 3], timing))?;
     ha::apply(
@@ -368,7 +370,7 @@ fn unplanned(
         .map(|i| ha::mac_of(&nodes::node_ns(i), nodes::NS_IFACE))
         .collect::<anyhow::Result<_>>()?;
     let pinger = Pinger::start(lab, name, vip)?;
-    let (mut samples, mut double, mut taken) = (Vec::new(), 0, 0);
+    let (mut samples, mut seen) = (Vec::new(), ha::Sampled::default());
     for run in 1..=runs {
         let active = settled(lab, name, vip)?;
         let sampler = ha::SplitBrain::start(vip, &[active]);
@@ -379,9 +381,7 @@ fn unplanned(
             .map(|i| &macs[usize::from(i) - 1])
             .collect();
         let first = pinger.first_reply(off, &others, Duration::from_secs(30));
-        let (d, n) = sampler.stop();
-        double += d;
-        taken += n;
+        seen.absorb(sampler.stop());
         let Some(first) = first else {
             bail!(
                 "run {run}: no reply from another node within 30 s of powering off node-{active}"
@@ -402,7 +402,7 @@ fn unplanned(
     ha::wait_until(Duration::from_secs(20), || ha::vip_holders(vip).is_empty());
     ha::delete_service(lab, name);
     ha::delete(lab, "hacluster", name, None);
-    Ok((samples, (double, taken)))
+    Ok((samples, seen))
 }
 
 /// Planned switchovers: `kubectl ha move` to the next node, timed from the
@@ -412,7 +412,7 @@ fn switchover(
     name: &str,
     vip: &str,
     runs: usize,
-) -> anyhow::Result<(Vec<f64>, (usize, usize))> {
+) -> anyhow::Result<(Vec<f64>, ha::Sampled)> {
     ha::delete_service(lab, name);
     ha::apply(lab, &ha::cluster(name, &[1, 2, 3], Timing::DEFAULT))?;
     ha::apply(
@@ -420,7 +420,7 @@ fn switchover(
         &ha::service(name, name, &[&format!("{vip}/24")], None, (3, 100)),
     )?;
     let pinger = Pinger::start(lab, name, vip)?;
-    let (mut samples, mut double, mut taken) = (Vec::new(), 0, 0);
+    let (mut samples, mut seen) = (Vec::new(), ha::Sampled::default());
     for run in 1..=runs {
         let active = settled(lab, name, vip)?;
         let target = active % 3 + 1;
@@ -438,9 +438,7 @@ fn switchover(
             ha::SERVICE_NAMESPACE,
         ])?;
         let first = pinger.first_reply(asked, &[&mac], Duration::from_secs(30));
-        let (d, n) = sampler.stop();
-        double += d;
-        taken += n;
+        seen.absorb(sampler.stop());
         let Some(first) = first else {
             bail!("run {run}: no reply from node-{target} within 30 s of the move");
         };
@@ -455,7 +453,7 @@ fn switchover(
     ha::wait_until(Duration::from_secs(20), || ha::vip_holders(vip).is_empty());
     ha::delete_service(lab, name);
     ha::delete(lab, "hacluster", name, None);
-    Ok((samples, (double, taken)))
+    Ok((samples, seen))
 }
 
 /// Write requests (POST, PUT, PATCH, APPLY, DELETE) the API server has
@@ -564,8 +562,12 @@ pub fn failover(
         unplanned_tight_ms: summarize(&unplanned_tight),
         switchover_ms: summarize(&switch),
         steady_writes_per_s: rate,
-        split_brain_instants: sb1.0 + sb2.0 + sb3.0,
-        split_brain_samples: sb1.1 + sb2.1 + sb3.1,
+        split_brain_instants: sb1.double + sb2.double + sb3.double,
+        split_brain_samples: sb1.samples + sb2.samples + sb3.samples,
+        split_brain_max_gap_ms: [sb1, sb2, sb3]
+            .iter()
+            .map(|s| s.max_gap.as_secs_f64() * 1000.0)
+            .fold(0.0, f64::max),
         runs,
     })
 }

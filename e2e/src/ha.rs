@@ -269,11 +269,32 @@ pub fn node_entry(lab: &Lab, service: &str, i: u8) -> Value {
         .unwrap_or_default()
 }
 
-/// Samples every 10 ms which powered nodes hold `vip`; counts the instants
-/// at which two did.
+/// Samples, every 10 ms from one sample's start to the next, which powered
+/// nodes hold `vip`; counts the instants at which two did.
 pub struct SplitBrain {
     stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
-    handle: std::thread::JoinHandle<(usize, usize)>,
+    handle: std::thread::JoinHandle<Sampled>,
+}
+
+/// What a [`SplitBrain`] sampler saw.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Sampled {
+    /// Samples in which two or more nodes held the VIP.
+    pub double: usize,
+    /// Samples taken.
+    pub samples: usize,
+    /// The longest time between two consecutive samples' starts (a sample
+    /// runs `ip` once per node, a few ms on this machine).
+    pub max_gap: Duration,
+}
+
+impl Sampled {
+    /// Adds what another sampler saw.
+    pub fn absorb(&mut self, other: Sampled) {
+        self.double += other.double;
+        self.samples += other.samples;
+        self.max_gap = self.max_gap.max(other.max_gap);
+    }
 }
 
 impl SplitBrain {
@@ -285,26 +306,32 @@ impl SplitBrain {
         let handle = {
             let stop = stop.clone();
             std::thread::spawn(move || {
-                let (mut double, mut samples) = (0, 0);
+                let mut seen = Sampled::default();
+                let mut last: Option<Instant> = None;
                 while !stop.load(std::sync::atomic::Ordering::SeqCst) {
-                    let holders: Vec<u8> = vip_holders(&vip)
+                    let began = Instant::now();
+                    if let Some(last) = last {
+                        seen.max_gap = seen.max_gap.max(began - last);
+                    }
+                    last = Some(began);
+                    let holders = vip_holders(&vip)
                         .into_iter()
                         .filter(|i| !off.contains(i))
-                        .collect();
-                    if holders.len() > 1 {
-                        double += 1;
+                        .count();
+                    if holders > 1 {
+                        seen.double += 1;
                     }
-                    samples += 1;
-                    std::thread::sleep(Duration::from_millis(10));
+                    seen.samples += 1;
+                    std::thread::sleep(Duration::from_millis(10).saturating_sub(began.elapsed()));
                 }
-                (double, samples)
+                seen
             })
         };
         SplitBrain { stop, handle }
     }
 
-    /// Stops sampling; returns (instants with two holders, samples).
-    pub fn stop(self) -> (usize, usize) {
+    /// Stops sampling and says what was seen.
+    pub fn stop(self) -> Sampled {
         self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
         self.handle.join().unwrap()
     }

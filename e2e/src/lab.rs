@@ -268,6 +268,10 @@ impl Lab {
         }
         link(&bins.kubectl, &self.dir.join("bin/kubectl"))?;
         link(&bins.helm, &self.dir.join("bin/helm"))?;
+        // The plugin, when built: `kubectl ha ...` works with the PATH above.
+        if let Ok(plugin) = self.kubectl_ha_binary() {
+            link(&plugin, &self.dir.join("bin/kubectl-ha"))?;
+        }
         // The API server binds the host's address on the bridge.
         Segment::up(nodes)?;
         let fresh = !self.control_plane_current(&ports);
@@ -1282,17 +1286,21 @@ impl Lab {
 }
 
 impl Lab {
-    /// The `kubectl ha` plugin (`$KUBECTL_HA_BIN`, else `debug/kubectl-ha`
-    /// under the target folder) pointed at the lab as its admin.
-    pub fn kubectl_ha(&self) -> anyhow::Result<Command> {
-        let bin = binary_from(
+    /// The `kubectl ha` plugin binary: `$KUBECTL_HA_BIN`, else
+    /// `debug/kubectl-ha` under the target folder.
+    pub fn kubectl_ha_binary(&self) -> anyhow::Result<PathBuf> {
+        binary_from(
             "kubectl-ha",
             "KUBECTL_HA_BIN",
             &self.root,
             std::env::var_os("KUBECTL_HA_BIN"),
             std::env::var_os("CARGO_TARGET_DIR"),
-        )?;
-        let mut cmd = Command::new(bin);
+        )
+    }
+
+    /// The `kubectl ha` plugin pointed at the lab as its admin.
+    pub fn kubectl_ha(&self) -> anyhow::Result<Command> {
+        let mut cmd = Command::new(self.kubectl_ha_binary()?);
         cmd.env("KUBECONFIG", self.kubeconfig())
             .current_dir(&self.root);
         Ok(cmd)

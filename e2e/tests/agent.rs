@@ -158,10 +158,14 @@ fn vip_answers_ping_and_arp_and_the_client_sees_the_garp_burst() {
         ha::wait_until(Duration::from_secs(10), || ha::vip_holders(v4) == [2]).is_some(),
         "VIP never reached node-2"
     );
-    let (double, samples) = sampler.stop();
+    let ha::Sampled {
+        double,
+        samples,
+        max_gap,
+    } = sampler.stop();
     assert_eq!(
         double, 0,
-        "two nodes held {v4} in {double} of {samples} samples"
+        "two nodes held {v4} in {double} of {samples} samples (at most {max_gap:?} apart)"
     );
     cleanup(&lab, name, v4);
 }
