@@ -467,3 +467,38 @@ fn killing_the_operator_leader_hands_over_and_a_failover_meanwhile_completes() {
     }
     cleanup(&lab, name, vip);
 }
+
+#[test]
+fn members_picked_by_a_node_selector_heartbeat_and_run_the_service() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let lab = lab();
+    let (name, vip) = ("op-selector", "198.18.0.116");
+    ha::delete_service(&lab, name);
+    // No listed member: the lab's Nodes carry kubeha.io/lab=true.
+    let mut cluster = ha::cluster(name, &[], Timing::DEFAULT);
+    cluster["spec"]["members"] =
+        serde_json::json!({"selector": {"matchLabels": {"kubeha.io/lab": "true"}}});
+    cluster["spec"]["placement"] = serde_json::json!("Alphabetical");
+    ha::apply(&lab, &cluster).unwrap();
+    let ready = ha::wait_until(Duration::from_secs(20), || {
+        lab.kubectl_ok(&["get", "hacluster", name, "-o", "jsonpath={.status.ready}"])
+            .is_ok_and(|r| r.trim() == "3/3")
+    });
+    assert!(
+        ready.is_some(),
+        "selected members never all heartbeat: {}",
+        lab.kubectl_ok(&["get", "hacluster", name, "-o", "yaml"])
+            .unwrap_or_default()
+    );
+    ha::apply(
+        &lab,
+        &ha::service(name, name, &[&format!("{vip}/24")], None, (3, 100)),
+    )
+    .unwrap();
+    assert_eq!(
+        wait_active(&lab, name, vip, Duration::from_secs(30)),
+        1,
+        "alphabetical placement among the selected nodes"
+    );
+    cleanup(&lab, name, vip);
+}
