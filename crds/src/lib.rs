@@ -6,6 +6,7 @@ pub mod annotations;
 pub mod cluster;
 pub mod leases;
 pub mod manifests;
+pub mod members;
 pub mod mode;
 pub mod service;
 

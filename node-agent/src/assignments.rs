@@ -2,7 +2,10 @@
 //! service leadership Lease (written only by the operator) and the cluster's
 //! member list. Pure functions, so the rules are tested without a cluster.
 
+use std::collections::BTreeMap;
+
 use k8s_openapi::api::coordination::v1::Lease;
+use kubeha_crds::members::member_mode;
 use kubeha_crds::service::Role;
 use kubeha_crds::{HACluster, Mode, leases};
 
@@ -27,16 +30,54 @@ impl Assignment {
     };
 }
 
-/// This node's mode in `cluster`, or `None` when it is not a listed member.
-/// (Members picked only by a selector are in mode `default`.)
-pub fn mode_of(cluster: &HACluster, node: &str) -> Option<Mode> {
-    cluster
+/// Whether this node is a member of a cluster.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Membership {
+    /// A member in this mode: listed in `spec.members.nodes` (its mode
+    /// there), or picked by `spec.members.selector` (mode `default`).
+    Member(Mode),
+    /// Not a member.
+    NotMember,
+    /// Not listed, and the cluster has a selector but this node's Node
+    /// object has not been read yet: neither join nor leave.
+    Unknown,
+}
+
+impl Membership {
+    /// The mode, for a member.
+    pub fn mode(self) -> Option<Mode> {
+        match self {
+            Membership::Member(m) => Some(m),
+            _ => None,
+        }
+    }
+}
+
+/// Whether `node` is a member of `cluster`, by the rule the operator
+/// resolves members with ([`kubeha_crds::members::member_mode`]).
+/// `node_labels` are the labels of this node's Node object, `None` when it
+/// is absent; `node_known` says whether the Node watch has listed yet.
+pub fn membership(
+    cluster: &HACluster,
+    node: &str,
+    node_labels: Option<&BTreeMap<String, String>>,
+    node_known: bool,
+) -> Membership {
+    let members = &cluster.spec.members;
+    match member_mode(members, node, node_labels) {
+        Some(mode) => Membership::Member(mode),
+        None if members.selector.is_some() && !node_known => Membership::Unknown,
+        None => Membership::NotMember,
+    }
+}
+
+/// The epoch of a service Lease (its `leaseTransitions`), if it has one.
+pub fn lease_epoch(lease: &Lease) -> Option<i64> {
+    lease
         .spec
-        .members
-        .nodes
-        .iter()
-        .find(|m| m.name == node)
-        .map(|m| m.mode)
+        .as_ref()
+        .and_then(|s| s.lease_transitions)
+        .map(i64::from)
 }
 
 /// The assignment of `node` from a service Lease. A node whose mode does not
@@ -49,7 +90,7 @@ pub fn assignment(node: &str, lease: Option<&Lease>, mode: Option<Mode>) -> Assi
         return Assignment::NONE;
     }
     let spec = lease.spec.as_ref();
-    let epoch = spec.and_then(|s| s.lease_transitions).unwrap_or(0) as i64;
+    let epoch = lease_epoch(lease).unwrap_or(0);
     let annotations = lease.metadata.annotations.as_ref();
     let holder = spec.and_then(|s| s.holder_identity.as_deref());
     if holder == Some(node) {
@@ -78,6 +119,22 @@ pub fn assignment(node: &str, lease: Option<&Lease>, mode: Option<Mode>) -> Assi
         epoch,
         may_enter: false,
     }
+}
+
+/// A master assignment this node would enter at an epoch older than the
+/// one it has recorded (a stale view of the Lease, e.g. a re-list served by
+/// a lagging API server cache) is not cleared for entry: an agent never
+/// acts on an older epoch again, which is what makes a later epoch in its
+/// status entry proof that it left the older one (the operator's "moved
+/// on"). A master already running keeps its role.
+pub fn not_older(wanted: Assignment, held: Role, recorded_epoch: i64) -> Assignment {
+    if wanted.role == Role::Master && held != Role::Master && wanted.epoch < recorded_epoch {
+        return Assignment {
+            may_enter: false,
+            ..wanted
+        };
+    }
+    wanted
 }
 
 /// One step of a transition.
@@ -147,6 +204,151 @@ mod tests {
     }
 
     const D: Option<Mode> = Some(Mode::Default);
+
+    fn cluster(listed: &[(&str, Mode)], selector: Option<&[(&str, &str)]>) -> HACluster {
+        use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
+        use kubeha_crds::cluster::{MemberNode, Members};
+        let mut c = HACluster::new(
+            "c",
+            serde_json::from_value(serde_json::json!({
+                "members": {"nodes": [{"name": "seed"}]},
+                "vipPool": ["198.18.0.96/28"],
+            }))
+            .unwrap(),
+        );
+        c.spec.members = Members {
+            nodes: listed
+                .iter()
+                .map(|(n, m)| MemberNode {
+                    name: n.to_string(),
+                    mode: *m,
+                })
+                .collect(),
+            selector: selector.map(|l| LabelSelector {
+                match_labels: Some(labels(l)),
+                match_expressions: None,
+            }),
+        };
+        c
+    }
+
+    fn labels(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn listed_members_have_their_mode_whatever_the_labels() {
+        let c = cluster(
+            &[("node-1", Mode::Locked), ("node-2", Mode::Default)],
+            Some(&[("ha", "yes")]),
+        );
+        let no = labels(&[("ha", "no")]);
+        for (labels, known) in [(None, false), (None, true), (Some(&no), true)] {
+            assert_eq!(
+                membership(&c, "node-1", labels, known),
+                Membership::Member(Mode::Locked)
+            );
+        }
+        assert_eq!(
+            membership(&c, "node-2", None, false).mode(),
+            Some(Mode::Default)
+        );
+    }
+
+    #[test]
+    fn selected_members_are_default_members() {
+        let c = cluster(&[("node-1", Mode::Locked)], Some(&[("ha", "yes")]));
+        let yes = labels(&[("ha", "yes"), ("zone", "a")]);
+        let no = labels(&[("zone", "a")]);
+        assert_eq!(
+            membership(&c, "node-3", Some(&yes), true),
+            Membership::Member(Mode::Default)
+        );
+        assert_eq!(
+            membership(&c, "node-3", Some(&no), true),
+            Membership::NotMember
+        );
+        // Node object gone (listed before): not a member.
+        assert_eq!(membership(&c, "node-3", None, true), Membership::NotMember);
+        // Node watch not listed yet: undecided, neither join nor leave.
+        assert_eq!(membership(&c, "node-3", None, false), Membership::Unknown);
+        assert_eq!(membership(&c, "node-3", None, false).mode(), None);
+        // A selector-only cluster.
+        let only = cluster(&[], Some(&[("ha", "yes")]));
+        assert_eq!(
+            membership(&only, "node-3", Some(&yes), true),
+            Membership::Member(Mode::Default)
+        );
+    }
+
+    #[test]
+    fn without_a_selector_only_listed_nodes_are_members() {
+        let c = cluster(&[("node-1", Mode::Default)], None);
+        let any = labels(&[("ha", "yes")]);
+        assert_eq!(
+            membership(&c, "node-3", Some(&any), true),
+            Membership::NotMember
+        );
+        // Nothing to wait for: no selector.
+        assert_eq!(membership(&c, "node-3", None, false), Membership::NotMember);
+    }
+
+    #[test]
+    fn selected_members_get_roles_from_the_lease() {
+        let c = cluster(&[], Some(&[("ha", "yes")]));
+        let yes = labels(&[("ha", "yes")]);
+        let mode = membership(&c, "node-3", Some(&yes), true).mode();
+        let l = lease("node-3", 2, Some(2), None);
+        assert_eq!(
+            assignment("node-3", Some(&l), mode),
+            Assignment {
+                role: Role::Master,
+                epoch: 2,
+                may_enter: true
+            }
+        );
+    }
+
+    #[test]
+    fn an_older_epoch_is_never_entered_again() {
+        let m = |epoch| Assignment {
+            role: Role::Master,
+            epoch,
+            may_enter: true,
+        };
+        // Recorded 5 (entered or observed): a stale Lease at 4 is not entered.
+        let stale = not_older(m(4), Role::None, 5);
+        assert!(!stale.may_enter);
+        assert_eq!(plan(Role::None, stale, None), vec![]);
+        assert_eq!(
+            plan(Role::Vicemaster, not_older(m(4), Role::Vicemaster, 5), None),
+            vec![Step::LeaveVicemaster]
+        );
+        // The recorded epoch itself, or a later one, is.
+        assert_eq!(not_older(m(5), Role::None, 5), m(5));
+        assert_eq!(not_older(m(6), Role::None, 5), m(6));
+        // A running master is not made to leave by a stale view.
+        assert_eq!(
+            plan(Role::Master, not_older(m(4), Role::Master, 5), None),
+            vec![]
+        );
+        // Other roles pass through.
+        let vice = Assignment {
+            role: Role::Vicemaster,
+            epoch: 4,
+            may_enter: true,
+        };
+        assert_eq!(not_older(vice, Role::None, 5), vice);
+    }
+
+    #[test]
+    fn lease_epoch_is_lease_transitions() {
+        assert_eq!(lease_epoch(&lease("a", 7, None, None)), Some(7));
+        assert_eq!(lease_epoch(&Lease::default()), None);
+    }
 
     #[test]
     fn holder_is_master_once_cleared() {

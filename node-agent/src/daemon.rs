@@ -1,4 +1,5 @@
-//! The agent daemon: watches HAClusters, HAServices and service Leases,
+//! The agent daemon: watches HAClusters, HAServices, service Leases and its
+//! own Node object (for `spec.members.selector`),
 //! renews heartbeats, runs transitions one at a time per service, extends VIP
 //! lifetimes on every renew, fences itself when a heartbeat passes RD, and
 //! keeps the node-local status file.
@@ -11,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use k8s_openapi::api::coordination::v1::Lease;
-use k8s_openapi::api::core::v1::ObjectReference;
+use k8s_openapi::api::core::v1::{Node as KubeNode, ObjectReference};
 use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::reflector::{self, Store};
@@ -23,7 +24,7 @@ use kubeha_crds::{HACluster, HAService, HAServiceSpec, annotations, leases};
 use sha2::{Digest, Sha256};
 use tokio::sync::{Mutex, Notify, OwnedMutexGuard, mpsc};
 
-use crate::assignments::{self, Assignment, plan};
+use crate::assignments::{self, Assignment, Membership, plan};
 use crate::heartbeat::{self, Heartbeats, Timing};
 use crate::hooks::HookRunner;
 use crate::metrics::Metrics;
@@ -77,6 +78,8 @@ struct Slot {
     next_refresh: Instant,
     /// What was last reported to the API server.
     reported: Option<String>,
+    /// The stale epoch last warned about (see [`assignments::not_older`]).
+    stale_warned: Option<i64>,
 }
 
 /// The HAService a task reports on: status entry and Events.
@@ -154,6 +157,26 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         watcher::Config::default().labels(&leases::service_lease_selector()),
         &shared,
     );
+    // This node's own Node object: its labels decide membership in clusters
+    // that pick members with `spec.members.selector`.
+    let own_node = watch::<KubeNode>(
+        Api::all(client.clone()),
+        watcher::Config::default().fields(&format!("metadata.name={}", config.node)),
+        &shared,
+    );
+    // Not part of the sync below: without it (e.g. RBAC without nodes) only
+    // membership by selector stays undecided, listed clusters go on.
+    let node_synced = Arc::new(AtomicBool::new(false));
+    tokio::spawn({
+        let (n, node_synced, shared) = (own_node.clone(), node_synced.clone(), shared.clone());
+        async move {
+            if n.wait_until_ready().await.is_ok() {
+                node_synced.store(true, Ordering::SeqCst);
+                shared.notify.notify_one();
+                tracing::info!("own Node object watched");
+            }
+        }
+    });
 
     // No plan before every store has its first full list: a restarted
     // holder that saw its service but not yet its Lease would leave it.
@@ -178,7 +201,10 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
 
     let mut slots: BTreeMap<String, Slot> = BTreeMap::new();
     if let Some(saved) = statefile::read(&config.state_dir) {
-        for (key, record) in saved.services {
+        for (key, mut record) in saved.services {
+            if record.assume_unclean_if_unknown() {
+                tracing::info!(service = %key, epoch = record.epoch, "failed without acknowledgement before the restart: counted as a leave that failed");
+            }
             let adopt = record.role == Role::Master;
             slots.insert(key, new_slot(record, adopt));
         }
@@ -202,14 +228,23 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             _ = term.recv() => break,
         }
         let clusters_now = clusters.state();
-        sync_heartbeats(&shared, &clusters_now, &mut renewers, &renewed_tx, &client);
-        fence_if_cut_off(&shared, &clusters_now, &slots).await;
+        let me = OwnNode::read(&own_node, &config.node, &node_synced);
+        sync_heartbeats(
+            &shared,
+            &clusters_now,
+            &me,
+            &mut renewers,
+            &renewed_tx,
+            &client,
+        );
+        fence_if_cut_off(&shared, &clusters_now, &me, &slots).await;
         if !synced.load(Ordering::SeqCst) {
             continue;
         }
         reconcile(
             &shared,
             &clusters_now,
+            &me,
             &services,
             &service_leases,
             &mut slots,
@@ -240,6 +275,7 @@ fn new_slot(record: ServiceRecord, adopt: bool) -> Slot {
         next_periodic: now,
         next_refresh: now,
         reported: None,
+        stale_warned: None,
     }
 }
 
@@ -281,29 +317,71 @@ fn fenced_flag(shared: &Shared, cluster: &str) -> Arc<AtomicBool> {
         .clone()
 }
 
+/// What the agent knows of its own Node object.
+struct OwnNode {
+    name: String,
+    /// Its labels; `None` when there is no such Node (or not known yet).
+    labels: Option<BTreeMap<String, String>>,
+    /// Whether the Node watch has listed once.
+    known: bool,
+}
+
+impl OwnNode {
+    fn read(store: &Store<KubeNode>, name: &str, synced: &AtomicBool) -> Self {
+        Self {
+            name: name.to_owned(),
+            labels: store
+                .state()
+                .iter()
+                .find(|n| n.name_any() == name)
+                .map(|n| n.labels().clone()),
+            known: synced.load(Ordering::SeqCst),
+        }
+    }
+
+    fn membership(&self, cluster: &HACluster) -> Membership {
+        assignments::membership(cluster, &self.name, self.labels.as_ref(), self.known)
+    }
+}
+
+/// The clusters this node is a member of, with their membership (members
+/// and, with `undecided`, those whose selector membership is not known yet).
 fn member_of<'a>(
     clusters: &'a [Arc<HACluster>],
-    node: &str,
-) -> impl Iterator<Item = &'a Arc<HACluster>> {
+    me: &'a OwnNode,
+    undecided: bool,
+) -> impl Iterator<Item = (&'a Arc<HACluster>, Membership)> {
     clusters
         .iter()
-        .filter(move |c| assignments::mode_of(c, node).is_some())
+        .map(move |c| (c, me.membership(c)))
+        .filter(move |(_, m)| match m {
+            Membership::Member(_) => true,
+            Membership::Unknown => undecided,
+            Membership::NotMember => false,
+        })
 }
 
 fn sync_heartbeats(
     shared: &Arc<Shared>,
     clusters: &[Arc<HACluster>],
+    me: &OwnNode,
     renewers: &mut HashMap<String, (Timing, tokio::task::JoinHandle<()>)>,
     renewed: &mpsc::UnboundedSender<String>,
     client: &Client,
 ) {
     let node = &shared.config.node;
     let mut wanted = HashMap::new();
-    for c in member_of(clusters, node) {
-        wanted.insert(c.name_any(), Timing::from(&c.spec.heartbeat));
+    // Undecided membership keeps a renewer that runs but starts none.
+    let mut undecided = std::collections::HashSet::new();
+    for (c, m) in member_of(clusters, me, true) {
+        if m == Membership::Unknown {
+            undecided.insert(c.name_any());
+        } else {
+            wanted.insert(c.name_any(), Timing::from(&c.spec.heartbeat));
+        }
     }
     renewers.retain(|name, (_, handle)| {
-        let keep = wanted.contains_key(name);
+        let keep = wanted.contains_key(name) || undecided.contains(name);
         if !keep {
             handle.abort();
             shared.beats.remove(name);
@@ -385,10 +463,11 @@ async fn on_renewed(shared: &Arc<Shared>, slots: &BTreeMap<String, Slot>, cluste
 async fn fence_if_cut_off(
     shared: &Arc<Shared>,
     clusters: &[Arc<HACluster>],
+    me: &OwnNode,
     slots: &BTreeMap<String, Slot>,
 ) {
     let now = Instant::now();
-    for cluster in member_of(clusters, &shared.config.node) {
+    for (cluster, _) in member_of(clusters, me, true) {
         let name = cluster.name_any();
         let Some(beat) = shared.beats.get(&name) else {
             continue;
@@ -509,6 +588,7 @@ async fn freeze(shared: &Arc<Shared>, slots: &BTreeMap<String, Slot>, cluster: &
 async fn reconcile(
     shared: &Arc<Shared>,
     clusters: &[Arc<HACluster>],
+    me: &OwnNode,
     services: &Store<HAService>,
     service_leases: &Store<Lease>,
     slots: &mut BTreeMap<String, Slot>,
@@ -527,8 +607,15 @@ async fn reconcile(
         let Some(cluster) = by_name.get(&svc.spec.cluster_ref) else {
             continue;
         };
-        let Some(mode) = assignments::mode_of(cluster, &node) else {
-            continue;
+        let mode = match me.membership(cluster) {
+            Membership::Member(mode) => mode,
+            Membership::NotMember => continue,
+            // Selector membership not known yet: keep what is held as it
+            // is (counts as seen, so it is not left either).
+            Membership::Unknown => {
+                seen.insert(key.clone());
+                continue;
+            }
         };
         seen.insert(key.clone());
         let lease = lease_of.get(&(
@@ -536,26 +623,16 @@ async fn reconcile(
             leases::service_lease_name(&svc.name_any()),
         ));
         let wanted = assignments::assignment(&node, lease.map(|l| l.as_ref()), Some(mode));
+        let lease_epoch = lease.and_then(|l| assignments::lease_epoch(l));
         let view = cluster_view(shared, cluster);
         let slot = slots.entry(key.clone()).or_insert_with(|| {
             new_slot(
-                ServiceRecord {
-                    cluster: cluster.name_any(),
-                    role: Role::None,
-                    epoch: 0,
-                    state: NodeServiceState::Stopped,
-                    vips: Vec::new(),
-                    interface: None,
-                    acked_epoch: None,
-                    fail_count: 0,
-                    failed_epoch: None,
-                    spec: svc.spec.clone(),
-                    config_checksum: spec_checksum(&svc.spec),
-                    last_hooks: Vec::new(),
-                    // Nothing to clear on a new record: a clear request
-                    // already there counts as applied.
-                    clear_token: svc.annotations().get(annotations::CLEAR).cloned(),
-                },
+                ServiceRecord::fresh(
+                    &cluster.name_any(),
+                    &svc.spec,
+                    spec_checksum(&svc.spec),
+                    svc.annotations().get(annotations::CLEAR).cloned(),
+                ),
                 false,
             )
         });
@@ -628,6 +705,12 @@ async fn reconcile(
             }
             // Held before the restart but no longer ours: leave below.
         }
+        let fresh = assignments::not_older(wanted, guard.role, guard.epoch);
+        if fresh != wanted && slot.stale_warned != Some(wanted.epoch) {
+            slot.stale_warned = Some(wanted.epoch);
+            tracing::warn!(service = %key, lease_epoch = wanted.epoch, recorded_epoch = guard.epoch, "the Lease clears this node at an epoch older than one it already saw: not entering (stale view, or a hand-edited Lease)");
+        }
+        let wanted = fresh;
         let steps = plan(guard.role, wanted, guard.failed_epoch);
         let entering = steps.iter().any(|s| {
             matches!(
@@ -638,6 +721,15 @@ async fn reconcile(
         if !(steps.is_empty() || entering && cut_off) {
             spawn_steps(shared.clone(), guard, steps, service, view, wanted, target);
             continue;
+        }
+        // Idle here (no master role, nothing left running): take on the
+        // Lease's epoch, so the report below tells the operator this node
+        // moved on from every earlier epoch (its "moved on" proof).
+        if steps.is_empty()
+            && let Some(epoch) = lease_epoch
+            && guard.observe_epoch(epoch)
+        {
+            tracing::debug!(service = %key, epoch, role = ?guard.role, "observed a new epoch");
         }
         let now = Instant::now();
         // Monitor on the running master.
@@ -926,8 +1018,6 @@ fn spawn_periodic(
     });
 }
 
-/// Applies this node's entry of `status.nodes` (server-side apply with the
-/// node's own field manager). Best effort: the API server may be away.
 /// Publishes an Event on the HAService (best effort).
 async fn event(shared: &Shared, target: &Target, warning: bool, reason: &str, note: String) {
     let ev = Event {
@@ -1009,10 +1099,12 @@ fn step_event(
     )
 }
 
-async fn report(shared: &Shared, target: &Target, record: &ServiceRecord) {
-    let (api, name) = (&target.api, target.name.as_str());
+/// This node's entry of `status.nodes` for a record, as the agent applies
+/// it. `epoch` is the record's: the epoch of the role taken or, for a node
+/// idle here, the latest epoch observed ([`ServiceRecord::observe_epoch`]).
+pub fn status_entry(node: &str, record: &ServiceRecord) -> serde_json::Value {
     let mut entry = serde_json::json!({
-        "node": shared.config.node,
+        "node": node,
         "role": record.role,
         "state": record.state,
         "epoch": record.epoch,
@@ -1023,6 +1115,14 @@ async fn report(shared: &Shared, target: &Target, record: &ServiceRecord) {
     if let Some(acked) = record.acked_epoch {
         entry["ackedEpoch"] = acked.into();
     }
+    entry
+}
+
+/// Applies this node's entry of `status.nodes` (server-side apply with the
+/// node's own field manager). Best effort: the API server may be away.
+async fn report(shared: &Shared, target: &Target, record: &ServiceRecord) {
+    let (api, name) = (&target.api, target.name.as_str());
+    let entry = status_entry(&shared.config.node, record);
     let patch = serde_json::json!({
         "apiVersion": "kubeha.io/v1alpha1",
         "kind": "HAService",

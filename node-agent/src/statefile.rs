@@ -72,6 +72,16 @@ pub struct ServiceRecord {
     /// files written before it existed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub clear_token: Option<String>,
+    /// An epoch of the master role this node may not have left cleanly:
+    /// its leave scripts failed, its enter was refused after VIPs may have
+    /// been added, or it fenced itself. The service (or a VIP, until its
+    /// lifetime ends) may still be up here, so the record does not take on
+    /// later epochs it merely observes (see
+    /// [`ServiceRecord::observe_epoch`]). Cleared by the next successful
+    /// leave of master. Absent in status files written before it existed
+    /// (see [`ServiceRecord::assume_unclean_if_unknown`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unclean_epoch: Option<i64>,
 }
 
 /// What applying an admin's clear request reset on a record.
@@ -93,6 +103,34 @@ impl Cleared {
 }
 
 impl ServiceRecord {
+    /// A record for a service this node has not run: role none, epoch 0,
+    /// stopped, no failures. `config_checksum` is the spec's checksum and
+    /// `clear_token` the clear request already on the service (nothing to
+    /// clear on a new record).
+    pub fn fresh(
+        cluster: &str,
+        spec: &HAServiceSpec,
+        config_checksum: String,
+        clear_token: Option<String>,
+    ) -> Self {
+        ServiceRecord {
+            cluster: cluster.to_owned(),
+            role: Role::None,
+            epoch: 0,
+            state: NodeServiceState::Stopped,
+            vips: Vec::new(),
+            interface: None,
+            acked_epoch: None,
+            fail_count: 0,
+            failed_epoch: None,
+            spec: spec.clone(),
+            config_checksum,
+            last_hooks: Vec::new(),
+            clear_token,
+            unclean_epoch: None,
+        }
+    }
+
     /// Applies the HAService's `kubeha.io/clear` annotation (`token`): when
     /// it is set and differs from the value applied last, the failures of
     /// this service on this node are cleared (fail count 0, the failed epoch
@@ -119,6 +157,45 @@ impl ServiceRecord {
             self.state = NodeServiceState::Stopped;
         }
         Some(cleared)
+    }
+
+    /// Takes on `lease_epoch`, the epoch of the service Lease this node
+    /// sees, when it is later than the record's and the node certainly runs
+    /// nothing of the service: no master role, no transition under way
+    /// (`Stopped` or `Failed`) and no master role left uncleanly
+    /// ([`ServiceRecord::unclean_epoch`]). Reported as the status entry's
+    /// `epoch`, a later epoch in a role other than master, stopped or
+    /// failed, is the operator's "moved on" proof that this node runs
+    /// nothing of any earlier epoch; the agent never acts on an older epoch
+    /// again ([`crate::assignments::not_older`]). Returns whether the record
+    /// changed (and so needs reporting).
+    pub fn observe_epoch(&mut self, lease_epoch: i64) -> bool {
+        let idle = self.role != Role::Master
+            && matches!(
+                self.state,
+                NodeServiceState::Stopped | NodeServiceState::Failed
+            )
+            && self.unclean_epoch.is_none();
+        if idle && lease_epoch > self.epoch {
+            self.epoch = lease_epoch;
+            return true;
+        }
+        false
+    }
+
+    /// For a record read from a status file written before
+    /// [`ServiceRecord::unclean_epoch`] existed: a failed record without an
+    /// acknowledgement of its epoch may be a failed leave, so it counts as
+    /// unclean. Returns whether it was marked.
+    pub fn assume_unclean_if_unknown(&mut self) -> bool {
+        let maybe_failed_leave = self.unclean_epoch.is_none()
+            && self.role != Role::Master
+            && self.state == NodeServiceState::Failed
+            && self.acked_epoch.is_none_or(|a| a < self.epoch);
+        if maybe_failed_leave {
+            self.unclean_epoch = Some(self.epoch);
+        }
+        maybe_failed_leave
     }
 }
 
@@ -209,6 +286,7 @@ mod tests {
             config_checksum: "x".into(),
             last_hooks: Vec::new(),
             clear_token: None,
+            unclean_epoch: None,
         }
     }
 
@@ -278,6 +356,94 @@ mod tests {
         with.clear_token = Some("t".into());
         let text = serde_json::to_string(&with).unwrap();
         assert!(text.contains("\"clearToken\":\"t\""), "{text}");
+        assert_eq!(serde_json::from_str::<ServiceRecord>(&text).unwrap(), with);
+    }
+
+    #[test]
+    fn an_idle_record_takes_on_later_lease_epochs_only() {
+        // Stopped, no role: takes on a later epoch once, never an older one.
+        let mut r = ServiceRecord {
+            state: NodeServiceState::Stopped,
+            acked_epoch: None,
+            failed_epoch: None,
+            ..record()
+        };
+        assert!(r.observe_epoch(5));
+        assert_eq!(r.epoch, 5);
+        assert!(!r.observe_epoch(5), "unchanged: nothing to report");
+        assert!(!r.observe_epoch(4));
+        assert_eq!(r.epoch, 5);
+        // The standby too.
+        r.role = Role::Vicemaster;
+        assert!(r.observe_epoch(6));
+        // Failed after an enter that was left again (acknowledged): idle.
+        let mut failed = record();
+        assert!(failed.observe_epoch(4));
+        assert_eq!(failed.epoch, 4);
+    }
+
+    #[test]
+    fn a_record_that_may_run_something_keeps_its_epoch() {
+        // The master, and any record in a transition.
+        for (role, state) in [
+            (Role::Master, NodeServiceState::Running),
+            (Role::Master, NodeServiceState::Failed),
+            (Role::None, NodeServiceState::Starting),
+            (Role::None, NodeServiceState::Stopping),
+            (Role::Vicemaster, NodeServiceState::Stopping),
+        ] {
+            let mut r = ServiceRecord {
+                role,
+                state,
+                ..record()
+            };
+            assert!(!r.observe_epoch(9), "{role:?} {state:?}");
+            assert_eq!(r.epoch, 3);
+        }
+        // A master role left uncleanly (failed leave, refused enter, fence),
+        // even once an admin's clear made the record Stopped.
+        let mut r = ServiceRecord {
+            unclean_epoch: Some(3),
+            acked_epoch: Some(2),
+            ..record()
+        };
+        assert!(!r.observe_epoch(9));
+        r.apply_clear(Some("t"));
+        assert_eq!(r.state, NodeServiceState::Stopped);
+        assert!(!r.observe_epoch(9));
+        assert_eq!(r.epoch, 3);
+    }
+
+    #[test]
+    fn old_status_files_count_an_unacknowledged_failure_as_unclean() {
+        // Acknowledged: clean.
+        let mut r = record();
+        assert!(!r.assume_unclean_if_unknown());
+        assert_eq!(r.unclean_epoch, None);
+        // Failed without an acknowledgement of its epoch: maybe a failed
+        // leave.
+        let mut r = ServiceRecord {
+            acked_epoch: Some(2),
+            ..record()
+        };
+        assert!(r.assume_unclean_if_unknown());
+        assert_eq!(r.unclean_epoch, Some(3));
+        // Stopped: clean.
+        let mut r = ServiceRecord {
+            acked_epoch: None,
+            state: NodeServiceState::Stopped,
+            ..record()
+        };
+        assert!(!r.assume_unclean_if_unknown());
+        // The field round-trips and is absent when unset.
+        let value = serde_json::to_value(record()).unwrap();
+        assert!(value.get("uncleanEpoch").is_none());
+        let with = ServiceRecord {
+            unclean_epoch: Some(3),
+            ..record()
+        };
+        let text = serde_json::to_string(&with).unwrap();
+        assert!(text.contains("\"uncleanEpoch\":3"), "{text}");
         assert_eq!(serde_json::from_str::<ServiceRecord>(&text).unwrap(), with);
     }
 

@@ -422,6 +422,11 @@ impl<N: Netlink> Node<N> {
                 if !matches!(e, EnterError::Fenced | EnterError::HeartbeatTooOld) {
                     record.fail_count += 1;
                 }
+                // A VIP added before the refusal stays until its lifetime
+                // ends (only a too old heartbeat refuses before any add).
+                if !matches!(e, EnterError::HeartbeatTooOld) {
+                    record.unclean_epoch = Some(epoch);
+                }
                 return false;
             }
         };
@@ -503,10 +508,14 @@ impl<N: Netlink> Node<N> {
         if ok {
             record.state = NodeServiceState::Stopped;
             record.acked_epoch = Some(record.epoch);
+            // The leave scripts stopped the service, whatever epoch it was
+            // started at.
+            record.unclean_epoch = None;
         } else {
             // The service may still run here: no acknowledgement, so nobody
             // enters until this node is certainly fenced.
             record.state = NodeServiceState::Failed;
+            record.unclean_epoch = Some(record.epoch);
         }
         let primary = svc.spec.preferred_nodes.first().or(cluster.members.first());
         self.metrics.transition(if primary == Some(&self.name) {
@@ -644,6 +653,8 @@ impl<N: Netlink> Node<N> {
         record.state = NodeServiceState::Failed;
         // This epoch is burned: a fenced node never acts on it again.
         record.failed_epoch = Some(record.epoch);
+        // The leave scripts may not have run (or finished).
+        record.unclean_epoch = Some(record.epoch);
     }
 }
 
@@ -711,5 +722,164 @@ mod tests {
             Node::<crate::vip::RtNetlink>::allowed_lifetime(&b, now),
             Some(1)
         );
+    }
+
+    /// An in-memory [`Netlink`]: one interface `kh-fake0` holding
+    /// 198.18.0.0/24 and no MAC address, so no GARP leaves the test.
+    #[derive(Default)]
+    struct FakeNetlink {
+        addrs: std::sync::Mutex<Vec<(String, IpAddr)>>,
+    }
+
+    impl Netlink for FakeNetlink {
+        async fn add_vip(&self, iface: &str, vip: &Vip, _: Duration) -> Result<(), vip::VipError> {
+            self.addrs.lock().unwrap().push((iface.into(), vip.addr));
+            Ok(())
+        }
+        async fn del_vip(&self, iface: &str, vip: &Vip) -> Result<(), vip::VipError> {
+            self.addrs
+                .lock()
+                .unwrap()
+                .retain(|(i, a)| !(i == iface && *a == vip.addr));
+            Ok(())
+        }
+        async fn vip_present(&self, iface: &str, vip: &Vip) -> Result<bool, vip::VipError> {
+            Ok(self
+                .addrs
+                .lock()
+                .unwrap()
+                .iter()
+                .any(|(i, a)| i == iface && *a == vip.addr))
+        }
+        async fn interface_for(&self, vip: &Vip) -> Result<String, vip::VipError> {
+            match vip.addr {
+                IpAddr::V4(a) if a.octets()[..3] == [198, 18, 0] => Ok("kh-fake0".into()),
+                _ => Err(vip::VipError::NoInterface(vip.to_string())),
+            }
+        }
+        async fn mac_of(&self, iface: &str) -> Result<[u8; 6], vip::VipError> {
+            Err(vip::VipError::InterfaceMissing(iface.into()))
+        }
+        async fn add_default_route(&self, _: IpAddr) -> Result<(), vip::VipError> {
+            Ok(())
+        }
+        async fn del_default_route(&self, _: IpAddr) -> Result<(), vip::VipError> {
+            Ok(())
+        }
+    }
+
+    fn record(spec: &HAServiceSpec) -> ServiceRecord {
+        ServiceRecord::fresh("c", spec, "x".into(), None)
+    }
+
+    fn master(epoch: i64) -> Assignment {
+        Assignment {
+            role: Role::Master,
+            epoch,
+            may_enter: true,
+        }
+    }
+
+    /// A failed leave (or a refused enter) marks the record unclean, so it
+    /// does not take on later epochs it observes (which the operator would
+    /// read as "moved on"); a later clean leave clears the mark.
+    #[tokio::test]
+    async fn an_unclean_leave_keeps_the_record_from_moving_on() {
+        use std::os::unix::fs::PermissionsExt;
+        let (hook_root, state, logs) = (
+            tempfile::tempdir().unwrap(),
+            tempfile::tempdir().unwrap(),
+            tempfile::tempdir().unwrap(),
+        );
+        let dir = hook_root.path().join("svc");
+        std::fs::create_dir(&dir).unwrap();
+        let flag = state.path().join("leave-fails");
+        for (name, body) in [
+            ("E01ok", "exit 0".to_owned()),
+            (
+                "L01maybe",
+                format!("[ -e {} ] && exit 3; exit 0", flag.display()),
+            ),
+        ] {
+            let path = dir.join(name);
+            std::fs::write(&path, format!("#!/bin/sh\n{body}\n")).unwrap();
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+        }
+        let node = Node {
+            name: "n1".into(),
+            netlink: FakeNetlink::default(),
+            runner: HookRunner::new(logs.path()),
+            hook_root: hook_root.path().to_owned(),
+            state_dir: state.path().to_owned(),
+            metrics: Metrics::default(),
+        };
+        let spec: HAServiceSpec = serde_json::from_value(serde_json::json!({
+            "clusterRef": "c",
+            "vips": [{"address": "198.18.0.100/24"}],
+            "hooks": {"source": {"hostPath": "svc"}, "timeoutSeconds": 10},
+        }))
+        .unwrap();
+        let svc = ServiceView {
+            key: "ns/svc".into(),
+            spec: spec.clone(),
+            checksum: "x".into(),
+        };
+        let (b, _) = beat(0, 60_000, 500);
+        let cluster = ClusterView {
+            name: "c".into(),
+            members: vec!["n1".into()],
+            beat: Some(b),
+            fenced: Arc::default(),
+            config_maps_in_service_namespace: false,
+        };
+        let mut r = record(&spec);
+
+        assert!(
+            node.step(Step::EnterMaster, &mut r, &svc, &cluster, master(1))
+                .await
+        );
+        assert_eq!((r.role, r.state), (Role::Master, NodeServiceState::Running));
+        std::fs::write(&flag, "").unwrap();
+        assert!(
+            !node
+                .step(Step::LeaveMaster, &mut r, &svc, &cluster, Assignment::NONE)
+                .await
+        );
+        assert_eq!((r.role, r.state), (Role::None, NodeServiceState::Failed));
+        assert_eq!((r.acked_epoch, r.unclean_epoch), (None, Some(1)));
+        assert!(!r.observe_epoch(2), "a failed leave must not look moved on");
+        assert_eq!(r.epoch, 1);
+
+        // Cleared there again, left cleanly: clean, and idle epochs count.
+        std::fs::remove_file(&flag).unwrap();
+        assert!(
+            node.step(Step::EnterMaster, &mut r, &svc, &cluster, master(3))
+                .await
+        );
+        assert!(
+            node.step(Step::LeaveMaster, &mut r, &svc, &cluster, Assignment::NONE)
+                .await
+        );
+        assert_eq!((r.acked_epoch, r.unclean_epoch), (Some(3), None));
+        assert!(r.observe_epoch(4));
+        assert_eq!(r.epoch, 4);
+
+        // A refused enter (no interface holds the VIP) is unclean too.
+        let mut refused_spec = spec.clone();
+        refused_spec.vips[0].address = "203.0.113.5/24".into();
+        let refused = ServiceView {
+            spec: refused_spec,
+            ..svc.clone()
+        };
+        assert!(
+            !node
+                .step(Step::EnterMaster, &mut r, &refused, &cluster, master(5))
+                .await
+        );
+        assert_eq!(
+            (r.state, r.unclean_epoch),
+            (NodeServiceState::Failed, Some(5))
+        );
+        assert!(!r.observe_epoch(6));
     }
 }

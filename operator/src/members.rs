@@ -6,9 +6,11 @@ use std::collections::BTreeMap;
 use std::net::IpAddr;
 
 use k8s_openapi::api::core::v1::Node;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 use kubeha_crds::Mode;
 use kubeha_crds::cluster::HAClusterSpec;
+/// The selector matcher lives in kubeha-crds so the agent decides its own
+/// membership by the same rule.
+pub use kubeha_crds::members::selector_matches;
 
 /// One member.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -18,8 +20,7 @@ pub struct Member {
     /// Its mode (`default` for members picked only by the selector).
     pub mode: Mode,
     /// Whether it is listed in `spec.members.nodes` (only listed members
-    /// have a mode the operator can patch, and only they run an agent
-    /// heartbeat today).
+    /// have a mode the operator can patch).
     pub listed: bool,
     /// Index in `spec.members.nodes` when listed.
     pub index: Option<usize>,
@@ -61,29 +62,6 @@ impl NodeInfo {
     }
 }
 
-/// Whether `labels` match a Kubernetes label selector (matchLabels and
-/// matchExpressions In, NotIn, Exists, DoesNotExist; an unknown operator
-/// matches nothing). An empty selector matches everything.
-pub fn selector_matches(selector: &LabelSelector, labels: &BTreeMap<String, String>) -> bool {
-    let by_labels = selector
-        .match_labels
-        .iter()
-        .flatten()
-        .all(|(k, v)| labels.get(k) == Some(v));
-    let by_expressions = selector.match_expressions.iter().flatten().all(|e| {
-        let value = labels.get(&e.key);
-        let values = e.values.as_deref().unwrap_or_default();
-        match e.operator.as_str() {
-            "In" => value.is_some_and(|v| values.contains(v)),
-            "NotIn" => value.is_none_or(|v| !values.contains(v)),
-            "Exists" => value.is_some(),
-            "DoesNotExist" => value.is_none(),
-            _ => false,
-        }
-    });
-    by_labels && by_expressions
-}
-
 /// The members of a cluster given the Node objects by name. Listed names
 /// count once (first entry wins); selected nodes follow alphabetically.
 pub fn resolve(spec: &HAClusterSpec, nodes: &BTreeMap<String, NodeInfo>) -> Vec<Member> {
@@ -117,8 +95,9 @@ pub fn resolve(spec: &HAClusterSpec, nodes: &BTreeMap<String, NodeInfo>) -> Vec<
 #[cfg(test)]
 mod tests {
     use super::*;
-    use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelectorRequirement;
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
     use kubeha_crds::cluster::{MemberNode, Members};
+    use kubeha_crds::members::member_mode;
 
     fn labels(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
         pairs
@@ -148,47 +127,6 @@ mod tests {
             failback: Default::default(),
             fence: Default::default(),
         }
-    }
-
-    #[test]
-    fn selectors() {
-        let l = labels(&[("ha", "yes"), ("zone", "a")]);
-        let sel = |ml: &[(&str, &str)], ex: Vec<LabelSelectorRequirement>| LabelSelector {
-            match_labels: Some(labels(ml)),
-            match_expressions: Some(ex),
-        };
-        let req = |key: &str, op: &str, values: &[&str]| LabelSelectorRequirement {
-            key: key.into(),
-            operator: op.into(),
-            values: Some(values.iter().map(|v| v.to_string()).collect()),
-        };
-        assert!(selector_matches(&LabelSelector::default(), &l));
-        assert!(selector_matches(&sel(&[("ha", "yes")], vec![]), &l));
-        assert!(!selector_matches(&sel(&[("ha", "no")], vec![]), &l));
-        assert!(selector_matches(
-            &sel(&[], vec![req("zone", "In", &["a", "b"])]),
-            &l
-        ));
-        assert!(!selector_matches(
-            &sel(&[], vec![req("zone", "NotIn", &["a"])]),
-            &l
-        ));
-        assert!(selector_matches(
-            &sel(&[], vec![req("rack", "NotIn", &["a"])]),
-            &l
-        ));
-        assert!(selector_matches(
-            &sel(&[], vec![req("ha", "Exists", &[])]),
-            &l
-        ));
-        assert!(selector_matches(
-            &sel(&[], vec![req("rack", "DoesNotExist", &[])]),
-            &l
-        ));
-        assert!(!selector_matches(
-            &sel(&[], vec![req("ha", "Bogus", &[])]),
-            &l
-        ));
     }
 
     #[test]
@@ -237,6 +175,16 @@ mod tests {
             ]
         );
         assert_eq!(m[1].index, Some(1));
+        // The agent decides its own membership with
+        // `kubeha_crds::members::member_mode`: it must agree node by node.
+        for (name, info) in &nodes {
+            let resolved = m.iter().find(|m| &m.name == name).map(|m| m.mode);
+            assert_eq!(
+                member_mode(&s.members, name, Some(&info.labels)),
+                resolved,
+                "{name}"
+            );
+        }
     }
 
     #[test]

@@ -239,3 +239,74 @@ fn status_field_managers_never_collide() {
         assert_ne!(leases::agent_field_manager(node), FIELD_MANAGER);
     }
 }
+
+/// An agent's record, idle at `epoch`, as a fresh agent creates it.
+fn idle_record(epoch: i64) -> kubeha_agent::statefile::ServiceRecord {
+    kubeha_agent::statefile::ServiceRecord {
+        cluster: "c1".into(),
+        role: Role::None,
+        epoch,
+        state: NodeServiceState::Stopped,
+        vips: Vec::new(),
+        interface: None,
+        acked_epoch: None,
+        fail_count: 0,
+        failed_epoch: None,
+        spec: service().spec,
+        config_checksum: "x".into(),
+        last_hooks: Vec::new(),
+        clear_token: None,
+        unclean_epoch: None,
+    }
+}
+
+/// The operator's facts from the entry the agent applies for `record`.
+fn reported(node: &str, record: &kubeha_agent::statefile::ServiceRecord) -> NodeFacts {
+    let entry = kubeha_agent::daemon::status_entry(node, record);
+    NodeFacts {
+        entry: Some(serde_json::from_value(entry).expect("the entry is a ServiceNodeStatus")),
+        ..Default::default()
+    }
+}
+
+#[test]
+fn an_idle_node_reporting_the_epoch_it_observed_has_moved_on() {
+    // a was cleared at epoch 1 but never entered (say its heartbeat was
+    // too old); the service moves to b at epoch 2, which waits for a.
+    let (l1, _) = decide(None, Some("a"), None, &BTreeMap::new());
+    let mut a = idle_record(0);
+    let facts: BTreeMap<String, NodeFacts> = [("a".into(), reported("a", &a))].into();
+    let (l2, p) = decide(Some(&l1), Some("b"), None, &facts);
+    assert!(matches!(p, Progress::Waiting { ref nodes, epoch: 1 } if nodes == &["a"]));
+
+    // a's agent, idle (no role at epoch 2), takes on the Lease's epoch and
+    // reports it: that is the operator's "moved on" proof, b is cleared.
+    let wanted = agent("a", &l2);
+    assert_eq!(assignments::plan(a.role, wanted, a.failed_epoch), vec![]);
+    let epoch = assignments::lease_epoch(&l2).unwrap();
+    assert!(a.observe_epoch(epoch));
+    let facts: BTreeMap<String, NodeFacts> = [("a".into(), reported("a", &a))].into();
+    let state = handover::LeaseState::from_lease(&l2);
+    assert_eq!(
+        handover::proof("a", 1, &facts),
+        Some(handover::Proof::MovedOn)
+    );
+    let h = handover::handover(Input {
+        current: Some(&state),
+        master: Some("b"),
+        standby: None,
+        facts: &facts,
+    });
+    assert_eq!(h.progress, Progress::Cleared);
+
+    // A node whose leave failed at 1 does not take on epoch 2: no proof.
+    let mut unclean = kubeha_agent::statefile::ServiceRecord {
+        epoch: 1,
+        state: NodeServiceState::Failed,
+        unclean_epoch: Some(1),
+        ..idle_record(1)
+    };
+    assert!(!unclean.observe_epoch(epoch));
+    let facts: BTreeMap<String, NodeFacts> = [("a".into(), reported("a", &unclean))].into();
+    assert_eq!(handover::proof("a", 1, &facts), None);
+}
