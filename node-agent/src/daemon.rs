@@ -76,10 +76,22 @@ struct Slot {
     monitor_failures: Arc<AtomicI32>,
     next_periodic: Instant,
     next_refresh: Instant,
-    /// What was last reported to the API server.
-    reported: Option<String>,
+    /// What was last reported to the API server successfully, and what a
+    /// report in flight carries: a failed report is retried.
+    reported: Arc<std::sync::Mutex<Reported>>,
+    /// Loaded from the status file in the middle of entering or leaving
+    /// master: leave first (idempotent), whatever the Lease says.
+    recover: bool,
     /// The stale epoch last warned about (see [`assignments::not_older`]).
     stale_warned: Option<i64>,
+}
+
+/// Report bookkeeping of one service: the digest the API server has, and
+/// the one a report in flight carries.
+#[derive(Default)]
+struct Reported {
+    done: Option<String>,
+    pending: Option<String>,
 }
 
 /// The HAService a task reports on: status entry and Events.
@@ -99,6 +111,9 @@ struct Shared {
     fenced: std::sync::Mutex<HashMap<String, Arc<AtomicBool>>>,
     notify: Notify,
     recorder: Recorder,
+    /// Serializes writes of the status file (the periodic writer and the
+    /// transitions' intents).
+    state_file: std::sync::Mutex<()>,
 }
 
 /// Runs the daemon until a signal ends it.
@@ -124,6 +139,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         metrics: metrics.clone(),
         fenced: Default::default(),
         notify: Notify::new(),
+        state_file: std::sync::Mutex::new(()),
         recorder: Recorder::new(
             client.clone(),
             Reporter {
@@ -205,8 +221,20 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             if record.assume_unclean_if_unknown() {
                 tracing::info!(service = %key, epoch = record.epoch, "failed without acknowledgement before the restart: counted as a leave that failed");
             }
-            let adopt = record.role == Role::Master;
-            slots.insert(key, new_slot(record, adopt));
+            // Written just before entering or leaving master (the intent),
+            // and the agent died before the outcome was written: the service
+            // may be half started or half stopped. Leave first.
+            let recover = matches!(
+                record.state,
+                NodeServiceState::Starting | NodeServiceState::Stopping
+            );
+            if recover {
+                tracing::warn!(service = %key, epoch = record.epoch, state = ?record.state, "died in the middle of a transition: leaving master first");
+            }
+            let adopt = record.role == Role::Master && !recover;
+            let mut slot = new_slot(record, adopt);
+            slot.recover = recover;
+            slots.insert(key, slot);
         }
         tracing::info!(services = slots.len(), "loaded the status file");
     }
@@ -274,7 +302,8 @@ fn new_slot(record: ServiceRecord, adopt: bool) -> Slot {
         monitor_failures: Arc::default(),
         next_periodic: now,
         next_refresh: now,
-        reported: None,
+        reported: Arc::default(),
+        recover: false,
         stale_warned: None,
     }
 }
@@ -648,6 +677,12 @@ async fn reconcile(
             .map(String::as_str);
         if let Some(cleared) = guard.apply_clear(token) {
             slot.monitor_failures.store(0, Ordering::SeqCst);
+            // A clear proves nothing about a leave that failed here: run the
+            // leave again (scripts are idempotent); only its success
+            // acknowledges the epoch and lets this node enter again.
+            if guard.unclean_epoch.is_some() {
+                slot.recover = true;
+            }
             tracing::info!(service = %key, token, ?cleared, "clear request applied");
             if cleared.changed() {
                 let note = format!(
@@ -711,7 +746,52 @@ async fn reconcile(
             tracing::warn!(service = %key, lease_epoch = wanted.epoch, recorded_epoch = guard.epoch, "the Lease clears this node at an epoch older than one it already saw: not entering (stale view, or a hand-edited Lease)");
         }
         let wanted = fresh;
-        let steps = plan(guard.role, wanted, guard.failed_epoch);
+        if slot.recover {
+            if cut_off {
+                continue;
+            }
+            slot.recover = false;
+            spawn_steps(
+                shared.clone(),
+                guard,
+                vec![assignments::Step::LeaveMaster],
+                service,
+                view,
+                wanted,
+                target,
+            );
+            continue;
+        }
+        // An epoch this node already left (acknowledged) is never entered
+        // again: its acknowledgement would let the operator clear another
+        // node while this one runs the service. Reported as a refusal that
+        // started nothing, so the operator issues a new epoch.
+        if wanted.role == Role::Master
+            && wanted.may_enter
+            && guard.role != Role::Master
+            && guard.acked_epoch.is_some_and(|a| wanted.epoch <= a)
+            && guard.failed_epoch != Some(wanted.epoch)
+        {
+            tracing::warn!(service = %key, epoch = wanted.epoch, "cleared for an epoch already left here: waiting for a new epoch");
+            guard.state = NodeServiceState::Failed;
+            guard.failed_epoch = Some(wanted.epoch);
+            guard.last_hooks = vec![crate::transitions::refused(&format!(
+                "epoch {} was already left on this node; waiting for a new epoch",
+                wanted.epoch
+            ))];
+        }
+        let mut steps = plan(guard.role, wanted, guard.failed_epoch);
+        // After a leave that failed nothing is entered here (not even the
+        // standby role: its later epoch would read as "moved on") until a
+        // leave succeeds or the node is fenced.
+        if guard.unclean_epoch.is_some() {
+            steps.retain(|s| {
+                !matches!(
+                    s,
+                    assignments::Step::EnterMaster | assignments::Step::EnterVicemaster
+                )
+            });
+        }
         let entering = steps.iter().any(|s| {
             matches!(
                 s,
@@ -781,10 +861,26 @@ async fn reconcile(
             "{:?}{:?}{}{:?}{}",
             guard.role, guard.state, guard.epoch, guard.acked_epoch, guard.fail_count
         );
-        if slot.reported.as_deref() != Some(&digest) {
-            slot.reported = Some(digest);
-            let shared = shared.clone();
-            tokio::spawn(async move { report(&shared, &target, &guard).await });
+        let due = {
+            let mut r = slot.reported.lock().unwrap_or_else(|e| e.into_inner());
+            let due = r.done.as_deref() != Some(&digest) && r.pending.as_deref() != Some(&digest);
+            if due {
+                r.pending = Some(digest.clone());
+            }
+            due
+        };
+        if due {
+            let (shared, reported) = (shared.clone(), slot.reported.clone());
+            tokio::spawn(async move {
+                let ok = report(&shared, &target, &guard).await;
+                let mut r = reported.lock().unwrap_or_else(|e| e.into_inner());
+                if r.pending.as_deref() == Some(&digest) {
+                    r.pending = None;
+                }
+                if ok {
+                    r.done = Some(digest);
+                }
+            });
         }
     }
     // Services gone (deleted, or this node no longer a member): leave.
@@ -923,10 +1019,14 @@ fn spawn_steps(
             .or(view.members.first())
             == Some(&shared.config.node);
         for step in steps {
+            if let Some(intent) = intent(step, &record, &service.spec, wanted) {
+                persist(&shared, &service.key, &intent);
+            }
             let ok = shared
                 .node
                 .step(step, &mut record, &service, &view, wanted)
                 .await;
+            persist(&shared, &service.key, &record);
             report(&shared, &target, &record).await;
             let (warning, reason, note) = step_event(step, ok, &record, primary);
             event(&shared, &target, warning, reason, note).await;
@@ -938,6 +1038,46 @@ fn spawn_steps(
         drop(record);
         shared.notify.notify_one();
     });
+}
+
+/// What the status file says while `step` runs, so an agent that dies in
+/// the middle leaves first on restart: master at the epoch entered or left,
+/// `Starting` or `Stopping`, unclean, with the spec whose VIPs it adds.
+/// `None` for standby steps.
+fn intent(
+    step: assignments::Step,
+    record: &ServiceRecord,
+    spec: &HAServiceSpec,
+    wanted: Assignment,
+) -> Option<ServiceRecord> {
+    let (epoch, state) = match step {
+        assignments::Step::EnterMaster => (wanted.epoch, NodeServiceState::Starting),
+        assignments::Step::LeaveMaster => (record.epoch, NodeServiceState::Stopping),
+        _ => return None,
+    };
+    let mut intent = record.clone();
+    if step == assignments::Step::EnterMaster {
+        // The leave on restart removes what this spec names.
+        intent.spec = spec.clone();
+    }
+    intent.role = Role::Master;
+    intent.epoch = epoch;
+    intent.state = state;
+    intent.unclean_epoch = Some(epoch);
+    Some(intent)
+}
+
+/// Writes `record` for service `key` into the status file at once (fsync'd).
+fn persist(shared: &Shared, key: &str, record: &ServiceRecord) {
+    let _file = shared.state_file.lock().unwrap_or_else(|e| e.into_inner());
+    let mut status = statefile::read(&shared.config.state_dir).unwrap_or_default();
+    if status.node.is_empty() {
+        status.node = shared.config.node.clone();
+    }
+    status.services.insert(key.to_owned(), record.clone());
+    if let Err(e) = statefile::write(&shared.config.state_dir, &status) {
+        tracing::warn!(service = key, error = %e, "writing the status file failed");
+    }
 }
 
 fn spawn_adopt(
@@ -1120,7 +1260,8 @@ pub fn status_entry(node: &str, record: &ServiceRecord) -> serde_json::Value {
 
 /// Applies this node's entry of `status.nodes` (server-side apply with the
 /// node's own field manager). Best effort: the API server may be away.
-async fn report(shared: &Shared, target: &Target, record: &ServiceRecord) {
+/// Applies this node's status entry; returns whether the API server took it.
+async fn report(shared: &Shared, target: &Target, record: &ServiceRecord) -> bool {
     let (api, name) = (&target.api, target.name.as_str());
     let entry = status_entry(&shared.config.node, record);
     let patch = serde_json::json!({
@@ -1135,9 +1276,15 @@ async fn report(shared: &Shared, target: &Target, record: &ServiceRecord) {
     )
     .await
     {
-        Ok(Ok(_)) => {}
-        Ok(Err(e)) => tracing::warn!(service = name, error = %e, "status report failed"),
-        Err(_) => tracing::warn!(service = name, "status report timed out"),
+        Ok(Ok(_)) => true,
+        Ok(Err(e)) => {
+            tracing::warn!(service = name, error = %e, "status report failed");
+            false
+        }
+        Err(_) => {
+            tracing::warn!(service = name, "status report timed out");
+            false
+        }
     }
 }
 
@@ -1158,7 +1305,9 @@ async fn write_status(shared: &Shared, slots: &BTreeMap<String, Slot>) {
             },
         );
     }
-    // A record in a transition keeps what the file said of it.
+    // A record in a transition keeps what the file said of it (its intent,
+    // written by the transition under the same lock).
+    let _file = shared.state_file.lock().unwrap_or_else(|e| e.into_inner());
     let mut previous: Option<NodeStatus> = None;
     for (key, slot) in slots {
         if let Ok(r) = slot.record.try_lock() {
@@ -1174,5 +1323,51 @@ async fn write_status(shared: &Shared, slots: &BTreeMap<String, Slot>) {
     }
     if let Err(e) = statefile::write(&shared.config.state_dir, &status) {
         tracing::warn!(error = %e, "writing the status file failed");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(vip: &str) -> HAServiceSpec {
+        serde_json::from_value(serde_json::json!({
+            "clusterRef": "c",
+            "vips": [{"address": vip}],
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn the_intent_of_a_master_step_is_unclean_master_at_its_epoch() {
+        let mut record = ServiceRecord::fresh("c", &spec("198.18.0.100/24"), "x".into(), None);
+        record.epoch = 4;
+        let wanted = Assignment {
+            role: Role::Master,
+            epoch: 5,
+            may_enter: true,
+        };
+        let new_spec = spec("198.18.0.101/24");
+        let enter = intent(assignments::Step::EnterMaster, &record, &new_spec, wanted).unwrap();
+        assert_eq!(
+            (enter.role, enter.epoch, enter.state, enter.unclean_epoch),
+            (Role::Master, 5, NodeServiceState::Starting, Some(5))
+        );
+        assert_eq!(
+            enter.spec, new_spec,
+            "a leave on restart removes the VIPs being added"
+        );
+        let leave = intent(assignments::Step::LeaveMaster, &record, &new_spec, wanted).unwrap();
+        assert_eq!(
+            (leave.role, leave.epoch, leave.state, leave.unclean_epoch),
+            (Role::Master, 4, NodeServiceState::Stopping, Some(4))
+        );
+        assert_eq!(leave.spec, record.spec);
+        for step in [
+            assignments::Step::EnterVicemaster,
+            assignments::Step::LeaveVicemaster,
+        ] {
+            assert!(intent(step, &record, &new_spec, wanted).is_none());
+        }
     }
 }

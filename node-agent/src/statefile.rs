@@ -153,7 +153,9 @@ impl ServiceRecord {
         };
         self.fail_count = 0;
         self.failed_epoch = None;
-        if cleared.was_failed {
+        // A leave that failed stays Failed: only a leave that succeeds (the
+        // daemon runs it again on a clear) or a fence ends it.
+        if cleared.was_failed && self.unclean_epoch.is_none() {
             self.state = NodeServiceState::Stopped;
         }
         Some(cleared)
@@ -409,7 +411,12 @@ mod tests {
         };
         assert!(!r.observe_epoch(9));
         r.apply_clear(Some("t"));
-        assert_eq!(r.state, NodeServiceState::Stopped);
+        assert_eq!(
+            r.state,
+            NodeServiceState::Failed,
+            "a clear does not end a leave that failed (the daemon runs the leave again)"
+        );
+        assert_eq!(r.fail_count, 0);
         assert!(!r.observe_epoch(9));
         assert_eq!(r.epoch, 3);
     }
