@@ -147,10 +147,10 @@ pub fn cpu_seconds(pid: u32) -> anyhow::Result<f64> {
 }
 
 /// `bench agent`: `transitions` planned handovers between node-1 and node-2
-/// (holder written uncleared, the old holder leaves and acknowledges, then
-/// the clearance is written: that write starts the clock), timed to the first
-/// GARP from the new holder seen in the client namespace; then the agent's
-/// RSS and idle CPU.
+/// (holder written uncleared, the old holder leaves and reports `ackedEpoch`
+/// in its status entry, then the clearance is written: that write starts the
+/// clock), timed to the first GARP from the new holder seen in the client
+/// namespace; then the agent's RSS and idle CPU.
 pub fn agent(lab: &Lab, transitions: usize, idle_secs: u64) -> anyhow::Result<AgentReport> {
     lab.ensure_up_with_nodes(3)?;
     // This benchmark plays the operator: a real one would fight over the Lease.
@@ -183,8 +183,20 @@ pub fn agent(lab: &Lab, transitions: usize, idle_secs: u64) -> anyhow::Result<Ag
         if ha::wait_until(Duration::from_secs(15), || !ha::vip_on_node(old, vip)).is_none() {
             bail!("transition {k}: node-{old} never gave the VIP away");
         }
-        // The old holder's acknowledgement (or, at k = 1, nothing to wait for).
-        std::thread::sleep(Duration::from_millis(300));
+        // The handover protocol: the clearance waits for the old holder to
+        // report that it left epoch k-1 (at k = 1 nobody held the service).
+        if k > 1
+            && ha::wait_until(Duration::from_secs(15), || {
+                ha::node_entry(lab, name, old)["ackedEpoch"] == k - 1
+            })
+            .is_none()
+        {
+            bail!(
+                "transition {k}: node-{old} never acknowledged epoch {} (its status entry: {})",
+                k - 1,
+                ha::node_entry(lab, name, old)
+            );
+        }
         let sent = writer.write(name, &nodes::node_name(new), k, true)?;
         let mac = &macs[usize::from(new) - 1];
         let seen = ha::wait_until(Duration::from_secs(15), || {

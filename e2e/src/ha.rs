@@ -270,11 +270,20 @@ pub fn node_entry(lab: &Lab, service: &str, i: u8) -> Value {
 }
 
 /// Samples, every 10 ms from one sample's start to the next, which powered
-/// nodes hold `vip`; counts the instants at which two did.
+/// nodes hold `vip`; counts the instants at which two did. Dropped without
+/// [`SplitBrain::stop`] (a test that failed meanwhile), it stops sampling.
 pub struct SplitBrain {
     stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
-    handle: std::thread::JoinHandle<Sampled>,
+    off: std::sync::Arc<std::sync::Mutex<Vec<u8>>>,
+    handle: Option<std::thread::JoinHandle<Sampled>>,
 }
+
+/// The longest time between two samples' starts a split-brain assertion
+/// accepts: beyond it the sampler could not keep pace, and two holders
+/// could have gone unseen. The sampler aims at 10 ms; on this shared 2-core
+/// machine single gaps of 45 ms were measured under load, so the bound
+/// leaves room for that without accepting a sampler that stalls.
+pub const MAX_SAMPLE_GAP: Duration = Duration::from_millis(100);
 
 /// What a [`SplitBrain`] sampler saw.
 #[derive(Debug, Clone, Copy, Default)]
@@ -295,16 +304,42 @@ impl Sampled {
         self.samples += other.samples;
         self.max_gap = self.max_gap.max(other.max_gap);
     }
+
+    /// Panics unless no two nodes ever held `vip` and the sampler kept pace:
+    /// it took samples, never more than [`MAX_SAMPLE_GAP`] apart. `during`
+    /// says what was sampled.
+    #[track_caller]
+    pub fn assert_single_holder(&self, vip: &str, during: &str) {
+        let Sampled {
+            double,
+            samples,
+            max_gap,
+        } = *self;
+        assert_eq!(
+            double, 0,
+            "{during}: two nodes held {vip} in {double} of {samples} samples (at most {max_gap:?} apart)"
+        );
+        assert!(
+            samples > 0,
+            "{during}: the split-brain sampler took no sample of {vip}; nothing was checked"
+        );
+        assert!(
+            max_gap < MAX_SAMPLE_GAP,
+            "{during}: the split-brain sampler could not keep pace: {max_gap:?} between two samples              of {vip} (limit {MAX_SAMPLE_GAP:?}, {samples} samples), so two holders could have gone unseen"
+        );
+    }
 }
 
 impl SplitBrain {
     /// Starts sampling; nodes in `off` (powered off: link down, nothing
-    /// reachable) are not counted.
+    /// reachable) are not counted until [`SplitBrain::set_off`] says
+    /// otherwise.
     pub fn start(vip: &str, off: &[u8]) -> SplitBrain {
         let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let (vip, off) = (vip.to_owned(), off.to_vec());
+        let off = std::sync::Arc::new(std::sync::Mutex::new(off.to_vec()));
+        let vip = vip.to_owned();
         let handle = {
-            let stop = stop.clone();
+            let (stop, off) = (stop.clone(), off.clone());
             std::thread::spawn(move || {
                 let mut seen = Sampled::default();
                 let mut last: Option<Instant> = None;
@@ -314,6 +349,7 @@ impl SplitBrain {
                         seen.max_gap = seen.max_gap.max(began - last);
                     }
                     last = Some(began);
+                    let off = off.lock().unwrap_or_else(|e| e.into_inner()).clone();
                     let holders = vip_holders(&vip)
                         .into_iter()
                         .filter(|i| !off.contains(i))
@@ -327,13 +363,34 @@ impl SplitBrain {
                 seen
             })
         };
-        SplitBrain { stop, handle }
+        SplitBrain {
+            stop,
+            off,
+            handle: Some(handle),
+        }
+    }
+
+    /// From the next sample on, the nodes in `off` are not counted (and
+    /// every other node is): call it with `&[i]` once node `i` is powered
+    /// off, and with `&[]` once it is powered on again.
+    pub fn set_off(&self, off: &[u8]) {
+        *self.off.lock().unwrap_or_else(|e| e.into_inner()) = off.to_vec();
     }
 
     /// Stops sampling and says what was seen.
-    pub fn stop(self) -> Sampled {
+    pub fn stop(mut self) -> Sampled {
         self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
-        self.handle.join().unwrap()
+        self.handle
+            .take()
+            .expect("joined only here")
+            .join()
+            .expect("the split-brain sampler panicked")
+    }
+}
+
+impl Drop for SplitBrain {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
     }
 }
 
@@ -572,6 +629,41 @@ pub fn agent_status(lab: &Lab, i: u8) -> Option<Value> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn sampled(double: usize, samples: usize, gap_ms: u64) -> Sampled {
+        Sampled {
+            double,
+            samples,
+            max_gap: Duration::from_millis(gap_ms),
+        }
+    }
+
+    #[test]
+    fn a_sampler_that_kept_pace_and_saw_one_holder_passes() {
+        sampled(0, 500, 12).assert_single_holder("198.18.0.100", "a move");
+        let mut all = sampled(0, 10, 11);
+        all.absorb(sampled(0, 5, 49));
+        assert_eq!((all.samples, all.max_gap), (15, Duration::from_millis(49)));
+        all.assert_single_holder("198.18.0.100", "two phases");
+    }
+
+    #[test]
+    #[should_panic(expected = "two nodes held 198.18.0.100 in 2 of 500 samples")]
+    fn two_holders_fail() {
+        sampled(2, 500, 12).assert_single_holder("198.18.0.100", "a move");
+    }
+
+    #[test]
+    #[should_panic(expected = "took no sample")]
+    fn a_sampler_without_samples_fails() {
+        sampled(0, 0, 0).assert_single_holder("198.18.0.100", "a move");
+    }
+
+    #[test]
+    #[should_panic(expected = "could not keep pace")]
+    fn a_sampler_that_fell_behind_fails() {
+        sampled(0, 500, 50).assert_single_holder("198.18.0.100", "a move");
+    }
 
     #[test]
     fn parses_tcpdump_arp_and_na() {

@@ -11,6 +11,7 @@ use std::process::{Command, Output, Stdio};
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
+use kubeha_e2e::ha;
 use kubeha_e2e::lab::{Lab, StopSignal};
 use kubeha_e2e::nodes::{self, Segment};
 
@@ -371,19 +372,69 @@ fn power_off_kills_everything_in_the_node_and_cuts_its_link() {
         std::thread::sleep(Duration::from_millis(20));
     }
     let node3 = nodes::node_ip(3).unwrap().to_string();
+    let node3_v6 = nodes::node_ip6(3).unwrap().to_string();
     assert!(pings(nodes::client_ns(), &node3));
+    // Addresses the node holds besides its own (VIPs, say): a boot does not
+    // bring them back.
+    let (extra, extra_v6) = ("198.18.0.250", "2001:db8::fa");
+    let in_node3 = |args: &[&str]| {
+        let out = Command::new("ip")
+            .args(["-n", &nodes::node_ns(3)])
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "ip {args:?} in node-3: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    in_node3(&["addr", "replace", &format!("{extra}/24"), "dev", "eth0"]);
+    in_node3(&[
+        "-6",
+        "addr",
+        "replace",
+        &format!("{extra_v6}/64"),
+        "dev",
+        "eth0",
+        "nodad",
+    ]);
 
     let killed = lab.power_off(3).unwrap();
     let _ = other.wait();
     let answered_while_off = pings_once(nodes::client_ns(), &node3);
     let left = nodes::ns_pids(&nodes::node_ns(3));
+    let kept_while_off = ha::vip_on_node(3, extra) && ha::vip_on_node(3, extra_v6);
     lab.power_on(3).unwrap();
+    let after_boot = [node3.as_str(), &node3_v6, extra, extra_v6].map(|a| ha::vip_on_node(3, a));
+    // A node that is on is left as it is.
+    in_node3(&["addr", "replace", &format!("{extra}/24"), "dev", "eth0"]);
+    lab.power_on(3).unwrap();
+    let kept_while_on = ha::vip_on_node(3, extra);
+    in_node3(&["addr", "del", &format!("{extra}/24"), "dev", "eth0"]);
 
     assert!(killed >= 2, "killed {killed}");
     assert!(nodes::is_dead(agent) && !lab.agent_running(3));
     assert!(left.is_empty(), "still in the namespace: {left:?}");
     assert!(!answered_while_off, "a powered-off node answered");
+    assert!(
+        kept_while_off,
+        "power-off keeps the addresses configured, off the wire"
+    );
+    assert_eq!(
+        after_boot,
+        [true, true, false, false],
+        "after power on, node-3 must have its own {node3} and {node3_v6} and neither {extra} nor {extra_v6}"
+    );
+    assert!(
+        kept_while_on,
+        "power on of a running node removed an address"
+    );
     assert!(pings(nodes::client_ns(), &node3), "node-3 after power on");
+    assert!(
+        pings(nodes::client_ns(), &node3_v6),
+        "node-3 over IPv6 after power on"
+    );
 }
 
 #[test]
