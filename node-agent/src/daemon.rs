@@ -15,8 +15,8 @@ use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{Node as KubeNode, ObjectReference};
 use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
-use kube::runtime::reflector::{self, Store};
-use kube::runtime::{WatchStreamExt, watcher};
+use kube::runtime::reflector::Store;
+use kube::runtime::watcher;
 use kube::{Client, Resource, ResourceExt};
 use kubeha_crds::cluster::NoQuorumPolicy;
 use kubeha_crds::service::{NodeServiceState, Role};
@@ -158,25 +158,17 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         }
     });
 
-    let clusters = watch::<HACluster>(
-        Api::all(client.clone()),
-        watcher::Config::default(),
-        &shared,
-    );
-    let services = watch::<HAService>(
-        Api::all(client.clone()),
-        watcher::Config::default(),
-        &shared,
-    );
+    let clusters = watch::<HACluster>(&client, watcher::Config::default(), &shared);
+    let services = watch::<HAService>(&client, watcher::Config::default(), &shared);
     let service_leases = watch::<Lease>(
-        Api::all(client.clone()),
+        &client,
         watcher::Config::default().labels(&leases::service_lease_selector()),
         &shared,
     );
     // This node's own Node object: its labels decide membership in clusters
     // that pick members with `spec.members.selector`.
     let own_node = watch::<KubeNode>(
-        Api::all(client.clone()),
+        &client,
         watcher::Config::default().fields(&format!("metadata.name={}", config.node)),
         &shared,
     );
@@ -308,21 +300,20 @@ fn new_slot(record: ServiceRecord, adopt: bool) -> Slot {
     }
 }
 
-/// A reflector whose every event wakes the main loop. Errors (including a
-/// malformed object) are logged and retried with backoff: the watch goes on.
-fn watch<K>(api: Api<K>, config: watcher::Config, shared: &Arc<Shared>) -> Store<K>
+/// A reflector whose every event wakes the main loop. A malformed object is
+/// skipped ([`kubeha_crds::watch::reflect`]); errors are logged and retried
+/// with backoff: the watch goes on.
+fn watch<K>(client: &Client, config: watcher::Config, shared: &Arc<Shared>) -> Store<K>
 where
-    K: kube::Resource
+    K: kube::Resource<DynamicType = ()>
         + Clone
         + std::fmt::Debug
         + serde::de::DeserializeOwned
         + Send
         + Sync
         + 'static,
-    K::DynamicType: Default + Eq + std::hash::Hash + Clone,
 {
-    let (reader, writer) = reflector::store();
-    let stream = reflector::reflector(writer, watcher(api, config)).default_backoff();
+    let (reader, stream) = kubeha_crds::watch::reflect::<K>(client, None, config);
     let shared = shared.clone();
     tokio::spawn(async move {
         let mut stream = std::pin::pin!(stream);

@@ -282,12 +282,17 @@ impl<N: Netlink> Node<N> {
         Ok(placed)
     }
 
-    async fn del_vips(&self, placed: &[(String, Vip)]) {
+    /// Removes the VIPs (absent ones count as removed); returns whether
+    /// every one is gone.
+    async fn del_vips(&self, placed: &[(String, Vip)]) -> bool {
+        let mut all = true;
         for (iface, v) in placed {
             if let Err(e) = self.netlink.del_vip(iface, v).await {
                 tracing::error!(vip = %v, %iface, error = %e, "removing VIP failed");
+                all = false;
             }
         }
+        all
     }
 
     /// Where the VIPs of a record are: its interface, else resolved now.
@@ -484,7 +489,7 @@ impl<N: Netlink> Node<N> {
     ) -> bool {
         record.state = NodeServiceState::Stopping;
         let placed = self.placed(record).await;
-        self.del_vips(&placed).await;
+        let removed = self.del_vips(&placed).await;
         if let Some(route) = &record.spec.default_route
             && let Ok(gw) = route.gateway.parse::<IpAddr>()
         {
@@ -502,7 +507,9 @@ impl<N: Netlink> Node<N> {
                 Self::hook_timeout(svc),
             )
             .await;
-        let ok = hooks::overall(&results) == HookOutcome::Success;
+        // A VIP that could not be removed may still answer: as unclean as
+        // a leave script that failed.
+        let ok = removed && hooks::overall(&results) == HookOutcome::Success;
         record.last_hooks = results;
         record.role = Role::None;
         if ok {
@@ -729,6 +736,8 @@ mod tests {
     #[derive(Default)]
     struct FakeNetlink {
         addrs: std::sync::Mutex<Vec<(String, IpAddr)>>,
+        /// Every removal fails (a kernel that refuses).
+        refuse_del: std::sync::atomic::AtomicBool,
     }
 
     impl Netlink for FakeNetlink {
@@ -737,6 +746,9 @@ mod tests {
             Ok(())
         }
         async fn del_vip(&self, iface: &str, vip: &Vip) -> Result<(), vip::VipError> {
+            if self.refuse_del.load(Ordering::SeqCst) {
+                return Err(vip::VipError::InterfaceMissing(iface.into()));
+            }
             self.addrs
                 .lock()
                 .unwrap()
@@ -850,8 +862,44 @@ mod tests {
         assert!(!r.observe_epoch(2), "a failed leave must not look moved on");
         assert_eq!(r.epoch, 1);
 
-        // Cleared there again, left cleanly: clean, and idle epochs count.
+        // Scripts fine but a VIP the kernel would not remove: unclean too,
+        // no acknowledgement.
         std::fs::remove_file(&flag).unwrap();
+        let mut stuck = record(&spec);
+        assert!(
+            node.step(Step::EnterMaster, &mut stuck, &svc, &cluster, master(2))
+                .await
+        );
+        node.netlink.refuse_del.store(true, Ordering::SeqCst);
+        assert!(
+            !node
+                .step(
+                    Step::LeaveMaster,
+                    &mut stuck,
+                    &svc,
+                    &cluster,
+                    Assignment::NONE
+                )
+                .await,
+            "a leave that could not remove its VIP failed"
+        );
+        assert_eq!(
+            (stuck.state, stuck.acked_epoch, stuck.unclean_epoch),
+            (NodeServiceState::Failed, None, Some(2))
+        );
+        node.netlink.refuse_del.store(false, Ordering::SeqCst);
+        assert!(
+            node.step(
+                Step::LeaveMaster,
+                &mut stuck,
+                &svc,
+                &cluster,
+                Assignment::NONE
+            )
+            .await
+        );
+
+        // Cleared there again, left cleanly: clean, and idle epochs count.
         assert!(
             node.step(Step::EnterMaster, &mut r, &svc, &cluster, master(3))
                 .await

@@ -19,16 +19,14 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Instant;
 
+use futures::StreamExt;
 use futures::stream::BoxStream;
-use futures::{Stream, StreamExt};
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::Node;
-use kube::core::{ApiResource, DynamicObject};
-use kube::runtime::reflector::{self, ObjectRef, Store};
-use kube::runtime::{WatchStreamExt, watcher};
-use kube::{Api, Client, Resource, ResourceExt};
+use kube::runtime::reflector::{ObjectRef, Store};
+use kube::runtime::watcher;
+use kube::{Client, ResourceExt};
 use kubeha_crds::{HACluster, HAService, leases};
-use serde::de::DeserializeOwned;
 
 use crate::context::Ctx;
 use crate::heartbeat_view::{Fingerprint, Timing};
@@ -60,84 +58,18 @@ pub struct Streams {
     nodes: Events<Node>,
 }
 
-/// Parses one untyped object; a malformed one is logged and dropped.
-fn parse<K>(obj: DynamicObject) -> Option<K>
-where
-    K: Resource<DynamicType = ()> + DeserializeOwned,
-{
-    let name = format!(
-        "{}/{}",
-        obj.metadata.namespace.clone().unwrap_or_default(),
-        obj.metadata.name.clone().unwrap_or_default()
-    );
-    match obj.try_parse::<K>() {
-        Ok(k) => Some(k),
-        Err(e) => {
-            tracing::warn!(kind = %K::kind(&()), object = %name, error = %e, "skipping a malformed object");
-            None
-        }
-    }
-}
-
-fn typed<K>(event: watcher::Event<DynamicObject>) -> Option<watcher::Event<K>>
-where
-    K: Resource<DynamicType = ()> + DeserializeOwned,
-{
-    use watcher::Event::*;
-    match event {
-        Apply(o) => parse(o).map(Apply),
-        InitApply(o) => parse(o).map(InitApply),
-        Delete(o) => parse(o).map(Delete),
-        Init => Some(Init),
-        InitDone => Some(InitDone),
-    }
-}
-
-/// A fault-tolerant typed watch reflected into a store.
-fn reflect<K>(
-    client: &Client,
-    namespace: Option<&str>,
-    config: watcher::Config,
-) -> (
-    Store<K>,
-    impl Stream<Item = Result<watcher::Event<K>, watcher::Error>> + Send + use<K>,
-)
-where
-    K: Resource<DynamicType = ()>
-        + DeserializeOwned
-        + Clone
-        + std::fmt::Debug
-        + Send
-        + Sync
-        + 'static,
-{
-    let ar = ApiResource::erase::<K>(&());
-    let api: Api<DynamicObject> = match namespace {
-        Some(ns) => Api::namespaced_with(client.clone(), ns, &ar),
-        None => Api::all_with(client.clone(), &ar),
-    };
-    let events = watcher(api, config)
-        .default_backoff()
-        .filter_map(|r| async move {
-            match r {
-                Ok(e) => typed::<K>(e).map(Ok),
-                Err(e) => Some(Err(e)),
-            }
-        });
-    let (reader, writer) = reflector::store();
-    (reader, reflector::reflector(writer, events))
-}
-
 /// Starts the watches (lazily: nothing runs until [`dispatch`] polls them).
 pub fn start(client: &Client, namespace: &str) -> (Stores, Streams) {
-    let (services, s1) = reflect::<HAService>(client, None, watcher::Config::default());
-    let (clusters, s2) = reflect::<HACluster>(client, None, watcher::Config::default());
-    let (service_leases, s3) = reflect::<Lease>(
+    let (services, s1) =
+        kubeha_crds::watch::reflect::<HAService>(client, None, watcher::Config::default());
+    let (clusters, s2) =
+        kubeha_crds::watch::reflect::<HACluster>(client, None, watcher::Config::default());
+    let (service_leases, s3) = kubeha_crds::watch::reflect::<Lease>(
         client,
         None,
         watcher::Config::default().labels(&leases::service_lease_selector()),
     );
-    let (heartbeat_leases, s4) = reflect::<Lease>(
+    let (heartbeat_leases, s4) = kubeha_crds::watch::reflect::<Lease>(
         client,
         Some(namespace),
         watcher::Config::default().labels(&format!(
@@ -146,7 +78,7 @@ pub fn start(client: &Client, namespace: &str) -> (Stores, Streams) {
             leases::HEARTBEAT
         )),
     );
-    let (nodes, s5) = reflect::<Node>(client, None, watcher::Config::default());
+    let (nodes, s5) = kubeha_crds::watch::reflect::<Node>(client, None, watcher::Config::default());
     (
         Stores {
             services,

@@ -1,0 +1,117 @@
+//! A fault-tolerant typed watch, shared by the operator and the agent: the
+//! API server's objects are listed and watched untyped and parsed one by one,
+//! so a malformed object (e.g. written under an older schema) is logged and
+//! skipped instead of failing the whole list and stalling the watch.
+
+use futures::{Stream, StreamExt};
+use kube::core::{ApiResource, DynamicObject};
+use kube::runtime::reflector::{self, Store};
+use kube::runtime::{WatchStreamExt, watcher};
+use kube::{Api, Client, Resource};
+use serde::de::DeserializeOwned;
+
+/// Parses one untyped object; a malformed one is logged and dropped.
+fn parse<K>(obj: DynamicObject) -> Option<K>
+where
+    K: Resource<DynamicType = ()> + DeserializeOwned,
+{
+    let name = format!(
+        "{}/{}",
+        obj.metadata.namespace.clone().unwrap_or_default(),
+        obj.metadata.name.clone().unwrap_or_default()
+    );
+    match obj.try_parse::<K>() {
+        Ok(k) => Some(k),
+        Err(e) => {
+            tracing::warn!(kind = %K::kind(&()), object = %name, error = %e, "skipping a malformed object");
+            None
+        }
+    }
+}
+
+fn typed<K>(event: watcher::Event<DynamicObject>) -> Option<watcher::Event<K>>
+where
+    K: Resource<DynamicType = ()> + DeserializeOwned,
+{
+    use watcher::Event::*;
+    match event {
+        Apply(o) => parse(o).map(Apply),
+        InitApply(o) => parse(o).map(InitApply),
+        Delete(o) => parse(o).map(Delete),
+        Init => Some(Init),
+        InitDone => Some(InitDone),
+    }
+}
+
+/// A fault-tolerant typed watch of `K` (in `namespace`, or every namespace)
+/// reflected into a store; the returned stream must be polled for the store
+/// to fill.
+pub fn reflect<K>(
+    client: &Client,
+    namespace: Option<&str>,
+    config: watcher::Config,
+) -> (
+    Store<K>,
+    impl Stream<Item = Result<watcher::Event<K>, watcher::Error>> + Send + use<K>,
+)
+where
+    K: Resource<DynamicType = ()>
+        + DeserializeOwned
+        + Clone
+        + std::fmt::Debug
+        + Send
+        + Sync
+        + 'static,
+{
+    let ar = ApiResource::erase::<K>(&());
+    let api: Api<DynamicObject> = match namespace {
+        Some(ns) => Api::namespaced_with(client.clone(), ns, &ar),
+        None => Api::all_with(client.clone(), &ar),
+    };
+    let events = watcher(api, config)
+        .default_backoff()
+        .filter_map(|r| async move {
+            match r {
+                Ok(e) => typed::<K>(e).map(Ok),
+                Err(e) => Some(Err(e)),
+            }
+        });
+    let (reader, writer) = reflector::store();
+    (reader, reflector::reflector(writer, events))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::HAService;
+
+    fn object(spec: serde_json::Value) -> DynamicObject {
+        serde_json::from_value(serde_json::json!({
+            "apiVersion": "kubeha.io/v1alpha1",
+            "kind": "HAService",
+            "metadata": {"name": "web", "namespace": "default"},
+            "spec": spec,
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn a_malformed_object_is_skipped_and_a_good_one_parsed() {
+        let good = object(serde_json::json!({
+            "clusterRef": "demo",
+            "vips": [{"address": "198.18.0.100/24"}],
+        }));
+        assert!(parse::<HAService>(good).is_some());
+        let bad = object(serde_json::json!({"clusterRef": 7, "vips": "nope"}));
+        assert!(parse::<HAService>(bad).is_none());
+        let events = [
+            watcher::Event::InitApply(object(serde_json::json!({"vips": 1}))),
+            watcher::Event::InitDone,
+        ];
+        let typed: Vec<_> = events.into_iter().filter_map(typed::<HAService>).collect();
+        assert!(
+            matches!(typed.as_slice(), [watcher::Event::InitDone]),
+            "the list ends even when an object in it is malformed"
+        );
+    }
+}
