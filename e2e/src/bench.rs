@@ -291,16 +291,8 @@ fn operator_lab(lab: &Lab) -> anyhow::Result<()> {
 fn settled(lab: &Lab, name: &str, vip: &str) -> anyhow::Result<u8> {
     let mut active = None;
     let ok = ha::wait_until(Duration::from_secs(60), || {
-        let status = ha::service_status(lab, name);
-        active = status["activeNode"]
-            .as_str()
-            .and_then(|n| n.strip_prefix("node-")?.parse::<u8>().ok());
-        let ready = lab
-            .kubectl_ok(&["get", "hacluster", name, "-o", "jsonpath={.status.ready}"])
-            .unwrap_or_default();
-        status["phase"] == "Active"
-            && ready.trim() == "3/3"
-            && active.is_some_and(|a| ha::vip_holders(vip) == [a])
+        active = ha::active_node(lab, name, vip);
+        active.is_some() && ha::members_ready(lab, name, 3)
     });
     if ok.is_none() {
         bail!(

@@ -261,6 +261,29 @@ pub fn service_status(lab: &Lab, name: &str) -> Value {
     .unwrap_or_default()
 }
 
+/// The lab node the status of `service` calls active, when its phase is
+/// Active and exactly that node holds `vip`.
+pub fn active_node(lab: &Lab, service: &str, vip: &str) -> Option<u8> {
+    let status = service_status(lab, service);
+    let active = status["activeNode"]
+        .as_str()
+        .and_then(|n| n.strip_prefix("node-")?.parse::<u8>().ok())?;
+    (status["phase"] == "Active" && vip_holders(vip) == [active]).then_some(active)
+}
+
+/// Whether HACluster `cluster` reports all `members` heartbeating
+/// (`status.ready` is `members/members`).
+pub fn members_ready(lab: &Lab, cluster: &str, members: u8) -> bool {
+    lab.kubectl_ok(&[
+        "get",
+        "hacluster",
+        cluster,
+        "-o",
+        "jsonpath={.status.ready}",
+    ])
+    .is_ok_and(|r| r.trim() == format!("{members}/{members}"))
+}
+
 /// Node `i`'s entry in the status of service `service` (null when absent).
 pub fn node_entry(lab: &Lab, service: &str, i: u8) -> Value {
     service_status(lab, service)["nodes"]

@@ -73,11 +73,7 @@ fn cleanup(lab: &Lab, name: &str, vip: &str) {
 /// Whether every member of cluster `name` heartbeats (`ready` 3/3) within
 /// `timeout`.
 fn all_ready(lab: &Lab, name: &str, timeout: Duration) -> bool {
-    ha::wait_until(timeout, || {
-        lab.kubectl_ok(&["get", "hacluster", name, "-o", "jsonpath={.status.ready}"])
-            .is_ok_and(|r| r.trim() == "3/3")
-    })
-    .is_some()
+    ha::wait_until(timeout, || ha::members_ready(lab, name, 3)).is_some()
 }
 
 /// The node the status calls active once the phase is Active and exactly
@@ -85,13 +81,8 @@ fn all_ready(lab: &Lab, name: &str, timeout: Duration) -> bool {
 fn wait_active(lab: &Lab, name: &str, vip: &str, timeout: Duration) -> u8 {
     let mut seen = None;
     let ok = ha::wait_until(timeout, || {
-        let status = ha::service_status(lab, name);
-        let active = status["activeNode"]
-            .as_str()
-            .and_then(|n| n.strip_prefix("node-"))
-            .and_then(|n| n.parse::<u8>().ok());
-        seen = active;
-        status["phase"] == "Active" && active.is_some_and(|a| ha::vip_holders(vip) == [a])
+        seen = ha::active_node(lab, name, vip);
+        seen.is_some()
     });
     assert!(
         ok.is_some(),
@@ -491,12 +482,8 @@ fn members_picked_by_a_node_selector_heartbeat_and_run_the_service() {
         serde_json::json!({"selector": {"matchLabels": {"kubeha.io/lab": "true"}}});
     cluster["spec"]["placement"] = serde_json::json!("Alphabetical");
     ha::apply(&lab, &cluster).unwrap();
-    let ready = ha::wait_until(Duration::from_secs(20), || {
-        lab.kubectl_ok(&["get", "hacluster", name, "-o", "jsonpath={.status.ready}"])
-            .is_ok_and(|r| r.trim() == "3/3")
-    });
     assert!(
-        ready.is_some(),
+        all_ready(&lab, name, Duration::from_secs(20)),
         "selected members never all heartbeat: {}",
         lab.kubectl_ok(&["get", "hacluster", name, "-o", "yaml"])
             .unwrap_or_default()
