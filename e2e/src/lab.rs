@@ -237,7 +237,7 @@ impl Lab {
     pub fn ensure_up_with_nodes(&self, nodes: u8) -> anyhow::Result<()> {
         // Before the lock file: without root it could not even be created,
         // and the message would hide what is missing.
-        nodes::check_prerequisites()?;
+        nodes::check_lab_prerequisites()?;
         let lock = File::create(self.root.join(".lab.lock")).context("creating .lab.lock")?;
         lock.lock().context("locking .lab.lock")?;
         self.up_with_nodes(nodes)
@@ -254,7 +254,7 @@ impl Lab {
     /// (Node objects, the chart's RBAC, one token per node). Idempotent: a
     /// running lab is reused; nodes are only ever added, never removed.
     pub fn up_with_nodes(&self, nodes: u8) -> anyhow::Result<()> {
-        nodes::check_prerequisites()?;
+        nodes::check_lab_prerequisites()?;
         if nodes > nodes::MAX_NODES {
             bail!(
                 "the lab holds at most {} nodes, not {nodes}",

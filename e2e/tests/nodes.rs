@@ -552,6 +552,20 @@ fn without_root_or_iproute2_the_lab_says_what_is_missing() {
     let missing = nodes::missing_prerequisites(1000, Some("/nonexistent".as_ref()));
     assert_eq!(missing.len(), 2, "{missing:?}");
     assert!(nodes::missing_prerequisites(0, std::env::var_os("PATH").as_deref()).is_empty());
+    // The whole lab's list names every tool and one command installing all.
+    let missing = nodes::missing_lab_prerequisites(1000, Some("/nonexistent".as_ref()));
+    assert_eq!(missing.len(), 8, "{missing:?}");
+    assert_eq!(
+        missing.last().unwrap(),
+        "install with `apt-get install -y iproute2 golang-go openssl nftables tcpdump iputils-ping`"
+    );
+    assert!(
+        missing
+            .iter()
+            .any(|m| m.starts_with("golang-go: `go` is not on PATH")),
+        "{missing:?}"
+    );
+    assert!(nodes::missing_lab_prerequisites(0, std::env::var_os("PATH").as_deref()).is_empty());
     if nix::unistd::geteuid().as_raw() != 0 {
         // Not root here: the lab itself must say so (and setpriv could not
         // switch users anyway).
