@@ -1002,6 +1002,23 @@ impl Lab {
         Ok(true)
     }
 
+    /// Stops (SIGSTOP, `true`) or continues (SIGCONT, `false`) node `i`'s
+    /// agent: a process that stalls, as under memory pressure or a stuck
+    /// disk; what it started keeps running. Returns whether an agent runs.
+    pub fn freeze_agent(&self, i: u8, frozen: bool) -> anyhow::Result<bool> {
+        nodes::check_index(i)?;
+        let Some(pid) = self.agent_pid(i).filter(|_| self.agent_running(i)) else {
+            return Ok(false);
+        };
+        let sig = if frozen {
+            nix::sys::signal::Signal::SIGSTOP
+        } else {
+            nix::sys::signal::Signal::SIGCONT
+        };
+        nodes::signal_pids(&[pid], sig);
+        Ok(true)
+    }
+
     /// Cuts node `i` off from the API server: inside its namespace, a packet
     /// filter drops TCP to and from the API server's address and port (nft
     /// when installed, else iptables). The rest of the segment still works.

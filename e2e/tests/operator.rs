@@ -500,3 +500,78 @@ fn members_picked_by_a_node_selector_heartbeat_and_run_the_service() {
     );
     cleanup(&lab, name, vip);
 }
+
+/// Faults in sequence: node-1, active, is cut off from the API server past
+/// RD and fences itself; the service moves to node-2. The cut heals. Then
+/// node-2's agent stalls (SIGSTOP) for 2 x D. node-1 is the only other
+/// member, so the service must come back there, with no admin action.
+/// Before the fence left a record that re-ran its leave once in contact,
+/// node-1 stayed `Failed` from its fence and refused every later epoch: the
+/// service was down until `kubectl ha clear`.
+#[test]
+fn a_node_that_fenced_itself_runs_the_service_again_when_the_next_fault_comes() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let lab = lab();
+    let (name, vip) = ("op-fence-stall", "198.18.0.117");
+    let timing = Timing::DEFAULT;
+    ha::delete_service(&lab, name);
+    assert!(
+        ha::wait_until(Duration::from_secs(20), || ha::vip_holders(vip).is_empty()).is_some(),
+        "{vip} still held from an earlier run"
+    );
+    ha::apply(&lab, &ha::cluster(name, &[1, 2], timing)).unwrap();
+    assert!(
+        ha::wait_until(Duration::from_secs(20), || ha::members_ready(&lab, name, 2)).is_some(),
+        "cluster {name} never had 2/2 members ready"
+    );
+    ha::apply(
+        &lab,
+        &ha::service(name, name, &[&format!("{vip}/24")], None, (3, 100)),
+    )
+    .unwrap();
+    assert_eq!(wait_active(&lab, name, vip, Duration::from_secs(30)), 1);
+    let sampler = ha::SplitBrain::start(vip, &[]);
+
+    // 1. node-1 loses the API server (L2 stays up): it fences, node-2 takes over.
+    lab.partition(1).unwrap();
+    let moved = ha::wait_until(Duration::from_secs(30), || {
+        ha::active_node(&lab, name, vip) == Some(2)
+    });
+    let fenced_entry = ha::node_entry(&lab, name, 1);
+    lab.heal(1).unwrap();
+    assert!(
+        moved.is_some(),
+        "the service never moved off the cut-off node-1: {}",
+        ha::service_status(&lab, name)
+    );
+    // Back in contact, node-1 is no longer Failed: the fence was not a
+    // failure of the service.
+    let recovered = ha::wait_until(Duration::from_secs(20), || {
+        ha::members_ready(&lab, name, 2) && ha::node_entry(&lab, name, 1)["state"] != "Failed"
+    });
+    assert!(
+        recovered.is_some(),
+        "node-1 stayed {} after the cut healed (at the fence: {fenced_entry})",
+        ha::node_entry(&lab, name, 1)
+    );
+
+    // 2. node-2's agent stalls for 2 x D: the service comes back on node-1.
+    assert!(lab.freeze_agent(2, true).unwrap(), "node-2's agent runs");
+    let stalled = Instant::now();
+    let back = ha::wait_until(Duration::from_secs(30), || ha::client_reaches(vip, 1));
+    let stall = Duration::from_millis(2 * u64::from(timing.lease_ms));
+    std::thread::sleep(stall.saturating_sub(stalled.elapsed()));
+    lab.freeze_agent(2, false).unwrap();
+    assert!(
+        back.is_some(),
+        "nothing answered on {vip} from node-1 within 30 s of node-2's stall: {}",
+        ha::service_status(&lab, name)
+    );
+    eprintln!("stall of node-2's agent to first reply from node-1: {back:?}");
+    assert_eq!(wait_active(&lab, name, vip, Duration::from_secs(30)), 1);
+    sampler.stop().assert_single_holder(
+        vip,
+        "a fence of node-1, its return, then a stall of node-2's agent",
+    );
+    cleanup(&lab, name, vip);
+}

@@ -737,6 +737,12 @@ async fn reconcile(
             tracing::warn!(service = %key, lease_epoch = wanted.epoch, recorded_epoch = guard.epoch, "the Lease clears this node at an epoch older than one it already saw: not entering (stale view, or a hand-edited Lease)");
         }
         let wanted = fresh;
+        // A fence cut the leave short: run it again once in contact (below,
+        // not while cut off); its success ends the Failed state.
+        if guard.fenced && !slot.recover {
+            tracing::info!(service = %key, epoch = guard.epoch, "left by a fence: running the leave again");
+            slot.recover = true;
+        }
         if slot.recover {
             if cut_off {
                 continue;
@@ -774,7 +780,7 @@ async fn reconcile(
         let mut steps = plan(guard.role, wanted, guard.failed_epoch);
         // After a leave that failed nothing is entered here (not even the
         // standby role: its later epoch would read as "moved on") until a
-        // leave succeeds or the node is fenced.
+        // leave succeeds (after a fence it runs again by itself, above).
         if guard.unclean_epoch.is_some() {
             steps.retain(|s| {
                 !matches!(

@@ -82,6 +82,15 @@ pub struct ServiceRecord {
     /// (see [`ServiceRecord::assume_unclean_if_unknown`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub unclean_epoch: Option<i64>,
+    /// This node fenced itself while it held the master role: the VIPs were
+    /// dropped and the leave scripts got only the time left before D. Once
+    /// the node is in contact again the leave runs once more (scripts are
+    /// idempotent); its success ends the `Failed` state and the
+    /// [`ServiceRecord::unclean_epoch`] without an admin, for a fence is not
+    /// a failure of the service. Cleared by the next leave of master,
+    /// whatever its outcome.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub fenced: bool,
 }
 
 /// What applying an admin's clear request reset on a record.
@@ -128,6 +137,7 @@ impl ServiceRecord {
             last_hooks: Vec::new(),
             clear_token,
             unclean_epoch: None,
+            fenced: false,
         }
     }
 
@@ -289,6 +299,7 @@ mod tests {
             last_hooks: Vec::new(),
             clear_token: None,
             unclean_epoch: None,
+            fenced: false,
         }
     }
 
@@ -406,6 +417,7 @@ mod tests {
         // even once an admin's clear made the record Stopped.
         let mut r = ServiceRecord {
             unclean_epoch: Some(3),
+            fenced: false,
             acked_epoch: Some(2),
             ..record()
         };
@@ -447,6 +459,7 @@ mod tests {
         assert!(value.get("uncleanEpoch").is_none());
         let with = ServiceRecord {
             unclean_epoch: Some(3),
+            fenced: false,
             ..record()
         };
         let text = serde_json::to_string(&with).unwrap();

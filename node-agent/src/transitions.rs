@@ -512,6 +512,8 @@ impl<N: Netlink> Node<N> {
         let ok = removed && hooks::overall(&results) == HookOutcome::Success;
         record.last_hooks = results;
         record.role = Role::None;
+        // This was the leave a fence asked for, if it did.
+        record.fenced = false;
         if ok {
             record.state = NodeServiceState::Stopped;
             record.acked_epoch = Some(record.epoch);
@@ -660,8 +662,10 @@ impl<N: Netlink> Node<N> {
         record.state = NodeServiceState::Failed;
         // This epoch is burned: a fenced node never acts on it again.
         record.failed_epoch = Some(record.epoch);
-        // The leave scripts may not have run (or finished).
+        // The leave scripts may not have run (or finished): run them again
+        // once the node is in contact again.
         record.unclean_epoch = Some(record.epoch);
+        record.fenced = true;
     }
 }
 
@@ -792,11 +796,20 @@ mod tests {
         }
     }
 
-    /// A failed leave (or a refused enter) marks the record unclean, so it
-    /// does not take on later epochs it observes (which the operator would
-    /// read as "moved on"); a later clean leave clears the mark.
-    #[tokio::test]
-    async fn an_unclean_leave_keeps_the_record_from_moving_on() {
+    /// A node `n1` with a fake netlink and hooks `svc/E01ok` (exit 0) and
+    /// `svc/L01maybe` (exit 3 while the file `flag` exists), a service with
+    /// one VIP and a cluster with a fresh heartbeat. The temporary folders
+    /// live as long as the fixture.
+    struct Fixture {
+        node: Node<FakeNetlink>,
+        spec: HAServiceSpec,
+        svc: ServiceView,
+        cluster: ClusterView,
+        flag: std::path::PathBuf,
+        _dirs: [tempfile::TempDir; 3],
+    }
+
+    fn fixture() -> Fixture {
         use std::os::unix::fs::PermissionsExt;
         let (hook_root, state, logs) = (
             tempfile::tempdir().unwrap(),
@@ -844,6 +857,72 @@ mod tests {
             fenced: Arc::default(),
             config_maps_in_service_namespace: false,
         };
+        Fixture {
+            node,
+            spec,
+            svc,
+            cluster,
+            flag,
+            _dirs: [hook_root, state, logs],
+        }
+    }
+
+    /// A fence cuts the leave short: the record is Failed and unclean and
+    /// marked `fenced`, which makes the daemon run the leave again once in
+    /// contact; that leave's success ends it all without an admin and
+    /// without counting a failure.
+    #[tokio::test]
+    async fn a_fence_is_undone_by_the_next_clean_leave_and_counts_no_failure() {
+        // `_dirs` bound: with `..` the folders would be dropped at once.
+        let Fixture {
+            node,
+            spec,
+            svc,
+            cluster,
+            _dirs,
+            ..
+        } = fixture();
+        let mut r = record(&spec);
+        assert!(
+            node.step(Step::EnterMaster, &mut r, &svc, &cluster, master(2))
+                .await
+        );
+        node.drop_vips(&r.vips.clone(), r.interface.clone().as_deref())
+            .await;
+        node.fence_leave(&mut r, &svc, &cluster, Duration::ZERO)
+            .await;
+        assert_eq!((r.role, r.state), (Role::None, NodeServiceState::Failed));
+        assert_eq!(
+            (r.unclean_epoch, r.fenced, r.fail_count),
+            (Some(2), true, 0)
+        );
+        assert!(!r.observe_epoch(3), "a fenced record is not idle yet");
+
+        assert!(
+            node.step(Step::LeaveMaster, &mut r, &svc, &cluster, Assignment::NONE)
+                .await
+        );
+        assert_eq!(
+            (r.state, r.unclean_epoch, r.fenced),
+            (NodeServiceState::Stopped, None, false)
+        );
+        assert_eq!((r.acked_epoch, r.fail_count), (Some(2), 0));
+        assert!(r.observe_epoch(4), "idle again: later epochs are taken on");
+    }
+
+    /// A failed leave (or a refused enter) marks the record unclean, so it
+    /// does not take on later epochs it observes (which the operator would
+    /// read as "moved on"); a later clean leave clears the mark.
+    #[tokio::test]
+    async fn an_unclean_leave_keeps_the_record_from_moving_on() {
+        let Fixture {
+            node,
+            spec,
+            svc,
+            cluster,
+            flag,
+            _dirs,
+        } = fixture();
         let mut r = record(&spec);
 
         assert!(

@@ -243,20 +243,8 @@ fn status_field_managers_never_collide() {
 /// An agent's record, idle at `epoch`, as a fresh agent creates it.
 fn idle_record(epoch: i64) -> kubeha_agent::statefile::ServiceRecord {
     kubeha_agent::statefile::ServiceRecord {
-        cluster: "c1".into(),
-        role: Role::None,
         epoch,
-        state: NodeServiceState::Stopped,
-        vips: Vec::new(),
-        interface: None,
-        acked_epoch: None,
-        fail_count: 0,
-        failed_epoch: None,
-        spec: service().spec,
-        config_checksum: "x".into(),
-        last_hooks: Vec::new(),
-        clear_token: None,
-        unclean_epoch: None,
+        ..kubeha_agent::statefile::ServiceRecord::fresh("c1", &service().spec, "x".into(), None)
     }
 }
 
