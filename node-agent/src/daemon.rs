@@ -468,11 +468,11 @@ async fn on_renewed(shared: &Arc<Shared>, slots: &BTreeMap<String, Slot>, cluste
     };
     for slot in slots.values() {
         // A record in a transition is skipped: the transition sets its VIPs.
-        if let Ok(record) = slot.record.try_lock()
+        if let Ok(mut record) = slot.record.try_lock()
             && record.cluster == cluster
             && !slot.adopt
         {
-            shared.node.extend(&record, &view).await;
+            shared.node.extend(&mut record, &view).await;
         }
     }
 }
@@ -597,10 +597,10 @@ async fn freeze(shared: &Arc<Shared>, slots: &BTreeMap<String, Slot>, cluster: &
         config_maps_in_service_namespace: false,
     };
     for slot in slots.values() {
-        if let Ok(record) = slot.record.try_lock()
+        if let Ok(mut record) = slot.record.try_lock()
             && record.cluster == cluster
         {
-            shared.node.extend(&record, &view).await;
+            shared.node.extend(&mut record, &view).await;
         }
     }
 }

@@ -554,14 +554,55 @@ impl<N: Netlink> Node<N> {
         }
     }
 
-    /// Extends the lifetime of a running master's VIPs after a renew.
-    pub async fn extend(&self, record: &ServiceRecord, cluster: &ClusterView) {
+    /// Extends the lifetime of a running master's VIPs after a renew; never
+    /// adds one back. A VIP the kernel already expired means this node
+    /// missed its renewals for longer than the lifetime (a stall, a cut-off
+    /// whose fence has not run yet) and another node may hold the service
+    /// now: the record gives the master role up as a fence does (the other
+    /// VIPs dropped at once, the leave scripts run once in contact).
+    pub async fn extend(&self, record: &mut ServiceRecord, cluster: &ClusterView) {
         if record.role != Role::Master || record.state != NodeServiceState::Running {
             return;
         }
-        if let Err(e) = self.add_vips(&Self::vips(&record.spec), cluster).await {
-            tracing::warn!(error = %e, "extending VIP lifetimes failed");
+        let Some(secs) = cluster
+            .beat
+            .and_then(|b| Self::allowed_lifetime(&b, Instant::now()))
+        else {
+            return;
+        };
+        let placed = self.placed(record).await;
+        let mut gone = Vec::new();
+        for (iface, v) in &placed {
+            if cluster.fenced.load(Ordering::SeqCst) {
+                return;
+            }
+            match self
+                .netlink
+                .extend_vip(iface, v, Duration::from_secs(secs as u64))
+                .await
+            {
+                Ok(true) => {}
+                Ok(false) => gone.push(v.to_string()),
+                Err(e) => {
+                    tracing::warn!(vip = %v, %iface, error = %e, "extending a VIP lifetime failed")
+                }
+            }
         }
+        if gone.is_empty() {
+            return;
+        }
+        tracing::error!(
+            epoch = record.epoch,
+            ?gone,
+            "a VIP expired before it was extended: giving the master role up as a fence does"
+        );
+        self.drop_vips(&record.vips.clone(), record.interface.clone().as_deref())
+            .await;
+        record.last_hooks = vec![refused(&format!(
+            "VIP {} expired before its lifetime was extended (missed renewals): left as a fence does",
+            gone.join(", ")
+        ))];
+        Self::mark_fenced(record);
     }
 
     /// Removes the VIPs of a record at once (the fence's first act; takes no
@@ -657,13 +698,18 @@ impl<N: Netlink> Node<N> {
             .await
         };
         record.last_hooks = results;
+        Self::mark_fenced(record);
+    }
+
+    /// The record of a master role given up by a fence (its VIPs dropped):
+    /// no role, Failed, the epoch burned (a fenced node never acts on it
+    /// again), and unclean and `fenced`, for the leave scripts may not have
+    /// run (or finished): they run again once the node is in contact.
+    fn mark_fenced(record: &mut ServiceRecord) {
         record.role = Role::None;
         record.vips.clear();
         record.state = NodeServiceState::Failed;
-        // This epoch is burned: a fenced node never acts on it again.
         record.failed_epoch = Some(record.epoch);
-        // The leave scripts may not have run (or finished): run them again
-        // once the node is in contact again.
         record.unclean_epoch = Some(record.epoch);
         record.fenced = true;
     }
@@ -908,6 +954,42 @@ mod tests {
         );
         assert_eq!((r.acked_epoch, r.fail_count), (Some(2), 0));
         assert!(r.observe_epoch(4), "idle again: later epochs are taken on");
+    }
+
+    /// Extension never adds a VIP back: one the kernel expired (renewals
+    /// missed past its lifetime) gives the master role up as a fence does,
+    /// while a present one is extended and the service runs on.
+    #[tokio::test]
+    async fn extension_never_re_adds_an_expired_vip_and_gives_the_role_up() {
+        let Fixture {
+            node,
+            spec,
+            svc,
+            cluster,
+            _dirs,
+            ..
+        } = fixture();
+        let held = |node: &Node<FakeNetlink>| node.netlink.addrs.lock().unwrap().len();
+        let mut r = record(&spec);
+        assert!(
+            node.step(Step::EnterMaster, &mut r, &svc, &cluster, master(3))
+                .await
+        );
+        assert_eq!(held(&node), 1);
+        node.extend(&mut r, &cluster).await;
+        assert_eq!((r.role, r.state), (Role::Master, NodeServiceState::Running));
+        assert!(held(&node) >= 1, "a present VIP is extended");
+
+        // The kernel expires it (the agent was stalled past its lifetime).
+        node.netlink.addrs.lock().unwrap().clear();
+        node.extend(&mut r, &cluster).await;
+        assert_eq!(held(&node), 0, "an expired VIP was added back");
+        assert_eq!((r.role, r.state), (Role::None, NodeServiceState::Failed));
+        assert_eq!(
+            (r.unclean_epoch, r.failed_epoch, r.fenced, r.fail_count),
+            (Some(3), Some(3), true, 0)
+        );
+        assert!(r.vips.is_empty());
     }
 
     /// A failed leave (or a refused enter) marks the record unclean, so it

@@ -268,6 +268,28 @@ pub trait Netlink: Send + Sync {
         valid_lft: Duration,
     ) -> impl Future<Output = Result<(), VipError>> + Send;
 
+    /// Extends the lifetime of `vip` on `iface` to `valid_lft` only if the
+    /// address is still there; returns `false`, adding nothing, when it is
+    /// gone (the kernel expired it: the holder missed its renewals, and the
+    /// operator may have cleared another node). The kernel creates a missing
+    /// address even without `NLM_F_CREATE`, so presence is checked first;
+    /// the kernel expires addresses from a periodic task, not between the
+    /// check and the replace of a running agent.
+    fn extend_vip(
+        &self,
+        iface: &str,
+        vip: &Vip,
+        valid_lft: Duration,
+    ) -> impl Future<Output = Result<bool, VipError>> + Send {
+        async move {
+            if !self.vip_present(iface, vip).await? {
+                return Ok(false);
+            }
+            self.add_vip(iface, vip, valid_lft).await?;
+            Ok(true)
+        }
+    }
+
     /// Removes `vip` from `iface`. A VIP that is not there counts as removed,
     /// and so does one whose interface no longer exists.
     fn del_vip(&self, iface: &str, vip: &Vip) -> impl Future<Output = Result<(), VipError>> + Send;
@@ -1588,6 +1610,28 @@ mod tests {
                 gone <= Duration::from_millis(4000),
                 "{vip} outlived its lifetime: {gone:?}"
             );
+            // An extension never brings an expired VIP back.
+            check!(
+                !nl.extend_vip("veth0", vip, Duration::from_secs(30)).await?,
+                "extending the expired {vip} reported it present"
+            );
+            check!(
+                !nl.vip_present("veth0", vip).await?,
+                "extending the expired {vip} added it back"
+            );
+            // A present one is extended.
+            nl.add_vip("veth0", vip, Duration::from_secs(2)).await?;
+            check!(
+                nl.extend_vip("veth0", vip, Duration::from_secs(30)).await?,
+                "extending the present {vip} reported it gone"
+            );
+            let entry = addr_entry("veth0", vip.addr)?.ok_or(format!("{vip} vanished"))?;
+            let (valid, _) = lifetimes(&entry);
+            check!(
+                (25..=30).contains(&valid),
+                "{vip}: valid {valid} after extending to 30"
+            );
+            nl.del_vip("veth0", vip).await?;
         }
         base_routes_intact()
     }
