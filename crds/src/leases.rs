@@ -48,3 +48,143 @@ pub fn heartbeat_lease_selector(cluster: &str) -> String {
 pub fn agent_field_manager(node: &str) -> String {
     format!("kubeha-agent-{node}")
 }
+
+/// What a service Lease says, read the one way operator and agent both read
+/// it: an empty holder or standby is nobody, a negative `leaseTransitions`
+/// is 0, and the enter-epoch annotation is a decimal number with any
+/// surrounding whitespace ignored (anything else is absent).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ServiceLeaseFields {
+    /// `spec.holderIdentity`: the master.
+    pub holder: Option<String>,
+    /// `spec.leaseTransitions`: the epoch, when the Lease has one.
+    pub epoch: Option<i64>,
+    /// [`STANDBY_ANNOTATION`]: the vicemaster.
+    pub standby: Option<String>,
+    /// [`ENTER_EPOCH_ANNOTATION`]: the last epoch a holder was cleared to enter.
+    pub enter_epoch: Option<i64>,
+}
+
+impl ServiceLeaseFields {
+    /// Reads a service Lease; missing or malformed fields read as absent.
+    pub fn read(lease: &k8s_openapi::api::coordination::v1::Lease) -> Self {
+        let spec = lease.spec.as_ref();
+        let annotation = |key: &str| lease.metadata.annotations.as_ref().and_then(|a| a.get(key));
+        let non_empty = |s: Option<&String>| s.filter(|s| !s.is_empty()).cloned();
+        Self {
+            holder: non_empty(spec.and_then(|s| s.holder_identity.as_ref())),
+            epoch: spec
+                .and_then(|s| s.lease_transitions)
+                .map(|e| i64::from(e).max(0)),
+            standby: non_empty(annotation(STANDBY_ANNOTATION)),
+            enter_epoch: annotation(ENTER_EPOCH_ANNOTATION).and_then(|v| parse_epoch(v)),
+        }
+    }
+
+    /// Whether the holder is cleared to enter the Lease's epoch (0 when
+    /// the Lease has none).
+    pub fn holder_may_enter(&self) -> bool {
+        self.holder.is_some() && self.enter_epoch == Some(self.epoch.unwrap_or(0))
+    }
+}
+
+/// An epoch as written in an annotation: a non-negative decimal number,
+/// surrounding whitespace ignored.
+pub fn parse_epoch(value: &str) -> Option<i64> {
+    value.trim().parse::<i64>().ok().filter(|e| *e >= 0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+
+    fn lease(holder: &str, transitions: Option<i32>, annotations: &[(&str, &str)]) -> Lease {
+        Lease {
+            metadata: ObjectMeta {
+                annotations: Some(
+                    annotations
+                        .iter()
+                        .map(|(k, v)| (k.to_string(), v.to_string()))
+                        .collect(),
+                ),
+                ..Default::default()
+            },
+            spec: Some(LeaseSpec {
+                holder_identity: Some(holder.into()),
+                lease_transitions: transitions,
+                ..Default::default()
+            }),
+        }
+    }
+
+    #[test]
+    fn one_reading_of_a_service_lease() {
+        let cases: &[(&str, Lease, ServiceLeaseFields)] = &[
+            (
+                "cleared",
+                lease(
+                    "n1",
+                    Some(4),
+                    &[(ENTER_EPOCH_ANNOTATION, "4"), (STANDBY_ANNOTATION, "n2")],
+                ),
+                ServiceLeaseFields {
+                    holder: Some("n1".into()),
+                    epoch: Some(4),
+                    standby: Some("n2".into()),
+                    enter_epoch: Some(4),
+                },
+            ),
+            (
+                "whitespace around the enter epoch",
+                lease("n1", Some(4), &[(ENTER_EPOCH_ANNOTATION, " 4\n")]),
+                ServiceLeaseFields {
+                    holder: Some("n1".into()),
+                    epoch: Some(4),
+                    enter_epoch: Some(4),
+                    ..Default::default()
+                },
+            ),
+            (
+                "malformed or negative enter epoch, empty standby",
+                lease(
+                    "n1",
+                    Some(4),
+                    &[(ENTER_EPOCH_ANNOTATION, "4x"), (STANDBY_ANNOTATION, "")],
+                ),
+                ServiceLeaseFields {
+                    holder: Some("n1".into()),
+                    epoch: Some(4),
+                    ..Default::default()
+                },
+            ),
+            (
+                "empty holder, negative transitions",
+                lease("", Some(-3), &[(ENTER_EPOCH_ANNOTATION, "-3")]),
+                ServiceLeaseFields {
+                    epoch: Some(0),
+                    ..Default::default()
+                },
+            ),
+            (
+                "no transitions",
+                lease("n1", None, &[(ENTER_EPOCH_ANNOTATION, "0")]),
+                ServiceLeaseFields {
+                    holder: Some("n1".into()),
+                    enter_epoch: Some(0),
+                    ..Default::default()
+                },
+            ),
+        ];
+        for (what, lease, want) in cases {
+            assert_eq!(&ServiceLeaseFields::read(lease), want, "{what}");
+        }
+        assert!(ServiceLeaseFields::read(&cases[1].1).holder_may_enter());
+        assert!(!ServiceLeaseFields::read(&cases[2].1).holder_may_enter());
+        assert!(
+            ServiceLeaseFields::read(&cases[4].1).holder_may_enter(),
+            "no transitions is epoch 0"
+        );
+    }
+}

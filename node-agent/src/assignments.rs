@@ -73,11 +73,7 @@ pub fn membership(
 
 /// The epoch of a service Lease (its `leaseTransitions`), if it has one.
 pub fn lease_epoch(lease: &Lease) -> Option<i64> {
-    lease
-        .spec
-        .as_ref()
-        .and_then(|s| s.lease_transitions)
-        .map(i64::from)
+    leases::ServiceLeaseFields::read(lease).epoch
 }
 
 /// The assignment of `node` from a service Lease. A node whose mode does not
@@ -89,25 +85,16 @@ pub fn assignment(node: &str, lease: Option<&Lease>, mode: Option<Mode>) -> Assi
     if !mode.is_some_and(Mode::allows_services) {
         return Assignment::NONE;
     }
-    let spec = lease.spec.as_ref();
-    let epoch = lease_epoch(lease).unwrap_or(0);
-    let annotations = lease.metadata.annotations.as_ref();
-    let holder = spec.and_then(|s| s.holder_identity.as_deref());
-    if holder == Some(node) {
-        let cleared = annotations
-            .and_then(|a| a.get(leases::ENTER_EPOCH_ANNOTATION))
-            .and_then(|v| v.parse::<i64>().ok());
+    let fields = leases::ServiceLeaseFields::read(lease);
+    let epoch = fields.epoch.unwrap_or(0);
+    if fields.holder.as_deref() == Some(node) {
         return Assignment {
             role: Role::Master,
             epoch,
-            may_enter: cleared == Some(epoch),
+            may_enter: fields.holder_may_enter(),
         };
     }
-    if annotations
-        .and_then(|a| a.get(leases::STANDBY_ANNOTATION))
-        .map(String::as_str)
-        == Some(node)
-    {
+    if fields.standby.as_deref() == Some(node) {
         return Assignment {
             role: Role::Vicemaster,
             epoch,

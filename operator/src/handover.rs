@@ -97,17 +97,17 @@ fn non_empty(s: Option<&String>) -> Option<String> {
 
 impl LeaseState {
     /// Reads a Lease; missing or malformed fields read as absent.
+    /// The fields the agent reads too come from the one codec,
+    /// [`leases::ServiceLeaseFields`].
     pub fn from_lease(lease: &Lease) -> Self {
-        let spec = lease.spec.as_ref();
+        let fields = leases::ServiceLeaseFields::read(lease);
         let annotations = lease.metadata.annotations.as_ref();
-        let annotation = |key: &str| annotations.and_then(|a| a.get(key));
         Self {
-            holder: non_empty(spec.and_then(|s| s.holder_identity.as_ref())),
-            epoch: i64::from(spec.and_then(|s| s.lease_transitions).unwrap_or(0)).max(0),
-            standby: non_empty(annotation(leases::STANDBY_ANNOTATION)),
-            enter_epoch: annotation(leases::ENTER_EPOCH_ANNOTATION)
-                .and_then(|v| v.trim().parse::<i64>().ok()),
-            cleared_node: non_empty(annotation(CLEARED_NODE_ANNOTATION)),
+            holder: fields.holder,
+            epoch: fields.epoch.unwrap_or(0),
+            standby: fields.standby,
+            enter_epoch: fields.enter_epoch,
+            cleared_node: non_empty(annotations.and_then(|a| a.get(CLEARED_NODE_ANNOTATION))),
         }
     }
 

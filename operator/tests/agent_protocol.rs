@@ -298,3 +298,51 @@ fn an_idle_node_reporting_the_epoch_it_observed_has_moved_on() {
     let facts: BTreeMap<String, NodeFacts> = [("a".into(), reported("a", &unclean))].into();
     assert_eq!(handover::proof("a", 1, &facts), None);
 }
+
+/// Hand-edited or odd Leases (whitespace in the enter epoch, a malformed or
+/// negative one, an empty holder, a negative or missing epoch) read the
+/// same on both sides: the operator's "the holder may enter" is the
+/// agent's, and so is the epoch.
+#[test]
+fn operator_and_agent_read_any_service_lease_alike() {
+    use k8s_openapi::api::coordination::v1::LeaseSpec;
+    let lease = |holder: &str, transitions: Option<i32>, enter: Option<&str>| Lease {
+        metadata: k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta {
+            annotations: enter.map(|e| {
+                BTreeMap::from([(leases::ENTER_EPOCH_ANNOTATION.to_owned(), e.to_owned())])
+            }),
+            ..Default::default()
+        },
+        spec: Some(LeaseSpec {
+            holder_identity: Some(holder.to_owned()),
+            lease_transitions: transitions,
+            ..Default::default()
+        }),
+    };
+    for holder in ["n1", ""] {
+        for transitions in [None, Some(-1), Some(0), Some(4), Some(i32::MAX)] {
+            for enter in [
+                None,
+                Some("4"),
+                Some(" 4 "),
+                Some("4\n"),
+                Some("x"),
+                Some("-1"),
+                Some("0"),
+                Some("2147483647"),
+            ] {
+                let l = lease(holder, transitions, enter);
+                let op = handover::LeaseState::from_lease(&l);
+                let ag = agent("n1", &l);
+                let what =
+                    format!("holder {holder:?}, leaseTransitions {transitions:?}, enter {enter:?}");
+                assert_eq!(
+                    op.holder_may_enter(),
+                    ag.may_enter && ag.role == Role::Master,
+                    "{what}"
+                );
+                assert_eq!(op.epoch, ag.epoch, "{what}");
+            }
+        }
+    }
+}
