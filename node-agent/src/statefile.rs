@@ -229,7 +229,9 @@ pub fn read(state_dir: &Path) -> Option<NodeStatus> {
     }
 }
 
-/// Writes the status file atomically: a temporary file, fsync, rename.
+/// Writes the status file atomically and durably: a temporary file, fsync,
+/// rename, then fsync of the folder (without it, a power loss can keep the
+/// old name and so an older record).
 pub fn write(state_dir: &Path, status: &NodeStatus) -> std::io::Result<()> {
     std::fs::create_dir_all(state_dir)?;
     let tmp = state_dir.join(format!(".{STATUS_FILE}.tmp"));
@@ -237,7 +239,7 @@ pub fn write(state_dir: &Path, status: &NodeStatus) -> std::io::Result<()> {
     f.write_all(&serde_json::to_vec_pretty(status).map_err(std::io::Error::other)?)?;
     f.sync_all()?;
     std::fs::rename(&tmp, path(state_dir))?;
-    Ok(())
+    std::fs::File::open(state_dir)?.sync_all()
 }
 
 /// Appends one line to a log and fsyncs it before returning: the fence log
