@@ -255,8 +255,16 @@ impl Recipe {
     /// it looks and builds, so concurrent callers build once.
     pub fn ensure(&self, cache: &Path) -> anyhow::Result<(PathBuf, Outcome)> {
         require_go()?;
-        let inputs = self.inputs()?;
-        let entry = self.entry(cache, &self.key(&inputs));
+        self.ensure_with(cache, &self.inputs()?)
+    }
+
+    /// [`Recipe::ensure`] with the inputs already read.
+    fn ensure_with(
+        &self,
+        cache: &Path,
+        inputs: &RecipeInputs,
+    ) -> anyhow::Result<(PathBuf, Outcome)> {
+        let entry = self.entry(cache, &self.key(inputs));
         if self.complete(&entry) {
             return Ok((entry, Outcome::Cached));
         }
@@ -267,7 +275,7 @@ impl Recipe {
         if self.complete(&entry) {
             return Ok((entry, Outcome::Cached));
         }
-        self.build(&inputs, &entry)?;
+        self.build(inputs, &entry)?;
         Ok((entry, Outcome::Built))
     }
 
@@ -467,53 +475,53 @@ fn go_version(module_dir: &Path) -> anyhow::Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
 }
 
-impl Binaries {
-    /// The cached paths of this checkout's recipes, whether or not they
-    /// exist yet (computed once per process: it asks `go` for its version).
-    pub fn cached() -> Self {
-        static CACHED: OnceLock<Binaries> = OnceLock::new();
-        CACHED
-            .get_or_init(|| {
-                let cache = cache_dir();
-                let entry = |recipe: &Recipe| {
-                    let key = recipe
-                        .inputs()
-                        .map(|i| recipe.key(&i))
-                        .unwrap_or_else(|_| "unknown-recipe".into());
-                    recipe.entry(&cache, &key)
-                };
-                let k8s = entry(&Recipe::kubernetes());
-                Self {
-                    etcd: entry(&Recipe::etcd()).join("etcd"),
-                    kube_apiserver: k8s.join("kube-apiserver"),
-                    kubectl: k8s.join("kubectl"),
-                    helm: entry(&Recipe::helm()).join("helm"),
-                }
-            })
-            .clone()
-    }
+/// This checkout's three recipes (etcd, kubernetes, helm) with their
+/// inputs, read once per process: it asks `go` for its version.
+fn planned() -> &'static [(Recipe, Result<RecipeInputs, String>); 3] {
+    static PLANNED: OnceLock<[(Recipe, Result<RecipeInputs, String>); 3]> = OnceLock::new();
+    PLANNED.get_or_init(|| {
+        [Recipe::etcd(), Recipe::kubernetes(), Recipe::helm()].map(|recipe| {
+            let inputs = recipe.inputs().map_err(|e| format!("{e:#}"));
+            (recipe, inputs)
+        })
+    })
+}
 
-    /// Builds whatever is missing from the cache; returns the paths.
-    pub fn ensure(_repo_root: &Path) -> anyhow::Result<Self> {
-        let cache = cache_dir();
-        let (etcd, _) = Recipe::etcd().ensure(&cache)?;
-        let (k8s, _) = Recipe::kubernetes().ensure(&cache)?;
-        let (helm, _) = Recipe::helm().ensure(&cache)?;
-        let bins = Self {
+impl Binaries {
+    /// The paths in the entries of the etcd, kubernetes and helm recipes.
+    fn in_entries([etcd, k8s, helm]: [PathBuf; 3]) -> Self {
+        Self {
             etcd: etcd.join("etcd"),
             kube_apiserver: k8s.join("kube-apiserver"),
             kubectl: k8s.join("kubectl"),
             helm: helm.join("helm"),
-        };
-        let cached = Self::cached();
-        if cached.etcd != bins.etcd || cached.kubectl != bins.kubectl || cached.helm != bins.helm {
-            bail!(
-                "the lab's Go recipe changed while this process ran ({} is now {}); run again",
-                cached.kubectl.display(),
-                bins.kubectl.display()
-            );
         }
-        Ok(bins)
+    }
+
+    /// The cached paths of this checkout's recipes, whether or not they
+    /// exist yet.
+    pub fn cached() -> Self {
+        let cache = cache_dir();
+        Self::in_entries(planned().each_ref().map(|(recipe, inputs)| {
+            let key = inputs
+                .as_ref()
+                .map(|i| recipe.key(i))
+                .unwrap_or_else(|_| "unknown-recipe".into());
+            recipe.entry(&cache, &key)
+        }))
+    }
+
+    /// Builds whatever is missing from the cache; returns the paths.
+    pub fn ensure() -> anyhow::Result<Self> {
+        require_go()?;
+        let cache = cache_dir();
+        let mut entries = Vec::with_capacity(3);
+        for (recipe, inputs) in planned() {
+            let inputs = inputs.as_ref().map_err(|e| anyhow::anyhow!("{e}"))?;
+            entries.push(recipe.ensure_with(&cache, inputs)?.0);
+        }
+        let entries: [PathBuf; 3] = entries.try_into().expect("three recipes");
+        Ok(Self::in_entries(entries))
     }
 }
 

@@ -262,7 +262,7 @@ impl Lab {
             );
         }
         let ports = Ports::from_env()?;
-        let bins = Binaries::ensure(&self.root)?;
+        let bins = Binaries::ensure()?;
         for sub in ["pki", "logs", "pids", "bin"] {
             fs::create_dir_all(self.dir.join(sub))?;
         }

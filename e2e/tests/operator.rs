@@ -33,17 +33,26 @@ fn lab() -> Lab {
 /// A cluster of nodes 1..=3 and a service with one IPv4 VIP, both named
 /// `name`, after removing what an earlier run left.
 fn fresh(lab: &Lab, name: &str, vip: &str, hooks: Option<&str>, timing: Timing) {
+    fresh_on(lab, name, vip, &[1, 2, 3], hooks, timing);
+}
+
+/// [`fresh`] with the cluster's members given.
+fn fresh_on(lab: &Lab, name: &str, vip: &str, members: &[u8], hooks: Option<&str>, timing: Timing) {
     ha::delete_service(lab, name);
     assert!(
         ha::wait_until(Duration::from_secs(20), || ha::vip_holders(vip).is_empty()).is_some(),
         "{vip} still held from an earlier run"
     );
-    ha::apply(lab, &ha::cluster(name, &[1, 2, 3], timing)).unwrap();
+    ha::apply(lab, &ha::cluster(name, members, timing)).unwrap();
     // Every member heartbeats before the service exists, so placement is
-    // the ordered one (node-1 active, node-2 standby).
+    // the ordered one (the first member active, the second standby).
+    let count = members.len() as u8;
     assert!(
-        all_ready(lab, name, Duration::from_secs(20)),
-        "cluster {name} never had 3/3 members ready"
+        ha::wait_until(Duration::from_secs(20), || ha::members_ready(
+            lab, name, count
+        ))
+        .is_some(),
+        "cluster {name} never had {count}/{count} members ready"
     );
     ha::apply(
         lab,
@@ -514,21 +523,7 @@ fn a_node_that_fenced_itself_runs_the_service_again_when_the_next_fault_comes() 
     let lab = lab();
     let (name, vip) = ("op-fence-stall", "198.18.0.117");
     let timing = Timing::DEFAULT;
-    ha::delete_service(&lab, name);
-    assert!(
-        ha::wait_until(Duration::from_secs(20), || ha::vip_holders(vip).is_empty()).is_some(),
-        "{vip} still held from an earlier run"
-    );
-    ha::apply(&lab, &ha::cluster(name, &[1, 2], timing)).unwrap();
-    assert!(
-        ha::wait_until(Duration::from_secs(20), || ha::members_ready(&lab, name, 2)).is_some(),
-        "cluster {name} never had 2/2 members ready"
-    );
-    ha::apply(
-        &lab,
-        &ha::service(name, name, &[&format!("{vip}/24")], None, (3, 100)),
-    )
-    .unwrap();
+    fresh_on(&lab, name, vip, &[1, 2], None, timing);
     assert_eq!(wait_active(&lab, name, vip, Duration::from_secs(30)), 1);
     let sampler = ha::SplitBrain::start(vip, &[]);
 

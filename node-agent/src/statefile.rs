@@ -419,7 +419,6 @@ mod tests {
         // even once an admin's clear made the record Stopped.
         let mut r = ServiceRecord {
             unclean_epoch: Some(3),
-            fenced: false,
             acked_epoch: Some(2),
             ..record()
         };
@@ -461,7 +460,6 @@ mod tests {
         assert!(value.get("uncleanEpoch").is_none());
         let with = ServiceRecord {
             unclean_epoch: Some(3),
-            fenced: false,
             ..record()
         };
         let text = serde_json::to_string(&with).unwrap();

@@ -596,7 +596,7 @@ impl<N: Netlink> Node<N> {
             ?gone,
             "a VIP expired before it was extended: giving the master role up as a fence does"
         );
-        self.drop_vips(&record.vips.clone(), record.interface.clone().as_deref())
+        self.drop_vips(&record.vips, record.interface.as_deref())
             .await;
         record.last_hooks = vec![refused(&format!(
             "VIP {} expired before its lifetime was extended (missed renewals): left as a fence does",
@@ -919,24 +919,16 @@ mod tests {
     /// without counting a failure.
     #[tokio::test]
     async fn a_fence_is_undone_by_the_next_clean_leave_and_counts_no_failure() {
-        // `_dirs` bound: with `..` the folders would be dropped at once.
-        let Fixture {
-            node,
-            spec,
-            svc,
-            cluster,
-            _dirs,
-            ..
-        } = fixture();
-        let mut r = record(&spec);
+        let fx = fixture();
+        let (node, spec, svc, cluster) = (&fx.node, &fx.spec, &fx.svc, &fx.cluster);
+        let mut r = record(spec);
         assert!(
-            node.step(Step::EnterMaster, &mut r, &svc, &cluster, master(2))
+            node.step(Step::EnterMaster, &mut r, svc, cluster, master(2))
                 .await
         );
         node.drop_vips(&r.vips.clone(), r.interface.clone().as_deref())
             .await;
-        node.fence_leave(&mut r, &svc, &cluster, Duration::ZERO)
-            .await;
+        node.fence_leave(&mut r, svc, cluster, Duration::ZERO).await;
         assert_eq!((r.role, r.state), (Role::None, NodeServiceState::Failed));
         assert_eq!(
             (r.unclean_epoch, r.fenced, r.fail_count),
@@ -945,7 +937,7 @@ mod tests {
         assert!(!r.observe_epoch(3), "a fenced record is not idle yet");
 
         assert!(
-            node.step(Step::LeaveMaster, &mut r, &svc, &cluster, Assignment::NONE)
+            node.step(Step::LeaveMaster, &mut r, svc, cluster, Assignment::NONE)
                 .await
         );
         assert_eq!(
@@ -961,29 +953,23 @@ mod tests {
     /// while a present one is extended and the service runs on.
     #[tokio::test]
     async fn extension_never_re_adds_an_expired_vip_and_gives_the_role_up() {
-        let Fixture {
-            node,
-            spec,
-            svc,
-            cluster,
-            _dirs,
-            ..
-        } = fixture();
+        let fx = fixture();
+        let (node, spec, svc, cluster) = (&fx.node, &fx.spec, &fx.svc, &fx.cluster);
         let held = |node: &Node<FakeNetlink>| node.netlink.addrs.lock().unwrap().len();
-        let mut r = record(&spec);
+        let mut r = record(spec);
         assert!(
-            node.step(Step::EnterMaster, &mut r, &svc, &cluster, master(3))
+            node.step(Step::EnterMaster, &mut r, svc, cluster, master(3))
                 .await
         );
-        assert_eq!(held(&node), 1);
-        node.extend(&mut r, &cluster).await;
+        assert_eq!(held(node), 1);
+        node.extend(&mut r, cluster).await;
         assert_eq!((r.role, r.state), (Role::Master, NodeServiceState::Running));
-        assert!(held(&node) >= 1, "a present VIP is extended");
+        assert!(held(node) >= 1, "a present VIP is extended");
 
         // The kernel expires it (the agent was stalled past its lifetime).
         node.netlink.addrs.lock().unwrap().clear();
-        node.extend(&mut r, &cluster).await;
-        assert_eq!(held(&node), 0, "an expired VIP was added back");
+        node.extend(&mut r, cluster).await;
+        assert_eq!(held(node), 0, "an expired VIP was added back");
         assert_eq!((r.role, r.state), (Role::None, NodeServiceState::Failed));
         assert_eq!(
             (r.unclean_epoch, r.failed_epoch, r.fenced, r.fail_count),
@@ -997,25 +983,19 @@ mod tests {
     /// read as "moved on"); a later clean leave clears the mark.
     #[tokio::test]
     async fn an_unclean_leave_keeps_the_record_from_moving_on() {
-        let Fixture {
-            node,
-            spec,
-            svc,
-            cluster,
-            flag,
-            _dirs,
-        } = fixture();
-        let mut r = record(&spec);
+        let fx = fixture();
+        let (node, spec, svc, cluster, flag) = (&fx.node, &fx.spec, &fx.svc, &fx.cluster, &fx.flag);
+        let mut r = record(spec);
 
         assert!(
-            node.step(Step::EnterMaster, &mut r, &svc, &cluster, master(1))
+            node.step(Step::EnterMaster, &mut r, svc, cluster, master(1))
                 .await
         );
         assert_eq!((r.role, r.state), (Role::Master, NodeServiceState::Running));
-        std::fs::write(&flag, "").unwrap();
+        std::fs::write(flag, "").unwrap();
         assert!(
             !node
-                .step(Step::LeaveMaster, &mut r, &svc, &cluster, Assignment::NONE)
+                .step(Step::LeaveMaster, &mut r, svc, cluster, Assignment::NONE)
                 .await
         );
         assert_eq!((r.role, r.state), (Role::None, NodeServiceState::Failed));
@@ -1025,10 +1005,10 @@ mod tests {
 
         // Scripts fine but a VIP the kernel would not remove: unclean too,
         // no acknowledgement.
-        std::fs::remove_file(&flag).unwrap();
-        let mut stuck = record(&spec);
+        std::fs::remove_file(flag).unwrap();
+        let mut stuck = record(spec);
         assert!(
-            node.step(Step::EnterMaster, &mut stuck, &svc, &cluster, master(2))
+            node.step(Step::EnterMaster, &mut stuck, svc, cluster, master(2))
                 .await
         );
         node.netlink.refuse_del.store(true, Ordering::SeqCst);
@@ -1037,8 +1017,8 @@ mod tests {
                 .step(
                     Step::LeaveMaster,
                     &mut stuck,
-                    &svc,
-                    &cluster,
+                    svc,
+                    cluster,
                     Assignment::NONE
                 )
                 .await,
@@ -1053,8 +1033,8 @@ mod tests {
             node.step(
                 Step::LeaveMaster,
                 &mut stuck,
-                &svc,
-                &cluster,
+                svc,
+                cluster,
                 Assignment::NONE
             )
             .await
@@ -1062,11 +1042,11 @@ mod tests {
 
         // Cleared there again, left cleanly: clean, and idle epochs count.
         assert!(
-            node.step(Step::EnterMaster, &mut r, &svc, &cluster, master(3))
+            node.step(Step::EnterMaster, &mut r, svc, cluster, master(3))
                 .await
         );
         assert!(
-            node.step(Step::LeaveMaster, &mut r, &svc, &cluster, Assignment::NONE)
+            node.step(Step::LeaveMaster, &mut r, svc, cluster, Assignment::NONE)
                 .await
         );
         assert_eq!((r.acked_epoch, r.unclean_epoch), (Some(3), None));
@@ -1082,7 +1062,7 @@ mod tests {
         };
         assert!(
             !node
-                .step(Step::EnterMaster, &mut r, &refused, &cluster, master(5))
+                .step(Step::EnterMaster, &mut r, &refused, cluster, master(5))
                 .await
         );
         assert_eq!(

@@ -111,7 +111,6 @@ fn main() -> anyhow::Result<()> {
             let lab = Lab::new(&root);
             match command {
                 LabCmd::Up { nodes } => {
-                    kubeha_e2e::nodes::check_lab_prerequisites()?;
                     if nodes > 0 {
                         build_binaries(&root)?;
                     }
@@ -133,7 +132,6 @@ fn main() -> anyhow::Result<()> {
         }
         Cmd::Test { keep_lab } => test(&root, keep_lab),
         Cmd::Demo => {
-            kubeha_e2e::nodes::check_lab_prerequisites()?;
             build_binaries(&root)?;
             kubeha_e2e::demo::run(&Lab::new(&root))
         }
@@ -146,7 +144,6 @@ fn main() -> anyhow::Result<()> {
                     json,
                 },
         } => {
-            kubeha_e2e::nodes::check_lab_prerequisites()?;
             build_binaries(&root)?;
             let r = kubeha_e2e::bench::failover(&Lab::new(&root), runs, services, steady_seconds)?;
             println!(
@@ -198,7 +195,6 @@ fn main() -> anyhow::Result<()> {
                     json,
                 },
         } => {
-            kubeha_e2e::nodes::check_lab_prerequisites()?;
             build_binaries(&root)?;
             let report = kubeha_e2e::bench::agent(&Lab::new(&root), transitions, idle_seconds)?;
             println!(
@@ -255,8 +251,11 @@ fn crdgen(root: &Path, check: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Builds the binaries the lab runs (agent, operator, the kubectl plugin).
+/// Builds the binaries the lab runs (agent, operator, the kubectl plugin),
+/// after checking every prerequisite of the lab: whatever is missing is
+/// named before minutes of building.
 fn build_binaries(root: &Path) -> anyhow::Result<()> {
+    kubeha_e2e::nodes::check_lab_prerequisites()?;
     let status = Command::new(env!("CARGO"))
         .args([
             "build",
@@ -280,17 +279,16 @@ fn build_binaries(root: &Path) -> anyhow::Result<()> {
 
 fn test(root: &Path, keep_lab: bool) -> anyhow::Result<()> {
     use std::io::{BufRead, BufReader, Write};
-    kubeha_e2e::nodes::check_lab_prerequisites()?;
-    // The tests start from a clean lab: one left up by the demo (its service
-    // holds the example VIP) or by `--keep-lab` would leak into them.
-    // Also what a killed run left behind.
-    Lab::new(root).down()?;
     build_binaries(root)?;
+    // The tests start from a clean lab: one left up by the demo (its service
+    // holds the example VIP), by `--keep-lab` or by a killed run would leak
+    // into them.
+    Lab::new(root).down()?;
     // The lab's Go binaries before any test: their build (the first time,
     // or after a recipe change) shows here rather than inside one test's
     // captured output, and tests that only run a binary (helm) find it.
     let started = std::time::Instant::now();
-    let bins = kubeha_e2e::deps::Binaries::ensure(root)?;
+    let bins = kubeha_e2e::deps::Binaries::ensure()?;
     println!(
         "lab binaries ready in {:.0} s: {}, {}, {}, {}",
         started.elapsed().as_secs_f64(),
