@@ -130,6 +130,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         hook_root: config.hook_root.clone(),
         state_dir: config.state_dir.clone(),
         metrics: metrics.clone(),
+        held: Default::default(),
     };
     let shared = Arc::new(Shared {
         config: config.clone(),
@@ -242,7 +243,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             _ = shared.notify.notified() => {}
             _ = tick.tick() => {}
             Some(cluster) = renewed_rx.recv() => {
-                on_renewed(&shared, &slots, &cluster).await;
+                on_renewed(&shared, &cluster).await;
             }
             _ = &mut shutdown => break,
             _ = term.recv() => break,
@@ -452,9 +453,9 @@ fn cluster_view(shared: &Shared, cluster: &HACluster) -> ClusterView {
     }
 }
 
-/// After a successful renew: clear the fence mark and extend the VIP
-/// lifetimes of every running master of that cluster.
-async fn on_renewed(shared: &Arc<Shared>, slots: &BTreeMap<String, Slot>, cluster: &str) {
+/// After a successful renew: clear the fence mark and extend the lifetimes
+/// of the VIPs held for that cluster.
+async fn on_renewed(shared: &Arc<Shared>, cluster: &str) {
     let flag = fenced_flag(shared, cluster);
     if flag.swap(false, Ordering::SeqCst) {
         tracing::info!(%cluster, "heartbeat renewed again after a fence");
@@ -466,15 +467,7 @@ async fn on_renewed(shared: &Arc<Shared>, slots: &BTreeMap<String, Slot>, cluste
         fenced: flag,
         config_maps_in_service_namespace: false,
     };
-    for slot in slots.values() {
-        // A record in a transition is skipped: the transition sets its VIPs.
-        if let Ok(mut record) = slot.record.try_lock()
-            && record.cluster == cluster
-            && !slot.adopt
-        {
-            shared.node.extend(&mut record, &view).await;
-        }
-    }
+    shared.node.extend(&view).await;
 }
 
 /// The self-fence: for every cluster whose heartbeat passed RD, write the
@@ -502,7 +495,7 @@ async fn fence_if_cut_off(
             continue;
         }
         if cluster.spec.fence.no_quorum_policy == NoQuorumPolicy::Freeze {
-            freeze(shared, slots, &name).await;
+            freeze(shared, &name).await;
             continue;
         }
         flag.store(true, Ordering::SeqCst);
@@ -584,7 +577,7 @@ async fn fence_if_cut_off(
 
 /// `noQuorumPolicy: Freeze`: keep roles and VIPs without the API server
 /// (the split-brain risk the admin accepted), extending VIP lifetimes here.
-async fn freeze(shared: &Arc<Shared>, slots: &BTreeMap<String, Slot>, cluster: &str) {
+async fn freeze(shared: &Arc<Shared>, cluster: &str) {
     let Some(mut beat) = shared.beats.get(cluster) else {
         return;
     };
@@ -596,13 +589,7 @@ async fn freeze(shared: &Arc<Shared>, slots: &BTreeMap<String, Slot>, cluster: &
         fenced: Arc::default(),
         config_maps_in_service_namespace: false,
     };
-    for slot in slots.values() {
-        if let Ok(mut record) = slot.record.try_lock()
-            && record.cluster == cluster
-        {
-            shared.node.extend(&mut record, &view).await;
-        }
-    }
+    shared.node.extend(&view).await;
 }
 
 async fn reconcile(
@@ -737,6 +724,11 @@ async fn reconcile(
             tracing::warn!(service = %key, lease_epoch = wanted.epoch, recorded_epoch = guard.epoch, "the Lease clears this node at an epoch older than one it already saw: not entering (stale view, or a hand-edited Lease)");
         }
         let wanted = fresh;
+        // A VIP of this master expired before it was extended: given up as
+        // a fence does.
+        if shared.node.give_up_if_expired(&mut guard).await {
+            shared.notify.notify_one();
+        }
         // A fence cut the leave short: run it again once in contact (below,
         // not while cut off); its success ends the Failed state.
         if guard.fenced && !slot.recover {

@@ -235,6 +235,7 @@ async fn hooks_by_hand(
         hook_root: paths.hook_root.clone(),
         state_dir: paths.state_dir.clone(),
         metrics: metrics::Metrics::default(),
+        held: Default::default(),
     };
     let checksum = daemon::spec_checksum(&spec);
     let svc = transitions::ServiceView {

@@ -35,6 +35,60 @@ pub struct Node<N: Netlink> {
     pub state_dir: PathBuf,
     /// Metrics.
     pub metrics: Metrics,
+    /// The VIPs this agent holds, extended after every renew.
+    pub held: HeldVips,
+}
+
+/// The VIPs this agent added and has not removed, by address
+/// (`address/prefix`), with the interface and cluster of each. Lifetimes are
+/// extended from here after every renew, without the service's record lock:
+/// a transition's hooks, a monitor or a status report hold that lock for
+/// seconds, longer than a lifetime may be. VIPs the kernel expired before an
+/// extension are kept aside until the record holding them gives its master
+/// role up ([`Node::give_up_if_expired`]).
+#[derive(Debug, Default)]
+pub struct HeldVips {
+    held: std::sync::Mutex<std::collections::BTreeMap<String, (String, String)>>,
+    expired: std::sync::Mutex<std::collections::BTreeSet<String>>,
+}
+
+impl HeldVips {
+    fn hold(&self, iface: &str, vip: &Vip, cluster: &str) {
+        let key = vip.to_string();
+        lock(&self.expired).remove(&key);
+        lock(&self.held).insert(key, (iface.to_owned(), cluster.to_owned()));
+    }
+
+    fn release(&self, vip: &Vip) {
+        lock(&self.held).remove(&vip.to_string());
+    }
+
+    /// The held VIPs of `cluster`, with their interfaces.
+    fn of_cluster(&self, cluster: &str) -> Vec<(String, String)> {
+        lock(&self.held)
+            .iter()
+            .filter(|(_, (_, c))| c == cluster)
+            .map(|(v, (i, _))| (v.clone(), i.clone()))
+            .collect()
+    }
+
+    fn expire(&self, vip: &str) {
+        lock(&self.held).remove(vip);
+        lock(&self.expired).insert(vip.to_owned());
+    }
+
+    /// Takes the expired VIPs among `vips` out of the expired set.
+    fn take_expired(&self, vips: &[String]) -> Vec<String> {
+        let mut expired = lock(&self.expired);
+        vips.iter()
+            .filter(|v| expired.remove(*v))
+            .cloned()
+            .collect()
+    }
+}
+
+fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// Facts about the service's cluster a transition uses.
@@ -262,16 +316,26 @@ impl<N: Netlink> Node<N> {
         let secs =
             Self::allowed_lifetime(&beat, Instant::now()).ok_or(EnterError::HeartbeatTooOld)?;
         for (iface, v) in &placed {
-            if cluster.fenced.load(Ordering::SeqCst) {
-                return Err(EnterError::Fenced);
+            let added = if cluster.fenced.load(Ordering::SeqCst) {
+                Err(EnterError::Fenced)
+            } else {
+                self.netlink
+                    .add_vip(iface, v, Duration::from_secs(secs as u64))
+                    .await
+                    .map_err(|source| EnterError::Interface {
+                        vip: v.to_string(),
+                        source,
+                    })
+            };
+            if let Err(e) = added {
+                // What was added stays until its lifetime ends, never
+                // extended.
+                for (_, v) in &placed {
+                    self.held.release(v);
+                }
+                return Err(e);
             }
-            self.netlink
-                .add_vip(iface, v, Duration::from_secs(secs as u64))
-                .await
-                .map_err(|source| EnterError::Interface {
-                    vip: v.to_string(),
-                    source,
-                })?;
+            self.held.hold(iface, v, &cluster.name);
         }
         // The fence sets its flag before it deletes: a VIP added in the
         // meantime is caught here.
@@ -287,6 +351,8 @@ impl<N: Netlink> Node<N> {
     async fn del_vips(&self, placed: &[(String, Vip)]) -> bool {
         let mut all = true;
         for (iface, v) in placed {
+            // Never extended again, whether or not the removal succeeds.
+            self.held.release(v);
             if let Err(e) = self.netlink.del_vip(iface, v).await {
                 tracing::error!(vip = %v, %iface, error = %e, "removing VIP failed");
                 all = false;
@@ -536,7 +602,8 @@ impl<N: Netlink> Node<N> {
     }
 
     /// Re-adopts a service this node held before a restart and still holds:
-    /// VIP lifetimes extended, one GARP burst, no enter hooks.
+    /// VIP lifetimes extended, one GARP burst, no enter hooks. When the VIPs
+    /// cannot be held again, the master role is given up as a fence does.
     pub async fn adopt(&self, record: &mut ServiceRecord, cluster: &ClusterView) -> bool {
         let vips = Self::vips(&record.spec);
         match self.add_vips(&vips, cluster).await {
@@ -548,48 +615,63 @@ impl<N: Netlink> Node<N> {
                 true
             }
             Err(e) => {
-                tracing::warn!(error = %e, "re-adoption failed");
+                // Held before the restart, not held now: whatever is left
+                // expires by itself; the role is given up as a fence does.
+                tracing::warn!(error = %e, "re-adoption failed: giving the master role up");
+                self.drop_vips(&record.vips, record.interface.as_deref())
+                    .await;
+                record.last_hooks = vec![refused(&format!("re-adoption failed: {e}"))];
+                Self::mark_fenced(record);
                 false
             }
         }
     }
 
-    /// Extends the lifetime of a running master's VIPs after a renew; never
-    /// adds one back. A VIP the kernel already expired means this node
-    /// missed its renewals for longer than the lifetime (a stall, a cut-off
-    /// whose fence has not run yet) and another node may hold the service
-    /// now: the record gives the master role up as a fence does (the other
-    /// VIPs dropped at once, the leave scripts run once in contact).
-    pub async fn extend(&self, record: &mut ServiceRecord, cluster: &ClusterView) {
-        if record.role != Role::Master || record.state != NodeServiceState::Running {
-            return;
-        }
+    /// Extends the lifetime of every VIP held for `cluster` after a renew;
+    /// never adds one back. A VIP the kernel already expired means this
+    /// node missed its renewals for longer than the lifetime (a stall, a
+    /// cut-off whose fence has not run yet) and another node may hold the
+    /// service now: it is set aside, and the record holding it gives the
+    /// master role up ([`Node::give_up_if_expired`]).
+    pub async fn extend(&self, cluster: &ClusterView) {
         let Some(secs) = cluster
             .beat
             .and_then(|b| Self::allowed_lifetime(&b, Instant::now()))
         else {
             return;
         };
-        let placed = self.placed(record).await;
-        let mut gone = Vec::new();
-        for (iface, v) in &placed {
+        for (addr, iface) in self.held.of_cluster(&cluster.name) {
             if cluster.fenced.load(Ordering::SeqCst) {
                 return;
             }
+            let Ok(v) = Vip::parse(&addr, Some(&iface)) else {
+                continue;
+            };
             match self
                 .netlink
-                .extend_vip(iface, v, Duration::from_secs(secs as u64))
+                .extend_vip(&iface, &v, Duration::from_secs(secs as u64))
                 .await
             {
                 Ok(true) => {}
-                Ok(false) => gone.push(v.to_string()),
+                Ok(false) => {
+                    tracing::error!(vip = %addr, %iface, "a VIP expired before it was extended (missed renewals)");
+                    self.held.expire(&addr);
+                }
                 Err(e) => {
-                    tracing::warn!(vip = %v, %iface, error = %e, "extending a VIP lifetime failed")
+                    tracing::warn!(vip = %addr, %iface, error = %e, "extending a VIP lifetime failed")
                 }
             }
         }
-        if gone.is_empty() {
-            return;
+    }
+
+    /// When a VIP of this master record expired before it was extended
+    /// ([`Node::extend`]): gives the master role up as a fence does (the
+    /// other VIPs dropped at once, the leave scripts run once in contact).
+    /// Returns whether it did.
+    pub async fn give_up_if_expired(&self, record: &mut ServiceRecord) -> bool {
+        let gone = self.held.take_expired(&record.vips);
+        if gone.is_empty() || record.role != Role::Master {
+            return false;
         }
         tracing::error!(
             epoch = record.epoch,
@@ -603,6 +685,7 @@ impl<N: Netlink> Node<N> {
             gone.join(", ")
         ))];
         Self::mark_fenced(record);
+        true
     }
 
     /// Removes the VIPs of a record at once (the fence's first act; takes no
@@ -617,6 +700,7 @@ impl<N: Netlink> Node<N> {
                 (None, Ok(i)) => i,
                 (None, Err(_)) => continue,
             };
+            self.held.release(&v);
             let _ = self.netlink.del_vip(&iface, &v).await;
         }
         self.metrics.set_vips_held(0);
@@ -792,7 +876,10 @@ mod tests {
 
     impl Netlink for FakeNetlink {
         async fn add_vip(&self, iface: &str, vip: &Vip, _: Duration) -> Result<(), vip::VipError> {
-            self.addrs.lock().unwrap().push((iface.into(), vip.addr));
+            // Create or replace, as the kernel does.
+            let mut addrs = self.addrs.lock().unwrap();
+            addrs.retain(|(i, a)| !(i == iface && *a == vip.addr));
+            addrs.push((iface.into(), vip.addr));
             Ok(())
         }
         async fn del_vip(&self, iface: &str, vip: &Vip) -> Result<(), vip::VipError> {
@@ -883,6 +970,7 @@ mod tests {
             hook_root: hook_root.path().to_owned(),
             state_dir: state.path().to_owned(),
             metrics: Metrics::default(),
+            held: HeldVips::default(),
         };
         let spec: HAServiceSpec = serde_json::from_value(serde_json::json!({
             "clusterRef": "c",
@@ -962,20 +1050,67 @@ mod tests {
                 .await
         );
         assert_eq!(held(node), 1);
-        node.extend(&mut r, cluster).await;
+        // Extended without the record (a transition may hold its lock).
+        node.extend(cluster).await;
+        assert_eq!(held(node), 1, "a present VIP is extended, once");
+        assert!(!node.give_up_if_expired(&mut r).await);
         assert_eq!((r.role, r.state), (Role::Master, NodeServiceState::Running));
-        assert!(held(node) >= 1, "a present VIP is extended");
 
         // The kernel expires it (the agent was stalled past its lifetime).
         node.netlink.addrs.lock().unwrap().clear();
-        node.extend(&mut r, cluster).await;
+        node.extend(cluster).await;
         assert_eq!(held(node), 0, "an expired VIP was added back");
+        node.extend(cluster).await;
+        assert_eq!(held(node), 0, "an expired VIP was added back later");
+        assert!(node.give_up_if_expired(&mut r).await);
         assert_eq!((r.role, r.state), (Role::None, NodeServiceState::Failed));
         assert_eq!(
             (r.unclean_epoch, r.failed_epoch, r.fenced, r.fail_count),
             (Some(3), Some(3), true, 0)
         );
         assert!(r.vips.is_empty());
+
+        // Entered again and left: a released VIP is never extended.
+        assert!(
+            node.step(Step::EnterMaster, &mut r, svc, cluster, master(4))
+                .await
+        );
+        assert!(
+            node.step(Step::LeaveMaster, &mut r, svc, cluster, Assignment::NONE)
+                .await
+        );
+        node.extend(cluster).await;
+        assert_eq!(held(node), 0);
+        assert!(
+            !node.give_up_if_expired(&mut r).await,
+            "nothing held, nothing expired"
+        );
+    }
+
+    /// A re-adoption whose VIPs cannot be held again gives the role up as a
+    /// fence does, rather than report Running with no VIP.
+    #[tokio::test]
+    async fn a_failed_re_adoption_gives_the_role_up() {
+        let fx = fixture();
+        let (node, spec, cluster) = (&fx.node, &fx.spec, &fx.cluster);
+        let mut r = record(spec);
+        r.role = Role::Master;
+        r.state = NodeServiceState::Running;
+        r.epoch = 6;
+        r.spec.vips[0].address = "203.0.113.5/24".into();
+        r.vips = vec!["203.0.113.5/24".into()];
+        assert!(!node.adopt(&mut r, cluster).await);
+        assert_eq!((r.role, r.state), (Role::None, NodeServiceState::Failed));
+        assert_eq!((r.unclean_epoch, r.fenced), (Some(6), true));
+
+        let mut ok = record(spec);
+        ok.role = Role::Master;
+        ok.state = NodeServiceState::Running;
+        assert!(node.adopt(&mut ok, cluster).await);
+        assert_eq!(
+            (ok.role, ok.state),
+            (Role::Master, NodeServiceState::Running)
+        );
     }
 
     /// A failed leave (or a refused enter) marks the record unclean, so it

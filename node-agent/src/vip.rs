@@ -509,15 +509,22 @@ impl RtNetlink {
     }
 
     /// All addresses, optionally of one interface.
+    /// The kernel interrupts a dump whose table changes meanwhile (EBUSY,
+    /// as when many VIPs come and go at once): it is asked again, up to five
+    /// times.
     async fn addresses(&self, index: Option<u32>) -> Result<Vec<AddressMessage>, VipError> {
-        let mut req = self.handle.address().get();
-        if let Some(index) = index {
-            req = req.set_link_index_filter(index);
+        let mut attempt = 0;
+        loop {
+            let mut req = self.handle.address().get();
+            if let Some(index) = index {
+                req = req.set_link_index_filter(index);
+            }
+            match req.execute().try_collect().await {
+                Ok(addrs) => return Ok(addrs),
+                Err(e) if attempt < 4 && errno_of(&e) == Some(Errno::EBUSY) => attempt += 1,
+                Err(e) => return Err(nl_err("dump addresses", e)),
+            }
         }
-        req.execute()
-            .try_collect()
-            .await
-            .map_err(|e| nl_err("dump addresses", e))
     }
 
     /// The gateways of the default routes of `gateway`'s family in the main table.

@@ -344,7 +344,20 @@ pub fn handover(input: Input<'_>) -> Handover {
 
     let mut next = cur.clone();
     let holder_changed = master != cur.holder.as_deref();
-    if holder_changed {
+    // The holder, cleared at the current epoch, proves by its own entry that
+    // it runs nothing of it (it acknowledged leaving it after a fence or a
+    // monitor failure, moved on, or started nothing), and placement keeps
+    // it: it never enters an epoch it left again, so it gets a new one,
+    // cleared at once (its proof stands for the old one).
+    let holder_left = !holder_changed
+        && matches!(&prev, Previous::Known { node, epoch }
+        if Some(node.as_str()) == master
+            && *epoch == cur.epoch
+            && matches!(
+                proof(node, *epoch, input.facts),
+                Some(Proof::Acked | Proof::MovedOn | Proof::StartedNothing)
+            ));
+    if holder_changed || holder_left {
         let floor = cur.epoch.max(cur.enter_epoch.unwrap_or(0));
         next.holder = master.map(str::to_owned);
         next.epoch = floor.saturating_add(1);
@@ -566,6 +579,22 @@ mod tests {
         assert!(h.write && !h.holder_changed && h.cleared_now);
         assert_eq!(h.lease, lease("b", 4, Some(4), Some("b")));
         assert!(h.relies_on_heartbeat.is_empty());
+    }
+
+    #[test]
+    fn a_holder_that_left_its_epoch_gets_a_new_one_at_once() {
+        // a was cleared at 3, fenced itself (or its monitor failed), left 3
+        // and acknowledged it; placement keeps a: epoch 4, cleared now.
+        let cur = lease("a", 3, Some(3), Some("a"));
+        let facts = F::default().entry(entry("a", Role::None, Stopped, 3, Some(3)));
+        let h = run(Some(&cur), Some("a"), &facts);
+        assert!(h.write && !h.holder_changed && h.cleared_now);
+        assert_eq!(h.lease, lease("a", 4, Some(4), Some("a")));
+        // Running at 3 with an older acknowledgement: nothing changes.
+        let facts = F::default().entry(entry("a", Role::Master, Running, 3, Some(2)));
+        let h = run(Some(&cur), Some("a"), &facts);
+        assert!(!h.write);
+        assert_eq!(h.progress, Progress::Cleared);
     }
 
     #[test]
