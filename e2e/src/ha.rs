@@ -226,21 +226,39 @@ pub fn tracing_script(trace: &std::path::Path, code: i32) -> String {
 
 /// Whether `vip` (address without prefix) is on any interface of lab node `i`.
 pub fn vip_on_node(i: u8, vip: &str) -> bool {
+    addresses_of(i).iter().any(|a| a == vip)
+}
+
+/// Every address configured on lab node `i` now, without prefixes.
+fn addresses_of(i: u8) -> Vec<String> {
     let out = Command::new("ip")
         .args(["-n", &nodes::node_ns(i), "-o", "addr", "show"])
         .output();
-    out.is_ok_and(|o| {
+    out.map(|o| {
         String::from_utf8_lossy(&o.stdout)
             .split_whitespace()
-            .any(|w| w.split('/').next() == Some(vip))
+            .filter(|w| w.contains('/'))
+            .filter_map(|w| w.split('/').next().map(str::to_owned))
+            .collect()
     })
+    .unwrap_or_default()
+}
+
+/// Every address configured on each existing lab node now (without
+/// prefixes): one `ip` call per node.
+pub fn node_addresses() -> Vec<(u8, Vec<String>)> {
+    (1..=nodes::MAX_NODES)
+        .filter(|i| nodes::ns_exists(&nodes::node_ns(*i)))
+        .map(|i| (i, addresses_of(i)))
+        .collect()
 }
 
 /// Lab nodes on which `vip` (address without prefix) is configured now.
 pub fn vip_holders(vip: &str) -> Vec<u8> {
-    (1..=nodes::MAX_NODES)
-        .filter(|i| nodes::ns_exists(&nodes::node_ns(*i)))
-        .filter(|i| vip_on_node(*i, vip))
+    node_addresses()
+        .into_iter()
+        .filter(|(_, addrs)| addrs.iter().any(|a| a == vip))
+        .map(|(i, _)| i)
         .collect()
 }
 
@@ -311,10 +329,13 @@ pub struct SplitBrain {
 pub const MAX_SAMPLE_GAP: Duration = Duration::from_millis(250);
 
 /// What a [`SplitBrain`] sampler saw.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Default)]
 pub struct Sampled {
-    /// Samples in which two or more nodes held the VIP.
+    /// Samples in which two or more nodes held one VIP.
     pub double: usize,
+    /// Each window in which two or more nodes held one VIP: the VIP, the
+    /// nodes, and from when to when (since sampling started), for reports.
+    pub windows: Vec<DoubleHolder>,
     /// Samples taken.
     pub samples: usize,
     /// The longest time between two consecutive samples' starts (a sample
@@ -322,10 +343,24 @@ pub struct Sampled {
     pub max_gap: Duration,
 }
 
+/// A window in which two or more nodes held one VIP.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DoubleHolder {
+    /// The VIP.
+    pub vip: String,
+    /// The nodes that held it.
+    pub nodes: Vec<u8>,
+    /// When the first sample saw it, since sampling started.
+    pub from: Duration,
+    /// When the last sample saw it.
+    pub to: Duration,
+}
+
 impl Sampled {
     /// Adds what another sampler saw.
     pub fn absorb(&mut self, other: Sampled) {
         self.double += other.double;
+        self.windows.extend(other.windows);
         self.samples += other.samples;
         self.max_gap = self.max_gap.max(other.max_gap);
     }
@@ -339,10 +374,11 @@ impl Sampled {
             double,
             samples,
             max_gap,
+            ref windows,
         } = *self;
         assert_eq!(
             double, 0,
-            "{during}: two nodes held {vip} in {double} of {samples} samples (at most {max_gap:?} apart)"
+            "{during}: two nodes held {vip} in {double} of {samples} samples (at most {max_gap:?} apart): {windows:?}"
         );
         assert!(
             samples > 0,
@@ -360,14 +396,23 @@ impl SplitBrain {
     /// reachable) are not counted until [`SplitBrain::set_off`] says
     /// otherwise.
     pub fn start(vip: &str, off: &[u8]) -> SplitBrain {
+        Self::start_many(&[vip], off)
+    }
+
+    /// [`SplitBrain::start`] for several VIPs at once: each sample lists
+    /// every node's addresses once and checks every VIP.
+    pub fn start_many(vips: &[&str], off: &[u8]) -> SplitBrain {
         let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let off = std::sync::Arc::new(std::sync::Mutex::new(off.to_vec()));
-        let vip = vip.to_owned();
+        let vips: Vec<String> = vips.iter().map(|v| (*v).to_owned()).collect();
         let handle = {
             let (stop, off) = (stop.clone(), off.clone());
             std::thread::spawn(move || {
                 let mut seen = Sampled::default();
+                let started = Instant::now();
                 let mut last: Option<Instant> = None;
+                // Per VIP, the index in `seen.windows` of a window still open.
+                let mut open: Vec<Option<usize>> = vec![None; vips.len()];
                 while !stop.load(std::sync::atomic::Ordering::SeqCst) {
                     let began = Instant::now();
                     if let Some(last) = last {
@@ -375,11 +420,39 @@ impl SplitBrain {
                     }
                     last = Some(began);
                     let off = off.lock().unwrap_or_else(|e| e.into_inner()).clone();
-                    let holders = vip_holders(&vip)
+                    let addrs: Vec<(u8, Vec<String>)> = node_addresses()
                         .into_iter()
-                        .filter(|i| !off.contains(i))
-                        .count();
-                    if holders > 1 {
+                        .filter(|(i, _)| !off.contains(i))
+                        .collect();
+                    let at = began - started;
+                    let mut double = false;
+                    for (k, vip) in vips.iter().enumerate() {
+                        let holders: Vec<u8> = addrs
+                            .iter()
+                            .filter(|(_, a)| a.iter().any(|a| a == vip))
+                            .map(|(i, _)| *i)
+                            .collect();
+                        if holders.len() > 1 {
+                            double = true;
+                            match open[k] {
+                                Some(w) if seen.windows[w].nodes == holders => {
+                                    seen.windows[w].to = at;
+                                }
+                                _ => {
+                                    open[k] = Some(seen.windows.len());
+                                    seen.windows.push(DoubleHolder {
+                                        vip: vip.clone(),
+                                        nodes: holders,
+                                        from: at,
+                                        to: at,
+                                    });
+                                }
+                            }
+                        } else {
+                            open[k] = None;
+                        }
+                    }
+                    if double {
                         seen.double += 1;
                     }
                     seen.samples += 1;
@@ -651,6 +724,18 @@ pub fn agent_status(lab: &Lab, i: u8) -> Option<Value> {
     serde_json::from_str(&std::fs::read_to_string(path).ok()?).ok()
 }
 
+/// Sum of every sample of `metric` (any labels) on operator replica `r`
+/// (0 when it does not answer).
+pub fn operator_metric(r: u8, metric: &str) -> f64 {
+    let (_, body) =
+        crate::lab::http_get(&Lab::operator_metrics_addr(r), "/metrics").unwrap_or_default();
+    body.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter(|l| l.split(['{', ' ']).next() == Some(metric))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -660,6 +745,7 @@ mod tests {
             double,
             samples,
             max_gap: Duration::from_millis(gap_ms),
+            windows: Vec::new(),
         }
     }
 

@@ -598,8 +598,13 @@ impl Lab {
     }
 
     fn process_alive(&self, name: &str) -> bool {
+        self.process_pid(name).is_some()
+    }
+
+    /// The pid of lab process `name` while it runs.
+    fn process_pid(&self, name: &str) -> Option<i32> {
         read_pid(&self.dir.join("pids").join(format!("{name}.pid")))
-            .is_some_and(|pid| !nodes::is_dead(pid))
+            .filter(|pid| !nodes::is_dead(*pid))
     }
 
     /// The last `n` lines of a lab process's log.
@@ -1010,12 +1015,20 @@ impl Lab {
         let Some(pid) = self.agent_pid(i).filter(|_| self.agent_running(i)) else {
             return Ok(false);
         };
-        let sig = if frozen {
-            nix::sys::signal::Signal::SIGSTOP
-        } else {
-            nix::sys::signal::Signal::SIGCONT
+        freeze_pid(pid, frozen);
+        Ok(true)
+    }
+
+    /// [`Lab::freeze_agent`] for a control-plane process, `etcd` or
+    /// `kube-apiserver`.
+    pub fn freeze_process(&self, name: &str, frozen: bool) -> anyhow::Result<bool> {
+        if !["etcd", "kube-apiserver"].contains(&name) {
+            bail!("no lab process {name:?}: etcd or kube-apiserver");
+        }
+        let Some(pid) = self.process_pid(name) else {
+            return Ok(false);
         };
-        nodes::signal_pids(&[pid], sig);
+        freeze_pid(pid, frozen);
         Ok(true)
     }
 
@@ -1215,6 +1228,16 @@ fn parse_addresses(json: &[u8]) -> anyhow::Result<Vec<(IpAddr, u8)>> {
 /// IPv6 link-local, fe80::/10.
 fn is_link_local(addr: &IpAddr) -> bool {
     matches!(addr, IpAddr::V6(v6) if v6.segments()[0] & 0xffc0 == 0xfe80)
+}
+
+/// SIGSTOP (`frozen`) or SIGCONT to `pid`.
+fn freeze_pid(pid: i32, frozen: bool) {
+    let sig = if frozen {
+        nix::sys::signal::Signal::SIGSTOP
+    } else {
+        nix::sys::signal::Signal::SIGCONT
+    };
+    nodes::signal_pids(&[pid], sig);
 }
 
 fn read_pid(file: &Path) -> Option<i32> {

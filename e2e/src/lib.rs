@@ -3,6 +3,7 @@
 //! network namespace per node), for the end-to-end tests and the local demo.
 
 pub mod bench;
+pub mod chaos;
 pub mod demo;
 pub mod deps;
 pub mod ha;

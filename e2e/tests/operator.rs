@@ -7,7 +7,7 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use kubeha_e2e::ha::{self, Timing};
-use kubeha_e2e::lab::{Lab, StopSignal, http_get};
+use kubeha_e2e::lab::{Lab, StopSignal};
 
 static SERIAL: Mutex<()> = Mutex::new(());
 
@@ -85,6 +85,19 @@ fn all_ready(lab: &Lab, name: &str, timeout: Duration) -> bool {
     ha::wait_until(timeout, || ha::members_ready(lab, name, 3)).is_some()
 }
 
+/// Waits until the status calls node `node` active, the phase is Active and
+/// exactly that node holds the VIP: after a change was asked for, the
+/// status may still show the node before it for a moment.
+fn wait_active_on(lab: &Lab, name: &str, vip: &str, node: u8, timeout: Duration) {
+    let ok = ha::wait_until(timeout, || ha::active_node(lab, name, vip) == Some(node));
+    assert!(
+        ok.is_some(),
+        "{name} never became Active on node-{node} alone within {timeout:?}: status {}, holders {:?}",
+        ha::service_status(lab, name),
+        ha::vip_holders(vip)
+    );
+}
+
 /// The node the status calls active once the phase is Active and exactly
 /// that node holds the VIP.
 fn wait_active(lab: &Lab, name: &str, vip: &str, timeout: Duration) -> u8 {
@@ -100,16 +113,6 @@ fn wait_active(lab: &Lab, name: &str, vip: &str, timeout: Duration) -> u8 {
         ha::vip_holders(vip)
     );
     seen.unwrap()
-}
-
-/// Sum of every sample of `metric` (any labels) on operator replica `r`.
-fn metric(r: u8, metric: &str) -> f64 {
-    let (_, body) = http_get(&Lab::operator_metrics_addr(r), "/metrics").unwrap_or_default();
-    body.lines()
-        .filter(|l| !l.starts_with('#'))
-        .filter(|l| l.split(['{', ' ']).next() == Some(metric))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
 }
 
 /// Reasons of the Events about object `name` in `namespace`.
@@ -148,7 +151,7 @@ fn power_off_moves_the_vip_to_the_next_node_and_status_events_metrics_record_it(
         ha::wait_until(Duration::from_secs(5), || ha::client_reaches(vip, 1)).is_some(),
         "the client never reached {vip} on node-1"
     );
-    let failovers = metric(0, "kubeha_operator_failovers_total");
+    let failovers = ha::operator_metric(0, "kubeha_operator_failovers_total");
 
     // Every node is counted throughout, node-1 while off too: its VIP stays
     // configured there until its kernel lifetime (D + skew) ends, and the
@@ -178,7 +181,7 @@ fn power_off_moves_the_vip_to_the_next_node_and_status_events_metrics_record_it(
         "no TakeOver Event: {reasons:?}"
     );
     assert!(
-        ha::wait_until(Duration::from_secs(5), || metric(
+        ha::wait_until(Duration::from_secs(5), || ha::operator_metric(
             0,
             "kubeha_operator_failovers_total"
         ) > failovers)
@@ -247,11 +250,8 @@ fn locked_stops_and_keeps_services_off_and_single_runs_them_alone() {
     let sampler = ha::SplitBrain::start(vip, &[]);
     lab.kubectl_ha_ok(&["--wait", "0", "mode", "node-1", "locked", "--cluster", name])
         .unwrap();
-    assert_eq!(
-        wait_active(&lab, name, vip, Duration::from_secs(20)),
-        2,
-        "locking node-1 moves its service to the next member"
-    );
+    // Locking node-1 moves its service to the next member.
+    wait_active_on(&lab, name, vip, 2, Duration::from_secs(20));
     // Kept off: node-1 still heartbeats, the service does not come back.
     std::thread::sleep(Duration::from_millis(2 * timing.lease_ms as u64));
     assert!(
@@ -267,7 +267,7 @@ fn locked_stops_and_keeps_services_off_and_single_runs_them_alone() {
         &[(1, "locked"), (2, "locked"), (3, "single")],
         timing,
     );
-    assert_eq!(wait_active(&lab, name, vip, Duration::from_secs(20)), 3);
+    wait_active_on(&lab, name, vip, 3, Duration::from_secs(20));
     // The API server refuses single next to a default member.
     let refused = ha::apply(
         &lab,
@@ -449,7 +449,7 @@ fn killing_the_operator_leader_hands_over_and_a_failover_meanwhile_completes() {
     let (name, vip) = ("op-leader", "198.18.0.115");
     fresh(&lab, name, vip, None, Timing::DEFAULT);
     assert_eq!(wait_active(&lab, name, vip, Duration::from_secs(30)), 1);
-    let leader = |r: u8| metric(r, "kubeha_operator_leader") == 1.0;
+    let leader = |r: u8| ha::operator_metric(r, "kubeha_operator_leader") == 1.0;
     let l = (0..=1).find(|r| leader(*r)).expect("one replica leads");
     let other = 1 - l;
 

@@ -39,6 +39,29 @@ enum Cmd {
     /// The local demo: the lab with three nodes, the operator, the example
     /// cluster and service, and a failover you can watch. Leaves the lab up.
     Demo,
+    /// A seeded, randomized run of faults over the lab (5 nodes, services
+    /// with IPv4 and IPv6 VIPs) with a safety and a liveness detector; fails
+    /// when either found a violation, printing the seed and the log.
+    Chaos {
+        /// Faults to inject.
+        #[arg(long, default_value_t = 40)]
+        injections: usize,
+        /// Seed of the random choices (default: from the clock; printed).
+        #[arg(long)]
+        seed: Option<u64>,
+        /// Lab nodes, all cluster members (at least 5).
+        #[arg(long, default_value_t = 5)]
+        nodes: u8,
+        /// HAServices (1 to 20).
+        #[arg(long, default_value_t = 10)]
+        services: usize,
+        /// A liveness checkpoint after this many injections.
+        #[arg(long, default_value_t = 4)]
+        checkpoint_every: usize,
+        /// Also write the report as JSON to this file.
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
     /// Benchmarks on the lab; they print their figures (nothing is asserted).
     Bench {
         #[command(subcommand)]
@@ -134,6 +157,56 @@ fn main() -> anyhow::Result<()> {
         Cmd::Demo => {
             build_binaries(&root)?;
             kubeha_e2e::demo::run(&Lab::new(&root))
+        }
+        Cmd::Chaos {
+            injections,
+            seed,
+            nodes,
+            services,
+            checkpoint_every,
+            json,
+        } => {
+            build_binaries(&root)?;
+            let seed = seed.unwrap_or_else(|| {
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.as_nanos() as u64)
+                    .unwrap_or_default()
+            });
+            let config = kubeha_e2e::chaos::Config {
+                injections,
+                seed,
+                nodes,
+                services,
+                checkpoint_every,
+            };
+            let report = kubeha_e2e::chaos::run(&Lab::new(&root), config)?;
+            print_chaos(&report, nodes, services);
+            if let Some(path) = json {
+                let value = serde_json::json!({
+                    "seed": report.seed,
+                    "injections": report.injections,
+                    "by_kind": report.by_kind,
+                    "safety_violations": report.safety_violations.len(),
+                    "liveness_violations": report.liveness_violations.len(),
+                    "stuck": report.stuck.len(),
+                    "longest_outage_ms": report.longest_outage_ms,
+                    "safety_samples": report.safety_samples,
+                    "safety_max_gap_ms": report.safety_max_gap_ms,
+                    "violations": report.safety_violations.iter().chain(&report.liveness_violations).collect::<Vec<_>>(),
+                    "log": report.log,
+                });
+                std::fs::write(&path, serde_json::to_string_pretty(&value)?)?;
+                println!("wrote {}", path.display());
+            }
+            if !report.clean() {
+                println!("\ninjection log (replay with --seed {seed}):");
+                for line in &report.log {
+                    println!("  {line}");
+                }
+                bail!("chaos found violations (seed {seed})");
+            }
+            Ok(())
         }
         Cmd::Bench {
             command:
@@ -277,6 +350,69 @@ fn build_binaries(root: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The figures of a chaos run, and each violation.
+fn print_chaos(report: &kubeha_e2e::chaos::Report, nodes: u8, services: usize) {
+    println!(
+        "\nchaos: seed {}, {} injections over {nodes} nodes and {services} services",
+        report.seed, report.injections
+    );
+    println!("| kind | injected |\n|---|---|");
+    for (kind, n) in &report.by_kind {
+        println!("| {kind} | {n} |");
+    }
+    println!(
+        "safety violations: {}; liveness violations: {} ({} services still down a minute later); longest outage after a checkpoint's last fault: {:.0} ms; safety samples {} (longest gap {:.1} ms)",
+        report.safety_violations.len(),
+        report.liveness_violations.len(),
+        report.stuck.len(),
+        report.longest_outage_ms,
+        report.safety_samples,
+        report.safety_max_gap_ms
+    );
+    for v in report
+        .safety_violations
+        .iter()
+        .chain(&report.liveness_violations)
+    {
+        println!("  {v}");
+    }
+}
+
+/// The CI-sized chaos run of `cargo xtask test`: 40 faults over 5 nodes
+/// and 10 services (seed 1, or `KUBEHA_CHAOS_SEED`). It fails on any safety
+/// violation and on a service still down a minute after a checkpoint's
+/// last fault (it would need an admin); services back later than
+/// D + skew + 3 s but within that minute are printed, not failed.
+fn ci_chaos(root: &Path) -> anyhow::Result<()> {
+    let seed = std::env::var("KUBEHA_CHAOS_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(1);
+    let config = kubeha_e2e::chaos::Config {
+        injections: 40,
+        seed,
+        nodes: 5,
+        services: 10,
+        checkpoint_every: 4,
+    };
+    let report = kubeha_e2e::chaos::run(&Lab::new(root), config)?;
+    print_chaos(&report, config.nodes, config.services);
+    if report.injections != config.injections || report.safety_samples == 0 {
+        bail!("the chaos run did not run as configured (seed {seed})");
+    }
+    if !report.safety_violations.is_empty() || !report.stuck.is_empty() {
+        println!("\ninjection log (replay with cargo xtask chaos --injections 40 --seed {seed}):");
+        for line in &report.log {
+            println!("  {line}");
+        }
+        for v in &report.stuck {
+            println!("  stuck: {v}");
+        }
+        bail!("chaos found safety violations or services that needed an admin (seed {seed})");
+    }
+    Ok(())
+}
+
 fn test(root: &Path, keep_lab: bool) -> anyhow::Result<()> {
     use std::io::{BufRead, BufReader, Write};
     build_binaries(root)?;
@@ -331,6 +467,13 @@ fn test(root: &Path, keep_lab: bool) -> anyhow::Result<()> {
         }
     }
     let status = child.wait()?;
+    // After the lab tests (it adds nodes 4 and 5, which the three-node
+    // tests would see).
+    let chaos = if status.success() {
+        ci_chaos(root)
+    } else {
+        Ok(())
+    };
     if !keep_lab {
         Lab::new(root).down()?;
     }
@@ -341,5 +484,5 @@ fn test(root: &Path, keep_lab: bool) -> anyhow::Result<()> {
     if passed == 0 {
         bail!("no test ran");
     }
-    Ok(())
+    chaos
 }

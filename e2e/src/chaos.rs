@@ -1,0 +1,499 @@
+//! `cargo xtask chaos`: a seeded, randomized run of ordinary faults over the
+//! lab (at least 5 nodes, 10 HAServices with IPv4 and IPv6 VIPs), with two
+//! detectors running the whole time.
+//!
+//! - Safety: every node's addresses are sampled at most 10 ms apart
+//!   ([`ha::SplitBrain`] over every VIP); any sample in which two powered
+//!   nodes hold one VIP is a violation, reported as a window (VIP, nodes,
+//!   from, to). A sampler that could not keep pace is a violation too.
+//! - Liveness: at every checkpoint (every few injections, and at the end)
+//!   the injecting stops; every service must then, within D + skew + 3 s of
+//!   the last fault's end, be Active on the node its status names, hold its
+//!   VIP there only, and answer the client from that node's MAC.
+//!
+//! Faults are injected one at a time, in random order, with random gaps of
+//! 0.2-1.5 x D between them: shorter than D, so the next fault lands while
+//! the system still recovers from the last.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+
+use crate::ha::{self, Timing};
+use crate::lab::{Lab, StopSignal};
+use crate::nodes;
+
+/// The HACluster the run creates (and removes afterwards).
+pub const CLUSTER: &str = "chaos";
+
+/// What to run.
+#[derive(Debug, Clone, Copy)]
+pub struct Config {
+    /// Faults to inject.
+    pub injections: usize,
+    /// Seed of the random choices: the same seed replays the same choices.
+    pub seed: u64,
+    /// Lab nodes, all members of the cluster (at least 5).
+    pub nodes: u8,
+    /// HAServices (at most 20: the lab's VIP pool).
+    pub services: usize,
+    /// A liveness checkpoint after this many injections.
+    pub checkpoint_every: usize,
+}
+
+/// One kind of fault.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Kind {
+    /// The agent is killed (SIGKILL) and started again after up to D.
+    AgentKill,
+    /// The agent stalls (SIGSTOP) for 0.5-3 x D, then continues.
+    AgentStop,
+    /// The node loses power for 1-3 x D, boots and starts its agent.
+    PowerOff,
+    /// The node is cut off from the API server for 0.5-3 x D (L2 stays up).
+    Partition,
+    /// kube-apiserver stalls (SIGSTOP) for 1-5 s.
+    ApiserverStop,
+    /// The operator replica that leads is killed, and started again after up to D.
+    OperatorLeaderKill,
+    /// `kubectl ha move` of a random service to a random node.
+    Move,
+}
+
+impl Kind {
+    const ALL: [Kind; 7] = [
+        Kind::AgentKill,
+        Kind::AgentStop,
+        Kind::PowerOff,
+        Kind::Partition,
+        Kind::ApiserverStop,
+        Kind::OperatorLeaderKill,
+        Kind::Move,
+    ];
+
+    /// The name in reports and JSON.
+    pub fn name(self) -> &'static str {
+        match self {
+            Kind::AgentKill => "agent_kill",
+            Kind::AgentStop => "agent_stop",
+            Kind::PowerOff => "power_off",
+            Kind::Partition => "partition",
+            Kind::ApiserverStop => "apiserver_stop",
+            Kind::OperatorLeaderKill => "operator_leader_kill",
+            Kind::Move => "move",
+        }
+    }
+}
+
+/// What a run found.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct Report {
+    /// The seed (replays the run).
+    pub seed: u64,
+    /// Faults injected.
+    pub injections: usize,
+    /// Faults injected per kind.
+    pub by_kind: BTreeMap<&'static str, usize>,
+    /// Safety violations: two holders of one VIP (windows), or a sampler
+    /// that could not keep pace.
+    pub safety_violations: Vec<String>,
+    /// Liveness violations: a service not answering from its active node
+    /// within D + skew + 3 s of a checkpoint's last fault.
+    pub liveness_violations: Vec<String>,
+    /// Services that did not answer even a minute after that: down until an
+    /// admin acts, as far as this run can tell.
+    pub stuck: Vec<String>,
+    /// The longest time, over checkpoints, from the last fault's end until
+    /// every service answered from its active node.
+    pub longest_outage_ms: f64,
+    /// Samples the safety detector took, and the longest gap between two.
+    pub safety_samples: usize,
+    /// Longest gap between two safety samples, ms.
+    pub safety_max_gap_ms: f64,
+    /// Every injection and checkpoint, with its time since the start.
+    pub log: Vec<String>,
+}
+
+impl Report {
+    /// Whether the run found nothing.
+    pub fn clean(&self) -> bool {
+        self.safety_violations.is_empty() && self.liveness_violations.is_empty()
+    }
+}
+
+/// xorshift64*: small, seeded, and the same on every machine.
+struct Rng(u64);
+
+impl Rng {
+    fn new(seed: u64) -> Self {
+        Self(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
+    }
+
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+
+    /// Uniform in `0..n`.
+    fn below(&mut self, n: usize) -> usize {
+        (self.next() % n as u64) as usize
+    }
+
+    /// Uniform in `[lo, hi)`.
+    fn between(&mut self, lo: f64, hi: f64) -> f64 {
+        lo + (hi - lo) * (self.next() >> 11) as f64 / (1u64 << 53) as f64
+    }
+}
+
+/// Service `k`'s name.
+fn service_name(k: usize) -> String {
+    format!("chaos-{k}")
+}
+
+/// Service `k`'s VIPs without prefix: IPv4, and IPv6 for even `k`.
+fn service_vips(k: usize) -> (String, Option<String>) {
+    (
+        format!("198.18.0.{}", 100 + k),
+        k.is_multiple_of(2)
+            .then(|| format!("2001:db8::{:x}", 0x140 + k)),
+    )
+}
+
+/// Runs the chaos: sets up the cluster and services, injects, checks,
+/// and removes what it created. Every fault is undone before it returns,
+/// also on an error.
+pub fn run(lab: &Lab, cfg: Config) -> anyhow::Result<Report> {
+    anyhow::ensure!(cfg.nodes >= 5, "chaos needs at least 5 nodes");
+    anyhow::ensure!(
+        (1..=20).contains(&cfg.services),
+        "chaos runs 1 to 20 services (the lab's VIP pool)"
+    );
+    let timing = Timing::DEFAULT;
+    setup(lab, cfg, timing)?;
+    let result = inject(lab, cfg, timing);
+    restore(lab, cfg.nodes);
+    teardown(lab, cfg);
+    result
+}
+
+/// Every node powered, in contact and running its agent; operator replicas
+/// 0 and 1 (so a leader kill hands over); the cluster and the services,
+/// each Active.
+fn setup(lab: &Lab, cfg: Config, timing: Timing) -> anyhow::Result<()> {
+    lab.ensure_up_with_nodes(cfg.nodes)?;
+    restore(lab, cfg.nodes);
+    for r in 0..=1 {
+        if !lab.operator_running(r) {
+            lab.start_operator(r, &[])?;
+        }
+    }
+    teardown(lab, cfg);
+    let members: Vec<u8> = (1..=cfg.nodes).collect();
+    ha::apply(lab, &ha::cluster(CLUSTER, &members, timing))?;
+    ha::wait_until(Duration::from_secs(30), || {
+        ha::members_ready(lab, CLUSTER, cfg.nodes)
+    })
+    .context("the chaos cluster never had every member ready")?;
+    for k in 0..cfg.services {
+        let (v4, v6) = service_vips(k);
+        let mut vips = vec![format!("{v4}/24")];
+        vips.extend(v6.map(|v| format!("{v}/64")));
+        let vips: Vec<&str> = vips.iter().map(String::as_str).collect();
+        ha::apply(
+            lab,
+            &ha::service(&service_name(k), CLUSTER, &vips, None, (3, 100)),
+        )?;
+    }
+    let (healthy, _) = wait_live(lab, cfg.services, Duration::from_secs(60));
+    anyhow::ensure!(
+        healthy.len() == cfg.services,
+        "chaos services never all became Active: {:?}",
+        unhealthy(lab, cfg.services, &healthy)
+    );
+    Ok(())
+}
+
+/// Removes the chaos services and cluster (the operator gives each service
+/// away first), whatever an earlier run left.
+fn teardown(lab: &Lab, cfg: Config) {
+    for k in 0..20.max(cfg.services) {
+        ha::delete_service(lab, &service_name(k));
+    }
+    ha::delete(lab, "hacluster", CLUSTER, None);
+}
+
+/// Undoes every fault the run may have left: control plane continued, every
+/// node powered on, healed, its agent continued or started; operator
+/// replica 0 runs, replica 1 stops (as the other lab tests expect).
+fn restore(lab: &Lab, nodes: u8) {
+    let _ = lab.freeze_process("kube-apiserver", false);
+    for i in 1..=nodes {
+        let _ = lab.power_on(i);
+        let _ = lab.heal(i);
+        let _ = lab.freeze_agent(i, false);
+        if !lab.agent_running(i) {
+            let _ = lab.start_agent(i, &[] as &[&str]);
+        }
+    }
+    if !lab.operator_running(0) {
+        let _ = lab.start_operator(0, &[]);
+    }
+}
+
+fn inject(lab: &Lab, cfg: Config, timing: Timing) -> anyhow::Result<Report> {
+    let d = Duration::from_millis(u64::from(timing.lease_ms));
+    let deadline = d + Duration::from_millis(u64::from(timing.skew_ms)) + Duration::from_secs(3);
+    let mut rng = Rng::new(cfg.seed);
+    let mut report = Report {
+        seed: cfg.seed,
+        ..Report::default()
+    };
+    let vips: Vec<String> = (0..cfg.services)
+        .flat_map(|k| {
+            let (v4, v6) = service_vips(k);
+            std::iter::once(v4).chain(v6)
+        })
+        .collect();
+    let vip_refs: Vec<&str> = vips.iter().map(String::as_str).collect();
+    let sampler = ha::SplitBrain::start_many(&vip_refs, &[]);
+    let started = Instant::now();
+    let stamp = |report: &mut Report, line: String| {
+        let line = format!("[{:8.2} s] {line}", started.elapsed().as_secs_f64());
+        eprintln!("chaos: {line}");
+        report.log.push(line);
+    };
+    for n in 1..=cfg.injections {
+        std::thread::sleep(d.mul_f64(rng.between(0.2, 1.5)));
+        let kind = Kind::ALL[rng.below(Kind::ALL.len())];
+        let node = 1 + rng.below(usize::from(cfg.nodes)) as u8;
+        let what = match kind {
+            Kind::AgentKill => {
+                lab.stop_agent(node, StopSignal::Kill)?;
+                let down = d.mul_f64(rng.between(0.0, 1.0));
+                std::thread::sleep(down);
+                lab.start_agent(node, &[] as &[&str])?;
+                format!("node-{node}'s agent killed, started {down:.1?} later")
+            }
+            Kind::AgentStop => {
+                let stall = d.mul_f64(rng.between(0.5, 3.0));
+                lab.freeze_agent(node, true)?;
+                std::thread::sleep(stall);
+                lab.freeze_agent(node, false)?;
+                format!("node-{node}'s agent stalled for {stall:.1?}")
+            }
+            Kind::PowerOff => {
+                let off = d.mul_f64(rng.between(1.0, 3.0));
+                lab.power_off(node)?;
+                // Its addresses stay configured off the wire: not counted.
+                sampler.set_off(&[node]);
+                std::thread::sleep(off);
+                lab.power_on(node)?;
+                sampler.set_off(&[]);
+                lab.start_agent(node, &[] as &[&str])?;
+                format!("node-{node} powered off for {off:.1?}")
+            }
+            Kind::Partition => {
+                let cut = d.mul_f64(rng.between(0.5, 3.0));
+                lab.partition(node)?;
+                std::thread::sleep(cut);
+                lab.heal(node)?;
+                format!("node-{node} cut off from the API server for {cut:.1?}")
+            }
+            Kind::ApiserverStop => {
+                let stall = Duration::from_secs_f64(rng.between(1.0, 5.0));
+                lab.freeze_process("kube-apiserver", true)?;
+                std::thread::sleep(stall);
+                lab.freeze_process("kube-apiserver", false)?;
+                format!("kube-apiserver stalled for {stall:.1?}")
+            }
+            Kind::OperatorLeaderKill => {
+                let leader = (0..=1u8)
+                    .find(|r| ha::operator_metric(*r, "kubeha_operator_leader") == 1.0)
+                    .unwrap_or(0);
+                lab.stop_operator(leader, StopSignal::Kill)?;
+                let down = d.mul_f64(rng.between(0.0, 1.0));
+                std::thread::sleep(down);
+                lab.start_operator(leader, &[])?;
+                format!("operator replica {leader} (leader) killed, started {down:.1?} later")
+            }
+            Kind::Move => {
+                let k = rng.below(cfg.services);
+                let to = nodes::node_name(node);
+                let out = lab
+                    .kubectl_ha()?
+                    .args([
+                        "--wait",
+                        "0",
+                        "move",
+                        &service_name(k),
+                        "--to",
+                        &to,
+                        "-n",
+                        ha::SERVICE_NAMESPACE,
+                    ])
+                    .output()?;
+                format!(
+                    "kubectl ha move {} --to {to}: {}",
+                    service_name(k),
+                    if out.status.success() {
+                        "accepted".to_owned()
+                    } else {
+                        String::from_utf8_lossy(&out.stderr).trim().to_owned()
+                    }
+                )
+            }
+        };
+        *report.by_kind.entry(kind.name()).or_default() += 1;
+        report.injections += 1;
+        stamp(&mut report, format!("#{n} {}: {what}", kind.name()));
+
+        if n % cfg.checkpoint_every.max(1) == 0 || n == cfg.injections {
+            let (healthy, took) = wait_live(lab, cfg.services, deadline);
+            if healthy.len() == cfg.services {
+                report.longest_outage_ms = report.longest_outage_ms.max(took.as_secs_f64() * 1e3);
+                stamp(
+                    &mut report,
+                    format!(
+                        "checkpoint: every service answers from its active node {took:.1?} after the last fault"
+                    ),
+                );
+                // The last pass may have begun before the deadline and
+                // ended after it.
+                if took > deadline {
+                    report.liveness_violations.push(format!(
+                        "after injection #{n}: every service answered only {took:.1?} after the last fault (bound {deadline:.1?})"
+                    ));
+                }
+                continue;
+            }
+            for v in unhealthy(lab, cfg.services, &healthy) {
+                report
+                    .liveness_violations
+                    .push(format!("after injection #{n}: {v}"));
+            }
+            // Give it a minute more before injecting again, so one
+            // violation does not cascade into many; record how long.
+            let (later, more) = wait_live(lab, cfg.services, Duration::from_secs(60));
+            for v in unhealthy(lab, cfg.services, &later) {
+                report.stuck.push(format!("after injection #{n}: {v}"));
+            }
+            report.longest_outage_ms = report
+                .longest_outage_ms
+                .max((took + more).as_secs_f64() * 1e3);
+            stamp(
+                &mut report,
+                format!(
+                    "checkpoint: LIVENESS VIOLATION, {} of {} services answered within {deadline:.1?}; {} after {:.1?} more",
+                    healthy.len(),
+                    cfg.services,
+                    later.len(),
+                    more
+                ),
+            );
+        }
+    }
+    let seen = sampler.stop();
+    report.safety_samples = seen.samples;
+    report.safety_max_gap_ms = seen.max_gap.as_secs_f64() * 1e3;
+    for w in &seen.windows {
+        report.safety_violations.push(format!(
+            "{} held by nodes {:?} from {:.2} s to {:.2} s",
+            w.vip,
+            w.nodes,
+            w.from.as_secs_f64(),
+            w.to.as_secs_f64()
+        ));
+    }
+    if seen.max_gap >= ha::MAX_SAMPLE_GAP {
+        report.safety_violations.push(format!(
+            "the safety detector could not keep pace: {:?} between two samples (limit {:?})",
+            seen.max_gap,
+            ha::MAX_SAMPLE_GAP
+        ));
+    }
+    Ok(report)
+}
+
+/// Whether service `k` is Active on the node its status names, holds its
+/// VIP there only, and the client reaches that node through the VIP.
+fn live(lab: &Lab, k: usize) -> bool {
+    let (v4, _) = service_vips(k);
+    ha::active_node(lab, &service_name(k), &v4).is_some_and(|a| ha::client_reaches(&v4, a))
+}
+
+/// Waits up to `timeout` for every service to be [`live`] in one pass over
+/// them; returns the services live in the last pass and how long it took.
+fn wait_live(lab: &Lab, services: usize, timeout: Duration) -> (Vec<usize>, Duration) {
+    let start = Instant::now();
+    let mut healthy: Vec<usize> = Vec::new();
+    let done = ha::wait_until(timeout, || {
+        healthy = (0..services).filter(|k| live(lab, *k)).collect();
+        healthy.len() == services
+    });
+    (healthy, done.unwrap_or_else(|| start.elapsed()))
+}
+
+/// What the services not in `healthy` show: status phase, active node,
+/// holders, conditions.
+fn unhealthy(lab: &Lab, services: usize, healthy: &[usize]) -> Vec<String> {
+    (0..services)
+        .filter(|k| !healthy.contains(k))
+        .map(|k| {
+            let (v4, _) = service_vips(k);
+            let status = ha::service_status(lab, &service_name(k));
+            format!(
+                "{} ({v4}): phase {}, active {}, holders {:?}, conditions {}",
+                service_name(k),
+                status["phase"],
+                status["activeNode"],
+                ha::vip_holders(&v4),
+                status["conditions"]
+            )
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_same_seed_makes_the_same_choices() {
+        let draw = |seed| {
+            let mut rng = Rng::new(seed);
+            (0..50).map(|_| rng.below(7)).collect::<Vec<_>>()
+        };
+        assert_eq!(draw(42), draw(42));
+        assert_ne!(draw(42), draw(43));
+        let mut rng = Rng::new(0);
+        let mut kinds = [0usize; 7];
+        for _ in 0..7000 {
+            kinds[rng.below(7)] += 1;
+            let x = rng.between(0.2, 1.5);
+            assert!((0.2..1.5).contains(&x), "{x}");
+        }
+        assert!(
+            kinds.iter().all(|c| *c > 700),
+            "every kind is drawn: {kinds:?}"
+        );
+    }
+
+    #[test]
+    fn services_have_distinct_vips_inside_the_lab_pool() {
+        let mut all = Vec::new();
+        for k in 0..20 {
+            let (v4, v6) = service_vips(k);
+            let last: u8 = v4.rsplit('.').next().unwrap().parse().unwrap();
+            assert!((96..128).contains(&last), "{v4} outside 198.18.0.96/27");
+            all.push(v4);
+            all.extend(v6);
+        }
+        let n = all.len();
+        all.sort();
+        all.dedup();
+        assert_eq!(all.len(), n, "duplicate VIPs");
+    }
+}
