@@ -431,16 +431,7 @@ fn switchover(
         let mac = ha::mac_of(&nodes::node_ns(target), nodes::NS_IFACE)?;
         let sampler = ha::SplitBrain::start(vip, &[]);
         let asked = now_epoch_secs();
-        lab.kubectl_ha_ok(&[
-            "--wait",
-            "0",
-            "move",
-            name,
-            "--to",
-            &nodes::node_name(target),
-            "-n",
-            ha::SERVICE_NAMESPACE,
-        ])?;
+        ha::request_move(lab, name, target)?;
         let first = pinger.first_reply(asked, &[&mac], Duration::from_secs(30));
         seen.absorb(sampler.stop());
         let Some(first) = first else {

@@ -327,6 +327,21 @@ pub fn members_ready(lab: &Lab, cluster: &str, members: u8) -> bool {
     .is_ok_and(|r| r.trim() == format!("{members}/{members}"))
 }
 
+/// `kubectl ha move SERVICE --to node-I --wait 0` for a service in
+/// [`SERVICE_NAMESPACE`]: asks for the move and returns at once.
+pub fn request_move(lab: &Lab, service: &str, i: u8) -> anyhow::Result<String> {
+    lab.kubectl_ha_ok(&[
+        "--wait",
+        "0",
+        "move",
+        service,
+        "--to",
+        &nodes::node_name(i),
+        "-n",
+        SERVICE_NAMESPACE,
+    ])
+}
+
 /// Node `i`'s entry in the status of service `service` (null when absent).
 pub fn node_entry(lab: &Lab, service: &str, i: u8) -> Value {
     service_status(lab, service)["nodes"]
@@ -335,195 +350,7 @@ pub fn node_entry(lab: &Lab, service: &str, i: u8) -> Value {
         .unwrap_or_default()
 }
 
-/// Samples, every 10 ms from one sample's start to the next, which powered
-/// nodes hold `vip`; counts the instants at which two did. Dropped without
-/// [`SplitBrain::stop`] (a test that failed meanwhile), it stops sampling.
-pub struct SplitBrain {
-    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
-    off: std::sync::Arc<std::sync::Mutex<Vec<u8>>>,
-    handle: Option<std::thread::JoinHandle<Sampled>>,
-}
-
-/// The longest time between two samples' starts a split-brain assertion
-/// accepts: beyond it the sampler could not keep pace, and two holders
-/// could have gone unseen. The sampler aims at 10 ms; on this shared 2-core
-/// machine gaps of 45 ms were measured in benchmarks, and one lab test run
-/// right after the lab came up failed a 100 ms bound (the message did not
-/// say which part failed), so the bound is 250 ms: it still rejects a
-/// sampler that stalls.
-pub const MAX_SAMPLE_GAP: Duration = Duration::from_millis(250);
-
-/// What a [`SplitBrain`] sampler saw.
-#[derive(Debug, Clone, Default)]
-pub struct Sampled {
-    /// Samples in which two or more nodes held one VIP.
-    pub double: usize,
-    /// Each window in which two or more nodes held one VIP: the VIP, the
-    /// nodes, and from when to when (since sampling started), for reports.
-    pub windows: Vec<DoubleHolder>,
-    /// Samples taken.
-    pub samples: usize,
-    /// The longest time between two consecutive samples' starts (a sample
-    /// runs `ip` once per node, a few ms on this machine).
-    pub max_gap: Duration,
-}
-
-/// A window in which two or more nodes held one VIP.
-#[derive(Debug, Clone, PartialEq)]
-pub struct DoubleHolder {
-    /// The VIP.
-    pub vip: String,
-    /// The nodes that held it.
-    pub nodes: Vec<u8>,
-    /// When the first sample saw it, since sampling started.
-    pub from: Duration,
-    /// When the last sample saw it.
-    pub to: Duration,
-}
-
-impl Sampled {
-    /// Adds what another sampler saw.
-    pub fn absorb(&mut self, other: Sampled) {
-        self.double += other.double;
-        self.windows.extend(other.windows);
-        self.samples += other.samples;
-        self.max_gap = self.max_gap.max(other.max_gap);
-    }
-
-    /// Panics unless no two nodes ever held `vip` and the sampler kept pace:
-    /// it took samples, never more than [`MAX_SAMPLE_GAP`] apart. `during`
-    /// says what was sampled.
-    #[track_caller]
-    pub fn assert_single_holder(&self, vip: &str, during: &str) {
-        let Sampled {
-            double,
-            samples,
-            max_gap,
-            ref windows,
-        } = *self;
-        assert_eq!(
-            double, 0,
-            "{during}: two nodes held {vip} in {double} of {samples} samples (at most {max_gap:?} apart): {windows:?}"
-        );
-        assert!(
-            samples > 0,
-            "{during}: the split-brain sampler took no sample of {vip}; nothing was checked"
-        );
-        assert!(
-            max_gap < MAX_SAMPLE_GAP,
-            "{during}: the split-brain sampler could not keep pace: {max_gap:?} between two samples              of {vip} (limit {MAX_SAMPLE_GAP:?}, {samples} samples), so two holders could have gone unseen"
-        );
-    }
-}
-
-impl SplitBrain {
-    /// Starts sampling; nodes in `off` (powered off: link down, nothing
-    /// reachable) are not counted until [`SplitBrain::set_off`] says
-    /// otherwise.
-    pub fn start(vip: &str, off: &[u8]) -> SplitBrain {
-        Self::start_many(&[vip], off)
-    }
-
-    /// [`SplitBrain::start`] for several VIPs at once: each sample lists
-    /// every node's addresses once and checks every VIP.
-    pub fn start_many(vips: &[&str], off: &[u8]) -> SplitBrain {
-        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let off = std::sync::Arc::new(std::sync::Mutex::new(off.to_vec()));
-        let vips: Vec<String> = vips.iter().map(|v| (*v).to_owned()).collect();
-        let handle = {
-            let (stop, off) = (stop.clone(), off.clone());
-            std::thread::spawn(move || {
-                // Ahead of the lab's processes when the machine is busy (the
-                // `ip` calls inherit it): a stalled sampler could miss two
-                // holders. Best effort: only root may raise a priority.
-                let _ = Command::new("renice")
-                    .args(["-n", "-15", "-p", &nix::unistd::gettid().to_string()])
-                    .stdout(Stdio::null())
-                    .stderr(Stdio::null())
-                    .status();
-                let mut seen = Sampled::default();
-                let started = Instant::now();
-                let mut last: Option<Instant> = None;
-                // Per VIP, the index in `seen.windows` of a window still open.
-                let mut open: Vec<Option<usize>> = vec![None; vips.len()];
-                while !stop.load(std::sync::atomic::Ordering::SeqCst) {
-                    let began = Instant::now();
-                    if let Some(last) = last {
-                        seen.max_gap = seen.max_gap.max(began - last);
-                    }
-                    last = Some(began);
-                    let off = off.lock().unwrap_or_else(|e| e.into_inner()).clone();
-                    let addrs: Vec<(u8, Vec<String>)> = node_addresses()
-                        .into_iter()
-                        .filter(|(i, _)| !off.contains(i))
-                        .collect();
-                    let at = began - started;
-                    let mut double = false;
-                    for (k, vip) in vips.iter().enumerate() {
-                        let holders: Vec<u8> = addrs
-                            .iter()
-                            .filter(|(_, a)| a.iter().any(|a| a == vip))
-                            .map(|(i, _)| *i)
-                            .collect();
-                        if holders.len() > 1 {
-                            double = true;
-                            match open[k] {
-                                Some(w) if seen.windows[w].nodes == holders => {
-                                    seen.windows[w].to = at;
-                                }
-                                _ => {
-                                    open[k] = Some(seen.windows.len());
-                                    seen.windows.push(DoubleHolder {
-                                        vip: vip.clone(),
-                                        nodes: holders,
-                                        from: at,
-                                        to: at,
-                                    });
-                                }
-                            }
-                        } else {
-                            open[k] = None;
-                        }
-                    }
-                    if double {
-                        seen.double += 1;
-                    }
-                    seen.samples += 1;
-                    std::thread::sleep(Duration::from_millis(10).saturating_sub(began.elapsed()));
-                }
-                seen
-            })
-        };
-        SplitBrain {
-            stop,
-            off,
-            handle: Some(handle),
-        }
-    }
-
-    /// From the next sample on, the nodes in `off` are not counted (and
-    /// every other node is): call it with `&[i]` once node `i` is powered
-    /// off, and with `&[]` once it is powered on again.
-    pub fn set_off(&self, off: &[u8]) {
-        *self.off.lock().unwrap_or_else(|e| e.into_inner()) = off.to_vec();
-    }
-
-    /// Stops sampling and says what was seen.
-    pub fn stop(mut self) -> Sampled {
-        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
-        self.handle
-            .take()
-            .expect("joined only here")
-            .join()
-            .expect("the split-brain sampler panicked")
-    }
-}
-
-impl Drop for SplitBrain {
-    fn drop(&mut self) {
-        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
-    }
-}
+pub use crate::split_brain::{DoubleHolder, MAX_SAMPLE_GAP, Sampled, SplitBrain};
 
 /// Whether the client reaches `vip` and resolved it to node `i`'s MAC.
 pub fn client_reaches(vip: &str, i: u8) -> bool {

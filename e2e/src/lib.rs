@@ -9,3 +9,4 @@ pub mod deps;
 pub mod ha;
 pub mod lab;
 pub mod nodes;
+pub mod split_brain;

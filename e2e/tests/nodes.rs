@@ -611,3 +611,72 @@ fn without_root_or_iproute2_the_lab_says_what_is_missing() {
         );
     }
 }
+
+/// The safety detector itself: a VIP put on two nodes for a few ms, and one
+/// that the kernel removes when its lifetime runs out while another node
+/// already holds it, are both reported with the nodes and a window; a VIP
+/// that moves cleanly is not.
+#[test]
+fn the_split_brain_detector_reports_every_double_holder_and_nothing_else() {
+    let (_serial, lab) = lab();
+    let _ = &lab;
+    let (short, expiring, clean) = ("198.18.0.125", "198.18.0.126", "198.18.0.127");
+    let ip = |i: u8, args: &[&str]| {
+        let ns = nodes::node_ns(i);
+        let mut all = vec!["-n", ns.as_str()];
+        all.extend_from_slice(args);
+        let out = Command::new("ip").args(&all).output().unwrap();
+        assert!(
+            out.status.success(),
+            "ip {all:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    let add = |i: u8, vip: &str, lifetime: Option<&str>| {
+        let cidr = format!("{vip}/24");
+        let mut args = vec!["addr", "add", cidr.as_str(), "dev", nodes::NS_IFACE];
+        if let Some(l) = lifetime {
+            args.extend_from_slice(&["valid_lft", l, "preferred_lft", l]);
+        }
+        ip(i, &args);
+    };
+    let del = |i: u8, vip: &str| {
+        let cidr = format!("{vip}/24");
+        ip(i, &["addr", "del", cidr.as_str(), "dev", nodes::NS_IFACE]);
+    };
+    let detector = ha::SplitBrain::start_many(&[short, expiring, clean], &[]);
+    std::thread::sleep(Duration::from_millis(300));
+    // Two holders for a few ms.
+    add(1, short, None);
+    add(2, short, None);
+    del(1, short);
+    del(2, short);
+    // node-1's lifetime runs out 1 s after node-2 took the address.
+    add(1, expiring, Some("2"));
+    std::thread::sleep(Duration::from_secs(1));
+    add(2, expiring, None);
+    // A clean move.
+    add(1, clean, None);
+    del(1, clean);
+    add(3, clean, None);
+    std::thread::sleep(Duration::from_millis(2500));
+    del(2, expiring);
+    del(3, clean);
+    std::thread::sleep(Duration::from_millis(300));
+    let seen = detector.stop();
+    let window = |vip: &str| seen.windows.iter().find(|w| w.vip == vip).cloned();
+    let w = window(short).unwrap_or_else(|| panic!("two holders of {short} not seen: {seen:?}"));
+    assert_eq!(w.nodes, vec![1, 2]);
+    let w =
+        window(expiring).unwrap_or_else(|| panic!("two holders of {expiring} not seen: {seen:?}"));
+    assert_eq!(w.nodes, vec![1, 2]);
+    assert!(
+        (Duration::from_millis(500)..Duration::from_millis(1600)).contains(&(w.to - w.from)),
+        "{expiring} was held twice for about 1 s until node-1's lifetime ran out: {w:?}"
+    );
+    assert!(
+        window(clean).is_none(),
+        "a clean move was reported: {seen:?}"
+    );
+    assert!(seen.max_gap < ha::MAX_SAMPLE_GAP, "{seen:?}");
+}
