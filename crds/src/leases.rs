@@ -23,6 +23,28 @@ pub const STANDBY_ANNOTATION: &str = "kubeha.io/standby";
 /// then the new holder waits.
 pub const ENTER_EPOCH_ANNOTATION: &str = "kubeha.io/enter-epoch";
 
+/// Annotation of a heartbeat Lease: E = D + clock-skew allowance, in
+/// milliseconds, of the timing the agent renewed under. The agent holds
+/// nothing for longer than E after a renew it sent, whatever timing it
+/// learns later; observers judge this renew by it (never by a lower E the
+/// cluster spec says now).
+pub const EXPIRY_MS_ANNOTATION: &str = "kubeha.io/expiry-ms";
+
+/// The value of [`EXPIRY_MS_ANNOTATION`], if the Lease has a valid one.
+pub fn heartbeat_expiry(
+    lease: &k8s_openapi::api::coordination::v1::Lease,
+) -> Option<std::time::Duration> {
+    lease
+        .metadata
+        .annotations
+        .as_ref()?
+        .get(EXPIRY_MS_ANNOTATION)?
+        .trim()
+        .parse::<u64>()
+        .ok()
+        .map(std::time::Duration::from_millis)
+}
+
 /// Name of the heartbeat Lease of `node` in `cluster`.
 pub fn heartbeat_lease_name(cluster: &str, node: &str) -> String {
     format!("kubeha-hb-{cluster}-{node}")

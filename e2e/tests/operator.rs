@@ -402,17 +402,7 @@ fn an_enter_failure_moves_on_and_a_failure_everywhere_is_errored_until_cleared()
     // Now the hooks fail everywhere: moved to node-3, it fails there, then
     // on node-2 (node-1 is still failed): no node is left.
     install(&[1, 2, 3]);
-    lab.kubectl_ha_ok(&[
-        "--wait",
-        "0",
-        "move",
-        name,
-        "--to",
-        "node-3",
-        "-n",
-        ha::SERVICE_NAMESPACE,
-    ])
-    .unwrap();
+    ha::request_move(&lab, name, 3).unwrap();
     let errored = ha::wait_until(Duration::from_secs(40), || {
         ha::service_status(&lab, name)["phase"] == "Errored"
     });
@@ -568,5 +558,184 @@ fn a_node_that_fenced_itself_runs_the_service_again_when_the_next_fault_comes() 
         vip,
         "a fence of node-1, its return, then a stall of node-2's agent",
     );
+    cleanup(&lab, name, vip);
+}
+
+/// Hole found by reading (issue 8): a VIP list edit on the running master
+/// kept the old VIP forever and never added the new one. The master now
+/// changes its addresses as a keepalived reload does, at the same epoch and
+/// without hooks. Fails on the commit before this test (the new VIP never
+/// appears).
+#[test]
+fn a_vip_list_edit_changes_the_addresses_of_the_running_master() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let lab = lab();
+    let (name, old, new) = ("op-vip-edit", "198.18.0.118", "198.18.0.119");
+    ha::delete_service(&lab, name);
+    assert!(ha::wait_until(Duration::from_secs(20), || ha::vip_holders(new).is_empty()).is_some());
+    fresh(&lab, name, old, None, Timing::DEFAULT);
+    assert_eq!(wait_active(&lab, name, old, Duration::from_secs(30)), 1);
+    let epoch = ha::node_entry(&lab, name, 1)["epoch"].clone();
+    let sampler = ha::SplitBrain::start_many(&[old, new], &[]);
+
+    let edit = |vips: &[&str]| {
+        let with_prefix: Vec<String> = vips.iter().map(|v| format!("{v}/24")).collect();
+        let refs: Vec<&str> = with_prefix.iter().map(String::as_str).collect();
+        ha::apply(&lab, &ha::service(name, name, &refs, None, (3, 100))).unwrap();
+    };
+    // Added: both on node-1.
+    edit(&[old, new]);
+    let both = ha::wait_until(Duration::from_secs(10), || {
+        ha::vip_holders(old) == [1] && ha::vip_holders(new) == [1]
+    });
+    assert!(
+        both.is_some(),
+        "after adding {new}: holders of {old} {:?}, of {new} {:?}",
+        ha::vip_holders(old),
+        ha::vip_holders(new)
+    );
+    assert!(
+        ha::client_reaches(new, 1),
+        "the client does not reach the added VIP on node-1"
+    );
+    // Replaced: the old one goes, the new one stays.
+    edit(&[new]);
+    let moved = ha::wait_until(Duration::from_secs(10), || {
+        ha::vip_holders(old).is_empty() && ha::vip_holders(new) == [1]
+    });
+    assert!(
+        moved.is_some(),
+        "after removing {old}: holders of {old} {:?}, of {new} {:?}",
+        ha::vip_holders(old),
+        ha::vip_holders(new)
+    );
+    assert_eq!(
+        ha::node_entry(&lab, name, 1)["epoch"],
+        epoch,
+        "a VIP edit is not a failover: the epoch stays"
+    );
+    assert_eq!(ha::active_node(&lab, name, new), Some(1));
+    // The edited VIP moves with the service.
+    ha::request_move(&lab, name, 2).unwrap();
+    wait_active_on(&lab, name, new, 2, Duration::from_secs(30));
+    assert!(ha::vip_holders(old).is_empty(), "the removed VIP came back");
+    sampler.stop().assert_single_holder(
+        &format!("{old} and {new}"),
+        "VIP list edits on the running master, then a move",
+    );
+    cleanup(&lab, name, new);
+}
+
+/// Hole found by reading (issue 8): the leave ran the hooks of the current
+/// spec, so removing `spec.hooks` before a move stopped nothing. The leave
+/// now runs the hooks the service was entered with. Fails on the commit
+/// before this test (no leave line in the trace).
+#[test]
+fn a_leave_runs_the_hooks_the_service_was_entered_with() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let lab = lab();
+    let (name, vip) = ("op-hooks-edit", "198.18.0.120");
+    let trace = lab.dir().join("trace-op-hooks-edit");
+    let _ = std::fs::remove_file(&trace);
+    for i in 1..=3 {
+        ha::install_hooks(
+            &lab,
+            i,
+            name,
+            &[
+                ("E01server", &ha::tracing_script(&trace, 0)),
+                ("L01server", &ha::tracing_script(&trace, 0)),
+            ],
+        )
+        .unwrap();
+    }
+    fresh(&lab, name, vip, Some(name), Timing::DEFAULT);
+    assert_eq!(wait_active(&lab, name, vip, Duration::from_secs(30)), 1);
+    let read = || std::fs::read_to_string(&trace).unwrap_or_default();
+    assert!(
+        read()
+            .lines()
+            .any(|l| l.contains(" enter master ") && l.contains("node=node-1")),
+        "node-1 never ran its enter hook: {}",
+        read()
+    );
+    // The hooks are taken out of the spec, then the service moves.
+    ha::apply(
+        &lab,
+        &ha::service(name, name, &[&format!("{vip}/24")], None, (3, 100)),
+    )
+    .unwrap();
+    std::thread::sleep(Duration::from_secs(1));
+    ha::request_move(&lab, name, 2).unwrap();
+    wait_active_on(&lab, name, vip, 2, Duration::from_secs(30));
+    let left = ha::wait_until(Duration::from_secs(10), || {
+        read()
+            .lines()
+            .any(|l| l.contains(" leave master ") && l.contains("node=node-1"))
+    });
+    assert!(
+        left.is_some(),
+        "node-1 left master without running the leave hook it entered with: {}",
+        read()
+    );
+    assert!(
+        !read()
+            .lines()
+            .any(|l| l.contains(" master ") && l.contains("node=node-2")),
+        "node-2 entered master with the new spec (no hooks) yet ran a master hook: {}",
+        read()
+    );
+    assert!(
+        read()
+            .lines()
+            .any(|l| l.contains(" leave vicemaster ") && l.contains("node=node-2")),
+        "node-2 left the standby role it entered with hooks without its leave hook: {}",
+        read()
+    );
+    cleanup(&lab, name, vip);
+}
+
+/// Hole found by reading (issue 8): a lowered `leaseDurationMs` was applied
+/// backwards. The operator judged the last renew of a frozen node by the
+/// new, shorter D and let the next node in while the frozen node's VIP
+/// still had the lifetime of the old D: two holders. Renews now announce
+/// the E they were made under and are judged by it. Fails on the commit
+/// before this test (two holders about 4 s after the freeze).
+#[test]
+fn a_lowered_lease_duration_never_lets_a_second_node_in_before_the_old_one_ran_out() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let lab = lab();
+    let (name, vip) = ("op-lower-d", "198.18.0.121");
+    let long = Timing {
+        lease_ms: 10_000,
+        renew_ms: 1000,
+        deadline_ms: 5000,
+        skew_ms: 500,
+    };
+    fresh(&lab, name, vip, None, long);
+    assert_eq!(wait_active(&lab, name, vip, Duration::from_secs(30)), 1);
+    // Renewed at least once more with the long timing in place.
+    std::thread::sleep(Duration::from_secs(2));
+    let sampler = ha::SplitBrain::start(vip, &[]);
+    assert!(lab.freeze_agent(1, true).unwrap(), "node-1's agent runs");
+    let frozen = Instant::now();
+    ha::apply(&lab, &ha::cluster(name, &[1, 2, 3], Timing::DEFAULT)).unwrap();
+    let moved = ha::wait_until(Duration::from_secs(25), || {
+        ha::vip_holders(vip).contains(&2) || ha::vip_holders(vip).contains(&3)
+    });
+    let took = frozen.elapsed();
+    let holders = ha::vip_holders(vip);
+    lab.freeze_agent(1, false).unwrap();
+    sampler.stop().assert_single_holder(
+        vip,
+        "the active node frozen, then D lowered from 10 s to 3 s",
+    );
+    assert!(
+        moved.is_some(),
+        "no other node took over within 25 s of node-1's freeze: holders {holders:?}, status {}",
+        ha::service_status(&lab, name)
+    );
+    eprintln!("another node held {vip} {took:?} after node-1 froze (renewed under D = 10 s)");
+    wait_active(&lab, name, vip, Duration::from_secs(30));
     cleanup(&lab, name, vip);
 }

@@ -25,6 +25,7 @@ use sha2::{Digest, Sha256};
 use tokio::sync::{Mutex, Notify, OwnedMutexGuard, mpsc};
 
 use crate::assignments::{self, Assignment, Membership, plan};
+use crate::decide::{self, Facts, Work};
 use crate::heartbeat::{self, Heartbeats, Timing};
 use crate::hooks::HookRunner;
 use crate::metrics::Metrics;
@@ -515,6 +516,8 @@ async fn fence_if_cut_off(
         shared.metrics.fenced();
         // 1. Drop every VIP of this cluster at once, without waiting for a
         //    transition's lock.
+        let dropped = shared.node.drop_held(&name).await;
+        tracing::error!(cluster = %name, dropped, "VIPs dropped");
         let mut masters = Vec::new();
         for (key, slot) in slots {
             let (vips, iface, cluster_of) = match slot.record.try_lock() {
@@ -705,171 +708,159 @@ async fn reconcile(
             reference: svc.object_ref(&()),
         };
 
-        if slot.adopt {
-            if cut_off {
-                continue;
-            }
-            slot.adopt = false;
-            let adoptable =
-                wanted.role == Role::Master && wanted.may_enter && wanted.epoch == guard.epoch;
-            if adoptable {
-                spawn_adopt(shared.clone(), guard, view, target);
-                continue;
-            }
-            // Held before the restart but no longer ours: leave below.
-        }
         let fresh = assignments::not_older(wanted, guard.role, guard.epoch);
         if fresh != wanted && slot.stale_warned != Some(wanted.epoch) {
             slot.stale_warned = Some(wanted.epoch);
             tracing::warn!(service = %key, lease_epoch = wanted.epoch, recorded_epoch = guard.epoch, "the Lease clears this node at an epoch older than one it already saw: not entering (stale view, or a hand-edited Lease)");
         }
-        let wanted = fresh;
-        // A VIP of this master expired before it was extended: given up as
-        // a fence does.
-        if shared.node.give_up_if_expired(&mut guard).await {
-            shared.notify.notify_one();
-        }
-        // A fence cut the leave short: run it again once in contact (below,
-        // not while cut off); its success ends the Failed state.
-        if guard.fenced && !slot.recover {
-            tracing::info!(service = %key, epoch = guard.epoch, "left by a fence: running the leave again");
-            slot.recover = true;
-        }
-        if slot.recover {
-            if cut_off {
-                continue;
-            }
-            slot.recover = false;
-            spawn_steps(
-                shared.clone(),
-                guard,
-                vec![assignments::Step::LeaveMaster],
-                service,
-                view,
-                wanted,
-                target,
-            );
-            continue;
-        }
-        // An epoch this node already left (acknowledged) is never entered
-        // again: its acknowledgement would let the operator clear another
-        // node while this one runs the service. Reported as a refusal that
-        // started nothing, so the operator issues a new epoch.
-        if wanted.role == Role::Master
-            && wanted.may_enter
-            && guard.role != Role::Master
-            && guard.acked_epoch.is_some_and(|a| wanted.epoch <= a)
-            && guard.failed_epoch != Some(wanted.epoch)
-        {
-            tracing::warn!(service = %key, epoch = wanted.epoch, "cleared for an epoch already left here: waiting for a new epoch");
-            guard.state = NodeServiceState::Failed;
-            guard.failed_epoch = Some(wanted.epoch);
-            guard.last_hooks = vec![crate::transitions::refused(&format!(
-                "epoch {} was already left on this node; waiting for a new epoch",
-                wanted.epoch
-            ))];
-        }
-        let mut steps = plan(guard.role, wanted, guard.failed_epoch);
-        // After a leave that failed nothing is entered here (not even the
-        // standby role: its later epoch would read as "moved on") until a
-        // leave succeeds (after a fence it runs again by itself, above).
-        if guard.unclean_epoch.is_some() {
-            steps.retain(|s| {
-                !matches!(
-                    s,
-                    assignments::Step::EnterMaster | assignments::Step::EnterVicemaster
-                )
-            });
-        }
-        let entering = steps.iter().any(|s| {
-            matches!(
-                s,
-                assignments::Step::EnterMaster | assignments::Step::EnterVicemaster
-            )
-        });
-        if !(steps.is_empty() || entering && cut_off) {
-            spawn_steps(shared.clone(), guard, steps, service, view, wanted, target);
-            continue;
-        }
-        // Idle here (no master role, nothing left running): take on the
-        // Lease's epoch, so the report below tells the operator this node
-        // moved on from every earlier epoch (its "moved on" proof).
-        if steps.is_empty()
-            && let Some(epoch) = lease_epoch
-            && guard.observe_epoch(epoch)
-        {
-            tracing::debug!(service = %key, epoch, role = ?guard.role, "observed a new epoch");
-        }
+        let spec_vips: std::collections::BTreeSet<String> = Node::<RtNetlink>::vips(&svc.spec)
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        let hooks = svc.spec.hooks.as_ref();
         let now = Instant::now();
-        // Monitor on the running master.
-        if guard.role == Role::Master
-            && guard.state == NodeServiceState::Running
-            && now >= slot.next_monitor
-            && let Some(m) = svc.spec.hooks.as_ref().and_then(|h| h.monitor.clone())
-        {
-            slot.next_monitor = now + Duration::from_secs(m.interval_seconds.max(1) as u64);
-            let failures = slot.monitor_failures.clone();
-            spawn_monitor(
-                shared.clone(),
-                guard,
-                service,
-                view,
-                m.failure_threshold,
-                failures,
-                target,
-            );
-            continue;
-        }
-        if let Some(p) = svc.spec.hooks.as_ref().and_then(|h| h.periodic.clone())
-            && now >= slot.next_periodic
-        {
-            slot.next_periodic = now + Duration::from_secs(p.interval_seconds.max(1) as u64);
-            spawn_periodic(shared.clone(), guard, service, view);
-            continue;
-        }
-        if guard.role == Role::Master
-            && guard.state == NodeServiceState::Running
-            && svc.spec.garp.refresh_seconds > 0
-            && now >= slot.next_refresh
-        {
-            slot.next_refresh = now + Duration::from_secs(svc.spec.garp.refresh_seconds as u64);
-            let shared = shared.clone();
-            tokio::spawn(async move {
-                let placed: Vec<_> = guard
-                    .vips
-                    .iter()
-                    .filter_map(|v| crate::vip::Vip::parse(v, None).ok())
-                    .map(|v| (guard.interface.clone().unwrap_or_default(), v))
-                    .collect();
-                shared.node.garp(&placed, &guard.spec).await;
+        // Bookkeeping work is applied and the service decided again; every
+        // rule of it changes what it decided on, so this ends.
+        for _ in 0..8 {
+            let digest = report_digest(&guard);
+            let report_due = {
+                let r = slot.reported.lock().unwrap_or_else(|e| e.into_inner());
+                r.done.as_deref() != Some(&digest) && r.pending.as_deref() != Some(&digest)
+            };
+            let work = decide::next(&Facts {
+                wanted,
+                lease_epoch,
+                record: &guard,
+                spec_vips: spec_vips.clone(),
+                adopt: slot.adopt,
+                recover: slot.recover,
+                cut_off,
+                vip_expired: shared.node.held.any_expired(&guard.vips),
+                monitor_due: hooks.is_some_and(|h| h.monitor.is_some()) && now >= slot.next_monitor,
+                periodic_due: hooks.is_some_and(|h| h.periodic.is_some())
+                    && now >= slot.next_periodic,
+                refresh_due: svc.spec.garp.refresh_seconds > 0 && now >= slot.next_refresh,
+                report_due,
             });
-            continue;
-        }
-        // Report when what the API server knows differs from the record.
-        let digest = format!(
-            "{:?}{:?}{}{:?}{}",
-            guard.role, guard.state, guard.epoch, guard.acked_epoch, guard.fail_count
-        );
-        let due = {
-            let mut r = slot.reported.lock().unwrap_or_else(|e| e.into_inner());
-            let due = r.done.as_deref() != Some(&digest) && r.pending.as_deref() != Some(&digest);
-            if due {
-                r.pending = Some(digest.clone());
+            if work != Work::Idle && work != Work::Report {
+                tracing::debug!(service = %key, ?work, "decided");
             }
-            due
-        };
-        if due {
-            let (shared, reported) = (shared.clone(), slot.reported.clone());
-            tokio::spawn(async move {
-                let ok = report(&shared, &target, &guard).await;
-                let mut r = reported.lock().unwrap_or_else(|e| e.into_inner());
-                if r.pending.as_deref() == Some(&digest) {
-                    r.pending = None;
+            match work {
+                Work::Wait | Work::Idle => {}
+                Work::Adopt => {
+                    slot.adopt = false;
+                    spawn_adopt(shared.clone(), guard, view, target);
                 }
-                if ok {
-                    r.done = Some(digest);
+                Work::ForgetAdoption => {
+                    // Held before the restart but no longer ours: the steps
+                    // leave it.
+                    slot.adopt = false;
+                    continue;
                 }
-            });
+                Work::GiveUp => {
+                    shared.node.give_up_if_expired(&mut guard).await;
+                    shared.notify.notify_one();
+                    continue;
+                }
+                Work::Recover => {
+                    if guard.fenced {
+                        tracing::info!(service = %key, epoch = guard.epoch, "left by a fence: running the leave again");
+                    }
+                    slot.recover = false;
+                    spawn_steps(
+                        shared.clone(),
+                        guard,
+                        vec![assignments::Step::LeaveMaster],
+                        service,
+                        view,
+                        fresh,
+                        target,
+                    );
+                }
+                Work::Refuse { epoch } => {
+                    // Its acknowledgement would let the operator clear
+                    // another node while this one runs the service.
+                    tracing::warn!(service = %key, epoch, "cleared for an epoch already left here: waiting for a new epoch");
+                    guard.state = NodeServiceState::Failed;
+                    guard.failed_epoch = Some(epoch);
+                    guard.last_hooks = vec![crate::transitions::refused(&format!(
+                        "epoch {epoch} was already left on this node; waiting for a new epoch"
+                    ))];
+                    continue;
+                }
+                Work::Steps(steps) => {
+                    spawn_steps(shared.clone(), guard, steps, service, view, fresh, target);
+                }
+                Work::Revip => spawn_revip(shared.clone(), guard, service, view, target),
+                Work::Observe { epoch } => {
+                    if guard.observe_epoch(epoch) {
+                        tracing::debug!(service = %key, epoch, role = ?guard.role, "observed a new epoch");
+                    }
+                    continue;
+                }
+                Work::Monitor => {
+                    let m = hooks.and_then(|h| h.monitor.as_ref());
+                    let (interval, threshold) =
+                        m.map_or((1, 1), |m| (m.interval_seconds, m.failure_threshold));
+                    slot.next_monitor = now + Duration::from_secs(interval.max(1) as u64);
+                    let failures = slot.monitor_failures.clone();
+                    spawn_monitor(
+                        shared.clone(),
+                        guard,
+                        service,
+                        view,
+                        threshold,
+                        failures,
+                        target,
+                    );
+                }
+                Work::Periodic => {
+                    let interval = hooks
+                        .and_then(|h| h.periodic.as_ref())
+                        .map_or(1, |p| p.interval_seconds);
+                    slot.next_periodic = now + Duration::from_secs(interval.max(1) as u64);
+                    spawn_periodic(shared.clone(), guard, service, view);
+                }
+                Work::Refresh => {
+                    slot.next_refresh =
+                        now + Duration::from_secs(svc.spec.garp.refresh_seconds as u64);
+                    // A copy: the burst takes a while and needs no lock.
+                    let record = guard.clone();
+                    drop(guard);
+                    let shared = shared.clone();
+                    tokio::spawn(async move {
+                        let placed: Vec<_> = record
+                            .vips
+                            .iter()
+                            .filter_map(|v| crate::vip::Vip::parse(v, None).ok())
+                            .map(|v| (record.interface.clone().unwrap_or_default(), v))
+                            .collect();
+                        shared.node.garp(&placed, &record.spec).await;
+                    });
+                }
+                Work::Report => {
+                    slot.reported
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .pending = Some(digest.clone());
+                    // A copy: a slow API server must not hold the record
+                    // (and every decision on it) for the report's timeout.
+                    let record = guard.clone();
+                    drop(guard);
+                    let (shared, reported) = (shared.clone(), slot.reported.clone());
+                    tokio::spawn(async move {
+                        let ok = report(&shared, &target, &record).await;
+                        let mut r = reported.lock().unwrap_or_else(|e| e.into_inner());
+                        if r.pending.as_deref() == Some(&digest) {
+                            r.pending = None;
+                        }
+                        if ok {
+                            r.done = Some(digest);
+                        }
+                    });
+                }
+            }
+            break;
         }
     }
     // Services gone (deleted, or this node no longer a member): leave.
@@ -920,6 +911,15 @@ async fn reconcile(
             target,
         );
     }
+}
+
+/// What the API server's status entry is compared with: a report is due
+/// when it differs.
+fn report_digest(record: &ServiceRecord) -> String {
+    format!(
+        "{:?}{:?}{}{:?}{}",
+        record.role, record.state, record.epoch, record.acked_epoch, record.fail_count
+    )
 }
 
 /// Writes the scripts of a ConfigMap hook source into `dir` (mode 0755,
@@ -1067,6 +1067,31 @@ fn persist(shared: &Shared, key: &str, record: &ServiceRecord) {
     if let Err(e) = statefile::write(&shared.config.state_dir, &status) {
         tracing::warn!(service = key, error = %e, "writing the status file failed");
     }
+}
+
+/// Changes the running master's VIPs to the spec's
+/// ([`Node::revip`]), then persists and reports the record.
+fn spawn_revip(
+    shared: Arc<Shared>,
+    mut record: OwnedMutexGuard<ServiceRecord>,
+    service: ServiceView,
+    view: ClusterView,
+    target: Target,
+) {
+    tokio::spawn(async move {
+        let ok = shared.node.revip(&mut record, &service, &view).await;
+        persist(&shared, &service.key, &record);
+        report(&shared, &target, &record).await;
+        let note = format!("VIPs at epoch {} now {:?}", record.epoch, record.vips);
+        let (warning, reason) = if ok {
+            (false, "VipsChanged")
+        } else {
+            (true, "VipFailed")
+        };
+        event(&shared, &target, warning, reason, note).await;
+        drop(record);
+        shared.notify.notify_one();
+    });
 }
 
 fn spawn_adopt(

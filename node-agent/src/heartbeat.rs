@@ -50,9 +50,43 @@ pub struct Beat {
     pub last_success: Option<Instant>,
     /// Failed renews since the start.
     pub failures: u64,
+    /// The timing the last successful renew was sent under.
+    pub renewed_under: Option<Timing>,
+}
+
+impl Timing {
+    /// E = D + clock-skew allowance: how long after a renew observers may
+    /// take the node to hold anything.
+    pub fn expiry(&self) -> Duration {
+        self.lease_duration + self.clock_skew
+    }
+
+    /// The stricter of two timings, field by field (the shorter D, skew,
+    /// RD, R and VIP lifetime).
+    pub fn stricter(self, other: Timing) -> Timing {
+        Timing {
+            lease_duration: self.lease_duration.min(other.lease_duration),
+            renew_interval: self.renew_interval.min(other.renew_interval),
+            renew_deadline: self.renew_deadline.min(other.renew_deadline),
+            clock_skew: self.clock_skew.min(other.clock_skew),
+            vip_lifetime_seconds: match (self.vip_lifetime_seconds, other.vip_lifetime_seconds) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            },
+        }
+    }
 }
 
 impl Beat {
+    /// The timing that bounds what the node may hold now: the stricter of
+    /// the timing in force and the one the last successful renew was sent
+    /// under. A raised D counts only from the first renew that announced
+    /// it; a lowered one counts at once.
+    pub fn guard(&self) -> Timing {
+        self.renewed_under
+            .map_or(self.timing, |t| self.timing.stricter(t))
+    }
+
     /// Time since the last successful renew (`None` before the first).
     pub fn age(&self, now: Instant) -> Option<Duration> {
         self.last_success.map(|t| now.saturating_duration_since(t))
@@ -62,13 +96,13 @@ impl Beat {
     /// for RD (or none at all yet).
     pub fn past_deadline(&self, now: Instant) -> bool {
         self.age(now)
-            .is_none_or(|age| age >= self.timing.renew_deadline)
+            .is_none_or(|age| age >= self.guard().renew_deadline)
     }
 
     /// Time left before D since the last successful renew.
     pub fn left_before_lease_end(&self, now: Instant) -> Duration {
         match self.age(now) {
-            Some(age) => self.timing.lease_duration.saturating_sub(age),
+            Some(age) => self.guard().lease_duration.saturating_sub(age),
             None => Duration::ZERO,
         }
     }
@@ -99,6 +133,7 @@ impl Heartbeats {
                 timing,
                 last_success: None,
                 failures: 0,
+                renewed_under: None,
             });
     }
 
@@ -107,10 +142,13 @@ impl Heartbeats {
         self.lock().remove(cluster);
     }
 
-    fn record(&self, cluster: &str, sent: Instant, ok: bool) {
+    fn record(&self, cluster: &str, sent: Instant, timing: Timing, ok: bool) {
         if let Some(b) = self.lock().get_mut(cluster) {
             if ok {
                 // Renews may complete out of order; keep the latest send.
+                if b.last_success.is_none_or(|t| sent >= t) {
+                    b.renewed_under = Some(timing);
+                }
                 b.last_success = Some(b.last_success.map_or(sent, |t| t.max(sent)));
             } else {
                 b.failures += 1;
@@ -129,6 +167,13 @@ pub fn heartbeat_lease(cluster: &str, node: &str, timing: &Timing) -> Lease {
     Lease {
         metadata: ObjectMeta {
             name: Some(leases::heartbeat_lease_name(cluster, node)),
+            annotations: Some(
+                [(
+                    leases::EXPIRY_MS_ANNOTATION.to_owned(),
+                    timing.expiry().as_millis().to_string(),
+                )]
+                .into(),
+            ),
             labels: Some(
                 [
                     (
@@ -177,7 +222,7 @@ pub async fn renew_loop(
         )
         .await;
         let ok = matches!(result, Ok(Ok(_)));
-        beats.record(&cluster, sent, ok);
+        beats.record(&cluster, sent, timing, ok);
         if ok {
             let _ = on_renew.send(cluster.clone());
         } else {
@@ -206,6 +251,7 @@ mod tests {
             timing: timing(),
             last_success: None,
             failures: 0,
+            renewed_under: None,
         };
         assert!(beat.past_deadline(t0), "no renew yet means cut off");
         beat.last_success = Some(t0);
@@ -226,12 +272,48 @@ mod tests {
         let beats = Heartbeats::default();
         beats.set_timing("c", timing());
         let t0 = Instant::now();
-        beats.record("c", t0 + Duration::from_millis(5), true);
-        beats.record("c", t0, true);
-        beats.record("c", t0, false);
+        beats.record("c", t0 + Duration::from_millis(5), timing(), true);
+        beats.record("c", t0, timing(), true);
+        beats.record("c", t0, timing(), false);
         let b = beats.get("c").unwrap();
         assert_eq!(b.last_success, Some(t0 + Duration::from_millis(5)));
         assert_eq!(b.failures, 1);
+    }
+
+    #[test]
+    fn a_lowered_d_counts_at_once_and_a_raised_one_from_the_renew_that_announced_it() {
+        let beats = Heartbeats::default();
+        let long = Timing {
+            lease_duration: Duration::from_secs(10),
+            renew_deadline: Duration::from_secs(7),
+            ..timing()
+        };
+        beats.set_timing("c", long);
+        let t0 = Instant::now();
+        beats.record("c", t0, long, true);
+        // Lowered: the short D bounds the node at once.
+        beats.set_timing("c", timing());
+        let b = beats.get("c").unwrap();
+        assert_eq!(b.guard().lease_duration, Duration::from_secs(3));
+        assert!(b.past_deadline(t0 + Duration::from_secs(2)));
+        // Raised again: the renew sent under the short D still bounds it.
+        beats.record("c", t0 + Duration::from_secs(1), timing(), true);
+        beats.set_timing("c", long);
+        let b = beats.get("c").unwrap();
+        assert_eq!(b.guard().lease_duration, Duration::from_secs(3));
+        assert!(b.past_deadline(t0 + Duration::from_secs(3)));
+        // Until a renew is sent under the long D.
+        beats.record("c", t0 + Duration::from_secs(2), long, true);
+        assert_eq!(beats.get("c").unwrap().guard(), long);
+    }
+
+    #[test]
+    fn the_lease_announces_the_expiry_of_its_timing() {
+        let lease = heartbeat_lease("c", "node-1", &timing());
+        assert_eq!(
+            leases::heartbeat_expiry(&lease),
+            Some(Duration::from_millis(3500))
+        );
     }
 
     #[test]

@@ -5,6 +5,7 @@
 
 pub mod assignments;
 pub mod daemon;
+pub mod decide;
 pub mod garp;
 pub mod heartbeat;
 pub mod hooks;

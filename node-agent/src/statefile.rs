@@ -182,17 +182,22 @@ impl ServiceRecord {
     /// again ([`crate::assignments::not_older`]). Returns whether the record
     /// changed (and so needs reporting).
     pub fn observe_epoch(&mut self, lease_epoch: i64) -> bool {
+        if self.would_observe(lease_epoch) {
+            self.epoch = lease_epoch;
+            return true;
+        }
+        false
+    }
+
+    /// Whether [`ServiceRecord::observe_epoch`] would take on `lease_epoch`.
+    pub fn would_observe(&self, lease_epoch: i64) -> bool {
         let idle = self.role != Role::Master
             && matches!(
                 self.state,
                 NodeServiceState::Stopped | NodeServiceState::Failed
             )
             && self.unclean_epoch.is_none();
-        if idle && lease_epoch > self.epoch {
-            self.epoch = lease_epoch;
-            return true;
-        }
-        false
+        idle && lease_epoch > self.epoch
     }
 
     /// For a record read from a status file written before

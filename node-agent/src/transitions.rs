@@ -77,6 +77,12 @@ impl HeldVips {
         lock(&self.expired).insert(vip.to_owned());
     }
 
+    /// Whether any of `vips` expired before it was extended.
+    pub fn any_expired(&self, vips: &[String]) -> bool {
+        let expired = lock(&self.expired);
+        vips.iter().any(|v| expired.contains(v))
+    }
+
     /// Takes the expired VIPs among `vips` out of the expired set.
     fn take_expired(&self, vips: &[String]) -> Vec<String> {
         let mut expired = lock(&self.expired);
@@ -283,7 +289,7 @@ impl<N: Netlink> Node<N> {
     /// successful renew, so a VIP cannot outlive the lease.
     pub fn allowed_lifetime(beat: &Beat, now: Instant) -> Option<u32> {
         let age = beat.age(now)?;
-        let t = &beat.timing;
+        let t = &beat.guard();
         let full =
             vip::lifetime_secs(t.lease_duration, t.clock_skew, t.vip_lifetime_seconds).ok()?;
         let left = (t.lease_duration + t.clock_skew).checked_sub(age)?;
@@ -423,9 +429,15 @@ impl<N: Netlink> Node<N> {
             Step::LeaveMaster => self.leave_master(record, svc, cluster).await,
             Step::LeaveVicemaster => {
                 record.state = NodeServiceState::Stopping;
+                // The hooks the standby role was entered with.
+                let entered = ServiceView {
+                    key: svc.key.clone(),
+                    spec: record.spec.clone(),
+                    checksum: record.config_checksum.clone(),
+                };
                 let results = self
                     .run_hooks(
-                        svc,
+                        &entered,
                         cluster,
                         Action::Leave,
                         Role::Vicemaster,
@@ -446,6 +458,8 @@ impl<N: Netlink> Node<N> {
             }
             Step::EnterMaster => self.enter_master(record, svc, cluster, wanted.epoch).await,
             Step::EnterVicemaster => {
+                record.spec = svc.spec.clone();
+                record.config_checksum = svc.checksum.clone();
                 let results = self
                     .run_hooks(
                         svc,
@@ -547,12 +561,84 @@ impl<N: Netlink> Node<N> {
         true
     }
 
+    /// Puts the VIPs of a running master in line with a spec whose VIP
+    /// list changed, as a keepalived reload does: the VIPs no longer named
+    /// are removed, the new ones added (with the lifetime the heartbeat
+    /// allows) and announced; no hook runs and the epoch stays. A VIP that
+    /// cannot be added fails the master role as an enter that failed does
+    /// (left, `Failed` at its epoch), so the operator moves the service.
+    /// Returns whether the VIPs are now the spec's.
+    pub async fn revip(
+        &self,
+        record: &mut ServiceRecord,
+        svc: &ServiceView,
+        cluster: &ClusterView,
+    ) -> bool {
+        let wanted = Self::vips(&svc.spec);
+        let held = self.placed(record).await;
+        let named = |v: &Vip, list: &[Vip]| list.iter().any(|w| w.to_string() == v.to_string());
+        let gone: Vec<(String, Vip)> = held
+            .iter()
+            .filter(|(_, v)| !named(v, &wanted))
+            .cloned()
+            .collect();
+        let held_vips: Vec<Vip> = held.iter().map(|(_, v)| v.clone()).collect();
+        let new: Vec<Vip> = wanted
+            .iter()
+            .filter(|v| !named(v, &held_vips))
+            .cloned()
+            .collect();
+        let removed = self.del_vips(&gone).await;
+        // From here on the record names the new list: a leave (or a restart
+        // that leaves first) removes every VIP the new spec names.
+        record.spec.vips = svc.spec.vips.clone();
+        match self.add_vips(&new, cluster).await {
+            Ok(placed) => {
+                self.garp(&placed, &svc.spec).await;
+                record.vips = wanted.iter().map(Vip::to_string).collect();
+                if record.interface.is_none() {
+                    record.interface = placed.first().map(|(i, _)| i.clone());
+                }
+                self.metrics.set_vips_held(record.vips.len());
+                tracing::info!(
+                    epoch = record.epoch,
+                    removed = gone.len(),
+                    added = placed.len(),
+                    "VIP list changed on the running master"
+                );
+                if !removed {
+                    record.unclean_epoch = Some(record.epoch);
+                }
+                removed
+            }
+            Err(e) => {
+                tracing::error!(epoch = record.epoch, error = %e, "a new VIP cannot be added: leaving master");
+                let epoch = record.epoch;
+                self.leave_master(record, svc, cluster).await;
+                record.last_hooks.insert(0, refused(&e.to_string()));
+                record.state = NodeServiceState::Failed;
+                record.failed_epoch = Some(epoch);
+                record.fail_count += 1;
+                false
+            }
+        }
+    }
+
+    /// Leaves master: VIPs removed, then the leave scripts of the spec the
+    /// role was entered with (the record's: an edit of the hooks since then
+    /// must not change what stops the service).
     async fn leave_master(
         &self,
         record: &mut ServiceRecord,
         svc: &ServiceView,
         cluster: &ClusterView,
     ) -> bool {
+        let entered = ServiceView {
+            key: svc.key.clone(),
+            spec: record.spec.clone(),
+            checksum: record.config_checksum.clone(),
+        };
+        let svc = &entered;
         record.state = NodeServiceState::Stopping;
         let placed = self.placed(record).await;
         let removed = self.del_vips(&placed).await;
@@ -706,6 +792,24 @@ impl<N: Netlink> Node<N> {
         self.metrics.set_vips_held(0);
     }
 
+    /// Removes every VIP held for `cluster` at once, from the registry of
+    /// held VIPs: the fence's first act, which takes no record lock (a
+    /// transition, monitor or report may hold one for seconds). Returns how
+    /// many were removed.
+    pub async fn drop_held(&self, cluster: &str) -> usize {
+        let held = self.held.of_cluster(cluster);
+        for (addr, iface) in &held {
+            let Ok(v) = Vip::parse(addr, Some(iface)) else {
+                continue;
+            };
+            self.held.release(&v);
+            if let Err(e) = self.netlink.del_vip(iface, &v).await {
+                tracing::error!(vip = %addr, %iface, error = %e, "removing a VIP at the fence failed");
+            }
+        }
+        held.len()
+    }
+
     /// Runs the monitor scripts once; `Some(true)` when the service runs.
     pub async fn monitor(
         &self,
@@ -830,6 +934,7 @@ mod tests {
         };
         (
             Beat {
+                renewed_under: None,
                 timing,
                 last_success: Some(now - Duration::from_millis(age_ms)),
                 failures: 0,

@@ -81,7 +81,15 @@ pub struct Fingerprint {
     pub resource_version: Option<String>,
     /// `spec.renewTime`, as written.
     pub renew_time: Option<String>,
+    /// E of the timing the agent renewed under
+    /// ([`kubeha_crds::leases::EXPIRY_MS_ANNOTATION`]); counted as at most
+    /// [`MAX_ANNOUNCED_EXPIRY`].
+    pub announced_expiry: Option<Duration>,
 }
+
+/// The longest E an agent may announce: the API's largest D plus its
+/// largest skew allowance.
+pub const MAX_ANNOUNCED_EXPIRY: Duration = Duration::from_millis(300_000 + 10_000);
 
 impl Fingerprint {
     /// The fingerprint of a Lease.
@@ -93,6 +101,7 @@ impl Fingerprint {
                 .as_ref()
                 .and_then(|s| s.renew_time.as_ref())
                 .map(|t| t.0.to_string()),
+            announced_expiry: kubeha_crds::leases::heartbeat_expiry(lease),
         }
     }
 }
@@ -158,10 +167,19 @@ impl HeartbeatView {
         self.timing = timing;
     }
 
+    /// E for an observation: the timing in force, or the longer one the
+    /// agent announced when it renewed (a lowered D is never applied to
+    /// renews made under the old one).
+    fn expiry_of(&self, seen: Option<&Seen>) -> Duration {
+        let announced = seen.and_then(|s| s.fingerprint.announced_expiry);
+        let announced = announced.unwrap_or_default().min(MAX_ANNOUNCED_EXPIRY);
+        self.timing.expiry().max(announced)
+    }
+
     /// Records that the operator saw `node`'s heartbeat Lease with this
     /// fingerprint at `now`.
     pub fn observe(&mut self, node: &str, fingerprint: Fingerprint, now: Instant) -> Observation {
-        let expiry = self.timing.expiry();
+        let expiry = self.expiry_of(self.nodes.get(node));
         match self.nodes.get_mut(node) {
             None => {
                 self.nodes.insert(
@@ -219,7 +237,7 @@ impl HeartbeatView {
     /// [`with_mode`]). Any name may be asked; a name never seen is judged
     /// from the instant the view started.
     pub fn state(&self, node: &str, now: Instant) -> HeartbeatState {
-        let expiry = self.timing.expiry();
+        let expiry = self.expiry_of(self.nodes.get(node));
         match self.nodes.get(node) {
             Some(seen) => {
                 let quiet = now.saturating_duration_since(seen.last_change);
@@ -278,14 +296,17 @@ impl HeartbeatView {
         names: impl IntoIterator<Item = &'a str>,
         now: Instant,
     ) -> Option<Instant> {
-        let expiry = self.timing.expiry();
-        let mut bases: Vec<Instant> = self.nodes.values().map(|s| s.last_change).collect();
+        let mut bases: Vec<(Instant, Duration)> = self
+            .nodes
+            .values()
+            .map(|s| (s.last_change, self.expiry_of(Some(s))))
+            .collect();
         if names.into_iter().any(|n| !self.nodes.contains_key(n)) {
-            bases.push(self.started);
+            bases.push((self.started, self.expiry_of(None)));
         }
         bases
             .into_iter()
-            .flat_map(|t| [t + expiry, t + expiry * 2])
+            .flat_map(|(t, expiry)| [t + expiry, t + expiry * 2])
             .filter(|t| *t > now)
             .min()
     }
@@ -323,7 +344,42 @@ mod tests {
         Fingerprint {
             resource_version: Some(rv.to_owned()),
             renew_time: None,
+            announced_expiry: None,
         }
+    }
+
+    #[test]
+    fn a_lowered_d_is_not_applied_to_renews_made_under_the_old_one() {
+        let t0 = Instant::now();
+        let long = Timing {
+            lease_duration: ms(10_000),
+            clock_skew: ms(500),
+        };
+        let mut v = HeartbeatView::new(long, t0);
+        let under = |rv: &str, e: u64| Fingerprint {
+            announced_expiry: Some(ms(e)),
+            ..fp(rv)
+        };
+        v.observe("a", under("1", 10_500), t0);
+        // The spec lowers D to 3 s right after that renew.
+        v.set_timing(timing());
+        assert_eq!(
+            v.state("a", t0 + ms(3500)),
+            Alive,
+            "judged by the E it renewed under"
+        );
+        assert_eq!(v.state("a", t0 + ms(10_499)), Alive);
+        assert_eq!(v.state("a", t0 + ms(10_500)), Lost);
+        assert_eq!(v.next_expiry([], t0 + ms(1)), Some(t0 + ms(10_500)));
+        // A renew under the new timing is judged by it.
+        v.observe("a", under("2", 3500), t0 + ms(11_000));
+        assert_eq!(v.state("a", t0 + ms(14_499)), Alive);
+        assert_eq!(v.state("a", t0 + ms(14_500)), Lost);
+        // A raised D counts at once, and an absurd announcement is capped.
+        v.set_timing(long);
+        assert_eq!(v.state("a", t0 + ms(14_500)), Alive);
+        v.observe("a", under("3", u64::MAX / 2), t0 + ms(20_000));
+        assert_eq!(v.state("a", t0 + ms(20_000) + MAX_ANNOUNCED_EXPIRY), Lost);
     }
 
     fn ms(v: u64) -> Duration {
@@ -358,6 +414,7 @@ mod tests {
         let renewed = Fingerprint {
             resource_version: Some("1".into()),
             renew_time: Some("later".into()),
+            announced_expiry: None,
         };
         assert_eq!(v.observe("a", renewed, t0 + ms(1000)), Observation::Renewed);
         assert_eq!(v.state("a", t0 + ms(4000)), Alive);
