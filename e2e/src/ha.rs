@@ -600,42 +600,6 @@ pub fn operator_metric(r: u8, metric: &str) -> f64 {
 mod tests {
     use super::*;
 
-    fn sampled(double: usize, samples: usize, gap_ms: u64) -> Sampled {
-        Sampled {
-            double,
-            samples,
-            max_gap: Duration::from_millis(gap_ms),
-            windows: Vec::new(),
-        }
-    }
-
-    #[test]
-    fn a_sampler_that_kept_pace_and_saw_one_holder_passes() {
-        sampled(0, 500, 12).assert_single_holder("198.18.0.100", "a move");
-        let mut all = sampled(0, 10, 11);
-        all.absorb(sampled(0, 5, 49));
-        assert_eq!((all.samples, all.max_gap), (15, Duration::from_millis(49)));
-        all.assert_single_holder("198.18.0.100", "two phases");
-    }
-
-    #[test]
-    #[should_panic(expected = "two nodes held 198.18.0.100 in 2 of 500 samples")]
-    fn two_holders_fail() {
-        sampled(2, 500, 12).assert_single_holder("198.18.0.100", "a move");
-    }
-
-    #[test]
-    #[should_panic(expected = "took no sample")]
-    fn a_sampler_without_samples_fails() {
-        sampled(0, 0, 0).assert_single_holder("198.18.0.100", "a move");
-    }
-
-    #[test]
-    #[should_panic(expected = "could not keep pace")]
-    fn a_sampler_that_fell_behind_fails() {
-        sampled(0, 500, 400).assert_single_holder("198.18.0.100", "a move");
-    }
-
     #[test]
     fn parses_tcpdump_arp_and_na() {
         let text = "1700000000.100000 aa:bb:cc:dd:ee:01 > ff:ff:ff:ff:ff:ff, ethertype ARP (0x0806), length 42: Ethernet (len 6), IPv4 (len 4), Request who-has 198.18.0.100 tell 198.18.0.100, length 28\n\

@@ -354,6 +354,42 @@ impl Drop for SplitBrain {
 mod tests {
     use super::*;
 
+    fn sampled(double: usize, samples: usize, gap_ms: u64) -> Sampled {
+        Sampled {
+            double,
+            samples,
+            max_gap: Duration::from_millis(gap_ms),
+            windows: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn a_sampler_that_kept_pace_and_saw_one_holder_passes() {
+        sampled(0, 500, 12).assert_single_holder("198.18.0.100", "a move");
+        let mut all = sampled(0, 10, 11);
+        all.absorb(sampled(0, 5, 49));
+        assert_eq!((all.samples, all.max_gap), (15, Duration::from_millis(49)));
+        all.assert_single_holder("198.18.0.100", "two phases");
+    }
+
+    #[test]
+    #[should_panic(expected = "two nodes held 198.18.0.100 in 2 of 500 checks")]
+    fn two_holders_fail() {
+        sampled(2, 500, 12).assert_single_holder("198.18.0.100", "a move");
+    }
+
+    #[test]
+    #[should_panic(expected = "checked nothing")]
+    fn a_sampler_without_samples_fails() {
+        sampled(0, 0, 0).assert_single_holder("198.18.0.100", "a move");
+    }
+
+    #[test]
+    #[should_panic(expected = "could not keep pace")]
+    fn a_sampler_that_fell_behind_fails() {
+        sampled(0, 500, 400).assert_single_holder("198.18.0.100", "a move");
+    }
+
     #[test]
     fn monitor_lines_give_time_kind_and_address() {
         let (at, added, addr) = parse_event(

@@ -739,3 +739,113 @@ fn a_lowered_lease_duration_never_lets_a_second_node_in_before_the_old_one_ran_o
     wait_active(&lab, name, vip, Duration::from_secs(30));
     cleanup(&lab, name, vip);
 }
+
+/// Hole found by reading (issue 8): under `noQuorumPolicy: Freeze` the
+/// agent of a node cut off from the API server keeps its VIPs, while the
+/// operator took the Lost heartbeat as a fence and cleared the next node:
+/// two holders. A Lost node of a Freeze cluster now proves nothing; only
+/// its acknowledgement or `peerdown` lets another node in. Fails on the
+/// commit before this test (two holders about D + skew after the cut).
+#[test]
+fn under_freeze_a_node_cut_off_from_the_api_server_keeps_its_vip_alone() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let lab = lab();
+    let (name, vip) = ("op-freeze", "198.18.0.122");
+    let timing = Timing::DEFAULT;
+    ha::delete_service(&lab, name);
+    let mut cluster = ha::cluster(name, &[1, 2, 3], timing);
+    cluster["spec"]["fence"] = serde_json::json!({"noQuorumPolicy": "Freeze"});
+    ha::apply(&lab, &cluster).unwrap();
+    assert!(all_ready(&lab, name, Duration::from_secs(20)));
+    ha::apply(
+        &lab,
+        &ha::service(name, name, &[&format!("{vip}/24")], None, (3, 100)),
+    )
+    .unwrap();
+    assert_eq!(wait_active(&lab, name, vip, Duration::from_secs(30)), 1);
+    let sampler = ha::SplitBrain::start(vip, &[]);
+    lab.partition(1).unwrap();
+    // Three times D + skew: well past the point where the operator sees
+    // node-1 Lost.
+    std::thread::sleep(Duration::from_millis(
+        3 * u64::from(timing.lease_ms + timing.skew_ms),
+    ));
+    let holders = ha::vip_holders(vip);
+    let reached = ha::client_reaches(vip, 1);
+    let status = ha::service_status(&lab, name);
+    lab.heal(1).unwrap();
+    let after_heal = ha::wait_until(Duration::from_secs(30), || {
+        ha::active_node(&lab, name, vip).is_some()
+    });
+    sampler.stop().assert_single_holder(
+        vip,
+        "node-1 of a Freeze cluster cut off from the API server, then healed",
+    );
+    assert_eq!(
+        holders,
+        [1],
+        "frozen node-1 alone holds the VIP while cut off"
+    );
+    assert!(reached, "the client lost the frozen service on node-1");
+    assert!(
+        after_heal.is_some(),
+        "no node ran the service after the heal: {} (while cut off: {status})",
+        ha::service_status(&lab, name)
+    );
+    cleanup(&lab, name, vip);
+}
+
+/// Hole found by reading (issue 8): a leave that failed left the next node
+/// waiting for a fence that nothing started while the failed node kept
+/// heartbeating: the service stayed down until an admin acted. The agent
+/// now fences itself for the cluster (heartbeat withheld for E + R), as
+/// Pacemaker fences a node whose stop failed, and the operator lets the
+/// next node in once it sees the node Lost. Fails on the commit before this
+/// test (the move never completes).
+#[test]
+fn a_leave_that_fails_fences_its_node_and_the_service_moves_without_an_admin() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let lab = lab();
+    let (name, vip) = ("op-leave-fails", "198.18.0.123");
+    let trace = lab.dir().join("trace-op-leave-fails");
+    let install = |failing_leave: &[u8]| {
+        for i in 1..=3 {
+            let code = i32::from(failing_leave.contains(&i));
+            ha::install_hooks(
+                &lab,
+                i,
+                name,
+                &[
+                    ("E01server", &ha::tracing_script(&trace, 0)),
+                    ("L01server", &ha::tracing_script(&trace, code)),
+                ],
+            )
+            .unwrap();
+        }
+    };
+    install(&[1]);
+    fresh(&lab, name, vip, Some(name), Timing::DEFAULT);
+    assert_eq!(wait_active(&lab, name, vip, Duration::from_secs(30)), 1);
+    let sampler = ha::SplitBrain::start(vip, &[]);
+    let asked = Instant::now();
+    ha::request_move(&lab, name, 2).unwrap();
+    wait_active_on(&lab, name, vip, 2, Duration::from_secs(30));
+    let took = asked.elapsed();
+    sampler.stop().assert_single_holder(
+        vip,
+        "a move whose leave fails on node-1, then node-1's fence and node-2's entry",
+    );
+    eprintln!("move with a failing leave to node-2 active: {took:?}");
+    let reasons = event_reasons(&lab, ha::SERVICE_NAMESPACE, name);
+    assert!(
+        reasons.iter().any(|r| r == "FenceEscalated"),
+        "no FenceEscalated Event: {reasons:?}"
+    );
+    // node-1 heartbeats again after its fence.
+    assert!(
+        all_ready(&lab, name, Duration::from_secs(30)),
+        "node-1 never heartbeat again after the escalated fence"
+    );
+    install(&[]);
+    cleanup(&lab, name, vip);
+}

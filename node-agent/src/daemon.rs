@@ -261,6 +261,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         );
         fence_if_cut_off(&shared, &clusters_now, &me, &slots).await;
         if !synced.load(Ordering::SeqCst) {
+            shared.beats.mark_progress(Instant::now());
             continue;
         }
         reconcile(
@@ -276,6 +277,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             write_status(&shared, &slots).await;
             last_write = Instant::now();
         }
+        shared.beats.mark_progress(Instant::now());
     }
     // Shutting down is not a failover: keep VIPs (their lifetime runs out
     // unless a restarted agent re-adopts them) and the status file.
@@ -1021,12 +1023,39 @@ fn spawn_steps(
             event(&shared, &target, warning, reason, note).await;
             if !ok {
                 tracing::warn!(service = %service.key, ?step, "step failed");
+                if step == assignments::Step::LeaveMaster && record.unclean_epoch.is_some() {
+                    escalate(&shared, &target, &view).await;
+                }
                 break;
             }
         }
         drop(record);
         shared.notify.notify_one();
     });
+}
+
+/// A leave of master that failed: the service may still run here, and the
+/// next node waits for this one's acknowledgement or fence. As Pacemaker
+/// fences a node whose stop failed, the agent fences itself for the
+/// cluster: it withholds its heartbeat for E + R, so the watchdog fences at
+/// RD (VIPs dropped, leave scripts, hooks killed, the reset hook) and the
+/// operator sees the node Lost, which lets the next node in. No admin
+/// action is needed; the failed record stays unclean, so this node enters
+/// nothing until a leave succeeds here.
+async fn escalate(shared: &Shared, target: &Target, view: &ClusterView) {
+    let Some(beat) = view.beat else {
+        return;
+    };
+    let timing = beat.guard();
+    let hold = timing.expiry() + timing.renew_interval + Duration::from_millis(500);
+    shared.beats.suspend(&view.name, Instant::now() + hold);
+    tracing::error!(cluster = %view.name, hold_ms = hold.as_millis() as u64, "a leave failed: fencing this node for the cluster (heartbeat withheld)");
+    let note = format!(
+        "leave failed: this node fences itself for cluster {} (heartbeat withheld for {} ms)",
+        view.name,
+        hold.as_millis()
+    );
+    event(shared, target, true, "FenceEscalated", note).await;
 }
 
 /// What the status file says while `step` runs, so an agent that dies in
@@ -1153,6 +1182,9 @@ fn spawn_monitor(
             record.failed_epoch = Some(epoch);
             record.fail_count += 1;
             report(&shared, &target, &record).await;
+            if record.unclean_epoch.is_some() {
+                escalate(&shared, &target, &view).await;
+            }
         } else if failures > 0 {
             tracing::warn!(service = %service.key, failures, threshold, "monitor failed");
         }

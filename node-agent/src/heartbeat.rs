@@ -109,11 +109,76 @@ impl Beat {
 }
 
 /// The heartbeat state of every cluster, shared between the renew loops, the
-/// fence watchdog, the transitions and the metrics.
+/// fence watchdog, the transitions and the metrics; with the progress of the
+/// agent's main loop, which a renew vouches for.
 #[derive(Debug, Clone, Default)]
-pub struct Heartbeats(Arc<Mutex<HashMap<String, Beat>>>);
+pub struct Heartbeats {
+    beats: Arc<Mutex<HashMap<String, Beat>>>,
+    /// When the main loop last finished a pass.
+    progress: Arc<Mutex<Option<Instant>>>,
+    /// Per cluster: no renew before this instant (an escalated fence).
+    suspended: Arc<Mutex<HashMap<String, Instant>>>,
+}
+
+/// Why a renew is not sent now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Withheld {
+    /// The main loop has not finished a pass for this long (at least RD): a
+    /// renew would tell the operator that an agent which no longer extends
+    /// VIPs, acknowledges handovers or fences is alive.
+    Stalled(Duration),
+    /// Renewals are suspended for the cluster until then (see
+    /// [`Heartbeats::suspend`]).
+    Suspended(Instant),
+}
 
 impl Heartbeats {
+    /// The main loop finished a pass.
+    pub fn mark_progress(&self, now: Instant) {
+        *self.progress.lock().unwrap_or_else(|e| e.into_inner()) = Some(now);
+    }
+
+    /// How long since the main loop last finished a pass (`None` before
+    /// the first).
+    pub fn stalled_for(&self, now: Instant) -> Option<Duration> {
+        self.progress
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .map(|t| now.saturating_duration_since(t))
+    }
+
+    /// Stops renewing `cluster`'s heartbeat until `until`: the escalation
+    /// of a leave that failed. The watchdog then fences this node for the
+    /// cluster at RD, and the operator sees it Lost (so fenced) at E.
+    pub fn suspend(&self, cluster: &str, until: Instant) {
+        self.suspended
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(cluster.to_owned(), until);
+    }
+
+    /// Whether a renew of `cluster` may be sent at `now`, given RD.
+    pub fn withheld(
+        &self,
+        cluster: &str,
+        renew_deadline: Duration,
+        now: Instant,
+    ) -> Option<Withheld> {
+        if let Some(until) = self
+            .suspended
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(cluster)
+            .copied()
+            .filter(|u| *u > now)
+        {
+            return Some(Withheld::Suspended(until));
+        }
+        self.stalled_for(now)
+            .filter(|d| *d >= renew_deadline)
+            .map(Withheld::Stalled)
+    }
+
     /// A snapshot of one cluster's heartbeat.
     pub fn get(&self, cluster: &str) -> Option<Beat> {
         self.lock().get(cluster).copied()
@@ -157,7 +222,7 @@ impl Heartbeats {
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Beat>> {
-        self.0.lock().unwrap_or_else(|e| e.into_inner())
+        self.beats.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
 
@@ -214,6 +279,13 @@ pub async fn renew_loop(
         };
         let timing = beat.timing;
         let sent = Instant::now();
+        if let Some(why) = beats.withheld(&cluster, beat.guard().renew_deadline, sent) {
+            beats.record(&cluster, sent, timing, false);
+            metrics.renew_failure(&cluster);
+            tracing::warn!(%cluster, ?why, "heartbeat renew withheld");
+            tokio::time::sleep_until((sent + timing.renew_interval).into()).await;
+            continue;
+        }
         let lease = heartbeat_lease(&cluster, &node, &timing);
         // A renew slower than R is useless: the next one is due.
         let result = tokio::time::timeout(
@@ -305,6 +377,37 @@ mod tests {
         // Until a renew is sent under the long D.
         beats.record("c", t0 + Duration::from_secs(2), long, true);
         assert_eq!(beats.get("c").unwrap().guard(), long);
+    }
+
+    #[test]
+    fn renews_wait_for_the_main_loop_and_for_a_suspension_to_end() {
+        let beats = Heartbeats::default();
+        let rd = Duration::from_secs(2);
+        let t0 = Instant::now();
+        assert_eq!(beats.withheld("c", rd, t0), None, "before the first pass");
+        beats.mark_progress(t0);
+        assert_eq!(
+            beats.withheld("c", rd, t0 + Duration::from_millis(1999)),
+            None
+        );
+        assert_eq!(
+            beats.withheld("c", rd, t0 + rd),
+            Some(Withheld::Stalled(rd)),
+            "a main loop stuck for RD stops the heartbeat"
+        );
+        beats.mark_progress(t0 + rd);
+        let until = t0 + Duration::from_secs(5);
+        beats.suspend("c", until);
+        assert_eq!(
+            beats.withheld("c", rd, t0 + Duration::from_secs(3)),
+            Some(Withheld::Suspended(until))
+        );
+        assert_eq!(
+            beats.withheld("other", rd, t0 + Duration::from_secs(3)),
+            None
+        );
+        beats.mark_progress(until);
+        assert_eq!(beats.withheld("c", rd, until), None);
     }
 
     #[test]

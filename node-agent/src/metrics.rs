@@ -1,6 +1,6 @@
 //! Prometheus metrics of the agent and its HTTP endpoints: `/metrics`,
-//! `/healthz` (the process serves) and `/readyz` (every cluster's heartbeat
-//! renewed within RD).
+//! `/healthz` (the main loop makes progress) and `/readyz` (every cluster's
+//! heartbeat renewed within RD).
 
 use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
@@ -185,7 +185,28 @@ pub async fn serve(
             "/metrics",
             get(|State(s): State<HttpState>| async move { s.metrics.encode(&s.beats) }),
         )
-        .route("/healthz", get(|| async { "ok" }))
+        .route(
+            "/healthz",
+            get(|State(s): State<HttpState>| async move {
+                // Unhealthy once the main loop is stuck for the longest RD
+                // of the clusters (its renewals have stopped by then).
+                let now = Instant::now();
+                let limit = s
+                    .beats
+                    .all()
+                    .values()
+                    .map(|b| b.timing.renew_deadline)
+                    .max()
+                    .unwrap_or(std::time::Duration::from_secs(10));
+                match s.beats.stalled_for(now) {
+                    Some(stalled) if stalled >= limit => (
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        format!("main loop stalled for {} ms", stalled.as_millis()),
+                    ),
+                    _ => (StatusCode::OK, "ok".to_owned()),
+                }
+            }),
+        )
         .route(
             "/readyz",
             get(|State(s): State<HttpState>| async move {

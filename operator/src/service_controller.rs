@@ -23,7 +23,7 @@ use kube::runtime::controller::Action;
 use kube::runtime::finalizer::{Event as FinalizerEvent, finalizer};
 use kube::runtime::reflector::ObjectRef;
 use kube::{Api, Resource, ResourceExt};
-use kubeha_crds::cluster::HeartbeatState;
+use kubeha_crds::cluster::{HeartbeatState, NoQuorumPolicy};
 use kubeha_crds::{HACluster, HAService, Mode, annotations, leases};
 use serde_json::json;
 
@@ -273,12 +273,21 @@ fn evaluate(svc: &HAService, ctx: &Ctx, deleting: bool, now: Instant) -> Evaluat
         let next = view.next_expiry(relevant.iter().map(String::as_str), now);
         (node_views, states, next)
     });
+    // Under `noQuorumPolicy: Freeze` a node cut off from the API server
+    // keeps its roles and VIPs (its agent extends them itself): its Lost
+    // heartbeat proves nothing, only `peerdown` (or its own acknowledgement)
+    // lets another node in.
+    let lost_means_fenced = cluster
+        .as_ref()
+        .is_none_or(|c| c.spec.fence.no_quorum_policy == NoQuorumPolicy::Stop);
     let fences: BTreeMap<String, Fence> = states
         .iter()
         .map(|(n, s)| {
             let fence = if mode_of(n) == Some(Mode::Peerdown) {
                 Fence::Peerdown
-            } else if matches!(s, HeartbeatState::Lost | HeartbeatState::Fenced) {
+            } else if lost_means_fenced
+                && matches!(s, HeartbeatState::Lost | HeartbeatState::Fenced)
+            {
                 Fence::Heartbeat
             } else {
                 Fence::None
