@@ -2,18 +2,22 @@
 //! lab (at least 5 nodes, 10 HAServices with IPv4 and IPv6 VIPs), with two
 //! detectors running the whole time.
 //!
-//! - Safety: every node's addresses are sampled at most 10 ms apart
-//!   ([`ha::SplitBrain`] over every VIP); any sample in which two powered
-//!   nodes hold one VIP is a violation, reported as a window (VIP, nodes,
-//!   from, to). A sampler that could not keep pace is a violation too.
+//! - Safety: every node's address events and 100 ms snapshots
+//!   ([`ha::SplitBrain`] over every VIP, the edits' extra VIPs too); any
+//!   instant at which two powered nodes hold one VIP is a violation,
+//!   reported as a window (VIP, nodes, from, to). A detector that could not
+//!   keep pace is a violation too.
 //! - Liveness: at every checkpoint (every few injections, and at the end)
 //!   the injecting stops; every service must then, within D + skew + 3 s of
 //!   the last fault's end, be Active on the node its status names, hold its
 //!   VIP there only, and answer the client from that node's MAC.
 //!
-//! Faults are injected one at a time, in random order, with random gaps of
-//! 0.2-1.5 x D between them: shorter than D, so the next fault lands while
-//! the system still recovers from the last.
+//! Faults ([`Kind`]: agent kill and stall, power-off, partition from the
+//! API server, API server stall, etcd restart, operator leader kill, moves,
+//! VIP list edits, D lowered then raised, a node locked then back) are
+//! injected one at a time, in random order, with random gaps of 0.2-1.5 x D
+//! between them: shorter than D, so the next fault lands while the system
+//! still recovers from the last.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -59,10 +63,21 @@ pub enum Kind {
     OperatorLeaderKill,
     /// `kubectl ha move` of a random service to a random node.
     Move,
+    /// etcd is killed and started again after 0.5-2 s.
+    EtcdRestart,
+    /// A random service gets a second (IPv6) VIP for 0.5-1.5 x D, then its
+    /// VIP list is back as it was.
+    VipEdit,
+    /// The cluster's lease duration is lowered to 2 s for 1-3 x D, then
+    /// raised back.
+    TimingChange,
+    /// A random node is put in mode `locked` for 1-3 x D, then back to
+    /// `default`.
+    ModeChange,
 }
 
 impl Kind {
-    const ALL: [Kind; 7] = [
+    const ALL: [Kind; 11] = [
         Kind::AgentKill,
         Kind::AgentStop,
         Kind::PowerOff,
@@ -70,6 +85,10 @@ impl Kind {
         Kind::ApiserverStop,
         Kind::OperatorLeaderKill,
         Kind::Move,
+        Kind::EtcdRestart,
+        Kind::VipEdit,
+        Kind::TimingChange,
+        Kind::ModeChange,
     ];
 
     /// The name in reports and JSON.
@@ -82,6 +101,10 @@ impl Kind {
             Kind::ApiserverStop => "apiserver_stop",
             Kind::OperatorLeaderKill => "operator_leader_kill",
             Kind::Move => "move",
+            Kind::EtcdRestart => "etcd_restart",
+            Kind::VipEdit => "vip_edit",
+            Kind::TimingChange => "timing_change",
+            Kind::ModeChange => "mode_change",
         }
     }
 }
@@ -162,6 +185,42 @@ fn service_vips(k: usize) -> (String, Option<String>) {
     )
 }
 
+/// Service `k`'s extra VIP for [`Kind::VipEdit`] (IPv6, inside the lab's
+/// pool, apart from every service's own VIPs).
+fn extra_vip(k: usize) -> String {
+    format!("2001:db8::{:x}", 0x180 + k)
+}
+
+/// Service `k` as the run applies it, with its extra VIP or without.
+fn service_spec(k: usize, extra: bool) -> serde_json::Value {
+    let (v4, v6) = service_vips(k);
+    let mut vips = vec![format!("{v4}/24")];
+    vips.extend(v6.map(|v| format!("{v}/64")));
+    if extra {
+        vips.push(format!("{}/64", extra_vip(k)));
+    }
+    let vips: Vec<&str> = vips.iter().map(String::as_str).collect();
+    ha::service(&service_name(k), CLUSTER, &vips, None, (3, 100))
+}
+
+/// The cluster as the run applies it: every node a member, `locked` the
+/// one in mode locked, with `timing`.
+fn cluster_spec(nodes: u8, locked: Option<u8>, timing: Timing) -> serde_json::Value {
+    let modes: Vec<(u8, &str)> = (1..=nodes)
+        .map(|i| {
+            (
+                i,
+                if Some(i) == locked {
+                    "locked"
+                } else {
+                    "default"
+                },
+            )
+        })
+        .collect();
+    ha::cluster_with_modes(CLUSTER, &modes, timing)
+}
+
 /// Runs the chaos: sets up the cluster and services, injects, checks,
 /// and removes what it created. Every fault is undone before it returns,
 /// also on an error.
@@ -191,21 +250,13 @@ fn setup(lab: &Lab, cfg: Config, timing: Timing) -> anyhow::Result<()> {
         }
     }
     teardown(lab, cfg);
-    let members: Vec<u8> = (1..=cfg.nodes).collect();
-    ha::apply(lab, &ha::cluster(CLUSTER, &members, timing))?;
+    ha::apply(lab, &cluster_spec(cfg.nodes, None, timing))?;
     ha::wait_until(Duration::from_secs(30), || {
         ha::members_ready(lab, CLUSTER, cfg.nodes)
     })
     .context("the chaos cluster never had every member ready")?;
     for k in 0..cfg.services {
-        let (v4, v6) = service_vips(k);
-        let mut vips = vec![format!("{v4}/24")];
-        vips.extend(v6.map(|v| format!("{v}/64")));
-        let vips: Vec<&str> = vips.iter().map(String::as_str).collect();
-        ha::apply(
-            lab,
-            &ha::service(&service_name(k), CLUSTER, &vips, None, (3, 100)),
-        )?;
+        ha::apply(lab, &service_spec(k, false))?;
     }
     let first = wait_live(lab, cfg.services, Duration::from_secs(60));
     let healthy: Vec<usize> = (0..cfg.services).filter(|k| first[*k].is_some()).collect();
@@ -255,7 +306,7 @@ fn inject(lab: &Lab, cfg: Config, timing: Timing) -> anyhow::Result<Report> {
     let vips: Vec<String> = (0..cfg.services)
         .flat_map(|k| {
             let (v4, v6) = service_vips(k);
-            std::iter::once(v4).chain(v6)
+            std::iter::once(v4).chain(v6).chain([extra_vip(k)])
         })
         .collect();
     let vip_refs: Vec<&str> = vips.iter().map(String::as_str).collect();
@@ -319,6 +370,43 @@ fn inject(lab: &Lab, cfg: Config, timing: Timing) -> anyhow::Result<Report> {
                 std::thread::sleep(down);
                 lab.start_operator(leader, &[])?;
                 format!("operator replica {leader} (leader) killed, started {down:.1?} later")
+            }
+            Kind::EtcdRestart => {
+                let down = Duration::from_secs_f64(rng.between(0.5, 2.0));
+                lab.restart_etcd(down)?;
+                format!("etcd killed, started {down:.1?} later")
+            }
+            Kind::VipEdit => {
+                let k = rng.below(cfg.services);
+                let hold = d.mul_f64(rng.between(0.5, 1.5));
+                ha::apply(lab, &service_spec(k, true))?;
+                std::thread::sleep(hold);
+                ha::apply(lab, &service_spec(k, false))?;
+                format!(
+                    "{} got VIP {} for {hold:.1?}",
+                    service_name(k),
+                    extra_vip(k)
+                )
+            }
+            Kind::TimingChange => {
+                let lowered = Timing {
+                    lease_ms: 2000,
+                    renew_ms: 600,
+                    deadline_ms: 1400,
+                    skew_ms: timing.skew_ms,
+                };
+                let hold = d.mul_f64(rng.between(1.0, 3.0));
+                ha::apply(lab, &cluster_spec(cfg.nodes, None, lowered))?;
+                std::thread::sleep(hold);
+                ha::apply(lab, &cluster_spec(cfg.nodes, None, timing))?;
+                format!("D lowered to 2 s for {hold:.1?}, then back to 3 s")
+            }
+            Kind::ModeChange => {
+                let hold = d.mul_f64(rng.between(1.0, 3.0));
+                ha::apply(lab, &cluster_spec(cfg.nodes, Some(node), timing))?;
+                std::thread::sleep(hold);
+                ha::apply(lab, &cluster_spec(cfg.nodes, None, timing))?;
+                format!("node-{node} locked for {hold:.1?}, then default again")
             }
             Kind::Move => {
                 let k = rng.below(cfg.services);
@@ -524,12 +612,22 @@ fn unhealthy(lab: &Lab, services: usize, healthy: &[usize]) -> Vec<String> {
         .map(|k| {
             let (v4, _) = service_vips(k);
             let status = ha::service_status(lab, &service_name(k));
+            // What the client sees: its ping, and the MAC it resolved.
+            let ping = nodes::exec_in(nodes::CLIENT_NS, &["ping", "-c", "1", "-W", "1", &v4])
+                .output()
+                .is_ok_and(|o| o.status.success());
+            let neigh = nodes::exec_in(nodes::CLIENT_NS, &["ip", "neigh", "show", &v4])
+                .output()
+                .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+                .unwrap_or_default();
             format!(
-                "{} ({v4}): phase {}, active {}, holders {:?}, conditions {}",
+                "{} ({v4}): phase {}, active {}, holders {:?}, client ping {}, client neighbour [{neigh}], node entries {}, conditions {}",
                 service_name(k),
                 status["phase"],
                 status["activeNode"],
                 ha::vip_holders(&v4),
+                if ping { "answered" } else { "unanswered" },
+                status["nodes"],
                 status["conditions"]
             )
         })

@@ -542,7 +542,10 @@ impl Lab {
     /// `.lab/logs/NAME.log`, pid to `.lab/pids/NAME.pid`.
     fn spawn(&self, name: &str, mut cmd: Command) -> anyhow::Result<()> {
         use std::os::unix::process::CommandExt;
-        let log = File::create(self.dir.join("logs").join(format!("{name}.log")))?;
+        let log = File::options()
+            .create(true)
+            .append(true)
+            .open(self.dir.join("logs").join(format!("{name}.log")))?;
         let child = cmd
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
@@ -1017,6 +1020,22 @@ impl Lab {
         };
         freeze_pid(pid, frozen);
         Ok(true)
+    }
+
+    /// Restarts etcd as a crash would: SIGKILL, `down` without it, then
+    /// started again on its data directory; the API server reconnects by
+    /// itself.
+    pub fn restart_etcd(&self, down: Duration) -> anyhow::Result<()> {
+        let ports = Ports::from_env()?;
+        let bins = Binaries::ensure()?;
+        if let Some(pid) = self.process_pid("etcd") {
+            nodes::signal_pids(&[pid], nix::sys::signal::Signal::SIGKILL);
+            if !nodes::wait_dead(&[pid], Duration::from_secs(5)) {
+                bail!("etcd survived SIGKILL for 5 s");
+            }
+        }
+        std::thread::sleep(down);
+        self.start_etcd(&bins, &ports)
     }
 
     /// [`Lab::freeze_agent`] for a control-plane process, `etcd` or

@@ -696,9 +696,15 @@ async fn reconcile(
                 });
             }
         }
-        // Nothing is entered while this node is cut off from the API server.
+        // Nothing is entered while this node is cut off from the API
+        // server, or while its last renew leaves no whole second of VIP
+        // lifetime (just after a stalled API server answers a renew sent
+        // before the stall).
         let cut_off = view.fenced.load(Ordering::SeqCst)
-            || view.beat.is_none_or(|b| b.past_deadline(Instant::now()));
+            || view.beat.is_none_or(|b| {
+                let now = Instant::now();
+                b.past_deadline(now) || Node::<RtNetlink>::allowed_lifetime(&b, now).is_none()
+            });
         let service = ServiceView {
             key: key.clone(),
             spec: svc.spec.clone(),
@@ -1009,6 +1015,7 @@ fn spawn_steps(
             .first()
             .or(view.members.first())
             == Some(&shared.config.node);
+        let last = steps.last().copied();
         for step in steps {
             if let Some(intent) = intent(step, &record, &service.spec, wanted) {
                 persist(&shared, &service.key, &intent);
@@ -1018,9 +1025,18 @@ fn spawn_steps(
                 .step(step, &mut record, &service, &view, wanted)
                 .await;
             persist(&shared, &service.key, &record);
-            report(&shared, &target, &record).await;
+            // Reported before the next step only when the operator waits
+            // for it (a leave of master acknowledges the epoch) or nothing
+            // follows: a report to a slow API server takes up to its
+            // timeout, and the next step (an enter) must not wait for it.
+            if step == assignments::Step::LeaveMaster || !ok || Some(step) == last {
+                report(&shared, &target, &record).await;
+            }
             let (warning, reason, note) = step_event(step, ok, &record, primary);
-            event(&shared, &target, warning, reason, note).await;
+            tokio::spawn({
+                let (shared, target) = (shared.clone(), target.clone());
+                async move { event(&shared, &target, warning, reason, note).await }
+            });
             if !ok {
                 tracing::warn!(service = %service.key, ?step, "step failed");
                 if step == assignments::Step::LeaveMaster && record.unclean_epoch.is_some() {
@@ -1222,8 +1238,17 @@ async fn event(shared: &Shared, target: &Target, warning: bool, reason: &str, no
         action: reason.to_owned(),
         secondary: None,
     };
-    if let Err(e) = shared.recorder.publish(&ev, &target.reference).await {
-        tracing::warn!(error = %e, reason, "publishing an Event failed");
+    // Best effort, and never for long: an Event is no reason to hold up
+    // anything (a publish to a stalled API server has no timeout of its own).
+    match tokio::time::timeout(
+        Duration::from_secs(2),
+        shared.recorder.publish(&ev, &target.reference),
+    )
+    .await
+    {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => tracing::warn!(error = %e, reason, "publishing an Event failed"),
+        Err(_) => tracing::warn!(reason, "publishing an Event timed out"),
     }
 }
 

@@ -499,19 +499,28 @@ impl<N: Netlink> Node<N> {
         let vips = Self::vips(&svc.spec);
         let placed = match self.add_vips(&vips, cluster).await {
             Ok(p) => p,
+            Err(EnterError::HeartbeatTooOld) => {
+                // Refused before any add: nothing started, and nothing
+                // failed. Entered again once a renew makes room for a
+                // lifetime (a heartbeat just back from a stalled API
+                // server counts from a renew sent before the stall).
+                tracing::warn!(service = %svc.key, epoch, "heartbeat too old to add VIPs: entering after the next renew");
+                record.state = NodeServiceState::Stopped;
+                record.role = Role::None;
+                record.last_hooks = vec![refused(&EnterError::HeartbeatTooOld.to_string())];
+                return false;
+            }
             Err(e) => {
                 tracing::error!(service = %svc.key, epoch, error = %e, "cannot enter master");
                 record.state = NodeServiceState::Failed;
                 record.failed_epoch = Some(epoch);
                 record.last_hooks = vec![refused(&e.to_string())];
-                if !matches!(e, EnterError::Fenced | EnterError::HeartbeatTooOld) {
+                if !matches!(e, EnterError::Fenced) {
                     record.fail_count += 1;
                 }
                 // A VIP added before the refusal stays until its lifetime
-                // ends (only a too old heartbeat refuses before any add).
-                if !matches!(e, EnterError::HeartbeatTooOld) {
-                    record.unclean_epoch = Some(epoch);
-                }
+                // ends.
+                record.unclean_epoch = Some(epoch);
                 return false;
             }
         };

@@ -32,7 +32,7 @@ const EXPIRY_MARGIN: Duration = Duration::from_millis(5);
 /// Reconciles one HACluster (the controller's reconcile function).
 pub async fn reconcile(cluster: Arc<HACluster>, ctx: Arc<Ctx>) -> Result<Action> {
     let started = Instant::now();
-    let result = reconcile_inner(&cluster, &ctx).await;
+    let result = crate::error::within_timeout(reconcile_inner(&cluster, &ctx)).await;
     ctx.metrics
         .reconciled("hacluster", result.is_ok(), started.elapsed());
     result

@@ -238,11 +238,17 @@ impl Ctx {
             action: reason.to_owned(),
             secondary: None,
         };
-        if let Err(e) = self.recorder.publish(&event, reference).await {
-            tracing::warn!(error = %e, reason, "publishing an Event failed");
+        // Best effort, and never for long: a reconcile waits for it.
+        match tokio::time::timeout(EVENT_TIMEOUT, self.recorder.publish(&event, reference)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::warn!(error = %e, reason, "publishing an Event failed"),
+            Err(_) => tracing::warn!(reason, "publishing an Event timed out"),
         }
     }
 }
+
+/// How long publishing one Event may take.
+pub const EVENT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// `namespace/name` of a service.
 pub fn service_key(svc: &HAService) -> String {

@@ -29,6 +29,22 @@ pub enum Error {
     /// An object without a name or namespace where one is required.
     #[error("object has no {0}")]
     Unnamed(&'static str),
+    /// A reconcile did not finish in time (an API call that hangs on a
+    /// stalled API server or a dead connection); retried soon.
+    #[error("reconcile took longer than {0:?}")]
+    Timeout(std::time::Duration),
+}
+
+/// The longest one reconcile may take: its API calls have no timeout of
+/// their own, and a reconcile that hangs holds its object (the controller
+/// runs one reconcile per object at a time).
+pub const RECONCILE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Runs a reconcile under [`RECONCILE_TIMEOUT`].
+pub async fn within_timeout<T>(f: impl std::future::Future<Output = Result<T>>) -> Result<T> {
+    tokio::time::timeout(RECONCILE_TIMEOUT, f)
+        .await
+        .unwrap_or(Err(Error::Timeout(RECONCILE_TIMEOUT)))
 }
 
 impl Error {

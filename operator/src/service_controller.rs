@@ -48,7 +48,7 @@ const EXPIRY_MARGIN: Duration = Duration::from_millis(5);
 /// Reconciles one HAService (the controller's reconcile function).
 pub async fn reconcile(svc: Arc<HAService>, ctx: Arc<Ctx>) -> Result<Action> {
     let started = Instant::now();
-    let result = reconcile_inner(svc, ctx.clone()).await;
+    let result = crate::error::within_timeout(reconcile_inner(svc, ctx.clone())).await;
     let ok = match &result {
         Ok(_) => true,
         Err(e) => e.is_wait(),
@@ -62,6 +62,9 @@ pub fn error_policy(svc: Arc<HAService>, error: &Error, _ctx: Arc<Ctx>) -> Actio
     if error.is_wait() {
         tracing::debug!(service = %service_key(&svc), %error, "waiting");
         Action::requeue(Duration::from_millis(500))
+    } else if matches!(error, Error::Timeout(_)) {
+        tracing::warn!(service = %service_key(&svc), %error, "reconcile timed out");
+        Action::requeue(Duration::from_millis(200))
     } else {
         tracing::warn!(service = %service_key(&svc), %error, "reconcile failed");
         Action::requeue(Duration::from_secs(2))
