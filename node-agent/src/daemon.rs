@@ -115,6 +115,9 @@ struct Shared {
     /// Serializes writes of the status file (the periodic writer and the
     /// transitions' intents).
     state_file: std::sync::Mutex<()>,
+    /// The status file was unreadable at start: services without a record
+    /// leave first.
+    past_unknown: AtomicBool,
 }
 
 /// Runs the daemon until a signal ends it.
@@ -142,6 +145,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         fenced: Default::default(),
         notify: Notify::new(),
         state_file: std::sync::Mutex::new(()),
+        past_unknown: AtomicBool::new(false),
         recorder: Recorder::new(
             client.clone(),
             Reporter {
@@ -210,7 +214,22 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     });
 
     let mut slots: BTreeMap<String, Slot> = BTreeMap::new();
-    if let Some(saved) = statefile::read(&config.state_dir) {
+    // A status file that exists but cannot be read: what ran here before is
+    // unknown, so no later epoch may be reported as "moved on" before a
+    // leave ran. Every service this node is a member of leaves first (the
+    // scripts are idempotent); the file is kept aside for the admin.
+    let saved = match statefile::read_at_start(&config.state_dir) {
+        Ok(saved) => saved,
+        Err(reason) => {
+            let aside = statefile::path(&config.state_dir)
+                .with_extension(format!("unreadable-{}", jiff::Timestamp::now().as_second()));
+            let _ = std::fs::rename(statefile::path(&config.state_dir), &aside);
+            tracing::error!(%reason, aside = %aside.display(), "the status file is unreadable: every service leaves first");
+            shared.past_unknown.store(true, Ordering::SeqCst);
+            None
+        }
+    };
+    if let Some(saved) = saved {
         for (key, mut record) in saved.services {
             if record.assume_unclean_if_unknown() {
                 tracing::info!(service = %key, epoch = record.epoch, "failed without acknowledgement before the restart: counted as a leave that failed");
@@ -638,7 +657,7 @@ async fn reconcile(
         let lease_epoch = lease.and_then(|l| assignments::lease_epoch(l));
         let view = cluster_view(shared, cluster);
         let slot = slots.entry(key.clone()).or_insert_with(|| {
-            new_slot(
+            let mut slot = new_slot(
                 ServiceRecord::fresh(
                     &cluster.name_any(),
                     &svc.spec,
@@ -646,7 +665,9 @@ async fn reconcile(
                     svc.annotations().get(annotations::CLEAR).cloned(),
                 ),
                 false,
-            )
+            );
+            slot.recover = shared.past_unknown.load(Ordering::SeqCst);
+            slot
         });
         let Ok(mut guard) = slot.record.clone().try_lock_owned() else {
             continue;
@@ -1017,14 +1038,34 @@ fn spawn_steps(
             == Some(&shared.config.node);
         let last = steps.last().copied();
         for step in steps {
-            if let Some(intent) = intent(step, &record, &service.spec, wanted) {
-                persist(&shared, &service.key, &intent);
+            if let Some(intent) = intent(step, &record, &service.spec, wanted)
+                && let Err(e) = persist(&shared, &service.key, &intent)
+                && step == assignments::Step::EnterMaster
+            {
+                // Without the intent on disk, an agent that dies while
+                // entering would not know after a restart that it may hold
+                // a VIP or a started service: nothing is entered. A failure
+                // that started nothing: the operator moves the service.
+                record.epoch = wanted.epoch;
+                record.state = NodeServiceState::Failed;
+                record.failed_epoch = Some(wanted.epoch);
+                record.fail_count += 1;
+                record.last_hooks = vec![crate::transitions::refused(&format!(
+                    "the status file cannot be written ({e}): not entering"
+                ))];
+                report(&shared, &target, &record).await;
+                let note = format!(
+                    "not entering at epoch {}: status file not writable: {e}",
+                    wanted.epoch
+                );
+                event(&shared, &target, true, "StatusFileFailed", note).await;
+                break;
             }
             let ok = shared
                 .node
                 .step(step, &mut record, &service, &view, wanted)
                 .await;
-            persist(&shared, &service.key, &record);
+            let _ = persist(&shared, &service.key, &record);
             // Reported before the next step only when the operator waits
             // for it (a leave of master acknowledges the epoch) or nothing
             // follows: a report to a slow API server takes up to its
@@ -1102,16 +1143,17 @@ fn intent(
 }
 
 /// Writes `record` for service `key` into the status file at once (fsync'd).
-fn persist(shared: &Shared, key: &str, record: &ServiceRecord) {
+/// Returns the write error, if any.
+fn persist(shared: &Shared, key: &str, record: &ServiceRecord) -> Result<(), std::io::Error> {
     let _file = shared.state_file.lock().unwrap_or_else(|e| e.into_inner());
     let mut status = statefile::read(&shared.config.state_dir).unwrap_or_default();
     if status.node.is_empty() {
         status.node = shared.config.node.clone();
     }
     status.services.insert(key.to_owned(), record.clone());
-    if let Err(e) = statefile::write(&shared.config.state_dir, &status) {
-        tracing::warn!(service = key, error = %e, "writing the status file failed");
-    }
+    statefile::write(&shared.config.state_dir, &status).inspect_err(|e| {
+        tracing::error!(service = key, error = %e, "writing the status file failed");
+    })
 }
 
 /// Changes the running master's VIPs to the spec's
@@ -1125,7 +1167,7 @@ fn spawn_revip(
 ) {
     tokio::spawn(async move {
         let ok = shared.node.revip(&mut record, &service, &view).await;
-        persist(&shared, &service.key, &record);
+        let _ = persist(&shared, &service.key, &record);
         report(&shared, &target, &record).await;
         let note = format!("VIPs at epoch {} now {:?}", record.epoch, record.vips);
         let (warning, reason) = if ok {

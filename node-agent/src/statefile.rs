@@ -221,8 +221,23 @@ pub fn path(state_dir: &Path) -> PathBuf {
     state_dir.join(STATUS_FILE)
 }
 
+/// Reads the status file at start: `Ok(None)` when there is none, an error
+/// naming the file and the reason when it exists but cannot be read or
+/// parsed (the agent then cannot know what it ran before).
+pub fn read_at_start(state_dir: &Path) -> Result<Option<NodeStatus>, String> {
+    let file = path(state_dir);
+    let text = match std::fs::read_to_string(&file) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(format!("{}: {e}", file.display())),
+    };
+    serde_json::from_str(&text)
+        .map(Some)
+        .map_err(|e| format!("{}: {e}", file.display()))
+}
+
 /// Reads the status file; `None` when absent or unreadable (a corrupt file
-/// is logged and ignored: the agent then starts without re-adoption).
+/// is logged and ignored).
 pub fn read(state_dir: &Path) -> Option<NodeStatus> {
     let text = std::fs::read_to_string(path(state_dir)).ok()?;
     match serde_json::from_str(&text) {
