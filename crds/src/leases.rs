@@ -30,6 +30,27 @@ pub const ENTER_EPOCH_ANNOTATION: &str = "kubeha.io/enter-epoch";
 /// cluster spec says now).
 pub const EXPIRY_MS_ANNOTATION: &str = "kubeha.io/expiry-ms";
 
+/// Annotation of a service Lease: the `renewTime` of the holder's
+/// heartbeat Lease as the operator had seen it when it wrote the Lease. An
+/// agent back from a fence enters only on a Lease written after the
+/// operator saw it renew again (this value at least the `renewTime` of its
+/// first renew after the fence): a clearance from before the fence may
+/// have been given away meanwhile by a write its stale watch has not shown.
+pub const HOLDER_RENEW_ANNOTATION: &str = "kubeha.io/holder-renew-time";
+
+/// The value of [`HOLDER_RENEW_ANNOTATION`], if the Lease has a valid one.
+pub fn holder_renew_time(
+    lease: &k8s_openapi::api::coordination::v1::Lease,
+) -> Option<k8s_openapi::jiff::Timestamp> {
+    lease
+        .metadata
+        .annotations
+        .as_ref()?
+        .get(HOLDER_RENEW_ANNOTATION)?
+        .parse()
+        .ok()
+}
+
 /// The value of [`EXPIRY_MS_ANNOTATION`], if the Lease has a valid one.
 pub fn heartbeat_expiry(
     lease: &k8s_openapi::api::coordination::v1::Lease,

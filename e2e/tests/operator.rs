@@ -132,6 +132,28 @@ fn event_reasons(lab: &Lab, namespace: &str, name: &str) -> Vec<String> {
     out.lines().map(str::to_owned).collect()
 }
 
+/// Installs, on nodes 1..=3, an enter and a leave hook for service `name`
+/// that append to `trace-NAME` in the lab folder, the leave failing on the
+/// nodes in `leave_fails`; returns the trace file (emptied).
+fn tracing_hooks(lab: &Lab, name: &str, leave_fails: &[u8]) -> std::path::PathBuf {
+    let trace = lab.dir().join(format!("trace-{name}"));
+    let _ = std::fs::remove_file(&trace);
+    for i in 1..=3 {
+        let code = i32::from(leave_fails.contains(&i));
+        ha::install_hooks(
+            lab,
+            i,
+            name,
+            &[
+                ("E01server", &ha::tracing_script(&trace, 0)),
+                ("L01server", &ha::tracing_script(&trace, code)),
+            ],
+        )
+        .unwrap();
+    }
+    trace
+}
+
 fn set_modes(lab: &Lab, name: &str, modes: &[(u8, &str)], timing: Timing) {
     ha::apply(lab, &ha::cluster_with_modes(name, modes, timing)).unwrap();
 }
@@ -635,20 +657,7 @@ fn a_leave_runs_the_hooks_the_service_was_entered_with() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let lab = lab();
     let (name, vip) = ("op-hooks-edit", "198.18.0.120");
-    let trace = lab.dir().join("trace-op-hooks-edit");
-    let _ = std::fs::remove_file(&trace);
-    for i in 1..=3 {
-        ha::install_hooks(
-            &lab,
-            i,
-            name,
-            &[
-                ("E01server", &ha::tracing_script(&trace, 0)),
-                ("L01server", &ha::tracing_script(&trace, 0)),
-            ],
-        )
-        .unwrap();
-    }
+    let trace = tracing_hooks(&lab, name, &[]);
     fresh(&lab, name, vip, Some(name), Timing::DEFAULT);
     assert_eq!(wait_active(&lab, name, vip, Duration::from_secs(30)), 1);
     let read = || std::fs::read_to_string(&trace).unwrap_or_default();
@@ -807,23 +816,7 @@ fn a_leave_that_fails_fences_its_node_and_the_service_moves_without_an_admin() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let lab = lab();
     let (name, vip) = ("op-leave-fails", "198.18.0.123");
-    let trace = lab.dir().join("trace-op-leave-fails");
-    let install = |failing_leave: &[u8]| {
-        for i in 1..=3 {
-            let code = i32::from(failing_leave.contains(&i));
-            ha::install_hooks(
-                &lab,
-                i,
-                name,
-                &[
-                    ("E01server", &ha::tracing_script(&trace, 0)),
-                    ("L01server", &ha::tracing_script(&trace, code)),
-                ],
-            )
-            .unwrap();
-        }
-    };
-    install(&[1]);
+    tracing_hooks(&lab, name, &[1]);
     fresh(&lab, name, vip, Some(name), Timing::DEFAULT);
     assert_eq!(wait_active(&lab, name, vip, Duration::from_secs(30)), 1);
     let sampler = ha::SplitBrain::start(vip, &[]);
@@ -846,7 +839,7 @@ fn a_leave_that_fails_fences_its_node_and_the_service_moves_without_an_admin() {
         all_ready(&lab, name, Duration::from_secs(30)),
         "node-1 never heartbeat again after the escalated fence"
     );
-    install(&[]);
+    tracing_hooks(&lab, name, &[]);
     cleanup(&lab, name, vip);
 }
 
@@ -909,20 +902,7 @@ fn an_unreadable_status_file_makes_the_node_leave_first() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let lab = lab();
     let (name, vip) = ("op-bad-state", "198.18.0.125");
-    let trace = lab.dir().join("trace-op-bad-state");
-    let _ = std::fs::remove_file(&trace);
-    for i in 1..=3 {
-        ha::install_hooks(
-            &lab,
-            i,
-            name,
-            &[
-                ("E01server", &ha::tracing_script(&trace, 0)),
-                ("L01server", &ha::tracing_script(&trace, 0)),
-            ],
-        )
-        .unwrap();
-    }
+    let trace = tracing_hooks(&lab, name, &[]);
     fresh(&lab, name, vip, Some(name), Timing::DEFAULT);
     assert_eq!(wait_active(&lab, name, vip, Duration::from_secs(30)), 1);
     // node-3 (idle here) restarts with a corrupt status file.

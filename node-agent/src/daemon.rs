@@ -118,6 +118,10 @@ struct Shared {
     /// The status file was unreadable at start: services without a record
     /// leave first.
     past_unknown: AtomicBool,
+    /// Per cluster, the `renewTime` of the first renew after this node's
+    /// last fence: a clearance written before the operator saw it is not
+    /// entered ([`leases::HOLDER_RENEW_ANNOTATION`]).
+    returned: std::sync::Mutex<HashMap<String, jiff::Timestamp>>,
 }
 
 /// Runs the daemon until a signal ends it.
@@ -146,6 +150,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         notify: Notify::new(),
         state_file: std::sync::Mutex::new(()),
         past_unknown: AtomicBool::new(false),
+        returned: Default::default(),
         recorder: Recorder::new(
             client.clone(),
             Reporter {
@@ -480,7 +485,15 @@ fn cluster_view(shared: &Shared, cluster: &HACluster) -> ClusterView {
 async fn on_renewed(shared: &Arc<Shared>, cluster: &str) {
     let flag = fenced_flag(shared, cluster);
     if flag.swap(false, Ordering::SeqCst) {
-        tracing::info!(%cluster, "heartbeat renewed again after a fence");
+        let renewed = shared.beats.get(cluster).and_then(|b| b.renew_time);
+        tracing::info!(%cluster, ?renewed, "heartbeat renewed again after a fence");
+        if let Some(t) = renewed {
+            shared
+                .returned
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(cluster.to_owned(), t);
+        }
     }
     let view = ClusterView {
         name: cluster.to_owned(),
@@ -654,6 +667,18 @@ async fn reconcile(
             leases::service_lease_name(&svc.name_any()),
         ));
         let wanted = assignments::assignment(&node, lease.map(|l| l.as_ref()), Some(mode));
+        // A clearance the operator wrote before it saw this node renew
+        // again after its last fence.
+        let cleared_before_return = shared
+            .returned
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&cluster.name_any())
+            .is_some_and(|back| {
+                lease
+                    .and_then(|l| leases::holder_renew_time(l))
+                    .is_none_or(|seen| seen < *back)
+            });
         let lease_epoch = lease.and_then(|l| assignments::lease_epoch(l));
         let view = cluster_view(shared, cluster);
         let slot = slots.entry(key.clone()).or_insert_with(|| {
@@ -763,6 +788,7 @@ async fn reconcile(
                 spec_vips: spec_vips.clone(),
                 adopt: slot.adopt,
                 recover: slot.recover,
+                cleared_before_return,
                 cut_off,
                 vip_expired: shared.node.held.any_expired(&guard.vips),
                 monitor_due: hooks.is_some_and(|h| h.monitor.is_some()) && now >= slot.next_monitor,

@@ -33,6 +33,10 @@ pub struct Facts<'a> {
     /// The agent died in the middle of a transition (or an admin cleared a
     /// leave that failed): leave master first, whatever the Lease says.
     pub recover: bool,
+    /// This node fenced itself since start, and the Lease was written
+    /// before the operator saw its first renew after the fence (see
+    /// [`kubeha_crds::leases::HOLDER_RENEW_ANNOTATION`]).
+    pub cleared_before_return: bool,
     /// The heartbeat of this node in the service's cluster is past RD (or
     /// the node fenced itself and has not renewed since).
     pub cut_off: bool,
@@ -113,7 +117,8 @@ impl Work {
 /// 2. An expired VIP gives the master role up (never extended back).
 /// 3. A leave to run again (death mid-transition, a fence, a cleared failed
 ///    leave) runs first, and only in contact.
-/// 4. An epoch already left here is refused, never entered again.
+/// 4. An epoch already left here is refused, never entered again; so is a
+///    clearance written before the operator saw this node back from a fence.
 /// 5. The steps from the role held to the role wanted; after a leave that
 ///    failed nothing is entered; nothing is entered while cut off.
 /// 6. A running master whose spec names other VIPs changes them.
@@ -149,11 +154,13 @@ pub fn next(facts: &Facts) -> Work {
             Work::Recover
         };
     }
-    // 4. An epoch already left here.
+    // 4. An epoch already left here, or cleared before the operator saw
+    //    this node back from a fence (a watch that lagged through the cut
+    //    may not show yet that it was given to another node since).
     if wanted.role == Role::Master
         && wanted.may_enter
         && record.role != Role::Master
-        && record.acked_epoch.is_some_and(|a| wanted.epoch <= a)
+        && (record.acked_epoch.is_some_and(|a| wanted.epoch <= a) || facts.cleared_before_return)
         && record.failed_epoch != Some(wanted.epoch)
     {
         return Work::Refuse {
@@ -249,6 +256,7 @@ mod tests {
             spec_vips: [VIP.to_owned()].into(),
             adopt: false,
             recover: false,
+            cleared_before_return: false,
             cut_off: false,
             vip_expired: false,
             monitor_due: false,
@@ -423,6 +431,20 @@ mod tests {
                 }),
                 master(4, true),
                 |_| {},
+                Work::Idle,
+            ),
+            row(
+                "back from a fence, cleared by a Lease written before the operator saw the return: refuse",
+                record(Role::None, 4, Stopped),
+                master(5, true),
+                |f| f.cleared_before_return = true,
+                Work::Refuse { epoch: 5 },
+            ),
+            row(
+                "back from a fence, a stale clearance refused once: wait for a new one",
+                with(record(Role::None, 5, Failed), |r| r.failed_epoch = Some(5)),
+                master(5, true),
+                |f| f.cleared_before_return = true,
                 Work::Idle,
             ),
             row(

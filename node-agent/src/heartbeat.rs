@@ -52,6 +52,8 @@ pub struct Beat {
     pub failures: u64,
     /// The timing the last successful renew was sent under.
     pub renewed_under: Option<Timing>,
+    /// The `renewTime` the last successful renew wrote.
+    pub renew_time: Option<jiff::Timestamp>,
 }
 
 impl Timing {
@@ -199,6 +201,7 @@ impl Heartbeats {
                 last_success: None,
                 failures: 0,
                 renewed_under: None,
+                renew_time: None,
             });
     }
 
@@ -207,12 +210,13 @@ impl Heartbeats {
         self.lock().remove(cluster);
     }
 
-    fn record(&self, cluster: &str, sent: Instant, timing: Timing, ok: bool) {
+    fn record(&self, cluster: &str, sent: Instant, renew: Renew, ok: bool) {
         if let Some(b) = self.lock().get_mut(cluster) {
             if ok {
                 // Renews may complete out of order; keep the latest send.
                 if b.last_success.is_none_or(|t| sent >= t) {
-                    b.renewed_under = Some(timing);
+                    b.renewed_under = Some(renew.timing);
+                    b.renew_time = renew.written;
                 }
                 b.last_success = Some(b.last_success.map_or(sent, |t| t.max(sent)));
             } else {
@@ -224,6 +228,14 @@ impl Heartbeats {
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Beat>> {
         self.beats.lock().unwrap_or_else(|e| e.into_inner())
     }
+}
+
+/// What one renew sent: the timing it announced and the `renewTime` it
+/// wrote.
+#[derive(Debug, Clone, Copy)]
+struct Renew {
+    timing: Timing,
+    written: Option<jiff::Timestamp>,
 }
 
 /// The heartbeat Lease as the agent applies it (server-side apply, the
@@ -280,7 +292,11 @@ pub async fn renew_loop(
         let timing = beat.timing;
         let sent = Instant::now();
         if let Some(why) = beats.withheld(&cluster, beat.guard().renew_deadline, sent) {
-            beats.record(&cluster, sent, timing, false);
+            let renew = Renew {
+                timing,
+                written: None,
+            };
+            beats.record(&cluster, sent, renew, false);
             metrics.renew_failure(&cluster);
             tracing::warn!(%cluster, ?why, "heartbeat renew withheld");
             tokio::time::sleep_until((sent + timing.renew_interval).into()).await;
@@ -294,7 +310,15 @@ pub async fn renew_loop(
         )
         .await;
         let ok = matches!(result, Ok(Ok(_)));
-        beats.record(&cluster, sent, timing, ok);
+        let renew = Renew {
+            timing,
+            written: lease
+                .spec
+                .as_ref()
+                .and_then(|s| s.renew_time.as_ref())
+                .map(|t| t.0),
+        };
+        beats.record(&cluster, sent, renew, ok);
         if ok {
             let _ = on_renew.send(cluster.clone());
         } else {
@@ -324,6 +348,7 @@ mod tests {
             last_success: None,
             failures: 0,
             renewed_under: None,
+            renew_time: None,
         };
         assert!(beat.past_deadline(t0), "no renew yet means cut off");
         beat.last_success = Some(t0);
@@ -344,9 +369,13 @@ mod tests {
         let beats = Heartbeats::default();
         beats.set_timing("c", timing());
         let t0 = Instant::now();
-        beats.record("c", t0 + Duration::from_millis(5), timing(), true);
-        beats.record("c", t0, timing(), true);
-        beats.record("c", t0, timing(), false);
+        let r = |timing| Renew {
+            timing,
+            written: None,
+        };
+        beats.record("c", t0 + Duration::from_millis(5), r(timing()), true);
+        beats.record("c", t0, r(timing()), true);
+        beats.record("c", t0, r(timing()), false);
         let b = beats.get("c").unwrap();
         assert_eq!(b.last_success, Some(t0 + Duration::from_millis(5)));
         assert_eq!(b.failures, 1);
@@ -362,20 +391,44 @@ mod tests {
         };
         beats.set_timing("c", long);
         let t0 = Instant::now();
-        beats.record("c", t0, long, true);
+        beats.record(
+            "c",
+            t0,
+            Renew {
+                timing: long,
+                written: None,
+            },
+            true,
+        );
         // Lowered: the short D bounds the node at once.
         beats.set_timing("c", timing());
         let b = beats.get("c").unwrap();
         assert_eq!(b.guard().lease_duration, Duration::from_secs(3));
         assert!(b.past_deadline(t0 + Duration::from_secs(2)));
         // Raised again: the renew sent under the short D still bounds it.
-        beats.record("c", t0 + Duration::from_secs(1), timing(), true);
+        beats.record(
+            "c",
+            t0 + Duration::from_secs(1),
+            Renew {
+                timing: timing(),
+                written: None,
+            },
+            true,
+        );
         beats.set_timing("c", long);
         let b = beats.get("c").unwrap();
         assert_eq!(b.guard().lease_duration, Duration::from_secs(3));
         assert!(b.past_deadline(t0 + Duration::from_secs(3)));
         // Until a renew is sent under the long D.
-        beats.record("c", t0 + Duration::from_secs(2), long, true);
+        beats.record(
+            "c",
+            t0 + Duration::from_secs(2),
+            Renew {
+                timing: long,
+                written: None,
+            },
+            true,
+        );
         assert_eq!(beats.get("c").unwrap().guard(), long);
     }
 

@@ -944,6 +944,7 @@ mod tests {
         (
             Beat {
                 renewed_under: None,
+                renew_time: None,
                 timing,
                 last_success: Some(now - Duration::from_millis(age_ms)),
                 failures: 0,

@@ -483,6 +483,19 @@ async fn write_lease(
     let name = leases::service_lease_name(&svc.name_any());
     let api: Api<Lease> = Api::namespaced(ctx.client.clone(), &ns);
     let mut lease = service_lease(current, svc, state, holder_changed, jiff::Timestamp::now());
+    // The holder's heartbeat as seen now: an agent back from a fence enters
+    // only on a Lease written after its return.
+    if let Some(holder) = &state.holder
+        && let Some(renewed) = ctx.with_view(&svc.spec.cluster_ref, |v| {
+            v.fingerprint(holder).and_then(|f| f.renew_time.clone())
+        })
+    {
+        lease
+            .metadata
+            .annotations
+            .get_or_insert_with(Default::default)
+            .insert(leases::HOLDER_RENEW_ANNOTATION.to_owned(), renewed);
+    }
     let params = PostParams {
         field_manager: Some(FIELD_MANAGER.to_owned()),
         ..Default::default()
