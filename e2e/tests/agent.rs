@@ -138,7 +138,7 @@ fn vip_answers_ping_and_arp_and_the_client_sees_the_garp_burst() {
 
     // Planned move with the handover protocol: node-2 is the new holder but
     // not cleared; node-1 leaves and acknowledges epoch 1; only then is
-    // node-2 cleared. Sampled every 10 ms: never two holders.
+    // node-2 cleared. Watched throughout: never two holders.
     let sampler = ha::SplitBrain::start(v4, &[]);
     ha::set_service_lease(&lab, name, Some("node-2"), 2, false, Some("node-1")).unwrap();
     assert!(
