@@ -934,3 +934,55 @@ fn an_unreadable_status_file_makes_the_node_leave_first() {
     assert_eq!(ha::active_node(&lab, name, vip), Some(1));
     cleanup(&lab, name, vip);
 }
+
+/// Hole found by `cargo xtask chaos --seed 4` (injection #58): an agent
+/// restarted with a record that refused an epoch (Failed at it, never
+/// acknowledged) read it as a leave that failed, and nothing ever ended
+/// that state: the node kept heartbeating, never reported a later epoch,
+/// and the operator waited for its proof forever (four services down).
+/// Such a record now runs the leave again once in contact. Fails on the
+/// commit before this test (node-3 stays Failed at the old epoch).
+#[test]
+fn a_restarted_agent_with_a_refused_epoch_leaves_again_and_moves_on() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let lab = lab();
+    let (name, vip) = ("op-refused-restart", "198.18.0.126");
+    fresh(&lab, name, vip, None, Timing::DEFAULT);
+    assert_eq!(wait_active(&lab, name, vip, Duration::from_secs(30)), 1);
+    let epoch = ha::service_status(&lab, name)["epoch"].as_i64().unwrap();
+    // node-3 (idle) stops; its record says it refused the current epoch.
+    lab.stop_agent(3, StopSignal::Term).unwrap();
+    let file = lab.node_dir(3).join("run").join("status.json");
+    let mut status: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&file).unwrap()).unwrap();
+    let record = &mut status["services"][format!("{}/{name}", ha::SERVICE_NAMESPACE)];
+    assert!(
+        record.is_object(),
+        "node-3 has no record of {name}: {status}"
+    );
+    record["role"] = "none".into();
+    record["state"] = "Failed".into();
+    record["epoch"] = epoch.into();
+    record["failedEpoch"] = epoch.into();
+    let obj = record.as_object_mut().unwrap();
+    obj.remove("ackedEpoch");
+    obj.remove("uncleanEpoch");
+    obj.remove("fenced");
+    std::fs::write(&file, serde_json::to_vec(&status).unwrap()).unwrap();
+    // Meanwhile the service moves on to a later epoch.
+    ha::request_move(&lab, name, 2).unwrap();
+    wait_active_on(&lab, name, vip, 2, Duration::from_secs(30));
+    let later = ha::service_status(&lab, name)["epoch"].as_i64().unwrap();
+    assert!(later > epoch);
+    lab.start_agent(3, &[] as &[&str]).unwrap();
+    let moved_on = ha::wait_until(Duration::from_secs(20), || {
+        let entry = ha::node_entry(&lab, name, 3);
+        entry["state"] != "Failed" && entry["epoch"].as_i64().is_some_and(|e| e >= later)
+    });
+    assert!(
+        moved_on.is_some(),
+        "node-3 stayed stuck on the refused epoch {epoch}: {}",
+        ha::node_entry(&lab, name, 3)
+    );
+    cleanup(&lab, name, vip);
+}

@@ -249,6 +249,13 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             if recover {
                 tracing::warn!(service = %key, epoch = record.epoch, state = ?record.state, "died in the middle of a transition: leaving master first");
             }
+            // A master role that may not have been left cleanly (a leave
+            // that failed, or a refusal the old-file rule above cannot tell
+            // from one): the leave runs again once in contact. Its success
+            // ends the state; without it nothing would, as this node keeps
+            // heartbeating and reports no later epoch.
+            let recover =
+                recover || (record.role != Role::Master && record.unclean_epoch.is_some());
             let adopt = record.role == Role::Master && !recover;
             let mut slot = new_slot(record, adopt);
             slot.recover = recover;
