@@ -448,7 +448,12 @@ impl<N: Netlink> Node<N> {
                 let ok = hooks::overall(&results) == HookOutcome::Success;
                 record.last_hooks = results;
                 record.role = Role::None;
-                record.state = if ok {
+                // A refusal of the epoch now asked for stands: leaving the
+                // standby role must not turn that Failed into a Stopped,
+                // which the operator would read as "cleared, not yet
+                // running" and wait on forever.
+                let refused = record.failed_epoch == Some(wanted.epoch);
+                record.state = if ok && !refused {
                     NodeServiceState::Stopped
                 } else {
                     NodeServiceState::Failed
