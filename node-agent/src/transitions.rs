@@ -50,6 +50,11 @@ pub struct Node<N: Netlink> {
 pub struct HeldVips {
     held: std::sync::Mutex<std::collections::BTreeMap<String, (String, String)>>,
     expired: std::sync::Mutex<std::collections::BTreeSet<String>>,
+    /// Orders an extension's check-then-add against every removal: an
+    /// extension that saw a VIP held and present must not re-add it after
+    /// a leave or fence removed it (it would stay, unheld and unseen, for
+    /// its whole lifetime while another node takes it).
+    gate: tokio::sync::Mutex<()>,
 }
 
 impl HeldVips {
@@ -61,6 +66,10 @@ impl HeldVips {
 
     fn release(&self, vip: &Vip) {
         lock(&self.held).remove(&vip.to_string());
+    }
+
+    fn is_held(&self, vip: &str) -> bool {
+        lock(&self.held).contains_key(vip)
     }
 
     /// The held VIPs of `cluster`, with their interfaces.
@@ -352,14 +361,20 @@ impl<N: Netlink> Node<N> {
         Ok(placed)
     }
 
+    /// Removes one VIP, never extended again whether or not the removal
+    /// succeeds; ordered after any extension in flight (see the gate).
+    async fn remove_vip(&self, iface: &str, v: &Vip) -> Result<(), vip::VipError> {
+        self.held.release(v);
+        let _gate = self.held.gate.lock().await;
+        self.netlink.del_vip(iface, v).await
+    }
+
     /// Removes the VIPs (absent ones count as removed); returns whether
     /// every one is gone.
     async fn del_vips(&self, placed: &[(String, Vip)]) -> bool {
         let mut all = true;
         for (iface, v) in placed {
-            // Never extended again, whether or not the removal succeeds.
-            self.held.release(v);
-            if let Err(e) = self.netlink.del_vip(iface, v).await {
+            if let Err(e) = self.remove_vip(iface, v).await {
                 tracing::error!(vip = %v, %iface, error = %e, "removing VIP failed");
                 all = false;
             }
@@ -747,6 +762,11 @@ impl<N: Netlink> Node<N> {
             let Ok(v) = Vip::parse(&addr, Some(&iface)) else {
                 continue;
             };
+            // Released since the list was taken: a removal ran or waits.
+            let _gate = self.held.gate.lock().await;
+            if !self.held.is_held(&addr) {
+                continue;
+            }
             match self
                 .netlink
                 .extend_vip(&iface, &v, Duration::from_secs(secs as u64))
@@ -800,8 +820,7 @@ impl<N: Netlink> Node<N> {
                 (None, Ok(i)) => i,
                 (None, Err(_)) => continue,
             };
-            self.held.release(&v);
-            let _ = self.netlink.del_vip(&iface, &v).await;
+            let _ = self.remove_vip(&iface, &v).await;
         }
         self.metrics.set_vips_held(0);
     }
@@ -816,8 +835,7 @@ impl<N: Netlink> Node<N> {
             let Ok(v) = Vip::parse(addr, Some(iface)) else {
                 continue;
             };
-            self.held.release(&v);
-            if let Err(e) = self.netlink.del_vip(iface, &v).await {
+            if let Err(e) = self.remove_vip(iface, &v).await {
                 tracing::error!(vip = %addr, %iface, error = %e, "removing a VIP at the fence failed");
             }
         }
@@ -992,6 +1010,9 @@ mod tests {
         addrs: std::sync::Mutex<Vec<(String, IpAddr)>>,
         /// Every removal fails (a kernel that refuses).
         refuse_del: std::sync::atomic::AtomicBool,
+        /// How long a presence check takes after it looked (a slow netlink
+        /// round trip), in ms.
+        present_delay_ms: std::sync::atomic::AtomicU64,
     }
 
     impl Netlink for FakeNetlink {
@@ -1013,12 +1034,15 @@ mod tests {
             Ok(())
         }
         async fn vip_present(&self, iface: &str, vip: &Vip) -> Result<bool, vip::VipError> {
-            Ok(self
+            let present = self
                 .addrs
                 .lock()
                 .unwrap()
                 .iter()
-                .any(|(i, a)| i == iface && *a == vip.addr))
+                .any(|(i, a)| i == iface && *a == vip.addr);
+            let delay = self.present_delay_ms.load(Ordering::SeqCst);
+            tokio::time::sleep(Duration::from_millis(delay)).await;
+            Ok(present)
         }
         async fn interface_for(&self, vip: &Vip) -> Result<String, vip::VipError> {
             match vip.addr {
@@ -1204,6 +1228,39 @@ mod tests {
         assert!(
             !node.give_up_if_expired(&mut r).await,
             "nothing held, nothing expired"
+        );
+    }
+
+    /// Chaos-found (CI, a Freeze cluster healed): an extension that had
+    /// seen the VIP present re-added it after a leave removed it, so it
+    /// stayed on the old node, unheld, for its whole lifetime while the
+    /// next node took it. A removal now waits for the extension in flight
+    /// and removes last.
+    #[tokio::test]
+    async fn an_extension_in_flight_never_re_adds_a_vip_a_leave_removed() {
+        let fx = fixture();
+        let node = Arc::new(fx.node);
+        let (svc, cluster) = (&fx.svc, &fx.cluster);
+        let mut r = record(&fx.spec);
+        assert!(
+            node.step(Step::EnterMaster, &mut r, svc, cluster, master(2))
+                .await
+        );
+        node.netlink.present_delay_ms.store(300, Ordering::SeqCst);
+        let extension = tokio::spawn({
+            let (node, cluster) = (node.clone(), cluster.clone());
+            async move { node.extend(&cluster).await }
+        });
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(
+            node.step(Step::LeaveMaster, &mut r, svc, cluster, Assignment::NONE)
+                .await
+        );
+        extension.await.unwrap();
+        assert_eq!(
+            *node.netlink.addrs.lock().unwrap(),
+            [],
+            "the VIP is back on the node after its leave"
         );
     }
 
