@@ -986,3 +986,74 @@ fn a_restarted_agent_with_a_refused_epoch_leaves_again_and_moves_on() {
     );
     cleanup(&lab, name, vip);
 }
+
+/// Chaos-found (issue 8, seed 1, injection #16): kube-apiserver stalled for
+/// longer than the renew deadline, so every node fenced itself; a standby
+/// then cleared as master with a clearance written before its return
+/// refused it, and leaving the standby role replaced the refusal's marker
+/// with the (empty) leave results, so the operator never read "started
+/// nothing" and waited on that node forever. Every service must run again
+/// after the stall, with never two holders.
+#[test]
+fn every_service_runs_again_after_an_api_server_stall_past_the_renew_deadline() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let lab = lab();
+    let cluster = "op-stall";
+    let timing = Timing::DEFAULT;
+    let services: Vec<(String, String)> = (0..4)
+        .map(|i| (format!("op-stall-{i}"), format!("198.18.0.{}", 105 + i)))
+        .collect();
+    for (name, _) in &services {
+        ha::delete_service(&lab, name);
+    }
+    ha::apply(&lab, &ha::cluster(cluster, &[1, 2, 3], timing)).unwrap();
+    assert!(all_ready(&lab, cluster, Duration::from_secs(20)));
+    for (name, vip) in &services {
+        ha::apply(
+            &lab,
+            &ha::service(name, cluster, &[&format!("{vip}/24")], None, (3, 100)),
+        )
+        .unwrap();
+    }
+    for (name, vip) in &services {
+        wait_active(&lab, name, vip, Duration::from_secs(30));
+    }
+    let vips: Vec<&str> = services.iter().map(|(_, v)| v.as_str()).collect();
+    let mut report = Vec::new();
+    // Twice: the second stall finds the nodes back from the first fence.
+    for round in 1..=2 {
+        let sampler = ha::SplitBrain::start_many(&vips, &[]);
+        lab.freeze_process("kube-apiserver", true).unwrap();
+        std::thread::sleep(Duration::from_millis(
+            u64::from(timing.lease_ms + timing.skew_ms) + 1_300,
+        ));
+        lab.freeze_process("kube-apiserver", false).unwrap();
+        let back = Instant::now();
+        for (name, vip) in &services {
+            let up = ha::wait_until(Duration::from_secs(45), || {
+                ha::active_node(&lab, name, vip).is_some()
+            });
+            assert!(
+                up.is_some(),
+                "round {round}: {name} did not run again within 45 s of the stall's end: status {}, holders {:?}",
+                ha::service_status(&lab, name),
+                ha::vip_holders(vip)
+            );
+        }
+        report.push(back.elapsed());
+        let sampled = sampler.stop();
+        for vip in &vips {
+            sampled.assert_single_holder(vip, &format!("round {round} of an API server stall"));
+        }
+    }
+    eprintln!("every service active again after the stall's end: {report:?}");
+    for (name, vip) in &services {
+        ha::delete(&lab, "haservice", name, Some(ha::SERVICE_NAMESPACE));
+        assert!(
+            ha::wait_until(Duration::from_secs(20), || ha::vip_holders(vip).is_empty()).is_some(),
+            "{vip} still held after {name} was deleted"
+        );
+        ha::delete_service(&lab, name);
+    }
+    ha::delete(&lab, "hacluster", cluster, None);
+}

@@ -461,13 +461,17 @@ impl<N: Netlink> Node<N> {
                     )
                     .await;
                 let ok = hooks::overall(&results) == HookOutcome::Success;
-                record.last_hooks = results;
                 record.role = Role::None;
                 // A refusal of the epoch now asked for stands: leaving the
                 // standby role must not turn that Failed into a Stopped,
                 // which the operator would read as "cleared, not yet
-                // running" and wait on forever.
+                // running" and wait on forever, nor replace the refusal's
+                // marker, which the operator reads as "started nothing"
+                // (its proof to move on).
                 let refused = record.failed_epoch == Some(wanted.epoch);
+                if !(ok && refused) {
+                    record.last_hooks = results;
+                }
                 record.state = if ok && !refused {
                     NodeServiceState::Stopped
                 } else {
@@ -1229,6 +1233,46 @@ mod tests {
             !node.give_up_if_expired(&mut r).await,
             "nothing held, nothing expired"
         );
+    }
+
+    /// Chaos-found (seed 1, an API server stall past RD): a standby
+    /// cleared as master by a clearance from before its return refused it,
+    /// then left the standby role, and the leave's results replaced the
+    /// refusal's marker: the operator never read "started nothing" and
+    /// waited on it forever. The refusal stands, marker included.
+    #[tokio::test]
+    async fn leaving_the_standby_role_keeps_a_refusal_of_the_epoch_asked_for() {
+        let fx = fixture();
+        let (node, svc, cluster) = (&fx.node, &fx.svc, &fx.cluster);
+        let mut r = record(&fx.spec);
+        let standby = Assignment {
+            role: Role::Vicemaster,
+            epoch: 2,
+            may_enter: false,
+        };
+        assert!(
+            node.step(Step::EnterVicemaster, &mut r, svc, cluster, standby)
+                .await
+        );
+        // What the daemon records for Work::Refuse { epoch: 3 }.
+        r.state = NodeServiceState::Failed;
+        r.failed_epoch = Some(3);
+        r.last_hooks = vec![refused("cleared before this node came back")];
+        node.step(Step::LeaveVicemaster, &mut r, svc, cluster, master(3))
+            .await;
+        assert_eq!((r.role, r.state), (Role::None, NodeServiceState::Failed));
+        assert!(
+            !r.last_hooks.is_empty() && r.last_hooks.iter().all(|h| h.script == "-"),
+            "the refusal's marker was replaced: {:?}",
+            r.last_hooks
+        );
+        // Without a refusal the standby leaves as Stopped.
+        let mut r = record(&fx.spec);
+        node.step(Step::EnterVicemaster, &mut r, svc, cluster, standby)
+            .await;
+        node.step(Step::LeaveVicemaster, &mut r, svc, cluster, master(3))
+            .await;
+        assert_eq!((r.role, r.state), (Role::None, NodeServiceState::Stopped));
     }
 
     /// Chaos-found (CI, a Freeze cluster healed): an extension that had
