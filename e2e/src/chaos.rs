@@ -134,6 +134,10 @@ pub struct Report {
     pub safety_samples: usize,
     /// Longest gap between two safety samples, ms.
     pub safety_max_gap_ms: f64,
+    /// ARP requests the client sent for the IPv4 VIPs, and replies heard.
+    pub arp_requests: usize,
+    /// Replies to those requests.
+    pub arp_replies: usize,
     /// Every injection and checkpoint, with its time since the start.
     pub log: Vec<String>,
 }
@@ -311,6 +315,7 @@ fn inject(lab: &Lab, cfg: Config, timing: Timing) -> anyhow::Result<Report> {
         .collect();
     let vip_refs: Vec<&str> = vips.iter().map(String::as_str).collect();
     let sampler = ha::SplitBrain::start_many(&vip_refs, &[]);
+    let arp = crate::arp_probe::ArpProbe::start(&vip_refs)?;
     let started = Instant::now();
     let stamp = |report: &mut Report, line: String| {
         let line = format!("[{:8.2} s] {line}", started.elapsed().as_secs_f64());
@@ -511,6 +516,25 @@ fn inject(lab: &Lab, cfg: Config, timing: Timing) -> anyhow::Result<Report> {
             w.nodes,
             w.from.as_secs_f64(),
             w.to.as_secs_f64()
+        ));
+    }
+    let probed = arp.stop();
+    report.arp_requests = probed.requests;
+    report.arp_replies = probed.replies;
+    for w in &probed.windows {
+        report.safety_violations.push(format!(
+            "{} answered by MACs {:?} from {:.2} s to {:.2} s (client ARP)",
+            w.vip,
+            w.macs,
+            w.from.as_secs_f64(),
+            w.to.as_secs_f64()
+        ));
+    }
+    if probed.max_gap >= ha::MAX_SAMPLE_GAP {
+        report.safety_violations.push(format!(
+            "the client's ARP probe could not keep pace: {:?} between two rounds (limit {:?})",
+            probed.max_gap,
+            ha::MAX_SAMPLE_GAP
         ));
     }
     if seen.max_gap >= ha::MAX_SAMPLE_GAP {

@@ -2,6 +2,7 @@
 //! and started as processes, and nodes on an isolated network segment (one
 //! network namespace per node), for the end-to-end tests and the local demo.
 
+pub mod arp_probe;
 pub mod bench;
 pub mod chaos;
 pub mod demo;

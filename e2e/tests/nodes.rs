@@ -645,6 +645,7 @@ fn the_split_brain_detector_reports_every_double_holder_and_nothing_else() {
         ip(i, &["addr", "del", cidr.as_str(), "dev", nodes::NS_IFACE]);
     };
     let detector = ha::SplitBrain::start_many(&[short, expiring, clean], &[]);
+    let arp = kubeha_e2e::arp_probe::ArpProbe::start(&[short, expiring, clean]).unwrap();
     std::thread::sleep(Duration::from_millis(300));
     // Two holders for a few ms.
     add(1, short, None);
@@ -664,6 +665,32 @@ fn the_split_brain_detector_reports_every_double_holder_and_nothing_else() {
     del(3, clean);
     std::thread::sleep(Duration::from_millis(300));
     let seen = detector.stop();
+    let probed = arp.stop();
+    // The client's view: two MACs answered for the VIP held twice for 1 s,
+    // never for the clean move.
+    let macs: Vec<String> = [1u8, 2]
+        .iter()
+        .map(|i| ha::mac_of(&nodes::node_ns(*i), nodes::NS_IFACE).unwrap())
+        .collect();
+    let twice = probed
+        .windows
+        .iter()
+        .find(|w| w.vip.to_string() == expiring)
+        .unwrap_or_else(|| panic!("the client never heard two MACs for {expiring}: {probed:?}"));
+    let mut heard = twice.macs.clone();
+    heard.sort();
+    let mut want = macs.clone();
+    want.sort();
+    assert_eq!(heard, want, "{probed:?}");
+    assert!(
+        twice.to - twice.from >= Duration::from_millis(500),
+        "{expiring} was answered twice for about 1 s: {twice:?}"
+    );
+    assert!(
+        !probed.windows.iter().any(|w| w.vip.to_string() == clean),
+        "the client heard two MACs for a clean move: {probed:?}"
+    );
+    assert!(probed.requests > 100 && probed.replies > 100, "{probed:?}");
     let window = |vip: &str| seen.windows.iter().find(|w| w.vip == vip).cloned();
     let w = window(short).unwrap_or_else(|| panic!("two holders of {short} not seen: {seen:?}"));
     assert_eq!(w.nodes, vec![1, 2]);

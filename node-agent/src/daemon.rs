@@ -839,15 +839,31 @@ async fn reconcile(
                         target,
                     );
                 }
-                Work::Refuse { epoch } => {
-                    // Its acknowledgement would let the operator clear
-                    // another node while this one runs the service.
-                    tracing::warn!(service = %key, epoch, "cleared for an epoch already left here: waiting for a new epoch");
+                Work::Refuse { epoch, acknowledge } => {
+                    let why = if cleared_before_return {
+                        "cleared before the operator saw this node back from a fence"
+                    } else {
+                        "already left on this node"
+                    };
                     guard.state = NodeServiceState::Failed;
                     guard.failed_epoch = Some(epoch);
                     guard.last_hooks = vec![crate::transitions::refused(&format!(
-                        "epoch {epoch} was already left on this node; waiting for a new epoch"
+                        "epoch {epoch} was {why}; waiting for a new epoch"
                     ))];
+                    // Never entered here and no VIP of it on this node: the
+                    // acknowledgement is true, and spares the operator the
+                    // wait for a VIP's lifetime ("started nothing").
+                    let mut vips = guard.vips.clone();
+                    vips.extend(spec_vips.iter().cloned());
+                    let acked = acknowledge
+                        && !shared
+                            .node
+                            .holds_any(&vips, guard.interface.as_deref())
+                            .await;
+                    if acked {
+                        guard.acked_epoch = guard.acked_epoch.max(Some(epoch));
+                    }
+                    tracing::warn!(service = %key, epoch, why, acked, "clearance refused: waiting for a new epoch");
                     continue;
                 }
                 Work::Steps(steps) => {

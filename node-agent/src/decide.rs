@@ -70,12 +70,18 @@ pub enum Work {
     /// Leave master again: after a death in the middle of a transition, a
     /// fence, or a clear of a leave that failed.
     Recover,
-    /// The Lease clears this node at an epoch it already left: refuse it
-    /// (recorded as `Failed` at that epoch, which the operator reads as
-    /// "started nothing" and answers with a new epoch).
+    /// The Lease clears this node at an epoch it already left, or with a
+    /// clearance written before the operator saw it back from a fence:
+    /// refuse it (recorded as `Failed` at that epoch, which the operator
+    /// reads as "started nothing" and answers with a new epoch).
     Refuse {
         /// The refused epoch.
         epoch: i64,
+        /// Nothing was left unclean here: the refusal also acknowledges the
+        /// epoch once the daemon finds none of the service's VIPs on this
+        /// node, so the operator moves on at once instead of waiting E for
+        /// any VIP to run out.
+        acknowledge: bool,
     },
     /// The steps from the role held to the role wanted.
     Steps(Vec<Step>),
@@ -165,6 +171,7 @@ pub fn next(facts: &Facts) -> Work {
     {
         return Work::Refuse {
             epoch: wanted.epoch,
+            acknowledge: record.unclean_epoch.is_none(),
         };
     }
     // 5. The steps.
@@ -414,7 +421,10 @@ mod tests {
                 with(record(Role::None, 4, Stopped), |r| r.acked_epoch = Some(4)),
                 master(4, true),
                 |_| {},
-                Work::Refuse { epoch: 4 },
+                Work::Refuse {
+                    epoch: 4,
+                    acknowledge: true,
+                },
             ),
             row(
                 "cleared for an epoch older than one left here (stale Lease): not entered",
@@ -438,7 +448,20 @@ mod tests {
                 record(Role::None, 4, Stopped),
                 master(5, true),
                 |f| f.cleared_before_return = true,
-                Work::Refuse { epoch: 5 },
+                Work::Refuse {
+                    epoch: 5,
+                    acknowledge: true,
+                },
+            ),
+            row(
+                "a refusal while a leave is left unclean here acknowledges nothing",
+                with(record(Role::None, 4, Failed), |r| r.unclean_epoch = Some(4)),
+                master(5, true),
+                |f| f.cleared_before_return = true,
+                Work::Refuse {
+                    epoch: 5,
+                    acknowledge: false,
+                },
             ),
             row(
                 "back from a fence, a stale clearance refused once: wait for a new one",
@@ -671,7 +694,10 @@ mod tests {
         for w in [
             Work::ForgetAdoption,
             Work::GiveUp,
-            Work::Refuse { epoch: 1 },
+            Work::Refuse {
+                epoch: 1,
+                acknowledge: true,
+            },
             Work::Observe { epoch: 1 },
         ] {
             assert!(w.is_bookkeeping(), "{w:?}");

@@ -107,7 +107,7 @@ impl Default for GarpBurst {
 }
 
 /// Formats a MAC address as `aa:bb:cc:dd:ee:ff`.
-fn mac_string(mac: [u8; 6]) -> String {
+pub fn mac_string(mac: [u8; 6]) -> String {
     MacAddr::from(mac).to_string()
 }
 
@@ -292,6 +292,95 @@ pub fn send_burst(
     }
     tracing::debug!(iface, vips = vips.len(), sent, "GARP burst sent");
     Ok(sent)
+}
+
+/// An ARP probe for `v4` from `mac` (RFC 5227 § 2.1.1: sender protocol
+/// address 0.0.0.0, so no neighbour learns anything from it), broadcast.
+pub fn arp_probe(mac: [u8; 6], v4: Ipv4Addr) -> Vec<u8> {
+    let mut frame = arp_frame(mac, v4, true).unwrap_or_default();
+    if let Some(mut arp) = frame
+        .get_mut(ETH_HEADER_LEN..ETH_HEADER_LEN + ARP_LEN)
+        .and_then(MutableArpPacket::new)
+    {
+        arp.set_sender_proto_addr(Ipv4Addr::UNSPECIFIED);
+    }
+    frame
+}
+
+/// The VIP another host claims in `frame` and its MAC: an ARP reply or
+/// announcement whose sender protocol address is one of `vips`, sent from
+/// a MAC other than `mine`.
+pub fn claim(frame: &[u8], vips: &[Ipv4Addr], mine: [u8; 6]) -> Option<(Ipv4Addr, [u8; 6])> {
+    let eth = pnet::packet::ethernet::EthernetPacket::new(frame)?;
+    if eth.get_ethertype() != EtherTypes::Arp {
+        return None;
+    }
+    let arp = pnet::packet::arp::ArpPacket::new(frame.get(ETH_HEADER_LEN..)?)?;
+    let sender = arp.get_sender_proto_addr();
+    let from: [u8; 6] = arp.get_sender_hw_addr().octets();
+    (vips.contains(&sender) && from != mine).then_some((sender, from))
+}
+
+/// Address conflict detection before a VIP is added (RFC 5227 § 2.1):
+/// probes for `vips` on `iface` from `mac`, sent twice half of `window`
+/// apart, and every claim heard within `window`. Returns the VIPs another
+/// host still answers for, with its MAC: a previous holder whose address
+/// the kernel has not expired yet (its removal can lag the lifetime by up
+/// to a second), or a host that was never told. Blocking: run it with
+/// `spawn_blocking`.
+pub fn still_answered(
+    iface: &str,
+    mac: [u8; 6],
+    vips: &[Ipv4Addr],
+    window: Duration,
+) -> Result<Vec<(Ipv4Addr, [u8; 6])>, GarpError> {
+    if vips.is_empty() {
+        return Ok(Vec::new());
+    }
+    let interface = ethernet_interface(iface)?;
+    let config = Config {
+        promiscuous: false,
+        read_buffer_size: 65536,
+        read_timeout: Some(Duration::from_millis(5)),
+        write_timeout: Some(WRITE_TIMEOUT),
+        ..Config::default()
+    };
+    let (mut tx, mut rx) = match datalink::channel(&interface, config) {
+        Ok(Channel::Ethernet(tx, rx)) => (tx, rx),
+        Ok(_) => return Err(GarpError::UnsupportedChannel(iface.to_string())),
+        Err(source) => {
+            return Err(GarpError::Channel {
+                iface: iface.to_string(),
+                source,
+            });
+        }
+    };
+    let probes: Vec<Vec<u8>> = vips.iter().map(|v| arp_probe(mac, *v)).collect();
+    let started = std::time::Instant::now();
+    let mut found: Vec<(Ipv4Addr, [u8; 6])> = Vec::new();
+    let mut sent_rounds = 0;
+    while started.elapsed() < window {
+        if sent_rounds < 2 && started.elapsed() >= window / 2 * sent_rounds {
+            sent_rounds += 1;
+            for (sent, frame) in probes.iter().enumerate() {
+                if let Some(Err(source)) = tx.send_to(frame, None) {
+                    return Err(GarpError::Send {
+                        iface: iface.to_string(),
+                        sent,
+                        source,
+                    });
+                }
+            }
+        }
+        // A timeout (nothing heard for a while) just loops.
+        if let Ok(frame) = rx.next()
+            && let Some(c) = claim(frame, vips, mac)
+            && !found.contains(&c)
+        {
+            found.push(c);
+        }
+    }
+    Ok(found)
 }
 
 #[cfg(test)]
@@ -575,6 +664,37 @@ mod tests {
         kernel_case("garp-link-down")
     }
 
+    #[test]
+    fn kernel_probe_hears_a_holder_until_it_lets_go() -> TestResult {
+        kernel_case("arp-probe")
+    }
+
+    #[test]
+    fn a_probe_claims_nothing_and_claims_are_other_hosts_answers() {
+        let v4 = Ipv4Addr::new(198, 18, 0, 100);
+        let probe = arp_probe(MAC, v4);
+        let arp = ArpPacket::new(&probe[ETH_HEADER_LEN..]).unwrap();
+        assert_eq!(arp.get_operation(), ArpOperations::Request);
+        assert_eq!(arp.get_sender_proto_addr(), Ipv4Addr::UNSPECIFIED);
+        assert_eq!(arp.get_target_proto_addr(), v4);
+        assert_eq!(claim(&probe, &[v4], MAC), None, "a probe claims nothing");
+        let other = [0x02, 0, 0, 0, 0, 0x09];
+        let [announce, reply] = arp_frames(other, v4);
+        assert_eq!(claim(&announce, &[v4], MAC), Some((v4, other)));
+        assert_eq!(claim(&reply, &[v4], MAC), Some((v4, other)));
+        assert_eq!(claim(&reply, &[Ipv4Addr::new(198, 18, 0, 101)], MAC), None);
+        let [ours, _] = arp_frames(MAC, v4);
+        assert_eq!(claim(&ours, &[v4], MAC), None, "our own frame");
+        assert_eq!(
+            claim(
+                &unsolicited_na(other, "2001:db8::1".parse().unwrap()),
+                &[v4],
+                MAC
+            ),
+            None
+        );
+    }
+
     /// Child side: does nothing unless started by [`NetNs::run_case`].
     /// Ignored in a normal run: it is an entry point, not a test of its own.
     #[test]
@@ -584,9 +704,48 @@ mod tests {
             match case.as_str() {
                 "garp-burst" => case_burst().await,
                 "garp-link-down" => case_link_down().await,
+                "arp-probe" => case_probe().await,
                 other => Err(format!("unknown case {other}").into()),
             }
         });
+    }
+
+    /// The peer (veth1) holds a VIP: a probe from veth0 hears it, with the
+    /// peer's MAC; an address nobody holds is quiet; once the peer lets go,
+    /// the VIP is quiet too.
+    async fn case_probe() -> TestResult {
+        let netlink = RtNetlink::new()?;
+        let (mac, peer) = (
+            netlink.mac_of("veth0").await?,
+            netlink.mac_of("veth1").await?,
+        );
+        let (held, free) = (
+            Ipv4Addr::new(198, 18, 0, 100),
+            Ipv4Addr::new(198, 18, 0, 101),
+        );
+        run("ip", &["addr", "add", "198.18.0.100/24", "dev", "veth1"])?;
+        let probe = move |vips: Vec<Ipv4Addr>| {
+            tokio::task::spawn_blocking(move || {
+                still_answered("veth0", mac, &vips, Duration::from_millis(30))
+            })
+        };
+        let heard = probe(vec![held, free])
+            .await
+            .map_err(|e| Failure(e.to_string()))??;
+        check!(heard == [(held, peer)], "holder not heard: {heard:?}");
+        let heard = probe(vec![free])
+            .await
+            .map_err(|e| Failure(e.to_string()))??;
+        check!(heard.is_empty(), "a free address was answered: {heard:?}");
+        run("ip", &["addr", "del", "198.18.0.100/24", "dev", "veth1"])?;
+        let heard = probe(vec![held])
+            .await
+            .map_err(|e| Failure(e.to_string()))??;
+        check!(
+            heard.is_empty(),
+            "answered after the holder let go: {heard:?}"
+        );
+        Ok(())
     }
 
     /// What the peer saw, by kind.

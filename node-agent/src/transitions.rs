@@ -149,7 +149,35 @@ pub enum EnterError {
     /// Fenced while entering.
     #[error("fenced while entering")]
     Fenced,
+    /// Another host kept answering for the VIP (address conflict
+    /// detection) for longer than [`CONFLICT_WAIT`].
+    #[error(
+        "VIP {vip} is still answered on {iface} by {mac}: another host holds it; \
+         remove it there (or give this service another VIP)"
+    )]
+    StillAnswered {
+        /// The VIP.
+        vip: String,
+        /// The interface probed.
+        iface: String,
+        /// The MAC that answered.
+        mac: String,
+    },
 }
+
+/// The longest an entering node waits for another host to stop answering
+/// for a VIP: a previous holder's address can outlive its kernel lifetime
+/// by up to a second (the kernel checks lifetimes at least a second apart
+/// after any address change).
+pub const CONFLICT_WAIT: Duration = Duration::from_secs(2);
+
+/// How long one round of ARP probes listens for answers.
+const PROBE_WINDOW: Duration = Duration::from_millis(30);
+
+/// Kept between a VIP's kernel lifetime and the end of E (D + skew) after
+/// the renew it was extended from: the kernel removes an expired address
+/// up to about 250 ms late when nothing else changes.
+pub const LIFETIME_MARGIN: Duration = Duration::from_millis(300);
 
 impl<N: Netlink> Node<N> {
     /// The VIPs of a spec, parsed (invalid ones are skipped: the API server
@@ -301,9 +329,9 @@ impl<N: Netlink> Node<N> {
         let t = &beat.guard();
         let full =
             vip::lifetime_secs(t.lease_duration, t.clock_skew, t.vip_lifetime_seconds).ok()?;
-        let left = (t.lease_duration + t.clock_skew).checked_sub(age)?;
-        // Strictly below what is left, in whole seconds.
-        let left_secs = (left.as_millis().saturating_sub(1) / 1000) as u32;
+        let left = (t.lease_duration + t.clock_skew).checked_sub(age + LIFETIME_MARGIN)?;
+        // Whole seconds within what is left.
+        let left_secs = (left.as_millis() / 1000) as u32;
         let secs = full.min(left_secs);
         (secs >= 1).then_some(secs)
     }
@@ -327,6 +355,7 @@ impl<N: Netlink> Node<N> {
                     })?;
             placed.push((iface, v.clone()));
         }
+        self.wait_until_unanswered(&placed).await?;
         let beat = cluster.beat.ok_or(EnterError::HeartbeatTooOld)?;
         let secs =
             Self::allowed_lifetime(&beat, Instant::now()).ok_or(EnterError::HeartbeatTooOld)?;
@@ -367,6 +396,61 @@ impl<N: Netlink> Node<N> {
         self.held.release(v);
         let _gate = self.held.gate.lock().await;
         self.netlink.del_vip(iface, v).await
+    }
+
+    /// Address conflict detection before adding: waits while another host
+    /// answers ARP for an IPv4 VIP not on this node yet, at most
+    /// [`CONFLICT_WAIT`]. A probe that cannot run (no MAC, no packet
+    /// socket) is logged and skipped: the lifetimes still bound the old
+    /// holder. IPv6 VIPs are not probed.
+    async fn wait_until_unanswered(&self, placed: &[(String, Vip)]) -> Result<(), EnterError> {
+        let mut by_iface: std::collections::BTreeMap<String, Vec<std::net::Ipv4Addr>> =
+            Default::default();
+        for (iface, v) in placed {
+            if let IpAddr::V4(a) = v.addr
+                && !self.netlink.vip_present(iface, v).await.unwrap_or(false)
+            {
+                by_iface.entry(iface.clone()).or_default().push(a);
+            }
+        }
+        let started = Instant::now();
+        for (iface, addrs) in by_iface {
+            let Ok(mac) = self.netlink.mac_of(&iface).await else {
+                continue;
+            };
+            loop {
+                let (i, a) = (iface.clone(), addrs.clone());
+                let heard = tokio::task::spawn_blocking(move || {
+                    garp::still_answered(&i, mac, &a, PROBE_WINDOW)
+                })
+                .await;
+                let heard = match heard {
+                    Ok(Ok(h)) => h,
+                    Ok(Err(e)) => {
+                        tracing::warn!(%iface, error = %e, "ARP probe before adding VIPs failed");
+                        break;
+                    }
+                    Err(e) => {
+                        tracing::warn!(%iface, error = %e, "ARP probe task failed");
+                        break;
+                    }
+                };
+                let Some((vip, from)) = heard.first() else {
+                    break;
+                };
+                let from = garp::mac_string(*from);
+                if started.elapsed() >= CONFLICT_WAIT {
+                    return Err(EnterError::StillAnswered {
+                        vip: vip.to_string(),
+                        iface,
+                        mac: from,
+                    });
+                }
+                tracing::warn!(%vip, %iface, mac = %from, "VIP still answered by another host: waiting for it to go");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+        Ok(())
     }
 
     /// Removes the VIPs (absent ones count as removed); returns whether
@@ -539,6 +623,11 @@ impl<N: Netlink> Node<N> {
                 record.state = NodeServiceState::Failed;
                 record.failed_epoch = Some(epoch);
                 record.last_hooks = vec![refused(&e.to_string())];
+                if let EnterError::StillAnswered { .. } = e {
+                    // Refused before any add, and not this node's failure.
+                    record.role = Role::None;
+                    return false;
+                }
                 if !matches!(e, EnterError::Fenced) {
                     record.fail_count += 1;
                 }
@@ -810,6 +899,26 @@ impl<N: Netlink> Node<N> {
         ))];
         Self::mark_fenced(record);
         true
+    }
+
+    /// Whether any of `vips` (`address/prefix`) is on this node, as far as
+    /// netlink says; a VIP whose interface or presence cannot be read
+    /// counts as held.
+    pub async fn holds_any(&self, vips: &[String], iface: Option<&str>) -> bool {
+        for v in vips {
+            let Ok(v) = Vip::parse(v, iface) else {
+                continue;
+            };
+            let on = match (iface, self.netlink.interface_for(&v).await) {
+                (Some(i), _) => i.to_owned(),
+                (None, Ok(i)) => i,
+                (None, Err(_)) => return true,
+            };
+            if self.netlink.vip_present(&on, &v).await.unwrap_or(true) {
+                return true;
+            }
+        }
+        false
     }
 
     /// Removes the VIPs of a record at once (the fence's first act; takes no

@@ -361,13 +361,15 @@ fn print_chaos(report: &kubeha_e2e::chaos::Report, nodes: u8, services: usize) {
         println!("| {kind} | {n} |");
     }
     println!(
-        "safety violations: {}; liveness violations: {} ({} services still down a minute later); longest outage after a checkpoint's last fault: {:.0} ms; safety samples {} (longest gap {:.1} ms)",
+        "safety violations: {}; liveness violations: {} ({} services still down a minute later); longest outage after a checkpoint's last fault: {:.0} ms; safety samples {} (longest gap {:.1} ms); client ARP: {} requests, {} replies",
         report.safety_violations.len(),
         report.liveness_violations.len(),
         report.stuck.len(),
         report.longest_outage_ms,
         report.safety_samples,
-        report.safety_max_gap_ms
+        report.safety_max_gap_ms,
+        report.arp_requests,
+        report.arp_replies
     );
     for v in report
         .safety_violations

@@ -1,0 +1,293 @@
+//! The client's view of the safety rule: from the client namespace, an ARP
+//! request for every IPv4 VIP every [`PROBE_EVERY`], and every reply's MAC
+//! recorded. Two different MACs answering for one VIP less than
+//! [`PROBE_EVERY`] apart is a window with two holders as the segment saw it
+//! (each holder answers the same request, microseconds apart); a handover,
+//! even a quick one, leaves far longer than that between the last answer of
+//! the old holder and the first of the new one.
+//!
+//! It complements [`crate::split_brain`], which watches the nodes'
+//! addresses: this one sees what a client would have been told, including
+//! an address the detector's `ip` view could miss. IPv6 VIPs are not probed
+//! (the address view covers them).
+
+use std::collections::BTreeMap;
+use std::net::Ipv4Addr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use pnet::datalink;
+
+use crate::nodes;
+
+/// How often each VIP is asked for.
+pub const PROBE_EVERY: Duration = Duration::from_millis(10);
+
+const ETH_P_ARP: u16 = 0x0806;
+
+/// A window in which two MACs answered for one VIP.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TwoMacs {
+    /// The VIP.
+    pub vip: Ipv4Addr,
+    /// The MACs, as `aa:bb:cc:dd:ee:ff`.
+    pub macs: Vec<String>,
+    /// When, since the probe started.
+    pub from: Duration,
+    /// Until when.
+    pub to: Duration,
+}
+
+/// What the probe saw.
+#[derive(Debug, Clone, Default)]
+pub struct Probed {
+    /// Requests sent.
+    pub requests: usize,
+    /// Replies for a probed VIP received.
+    pub replies: usize,
+    /// Windows with two answering MACs.
+    pub windows: Vec<TwoMacs>,
+    /// The longest time between two rounds of requests.
+    pub max_gap: Duration,
+    /// Per VIP, the longest time without an answer after one was seen.
+    pub longest_silence: BTreeMap<Ipv4Addr, Duration>,
+}
+
+/// A running probe; stopped by [`ArpProbe::stop`] or when dropped.
+pub struct ArpProbe {
+    stop: Arc<AtomicBool>,
+    handle: Option<std::thread::JoinHandle<Probed>>,
+}
+
+/// Parses `aa:bb:cc:dd:ee:ff`.
+fn parse_mac(s: &str) -> Option<[u8; 6]> {
+    let mut mac = [0u8; 6];
+    let mut parts = s.trim().split(':');
+    for b in &mut mac {
+        *b = u8::from_str_radix(parts.next()?, 16).ok()?;
+    }
+    parts.next().is_none().then_some(mac)
+}
+
+fn fmt_mac(mac: &[u8]) -> String {
+    mac.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
+}
+
+/// An ARP request (who has `target`? tell `ip`) from `mac`, broadcast.
+pub fn request(mac: [u8; 6], ip: Ipv4Addr, target: Ipv4Addr) -> Vec<u8> {
+    let mut f = Vec::with_capacity(42);
+    f.extend_from_slice(&[0xff; 6]);
+    f.extend_from_slice(&mac);
+    f.extend_from_slice(&ETH_P_ARP.to_be_bytes());
+    f.extend_from_slice(&[0, 1, 8, 0, 6, 4, 0, 1]);
+    f.extend_from_slice(&mac);
+    f.extend_from_slice(&ip.octets());
+    f.extend_from_slice(&[0; 6]);
+    f.extend_from_slice(&target.octets());
+    f
+}
+
+/// An ARP reply's sender address and MAC; `None` for anything else.
+pub fn reply(frame: &[u8]) -> Option<(Ipv4Addr, [u8; 6])> {
+    if frame.len() < 42 || frame[12..14] != ETH_P_ARP.to_be_bytes() || frame[20..22] != [0, 2] {
+        return None;
+    }
+    let mac: [u8; 6] = frame[22..28].try_into().ok()?;
+    let ip = Ipv4Addr::new(frame[28], frame[29], frame[30], frame[31]);
+    Some((ip, mac))
+}
+
+/// A datalink channel on `iface` inside network namespace `ns` (the
+/// calling thread enters it and stays there).
+fn channel_in(
+    ns: &str,
+    iface: &str,
+) -> anyhow::Result<(
+    Box<dyn datalink::DataLinkSender>,
+    Box<dyn datalink::DataLinkReceiver>,
+)> {
+    let path = format!("/var/run/netns/{ns}");
+    let file = std::fs::File::open(&path).with_context(|| format!("opening {path}"))?;
+    nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET)
+        .with_context(|| format!("entering network namespace {ns}"))?;
+    let interface = datalink::interfaces()
+        .into_iter()
+        .find(|i| i.name == iface)
+        .with_context(|| format!("no interface {iface} in {ns}"))?;
+    let config = datalink::Config {
+        read_buffer_size: 65536,
+        // Reads wake at least every 50 ms, so a stop is seen.
+        read_timeout: Some(Duration::from_millis(50)),
+        ..datalink::Config::default()
+    };
+    match datalink::channel(&interface, config)? {
+        datalink::Channel::Ethernet(tx, rx) => Ok((tx, rx)),
+        _ => bail!("no Ethernet channel on {iface} in {ns}"),
+    }
+}
+
+impl ArpProbe {
+    /// Starts probing the IPv4 addresses among `vips` (addresses without
+    /// prefix; others are ignored) from the client namespace.
+    pub fn start(vips: &[&str]) -> anyhow::Result<ArpProbe> {
+        let targets: Vec<Ipv4Addr> = vips.iter().filter_map(|v| v.parse().ok()).collect();
+        let mac = crate::ha::mac_of(nodes::CLIENT_NS, nodes::NS_IFACE)?;
+        let mac = parse_mac(&mac).with_context(|| format!("client MAC {mac:?}"))?;
+        let ip = nodes::client_ip();
+        let stop = Arc::new(AtomicBool::new(false));
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let handle = {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                let (mut tx, mut rx) = match channel_in(nodes::CLIENT_NS, nodes::NS_IFACE) {
+                    Ok(c) => {
+                        let _ = ready_tx.send(Ok(()));
+                        c
+                    }
+                    Err(e) => {
+                        let _ = ready_tx.send(Err(e));
+                        return Probed::default();
+                    }
+                };
+                let started = Instant::now();
+                // The receiver: every reply for a probed VIP, with its time.
+                let receiver = {
+                    let (stop, targets) = (stop.clone(), targets.clone());
+                    std::thread::spawn(move || {
+                        let mut seen = Probed::default();
+                        let mut last: BTreeMap<Ipv4Addr, ([u8; 6], Duration)> = BTreeMap::new();
+                        let mut open: BTreeMap<Ipv4Addr, usize> = BTreeMap::new();
+                        while !stop.load(Ordering::SeqCst) {
+                            // A timeout (nothing heard for a while) loops.
+                            let Ok(frame) = rx.next() else {
+                                continue;
+                            };
+                            let at = started.elapsed();
+                            let Some((vip, from)) = reply(frame) else {
+                                continue;
+                            };
+                            if !targets.contains(&vip) {
+                                continue;
+                            }
+                            seen.replies += 1;
+                            if let Some((mac, when)) = last.get(&vip) {
+                                let quiet = at.saturating_sub(*when);
+                                let s = seen.longest_silence.entry(vip).or_default();
+                                *s = (*s).max(quiet);
+                                if *mac != from && quiet < PROBE_EVERY {
+                                    let macs = vec![fmt_mac(mac), fmt_mac(&from)];
+                                    match open.get(&vip) {
+                                        Some(w)
+                                            if at.saturating_sub(seen.windows[*w].to)
+                                                < PROBE_EVERY * 3 =>
+                                        {
+                                            seen.windows[*w].to = at
+                                        }
+                                        _ => {
+                                            open.insert(vip, seen.windows.len());
+                                            seen.windows.push(TwoMacs {
+                                                vip,
+                                                macs,
+                                                from: *when,
+                                                to: at,
+                                            });
+                                        }
+                                    }
+                                }
+                            }
+                            last.insert(vip, (from, at));
+                        }
+                        seen
+                    })
+                };
+                let frames: Vec<Vec<u8>> = targets.iter().map(|t| request(mac, ip, *t)).collect();
+                let (mut requests, mut max_gap, mut last_round) = (0, Duration::ZERO, None);
+                let mut next = Instant::now();
+                while !stop.load(Ordering::SeqCst) {
+                    let now = Instant::now();
+                    if let Some(l) = last_round {
+                        max_gap = max_gap.max(now - l);
+                    }
+                    last_round = Some(now);
+                    for f in &frames {
+                        let sent = matches!(tx.send_to(f, None), Some(Ok(())));
+                        requests += usize::from(sent);
+                    }
+                    next += PROBE_EVERY;
+                    let now = Instant::now();
+                    if next > now {
+                        std::thread::sleep(next - now);
+                    } else {
+                        next = now;
+                    }
+                }
+                let mut seen = receiver.join().unwrap_or_default();
+                seen.requests = requests;
+                seen.max_gap = max_gap;
+                seen
+            })
+        };
+        ready_rx
+            .recv()
+            .context("the ARP probe thread ended before it was ready")??;
+        Ok(ArpProbe {
+            stop,
+            handle: Some(handle),
+        })
+    }
+
+    /// Stops probing and says what was seen.
+    pub fn stop(mut self) -> Probed {
+        self.stop.store(true, Ordering::SeqCst);
+        self.handle
+            .take()
+            .expect("joined only here")
+            .join()
+            .unwrap_or_default()
+    }
+}
+
+impl Drop for ArpProbe {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_request_is_a_broadcast_who_has_and_a_reply_gives_sender_and_mac() {
+        let mac = [2, 0, 0, 0, 0, 1];
+        let f = request(
+            mac,
+            Ipv4Addr::new(198, 18, 0, 200),
+            Ipv4Addr::new(198, 18, 0, 100),
+        );
+        assert_eq!(f.len(), 42);
+        assert_eq!(&f[..6], &[0xff; 6]);
+        assert_eq!(&f[12..14], &[8, 6]);
+        assert_eq!(&f[20..22], &[0, 1], "a request");
+        assert_eq!(&f[38..42], &[198, 18, 0, 100]);
+        assert!(reply(&f).is_none(), "a request is not a reply");
+        // The reply: op 2, sender = the VIP and the holder's MAC.
+        let mut r = f.clone();
+        r[21] = 2;
+        r[22..28].copy_from_slice(&[2, 0, 0, 0, 0, 9]);
+        r[28..32].copy_from_slice(&[198, 18, 0, 100]);
+        assert_eq!(
+            reply(&r),
+            Some((Ipv4Addr::new(198, 18, 0, 100), [2, 0, 0, 0, 0, 9]))
+        );
+        assert!(reply(&r[..30]).is_none());
+        assert_eq!(parse_mac("02:00:00:00:00:09"), Some([2, 0, 0, 0, 0, 9]));
+        assert_eq!(fmt_mac(&[2, 0, 0, 0, 0, 9]), "02:00:00:00:00:09");
+        assert!(parse_mac("02:00:00").is_none());
+    }
+}
