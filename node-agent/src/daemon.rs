@@ -93,7 +93,13 @@ struct Slot {
 struct Reported {
     done: Option<String>,
     pending: Option<String>,
+    /// When the last report was sent.
+    sent: Option<Instant>,
 }
+
+/// How long after a report the API server's copy of the entry may still
+/// differ (watch lag) before it is sent again.
+const REPORT_RECHECK: Duration = Duration::from_secs(2);
 
 /// The HAService a task reports on: status entry and Events.
 #[derive(Clone)]
@@ -780,13 +786,25 @@ async fn reconcile(
             .collect();
         let hooks = svc.spec.hooks.as_ref();
         let now = Instant::now();
+        let api_digest = svc
+            .status
+            .as_ref()
+            .and_then(|s| s.nodes.iter().find(|e| e.node == node))
+            .map(applied_digest);
         // Bookkeeping work is applied and the service decided again; every
         // rule of it changes what it decided on, so this ends.
         for _ in 0..8 {
             let digest = report_digest(&guard);
             let report_due = {
                 let r = slot.reported.lock().unwrap_or_else(|e| e.into_inner());
-                r.done.as_deref() != Some(&digest) && r.pending.as_deref() != Some(&digest)
+                // Reported and taken, but the API server's copy says
+                // otherwise long after: a report that timed out here was
+                // applied late, over a newer one. Sent again.
+                let overwritten = api_digest.as_deref() != Some(&digest)
+                    && r.sent
+                        .is_none_or(|t| now.saturating_duration_since(t) >= REPORT_RECHECK);
+                r.pending.as_deref() != Some(&digest)
+                    && (r.done.as_deref() != Some(&digest) || overwritten)
             };
             let work = decide::next(&Facts {
                 wanted,
@@ -917,10 +935,11 @@ async fn reconcile(
                     });
                 }
                 Work::Report => {
-                    slot.reported
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .pending = Some(digest.clone());
+                    {
+                        let mut r = slot.reported.lock().unwrap_or_else(|e| e.into_inner());
+                        r.pending = Some(digest.clone());
+                        r.sent = Some(now);
+                    }
                     // A copy: a slow API server must not hold the record
                     // (and every decision on it) for the report's timeout.
                     let record = guard.clone();
@@ -994,9 +1013,45 @@ async fn reconcile(
 /// What the API server's status entry is compared with: a report is due
 /// when it differs.
 fn report_digest(record: &ServiceRecord) -> String {
+    let hooks = &record.last_hooks[record.last_hooks.len().saturating_sub(8)..];
+    entry_digest(
+        record.role,
+        record.state,
+        Some(record.epoch),
+        record.acked_epoch,
+        record.fail_count,
+        hooks,
+    )
+}
+
+/// The digest of an entry as the API server has it.
+fn applied_digest(e: &kubeha_crds::service::ServiceNodeStatus) -> String {
+    entry_digest(
+        e.role,
+        e.state,
+        e.epoch,
+        e.acked_epoch,
+        e.fail_count,
+        &e.hooks,
+    )
+}
+
+/// What a status entry says that the operator acts on (the last hook
+/// result stands for the hooks: a refusal marker or not).
+fn entry_digest(
+    role: Role,
+    state: NodeServiceState,
+    epoch: Option<i64>,
+    acked: Option<i64>,
+    fail_count: i32,
+    hooks: &[kubeha_crds::service::HookResult],
+) -> String {
+    let last = hooks
+        .last()
+        .map(|h| (h.script.as_str(), h.action.as_str(), h.outcome));
     format!(
-        "{:?}{:?}{}{:?}{}",
-        record.role, record.state, record.epoch, record.acked_epoch, record.fail_count
+        "{role:?} {state:?} {epoch:?} {acked:?} {fail_count} {} {last:?}",
+        hooks.len()
     )
 }
 
@@ -1498,6 +1553,39 @@ mod tests {
             "vips": [{"address": vip}],
         }))
         .unwrap()
+    }
+
+    /// The API server's copy of an entry the agent applied reads back with
+    /// the record's digest, so a report is sent again only when the copy
+    /// really differs (a late, older report applied over it).
+    #[test]
+    fn an_applied_entry_reads_back_with_the_records_digest() {
+        let mut record = ServiceRecord::fresh("c", &spec("198.18.0.100/24"), "x".into(), None);
+        record.role = Role::Master;
+        record.state = NodeServiceState::Running;
+        record.epoch = 7;
+        record.acked_epoch = Some(5);
+        record.fail_count = 1;
+        record.last_hooks = (0..10)
+            .map(|i| crate::transitions::refused(&format!("r{i}")))
+            .collect();
+        let applied: kubeha_crds::service::ServiceNodeStatus =
+            serde_json::from_value(status_entry("n1", &record)).unwrap();
+        let read_back = applied_digest;
+        assert_eq!(read_back(&applied), report_digest(&record));
+        // An older report applied late reads differently.
+        let mut older = record.clone();
+        older.role = Role::None;
+        older.state = NodeServiceState::Stopped;
+        let late: kubeha_crds::service::ServiceNodeStatus =
+            serde_json::from_value(status_entry("n1", &older)).unwrap();
+        assert_ne!(read_back(&late), report_digest(&record));
+        // So does a refusal marker replaced by other results.
+        let mut refused = record.clone();
+        refused.last_hooks.truncate(1);
+        let mut plain = refused.clone();
+        plain.last_hooks[0].script = "L01stop".into();
+        assert_ne!(report_digest(&refused), report_digest(&plain));
     }
 
     #[test]

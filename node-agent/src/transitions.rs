@@ -149,6 +149,10 @@ pub enum EnterError {
     /// Fenced while entering.
     #[error("fenced while entering")]
     Fenced,
+    /// The agent stalled while it added the VIP, so long that no lifetime
+    /// within the lease was left: the VIP was removed again.
+    #[error("VIP {0}: the agent stalled while adding it, past what the heartbeat allows; removed")]
+    StalledInCall(String),
     /// Another host kept answering for the VIP (address conflict
     /// detection) for longer than [`CONFLICT_WAIT`].
     #[error(
@@ -336,6 +340,47 @@ impl<N: Netlink> Node<N> {
         (secs >= 1).then_some(secs)
     }
 
+    /// Whether a lifetime of `secs` set by a netlink call that returned at
+    /// `now` ends within what the heartbeat allows (E less the margin,
+    /// since the last renew).
+    fn lifetime_fits(beat: &Beat, secs: u32, now: Instant) -> bool {
+        let t = beat.guard();
+        beat.age(now).is_some_and(|age| {
+            age + Duration::from_secs(u64::from(secs)) + LIFETIME_MARGIN
+                <= t.lease_duration + t.clock_skew
+        })
+    }
+
+    /// After a VIP was given `secs` of lifetime: a call held up in flight
+    /// (the agent stopped between computing the lifetime and the kernel
+    /// taking it) may have set it to end past what the heartbeat allows.
+    /// Then it is set again with what is allowed now, or removed when
+    /// nothing is. Returns whether the VIP stays.
+    async fn settle_lifetime(&self, iface: &str, v: &Vip, beat: &Beat, secs: u32) -> bool {
+        let mut secs = secs;
+        for _ in 0..3 {
+            if Self::lifetime_fits(beat, secs, Instant::now()) {
+                return true;
+            }
+            let Some(allowed) = Self::allowed_lifetime(beat, Instant::now()) else {
+                break;
+            };
+            tracing::warn!(vip = %v, %iface, set = secs, allowed, "a VIP lifetime was set late (the agent stalled in the call): setting it again");
+            secs = allowed;
+            if self
+                .netlink
+                .add_vip(iface, v, Duration::from_secs(u64::from(secs)))
+                .await
+                .is_err()
+            {
+                break;
+            }
+        }
+        tracing::error!(vip = %v, %iface, "a VIP lifetime could not be kept within the lease: removing the VIP");
+        let _ = self.netlink.del_vip(iface, v).await;
+        false
+    }
+
     /// Adds (or re-adds, extending the lifetime) every VIP; returns the
     /// interface used per VIP.
     async fn add_vips(
@@ -363,13 +408,18 @@ impl<N: Netlink> Node<N> {
             let added = if cluster.fenced.load(Ordering::SeqCst) {
                 Err(EnterError::Fenced)
             } else {
-                self.netlink
+                match self
+                    .netlink
                     .add_vip(iface, v, Duration::from_secs(secs as u64))
                     .await
-                    .map_err(|source| EnterError::Interface {
+                {
+                    Ok(()) if self.settle_lifetime(iface, v, &beat, secs).await => Ok(()),
+                    Ok(()) => Err(EnterError::StalledInCall(v.to_string())),
+                    Err(source) => Err(EnterError::Interface {
                         vip: v.to_string(),
                         source,
-                    })
+                    }),
+                }
             };
             if let Err(e) = added {
                 // What was added stays until its lifetime ends, never
@@ -628,7 +678,7 @@ impl<N: Netlink> Node<N> {
                     record.role = Role::None;
                     return false;
                 }
-                if !matches!(e, EnterError::Fenced) {
+                if !matches!(e, EnterError::Fenced | EnterError::StalledInCall(_)) {
                     record.fail_count += 1;
                 }
                 // A VIP added before the refusal stays until its lifetime
@@ -842,10 +892,7 @@ impl<N: Netlink> Node<N> {
     /// service now: it is set aside, and the record holding it gives the
     /// master role up ([`Node::give_up_if_expired`]).
     pub async fn extend(&self, cluster: &ClusterView) {
-        let Some(secs) = cluster
-            .beat
-            .and_then(|b| Self::allowed_lifetime(&b, Instant::now()))
-        else {
+        let Some(beat) = cluster.beat else {
             return;
         };
         for (addr, iface) in self.held.of_cluster(&cluster.name) {
@@ -860,12 +907,20 @@ impl<N: Netlink> Node<N> {
             if !self.held.is_held(&addr) {
                 continue;
             }
+            // Computed right before the call, checked right after it.
+            let Some(secs) = Self::allowed_lifetime(&beat, Instant::now()) else {
+                return;
+            };
             match self
                 .netlink
                 .extend_vip(&iface, &v, Duration::from_secs(secs as u64))
                 .await
             {
-                Ok(true) => {}
+                Ok(true) => {
+                    if !self.settle_lifetime(&iface, &v, &beat, secs).await {
+                        self.held.expire(&addr);
+                    }
+                }
                 Ok(false) => {
                     tracing::error!(vip = %addr, %iface, "a VIP expired before it was extended (missed renewals)");
                     self.held.expire(&addr);
@@ -1126,10 +1181,23 @@ mod tests {
         /// How long a presence check takes after it looked (a slow netlink
         /// round trip), in ms.
         present_delay_ms: std::sync::atomic::AtomicU64,
+        /// How long an add waits before the kernel takes it (an agent
+        /// stopped in the call), in ms.
+        add_delay_ms: std::sync::atomic::AtomicU64,
+        /// Every lifetime set, in order.
+        lifetimes: std::sync::Mutex<Vec<Duration>>,
     }
 
     impl Netlink for FakeNetlink {
-        async fn add_vip(&self, iface: &str, vip: &Vip, _: Duration) -> Result<(), vip::VipError> {
+        async fn add_vip(
+            &self,
+            iface: &str,
+            vip: &Vip,
+            lifetime: Duration,
+        ) -> Result<(), vip::VipError> {
+            let delay = self.add_delay_ms.load(Ordering::SeqCst);
+            tokio::time::sleep(Duration::from_millis(delay)).await;
+            self.lifetimes.lock().unwrap().push(lifetime);
             // Create or replace, as the kernel does.
             let mut addrs = self.addrs.lock().unwrap();
             addrs.retain(|(i, a)| !(i == iface && *a == vip.addr));
@@ -1382,6 +1450,50 @@ mod tests {
         node.step(Step::LeaveVicemaster, &mut r, svc, cluster, master(3))
             .await;
         assert_eq!((r.role, r.state), (Role::None, NodeServiceState::Stopped));
+    }
+
+    /// Hole found by reading (issue 8): an extension held up in flight (the
+    /// agent stopped after it computed the lifetime, before the kernel
+    /// took it) set a lifetime that ran past E. The lifetime is checked
+    /// after the call and set again with what is allowed then.
+    #[tokio::test]
+    async fn a_lifetime_set_late_is_set_again_within_the_lease() {
+        let fx = fixture();
+        let (node, svc) = (&fx.node, &fx.svc);
+        let (b, _) = beat(0, 3_000, 500);
+        let cluster = ClusterView {
+            beat: Some(b),
+            ..fx.cluster.clone()
+        };
+        let mut r = record(&fx.spec);
+        assert!(
+            node.step(Step::EnterMaster, &mut r, svc, &cluster, master(2))
+                .await
+        );
+        let lifetimes = || node.netlink.lifetimes.lock().unwrap().clone();
+        assert_eq!(lifetimes(), [Duration::from_secs(3)], "E 3.5 s less 0.3 s");
+        // Stalled 400 ms in the next extension's call: 3 s from then would
+        // end 3.7 s after the renew.
+        node.netlink.add_delay_ms.store(400, Ordering::SeqCst);
+        node.extend(&cluster).await;
+        assert_eq!(
+            lifetimes()[1..],
+            [Duration::from_secs(3), Duration::from_secs(2)],
+            "set again with what was left"
+        );
+        assert_eq!(node.netlink.addrs.lock().unwrap().len(), 1);
+        assert!(!node.give_up_if_expired(&mut r).await);
+        // Stalled so long that nothing is left: removed, and the role given
+        // up as a fence does.
+        node.netlink.add_delay_ms.store(2_500, Ordering::SeqCst);
+        let (b, _) = beat(0, 3_000, 500);
+        let cluster = ClusterView {
+            beat: Some(b),
+            ..fx.cluster.clone()
+        };
+        node.extend(&cluster).await;
+        assert!(node.netlink.addrs.lock().unwrap().is_empty(), "still held");
+        assert!(node.give_up_if_expired(&mut r).await);
     }
 
     /// Chaos-found (CI, a Freeze cluster healed): an extension that had
