@@ -1057,3 +1057,43 @@ fn every_service_runs_again_after_an_api_server_stall_past_the_renew_deadline() 
     }
     ha::delete(&lab, "hacluster", cluster, None);
 }
+
+/// Chaos-found (issue 8, seed 1, after injection #16): a fence that found
+/// a service in the middle of entering (its GARP burst held the record)
+/// dropped its VIPs but could not mark the record; the entry then finished
+/// as master Running with no VIP, and nothing ever noticed: the status said
+/// Active and nothing answered. The record is now marked as a fence does
+/// once it is free, so the node leaves again and the service moves on.
+#[test]
+fn a_fence_during_an_entry_leaves_no_master_without_its_vip() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let lab = lab();
+    let (name, vip) = ("op-fence-entering", "198.18.0.109");
+    fresh(&lab, name, vip, None, Timing::DEFAULT);
+    assert_eq!(wait_active(&lab, name, vip, Duration::from_secs(30)), 1);
+    // A long announcement burst: 4 s during which the entry holds the record.
+    let mut svc = ha::service(name, name, &[&format!("{vip}/24")], None, (20, 200));
+    svc["spec"]["preferredNodes"] = serde_json::json!([]);
+    ha::apply(&lab, &svc).unwrap();
+    let sampler = ha::SplitBrain::start(vip, &[]);
+    ha::request_move(&lab, name, 2).unwrap();
+    let entering = ha::wait_until(Duration::from_secs(20), || ha::vip_on_node(2, vip));
+    assert!(entering.is_some(), "node-2 never started entering");
+    // Cut off while it announces: the fence comes RD later, mid-burst.
+    lab.partition(2).unwrap();
+    std::thread::sleep(Duration::from_millis(3_000));
+    lab.heal(2).unwrap();
+    let back = ha::wait_until(Duration::from_secs(40), || {
+        ha::active_node(&lab, name, vip).is_some()
+    });
+    sampler
+        .stop()
+        .assert_single_holder(vip, "a fence during an entry, then the heal");
+    assert!(
+        back.is_some(),
+        "no node runs {name} with its VIP after the heal: status {}, holders {:?}",
+        ha::service_status(&lab, name),
+        ha::vip_holders(vip)
+    );
+    cleanup(&lab, name, vip);
+}

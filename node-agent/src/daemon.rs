@@ -85,6 +85,10 @@ struct Slot {
     recover: bool,
     /// The stale epoch last warned about (see [`assignments::not_older`]).
     stale_warned: Option<i64>,
+    /// The cluster of a fence that found this record busy (a transition
+    /// held it) and could not mark it: its VIPs were dropped under it, so
+    /// once the record is free it is marked as a fence does.
+    fenced_while_busy: Arc<std::sync::Mutex<Option<String>>>,
 }
 
 /// Report bookkeeping of one service: the digest the API server has, and
@@ -128,6 +132,10 @@ struct Shared {
     /// last fence: a clearance written before the operator saw it is not
     /// entered ([`leases::HOLDER_RENEW_ANNOTATION`]).
     returned: std::sync::Mutex<HashMap<String, jiff::Timestamp>>,
+    /// Per service (`namespace/name`), when to send the status entry again
+    /// after a report that timed out: the API server may still apply that
+    /// one later, over a newer report.
+    resend: std::sync::Mutex<HashMap<String, Vec<Instant>>>,
 }
 
 /// Runs the daemon until a signal ends it.
@@ -157,6 +165,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         state_file: std::sync::Mutex::new(()),
         past_unknown: AtomicBool::new(false),
         returned: Default::default(),
+        resend: Default::default(),
         recorder: Recorder::new(
             client.clone(),
             Reporter {
@@ -338,6 +347,7 @@ fn new_slot(record: ServiceRecord, adopt: bool) -> Slot {
         reported: Arc::default(),
         recover: false,
         stale_warned: None,
+        fenced_while_busy: Arc::default(),
     }
 }
 
@@ -588,6 +598,10 @@ async fn fence_if_cut_off(
             let left = beat.left_before_lease_end(Instant::now());
             let Ok(mut record) = tokio::time::timeout(left, slot.record.clone().lock_owned()).await
             else {
+                *slot
+                    .fenced_while_busy
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner()) = Some(name.clone());
                 continue;
             };
             if record.cluster != name {
@@ -710,6 +724,19 @@ async fn reconcile(
         let Ok(mut guard) = slot.record.clone().try_lock_owned() else {
             continue;
         };
+        let fenced_busy = slot
+            .fenced_while_busy
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        if fenced_busy.as_deref() == Some(guard.cluster.as_str()) && guard.role == Role::Master {
+            tracing::error!(service = %key, epoch = guard.epoch, "a fence found this service in a transition: its VIPs were dropped under it; leaving as a fence does");
+            shared
+                .node
+                .drop_vips(&guard.vips.clone(), guard.interface.clone().as_deref())
+                .await;
+            crate::transitions::Node::<RtNetlink>::mark_fenced(&mut guard);
+        }
         // An admin's clear request (a new `kubeha.io/clear` value): reset
         // this node's failures; the report below (or the next step's)
         // tells the operator.
@@ -795,8 +822,23 @@ async fn reconcile(
         // rule of it changes what it decided on, so this ends.
         for _ in 0..8 {
             let digest = report_digest(&guard);
+            let resend_due = {
+                let mut resend = shared.resend.lock().unwrap_or_else(|e| e.into_inner());
+                let due = resend.get_mut(&key).is_some_and(|at| {
+                    let before = at.len();
+                    at.retain(|t| *t > now);
+                    at.len() < before
+                });
+                if resend.get(&key).is_some_and(Vec::is_empty) {
+                    resend.remove(&key);
+                }
+                due
+            };
             let report_due = {
-                let r = slot.reported.lock().unwrap_or_else(|e| e.into_inner());
+                let mut r = slot.reported.lock().unwrap_or_else(|e| e.into_inner());
+                if resend_due {
+                    r.done = None;
+                }
                 // Reported and taken, but the API server's copy says
                 // otherwise long after: a report that timed out here was
                 // applied late, over a newer one. Sent again.
@@ -946,13 +988,15 @@ async fn reconcile(
                     drop(guard);
                     let (shared, reported) = (shared.clone(), slot.reported.clone());
                     tokio::spawn(async move {
-                        let ok = report(&shared, &target, &record).await;
-                        let mut r = reported.lock().unwrap_or_else(|e| e.into_inner());
-                        if r.pending.as_deref() == Some(&digest) {
-                            r.pending = None;
-                        }
-                        if ok {
-                            r.done = Some(digest);
+                        let outcome = report(&shared, &target, &record).await;
+                        {
+                            let mut r = reported.lock().unwrap_or_else(|e| e.into_inner());
+                            if r.pending.as_deref() == Some(&digest) {
+                                r.pending = None;
+                            }
+                            if outcome == Some(true) {
+                                r.done = Some(digest);
+                            }
                         }
                     });
                 }
@@ -1477,8 +1521,10 @@ pub fn status_entry(node: &str, record: &ServiceRecord) -> serde_json::Value {
 
 /// Applies this node's entry of `status.nodes` (server-side apply with the
 /// node's own field manager). Best effort: the API server may be away.
-/// Applies this node's status entry; returns whether the API server took it.
-async fn report(shared: &Shared, target: &Target, record: &ServiceRecord) -> bool {
+/// Applies this node's status entry: `Some(true)` when the API server took
+/// it, `Some(false)` when it refused it, `None` when the call timed out (it
+/// may still be applied later).
+async fn report(shared: &Shared, target: &Target, record: &ServiceRecord) -> Option<bool> {
     let (api, name) = (&target.api, target.name.as_str());
     let entry = status_entry(&shared.config.node, record);
     let patch = serde_json::json!({
@@ -1493,14 +1539,27 @@ async fn report(shared: &Shared, target: &Target, record: &ServiceRecord) -> boo
     )
     .await
     {
-        Ok(Ok(_)) => true,
+        Ok(Ok(_)) => Some(true),
         Ok(Err(e)) => {
             tracing::warn!(service = name, error = %e, "status report failed");
-            false
+            Some(false)
         }
         Err(_) => {
             tracing::warn!(service = name, "status report timed out");
-            false
+            let key = format!(
+                "{}/{name}",
+                target.reference.namespace.as_deref().unwrap_or_default()
+            );
+            let now = Instant::now();
+            shared
+                .resend
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(
+                    key,
+                    [3, 10, 30].map(|s| now + Duration::from_secs(s)).into(),
+                );
+            None
         }
     }
 }

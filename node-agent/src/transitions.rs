@@ -1093,7 +1093,7 @@ impl<N: Netlink> Node<N> {
     /// no role, Failed, the epoch burned (a fenced node never acts on it
     /// again), and unclean and `fenced`, for the leave scripts may not have
     /// run (or finished): they run again once the node is in contact.
-    fn mark_fenced(record: &mut ServiceRecord) {
+    pub fn mark_fenced(record: &mut ServiceRecord) {
         record.role = Role::None;
         record.vips.clear();
         record.state = NodeServiceState::Failed;
