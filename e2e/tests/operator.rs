@@ -1069,10 +1069,17 @@ fn a_fence_during_an_entry_leaves_no_master_without_its_vip() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let lab = lab();
     let (name, vip) = ("op-fence-entering", "198.18.0.109");
-    fresh(&lab, name, vip, None, Timing::DEFAULT);
+    // E = 6.5 s: a 3.5 s cut never makes the operator see node-2 Lost, so
+    // the Lease still names it after the heal (the state that stuck).
+    let timing = Timing {
+        lease_ms: 6_000,
+        ..Timing::DEFAULT
+    };
+    fresh(&lab, name, vip, None, timing);
     assert_eq!(wait_active(&lab, name, vip, Duration::from_secs(30)), 1);
-    // A long announcement burst: 4 s during which the entry holds the record.
-    let mut svc = ha::service(name, name, &[&format!("{vip}/24")], None, (20, 200));
+    // A long announcement burst: 8 s during which the entry holds the
+    // record, past the fence's wait for it (until E).
+    let mut svc = ha::service(name, name, &[&format!("{vip}/24")], None, (40, 200));
     svc["spec"]["preferredNodes"] = serde_json::json!([]);
     ha::apply(&lab, &svc).unwrap();
     let sampler = ha::SplitBrain::start(vip, &[]);
@@ -1081,7 +1088,7 @@ fn a_fence_during_an_entry_leaves_no_master_without_its_vip() {
     assert!(entering.is_some(), "node-2 never started entering");
     // Cut off while it announces: the fence comes RD later, mid-burst.
     lab.partition(2).unwrap();
-    std::thread::sleep(Duration::from_millis(3_000));
+    std::thread::sleep(Duration::from_millis(3_500));
     lab.heal(2).unwrap();
     let back = ha::wait_until(Duration::from_secs(40), || {
         ha::active_node(&lab, name, vip).is_some()
