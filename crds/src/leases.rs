@@ -51,6 +51,17 @@ pub fn holder_renew_time(
         .ok()
 }
 
+/// Whether a Lease whose [`HOLDER_RENEW_ANNOTATION`] says `seen` was
+/// written before the operator saw the renew made at `renewed`. Compared
+/// at the microsecond, the precision of a Lease's `renewTime`: the renew's
+/// own clock reading has nanoseconds the API server never stored.
+pub fn seen_before(
+    seen: k8s_openapi::jiff::Timestamp,
+    renewed: k8s_openapi::jiff::Timestamp,
+) -> bool {
+    seen.as_microsecond() < renewed.as_microsecond()
+}
+
 /// The value of [`EXPIRY_MS_ANNOTATION`], if the Lease has a valid one.
 pub fn heartbeat_expiry(
     lease: &k8s_openapi::api::coordination::v1::Lease,
@@ -160,6 +171,29 @@ mod tests {
                 ..Default::default()
             }),
         }
+    }
+
+    /// Chaos-found: an agent back from a fence remembered its first renew
+    /// with nanoseconds, the Lease (and so the operator's annotation) keeps
+    /// microseconds, and every first clearance after a return was refused.
+    #[test]
+    fn a_renew_read_back_from_its_lease_is_not_seen_before_itself() {
+        use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
+        let renewed: k8s_openapi::jiff::Timestamp =
+            "2026-11-30T01:03:44.118753339Z".parse().unwrap();
+        // Written by the agent, read by the operator, annotated by it.
+        let wire = serde_json::to_value(MicroTime(renewed)).unwrap();
+        let read: MicroTime = serde_json::from_value(wire).unwrap();
+        let annotated = lease(
+            "n1",
+            Some(3),
+            &[(HOLDER_RENEW_ANNOTATION, &read.0.to_string())],
+        );
+        let seen = holder_renew_time(&annotated).unwrap();
+        assert!(!seen_before(seen, renewed), "{seen} vs {renewed}");
+        let earlier: k8s_openapi::jiff::Timestamp =
+            "2026-11-30T01:03:44.118752999Z".parse().unwrap();
+        assert!(seen_before(earlier, renewed));
     }
 
     #[test]

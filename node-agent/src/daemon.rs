@@ -704,7 +704,7 @@ async fn reconcile(
             .is_some_and(|back| {
                 lease
                     .and_then(|l| leases::holder_renew_time(l))
-                    .is_none_or(|seen| seen < *back)
+                    .is_none_or(|seen| leases::seen_before(seen, *back))
             });
         let lease_epoch = lease.and_then(|l| assignments::lease_epoch(l));
         let view = cluster_view(shared, cluster);
