@@ -1,6 +1,7 @@
 //! The client's view of the safety rule: from the client namespace, an ARP
-//! request for every IPv4 VIP every [`PROBE_EVERY`], and every reply's MAC
-//! recorded. Two different MACs answering for one VIP less than
+//! probe ([`garp::arp_probe`], the frame an entering agent sends) for every
+//! IPv4 VIP every [`PROBE_EVERY`], and every answer's MAC recorded
+//! ([`garp::claim`]). Two different MACs answering for one VIP less than
 //! [`PROBE_EVERY`] apart is a window with two holders as the segment saw it
 //! (each holder answers the same request, microseconds apart); a handover,
 //! even a quick one, leaves far longer than that between the last answer of
@@ -18,14 +19,13 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
+use kubeha_agent::garp;
 use pnet::datalink;
 
 use crate::nodes;
 
 /// How often each VIP is asked for.
 pub const PROBE_EVERY: Duration = Duration::from_millis(10);
-
-const ETH_P_ARP: u16 = 0x0806;
 
 /// A window in which two MACs answered for one VIP.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -51,55 +51,12 @@ pub struct Probed {
     pub windows: Vec<TwoMacs>,
     /// The longest time between two rounds of requests.
     pub max_gap: Duration,
-    /// Per VIP, the longest time without an answer after one was seen.
-    pub longest_silence: BTreeMap<Ipv4Addr, Duration>,
 }
 
 /// A running probe; stopped by [`ArpProbe::stop`] or when dropped.
 pub struct ArpProbe {
     stop: Arc<AtomicBool>,
     handle: Option<std::thread::JoinHandle<Probed>>,
-}
-
-/// Parses `aa:bb:cc:dd:ee:ff`.
-fn parse_mac(s: &str) -> Option<[u8; 6]> {
-    let mut mac = [0u8; 6];
-    let mut parts = s.trim().split(':');
-    for b in &mut mac {
-        *b = u8::from_str_radix(parts.next()?, 16).ok()?;
-    }
-    parts.next().is_none().then_some(mac)
-}
-
-fn fmt_mac(mac: &[u8]) -> String {
-    mac.iter()
-        .map(|b| format!("{b:02x}"))
-        .collect::<Vec<_>>()
-        .join(":")
-}
-
-/// An ARP request (who has `target`? tell `ip`) from `mac`, broadcast.
-pub fn request(mac: [u8; 6], ip: Ipv4Addr, target: Ipv4Addr) -> Vec<u8> {
-    let mut f = Vec::with_capacity(42);
-    f.extend_from_slice(&[0xff; 6]);
-    f.extend_from_slice(&mac);
-    f.extend_from_slice(&ETH_P_ARP.to_be_bytes());
-    f.extend_from_slice(&[0, 1, 8, 0, 6, 4, 0, 1]);
-    f.extend_from_slice(&mac);
-    f.extend_from_slice(&ip.octets());
-    f.extend_from_slice(&[0; 6]);
-    f.extend_from_slice(&target.octets());
-    f
-}
-
-/// An ARP reply's sender address and MAC; `None` for anything else.
-pub fn reply(frame: &[u8]) -> Option<(Ipv4Addr, [u8; 6])> {
-    if frame.len() < 42 || frame[12..14] != ETH_P_ARP.to_be_bytes() || frame[20..22] != [0, 2] {
-        return None;
-    }
-    let mac: [u8; 6] = frame[22..28].try_into().ok()?;
-    let ip = Ipv4Addr::new(frame[28], frame[29], frame[30], frame[31]);
-    Some((ip, mac))
 }
 
 /// A datalink channel on `iface` inside network namespace `ns` (the
@@ -137,8 +94,10 @@ impl ArpProbe {
     pub fn start(vips: &[&str]) -> anyhow::Result<ArpProbe> {
         let targets: Vec<Ipv4Addr> = vips.iter().filter_map(|v| v.parse().ok()).collect();
         let mac = crate::ha::mac_of(nodes::CLIENT_NS, nodes::NS_IFACE)?;
-        let mac = parse_mac(&mac).with_context(|| format!("client MAC {mac:?}"))?;
-        let ip = nodes::client_ip();
+        let mac: pnet::util::MacAddr = mac
+            .parse()
+            .map_err(|e| anyhow::anyhow!("client MAC {mac:?}: {e:?}"))?;
+        let mac = mac.octets();
         let stop = Arc::new(AtomicBool::new(false));
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         let handle = {
@@ -168,19 +127,14 @@ impl ArpProbe {
                                 continue;
                             };
                             let at = started.elapsed();
-                            let Some((vip, from)) = reply(frame) else {
+                            let Some((vip, from)) = garp::claim(frame, &targets, mac) else {
                                 continue;
                             };
-                            if !targets.contains(&vip) {
-                                continue;
-                            }
                             seen.replies += 1;
                             if let Some((mac, when)) = last.get(&vip) {
                                 let quiet = at.saturating_sub(*when);
-                                let s = seen.longest_silence.entry(vip).or_default();
-                                *s = (*s).max(quiet);
                                 if *mac != from && quiet < PROBE_EVERY {
-                                    let macs = vec![fmt_mac(mac), fmt_mac(&from)];
+                                    let macs = vec![garp::mac_string(*mac), garp::mac_string(from)];
                                     match open.get(&vip) {
                                         Some(w)
                                             if at.saturating_sub(seen.windows[*w].to)
@@ -205,7 +159,8 @@ impl ArpProbe {
                         seen
                     })
                 };
-                let frames: Vec<Vec<u8>> = targets.iter().map(|t| request(mac, ip, *t)).collect();
+                let frames: Vec<Vec<u8>> =
+                    targets.iter().map(|t| garp::arp_probe(mac, *t)).collect();
                 let (mut requests, mut max_gap, mut last_round) = (0, Duration::ZERO, None);
                 let mut next = Instant::now();
                 while !stop.load(Ordering::SeqCst) {
@@ -255,39 +210,5 @@ impl ArpProbe {
 impl Drop for ArpProbe {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::SeqCst);
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_request_is_a_broadcast_who_has_and_a_reply_gives_sender_and_mac() {
-        let mac = [2, 0, 0, 0, 0, 1];
-        let f = request(
-            mac,
-            Ipv4Addr::new(198, 18, 0, 200),
-            Ipv4Addr::new(198, 18, 0, 100),
-        );
-        assert_eq!(f.len(), 42);
-        assert_eq!(&f[..6], &[0xff; 6]);
-        assert_eq!(&f[12..14], &[8, 6]);
-        assert_eq!(&f[20..22], &[0, 1], "a request");
-        assert_eq!(&f[38..42], &[198, 18, 0, 100]);
-        assert!(reply(&f).is_none(), "a request is not a reply");
-        // The reply: op 2, sender = the VIP and the holder's MAC.
-        let mut r = f.clone();
-        r[21] = 2;
-        r[22..28].copy_from_slice(&[2, 0, 0, 0, 0, 9]);
-        r[28..32].copy_from_slice(&[198, 18, 0, 100]);
-        assert_eq!(
-            reply(&r),
-            Some((Ipv4Addr::new(198, 18, 0, 100), [2, 0, 0, 0, 0, 9]))
-        );
-        assert!(reply(&r[..30]).is_none());
-        assert_eq!(parse_mac("02:00:00:00:00:09"), Some([2, 0, 0, 0, 0, 9]));
-        assert_eq!(fmt_mac(&[2, 0, 0, 0, 0, 9]), "02:00:00:00:00:09");
-        assert!(parse_mac("02:00:00").is_none());
     }
 }

@@ -134,9 +134,9 @@ pub struct Report {
     pub safety_samples: usize,
     /// Longest gap between two safety samples, ms.
     pub safety_max_gap_ms: f64,
-    /// ARP requests the client sent for the IPv4 VIPs, and replies heard.
+    /// ARP probes the client sent for the IPv4 VIPs.
     pub arp_requests: usize,
-    /// Replies to those requests.
+    /// Answers to those probes.
     pub arp_replies: usize,
     /// Every injection and checkpoint, with its time since the start.
     pub log: Vec<String>,
@@ -530,19 +530,16 @@ fn inject(lab: &Lab, cfg: Config, timing: Timing) -> anyhow::Result<Report> {
             w.to.as_secs_f64()
         ));
     }
-    if probed.max_gap >= ha::MAX_SAMPLE_GAP {
-        report.safety_violations.push(format!(
-            "the client's ARP probe could not keep pace: {:?} between two rounds (limit {:?})",
-            probed.max_gap,
-            ha::MAX_SAMPLE_GAP
-        ));
-    }
-    if seen.max_gap >= ha::MAX_SAMPLE_GAP {
-        report.safety_violations.push(format!(
-            "the safety detector could not keep pace: {:?} between two samples (limit {:?})",
-            seen.max_gap,
-            ha::MAX_SAMPLE_GAP
-        ));
+    for (detector, gap) in [
+        ("the safety detector", seen.max_gap),
+        ("the client's ARP probe", probed.max_gap),
+    ] {
+        if gap >= ha::MAX_SAMPLE_GAP {
+            report.safety_violations.push(format!(
+                "{detector} could not keep pace: {gap:?} between two rounds (limit {:?})",
+                ha::MAX_SAMPLE_GAP
+            ));
+        }
     }
     Ok(report)
 }

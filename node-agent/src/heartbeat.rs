@@ -336,6 +336,14 @@ pub async fn renew_loop(
 mod tests {
     use super::*;
 
+    /// A renew that wrote no `renewTime` worth keeping.
+    fn renew(timing: Timing) -> Renew {
+        Renew {
+            timing,
+            written: None,
+        }
+    }
+
     fn timing() -> Timing {
         Timing::from(&HeartbeatTiming::default())
     }
@@ -369,13 +377,9 @@ mod tests {
         let beats = Heartbeats::default();
         beats.set_timing("c", timing());
         let t0 = Instant::now();
-        let r = |timing| Renew {
-            timing,
-            written: None,
-        };
-        beats.record("c", t0 + Duration::from_millis(5), r(timing()), true);
-        beats.record("c", t0, r(timing()), true);
-        beats.record("c", t0, r(timing()), false);
+        beats.record("c", t0 + Duration::from_millis(5), renew(timing()), true);
+        beats.record("c", t0, renew(timing()), true);
+        beats.record("c", t0, renew(timing()), false);
         let b = beats.get("c").unwrap();
         assert_eq!(b.last_success, Some(t0 + Duration::from_millis(5)));
         assert_eq!(b.failures, 1);
@@ -391,44 +395,20 @@ mod tests {
         };
         beats.set_timing("c", long);
         let t0 = Instant::now();
-        beats.record(
-            "c",
-            t0,
-            Renew {
-                timing: long,
-                written: None,
-            },
-            true,
-        );
+        beats.record("c", t0, renew(long), true);
         // Lowered: the short D bounds the node at once.
         beats.set_timing("c", timing());
         let b = beats.get("c").unwrap();
         assert_eq!(b.guard().lease_duration, Duration::from_secs(3));
         assert!(b.past_deadline(t0 + Duration::from_secs(2)));
         // Raised again: the renew sent under the short D still bounds it.
-        beats.record(
-            "c",
-            t0 + Duration::from_secs(1),
-            Renew {
-                timing: timing(),
-                written: None,
-            },
-            true,
-        );
+        beats.record("c", t0 + Duration::from_secs(1), renew(timing()), true);
         beats.set_timing("c", long);
         let b = beats.get("c").unwrap();
         assert_eq!(b.guard().lease_duration, Duration::from_secs(3));
         assert!(b.past_deadline(t0 + Duration::from_secs(3)));
         // Until a renew is sent under the long D.
-        beats.record(
-            "c",
-            t0 + Duration::from_secs(2),
-            Renew {
-                timing: long,
-                written: None,
-            },
-            true,
-        );
+        beats.record("c", t0 + Duration::from_secs(2), renew(long), true);
         assert_eq!(beats.get("c").unwrap().guard(), long);
     }
 
