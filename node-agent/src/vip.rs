@@ -330,9 +330,14 @@ pub trait Netlink: Send + Sync {
 }
 
 /// [`Netlink`] over an rtnetlink connection in the agent's network namespace.
+///
+/// Clones share one socket. The kernel runs one dump at a time per socket
+/// and refuses a second one meanwhile (EBUSY), so dumps (addresses,
+/// routes) on a connection take turns behind `dumps`.
 #[derive(Clone)]
 pub struct RtNetlink {
     handle: Handle,
+    dumps: std::sync::Arc<tokio::sync::Mutex<()>>,
 }
 
 impl fmt::Debug for RtNetlink {
@@ -462,7 +467,10 @@ impl RtNetlink {
         let (connection, handle, _messages) =
             rtnetlink::new_connection().map_err(VipError::Socket)?;
         runtime.spawn(connection);
-        Ok(RtNetlink { handle })
+        Ok(RtNetlink {
+            handle,
+            dumps: Default::default(),
+        })
     }
 
     /// The link message of `iface`, `None` if there is no such interface.
@@ -508,23 +516,18 @@ impl RtNetlink {
         .ok_or_else(|| VipError::InterfaceMissing(format!("#{index}")))
     }
 
-    /// All addresses, optionally of one interface.
-    /// The kernel interrupts a dump whose table changes meanwhile (EBUSY,
-    /// as when many VIPs come and go at once): it is asked again, up to five
-    /// times.
+    /// All addresses, optionally of one interface (one dump at a time on
+    /// this connection).
     async fn addresses(&self, index: Option<u32>) -> Result<Vec<AddressMessage>, VipError> {
-        let mut attempt = 0;
-        loop {
-            let mut req = self.handle.address().get();
-            if let Some(index) = index {
-                req = req.set_link_index_filter(index);
-            }
-            match req.execute().try_collect().await {
-                Ok(addrs) => return Ok(addrs),
-                Err(e) if attempt < 4 && errno_of(&e) == Some(Errno::EBUSY) => attempt += 1,
-                Err(e) => return Err(nl_err("dump addresses", e)),
-            }
+        let _turn = self.dumps.lock().await;
+        let mut req = self.handle.address().get();
+        if let Some(index) = index {
+            req = req.set_link_index_filter(index);
         }
+        req.execute()
+            .try_collect()
+            .await
+            .map_err(|e| nl_err("dump addresses", e))
     }
 
     /// The gateways of the default routes of `gateway`'s family in the main table.
@@ -533,6 +536,7 @@ impl RtNetlink {
             IpAddr::V4(_) => RouteMessageBuilder::<Ipv4Addr>::new().build(),
             IpAddr::V6(_) => RouteMessageBuilder::<Ipv6Addr>::new().build(),
         };
+        let _turn = self.dumps.lock().await;
         let routes: Vec<RouteMessage> = self
             .handle
             .route()
@@ -1358,6 +1362,11 @@ mod tests {
         kernel_case("default-route")
     }
 
+    #[test]
+    fn kernel_address_reads_over_one_connection_never_collide() -> TestResult {
+        kernel_case("dump-under-churn")
+    }
+
     /// Child side: does nothing unless started by [`NetNs::run_case`].
     /// Ignored in a normal run: it is an entry point, not a test of its own.
     #[test]
@@ -1371,6 +1380,7 @@ mod tests {
                 "kernel-fence" => case_kernel_fence().await,
                 "mac-of" => case_mac_of().await,
                 "default-route" => case_default_route().await,
+                "dump-under-churn" => case_dump_under_churn().await,
                 other => Err(format!("unknown case {other}").into()),
             }
         });
@@ -1479,6 +1489,77 @@ mod tests {
         check!(
             addr_entry("veth0", vip.addr)?.is_none(),
             "{vip} added despite the error"
+        );
+        Ok(())
+    }
+
+    /// Twenty VIPs of each family come and go in bursts while ten tasks
+    /// read the addresses over one connection (as when many services enter
+    /// one node at once): every read succeeds, though the kernel refuses a
+    /// second dump on a socket while one runs (EBUSY).
+    async fn case_dump_under_churn() -> TestResult {
+        let nl = RtNetlink::new()?;
+        let churner = RtNetlink::new()?;
+        let vips: Vec<Vip> = (0..20)
+            .flat_map(|k| {
+                [
+                    format!("198.18.0.{}/24", 150 + k),
+                    format!("2001:db8::{:x}/64", 0x150 + k),
+                ]
+            })
+            .map(|c| Vip::parse(&c, None))
+            .collect::<Result<_, _>>()?;
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let churn = {
+            let stop = stop.clone();
+            let vips = vips.clone();
+            tokio::spawn(async move {
+                let mut rounds = 0u32;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    for vip in &vips {
+                        churner
+                            .add_vip("veth0", vip, Duration::from_secs(30))
+                            .await?;
+                    }
+                    for vip in &vips {
+                        churner.del_vip("veth0", vip).await?;
+                    }
+                    rounds += 1;
+                    // Bursts, not a storm: a pause as between two handovers.
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+                Ok::<u32, VipError>(rounds)
+            })
+        };
+        // Ten readers share one connection, as the tasks of ten services
+        // entering one node at once do.
+        let readers: Vec<_> = (0..10)
+            .map(|r| {
+                let nl = nl.clone();
+                let probe = vips[r].clone();
+                tokio::spawn(async move {
+                    let mut failures = Vec::new();
+                    for _ in 0..200 {
+                        if let Err(e) = nl.vip_present("veth0", &probe).await {
+                            failures.push(e.to_string());
+                        }
+                    }
+                    failures
+                })
+            })
+            .collect();
+        let mut failures = Vec::new();
+        for r in readers {
+            failures.extend(r.await.map_err(|e| e.to_string())?);
+        }
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let rounds = churn.await.map_err(|e| e.to_string())??;
+        check!(rounds > 0, "the churn never ran a round");
+        check!(
+            failures.is_empty(),
+            "{} of 2000 address reads failed during {rounds} rounds of churn, e.g. {}",
+            failures.len(),
+            failures[0]
         );
         Ok(())
     }
