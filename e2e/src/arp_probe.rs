@@ -68,10 +68,7 @@ fn channel_in(
     Box<dyn datalink::DataLinkSender>,
     Box<dyn datalink::DataLinkReceiver>,
 )> {
-    let path = format!("/var/run/netns/{ns}");
-    let file = std::fs::File::open(&path).with_context(|| format!("opening {path}"))?;
-    nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET)
-        .with_context(|| format!("entering network namespace {ns}"))?;
+    crate::nodes::enter_ns(ns)?;
     let interface = datalink::interfaces()
         .into_iter()
         .find(|i| i.name == iface)

@@ -12,9 +12,16 @@
 //!   the last fault's end, be Active on the node its status names, hold its
 //!   VIP there only, and answer the client from that node's MAC.
 //!
+//! Every service runs hooks ([`hook_scripts`]): its enter hook starts a
+//! small TCP server on the service's IPv4 VIP that answers with the node's
+//! name, its leave hook stops it, its monitor checks it every second. A
+//! service is live when that server answers the client with the name of the
+//! node the status names active.
+//!
 //! Faults ([`Kind`]: agent kill and stall, power-off, partition from the
 //! API server, API server stall, etcd restart, operator leader kill, moves,
-//! VIP list edits, D lowered then raised, a node locked then back) are
+//! VIP list edits, D lowered then raised, a node locked then back, a monitor
+//! that fails, hangs or is slow) are
 //! injected one at a time, in random order, with random gaps of 0.2-1.5 x D
 //! between them: shorter than D, so the next fault lands while the system
 //! still recovers from the last.
@@ -31,8 +38,14 @@ use crate::nodes;
 /// The HACluster the run creates (and removes afterwards).
 pub const CLUSTER: &str = "chaos";
 
+/// The hook folder of the chaos services (`hooks.source.hostPath`).
+pub const HOOK_DIR: &str = "chaos";
+
+/// The port of the TCP server the chaos services' enter hook starts.
+pub const SERVER_PORT: u16 = 8080;
+
 /// What to run.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct Config {
     /// Faults to inject.
     pub injections: usize,
@@ -44,6 +57,8 @@ pub struct Config {
     pub services: usize,
     /// A liveness checkpoint after this many injections.
     pub checkpoint_every: usize,
+    /// The kinds of fault drawn from (every kind: [`Kind::ALL`]).
+    pub kinds: Vec<Kind>,
 }
 
 /// One kind of fault.
@@ -74,10 +89,22 @@ pub enum Kind {
     /// A random node is put in mode `locked` for 1-3 x D, then back to
     /// `default`.
     ModeChange,
+    /// A random service's monitor fails (exit 3) on its active node until
+    /// the service has left that node (it must, within 40 s).
+    HookFail,
+    /// A random service's monitor hangs on its active node (past its
+    /// timeout, so the agent kills it and counts a failure) until the
+    /// service has left that node (it must, within 40 s).
+    HookHang,
+    /// A random service's monitor takes 2-2.8 s on its active node (longer
+    /// than its 1 s interval, within its 3 s timeout) for 1-3 x D: the
+    /// service must stay there with its VIP, and no failure is counted.
+    SlowMonitor,
 }
 
 impl Kind {
-    const ALL: [Kind; 11] = [
+    /// Every kind.
+    pub const ALL: [Kind; 14] = [
         Kind::AgentKill,
         Kind::AgentStop,
         Kind::PowerOff,
@@ -89,6 +116,9 @@ impl Kind {
         Kind::VipEdit,
         Kind::TimingChange,
         Kind::ModeChange,
+        Kind::HookFail,
+        Kind::HookHang,
+        Kind::SlowMonitor,
     ];
 
     /// The name in reports and JSON.
@@ -105,7 +135,23 @@ impl Kind {
             Kind::VipEdit => "vip_edit",
             Kind::TimingChange => "timing_change",
             Kind::ModeChange => "mode_change",
+            Kind::HookFail => "hook_fail",
+            Kind::HookHang => "hook_hang",
+            Kind::SlowMonitor => "slow_monitor",
         }
+    }
+
+    /// The kind named `name` (as [`Kind::name`] writes it).
+    pub fn parse(name: &str) -> anyhow::Result<Kind> {
+        Kind::ALL
+            .into_iter()
+            .find(|k| k.name() == name)
+            .with_context(|| {
+                format!(
+                    "no fault kind {name:?}; the kinds are {}",
+                    Kind::ALL.map(Kind::name).join(", ")
+                )
+            })
     }
 }
 
@@ -204,7 +250,119 @@ fn service_spec(k: usize, extra: bool) -> serde_json::Value {
         vips.push(format!("{}/64", extra_vip(k)));
     }
     let vips: Vec<&str> = vips.iter().map(String::as_str).collect();
-    ha::service(&service_name(k), CLUSTER, &vips, None, (3, 100))
+    let mut spec = ha::service(&service_name(k), CLUSTER, &vips, Some(HOOK_DIR), (3, 100));
+    spec["spec"]["hooks"]["monitor"] =
+        serde_json::json!({"intervalSeconds": 1, "timeoutSeconds": 3, "failureThreshold": 2});
+    // A node where the monitor failed may serve again a minute later, so
+    // hook faults never use up the members for good.
+    spec["spec"]["failureTimeoutSeconds"] = serde_json::json!(60);
+    spec
+}
+
+/// Where the chaos keeps its fault markers: `<dir>/<node>/<service>.<fault>`.
+fn faults_dir(lab: &Lab) -> std::path::PathBuf {
+    lab.dir().join("chaos").join("faults")
+}
+
+/// Where the chaos services' servers keep their pid files:
+/// `<dir>/<node>/<service>/`.
+fn servers_dir(lab: &Lab) -> std::path::PathBuf {
+    lab.dir().join("chaos").join("servers")
+}
+
+/// The marker that makes `service`'s monitor on node `i` misbehave
+/// (`monitor-fail`, `monitor-hang`, or `monitor-slow` holding the seconds
+/// to sleep).
+fn fault_marker(lab: &Lab, i: u8, service: &str, fault: &str) -> std::path::PathBuf {
+    faults_dir(lab)
+        .join(nodes::node_name(i))
+        .join(format!("{service}.{fault}"))
+}
+
+/// The chaos services' hook scripts `(file name, body)`:
+/// - `E01server` starts, unless it runs, a TCP server on the first VIP
+///   (IPv4) and port [`SERVER_PORT`] that answers every connection with the
+///   node's name and closes it;
+/// - `L01server` stops it;
+/// - `M01server` checks it (0 running, 7 not), unless a fault marker makes
+///   it fail (exit 3), hang, or sleep first.
+///
+/// A server is recognised by its command line, never by a pid alone, so a
+/// recycled pid is neither trusted nor killed.
+fn hook_scripts(lab: &Lab) -> Vec<(&'static str, String)> {
+    let servers = servers_dir(lab);
+    let faults = faults_dir(lab);
+    let prelude = format!(
+        r#"#!/bin/sh
+set -u
+# KUBEHA_SERVICE is namespace/name.
+service=${{KUBEHA_SERVICE##*/}}
+state={servers}/$KUBEHA_NODE/$service
+vip=${{KUBEHA_VIPS%%/*}}
+# The server of this node and service, recognised by its command line.
+running() {{
+    [ -f "$state/pid" ] || return 1
+    pid=$(cat "$state/pid")
+    {{ tr '\0' ' ' < "/proc/$pid/cmdline"; }} 2>/dev/null | grep -q "kubeha-chaos-server $vip $KUBEHA_NODE"
+}}
+"#,
+        servers = servers.display()
+    );
+    let server = format!(
+        "import socket,sys\n\
+         s=socket.socket()\n\
+         s.setsockopt(socket.SOL_SOCKET,socket.SO_REUSEADDR,1)\n\
+         s.bind((sys.argv[2],{SERVER_PORT}))\n\
+         s.listen(64)\n\
+         r=sys.argv[3].encode()\n\
+         while 1:\n \
+         c=s.accept()[0]\n \
+         try:c.sendall(r)\n \
+         except OSError:pass\n \
+         c.close()\n"
+    );
+    let enter = format!(
+        r#"{prelude}mkdir -p "$state"
+if running; then
+    echo "already running"
+    exit 0
+fi
+setsid python3 -S -c '{server}' kubeha-chaos-server "$vip" "$KUBEHA_NODE" >"$state/log" 2>&1 </dev/null &
+echo $! > "$state/pid"
+echo "started on $vip:{SERVER_PORT} ($KUBEHA_TRANSITION, epoch $KUBEHA_EPOCH)"
+"#
+    );
+    let leave = format!(
+        r#"{prelude}if running; then
+    kill "$pid"
+fi
+rm -f "$state/pid"
+echo "stopped ($KUBEHA_TRANSITION)"
+"#
+    );
+    let monitor = format!(
+        r#"{prelude}fault={faults}/$KUBEHA_NODE/$service
+if [ -e "$fault.monitor-fail" ]; then
+    echo "chaos: this monitor fails"
+    exit 3
+fi
+if [ -e "$fault.monitor-hang" ]; then
+    echo "chaos: this monitor hangs"
+    exec sleep 3600
+fi
+if [ -e "$fault.monitor-slow" ]; then
+    sleep "$(cat "$fault.monitor-slow")"
+fi
+running && exit 0
+exit 7
+"#,
+        faults = faults.display()
+    );
+    vec![
+        ("E01server", enter),
+        ("L01server", leave),
+        ("M01server", monitor),
+    ]
 }
 
 /// The cluster as the run applies it: every node a member, `locked` the
@@ -228,11 +386,15 @@ fn cluster_spec(nodes: u8, locked: Option<u8>, timing: Timing) -> serde_json::Va
 /// Runs the chaos: sets up the cluster and services, injects, checks,
 /// and removes what it created. Every fault is undone before it returns,
 /// also on an error.
-pub fn run(lab: &Lab, cfg: Config) -> anyhow::Result<Report> {
+pub fn run(lab: &Lab, cfg: &Config) -> anyhow::Result<Report> {
     anyhow::ensure!(cfg.nodes >= 5, "chaos needs at least 5 nodes");
     anyhow::ensure!(
         (1..=20).contains(&cfg.services),
         "chaos runs 1 to 20 services (the lab's VIP pool)"
+    );
+    anyhow::ensure!(
+        !cfg.kinds.is_empty(),
+        "chaos needs at least one kind of fault"
     );
     let timing = Timing::DEFAULT;
     setup(lab, cfg, timing)?;
@@ -245,7 +407,7 @@ pub fn run(lab: &Lab, cfg: Config) -> anyhow::Result<Report> {
 /// Every node powered, in contact and running its agent; operator replicas
 /// 0 and 1 (so a leader kill hands over); the cluster and the services,
 /// each Active.
-fn setup(lab: &Lab, cfg: Config, timing: Timing) -> anyhow::Result<()> {
+fn setup(lab: &Lab, cfg: &Config, timing: Timing) -> anyhow::Result<()> {
     lab.ensure_up_with_nodes(cfg.nodes)?;
     restore(lab, cfg.nodes);
     for r in 0..=1 {
@@ -254,6 +416,12 @@ fn setup(lab: &Lab, cfg: Config, timing: Timing) -> anyhow::Result<()> {
         }
     }
     teardown(lab, cfg);
+    let scripts = hook_scripts(lab);
+    let scripts: Vec<(&str, &str)> = scripts.iter().map(|(n, b)| (*n, b.as_str())).collect();
+    for i in 1..=cfg.nodes {
+        ha::install_hooks(lab, i, HOOK_DIR, &scripts)?;
+        std::fs::create_dir_all(faults_dir(lab).join(nodes::node_name(i)))?;
+    }
     ha::apply(lab, &cluster_spec(cfg.nodes, None, timing))?;
     ha::wait_until(Duration::from_secs(30), || {
         ha::members_ready(lab, CLUSTER, cfg.nodes)
@@ -274,7 +442,7 @@ fn setup(lab: &Lab, cfg: Config, timing: Timing) -> anyhow::Result<()> {
 
 /// Removes the chaos services and cluster (the operator gives each service
 /// away first), whatever an earlier run left.
-fn teardown(lab: &Lab, cfg: Config) {
+fn teardown(lab: &Lab, cfg: &Config) {
     for k in 0..20.max(cfg.services) {
         ha::delete_service(lab, &service_name(k));
     }
@@ -285,6 +453,7 @@ fn teardown(lab: &Lab, cfg: Config) {
 /// node powered on, healed, its agent continued or started; operator
 /// replica 0 runs, replica 1 stops (as the other lab tests expect).
 fn restore(lab: &Lab, nodes: u8) {
+    clear_faults(lab);
     let _ = lab.freeze_process("kube-apiserver", false);
     for i in 1..=nodes {
         let _ = lab.power_on(i);
@@ -299,7 +468,74 @@ fn restore(lab: &Lab, nodes: u8) {
     }
 }
 
-fn inject(lab: &Lab, cfg: Config, timing: Timing) -> anyhow::Result<Report> {
+/// Removes every fault marker (the monitors behave again).
+fn clear_faults(lab: &Lab) {
+    let Ok(nodes) = std::fs::read_dir(faults_dir(lab)) else {
+        return;
+    };
+    for node in nodes.flatten() {
+        for marker in std::fs::read_dir(node.path())
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            let _ = std::fs::remove_file(marker.path());
+        }
+    }
+}
+
+/// The node service `k`'s status names active (phase Active), if any.
+fn active_node(lab: &Lab, k: usize) -> Option<u8> {
+    let status = ha::service_status(lab, &service_name(k));
+    if status["phase"] != "Active" {
+        return None;
+    }
+    status["activeNode"]
+        .as_str()?
+        .strip_prefix("node-")?
+        .parse()
+        .ok()
+}
+
+/// The node service `k`'s status names active, waiting up to `timeout`
+/// for one.
+fn wait_active(lab: &Lab, k: usize, timeout: Duration) -> Option<u8> {
+    let mut on = None;
+    poll(timeout, || {
+        on = active_node(lab, k);
+        on.is_some()
+    })?;
+    on
+}
+
+/// Service `k`'s fail count on node `i`, from its status.
+fn fail_count(lab: &Lab, k: usize, i: u8) -> i64 {
+    let status = ha::service_status(lab, &service_name(k));
+    status["nodes"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|e| e["node"] == nodes::node_name(i).as_str())
+        .and_then(|e| e["failCount"].as_i64())
+        .unwrap_or(0)
+}
+
+/// Polls `f` every 250 ms (each poll is a kubectl call) for up to
+/// `timeout`; how long it took, or `None`.
+fn poll(timeout: Duration, mut f: impl FnMut() -> bool) -> Option<Duration> {
+    let start = Instant::now();
+    loop {
+        if f() {
+            return Some(start.elapsed());
+        }
+        if start.elapsed() >= timeout {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    }
+}
+
+fn inject(lab: &Lab, cfg: &Config, timing: Timing) -> anyhow::Result<Report> {
     let d = Duration::from_millis(u64::from(timing.lease_ms));
     let deadline = d + Duration::from_millis(u64::from(timing.skew_ms)) + Duration::from_secs(3);
     let mut rng = Rng::new(cfg.seed);
@@ -324,7 +560,7 @@ fn inject(lab: &Lab, cfg: Config, timing: Timing) -> anyhow::Result<Report> {
     };
     for n in 1..=cfg.injections {
         std::thread::sleep(d.mul_f64(rng.between(0.2, 1.5)));
-        let kind = Kind::ALL[rng.below(Kind::ALL.len())];
+        let kind = cfg.kinds[rng.below(cfg.kinds.len())];
         let node = 1 + rng.below(usize::from(cfg.nodes)) as u8;
         let what = match kind {
             Kind::AgentKill => {
@@ -412,6 +648,71 @@ fn inject(lab: &Lab, cfg: Config, timing: Timing) -> anyhow::Result<Report> {
                 std::thread::sleep(hold);
                 ha::apply(lab, &cluster_spec(cfg.nodes, None, timing))?;
                 format!("node-{node} locked for {hold:.1?}, then default again")
+            }
+            Kind::HookFail | Kind::HookHang => {
+                let k = rng.below(cfg.services);
+                let (fault, does) = if kind == Kind::HookFail {
+                    ("monitor-fail", "failed")
+                } else {
+                    ("monitor-hang", "hung")
+                };
+                'what: {
+                    let Some(on) = wait_active(lab, k, d * 2) else {
+                        break 'what format!(
+                            "{}: no active node for 2 x D, nothing to fail",
+                            service_name(k)
+                        );
+                    };
+                    let marker = fault_marker(lab, on, &service_name(k), fault);
+                    std::fs::write(&marker, "")?;
+                    let left = poll(Duration::from_secs(40), || active_node(lab, k) != Some(on));
+                    let _ = std::fs::remove_file(&marker);
+                    if let Some(after) = left {
+                        break 'what format!(
+                            "{}'s monitor {does} on node-{on}; the service left it after {after:.1?}",
+                            service_name(k)
+                        );
+                    }
+                    let what = format!(
+                        "{}'s monitor {does} on node-{on} for 40 s and the service never left it",
+                        service_name(k)
+                    );
+                    report
+                        .liveness_violations
+                        .push(format!("injection #{n}: {what}"));
+                    what
+                }
+            }
+            Kind::SlowMonitor => {
+                let k = rng.below(cfg.services);
+                let hold = d.mul_f64(rng.between(1.0, 3.0));
+                let slow = rng.between(2.0, 2.8);
+                'what: {
+                    let Some(on) = wait_active(lab, k, d * 2) else {
+                        break 'what format!(
+                            "{}: no active node for 2 x D, no monitor to slow",
+                            service_name(k)
+                        );
+                    };
+                    let before = fail_count(lab, k, on);
+                    let marker = fault_marker(lab, on, &service_name(k), "monitor-slow");
+                    std::fs::write(&marker, format!("{slow:.2}"))?;
+                    std::thread::sleep(hold);
+                    let _ = std::fs::remove_file(&marker);
+                    // A run that started slow ends within its timeout.
+                    std::thread::sleep(Duration::from_secs(3));
+                    let after = fail_count(lab, k, on);
+                    let what = format!(
+                        "{}'s monitor on node-{on} took {slow:.1} s a run for {hold:.1?}",
+                        service_name(k)
+                    );
+                    if after > before {
+                        report.liveness_violations.push(format!(
+                            "injection #{n}: {what}, within its 3 s timeout, and node-{on}'s fail count went from {before} to {after}"
+                        ));
+                    }
+                    what
+                }
             }
             Kind::Move => {
                 let k = rng.below(cfg.services);
@@ -546,7 +847,8 @@ fn inject(lab: &Lab, cfg: Config, timing: Timing) -> anyhow::Result<Report> {
 
 /// Waits up to `timeout` for every service to answer on its VIP from the
 /// node its status names active (phase Active, that node alone holds the
-/// VIP, the client's ping is answered from that node's MAC). Returns, per
+/// VIP, the client's ping is answered from that node's MAC, and the
+/// service's TCP server answers the client with that node's name). Returns, per
 /// service, when its first such answer came (`None`: not within
 /// `timeout`). One pass reads every status with one call and every node's
 /// addresses at once, and pings the candidates in parallel, so a pass takes
@@ -582,7 +884,10 @@ fn wait_live(lab: &Lab, services: usize, timeout: Duration) -> Vec<Option<Durati
                 .iter()
                 .map(|(k, v4, active)| {
                     scope.spawn(move || {
-                        (*k, ha::client_reaches(v4, *active).then(|| start.elapsed()))
+                        let live = ha::client_reaches(v4, *active)
+                            && ha::client_tcp_reply(v4, SERVER_PORT).as_deref()
+                                == Some(nodes::node_name(*active).as_str());
+                        (*k, live.then(|| start.elapsed()))
                     })
                 })
                 .collect();

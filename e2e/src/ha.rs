@@ -365,6 +365,29 @@ pub fn client_reaches(vip: &str, i: u8) -> bool {
     ping && !mac.is_empty() && neigh.contains(&mac)
 }
 
+/// What a TCP server on `vip:port` sends the client namespace before it
+/// closes the connection (at most 1 KiB, within 1 s), or `None` if nothing
+/// accepted the connection.
+pub fn client_tcp_reply(vip: &str, port: u16) -> Option<String> {
+    use std::io::Read;
+    let addr: std::net::SocketAddr = format!("{vip}:{port}").parse().ok()?;
+    // A thread of its own enters the client's network namespace.
+    std::thread::spawn(move || {
+        nodes::enter_ns(nodes::CLIENT_NS).ok()?;
+        let stream =
+            std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(500)).ok()?;
+        stream
+            .set_read_timeout(Some(Duration::from_millis(500)))
+            .ok()?;
+        let mut reply = Vec::new();
+        stream.take(1024).read_to_end(&mut reply).ok()?;
+        Some(String::from_utf8_lossy(&reply).into_owned())
+    })
+    .join()
+    .ok()
+    .flatten()
+}
+
 /// The MAC address of `iface` in network namespace `ns`, lowercase.
 pub fn mac_of(ns: &str, iface: &str) -> anyhow::Result<String> {
     let out = Command::new("ip")

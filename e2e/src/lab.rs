@@ -1023,8 +1023,8 @@ impl Lab {
     }
 
     /// Restarts etcd as a crash would: SIGKILL, `down` without it, then
-    /// started again on its data directory; the API server reconnects by
-    /// itself.
+    /// started again on its data directory. Returns once it is healthy (the
+    /// fault's end); the API server reconnects by itself.
     pub fn restart_etcd(&self, down: Duration) -> anyhow::Result<()> {
         let ports = Ports::from_env()?;
         let bins = Binaries::ensure()?;
@@ -1035,7 +1035,18 @@ impl Lab {
             }
         }
         std::thread::sleep(down);
-        self.start_etcd(&bins, &ports)
+        self.start_etcd(&bins, &ports)?;
+        let started = Instant::now();
+        while !etcd_healthy(ports.etcd_client) {
+            if started.elapsed() > Duration::from_secs(30) {
+                bail!(
+                    "etcd not healthy 30 s after its restart; last lines of its log:\n{}",
+                    self.log_tail("etcd", 30)
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(())
     }
 
     /// [`Lab::freeze_agent`] for a control-plane process, `etcd` or
@@ -1512,6 +1523,13 @@ impl Lab {
         }
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
+}
+
+/// Whether etcd on loopback port `port` answers its health check healthy
+/// (it has a leader and serves).
+fn etcd_healthy(port: u16) -> bool {
+    http_get(&format!("127.0.0.1:{port}"), "/health")
+        .is_ok_and(|(code, body)| code == 200 && body.contains(r#""health":"true""#))
 }
 
 /// A plain HTTP/1.0 GET on loopback: status code and body.

@@ -108,6 +108,15 @@ pub fn check_index(i: u8) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Moves the calling thread into network namespace `ns` (for good: use a
+/// thread of its own).
+pub fn enter_ns(ns: &str) -> anyhow::Result<()> {
+    let path = format!("{NETNS_DIR}/{ns}");
+    let file = std::fs::File::open(&path).with_context(|| format!("opening {path}"))?;
+    nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET)
+        .with_context(|| format!("entering network namespace {ns}"))
+}
+
 /// `ip netns exec NS argv...`: a command that runs `argv` inside network
 /// namespace `ns`. Empty `argv` gives a command that fails when run.
 pub fn exec_in<S: AsRef<OsStr>>(ns: &str, argv: &[S]) -> Command {

@@ -58,6 +58,10 @@ enum Cmd {
         /// A liveness checkpoint after this many injections.
         #[arg(long, default_value_t = 4)]
         checkpoint_every: usize,
+        /// Draw only these kinds of fault, comma-separated (default: every
+        /// kind), e.g. `etcd_restart,apiserver_stop`.
+        #[arg(long, value_delimiter = ',')]
+        kinds: Vec<String>,
         /// Also write the report as JSON to this file.
         #[arg(long)]
         json: Option<PathBuf>,
@@ -164,8 +168,17 @@ fn main() -> anyhow::Result<()> {
             nodes,
             services,
             checkpoint_every,
+            kinds,
             json,
         } => {
+            let kinds = if kinds.is_empty() {
+                kubeha_e2e::chaos::Kind::ALL.to_vec()
+            } else {
+                kinds
+                    .iter()
+                    .map(|k| kubeha_e2e::chaos::Kind::parse(k))
+                    .collect::<anyhow::Result<Vec<_>>>()?
+            };
             build_binaries(&root)?;
             let seed = seed.unwrap_or_else(|| {
                 std::time::SystemTime::now()
@@ -179,8 +192,9 @@ fn main() -> anyhow::Result<()> {
                 nodes,
                 services,
                 checkpoint_every,
+                kinds,
             };
-            let report = kubeha_e2e::chaos::run(&Lab::new(&root), config)?;
+            let report = kubeha_e2e::chaos::run(&Lab::new(&root), &config)?;
             print_chaos(&report, nodes, services);
             if let Some(path) = json {
                 let value = serde_json::json!({
@@ -397,8 +411,9 @@ fn ci_chaos(root: &Path) -> anyhow::Result<()> {
         nodes: 5,
         services: 10,
         checkpoint_every: 4,
+        kinds: kubeha_e2e::chaos::Kind::ALL.to_vec(),
     };
-    let report = kubeha_e2e::chaos::run(&Lab::new(root), config)?;
+    let report = kubeha_e2e::chaos::run(&Lab::new(root), &config)?;
     print_chaos(&report, config.nodes, config.services);
     if report.injections != config.injections || report.safety_samples == 0 {
         bail!("the chaos run did not run as configured (seed {seed})");
