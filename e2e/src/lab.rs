@@ -1425,10 +1425,14 @@ impl Lab {
             .args([
                 "--metrics-addr",
                 &addr,
+                // A new leader within 8 s of a kill (a killed replica that
+                // restarts leads again at once: same identity), and the lock
+                // kept through an API-server stall of up to 6 s (renewed
+                // every second).
                 "--leader-lease-seconds",
-                "4",
+                "8",
                 "--leader-grace-seconds",
-                "2",
+                "7",
             ])
             .args(extra_args)
             .env("KUBECONFIG", &kubeconfig)

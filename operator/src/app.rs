@@ -52,11 +52,16 @@ pub struct Cli {
     /// for a single replica).
     #[arg(long, env = "KUBEHA_LEADER_ELECTION", default_value_t = true, action = clap::ArgAction::Set)]
     pub leader_election: bool,
-    /// Seconds the leader's lock stays valid without renewal.
+    /// Seconds the leader's lock stays valid without renewal: how long
+    /// services wait for a new leader after the leader dies.
     #[arg(long, default_value_t = 15)]
     pub leader_lease_seconds: u64,
-    /// Seconds before expiry at which the leader renews its lock.
-    #[arg(long, default_value_t = 5)]
+    /// Seconds before expiry at which the leader renews its lock: the
+    /// longest API-server stall the leader keeps its lock through. A stall
+    /// is when the agents fence and every service needs the operator at
+    /// once, so losing the lock then (the other replica takes it only after
+    /// a random pause) delays every recovery.
+    #[arg(long, default_value_t = 10)]
     pub leader_grace_seconds: u64,
     /// Reconciles run at once per controller.
     #[arg(long, default_value_t = 16)]
