@@ -104,6 +104,8 @@ struct Evaluation {
     seen: Seen,
     lease: Option<Arc<Lease>>,
     cluster: String,
+    /// Nodes of the service whose heartbeat the view shows Lost or Fenced.
+    lost: Vec<String>,
     next_expiry: Option<Instant>,
     reference: ObjectReference,
 }
@@ -373,11 +375,17 @@ fn evaluate(svc: &HAService, ctx: &Ctx, deleting: bool, now: Instant) -> Evaluat
             .get(annotations::MOVE_TO)
             .map(String::as_str),
     });
+    let lost = states
+        .iter()
+        .filter(|(_, s)| matches!(s, HeartbeatState::Lost | HeartbeatState::Fenced))
+        .map(|(n, _)| n.clone())
+        .collect();
     Evaluation {
         plan,
         seen,
         lease,
         cluster: cluster_name,
+        lost,
         next_expiry: earliest(next_expiry, refusal_wait.map(|d| now + d)),
         reference: svc.object_ref(&()),
     }
@@ -387,6 +395,16 @@ fn evaluate(svc: &HAService, ctx: &Ctx, deleting: bool, now: Instant) -> Evaluat
 /// its Lease changed since the watch last showed it (a stalled watch), the
 /// change is observed now and `true` is returned.
 async fn heartbeat_moved(ctx: &Ctx, cluster: &str, node: &str) -> Result<bool> {
+    let moved = refresh_heartbeat(ctx, cluster, node).await?;
+    if moved {
+        tracing::warn!(%cluster, %node, "heartbeat Lease changed although the watch showed none: not fenced");
+    }
+    Ok(moved)
+}
+
+/// Reads `node`'s heartbeat Lease afresh and records it in the view when
+/// it differs from what the watch showed; whether it did.
+async fn refresh_heartbeat(ctx: &Ctx, cluster: &str, node: &str) -> Result<bool> {
     let api: Api<Lease> = Api::namespaced(ctx.client.clone(), &ctx.namespace);
     let Some(lease) = api
         .get_opt(&leases::heartbeat_lease_name(cluster, node))
@@ -403,9 +421,6 @@ async fn heartbeat_moved(ctx: &Ctx, cluster: &str, node: &str) -> Result<bool> {
             true
         }
     });
-    if moved {
-        tracing::warn!(%cluster, %node, "heartbeat Lease changed although the watch showed none: not fenced");
-    }
     Ok(moved)
 }
 
@@ -620,16 +635,45 @@ async fn apply(svc: &HAService, ctx: &Ctx, deleting: bool) -> Result<Action> {
     let mut now = Instant::now();
     let mut ev = evaluate(svc, ctx, deleting, now);
 
-    // A clearance that rests on a Lost heartbeat is confirmed first.
-    if ev.plan.handover.write && ev.plan.handover.cleared_now {
+    // A clearance that rests on a Lost heartbeat is confirmed first, and so
+    // is every Lost heartbeat when the holder changes: right after an API
+    // server stall the watch still shows every node Lost although their
+    // agents renew again, and a service stopped or moved for that waits for
+    // one more handover. The holder's heartbeat is read afresh too when it
+    // is cleared, so the Lease carries its latest renew (the
+    // holder-renew-time an agent back from a fence waits for), not what a
+    // watch still behind a busy API server shows: else the agent refuses
+    // the clearance and the service waits for one more epoch. A read that
+    // changed the view changes the plan: the new plan is confirmed in turn,
+    // and one still unconfirmed after three rounds is decided again
+    // shortly instead of written.
+    let mut rounds = 0;
+    loop {
+        let h = &ev.plan.handover;
+        if !(h.write && (h.cleared_now || h.holder_changed)) {
+            break;
+        }
+        if rounds == 3 {
+            return Ok(Action::requeue(Duration::from_millis(200)));
+        }
+        rounds += 1;
+        let mut confirm: BTreeSet<String> = h.relies_on_heartbeat.iter().cloned().collect();
+        if h.holder_changed {
+            confirm.extend(ev.lost.iter().cloned());
+        }
+        let holder = h.lease.holder.clone().filter(|_| h.cleared_now);
         let mut moved = false;
-        for node in ev.plan.handover.relies_on_heartbeat.clone() {
-            moved |= heartbeat_moved(ctx, &ev.cluster, &node).await?;
+        for node in &confirm {
+            moved |= heartbeat_moved(ctx, &ev.cluster, node).await?;
         }
-        if moved {
-            now = Instant::now();
-            ev = evaluate(svc, ctx, deleting, now);
+        if let Some(holder) = holder.filter(|h| !confirm.contains(h)) {
+            moved |= refresh_heartbeat(ctx, &ev.cluster, &holder).await?;
         }
+        if !moved {
+            break;
+        }
+        now = Instant::now();
+        ev = evaluate(svc, ctx, deleting, now);
     }
 
     let h = &ev.plan.handover;
