@@ -884,10 +884,14 @@ fn wait_live(lab: &Lab, services: usize, timeout: Duration) -> Vec<Option<Durati
                 .iter()
                 .map(|(k, v4, active)| {
                     scope.spawn(move || {
+                        // When the client asked: the answer proves the
+                        // service was live then (a busy API server can make
+                        // the pass itself slow).
+                        let asked = start.elapsed();
                         let live = ha::client_reaches(v4, *active)
                             && ha::client_tcp_reply(v4, SERVER_PORT).as_deref()
                                 == Some(nodes::node_name(*active).as_str());
-                        (*k, live.then(|| start.elapsed()))
+                        (*k, live.then_some(asked))
                     })
                 })
                 .collect();
