@@ -307,6 +307,7 @@ impl Lab {
         // talk to the API server while they shut down.
         let segment = Segment::down();
         let stopped = self.stop_processes();
+        remove_hook_cgroups();
         if self.dir.exists() {
             fs::remove_dir_all(&self.dir)
                 .with_context(|| format!("removing {}", self.dir.display()))?;
@@ -935,6 +936,11 @@ impl Lab {
             // Its own process group: a Ctrl-C meant for the test runner does
             // not reach it.
             .process_group(0);
+        // Hooks in a cgroup of the node's own, where this machine has
+        // cgroup v2; else contained by their process groups only.
+        if let Some(cgroup) = hook_cgroup(i) {
+            cmd.env("KUBEHA_HOOK_CGROUP", cgroup);
+        }
         let mut child = cmd
             .spawn()
             .with_context(|| format!("starting the agent of {}", nodes::node_name(i)))?;
@@ -1527,6 +1533,83 @@ impl Lab {
         }
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
+}
+
+/// Where the lab mounts the cgroup v2 filesystem: outside `/sys`, which
+/// `ip netns exec` replaces (with a sysfs of the namespace's own and no
+/// cgroup mounts), so agents in node namespaces see it.
+const CGROUP_MOUNT: &str = "/run/kubeha-lab-cgroup";
+
+/// Whether `path` is a mount point of a cgroup2 filesystem here.
+fn cgroup2_mounted_at(path: &str) -> bool {
+    // mountinfo: ID PARENT MAJ:MIN ROOT MOUNTPOINT OPTIONS... - FSTYPE SOURCE SUPER
+    fs::read_to_string("/proc/self/mountinfo")
+        .unwrap_or_default()
+        .lines()
+        .any(|line| {
+            line.split_once(" - ").is_some_and(|(left, right)| {
+                right.split_whitespace().next() == Some("cgroup2")
+                    && left.split_whitespace().nth(4) == Some(path)
+            })
+        })
+}
+
+/// The lab's hook cgroups: one folder per node, on the cgroup v2
+/// filesystem mounted at [`CGROUP_MOUNT`] (mounted here when it is not
+/// yet); `None` when this machine has no cgroup v2.
+fn hook_cgroups() -> Option<PathBuf> {
+    if !cgroup2_mounted_at(CGROUP_MOUNT) {
+        fs::create_dir_all(CGROUP_MOUNT).ok()?;
+        let mounted = Command::new("mount")
+            .args(["-t", "cgroup2", "cgroup2", CGROUP_MOUNT])
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        if !mounted {
+            let _ = fs::remove_dir(CGROUP_MOUNT);
+            return None;
+        }
+    }
+    Some(Path::new(CGROUP_MOUNT).join("kubeha-lab"))
+}
+
+/// Node `i`'s hook cgroup (its agent creates it), if this machine has
+/// cgroup v2.
+fn hook_cgroup(i: u8) -> Option<PathBuf> {
+    Some(hook_cgroups()?.join(nodes::node_name(i)))
+}
+
+/// Removes the lab's hook cgroups (killing what is left in them: `lab
+/// down` already stopped the node namespaces' processes) and unmounts the
+/// lab's cgroup v2 mount.
+fn remove_hook_cgroups() {
+    if !cgroup2_mounted_at(CGROUP_MOUNT) {
+        return;
+    }
+    let root = Path::new(CGROUP_MOUNT).join("kubeha-lab");
+    // node-N/<cluster>/ are the cgroups with processes; deepest first.
+    let mut dirs = Vec::new();
+    for node in fs::read_dir(&root).into_iter().flatten().flatten() {
+        for cluster in fs::read_dir(node.path()).into_iter().flatten().flatten() {
+            if cluster.path().join("cgroup.procs").is_file() {
+                dirs.push(cluster.path());
+            }
+        }
+        dirs.push(node.path());
+    }
+    dirs.push(root);
+    for dir in dirs {
+        let _ = fs::write(dir.join("cgroup.kill"), "1");
+        // A cgroup is removable once its last process is gone.
+        for _ in 0..50 {
+            if fs::remove_dir(&dir).is_ok() || !dir.exists() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    let _ = Command::new("umount").arg(CGROUP_MOUNT).status();
+    let _ = fs::remove_dir(CGROUP_MOUNT);
 }
 
 /// Whether etcd on loopback port `port` answers its health check healthy

@@ -384,6 +384,90 @@ fn a_partitioned_active_node_drops_its_vip_before_the_lease_ends_and_logs_the_fe
     cleanup(&lab, name, vip);
 }
 
+/// Whether process `pid` lives (exists and is not a zombie).
+fn alive(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|stat| {
+            // pid (comm) STATE ...: the state follows the last ')'.
+            let state = stat
+                .rsplit_once(')')?
+                .1
+                .split_whitespace()
+                .next()?
+                .to_owned();
+            Some(state != "Z")
+        })
+        .unwrap_or(false)
+}
+
+#[test]
+fn a_fence_stops_the_daemon_a_hook_started_in_a_session_of_its_own() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let lab = lab();
+    let (name, vip) = ("daemon", "198.18.0.98");
+    let pidfile = lab.dir().join("daemon-test.pid");
+    let _ = std::fs::remove_file(&pidfile);
+    // The enter hook starts a daemon in a session of its own (out of the
+    // hook's process group), and the leave hook leaves it running.
+    let enter = format!(
+        "#!/bin/sh
+setsid sleep 600 </dev/null >/dev/null 2>&1 &
+echo $! > {}
+echo started
+",
+        pidfile.display()
+    );
+    ha::install_hooks(
+        &lab,
+        3,
+        name,
+        &[
+            ("E01daemon", &enter),
+            (
+                "L01nothing",
+                "#!/bin/sh
+echo leaving the daemon running
+",
+            ),
+        ],
+    )
+    .unwrap();
+    setup(&lab, name, &["198.18.0.98/24"], Some(name), Timing::DEFAULT);
+    ha::set_service_lease(&lab, name, Some("node-3"), 1, true, None).unwrap();
+    assert!(ha::wait_until(Duration::from_secs(15), || ha::vip_holders(vip) == [3]).is_some());
+    let mut pid = None;
+    ha::wait_until(Duration::from_secs(5), || {
+        pid = std::fs::read_to_string(&pidfile)
+            .ok()
+            .and_then(|p| p.trim().parse::<i32>().ok());
+        pid.is_some()
+    });
+    let pid = pid.expect("the enter hook wrote no pid");
+    assert!(alive(pid), "the daemon (pid {pid}) never ran");
+
+    lab.partition(3).unwrap();
+    let gone = ha::wait_until(Duration::from_secs(10), || !alive(pid));
+    lab.heal(3).unwrap();
+    if gone.is_none() {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+    }
+    let gone = gone.unwrap_or_else(|| {
+        panic!("the daemon (pid {pid}) a hook started in its own session outlived the fence")
+    });
+    // Before the peer may enter: the operator waits D + skew after the last
+    // renew, which came before the cut.
+    let d = Duration::from_millis(Timing::DEFAULT.lease_ms as u64);
+    assert!(
+        gone < d,
+        "the daemon was stopped {gone:?} after the cut, D is {d:?}"
+    );
+    cleanup(&lab, name, vip);
+}
+
 /// The instant (on this machine's monotonic clock) of the last heartbeat renew
 /// of node `i`, from the Lease's renewTime (same machine, same clock); fails
 /// saying why when there is none to read.

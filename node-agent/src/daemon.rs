@@ -48,6 +48,9 @@ pub struct Config {
     pub state_dir: PathBuf,
     /// Address of `/metrics`, `/healthz`, `/readyz`.
     pub metrics_addr: std::net::SocketAddr,
+    /// The cgroup v2 directory hooks run in (the fence kills all in it);
+    /// `None`: hooks are contained by their process groups only.
+    pub hook_cgroup: Option<PathBuf>,
 }
 
 impl Config {
@@ -144,7 +147,18 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let metrics = Metrics::default();
     let beats = Heartbeats::default();
     let netlink = RtNetlink::new()?;
-    let runner = HookRunner::new(config.log_dir.clone());
+    let mut runner = HookRunner::new(config.log_dir.clone());
+    match &config.hook_cgroup {
+        Some(dir) => {
+            let cgroup = crate::cgroup::HookCgroup::create(dir)
+                .map_err(|e| anyhow::anyhow!("--hook-cgroup: {e}"))?;
+            tracing::info!(cgroup = %dir.display(), "hooks run in their own cgroup");
+            runner = runner.with_cgroup(cgroup);
+        }
+        None => tracing::warn!(
+            "no --hook-cgroup: a fence stops the hooks' process groups only, not daemons that left them"
+        ),
+    }
     let node = Node {
         name: config.node.clone(),
         netlink,
@@ -624,8 +638,9 @@ async fn fence_if_cut_off(
                     .await;
             }
         }
-        // 3. The fence action.
-        let killed = shared.node.runner.kill_all();
+        // 3. The fence action: the hooks' process groups, then everything
+        // in the hook cgroup (the daemons hooks started).
+        let killed = shared.node.runner.kill_all() + shared.node.runner.kill_contained(&name);
         if let Some(reset) = &cluster.spec.fence.reset_hook
             && cluster.spec.fence.action == kubeha_crds::cluster::FenceAction::ResetHook
         {

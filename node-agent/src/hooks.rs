@@ -15,6 +15,7 @@ use std::ffi::OsString;
 use std::fmt;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::{DirBuilderExt, FileExt, MetadataExt, OpenOptionsExt};
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
@@ -25,6 +26,8 @@ use std::time::{Duration, Instant};
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kubeha_crds::service::{HookOutcome, HookResult, Role};
+
+use crate::cgroup::HookCgroup;
 use nix::errno::Errno;
 use nix::fcntl::OFlag;
 use nix::sys::signal::{Signal, killpg};
@@ -552,6 +555,8 @@ pub struct HookRunner {
     pub tail_lines: usize,
     /// Time between SIGTERM and SIGKILL when a script overruns.
     pub kill_grace: Duration,
+    /// The cgroup every hook (and what it starts) runs in, if any.
+    cgroup: Option<Arc<HookCgroup>>,
     registry: Arc<Mutex<Registry>>,
 }
 
@@ -613,8 +618,16 @@ impl HookRunner {
             log_cap_bytes: DEFAULT_LOG_CAP_BYTES,
             tail_lines: DEFAULT_TAIL_LINES,
             kill_grace: DEFAULT_KILL_GRACE,
+            cgroup: None,
             registry: Arc::default(),
         }
+    }
+
+    /// Runs every hook in `cgroup`, so [`HookRunner::kill_contained`] stops
+    /// what hooks started even outside their process groups.
+    pub fn with_cgroup(mut self, cgroup: HookCgroup) -> Self {
+        self.cgroup = Some(Arc::new(cgroup));
+        self
     }
 
     /// Sets the log size cap.
@@ -666,6 +679,21 @@ impl HookRunner {
                     tracing::warn!(pgid, script = %path.display(), error = %e, "fence: cannot kill hook process group");
                 }
             }
+        }
+        killed
+    }
+
+    /// The last step of `cluster`'s fence: SIGKILL to every process in its
+    /// hook cgroup, the daemons its hooks started included (those that left
+    /// their hook's process group too). Returns how many there were; 0
+    /// without a cgroup.
+    pub fn kill_contained(&self, cluster: &str) -> usize {
+        let Some(cgroup) = &self.cgroup else {
+            return 0;
+        };
+        let killed = cgroup.kill(cluster);
+        if killed > 0 {
+            tracing::warn!(killed, cluster, cgroup = %cgroup.dir().display(), "fence: killed every process in the cluster's hook cgroup");
         }
         killed
     }
@@ -793,6 +821,27 @@ impl HookRunner {
             .stdout(stdout)
             .stderr(stderr)
             .process_group(0);
+        // Into the cluster's hook cgroup between fork and exec, so nothing
+        // the script starts is ever outside it. When it cannot be opened the
+        // script still runs, contained by its process group only; when the
+        // child cannot join it, the script is not started (refused).
+        let procs = self.cgroup.as_ref().and_then(|c| match c.procs(&ctx.cluster) {
+            Ok(f) => Some(f),
+            Err(e) => {
+                tracing::warn!(cgroup = %c.dir().display(), error = %e, "hook cgroup unavailable: this hook runs outside it");
+                None
+            }
+        });
+        if let Some(procs) = &procs {
+            let fd = procs.as_raw_fd();
+            #[allow(unsafe_code)]
+            // SAFETY: the closure runs in the child between fork and exec and
+            // makes one write(2) (async-signal-safe, no allocation, no lock)
+            // to a descriptor the parent keeps open until after the spawn.
+            unsafe {
+                cmd.pre_exec(move || crate::cgroup::join(fd));
+            }
+        }
 
         // Spawn and register under the lock, so kill_all either sees this
         // group or has already fenced (and then nothing is started).
@@ -821,6 +870,7 @@ impl HookRunner {
                 }
             }
         };
+        drop(procs);
         let (mut child, pid) = match spawned {
             Ok(c) => c,
             Err(reason) => {

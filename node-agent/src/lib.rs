@@ -4,6 +4,7 @@
 //! loses the API server.
 
 pub mod assignments;
+pub mod cgroup;
 pub mod daemon;
 pub mod decide;
 pub mod garp;
@@ -73,6 +74,13 @@ struct Paths {
         global = true
     )]
     metrics_addr: std::net::SocketAddr,
+    /// A cgroup v2 directory (created when missing) to run every hook in,
+    /// e.g. /sys/fs/cgroup/kubeha: the fence then stops the daemons hooks
+    /// started, also those that left their process group. Put it outside
+    /// the agent's own cgroup, so services outlive an agent restart.
+    /// Unset: hooks are contained by their process groups only.
+    #[arg(long, env = "KUBEHA_HOOK_CGROUP", global = true)]
+    hook_cgroup: Option<PathBuf>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -147,6 +155,7 @@ fn daemon_config(paths: &Paths) -> anyhow::Result<daemon::Config> {
         log_dir: paths.log_dir.clone(),
         state_dir: paths.state_dir.clone(),
         metrics_addr: paths.metrics_addr,
+        hook_cgroup: paths.hook_cgroup.clone(),
     })
 }
 

@@ -1,0 +1,124 @@
+//! The hook cgroup: every hook the daemon runs, and so every process a hook
+//! starts, lives in a cgroup v2 directory of this agent's, one per cluster.
+//! A daemon that
+//! leaves its hook's process group (`setsid`, a double fork) is still in
+//! it, so the fence stops it too (`cgroup.kill`): "Lost" means the node
+//! runs nothing of its services, not only no hook.
+//!
+//! The directory is created outside the agent's own cgroup (e.g. under the
+//! host's `/sys/fs/cgroup`), so the services that hooks start outlive an
+//! agent restart, as they must (a restart is not a failover).
+
+use std::fs::{self, File, OpenOptions};
+use std::io;
+use std::os::fd::{BorrowedFd, RawFd};
+use std::path::{Path, PathBuf};
+
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+
+/// The cgroup v2 directory the hooks run in: one child cgroup per cluster
+/// (`<dir>/<cluster>`), since a fence is per cluster.
+#[derive(Debug)]
+pub struct HookCgroup {
+    dir: PathBuf,
+}
+
+impl HookCgroup {
+    /// `dir`, created when missing; it must be on a cgroup v2 filesystem
+    /// (it then has `cgroup.procs`).
+    pub fn create(dir: impl Into<PathBuf>) -> io::Result<Self> {
+        let dir = dir.into();
+        fs::create_dir_all(&dir).map_err(|e| {
+            io::Error::new(
+                e.kind(),
+                format!("cannot create the hook cgroup {}: {e}", dir.display()),
+            )
+        })?;
+        if !dir.join("cgroup.procs").is_file() {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!(
+                    "{} is not a cgroup v2 directory (no cgroup.procs): give a directory under a cgroup2 mount, e.g. /sys/fs/cgroup/kubeha",
+                    dir.display()
+                ),
+            ));
+        }
+        Ok(HookCgroup { dir })
+    }
+
+    /// The directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The child cgroup of `cluster`'s hooks (a cluster name is a DNS name:
+    /// a valid directory name).
+    fn of(&self, cluster: &str) -> PathBuf {
+        self.dir
+            .join(if cluster.is_empty() { "_" } else { cluster })
+    }
+
+    /// `cgroup.procs` of `cluster`'s child cgroup (created when missing),
+    /// open for a child process to join with [`join`].
+    pub fn procs(&self, cluster: &str) -> io::Result<File> {
+        let dir = self.of(cluster);
+        fs::create_dir_all(&dir)?;
+        OpenOptions::new()
+            .write(true)
+            .open(dir.join("cgroup.procs"))
+    }
+
+    /// The processes in `cluster`'s child cgroup now.
+    pub fn pids(&self, cluster: &str) -> Vec<i32> {
+        fs::read_to_string(self.of(cluster).join("cgroup.procs"))
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| l.trim().parse().ok())
+            .collect()
+    }
+
+    /// SIGKILL to every process in `cluster`'s child cgroup: with
+    /// `cgroup.kill` (Linux 5.14+), else to each process listed now (one
+    /// pass: a process forked meanwhile may escape). Returns how many there
+    /// were.
+    pub fn kill(&self, cluster: &str) -> usize {
+        let pids = self.pids(cluster);
+        if fs::write(self.of(cluster).join("cgroup.kill"), "1").is_err() {
+            for pid in &pids {
+                let _ = kill(Pid::from_raw(*pid), Signal::SIGKILL);
+            }
+        }
+        pids.len()
+    }
+}
+
+/// Moves the calling process into the cgroup whose `cgroup.procs` is open
+/// as `procs`. Made for a child between fork and exec: one write(2), which
+/// is async-signal-safe, and no allocation.
+pub fn join(procs: RawFd) -> io::Result<()> {
+    #[allow(unsafe_code)]
+    // SAFETY: `procs` was opened by the parent before the fork and stays
+    // open in the child until exec; it is only borrowed for this write.
+    let procs = unsafe { BorrowedFd::borrow_raw(procs) };
+    nix::unistd::write(procs, b"0")
+        .map(drop)
+        .map_err(io::Error::from)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_directory_outside_cgroup2_is_refused_naming_the_fix() {
+        let dir = tempfile::tempdir().unwrap();
+        let err = HookCgroup::create(dir.path().join("hooks")).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::InvalidInput);
+        assert!(
+            err.to_string().contains("not a cgroup v2 directory"),
+            "{err}"
+        );
+        assert!(err.to_string().contains("/sys/fs/cgroup"), "{err}");
+    }
+}
