@@ -1212,7 +1212,7 @@ fn spawn_steps(
                 record.epoch = wanted.epoch;
                 record.state = NodeServiceState::Failed;
                 record.failed_epoch = Some(wanted.epoch);
-                record.fail_count += 1;
+                record.count_failure();
                 record.last_hooks = vec![crate::transitions::refused(&format!(
                     "the status file cannot be written ({e}): not entering"
                 ))];
@@ -1401,7 +1401,7 @@ fn spawn_monitor(
                 .await;
             record.state = NodeServiceState::Failed;
             record.failed_epoch = Some(epoch);
-            record.fail_count += 1;
+            record.count_failure();
             report(&shared, &target, &record).await;
             if record.unclean_epoch.is_some() {
                 escalate(&shared, &target, &view).await;
@@ -1530,6 +1530,9 @@ pub fn status_entry(node: &str, record: &ServiceRecord) -> serde_json::Value {
     // Only fields with a value: in an apply, a null would ask to remove one.
     if let Some(acked) = record.acked_epoch {
         entry["ackedEpoch"] = acked.into();
+    }
+    if let Some(at) = &record.last_failure {
+        entry["lastFailureTime"] = at.clone().into();
     }
     entry
 }

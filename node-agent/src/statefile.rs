@@ -59,6 +59,11 @@ pub struct ServiceRecord {
     pub acked_epoch: Option<i64>,
     /// Failures counted here.
     pub fail_count: i32,
+    /// When the last of them happened (RFC 3339, to the second): the
+    /// status entry's `lastFailureTime`, from which the operator lets a
+    /// failure expire (`failureTimeoutSeconds`), also after it restarted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_failure: Option<String>,
     /// Epoch whose enter failed here (not retried).
     pub failed_epoch: Option<i64>,
     /// The spec acted on, so hooks can be run by hand without the API server.
@@ -131,6 +136,7 @@ impl ServiceRecord {
             interface: None,
             acked_epoch: None,
             fail_count: 0,
+            last_failure: None,
             failed_epoch: None,
             spec: spec.clone(),
             config_checksum,
@@ -139,6 +145,17 @@ impl ServiceRecord {
             unclean_epoch: None,
             fenced: false,
         }
+    }
+
+    /// Counts one failure here, now.
+    pub fn count_failure(&mut self) {
+        self.fail_count += 1;
+        let now = jiff::Timestamp::now();
+        self.last_failure = Some(
+            jiff::Timestamp::from_second(now.as_second())
+                .unwrap_or(now)
+                .to_string(),
+        );
     }
 
     /// Applies the HAService's `kubeha.io/clear` annotation (`token`): when
@@ -162,6 +179,7 @@ impl ServiceRecord {
             failed_epoch: self.failed_epoch,
         };
         self.fail_count = 0;
+        self.last_failure = None;
         self.failed_epoch = None;
         // A leave that failed stays Failed: only a leave that succeeds (the
         // daemon runs it again on a clear) or a fence ends it.
@@ -311,6 +329,7 @@ mod tests {
             interface: None,
             acked_epoch: Some(3),
             fail_count: 2,
+            last_failure: Some("2026-12-06T13:39:15Z".into()),
             failed_epoch: Some(3),
             spec: serde_json::from_value(serde_json::json!({
                 "clusterRef": "c",
@@ -323,6 +342,21 @@ mod tests {
             unclean_epoch: None,
             fenced: false,
         }
+    }
+
+    #[test]
+    fn a_counted_failure_is_dated_to_the_second_for_the_status_entry() {
+        let mut r = record();
+        r.count_failure();
+        assert_eq!(r.fail_count, 3);
+        let at: jiff::Timestamp = r.last_failure.as_deref().unwrap().parse().unwrap();
+        assert_eq!(at.subsec_nanosecond(), 0);
+        let ago = jiff::Timestamp::now().duration_since(at);
+        assert!(ago.as_secs() <= 2, "{ago:?}");
+        let entry = crate::daemon::status_entry("n1", &r);
+        let applied: kubeha_crds::service::ServiceNodeStatus =
+            serde_json::from_value(entry).unwrap();
+        assert_eq!(applied.last_failure_time.map(|t| t.0), Some(at));
     }
 
     #[test]
@@ -341,6 +375,10 @@ mod tests {
             }
         );
         assert!(c.changed());
+        assert_eq!(
+            r.last_failure, None,
+            "a clear forgets when the last failure was"
+        );
         assert_eq!(r.fail_count, 0);
         assert_eq!(r.failed_epoch, None);
         assert_eq!(r.state, NodeServiceState::Stopped);
@@ -364,6 +402,7 @@ mod tests {
     fn a_clear_leaves_a_healthy_record_alone() {
         let mut r = record();
         r.fail_count = 0;
+        r.last_failure = None;
         r.failed_epoch = None;
         r.role = Role::Master;
         r.state = NodeServiceState::Running;

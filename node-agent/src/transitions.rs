@@ -636,7 +636,7 @@ impl<N: Netlink> Node<N> {
                     record.state = NodeServiceState::Stopped;
                 } else {
                     record.state = NodeServiceState::Failed;
-                    record.fail_count += 1;
+                    record.count_failure();
                 }
                 ok
             }
@@ -679,7 +679,7 @@ impl<N: Netlink> Node<N> {
                     return false;
                 }
                 if !matches!(e, EnterError::Fenced | EnterError::StalledInCall(_)) {
-                    record.fail_count += 1;
+                    record.count_failure();
                 }
                 // A VIP added before the refusal stays until its lifetime
                 // ends.
@@ -719,7 +719,7 @@ impl<N: Netlink> Node<N> {
             record.last_hooks = all;
             record.state = NodeServiceState::Failed;
             record.failed_epoch = Some(epoch);
-            record.fail_count += 1;
+            record.count_failure();
             return false;
         }
         self.garp(&placed, &svc.spec).await;
@@ -790,7 +790,7 @@ impl<N: Netlink> Node<N> {
                 record.last_hooks.insert(0, refused(&e.to_string()));
                 record.state = NodeServiceState::Failed;
                 record.failed_epoch = Some(epoch);
-                record.fail_count += 1;
+                record.count_failure();
                 false
             }
         }

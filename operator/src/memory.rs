@@ -98,8 +98,17 @@ pub fn failed_hooks(entry: &ServiceNodeStatus) -> String {
 
 impl ServiceMemory {
     /// Updates the failure times from the agents' entries: a fail count
-    /// that rose (or is seen for the first time above zero) failed now.
-    pub fn note_failures(&mut self, entries: &[ServiceNodeStatus], now: Instant) {
+    /// that rose (or is seen for the first time above zero) failed at its
+    /// entry's `lastFailureTime` (the node's clock, `wall` being this
+    /// clock's reading at `now`; a time ahead of `wall` counts as now), or
+    /// now when the entry has none. So an operator that restarts does not
+    /// start every failure timeout afresh.
+    pub fn note_failures(
+        &mut self,
+        entries: &[ServiceNodeStatus],
+        now: Instant,
+        wall: jiff::Timestamp,
+    ) {
         for e in entries {
             if e.state == NodeServiceState::Failed {
                 match self.failed_since.get(&e.node) {
@@ -118,7 +127,13 @@ impl ServiceMemory {
                     self.fail_seen.remove(&e.node);
                 }
                 _ => {
-                    self.fail_seen.insert(e.node.clone(), (count, now));
+                    let at = e
+                        .last_failure_time
+                        .as_ref()
+                        .and_then(|t| Duration::try_from(wall.duration_since(t.0)).ok())
+                        .and_then(|ago| now.checked_sub(ago))
+                        .unwrap_or(now);
+                    self.fail_seen.insert(e.node.clone(), (count, at));
                 }
             }
         }
@@ -439,12 +454,40 @@ mod tests {
         assert_eq!(reasons(&s), vec![("TakeBack", "a"), ("GiveBack", "b")]);
     }
 
+    /// chaos seed 5: every operator leader kill restarted the failure
+    /// timeout of every failure from zero, so a service failed once on each
+    /// node stayed Errored for good under `failureTimeoutSeconds: 60`.
+    #[test]
+    fn a_fresh_memory_dates_a_failure_from_the_entrys_last_failure_time() {
+        let mut m = ServiceMemory::default();
+        let now = Instant::now();
+        let wall: jiff::Timestamp = "2026-12-06T13:40:00Z".parse().unwrap();
+        let mut e = entry("a", NodeServiceState::Stopped, 3, None, 1);
+        e.last_failure_time = Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+            "2026-12-06T13:39:15Z".parse().unwrap(),
+        ));
+        let mut ahead = entry("b", NodeServiceState::Stopped, 3, None, 2);
+        ahead.last_failure_time = Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+            "2026-12-06T13:40:02Z".parse().unwrap(),
+        ));
+        let bare = entry("c", NodeServiceState::Stopped, 3, None, 1);
+        m.note_failures(&[e, ahead, bare], now, wall);
+        let f = m.failures(now);
+        assert_eq!(f["a"].last_failure_ago, Duration::from_secs(45));
+        assert_eq!(
+            f["b"].last_failure_ago,
+            Duration::ZERO,
+            "a node clock ahead counts as now"
+        );
+        assert_eq!(f["c"].last_failure_ago, Duration::ZERO);
+    }
+
     #[test]
     fn failures_and_fences_are_announced() {
         let mut m = ServiceMemory::default();
         let t0 = Instant::now();
         let mut e = entry("a", NodeServiceState::Running, 3, None, 0);
-        m.note_failures(std::slice::from_ref(&e), t0);
+        m.note_failures(std::slice::from_ref(&e), t0, jiff::Timestamp::UNIX_EPOCH);
         m.observe(
             std::slice::from_ref(&e),
             Some(&lease("a", 3)),
@@ -464,7 +507,7 @@ mod tests {
             output_tail: vec!["cannot mount".into()],
         }];
         let t1 = t0 + Duration::from_secs(2);
-        m.note_failures(std::slice::from_ref(&e), t1);
+        m.note_failures(std::slice::from_ref(&e), t1, jiff::Timestamp::UNIX_EPOCH);
         let lost = BTreeSet::from(["a".to_owned()]);
         let s = m.observe(
             std::slice::from_ref(&e),
@@ -488,18 +531,22 @@ mod tests {
         assert_eq!(f["a"].count, 1);
         assert_eq!(f["a"].last_failure_ago, Duration::from_secs(5));
         // The same count again keeps its time; a reset forgets it.
-        m.note_failures(std::slice::from_ref(&e), t1 + Duration::from_secs(9));
+        m.note_failures(
+            std::slice::from_ref(&e),
+            t1 + Duration::from_secs(9),
+            jiff::Timestamp::UNIX_EPOCH,
+        );
         assert_eq!(
             m.failures(t1 + Duration::from_secs(10))["a"].last_failure_ago,
             Duration::from_secs(10)
         );
         e.fail_count = 0;
-        m.note_failures(std::slice::from_ref(&e), t1);
+        m.note_failures(std::slice::from_ref(&e), t1, jiff::Timestamp::UNIX_EPOCH);
         assert!(m.failures(t1).is_empty());
         // An admin's clear: count 0 and the entry Stopped again.
         assert!(m.failed_for("a", t1).is_some(), "still Failed");
         e.state = NodeServiceState::Stopped;
-        m.note_failures(std::slice::from_ref(&e), t1);
+        m.note_failures(std::slice::from_ref(&e), t1, jiff::Timestamp::UNIX_EPOCH);
         assert_eq!(m.failed_for("a", t1), None);
     }
 

@@ -333,7 +333,7 @@ fn evaluate(svc: &HAService, ctx: &Ctx, deleting: bool, now: Instant) -> Evaluat
         .unwrap_or_default()
         .expiry();
     let (failures, seen, started_nothing, refusal_wait) = ctx.with_service_memory(&key, |m| {
-        m.note_failures(&entries, now);
+        m.note_failures(&entries, now, jiff::Timestamp::now());
         let seen = m.observe(
             &entries,
             lease_state.as_ref(),
