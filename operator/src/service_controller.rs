@@ -395,7 +395,7 @@ fn evaluate(svc: &HAService, ctx: &Ctx, deleting: bool, now: Instant) -> Evaluat
 /// its Lease changed since the watch last showed it (a stalled watch), the
 /// change is observed now and `true` is returned.
 async fn heartbeat_moved(ctx: &Ctx, cluster: &str, node: &str) -> Result<bool> {
-    let moved = refresh_heartbeat(ctx, cluster, node).await?;
+    let (moved, _) = refresh_heartbeat(ctx, cluster, node).await?;
     if moved {
         tracing::warn!(%cluster, %node, "heartbeat Lease changed although the watch showed none: not fenced");
     }
@@ -403,16 +403,18 @@ async fn heartbeat_moved(ctx: &Ctx, cluster: &str, node: &str) -> Result<bool> {
 }
 
 /// Reads `node`'s heartbeat Lease afresh and records it in the view when
-/// it differs from what the watch showed; whether it did.
-async fn refresh_heartbeat(ctx: &Ctx, cluster: &str, node: &str) -> Result<bool> {
+/// it differs from what the watch showed: whether it did, and the Lease's
+/// `renewTime` as read.
+async fn refresh_heartbeat(ctx: &Ctx, cluster: &str, node: &str) -> Result<(bool, Option<String>)> {
     let api: Api<Lease> = Api::namespaced(ctx.client.clone(), &ctx.namespace);
     let Some(lease) = api
         .get_opt(&leases::heartbeat_lease_name(cluster, node))
         .await?
     else {
-        return Ok(false);
+        return Ok((false, None));
     };
     let fp = Fingerprint::of(&lease);
+    let renewed = fp.renew_time.clone();
     let moved = ctx.with_view(cluster, |v| {
         if v.fingerprint(node) == Some(&fp) {
             false
@@ -421,7 +423,7 @@ async fn refresh_heartbeat(ctx: &Ctx, cluster: &str, node: &str) -> Result<bool>
             true
         }
     });
-    Ok(moved)
+    Ok((moved, renewed))
 }
 
 /// The outcome of a Lease write.
@@ -493,16 +495,20 @@ async fn write_lease(
     current: Option<&Lease>,
     state: &LeaseState,
     holder_changed: bool,
+    holder_renew: Option<String>,
 ) -> Result<Written> {
     let ns = svc.namespace().ok_or(Error::Unnamed("namespace"))?;
     let name = leases::service_lease_name(&svc.name_any());
     let api: Api<Lease> = Api::namespaced(ctx.client.clone(), &ns);
     let mut lease = service_lease(current, svc, state, holder_changed, jiff::Timestamp::now());
-    // The holder's heartbeat as seen now: an agent back from a fence enters
-    // only on a Lease written after its return.
+    // The holder's heartbeat as seen now (as just read, else as the view
+    // shows it): an agent back from a fence enters only on a Lease written
+    // after its return.
     if let Some(holder) = &state.holder
-        && let Some(renewed) = ctx.with_view(&svc.spec.cluster_ref, |v| {
-            v.fingerprint(holder).and_then(|f| f.renew_time.clone())
+        && let Some(renewed) = holder_renew.or_else(|| {
+            ctx.with_view(&svc.spec.cluster_ref, |v| {
+                v.fingerprint(holder).and_then(|f| f.renew_time.clone())
+            })
         })
     {
         lease
@@ -648,6 +654,9 @@ async fn apply(svc: &HAService, ctx: &Ctx, deleting: bool) -> Result<Action> {
     // and one still unconfirmed after three rounds is decided again
     // shortly instead of written.
     let mut rounds = 0;
+    // The cleared holder's renewTime as just read, for the annotation (a
+    // watch event arriving late may still put an older one in the view).
+    let mut holder_renew: Option<(String, String)> = None;
     loop {
         let h = &ev.plan.handover;
         if !(h.write && (h.cleared_now || h.holder_changed)) {
@@ -667,7 +676,9 @@ async fn apply(svc: &HAService, ctx: &Ctx, deleting: bool) -> Result<Action> {
             moved |= heartbeat_moved(ctx, &ev.cluster, node).await?;
         }
         if let Some(holder) = holder.filter(|h| !confirm.contains(h)) {
-            moved |= refresh_heartbeat(ctx, &ev.cluster, &holder).await?;
+            let (changed, renewed) = refresh_heartbeat(ctx, &ev.cluster, &holder).await?;
+            moved |= changed;
+            holder_renew = renewed.map(|r| (holder, r));
         }
         if !moved {
             break;
@@ -678,7 +689,19 @@ async fn apply(svc: &HAService, ctx: &Ctx, deleting: bool) -> Result<Action> {
 
     let h = &ev.plan.handover;
     if h.write {
-        match write_lease(ctx, svc, ev.lease.as_deref(), &h.lease, h.holder_changed).await? {
+        let renewed = holder_renew
+            .filter(|(holder, _)| h.lease.holder.as_ref() == Some(holder))
+            .map(|(_, r)| r);
+        match write_lease(
+            ctx,
+            svc,
+            ev.lease.as_deref(),
+            &h.lease,
+            h.holder_changed,
+            renewed,
+        )
+        .await?
+        {
             Written::Conflict => return Ok(Action::requeue(Duration::from_millis(200))),
             Written::Done => {
                 let reason = ev
