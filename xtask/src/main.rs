@@ -397,9 +397,10 @@ fn print_chaos(report: &kubeha_e2e::chaos::Report, nodes: u8, services: usize) {
 /// The CI-sized chaos run of `cargo xtask test`: 40 faults over 5 nodes
 /// and 10 services (seed 1, or `KUBEHA_CHAOS_SEED`). It fails on any safety
 /// violation (two holders of one VIP, or a detector that could not keep
-/// pace). Liveness is printed, not gated: it is not met yet (services late
-/// past D + skew + 3 s, and under load some down for over a minute; see
-/// issue 8), and a gate that fails on it would keep every change out.
+/// pace) and on a service still down a minute after a checkpoint (it would
+/// need an admin). A service late past D + skew + 3 s is printed, not
+/// gated: on a machine that also builds and runs other tests a bound of a
+/// few seconds measures the machine as much as the code.
 fn ci_chaos(root: &Path) -> anyhow::Result<()> {
     let seed = std::env::var("KUBEHA_CHAOS_SEED")
         .ok()
@@ -418,15 +419,18 @@ fn ci_chaos(root: &Path) -> anyhow::Result<()> {
     if report.injections != config.injections || report.safety_samples == 0 {
         bail!("the chaos run did not run as configured (seed {seed})");
     }
-    for v in &report.stuck {
-        println!("  still down a minute later (not gated): {v}");
+    for v in &report.liveness_violations {
+        println!("  late (not gated): {v}");
     }
-    if !report.safety_violations.is_empty() {
+    if !report.safety_violations.is_empty() || !report.stuck.is_empty() {
         println!("\ninjection log (replay with cargo xtask chaos --injections 40 --seed {seed}):");
         for line in &report.log {
             println!("  {line}");
         }
-        bail!("chaos found safety violations (seed {seed})");
+        for v in &report.stuck {
+            println!("  still down a minute later: {v}");
+        }
+        bail!("chaos found safety violations or services down for good (seed {seed})");
     }
     Ok(())
 }
