@@ -68,6 +68,18 @@ fn setup(lab: &Lab, name: &str, vips: &[&str], hooks: Option<&str>, timing: Timi
     ha::apply(lab, &ha::service(name, name, vips, hooks, (3, 200))).unwrap();
 }
 
+/// A fresh cluster and service `name` (one IPv4 VIP `vip`/24, hooks from
+/// folder `hooks` if any), cleared to enter on node-3 at epoch 1; waits
+/// until node-3 alone holds the VIP.
+fn active_on_node_3(lab: &Lab, name: &str, vip: &str, hooks: Option<&str>) {
+    setup(lab, name, &[&format!("{vip}/24")], hooks, Timing::DEFAULT);
+    ha::set_service_lease(lab, name, Some("node-3"), 1, true, None).unwrap();
+    assert!(
+        ha::wait_until(Duration::from_secs(15), || ha::vip_holders(vip) == [3]).is_some(),
+        "node-3 never held {vip}"
+    );
+}
+
 #[test]
 fn vip_answers_ping_and_arp_and_the_client_sees_the_garp_burst() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
@@ -336,9 +348,7 @@ fn a_partitioned_active_node_drops_its_vip_before_the_lease_ends_and_logs_the_fe
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let lab = lab();
     let (name, vip) = ("fence", "198.18.0.102");
-    setup(&lab, name, &["198.18.0.102/24"], None, Timing::DEFAULT);
-    ha::set_service_lease(&lab, name, Some("node-3"), 1, true, None).unwrap();
-    assert!(ha::wait_until(Duration::from_secs(15), || ha::vip_holders(vip) == [3]).is_some());
+    active_on_node_3(&lab, name, vip, None);
     let fence_log = lab.dir().join("nodes/node-3/logs/fence.log");
     let lines_before = std::fs::read_to_string(&fence_log)
         .unwrap_or_default()
@@ -433,9 +443,7 @@ echo leaving the daemon running
         ],
     )
     .unwrap();
-    setup(&lab, name, &["198.18.0.98/24"], Some(name), Timing::DEFAULT);
-    ha::set_service_lease(&lab, name, Some("node-3"), 1, true, None).unwrap();
-    assert!(ha::wait_until(Duration::from_secs(15), || ha::vip_holders(vip) == [3]).is_some());
+    active_on_node_3(&lab, name, vip, Some(name));
     let mut pid = None;
     ha::wait_until(Duration::from_secs(5), || {
         pid = std::fs::read_to_string(&pidfile)
@@ -468,12 +476,92 @@ echo leaving the daemon running
     cleanup(&lab, name, vip);
 }
 
-/// The instant (on this machine's monotonic clock) of the last heartbeat renew
-/// of node `i`, from the Lease's renewTime (same machine, same clock); fails
-/// saying why when there is none to read.
-fn heartbeat_renew_time(lab: &Lab, cluster: &str, i: u8) -> anyhow::Result<Instant> {
+#[test]
+fn an_agent_whose_main_loop_hangs_stops_its_heartbeat_and_its_vip() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let lab = lab();
+    let (name, vip) = ("stuckloop", "198.18.0.97");
+    active_on_node_3(&lab, name, vip, None);
+    let healthz = || {
+        kubeha_e2e::lab::http_get(&format!("{}:9090", nodes::node_ip(3).unwrap()), "/healthz")
+            .map(|(code, _)| code)
+            .unwrap_or(0)
+    };
+    assert_eq!(healthz(), 200, "node-3's agent is healthy before");
+
+    // A hung disk, as the agent sees it: the next status-file write opens a
+    // FIFO nobody reads, and the main loop hangs there while the renewers
+    // (tasks of their own) could go on.
+    let fifo = lab.dir().join("nodes/node-3/run/.status.json.tmp");
+    let _ = std::fs::remove_file(&fifo);
+    nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+    let stalled = Instant::now();
+    let renew_of = || heartbeat_renew_text(&lab, name, 3).ok();
+    // RD after the loop's last pass the renews stop: from then on the
+    // renewTime stays put.
+    std::thread::sleep(Duration::from_millis(
+        (Timing::DEFAULT.deadline_ms + 2 * Timing::DEFAULT.renew_ms) as u64 + 500,
+    ));
+    let last = renew_of();
+    std::thread::sleep(Duration::from_millis(2 * Timing::DEFAULT.renew_ms as u64));
+    let later = renew_of();
+    let unhealthy = healthz();
+    // The last extension came with the last renew: by now (RD + 4 R after
+    // the hang began) its lifetime, under D, has run out.
+    let vip_gone = ha::wait_until(Duration::from_secs(2), || !ha::vip_on_node(3, vip));
+    let hung_for = stalled.elapsed();
+    // The disk comes back: a reader opened before the FIFO's name is
+    // removed lets every write blocked on it through, and every later write
+    // makes a plain file again (reading once, then removing the name, would
+    // leave a write that opened in between hung for good).
+    unblock_fifo(&fifo);
+    let d = Duration::from_millis(Timing::DEFAULT.lease_ms as u64);
+    assert!(
+        last.is_some() && last == later,
+        "node-3 still renewed its heartbeat with its main loop hung: renewTime {last:?} then {later:?}"
+    );
+    assert_ne!(
+        unhealthy, 200,
+        "/healthz still said healthy with the main loop hung"
+    );
+    assert!(
+        vip_gone.is_some(),
+        "node-3 still held its VIP {hung_for:?} after its main loop hung (D is {d:?})"
+    );
+    cleanup(&lab, name, vip);
+}
+
+/// Lets every writer of the FIFO at `fifo` through: opens it for reading
+/// (without waiting for a writer), removes its name, then reads until no
+/// writer has it open (at most 10 s).
+fn unblock_fifo(fifo: &std::path::Path) {
+    use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
+    let reader = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(fifo);
+    let _ = std::fs::remove_file(fifo);
+    let Ok(mut reader) = reader else { return };
+    let until = Instant::now() + Duration::from_secs(10);
+    let mut buf = [0u8; 65536];
+    while Instant::now() < until {
+        match reader.read(&mut buf) {
+            Ok(0) => return,
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                std::thread::sleep(Duration::from_millis(20))
+            }
+            Err(_) => return,
+        }
+    }
+}
+
+/// The `spec.renewTime` of node `i`'s heartbeat Lease in `cluster`, as
+/// the API server has it.
+fn heartbeat_renew_text(lab: &Lab, cluster: &str, i: u8) -> anyhow::Result<String> {
     let lease = format!("kubeha-hb-{cluster}-{}", nodes::node_name(i));
-    let out = lab.kubectl_ok(&[
+    lab.kubectl_ok(&[
         "get",
         "lease",
         &lease,
@@ -481,7 +569,15 @@ fn heartbeat_renew_time(lab: &Lab, cluster: &str, i: u8) -> anyhow::Result<Insta
         ha::OPERATOR_NAMESPACE,
         "-o",
         "jsonpath={.spec.renewTime}",
-    ])?;
+    ])
+}
+
+/// The instant (on this machine's monotonic clock) of the last heartbeat renew
+/// of node `i`, from the Lease's renewTime (same machine, same clock); fails
+/// saying why when there is none to read.
+fn heartbeat_renew_time(lab: &Lab, cluster: &str, i: u8) -> anyhow::Result<Instant> {
+    let lease = format!("kubeha-hb-{cluster}-{}", nodes::node_name(i));
+    let out = heartbeat_renew_text(lab, cluster, i)?;
     let renew: jiff::Timestamp = out.trim().parse().map_err(|e| {
         anyhow::anyhow!(
             "heartbeat Lease {}/{lease} has no usable spec.renewTime ({:?}): {e}",

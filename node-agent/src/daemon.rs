@@ -1308,7 +1308,25 @@ fn intent(
 /// Writes `record` for service `key` into the status file at once (fsync'd).
 /// Returns the write error, if any.
 fn persist(shared: &Shared, key: &str, record: &ServiceRecord) -> Result<(), std::io::Error> {
-    let _file = shared.state_file.lock().unwrap_or_else(|e| e.into_inner());
+    with_state_file(shared, || persist_locked(shared, key, record))
+}
+
+/// Runs `f` holding the status-file lock, with this worker thread handed
+/// back to the runtime first: a hung disk (or a writer waiting for the lock
+/// behind it) then stalls only its caller, never the other tasks: renewers,
+/// reports, other services' transitions.
+fn with_state_file<R>(shared: &Shared, f: impl FnOnce() -> R) -> R {
+    tokio::task::block_in_place(|| {
+        let _file = shared.state_file.lock().unwrap_or_else(|e| e.into_inner());
+        f()
+    })
+}
+
+fn persist_locked(
+    shared: &Shared,
+    key: &str,
+    record: &ServiceRecord,
+) -> Result<(), std::io::Error> {
     let mut status = statefile::read(&shared.config.state_dir).unwrap_or_default();
     if status.node.is_empty() {
         status.node = shared.config.node.clone();
@@ -1601,23 +1619,24 @@ async fn write_status(shared: &Shared, slots: &BTreeMap<String, Slot>) {
     }
     // A record in a transition keeps what the file said of it (its intent,
     // written by the transition under the same lock).
-    let _file = shared.state_file.lock().unwrap_or_else(|e| e.into_inner());
-    let mut previous: Option<NodeStatus> = None;
-    for (key, slot) in slots {
-        if let Ok(r) = slot.record.try_lock() {
-            status.services.insert(key.clone(), r.clone());
-        } else {
-            let previous = previous.get_or_insert_with(|| {
-                statefile::read(&shared.config.state_dir).unwrap_or_default()
-            });
-            if let Some(old) = previous.services.get(key) {
-                status.services.insert(key.clone(), old.clone());
+    with_state_file(shared, || {
+        let mut previous: Option<NodeStatus> = None;
+        for (key, slot) in slots {
+            if let Ok(r) = slot.record.try_lock() {
+                status.services.insert(key.clone(), r.clone());
+            } else {
+                let previous = previous.get_or_insert_with(|| {
+                    statefile::read(&shared.config.state_dir).unwrap_or_default()
+                });
+                if let Some(old) = previous.services.get(key) {
+                    status.services.insert(key.clone(), old.clone());
+                }
             }
         }
-    }
-    if let Err(e) = statefile::write(&shared.config.state_dir, &status) {
-        tracing::warn!(error = %e, "writing the status file failed");
-    }
+        if let Err(e) = statefile::write(&shared.config.state_dir, &status) {
+            tracing::warn!(error = %e, "writing the status file failed");
+        }
+    })
 }
 
 #[cfg(test)]
