@@ -1,0 +1,413 @@
+//! The agent daemon: watches HAClusters, HAServices, service Leases and its
+//! own Node object (for `spec.members.selector`),
+//! renews heartbeats, runs transitions one at a time per service, extends VIP
+//! lifetimes on every renew, fences itself when a heartbeat passes RD, and
+//! keeps the node-local status file.
+
+mod configmap;
+mod fence;
+mod membership;
+mod reconcile;
+mod report;
+mod tasks;
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::core::v1::{Node as KubeNode, ObjectReference};
+use kube::Client;
+use kube::api::Api;
+use kube::runtime::events::{Recorder, Reporter};
+use kube::runtime::reflector::Store;
+use kube::runtime::watcher;
+use kubeha_crds::service::{NodeServiceState, Role};
+use kubeha_crds::{HACluster, HAService, HAServiceSpec, leases};
+use sha2::{Digest, Sha256};
+use tokio::sync::{Mutex, Notify, mpsc};
+
+use crate::heartbeat::{Heartbeats, Timing};
+use crate::hooks::HookRunner;
+use crate::metrics::Metrics;
+use crate::statefile::{self, ServiceRecord};
+use crate::transitions::Node;
+use crate::vip::RtNetlink;
+
+use fence::{fence_if_cut_off, on_renewed};
+use membership::{OwnNode, sync_heartbeats};
+use reconcile::reconcile;
+pub use report::status_entry;
+use report::write_status;
+
+/// Where the agent keeps things and whom it serves.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// This node's Kubernetes name.
+    pub node: String,
+    /// Namespace of the heartbeat Leases (the operator's).
+    pub namespace: String,
+    /// Root of host-path hook sources.
+    pub hook_root: PathBuf,
+    /// Hook logs and the fence log.
+    pub log_dir: PathBuf,
+    /// Status file and materialised ConfigMap hooks.
+    pub state_dir: PathBuf,
+    /// Address of `/metrics`, `/healthz`, `/readyz`.
+    pub metrics_addr: std::net::SocketAddr,
+    /// The cgroup v2 directory hooks run in (the fence kills all in it);
+    /// `None`: hooks are contained by their process groups only.
+    pub hook_cgroup: Option<PathBuf>,
+}
+
+impl Config {
+    /// The fence log.
+    pub fn fence_log(&self) -> PathBuf {
+        self.log_dir.join("fence.log")
+    }
+}
+
+/// Checksum of a spec (`KUBEHA_CONFIG_CHECKSUM`): SHA-256 of its JSON.
+pub fn spec_checksum(spec: &HAServiceSpec) -> String {
+    let json = serde_json::to_vec(spec).unwrap_or_default();
+    Sha256::digest(&json)
+        .iter()
+        .take(8)
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+struct Slot {
+    record: Arc<Mutex<ServiceRecord>>,
+    /// A record loaded from the status file, held before a restart: adopt
+    /// it instead of entering again.
+    adopt: bool,
+    next_monitor: Instant,
+    /// Consecutive failed monitor runs.
+    monitor_failures: Arc<AtomicI32>,
+    next_periodic: Instant,
+    next_refresh: Instant,
+    /// What was last reported to the API server successfully, and what a
+    /// report in flight carries: a failed report is retried.
+    reported: Arc<std::sync::Mutex<Reported>>,
+    /// Loaded from the status file in the middle of entering or leaving
+    /// master: leave first (idempotent), whatever the Lease says.
+    recover: bool,
+    /// The stale epoch last warned about (see [`assignments::not_older`]).
+    stale_warned: Option<i64>,
+    /// The cluster of a fence that found this record busy (a transition
+    /// held it) and could not mark it: its VIPs were dropped under it, so
+    /// once the record is free it is marked as a fence does.
+    fenced_while_busy: Arc<std::sync::Mutex<Option<String>>>,
+}
+
+/// Report bookkeeping of one service: the digest the API server has, and
+/// the one a report in flight carries.
+#[derive(Default)]
+struct Reported {
+    done: Option<String>,
+    pending: Option<String>,
+    /// When the last report was sent.
+    sent: Option<Instant>,
+}
+
+/// How long after a report the API server's copy of the entry may still
+/// differ (watch lag) before it is sent again.
+const REPORT_RECHECK: Duration = Duration::from_secs(2);
+
+/// The HAService a task reports on: status entry and Events.
+#[derive(Clone)]
+struct Target {
+    api: Api<HAService>,
+    name: String,
+    reference: ObjectReference,
+}
+
+struct Shared {
+    config: Config,
+    client: Client,
+    node: Node<RtNetlink>,
+    beats: Heartbeats,
+    metrics: Metrics,
+    fenced: std::sync::Mutex<HashMap<String, Arc<AtomicBool>>>,
+    notify: Notify,
+    recorder: Recorder,
+    /// Serializes writes of the status file (the periodic writer and the
+    /// transitions' intents).
+    state_file: std::sync::Mutex<()>,
+    /// The status file was unreadable at start: services without a record
+    /// leave first.
+    past_unknown: AtomicBool,
+    /// Per cluster, the `renewTime` of the first renew after this node's
+    /// last fence: a clearance written before the operator saw it is not
+    /// entered ([`leases::HOLDER_RENEW_ANNOTATION`]).
+    returned: std::sync::Mutex<HashMap<String, jiff::Timestamp>>,
+    /// Per service (`namespace/name`), when to send the status entry again
+    /// after a report that timed out: the API server may still apply that
+    /// one later, over a newer report.
+    resend: std::sync::Mutex<HashMap<String, Vec<Instant>>>,
+}
+
+/// Runs the daemon until a signal ends it.
+pub async fn run(config: Config) -> anyhow::Result<()> {
+    let client = Client::try_default().await?;
+    let metrics = Metrics::default();
+    let beats = Heartbeats::default();
+    let netlink = RtNetlink::new()?;
+    let mut runner = HookRunner::new(config.log_dir.clone());
+    match &config.hook_cgroup {
+        Some(dir) => {
+            let cgroup = crate::cgroup::HookCgroup::create(dir)
+                .map_err(|e| anyhow::anyhow!("--hook-cgroup: {e}"))?;
+            tracing::info!(cgroup = %dir.display(), "hooks run in their own cgroup");
+            runner = runner.with_cgroup(cgroup);
+        }
+        None => tracing::warn!(
+            "no --hook-cgroup: a fence stops the hooks' process groups only, not daemons that left them"
+        ),
+    }
+    let node = Node {
+        name: config.node.clone(),
+        netlink,
+        runner,
+        hook_root: config.hook_root.clone(),
+        state_dir: config.state_dir.clone(),
+        metrics: metrics.clone(),
+        held: Default::default(),
+    };
+    let shared = Arc::new(Shared {
+        config: config.clone(),
+        client: client.clone(),
+        node,
+        beats: beats.clone(),
+        metrics: metrics.clone(),
+        fenced: Default::default(),
+        notify: Notify::new(),
+        state_file: std::sync::Mutex::new(()),
+        past_unknown: AtomicBool::new(false),
+        returned: Default::default(),
+        resend: Default::default(),
+        recorder: Recorder::new(
+            client.clone(),
+            Reporter {
+                controller: "kubeha-agent".into(),
+                instance: Some(config.node.clone()),
+            },
+        ),
+    });
+
+    tokio::spawn({
+        let (m, b, addr) = (metrics.clone(), beats.clone(), config.metrics_addr);
+        async move {
+            if let Err(e) = crate::metrics::serve(addr, m, b).await {
+                tracing::error!(error = %e, "metrics endpoint failed");
+            }
+        }
+    });
+
+    let clusters = watch::<HACluster>(&client, watcher::Config::default(), &shared);
+    let services = watch::<HAService>(&client, watcher::Config::default(), &shared);
+    let service_leases = watch::<Lease>(
+        &client,
+        watcher::Config::default().labels(&leases::service_lease_selector()),
+        &shared,
+    );
+    // This node's own Node object: its labels decide membership in clusters
+    // that pick members with `spec.members.selector`.
+    let own_node = watch::<KubeNode>(
+        &client,
+        watcher::Config::default().fields(&format!("metadata.name={}", config.node)),
+        &shared,
+    );
+    // Not part of the sync below: without it (e.g. RBAC without nodes) only
+    // membership by selector stays undecided, listed clusters go on.
+    let node_synced = Arc::new(AtomicBool::new(false));
+    tokio::spawn({
+        let (n, node_synced, shared) = (own_node.clone(), node_synced.clone(), shared.clone());
+        async move {
+            if n.wait_until_ready().await.is_ok() {
+                node_synced.store(true, Ordering::SeqCst);
+                shared.notify.notify_one();
+                tracing::info!("own Node object watched");
+            }
+        }
+    });
+
+    // No plan before every store has its first full list: a restarted
+    // holder that saw its service but not yet its Lease would leave it.
+    let synced = Arc::new(AtomicBool::new(false));
+    tokio::spawn({
+        let (c, s, l) = (clusters.clone(), services.clone(), service_leases.clone());
+        let (synced, shared) = (synced.clone(), shared.clone());
+        async move {
+            if tokio::try_join!(
+                c.wait_until_ready(),
+                s.wait_until_ready(),
+                l.wait_until_ready()
+            )
+            .is_ok()
+            {
+                synced.store(true, Ordering::SeqCst);
+                shared.notify.notify_one();
+                tracing::info!("watches synced");
+            }
+        }
+    });
+
+    let mut slots: BTreeMap<String, Slot> = BTreeMap::new();
+    // A status file that exists but cannot be read: what ran here before is
+    // unknown, so no later epoch may be reported as "moved on" before a
+    // leave ran. Every service this node is a member of leaves first (the
+    // scripts are idempotent); the file is kept aside for the admin.
+    let saved = match statefile::read_at_start(&config.state_dir) {
+        Ok(saved) => saved,
+        Err(reason) => {
+            let aside = statefile::path(&config.state_dir)
+                .with_extension(format!("unreadable-{}", jiff::Timestamp::now().as_second()));
+            let _ = std::fs::rename(statefile::path(&config.state_dir), &aside);
+            tracing::error!(%reason, aside = %aside.display(), "the status file is unreadable: every service leaves first");
+            shared.past_unknown.store(true, Ordering::SeqCst);
+            None
+        }
+    };
+    if let Some(saved) = saved {
+        for (key, mut record) in saved.services {
+            if record.assume_unclean_if_unknown() {
+                tracing::info!(service = %key, epoch = record.epoch, "failed without acknowledgement before the restart: counted as a leave that failed");
+            }
+            // Written just before entering or leaving master (the intent),
+            // and the agent died before the outcome was written: the service
+            // may be half started or half stopped. Leave first.
+            let recover = matches!(
+                record.state,
+                NodeServiceState::Starting | NodeServiceState::Stopping
+            );
+            if recover {
+                tracing::warn!(service = %key, epoch = record.epoch, state = ?record.state, "died in the middle of a transition: leaving master first");
+            }
+            // A master role that may not have been left cleanly (a leave
+            // that failed, or a refusal the old-file rule above cannot tell
+            // from one): the leave runs again once in contact. Its success
+            // ends the state; without it nothing would, as this node keeps
+            // heartbeating and reports no later epoch.
+            let recover =
+                recover || (record.role != Role::Master && record.unclean_epoch.is_some());
+            let adopt = record.role == Role::Master && !recover;
+            let mut slot = new_slot(record, adopt);
+            slot.recover = recover;
+            slots.insert(key, slot);
+        }
+        tracing::info!(services = slots.len(), "loaded the status file");
+    }
+
+    let (renewed_tx, mut renewed_rx) = mpsc::unbounded_channel::<String>();
+    let mut renewers: HashMap<String, (Timing, tokio::task::JoinHandle<()>)> = HashMap::new();
+    let mut tick = tokio::time::interval(Duration::from_millis(50));
+    let mut last_write = Instant::now() - Duration::from_secs(10);
+    let mut shutdown = std::pin::pin!(tokio::signal::ctrl_c());
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    loop {
+        tokio::select! {
+            _ = shared.notify.notified() => {}
+            _ = tick.tick() => {}
+            Some(cluster) = renewed_rx.recv() => {
+                on_renewed(&shared, &cluster).await;
+            }
+            _ = &mut shutdown => break,
+            _ = term.recv() => break,
+        }
+        let clusters_now = clusters.state();
+        let me = OwnNode::read(&own_node, &config.node, &node_synced);
+        sync_heartbeats(
+            &shared,
+            &clusters_now,
+            &me,
+            &mut renewers,
+            &renewed_tx,
+            &client,
+        );
+        fence_if_cut_off(&shared, &clusters_now, &me, &slots).await;
+        if !synced.load(Ordering::SeqCst) {
+            shared.beats.mark_progress(Instant::now());
+            continue;
+        }
+        reconcile(
+            &shared,
+            &clusters_now,
+            &me,
+            &services,
+            &service_leases,
+            &mut slots,
+        )
+        .await;
+        if last_write.elapsed() >= Duration::from_millis(500) {
+            write_status(&shared, &slots).await;
+            last_write = Instant::now();
+        }
+        shared.beats.mark_progress(Instant::now());
+    }
+    // Shutting down is not a failover: keep VIPs (their lifetime runs out
+    // unless a restarted agent re-adopts them) and the status file.
+    write_status(&shared, &slots).await;
+    for (_, (_, h)) in renewers {
+        h.abort();
+    }
+    tracing::info!("agent stopped; VIPs left to their lifetime for re-adoption");
+    Ok(())
+}
+
+fn new_slot(record: ServiceRecord, adopt: bool) -> Slot {
+    let now = Instant::now();
+    Slot {
+        record: Arc::new(Mutex::new(record)),
+        adopt,
+        next_monitor: now,
+        monitor_failures: Arc::default(),
+        next_periodic: now,
+        next_refresh: now,
+        reported: Arc::default(),
+        recover: false,
+        stale_warned: None,
+        fenced_while_busy: Arc::default(),
+    }
+}
+
+/// A reflector whose every event wakes the main loop. A malformed object is
+/// skipped ([`kubeha_crds::watch::reflect`]); errors are logged and retried
+/// with backoff: the watch goes on.
+fn watch<K>(client: &Client, config: watcher::Config, shared: &Arc<Shared>) -> Store<K>
+where
+    K: kube::Resource<DynamicType = ()>
+        + Clone
+        + std::fmt::Debug
+        + serde::de::DeserializeOwned
+        + Send
+        + Sync
+        + 'static,
+{
+    let (reader, stream) = kubeha_crds::watch::reflect::<K>(client, None, config);
+    let shared = shared.clone();
+    tokio::spawn(async move {
+        let mut stream = std::pin::pin!(stream);
+        while let Some(event) = stream.next().await {
+            if let Err(e) = event {
+                tracing::warn!(error = %e, kind = %std::any::type_name::<K>(), "watch error (retrying)");
+            }
+            shared.notify.notify_one();
+        }
+    });
+    reader
+}
+
+fn fenced_flag(shared: &Shared, cluster: &str) -> Arc<AtomicBool> {
+    shared
+        .fenced
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .entry(cluster.to_owned())
+        .or_default()
+        .clone()
+}

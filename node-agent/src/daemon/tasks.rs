@@ -1,0 +1,385 @@
+//! The tasks a pass starts per service, one at a time under the service's
+//! record lock: transition steps (with their intent written first), VIP edits
+//! on a running master, adoption after a restart, monitors and periodic hooks.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicI32, Ordering};
+
+use kubeha_crds::HAServiceSpec;
+use kubeha_crds::service::{NodeServiceState, Role};
+use tokio::sync::OwnedMutexGuard;
+
+use super::configmap::materialize_config_map;
+use super::fence::escalate;
+use super::report::{event, report};
+use super::{Shared, Target};
+use crate::assignments::{self, Assignment};
+use crate::statefile::{self, ServiceRecord};
+use crate::transitions::{ClusterView, ServiceView};
+
+#[allow(clippy::too_many_arguments)]
+pub(super) fn spawn_steps(
+    shared: Arc<Shared>,
+    mut record: OwnedMutexGuard<ServiceRecord>,
+    steps: Vec<assignments::Step>,
+    service: ServiceView,
+    view: ClusterView,
+    wanted: Assignment,
+    target: Target,
+) {
+    tokio::spawn(async move {
+        tracing::info!(service = %service.key, ?steps, epoch = wanted.epoch, "transition");
+        if let Some(cm) = service
+            .spec
+            .hooks
+            .as_ref()
+            .and_then(|h| h.source.config_map.clone())
+        {
+            let mut namespaces = vec![shared.config.namespace.clone()];
+            if view.config_maps_in_service_namespace
+                && let Some((ns, _)) = service.key.split_once('/')
+            {
+                namespaces.push(ns.to_owned());
+            }
+            let dir = shared.config.state_dir.join("configmap-hooks").join(&cm);
+            if let Err(e) = materialize_config_map(&shared.client, &namespaces, &cm, &dir).await {
+                tracing::warn!(service = %service.key, error = %e, "hook ConfigMap not written out");
+            }
+        }
+        let primary = service
+            .spec
+            .preferred_nodes
+            .first()
+            .or(view.members.first())
+            == Some(&shared.config.node);
+        let last = steps.last().copied();
+        for step in steps {
+            if let Some(intent) = intent(step, &record, &service.spec, wanted)
+                && let Err(e) = persist(&shared, &service.key, &intent)
+                && step == assignments::Step::EnterMaster
+            {
+                // Without the intent on disk, an agent that dies while
+                // entering would not know after a restart that it may hold
+                // a VIP or a started service: nothing is entered. A failure
+                // that started nothing: the operator moves the service.
+                record.epoch = wanted.epoch;
+                record.state = NodeServiceState::Failed;
+                record.failed_epoch = Some(wanted.epoch);
+                record.count_failure();
+                record.last_hooks = vec![crate::transitions::refused(&format!(
+                    "the status file cannot be written ({e}): not entering"
+                ))];
+                report(&shared, &target, &record).await;
+                let note = format!(
+                    "not entering at epoch {}: status file not writable: {e}",
+                    wanted.epoch
+                );
+                event(&shared, &target, true, "StatusFileFailed", note).await;
+                break;
+            }
+            let ok = shared
+                .node
+                .step(step, &mut record, &service, &view, wanted)
+                .await;
+            let _ = persist(&shared, &service.key, &record);
+            // Reported before the next step only when the operator waits
+            // for it (a leave of master acknowledges the epoch) or nothing
+            // follows: a report to a slow API server takes up to its
+            // timeout, and the next step (an enter) must not wait for it.
+            if step == assignments::Step::LeaveMaster || !ok || Some(step) == last {
+                report(&shared, &target, &record).await;
+            }
+            let (warning, reason, note) = step_event(step, ok, &record, primary);
+            tokio::spawn({
+                let (shared, target) = (shared.clone(), target.clone());
+                async move { event(&shared, &target, warning, reason, note).await }
+            });
+            if !ok {
+                tracing::warn!(service = %service.key, ?step, "step failed");
+                if step == assignments::Step::LeaveMaster && record.unclean_epoch.is_some() {
+                    escalate(&shared, &target, &view).await;
+                }
+                break;
+            }
+        }
+        drop(record);
+        shared.notify.notify_one();
+    });
+}
+
+/// What the status file says while `step` runs, so an agent that dies in
+/// the middle leaves first on restart: master at the epoch entered or left,
+/// `Starting` or `Stopping`, unclean, with the spec whose VIPs it adds.
+/// `None` for standby steps.
+pub(super) fn intent(
+    step: assignments::Step,
+    record: &ServiceRecord,
+    spec: &HAServiceSpec,
+    wanted: Assignment,
+) -> Option<ServiceRecord> {
+    let (epoch, state) = match step {
+        assignments::Step::EnterMaster => (wanted.epoch, NodeServiceState::Starting),
+        assignments::Step::LeaveMaster => (record.epoch, NodeServiceState::Stopping),
+        _ => return None,
+    };
+    let mut intent = record.clone();
+    if step == assignments::Step::EnterMaster {
+        // The leave on restart removes what this spec names.
+        intent.spec = spec.clone();
+    }
+    intent.role = Role::Master;
+    intent.epoch = epoch;
+    intent.state = state;
+    intent.unclean_epoch = Some(epoch);
+    Some(intent)
+}
+
+/// Writes `record` for service `key` into the status file at once (fsync'd).
+/// Returns the write error, if any.
+pub(super) fn persist(
+    shared: &Shared,
+    key: &str,
+    record: &ServiceRecord,
+) -> Result<(), std::io::Error> {
+    with_state_file(shared, || persist_locked(shared, key, record))
+}
+
+/// Runs `f` holding the status-file lock, with this worker thread handed
+/// back to the runtime first: a hung disk (or a writer waiting for the lock
+/// behind it) then stalls only its caller, never the other tasks: renewers,
+/// reports, other services' transitions.
+pub(super) fn with_state_file<R>(shared: &Shared, f: impl FnOnce() -> R) -> R {
+    tokio::task::block_in_place(|| {
+        let _file = shared.state_file.lock().unwrap_or_else(|e| e.into_inner());
+        f()
+    })
+}
+
+pub(super) fn persist_locked(
+    shared: &Shared,
+    key: &str,
+    record: &ServiceRecord,
+) -> Result<(), std::io::Error> {
+    let mut status = statefile::read(&shared.config.state_dir).unwrap_or_default();
+    if status.node.is_empty() {
+        status.node = shared.config.node.clone();
+    }
+    status.services.insert(key.to_owned(), record.clone());
+    statefile::write(&shared.config.state_dir, &status).inspect_err(|e| {
+        tracing::error!(service = key, error = %e, "writing the status file failed");
+    })
+}
+
+/// Changes the running master's VIPs to the spec's
+/// ([`Node::revip`]), then persists and reports the record.
+pub(super) fn spawn_revip(
+    shared: Arc<Shared>,
+    mut record: OwnedMutexGuard<ServiceRecord>,
+    service: ServiceView,
+    view: ClusterView,
+    target: Target,
+) {
+    tokio::spawn(async move {
+        let ok = shared.node.revip(&mut record, &service, &view).await;
+        let _ = persist(&shared, &service.key, &record);
+        report(&shared, &target, &record).await;
+        let note = format!("VIPs at epoch {} now {:?}", record.epoch, record.vips);
+        let (warning, reason) = if ok {
+            (false, "VipsChanged")
+        } else {
+            (true, "VipFailed")
+        };
+        event(&shared, &target, warning, reason, note).await;
+        drop(record);
+        shared.notify.notify_one();
+    });
+}
+
+pub(super) fn spawn_adopt(
+    shared: Arc<Shared>,
+    mut record: OwnedMutexGuard<ServiceRecord>,
+    view: ClusterView,
+    target: Target,
+) {
+    tokio::spawn(async move {
+        let ok = shared.node.adopt(&mut record, &view).await;
+        tracing::info!(
+            epoch = record.epoch,
+            ok,
+            "re-adopted a service held before the restart"
+        );
+        report(&shared, &target, &record).await;
+        drop(record);
+        shared.notify.notify_one();
+    });
+}
+
+#[allow(clippy::too_many_arguments)]
+pub(super) fn spawn_monitor(
+    shared: Arc<Shared>,
+    mut record: OwnedMutexGuard<ServiceRecord>,
+    service: ServiceView,
+    view: ClusterView,
+    threshold: i32,
+    failures: Arc<AtomicI32>,
+    target: Target,
+) {
+    tokio::spawn(async move {
+        let failures_counter = failures.clone();
+        let Some(ok) = shared.node.monitor(&mut record, &service, &view).await else {
+            return;
+        };
+        let failures = if ok {
+            0
+        } else {
+            failures.load(Ordering::SeqCst) + 1
+        };
+        let counter = failures_counter.clone();
+        counter.store(failures, Ordering::SeqCst);
+        if failures >= threshold.max(1) {
+            counter.store(0, Ordering::SeqCst);
+            tracing::warn!(service = %service.key, failures, "monitor failed past its threshold: leaving");
+            let epoch = record.epoch;
+            shared
+                .node
+                .step(
+                    assignments::Step::LeaveMaster,
+                    &mut record,
+                    &service,
+                    &view,
+                    Assignment::NONE,
+                )
+                .await;
+            record.state = NodeServiceState::Failed;
+            record.failed_epoch = Some(epoch);
+            record.count_failure();
+            report(&shared, &target, &record).await;
+            if record.unclean_epoch.is_some() {
+                escalate(&shared, &target, &view).await;
+            }
+        } else if failures > 0 {
+            tracing::warn!(service = %service.key, failures, threshold, "monitor failed");
+        }
+        drop(record);
+        shared.notify.notify_one();
+    });
+}
+
+pub(super) fn spawn_periodic(
+    shared: Arc<Shared>,
+    mut record: OwnedMutexGuard<ServiceRecord>,
+    service: ServiceView,
+    view: ClusterView,
+) {
+    tokio::spawn(async move {
+        shared.node.periodic(&mut record, &service, &view).await;
+    });
+}
+
+/// The Event a finished step makes: reason and whether it is a warning.
+pub(super) fn step_event(
+    step: assignments::Step,
+    ok: bool,
+    record: &ServiceRecord,
+    primary: bool,
+) -> (bool, &'static str, String) {
+    use assignments::Step::*;
+    let tail = || {
+        record
+            .last_hooks
+            .iter()
+            .filter(|h| h.outcome != kubeha_crds::service::HookOutcome::Success)
+            .map(|h| {
+                format!(
+                    "{} {} {:?}: {}",
+                    h.script,
+                    h.action,
+                    h.outcome,
+                    h.output_tail.join(" | ")
+                )
+            })
+            .collect::<Vec<_>>()
+            .join("; ")
+    };
+    if !ok && record.last_hooks.iter().any(|h| h.script == "-") {
+        // Not a hook: the VIPs could not be placed (missing interface, ...).
+        return (
+            true,
+            "VipFailed",
+            format!("{step:?} failed at epoch {}: {}", record.epoch, tail()),
+        );
+    }
+    if !ok {
+        return (
+            true,
+            "HookFailed",
+            format!("{step:?} failed at epoch {}: {}", record.epoch, tail()),
+        );
+    }
+    let reason = match (step, primary) {
+        (EnterMaster, true) => "TakeBack",
+        (EnterMaster, false) => "TakeOver",
+        (LeaveMaster, true) => "GiveAway",
+        (LeaveMaster, false) => "GiveBack",
+        (EnterVicemaster, _) => "EnteredStandby",
+        (LeaveVicemaster, _) => "LeftStandby",
+    };
+    (
+        false,
+        reason,
+        format!(
+            "{step:?} done at epoch {} (VIPs {:?})",
+            record.epoch, record.vips
+        ),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(vip: &str) -> HAServiceSpec {
+        serde_json::from_value(serde_json::json!({
+            "clusterRef": "c",
+            "vips": [{"address": vip}],
+        }))
+        .unwrap()
+    }
+
+    /// The API server's copy of an entry the agent applied reads back with
+    /// the record's digest, so a report is sent again only when the copy
+    /// really differs (a late, older report applied over it).
+
+    #[test]
+    fn the_intent_of_a_master_step_is_unclean_master_at_its_epoch() {
+        let mut record = ServiceRecord::fresh("c", &spec("198.18.0.100/24"), "x".into(), None);
+        record.epoch = 4;
+        let wanted = Assignment {
+            role: Role::Master,
+            epoch: 5,
+            may_enter: true,
+        };
+        let new_spec = spec("198.18.0.101/24");
+        let enter = intent(assignments::Step::EnterMaster, &record, &new_spec, wanted).unwrap();
+        assert_eq!(
+            (enter.role, enter.epoch, enter.state, enter.unclean_epoch),
+            (Role::Master, 5, NodeServiceState::Starting, Some(5))
+        );
+        assert_eq!(
+            enter.spec, new_spec,
+            "a leave on restart removes the VIPs being added"
+        );
+        let leave = intent(assignments::Step::LeaveMaster, &record, &new_spec, wanted).unwrap();
+        assert_eq!(
+            (leave.role, leave.epoch, leave.state, leave.unclean_epoch),
+            (Role::Master, 4, NodeServiceState::Stopping, Some(4))
+        );
+        assert_eq!(leave.spec, record.spec);
+        for step in [
+            assignments::Step::EnterVicemaster,
+            assignments::Step::LeaveVicemaster,
+        ] {
+            assert!(intent(step, &record, &new_spec, wanted).is_none());
+        }
+    }
+}
