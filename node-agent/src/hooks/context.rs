@@ -1,0 +1,58 @@
+//! What a hook is told: the `KUBEHA_*` environment of one transition.
+
+use super::{Action, HOOK_PATH, Transition};
+use kubeha_crds::service::Role;
+
+/// What a hook run is about; becomes the script's `KUBEHA_*` environment.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HookContext {
+    /// The action (picks the scripts in [`HookRunner::run`]).
+    pub action: Action,
+    /// The role entered, left or held (the script's second argument).
+    pub role: Role,
+    /// The transition (`KUBEHA_TRANSITION`, empty when none).
+    pub transition: Option<Transition>,
+    /// The service, `namespace/name` (`KUBEHA_SERVICE`).
+    pub service: String,
+    /// The HACluster (`KUBEHA_CLUSTER`).
+    pub cluster: String,
+    /// This node (`KUBEHA_NODE`).
+    pub node: String,
+    /// The service's primary node (`KUBEHA_PRIMARY_NODE`).
+    pub primary_node: String,
+    /// The other members (`KUBEHA_PEERS`, comma-separated).
+    pub peers: Vec<String>,
+    /// The service's virtual IPs (`KUBEHA_VIPS`, comma-separated).
+    pub vips: Vec<String>,
+    /// The interface the VIPs go on (`KUBEHA_INTERFACE`).
+    pub interface: String,
+    /// The epoch acted on (`KUBEHA_EPOCH`).
+    pub epoch: i64,
+    /// Hash of the spec acted on (`KUBEHA_CONFIG_CHECKSUM`).
+    pub config_checksum: String,
+}
+
+impl HookContext {
+    /// The whole environment a script gets: `PATH` and the `KUBEHA_*`
+    /// variables, nothing else.
+    pub fn env(&self) -> Vec<(&'static str, String)> {
+        vec![
+            ("PATH", HOOK_PATH.to_owned()),
+            (
+                "KUBEHA_TRANSITION",
+                self.transition
+                    .map(|t| t.as_str().to_owned())
+                    .unwrap_or_default(),
+            ),
+            ("KUBEHA_SERVICE", self.service.clone()),
+            ("KUBEHA_CLUSTER", self.cluster.clone()),
+            ("KUBEHA_NODE", self.node.clone()),
+            ("KUBEHA_PRIMARY_NODE", self.primary_node.clone()),
+            ("KUBEHA_PEERS", self.peers.join(",")),
+            ("KUBEHA_VIPS", self.vips.join(",")),
+            ("KUBEHA_INTERFACE", self.interface.clone()),
+            ("KUBEHA_EPOCH", self.epoch.to_string()),
+            ("KUBEHA_CONFIG_CHECKSUM", self.config_checksum.clone()),
+        ]
+    }
+}

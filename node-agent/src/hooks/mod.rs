@@ -1,0 +1,249 @@
+//! The hook runner: finds a service's hook scripts, checks that they are safe
+//! to run as root, runs them as argv (never through a shell) in their own
+//! process group with a cleared environment, logs their output to one
+//! size-capped file per script, enforces their timeout by signalling the whole
+//! process group, and maps their exit codes onto [`HookOutcome`].
+//!
+//! The contract (DESIGN.md, "Roles, transitions and hooks"): every script is
+//! called as `script ACTION ROLE`; the `KUBEHA_*` environment describes the
+//! transition; exit 0 is success, 1 an illegal call, 2 a wrong or changed
+//! configuration (both permanent), 7 from a monitor script means "not
+//! running", anything else is a failure.
+
+mod context;
+mod runlog;
+mod runner;
+mod scripts;
+
+use std::fmt;
+use std::io;
+use std::path::PathBuf;
+use std::str::FromStr;
+use std::time::Duration;
+
+use kubeha_crds::service::{HookOutcome, HookResult, Role};
+use serde::{Deserialize, Serialize};
+
+pub use context::HookContext;
+pub use runner::HookRunner;
+pub use scripts::{HookLayout, HookSet, Script, check_script};
+
+/// The `PATH` every hook script gets (the rest of the environment is cleared).
+pub const HOOK_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
+/// Default size at which a script's log file is rotated (1 MiB).
+pub const DEFAULT_LOG_CAP_BYTES: u64 = 1024 * 1024;
+
+/// Default number of output lines kept in a [`HookResult`].
+pub const DEFAULT_TAIL_LINES: usize = 10;
+
+/// Default time between SIGTERM and SIGKILL when a script overruns.
+pub const DEFAULT_KILL_GRACE: Duration = Duration::from_secs(2);
+
+/// Most output lines a [`HookResult`] may carry (the API schema's limit).
+pub const MAX_TAIL_LINES: usize = 20;
+
+/// Longest output line (in characters) kept in a [`HookResult`]; longer lines
+/// are cut and end in `…`.
+pub const MAX_LINE_CHARS: usize = 1024;
+
+/// What a hook script is asked to do.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Action {
+    /// Enter a role (start the service when entering master).
+    Enter,
+    /// Leave a role (stop the service when leaving master).
+    Leave,
+    /// Check that the service runs (on the active node, every interval).
+    Monitor,
+    /// Periodic check on every member with its current role.
+    Periodic,
+}
+
+impl Action {
+    /// Every action, in the order of the contract.
+    pub const ALL: [Action; 4] = [
+        Action::Enter,
+        Action::Leave,
+        Action::Monitor,
+        Action::Periodic,
+    ];
+
+    /// The word passed as the script's first argument: `enter`, `leave`,
+    /// `monitor` or `periodic`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Action::Enter => "enter",
+            Action::Leave => "leave",
+            Action::Monitor => "monitor",
+            Action::Periodic => "periodic",
+        }
+    }
+
+    /// The letter that starts this action's script names in a hook directory
+    /// (`E01name`, `L01name`, `M01name`, `P01name`).
+    pub fn prefix(self) -> char {
+        match self {
+            Action::Enter => 'E',
+            Action::Leave => 'L',
+            Action::Monitor => 'M',
+            Action::Periodic => 'P',
+        }
+    }
+}
+
+impl fmt::Display for Action {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for Action {
+    type Err = HookError;
+
+    /// Parses `enter`, `leave`, `monitor` or `periodic` (as `kubeha-agent
+    /// hooks run SERVICE ACTION` takes them).
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Action::ALL
+            .into_iter()
+            .find(|a| a.as_str() == s)
+            .ok_or_else(|| HookError::UnknownAction(s.to_owned()))
+    }
+}
+
+/// The kind of role change, as the classic failover scripts name it
+/// (exported to scripts as `KUBEHA_TRANSITION`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Transition {
+    /// Start the service on a backup node.
+    TakeOver,
+    /// Start the service on its primary node.
+    TakeBack,
+    /// Stop the service on its primary node.
+    GiveAway,
+    /// Stop the service on a backup node.
+    GiveBack,
+}
+
+impl Transition {
+    /// `takeover`, `takeback`, `giveaway` or `giveback`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Transition::TakeOver => "takeover",
+            Transition::TakeBack => "takeback",
+            Transition::GiveAway => "giveaway",
+            Transition::GiveBack => "giveback",
+        }
+    }
+}
+
+impl fmt::Display for Transition {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The transition an action means on this node: entering on the primary node
+/// is a takeback, on a backup node a takeover; leaving on the primary node is a
+/// giveaway, on a backup node a giveback. Monitor and periodic runs are no
+/// transition.
+pub fn transition(action: Action, node_is_primary: bool) -> Option<Transition> {
+    match (action, node_is_primary) {
+        (Action::Enter, true) => Some(Transition::TakeBack),
+        (Action::Enter, false) => Some(Transition::TakeOver),
+        (Action::Leave, true) => Some(Transition::GiveAway),
+        (Action::Leave, false) => Some(Transition::GiveBack),
+        (Action::Monitor | Action::Periodic, _) => None,
+    }
+}
+
+/// The script argument for a role: `master`, `vicemaster` or `none` (the same
+/// words `Role` serialises to).
+pub fn role_str(role: Role) -> &'static str {
+    match role {
+        Role::Master => "master",
+        Role::Vicemaster => "vicemaster",
+        Role::None => "none",
+    }
+}
+
+/// Why a hook could not be listed or is not safe to run.
+#[derive(Debug, thiserror::Error)]
+pub enum HookError {
+    /// The hook directory could not be read.
+    #[error("cannot read hook directory {}: {source}; check the service's hook source", path.display())]
+    ReadDir {
+        /// The directory.
+        path: PathBuf,
+        /// What the system said.
+        #[source]
+        source: io::Error,
+    },
+    /// The script does not exist (or is a dangling symlink).
+    #[error("hook script {} does not exist (or is a dangling symlink); create it or fix the hook configuration", path.display())]
+    NotFound {
+        /// The script's path.
+        path: PathBuf,
+    },
+    /// The script could not be inspected.
+    #[error("cannot inspect hook script {}: {source}", path.display())]
+    Io {
+        /// The script's path.
+        path: PathBuf,
+        /// What the system said.
+        #[source]
+        source: io::Error,
+    },
+    /// The script (or the directory holding it) is not safe to run as root.
+    /// Every reason names the path and the command that fixes it.
+    #[error("hook script refused: {}", reasons.join("; "))]
+    Unsafe {
+        /// The script's path as configured.
+        path: PathBuf,
+        /// What is wrong, each with its fix.
+        reasons: Vec<String>,
+    },
+    /// A single-script layout names something other than a plain file name.
+    #[error(
+        "invalid hook script name {name:?}: give a plain file name inside the hook directory (no '/', not '.' or '..')"
+    )]
+    InvalidScriptName {
+        /// The name as configured.
+        name: String,
+    },
+    /// An action word that is not part of the contract.
+    #[error("unknown hook action {0:?}; expected enter, leave, monitor or periodic")]
+    UnknownAction(String),
+}
+
+/// Success when every result is a success (or there are none), else the
+/// first outcome that is not.
+pub fn overall(results: &[HookResult]) -> HookOutcome {
+    results
+        .iter()
+        .map(|r| r.outcome)
+        .find(|o| *o != HookOutcome::Success)
+        .unwrap_or(HookOutcome::Success)
+}
+
+/// Whether an outcome is permanent for this node (illegal call, configuration
+/// error): no retry here.
+pub fn is_permanent(outcome: HookOutcome) -> bool {
+    matches!(outcome, HookOutcome::IllegalCall | HookOutcome::ConfigError)
+}
+
+/// Maps an exit code onto the contract's outcomes.
+fn outcome_for_code(action: Action, code: i32) -> HookOutcome {
+    match (code, action) {
+        (0, _) => HookOutcome::Success,
+        (1, _) => HookOutcome::IllegalCall,
+        (2, _) => HookOutcome::ConfigError,
+        (7, Action::Monitor) => HookOutcome::NotRunning,
+        _ => HookOutcome::Failed,
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,807 @@
+use super::*;
+use std::collections::HashMap;
+use std::fs;
+use std::os::unix::fs::{PermissionsExt, symlink};
+use std::path::Path;
+use std::time::Instant;
+use tempfile::TempDir;
+
+/// Writes a `/bin/sh` script with the given mode.
+fn script(dir: &Path, name: &str, body: &str, mode: u32) -> PathBuf {
+    let path = dir.join(name);
+    fs::write(&path, format!("#!/bin/sh\n{body}\n")).expect("write script");
+    fs::set_permissions(&path, fs::Permissions::from_mode(mode)).expect("chmod");
+    path
+}
+
+fn ctx(action: Action) -> HookContext {
+    HookContext {
+        action,
+        role: Role::Master,
+        transition: transition(action, false),
+        service: "shop/nfs".into(),
+        cluster: "prod".into(),
+        node: "node-b".into(),
+        primary_node: "node-a".into(),
+        peers: vec!["node-a".into(), "node-c".into()],
+        vips: vec!["198.18.0.10/24".into(), "2001:db8::10/64".into()],
+        interface: "eth0".into(),
+        epoch: 7,
+        config_checksum: "sha256:abc $(touch /tmp/kubeha-pwned) ;x".into(),
+    }
+}
+
+fn dir_set(dir: &Path) -> HookSet {
+    HookSet {
+        dir: dir.to_owned(),
+        layout: HookLayout::Directory,
+    }
+}
+
+fn names(results: &[HookResult]) -> Vec<&str> {
+    results.iter().map(|r| r.script.as_str()).collect()
+}
+
+/// Whether a process exists and is not a zombie.
+fn alive(pid: i32) -> bool {
+    let Ok(stat) = fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return false;
+    };
+    let state = stat
+        .rsplit_once(')')
+        .and_then(|(_, rest)| rest.trim_start().chars().next());
+    !matches!(state, Some('Z' | 'X') | None)
+}
+
+/// Whether a process is gone (or a zombie) within a second: SIGKILL is
+/// delivered asynchronously, so a just-killed process may take a moment.
+async fn dies(pid: i32) -> bool {
+    let deadline = Instant::now() + Duration::from_secs(1);
+    while alive(pid) && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    !alive(pid)
+}
+
+fn read_pid(path: &Path) -> i32 {
+    fs::read_to_string(path)
+        .expect("pid file")
+        .trim()
+        .parse()
+        .expect("pid")
+}
+
+struct Fixture {
+    hooks: TempDir,
+    out: TempDir,
+    _logs: TempDir,
+    runner: HookRunner,
+}
+
+fn fixture() -> Fixture {
+    let logs = tempfile::tempdir().expect("tempdir");
+    Fixture {
+        hooks: tempfile::tempdir().expect("tempdir"),
+        out: tempfile::tempdir().expect("tempdir"),
+        runner: HookRunner::new(logs.path().join("logs")),
+        _logs: logs,
+    }
+}
+
+#[test]
+fn transitions_follow_the_node_and_the_action() {
+    assert_eq!(transition(Action::Enter, true), Some(Transition::TakeBack));
+    assert_eq!(transition(Action::Enter, false), Some(Transition::TakeOver));
+    assert_eq!(transition(Action::Leave, true), Some(Transition::GiveAway));
+    assert_eq!(transition(Action::Leave, false), Some(Transition::GiveBack));
+    assert_eq!(transition(Action::Monitor, true), None);
+    assert_eq!(transition(Action::Periodic, false), None);
+    assert_eq!(Transition::TakeOver.as_str(), "takeover");
+    assert_eq!(Transition::GiveBack.to_string(), "giveback");
+}
+
+#[test]
+fn actions_have_words_and_letters() {
+    let words: Vec<_> = Action::ALL.iter().map(|a| a.as_str()).collect();
+    assert_eq!(words, ["enter", "leave", "monitor", "periodic"]);
+    let letters: String = Action::ALL.iter().map(|a| a.prefix()).collect();
+    assert_eq!(letters, "ELMP");
+    for a in Action::ALL {
+        assert_eq!(a.as_str().parse::<Action>().ok(), Some(a));
+    }
+    let err = "start".parse::<Action>().expect_err("unknown action");
+    assert!(err.to_string().contains("\"start\""), "{err}");
+    assert_eq!(role_str(Role::Vicemaster), "vicemaster");
+    assert_eq!(role_str(Role::None), "none");
+}
+
+#[test]
+fn overall_and_permanence() {
+    let r = |outcome| HookResult {
+        script: "E01x".into(),
+        action: "enter".into(),
+        exit_code: None,
+        outcome,
+        duration_ms: 0,
+        finished_at: None,
+        output_tail: vec![],
+    };
+    assert_eq!(overall(&[]), HookOutcome::Success);
+    assert_eq!(
+        overall(&[r(HookOutcome::Success), r(HookOutcome::Success)]),
+        HookOutcome::Success
+    );
+    assert_eq!(
+        overall(&[
+            r(HookOutcome::Success),
+            r(HookOutcome::ConfigError),
+            r(HookOutcome::Failed)
+        ]),
+        HookOutcome::ConfigError
+    );
+    assert!(is_permanent(HookOutcome::IllegalCall));
+    assert!(is_permanent(HookOutcome::ConfigError));
+    for o in [
+        HookOutcome::Success,
+        HookOutcome::NotRunning,
+        HookOutcome::Failed,
+        HookOutcome::TimedOut,
+        HookOutcome::Refused,
+    ] {
+        assert!(!is_permanent(o), "{o:?}");
+    }
+}
+
+#[test]
+fn log_paths_replace_slashes_and_stay_inside() {
+    let runner = HookRunner::new("/var/log/kubeha");
+    assert_eq!(
+        runner.log_path("shop/nfs", "E01server"),
+        Path::new("/var/log/kubeha/shop_nfs/E01server.log")
+    );
+    assert_eq!(
+        runner.log_path("..", "E01x"),
+        Path::new("/var/log/kubeha/_../E01x.log")
+    );
+    assert_eq!(runner.log_cap_bytes, 1024 * 1024);
+    assert_eq!(runner.tail_lines, 10);
+    assert_eq!(runner.kill_grace, Duration::from_secs(2));
+}
+
+#[tokio::test]
+async fn directory_scripts_run_in_lexical_order_and_others_are_ignored() {
+    let f = fixture();
+    let trace = f.out.path().join("order");
+    for name in [
+        "E02client",
+        "E01server",
+        "E01backup",
+        "L01stop",
+        "M01check",
+        "P01sweep",
+        "README",
+        "E1x",
+        "E01",
+        "E01server~",
+        "E01server.bak",
+        "e01lower",
+    ] {
+        script(
+            f.hooks.path(),
+            name,
+            &format!("echo {name} >> '{}'", trace.display()),
+            0o755,
+        );
+    }
+    fs::create_dir(f.hooks.path().join("E03dir")).expect("mkdir");
+    let set = dir_set(f.hooks.path());
+    let listed = |a| -> Vec<String> {
+        set.scripts(a)
+            .expect("list")
+            .into_iter()
+            .map(|s| s.name)
+            .collect()
+    };
+    assert_eq!(
+        listed(Action::Enter),
+        ["E01backup", "E01server", "E02client"]
+    );
+    assert_eq!(listed(Action::Leave), ["L01stop"]);
+    assert_eq!(listed(Action::Monitor), ["M01check"]);
+    assert_eq!(listed(Action::Periodic), ["P01sweep"]);
+
+    let results = f
+        .runner
+        .run(&set, &ctx(Action::Enter), Duration::from_secs(5))
+        .await;
+    assert_eq!(names(&results), ["E01backup", "E01server", "E02client"]);
+    assert!(results.iter().all(|r| r.outcome == HookOutcome::Success
+        && r.exit_code == Some(0)
+        && r.action == "enter"
+        && r.finished_at.is_some()));
+    assert_eq!(
+        fs::read_to_string(&trace).expect("trace"),
+        "E01backup\nE01server\nE02client\n"
+    );
+}
+
+#[tokio::test]
+async fn scripts_get_argv_and_only_the_kubeha_environment() {
+    let f = fixture();
+    let out = f.out.path();
+    let path = script(
+        f.hooks.path(),
+        "E01env",
+        &format!(
+            "printf '%s\\n' \"$0\" \"$@\" > '{0}/argv'\nenv > '{0}/env'",
+            out.display()
+        ),
+        0o755,
+    );
+    let results = f
+        .runner
+        .run(
+            &dir_set(f.hooks.path()),
+            &ctx(Action::Enter),
+            Duration::from_secs(5),
+        )
+        .await;
+    assert_eq!(overall(&results), HookOutcome::Success, "{results:?}");
+
+    let argv = fs::read_to_string(out.join("argv")).expect("argv");
+    assert_eq!(argv, format!("{}\nenter\nmaster\n", path.display()));
+
+    let env: HashMap<String, String> = fs::read_to_string(out.join("env"))
+        .expect("env")
+        .lines()
+        .filter_map(|l| l.split_once('='))
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .collect();
+    let want = [
+        ("PATH", HOOK_PATH),
+        ("KUBEHA_TRANSITION", "takeover"),
+        ("KUBEHA_SERVICE", "shop/nfs"),
+        ("KUBEHA_CLUSTER", "prod"),
+        ("KUBEHA_NODE", "node-b"),
+        ("KUBEHA_PRIMARY_NODE", "node-a"),
+        ("KUBEHA_PEERS", "node-a,node-c"),
+        ("KUBEHA_VIPS", "198.18.0.10/24,2001:db8::10/64"),
+        ("KUBEHA_INTERFACE", "eth0"),
+        ("KUBEHA_EPOCH", "7"),
+        (
+            "KUBEHA_CONFIG_CHECKSUM",
+            "sha256:abc $(touch /tmp/kubeha-pwned) ;x",
+        ),
+    ];
+    for (k, v) in want {
+        assert_eq!(env.get(k).map(String::as_str), Some(v), "{k}");
+    }
+    // Only what the shell itself adds may appear besides ours.
+    for k in env.keys() {
+        assert!(
+            want.iter().any(|(w, _)| w == k)
+                || ["PWD", "OLDPWD", "SHLVL", "_"].contains(&k.as_str()),
+            "unexpected variable {k}"
+        );
+    }
+    assert!(
+        !Path::new("/tmp/kubeha-pwned").exists(),
+        "a value went through a shell"
+    );
+
+    // No transition: the variable is there, empty.
+    script(
+        f.hooks.path(),
+        "M01env",
+        &format!("env > '{}/menv'", out.display()),
+        0o755,
+    );
+    let results = f
+        .runner
+        .run(
+            &dir_set(f.hooks.path()),
+            &ctx(Action::Monitor),
+            Duration::from_secs(5),
+        )
+        .await;
+    assert_eq!(overall(&results), HookOutcome::Success, "{results:?}");
+    let menv = fs::read_to_string(out.join("menv")).expect("menv");
+    assert!(menv.lines().any(|l| l == "KUBEHA_TRANSITION="), "{menv}");
+}
+
+#[tokio::test]
+async fn log_has_header_and_output_and_is_rotated_at_the_cap() {
+    let mut f = fixture();
+    f.runner.log_cap_bytes = 300;
+    let body = "echo \"run-$KUBEHA_EPOCH $(printf 'x%.0s' $(seq 1 100))\"\necho to-stderr >&2";
+    let path = script(f.hooks.path(), "E01log", body, 0o755);
+    let s = Script {
+        path,
+        name: "E01log".into(),
+        action: Action::Enter,
+    };
+    let log = f.runner.log_path("shop/nfs", "E01log");
+    let old = log.with_file_name("E01log.log.1");
+    let mut c = ctx(Action::Enter);
+
+    c.epoch = 1;
+    let r1 = f.runner.run_script(&s, &c, Duration::from_secs(5)).await;
+    assert_eq!(r1.outcome, HookOutcome::Success, "{r1:?}");
+    let text = fs::read_to_string(&log).expect("log");
+    let header = text.lines().next().expect("header");
+    assert!(
+        header.contains(" enter master epoch=1 transition=takeover service=shop/nfs"),
+        "{header}"
+    );
+    assert!(text.contains("run-1 xxxx"), "{text}");
+    assert!(text.contains("to-stderr"), "{text}");
+    assert!(!old.exists());
+    assert_eq!(r1.output_tail.len(), 2, "{:?}", r1.output_tail);
+    assert!(r1.output_tail[0].starts_with("run-1 "));
+    assert_eq!(r1.output_tail[1], "to-stderr");
+
+    c.epoch = 2;
+    let r2 = f.runner.run_script(&s, &c, Duration::from_secs(5)).await;
+    assert_eq!(r2.outcome, HookOutcome::Success);
+    let text = fs::read_to_string(&log).expect("log");
+    let rotated = fs::read_to_string(&old).expect("rotated log");
+    assert!(text.contains("run-2") && !text.contains("run-1"), "{text}");
+    assert!(
+        rotated.contains("run-1") && !rotated.contains("run-2"),
+        "{rotated}"
+    );
+    // The tail is this run's output only.
+    assert!(r2.output_tail.iter().all(|l| !l.contains("run-1")));
+
+    c.epoch = 3;
+    f.runner.run_script(&s, &c, Duration::from_secs(5)).await;
+    let rotated = fs::read_to_string(&old).expect("rotated log");
+    assert!(
+        rotated.contains("run-2") && !rotated.contains("run-1"),
+        "one old file only"
+    );
+    assert!(fs::metadata(&log).expect("log").len() <= 300);
+}
+
+#[tokio::test]
+async fn tail_keeps_the_last_lines_and_at_most_the_schema_limit() {
+    let f = fixture();
+    let path = script(f.hooks.path(), "E01many", "seq 1 30", 0o755);
+    let s = Script {
+        path,
+        name: "E01many".into(),
+        action: Action::Enter,
+    };
+    let r = f
+        .runner
+        .run_script(&s, &ctx(Action::Enter), Duration::from_secs(5))
+        .await;
+    let want: Vec<String> = (21..=30).map(|n| n.to_string()).collect();
+    assert_eq!(r.output_tail, want);
+
+    let wide = f.runner.clone().with_tail_lines(100);
+    let r = wide
+        .run_script(&s, &ctx(Action::Enter), Duration::from_secs(5))
+        .await;
+    assert_eq!(r.output_tail.len(), MAX_TAIL_LINES);
+    assert_eq!(r.output_tail.last().map(String::as_str), Some("30"));
+}
+
+#[tokio::test]
+async fn exit_codes_map_onto_outcomes() {
+    let f = fixture();
+    let cases = [
+        (Action::Enter, 0, HookOutcome::Success),
+        (Action::Enter, 1, HookOutcome::IllegalCall),
+        (Action::Enter, 2, HookOutcome::ConfigError),
+        (Action::Enter, 3, HookOutcome::Failed),
+        (Action::Enter, 7, HookOutcome::Failed),
+        (Action::Leave, 42, HookOutcome::Failed),
+        (Action::Monitor, 0, HookOutcome::Success),
+        (Action::Monitor, 7, HookOutcome::NotRunning),
+        (Action::Monitor, 3, HookOutcome::Failed),
+        (Action::Monitor, 2, HookOutcome::ConfigError),
+    ];
+    for (action, code, want) in cases {
+        let name = format!("{}01exit{code}", action.prefix());
+        let path = script(f.hooks.path(), &name, &format!("exit {code}"), 0o755);
+        let s = Script { path, name, action };
+        let r = f
+            .runner
+            .run_script(&s, &ctx(action), Duration::from_secs(5))
+            .await;
+        assert_eq!(
+            (r.outcome, r.exit_code),
+            (want, Some(code)),
+            "{action} exit {code}"
+        );
+        assert_eq!(r.action, action.as_str());
+    }
+    let path = script(f.hooks.path(), "E01signal", "kill -KILL $$", 0o755);
+    let s = Script {
+        path,
+        name: "E01signal".into(),
+        action: Action::Enter,
+    };
+    let r = f
+        .runner
+        .run_script(&s, &ctx(Action::Enter), Duration::from_secs(5))
+        .await;
+    assert_eq!((r.outcome, r.exit_code), (HookOutcome::Failed, None));
+    assert!(r.output_tail.iter().any(|l| l.contains("SIGKILL")), "{r:?}");
+}
+
+#[tokio::test]
+async fn enter_stops_at_the_first_failure_and_leave_goes_on() {
+    let f = fixture();
+    let out = f.out.path();
+    for (name, code) in [
+        ("E01ok", 0),
+        ("E02bad", 3),
+        ("E03late", 0),
+        ("L01bad", 3),
+        ("L02late", 0),
+    ] {
+        script(
+            f.hooks.path(),
+            name,
+            &format!("touch '{}/{name}'\nexit {code}", out.display()),
+            0o755,
+        );
+    }
+    let set = dir_set(f.hooks.path());
+    let t = Duration::from_secs(5);
+    let enter = f.runner.run(&set, &ctx(Action::Enter), t).await;
+    assert_eq!(names(&enter), ["E01ok", "E02bad"]);
+    assert_eq!(overall(&enter), HookOutcome::Failed);
+    assert!(!out.join("E03late").exists(), "E03late must not run");
+
+    let leave = f.runner.run(&set, &ctx(Action::Leave), t).await;
+    assert_eq!(names(&leave), ["L01bad", "L02late"]);
+    assert_eq!(leave[1].outcome, HookOutcome::Success);
+    assert_eq!(overall(&leave), HookOutcome::Failed);
+    assert!(out.join("L02late").exists(), "L02late must run");
+}
+
+/// Runs a hanging script with a 1 s timeout; returns the result, how long
+/// it took, and the pid of the child it spawned.
+async fn run_hanging(f: &Fixture, name: &str, body: &str) -> (HookResult, Duration, i32) {
+    let pidfile = f.out.path().join(format!("{name}.child"));
+    let body = body.replace("PIDFILE", &pidfile.display().to_string());
+    let path = script(f.hooks.path(), name, &body, 0o755);
+    let s = Script {
+        path,
+        name: name.into(),
+        action: Action::Enter,
+    };
+    let started = Instant::now();
+    let r = f
+        .runner
+        .run_script(&s, &ctx(Action::Enter), Duration::from_secs(1))
+        .await;
+    (r, started.elapsed(), read_pid(&pidfile))
+}
+
+#[tokio::test]
+async fn timeout_kills_the_script_and_its_children() {
+    let f = fixture();
+    let (r, took, child) = run_hanging(
+        &f,
+        "E01hang",
+        "sleep 1000 &\necho $! > 'PIDFILE'\nsleep 1000\nwait",
+    )
+    .await;
+    assert_eq!(
+        (r.outcome, r.exit_code),
+        (HookOutcome::TimedOut, None),
+        "{r:?}"
+    );
+    assert!(took >= Duration::from_secs(1), "{took:?}");
+    assert!(took < Duration::from_millis(1000 + 2000 + 1500), "{took:?}");
+    assert!(dies(child).await, "child {child} survived");
+    assert!(
+        r.output_tail.iter().any(|l| l.contains("timed out")),
+        "{r:?}"
+    );
+    assert_eq!(f.runner.running(), 0);
+}
+
+#[tokio::test]
+async fn timeout_escalates_to_sigkill_when_sigterm_is_ignored() {
+    let f = fixture();
+    let (r, took, child) = run_hanging(
+        &f,
+        "E01deaf",
+        "trap '' TERM\nsleep 1000 &\necho $! > 'PIDFILE'\nsleep 1000\nwait",
+    )
+    .await;
+    assert_eq!(r.outcome, HookOutcome::TimedOut, "{r:?}");
+    // Default grace 2 s: SIGKILL only after it.
+    assert!(took >= Duration::from_millis(2900), "{took:?}");
+    assert!(took < Duration::from_millis(1000 + 2000 + 1500), "{took:?}");
+    assert!(dies(child).await, "child {child} survived");
+}
+
+#[tokio::test]
+async fn leftover_group_members_are_killed_when_the_script_exits_on_sigterm() {
+    let f = fixture();
+    let (r, took, child) = run_hanging(
+        &f,
+        "E01orphan",
+        "(trap '' TERM; exec sleep 1000) &\necho $! > 'PIDFILE'\nsleep 1000",
+    )
+    .await;
+    assert_eq!(r.outcome, HookOutcome::TimedOut, "{r:?}");
+    // The script died at SIGTERM: no need to wait for the whole grace.
+    assert!(took < Duration::from_millis(1000 + 1500), "{took:?}");
+    assert!(dies(child).await, "child {child} survived");
+}
+
+#[tokio::test]
+async fn unsafe_scripts_are_refused_and_never_run() {
+    let f = fixture();
+    let marker = f.out.path().join("ran");
+    let path = script(
+        f.hooks.path(),
+        "E01open",
+        &format!("touch '{}'", marker.display()),
+        0o775,
+    );
+    let results = f
+        .runner
+        .run(
+            &dir_set(f.hooks.path()),
+            &ctx(Action::Enter),
+            Duration::from_secs(5),
+        )
+        .await;
+    assert_eq!(results.len(), 1);
+    let r = &results[0];
+    assert_eq!((r.outcome, r.exit_code), (HookOutcome::Refused, None));
+    let reason = r.output_tail.join("\n");
+    assert!(reason.contains(&path.display().to_string()), "{reason}");
+    assert!(reason.contains("group-writable"), "{reason}");
+    assert!(reason.contains("chmod g-w,o-w"), "{reason}");
+    assert!(!marker.exists(), "a refused script ran");
+    let log = fs::read_to_string(f.runner.log_path("shop/nfs", "E01open")).expect("log");
+    assert!(log.contains("refused"), "{log}");
+}
+
+#[test]
+fn check_script_names_each_problem_and_its_fix() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    let good = script(d, "good", "true", 0o755);
+    check_script(&good).expect("a root-owned 0755 script is fine");
+
+    let err = |p: &Path| check_script(p).expect_err("refused").to_string();
+    let noexec = script(d, "noexec", "true", 0o644);
+    let e = err(&noexec);
+    assert!(
+        e.contains("not executable") && e.contains("chmod u+x"),
+        "{e}"
+    );
+
+    let world = script(d, "world", "true", 0o757);
+    let e = err(&world);
+    assert!(
+        e.contains("writable by others") && !e.contains("group"),
+        "{e}"
+    );
+
+    let both = script(d, "both", "true", 0o777);
+    assert!(err(&both).contains("group-writable and writable by others"));
+
+    let owned = script(d, "owned", "true", 0o755);
+    std::os::unix::fs::chown(&owned, Some(1000), None).expect("chown");
+    let e = err(&owned);
+    assert!(e.contains("uid 1000") && e.contains("chown root"), "{e}");
+
+    let link = d.join("link");
+    symlink(&good, &link).expect("symlink");
+    check_script(&link).expect("a symlink to a good script is fine");
+
+    let sub = d.join("sub");
+    fs::create_dir(&sub).expect("mkdir");
+    let to_dir = d.join("to-dir");
+    symlink(&sub, &to_dir).expect("symlink");
+    assert!(err(&to_dir).contains("directory"));
+
+    let dangling = d.join("dangling");
+    symlink(d.join("nowhere"), &dangling).expect("symlink");
+    assert!(matches!(
+        check_script(&dangling),
+        Err(HookError::NotFound { .. })
+    ));
+    assert!(matches!(
+        check_script(&d.join("absent")),
+        Err(HookError::NotFound { .. })
+    ));
+
+    // The directory holding the script must not be writable by others,
+    // unless it is sticky.
+    let inner = script(&sub, "inner", "true", 0o755);
+    fs::set_permissions(&sub, fs::Permissions::from_mode(0o777)).expect("chmod");
+    let e = err(&inner);
+    assert!(e.contains(&format!("directory {}", sub.display())), "{e}");
+    fs::set_permissions(&sub, fs::Permissions::from_mode(0o1777)).expect("chmod");
+    check_script(&inner).expect("sticky directory is fine");
+}
+
+#[tokio::test]
+async fn single_script_is_called_with_action_and_role() {
+    let f = fixture();
+    let calls = f.out.path().join("calls");
+    script(
+        f.hooks.path(),
+        "ha.sh",
+        &format!("echo \"$@\" >> '{}'", calls.display()),
+        0o755,
+    );
+    let set = HookSet {
+        dir: f.hooks.path().to_owned(),
+        layout: HookLayout::SingleScript("ha.sh".into()),
+    };
+    let mut leave = ctx(Action::Leave);
+    leave.role = Role::Vicemaster;
+    let r = f.runner.run(&set, &leave, Duration::from_secs(5)).await;
+    assert_eq!(names(&r), ["ha.sh"]);
+    assert_eq!(r[0].outcome, HookOutcome::Success);
+    let r = f
+        .runner
+        .run(&set, &ctx(Action::Monitor), Duration::from_secs(5))
+        .await;
+    assert_eq!(r[0].action, "monitor");
+    assert_eq!(
+        fs::read_to_string(&calls).expect("calls"),
+        "leave vicemaster\nmonitor master\n"
+    );
+
+    for bad in ["", "../ha.sh", "a/b", ".."] {
+        let set = HookSet {
+            dir: f.hooks.path().to_owned(),
+            layout: HookLayout::SingleScript(bad.into()),
+        };
+        assert!(matches!(
+            set.scripts(Action::Enter),
+            Err(HookError::InvalidScriptName { .. })
+        ));
+        let r = f
+            .runner
+            .run(&set, &ctx(Action::Enter), Duration::from_secs(5))
+            .await;
+        assert_eq!(r.len(), 1);
+        assert_eq!(r[0].outcome, HookOutcome::Refused);
+    }
+}
+
+#[tokio::test]
+async fn listing_and_start_failures_are_refusals() {
+    let f = fixture();
+    let missing = f.hooks.path().join("missing");
+    let r = f
+        .runner
+        .run(
+            &dir_set(&missing),
+            &ctx(Action::Enter),
+            Duration::from_secs(5),
+        )
+        .await;
+    assert_eq!(r.len(), 1);
+    assert_eq!(r[0].outcome, HookOutcome::Refused);
+    assert!(r[0].output_tail[0].contains(&missing.display().to_string()));
+
+    // No interpreter line: execve fails, nothing is run through a shell.
+    let path = f.hooks.path().join("E01noshebang");
+    fs::write(&path, "echo hi\n").expect("write");
+    fs::set_permissions(&path, fs::Permissions::from_mode(0o755)).expect("chmod");
+    let r = f
+        .runner
+        .run(
+            &dir_set(f.hooks.path()),
+            &ctx(Action::Enter),
+            Duration::from_secs(5),
+        )
+        .await;
+    assert_eq!(r[0].outcome, HookOutcome::Refused, "{r:?}");
+    assert!(r[0].output_tail[0].contains("could not start"), "{r:?}");
+    assert_eq!(f.runner.running(), 0);
+}
+
+async fn wait_running(runner: &HookRunner, n: usize) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while runner.running() < n && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn kill_all_fences_running_hooks_and_stops_the_run() {
+    let f = fixture();
+    let out = f.out.path();
+    script(
+        f.hooks.path(),
+        "L01hang",
+        &format!(
+            "sleep 1000 &\necho $! > '{}/child'\nsleep 1000",
+            out.display()
+        ),
+        0o755,
+    );
+    script(
+        f.hooks.path(),
+        "L02after",
+        &format!("touch '{}/after'", out.display()),
+        0o755,
+    );
+    let set = dir_set(f.hooks.path());
+    let started = Instant::now();
+    let leave = ctx(Action::Leave);
+    let (results, killed) =
+        tokio::join!(f.runner.run(&set, &leave, Duration::from_secs(30)), async {
+            wait_running(&f.runner, 1).await;
+            // Let the script get as far as writing its child's pid.
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            f.runner.clone().kill_all()
+        });
+    assert_eq!(killed, 1);
+    assert!(started.elapsed() < Duration::from_secs(5));
+    assert_eq!(names(&results), ["L01hang", "L02after"]);
+    assert_eq!(
+        (results[0].outcome, results[0].exit_code),
+        (HookOutcome::Failed, None)
+    );
+    assert_eq!(results[1].outcome, HookOutcome::Refused);
+    assert!(results[1].output_tail[0].contains("fenced"));
+    assert!(
+        !out.join("after").exists(),
+        "a script started after the fence"
+    );
+    assert!(dies(read_pid(&out.join("child"))).await);
+    assert_eq!(f.runner.running(), 0);
+    assert_eq!(f.runner.kill_all(), 0);
+
+    // A new run after the fence works again.
+    let r = f
+        .runner
+        .run(&set, &ctx(Action::Enter), Duration::from_secs(5))
+        .await;
+    assert!(r.is_empty());
+    let s = Script {
+        path: f.hooks.path().join("L02after"),
+        name: "L02after".into(),
+        action: Action::Leave,
+    };
+    let r = f
+        .runner
+        .run_script(&s, &ctx(Action::Leave), Duration::from_secs(5))
+        .await;
+    assert_eq!(r.outcome, HookOutcome::Success);
+}
+
+#[tokio::test]
+async fn dropping_a_run_kills_its_process_group() {
+    let f = fixture();
+    let pidfile = f.out.path().join("pid");
+    let path = script(
+        f.hooks.path(),
+        "E01slow",
+        &format!("echo $$ > '{}'\nsleep 1000", pidfile.display()),
+        0o755,
+    );
+    let s = Script {
+        path,
+        name: "E01slow".into(),
+        action: Action::Enter,
+    };
+    let c = ctx(Action::Enter);
+    let abandoned = tokio::time::timeout(
+        Duration::from_millis(500),
+        f.runner.run_script(&s, &c, Duration::from_secs(30)),
+    )
+    .await;
+    assert!(abandoned.is_err());
+    assert_eq!(f.runner.running(), 0);
+    let pid = read_pid(&pidfile);
+    assert!(dies(pid).await, "abandoned hook {pid} still runs");
+}
