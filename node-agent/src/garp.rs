@@ -386,7 +386,7 @@ pub fn still_answered(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::vip::netns_harness::{
+    use crate::netns_harness::{
         Failure, NetNs, TestResult, check, child_entry, ip_json, run, test_path,
     };
     use crate::vip::{Netlink, RtNetlink};

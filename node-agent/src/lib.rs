@@ -11,6 +11,8 @@ pub mod garp;
 pub mod heartbeat;
 pub mod hooks;
 pub mod metrics;
+#[cfg(test)]
+pub(crate) mod netns_harness;
 pub mod statefile;
 pub mod transitions;
 pub mod vip;

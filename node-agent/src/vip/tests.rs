@@ -1,0 +1,772 @@
+use super::*;
+use crate::netns_harness::{NetNs, TestResult, addr_entry, check, child_entry, ip_json, test_path};
+use std::collections::HashMap;
+use std::sync::Mutex;
+
+// ---- parsing -------------------------------------------------------
+
+#[test]
+fn parse_accepts_ipv4_and_ipv6_cidrs() {
+    let v4 = Vip::parse("198.18.0.100/24", None).unwrap();
+    assert_eq!(v4.addr, "198.18.0.100".parse::<IpAddr>().unwrap());
+    assert_eq!(v4.prefix_len, 24);
+    assert_eq!(v4.interface, None);
+    assert_eq!(v4.to_string(), "198.18.0.100/24");
+
+    let v6 = Vip::parse("2001:db8::100/64", Some("eth0")).unwrap();
+    assert_eq!(v6.addr, "2001:db8::100".parse::<IpAddr>().unwrap());
+    assert_eq!(v6.prefix_len, 64);
+    assert_eq!(v6.interface.as_deref(), Some("eth0"));
+    assert_eq!(v6.to_string(), "2001:db8::100/64");
+
+    assert_eq!(Vip::parse("198.18.0.100/32", None).unwrap().prefix_len, 32);
+    assert_eq!(Vip::parse("2001:db8::1/128", None).unwrap().prefix_len, 128);
+    // Display round-trips.
+    for s in ["198.18.0.100/24", "2001:db8::100/64", "10.0.0.1/0"] {
+        assert_eq!(Vip::parse(s, None).unwrap().to_string(), s);
+    }
+}
+
+#[test]
+fn parse_refuses_bad_input_without_panicking() {
+    let bad = [
+        "",
+        "/",
+        "198.18.0.100",
+        "198.18.0.100/",
+        "/24",
+        "abc/24",
+        "198.18.0.100/33",
+        "198.18.0.100/-1",
+        "198.18.0.100/+4",
+        "198.18.0.100/ 24",
+        "198.18.0.100/24/1",
+        "198.18.0.100/999999999999999999999",
+        "2001:db8::1/129",
+        " 198.18.0.100/24",
+        "0.0.0.0/0",
+        "::/0",
+        "127.0.0.1/8",
+        "::1/128",
+        "224.0.0.1/4",
+        "ff02::1/16",
+        "255.255.255.255/32",
+        "198.18.0.300/24",
+    ];
+    for input in bad {
+        match Vip::parse(input, None) {
+            Err(VipError::Parse { input: i, reason }) => {
+                assert_eq!(i, input);
+                assert!(!reason.is_empty());
+            }
+            other => panic!("{input:?} should be refused, got {other:?}"),
+        }
+    }
+}
+
+#[test]
+fn parse_refuses_bad_interface_names() {
+    for name in [
+        "",
+        ".",
+        "..",
+        "a/b",
+        "eth 0",
+        "eth0:1",
+        "sixteen-chars-xx",
+        "tab\t",
+    ] {
+        let err = Vip::parse("198.18.0.100/24", Some(name)).unwrap_err();
+        assert!(
+            err.to_string().contains("interface"),
+            "{name:?}: unexpected message {err}"
+        );
+    }
+    assert!(Vip::parse("198.18.0.100/24", Some("fifteen-chars-x")).is_ok());
+}
+
+#[test]
+fn subnet_contains_matches_prefixes() {
+    let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+    assert!(subnet_contains(ip("198.18.0.1"), 24, ip("198.18.0.200")));
+    assert!(!subnet_contains(ip("198.18.0.1"), 24, ip("198.18.1.1")));
+    assert!(subnet_contains(ip("198.18.0.1"), 0, ip("203.0.113.1")));
+    assert!(subnet_contains(ip("198.18.0.1"), 32, ip("198.18.0.1")));
+    assert!(!subnet_contains(ip("198.18.0.1"), 32, ip("198.18.0.2")));
+    assert!(subnet_contains(ip("2001:db8::1"), 64, ip("2001:db8::ffff")));
+    assert!(!subnet_contains(ip("2001:db8::1"), 64, ip("2001:db8:1::1")));
+    assert!(subnet_contains(ip("2001:db8::1"), 0, ip("2001:db9::1")));
+    assert!(subnet_contains(ip("2001:db8::1"), 128, ip("2001:db8::1")));
+    // Mixed families and impossible prefixes never match.
+    assert!(!subnet_contains(ip("198.18.0.1"), 0, ip("2001:db8::1")));
+    assert!(!subnet_contains(ip("198.18.0.1"), 33, ip("198.18.0.1")));
+    assert!(!subnet_contains(ip("2001:db8::1"), 129, ip("2001:db8::1")));
+}
+
+// ---- lifetimes -----------------------------------------------------
+
+#[test]
+fn lifetime_defaults_to_largest_whole_second_below_bound() {
+    let ms = Duration::from_millis;
+    let s = Duration::from_secs;
+    // The CRD defaults: D = 3 s, skew 500 ms.
+    assert_eq!(lifetime_secs(s(3), ms(500), None).unwrap(), 3);
+    // With 1 s skew the bound is 4 s.
+    assert_eq!(lifetime_secs(s(3), s(1), None).unwrap(), 3);
+    // Exact whole bound: strictly below it.
+    assert_eq!(lifetime_secs(s(3), s(0), None).unwrap(), 2);
+    assert_eq!(lifetime_secs(s(2), s(0), None).unwrap(), 1);
+    // Fractional bound: truncate.
+    assert_eq!(lifetime_secs(ms(2500), s(0), None).unwrap(), 2);
+    assert_eq!(lifetime_secs(s(1), ms(500), None).unwrap(), 1);
+    assert_eq!(lifetime_secs(s(1), ms(1), None).unwrap(), 1);
+    assert_eq!(lifetime_secs(s(300), s(10), None).unwrap(), 309);
+}
+
+#[test]
+fn lifetime_refuses_bounds_without_a_whole_second() {
+    let ms = Duration::from_millis;
+    let s = Duration::from_secs;
+    for (d, skew) in [
+        (s(1), s(0)),
+        (ms(999), ms(1)),
+        (s(0), s(0)),
+        (ms(500), ms(300)),
+    ] {
+        let err = lifetime_secs(d, skew, None).unwrap_err();
+        assert!(
+            matches!(err, VipError::InvalidLifetime(_)),
+            "{d:?}+{skew:?}: {err}"
+        );
+    }
+}
+
+#[test]
+fn lifetime_takes_configured_value_only_below_bound() {
+    let s = Duration::from_secs;
+    let ms = Duration::from_millis;
+    assert_eq!(lifetime_secs(s(3), s(1), Some(3)).unwrap(), 3);
+    assert_eq!(lifetime_secs(s(3), s(1), Some(1)).unwrap(), 1);
+    assert_eq!(lifetime_secs(s(1), ms(1), Some(1)).unwrap(), 1);
+    for (d, skew, c) in [
+        (s(3), s(1), 4),
+        (s(3), s(1), 5),
+        (s(1), s(0), 1),
+        (s(3), s(1), 0),
+    ] {
+        let err = lifetime_secs(d, skew, Some(c)).unwrap_err();
+        assert!(
+            matches!(err, VipError::InvalidLifetime(_)),
+            "{d:?}+{skew:?} configured {c}: {err}"
+        );
+    }
+    let msg = lifetime_secs(s(3), s(1), Some(4)).unwrap_err().to_string();
+    assert!(msg.contains("outlive the lease"), "{msg}");
+}
+
+#[test]
+fn lifetime_handles_overflow() {
+    assert!(lifetime_secs(Duration::MAX, Duration::from_secs(1), None).is_err());
+    assert!(lifetime_secs(Duration::from_secs(u64::MAX / 2), Duration::ZERO, None).is_err());
+    assert!(
+        lifetime_secs(
+            Duration::from_secs(u64::MAX / 2),
+            Duration::ZERO,
+            Some(u32::MAX)
+        )
+        .is_ok()
+    );
+}
+
+#[test]
+fn kernel_lifetime_is_finite_and_at_least_one_second() {
+    assert_eq!(kernel_lifetime(Duration::from_millis(2999)).unwrap(), 2);
+    assert_eq!(kernel_lifetime(Duration::from_secs(1)).unwrap(), 1);
+    assert!(kernel_lifetime(Duration::from_millis(999)).is_err());
+    assert!(kernel_lifetime(Duration::ZERO).is_err());
+    assert!(kernel_lifetime(Duration::from_secs(u64::from(u32::MAX))).is_err());
+    assert!(kernel_lifetime(Duration::MAX).is_err());
+}
+
+#[test]
+fn error_messages_name_the_fix() {
+    let vip = Vip::parse("203.0.113.5/24", None).unwrap();
+    let msg = VipError::NoInterface(vip.to_string()).to_string();
+    assert!(
+        msg.contains("203.0.113.5/24") && msg.contains("spec.vips[].interface"),
+        "{msg}"
+    );
+    let msg = VipError::InterfaceMissing("eth9".into()).to_string();
+    assert!(msg.contains("\"eth9\""), "{msg}");
+}
+
+#[test]
+fn rtnetlink_new_outside_a_runtime_is_an_error() {
+    assert!(matches!(RtNetlink::new(), Err(VipError::NoRuntime)));
+}
+
+// ---- the trait is usable with a fake --------------------------------
+
+/// An in-memory [`Netlink`]: what transition tests will use.
+#[derive(Default)]
+struct FakeNetlink {
+    /// (interface, address) -> (prefix length, valid lifetime in s).
+    addrs: Mutex<HashMap<(String, IpAddr), (u8, u64)>>,
+    interfaces: Vec<(String, IpAddr, u8)>,
+}
+
+impl Netlink for FakeNetlink {
+    async fn add_vip(&self, iface: &str, vip: &Vip, lft: Duration) -> Result<(), VipError> {
+        if !self.interfaces.iter().any(|(n, _, _)| n == iface) {
+            return Err(VipError::InterfaceMissing(iface.into()));
+        }
+        let secs = u64::from(kernel_lifetime(lft)?);
+        let mut addrs = self.addrs.lock().map_err(|_| VipError::NoRuntime)?;
+        addrs.insert((iface.into(), vip.addr), (vip.prefix_len, secs));
+        Ok(())
+    }
+    async fn del_vip(&self, iface: &str, vip: &Vip) -> Result<(), VipError> {
+        let mut addrs = self.addrs.lock().map_err(|_| VipError::NoRuntime)?;
+        addrs.remove(&(iface.to_string(), vip.addr));
+        Ok(())
+    }
+    async fn vip_present(&self, iface: &str, vip: &Vip) -> Result<bool, VipError> {
+        let addrs = self.addrs.lock().map_err(|_| VipError::NoRuntime)?;
+        Ok(addrs
+            .get(&(iface.to_string(), vip.addr))
+            .is_some_and(|(len, _)| *len == vip.prefix_len))
+    }
+    async fn interface_for(&self, vip: &Vip) -> Result<String, VipError> {
+        self.interfaces
+            .iter()
+            .find(|(_, ip, len)| subnet_contains(*ip, *len, vip.addr))
+            .map(|(n, _, _)| n.clone())
+            .ok_or_else(|| VipError::NoInterface(vip.to_string()))
+    }
+    async fn mac_of(&self, _iface: &str) -> Result<[u8; 6], VipError> {
+        Ok([0x02, 0, 0, 0, 0, 1])
+    }
+    async fn add_default_route(&self, _gateway: IpAddr) -> Result<(), VipError> {
+        Ok(())
+    }
+    async fn del_default_route(&self, _gateway: IpAddr) -> Result<(), VipError> {
+        Ok(())
+    }
+}
+
+/// A transition-like routine generic over the trait.
+async fn hold_all<N: Netlink>(nl: &N, vips: &[Vip], lft: Duration) -> Result<usize, VipError> {
+    for vip in vips {
+        let iface = nl.interface_for(vip).await?;
+        nl.add_vip(&iface, vip, lft).await?;
+    }
+    Ok(vips.len())
+}
+
+#[tokio::test]
+async fn netlink_trait_supports_fakes_and_spawned_tasks() {
+    let fake = std::sync::Arc::new(FakeNetlink {
+        interfaces: vec![("eth0".into(), "198.18.0.1".parse().unwrap(), 24)],
+        ..FakeNetlink::default()
+    });
+    let vips = vec![Vip::parse("198.18.0.100/24", None).unwrap()];
+    // The futures are Send: the routine runs on a spawned task.
+    let task = tokio::spawn({
+        let fake = fake.clone();
+        let vips = vips.clone();
+        async move { hold_all(fake.as_ref(), &vips, Duration::from_secs(3)).await }
+    });
+    assert_eq!(task.await.unwrap().unwrap(), 1);
+    assert!(fake.vip_present("eth0", &vips[0]).await.unwrap());
+    let uncovered = Vip::parse("203.0.113.5/24", None).unwrap();
+    assert!(matches!(
+        hold_all(fake.as_ref(), &[uncovered], Duration::from_secs(3)).await,
+        Err(VipError::NoInterface(_))
+    ));
+}
+
+// ---- real kernel, inside throwaway namespaces -------------------------
+
+/// Runs `case` of [`netns_child`] in a fresh namespace with the test links.
+fn kernel_case(case: &str) -> TestResult {
+    let ns = NetNs::with_lab_links(case)?;
+    ns.run_case(&test_path(module_path!(), "netns_child"), case)
+}
+
+#[test]
+fn kernel_add_vip_sets_and_extends_lifetime() -> TestResult {
+    kernel_case("add-extend")
+}
+
+#[test]
+fn kernel_del_vip_is_idempotent() -> TestResult {
+    kernel_case("del-idempotent")
+}
+
+#[test]
+fn kernel_interface_for_picks_the_subnet_interface() -> TestResult {
+    kernel_case("interface-for")
+}
+
+#[test]
+fn kernel_fence_expires_vips_by_themselves() -> TestResult {
+    kernel_case("kernel-fence")
+}
+
+#[test]
+fn kernel_mac_of_reads_the_link_address() -> TestResult {
+    kernel_case("mac-of")
+}
+
+#[test]
+fn kernel_default_route_add_and_del_are_idempotent() -> TestResult {
+    kernel_case("default-route")
+}
+
+#[test]
+fn kernel_address_reads_over_one_connection_never_collide() -> TestResult {
+    kernel_case("dump-under-churn")
+}
+
+/// Child side: does nothing unless started by [`NetNs::run_case`].
+/// Ignored in a normal run: it is an entry point, not a test of its own.
+#[test]
+#[ignore = "entry point of the namespace child process"]
+fn netns_child() {
+    child_entry(|case| async move {
+        match case.as_str() {
+            "add-extend" => case_add_extend().await,
+            "del-idempotent" => case_del_idempotent().await,
+            "interface-for" => case_interface_for().await,
+            "kernel-fence" => case_kernel_fence().await,
+            "mac-of" => case_mac_of().await,
+            "default-route" => case_default_route().await,
+            "dump-under-churn" => case_dump_under_churn().await,
+            other => Err(format!("unknown case {other}").into()),
+        }
+    });
+}
+
+fn lifetimes(entry: &serde_json::Value) -> (u64, u64) {
+    let get = |k: &str| entry.get(k).and_then(|v| v.as_u64()).unwrap_or(u64::MAX);
+    (get("valid_life_time"), get("preferred_life_time"))
+}
+
+/// The on-link routes of the base addresses on veth0 survive VIP removal.
+fn base_routes_intact() -> TestResult {
+    for (family, prefix) in [("-4", "198.18.0.0/24"), ("-6", "2001:db8::/64")] {
+        let routes = ip_json(&[family, "route", "show", prefix, "dev", "veth0"])?;
+        let n = routes.as_array().map_or(0, Vec::len);
+        check!(n == 1, "route {prefix} on veth0: {routes}");
+        check!(
+            routes.get(0).and_then(|r| r.get("expires")).is_none(),
+            "route {prefix} got an expiry from the VIP: {routes}"
+        );
+    }
+    Ok(())
+}
+
+fn flag(entry: &serde_json::Value, name: &str) -> bool {
+    entry.get(name).and_then(|v| v.as_bool()).unwrap_or(false)
+}
+
+async fn case_add_extend() -> TestResult {
+    let nl = RtNetlink::new()?;
+    for cidr in ["198.18.0.100/24", "2001:db8::100/64"] {
+        let vip = Vip::parse(cidr, None)?;
+        check!(
+            !nl.vip_present("veth0", &vip).await?,
+            "{vip} present before add"
+        );
+
+        nl.add_vip("veth0", &vip, Duration::from_secs(30)).await?;
+        let entry = addr_entry("veth0", vip.addr)?.ok_or(format!("{vip} not added"))?;
+        let (valid, preferred) = lifetimes(&entry);
+        check!(
+            (25..=30).contains(&valid),
+            "{vip}: valid_life_time {valid}, asked 30"
+        );
+        check!(
+            (25..=30).contains(&preferred),
+            "{vip}: preferred_life_time {preferred}"
+        );
+        check!(
+            entry.get("prefixlen").and_then(|p| p.as_u64()) == Some(u64::from(vip.prefix_len)),
+            "{vip}: wrong prefix in {entry}"
+        );
+        check!(
+            nl.vip_present("veth0", &vip).await?,
+            "vip_present false after add"
+        );
+        if vip.addr.is_ipv6() {
+            check!(
+                !flag(&entry, "tentative"),
+                "{vip} is tentative (DAD ran): {entry}"
+            );
+            check!(flag(&entry, "nodad"), "{vip} lacks nodad: {entry}");
+        }
+
+        // Renew: the address exists, the lifetime is replaced (extended).
+        nl.add_vip("veth0", &vip, Duration::from_secs(60)).await?;
+        let entry = addr_entry("veth0", vip.addr)?.ok_or(format!("{vip} vanished"))?;
+        let (valid, preferred) = lifetimes(&entry);
+        check!(
+            (55..=60).contains(&valid),
+            "{vip}: after renew valid {valid}, asked 60"
+        );
+        check!(
+            (55..=60).contains(&preferred),
+            "{vip}: after renew preferred {preferred}"
+        );
+        if vip.addr.is_ipv6() {
+            check!(!flag(&entry, "tentative"), "{vip} tentative after renew");
+        }
+
+        // The lifetime is set, not maxed: a shorter renewal shortens it.
+        nl.add_vip("veth0", &vip, Duration::from_secs(10)).await?;
+        let entry = addr_entry("veth0", vip.addr)?.ok_or(format!("{vip} vanished"))?;
+        let (valid, _) = lifetimes(&entry);
+        check!(valid <= 10, "{vip}: valid {valid} after asking 10");
+
+        // Exactly one copy of the address.
+        let count = ip_json(&["addr", "show", "dev", "veth0"])?
+            .to_string()
+            .matches(&format!("\"{}\"", vip.addr))
+            .count();
+        check!(count == 1, "{vip} appears {count} times");
+    }
+
+    let vip = Vip::parse("198.18.0.101/24", None)?;
+    let err = nl.add_vip("nosuch0", &vip, Duration::from_secs(5)).await;
+    check!(
+        matches!(&err, Err(VipError::InterfaceMissing(n)) if n == "nosuch0"),
+        "add on a missing interface: {err:?}"
+    );
+    let err = nl.add_vip("veth0", &vip, Duration::from_millis(500)).await;
+    check!(
+        matches!(err, Err(VipError::InvalidLifetime(_))),
+        "sub-second lifetime: {err:?}"
+    );
+    check!(
+        addr_entry("veth0", vip.addr)?.is_none(),
+        "{vip} added despite the error"
+    );
+    Ok(())
+}
+
+/// Twenty VIPs of each family come and go in bursts while ten tasks
+/// read the addresses over one connection (as when many services enter
+/// one node at once): every read succeeds, though the kernel refuses a
+/// second dump on a socket while one runs (EBUSY).
+async fn case_dump_under_churn() -> TestResult {
+    let nl = RtNetlink::new()?;
+    let churner = RtNetlink::new()?;
+    let vips: Vec<Vip> = (0..20)
+        .flat_map(|k| {
+            [
+                format!("198.18.0.{}/24", 150 + k),
+                format!("2001:db8::{:x}/64", 0x150 + k),
+            ]
+        })
+        .map(|c| Vip::parse(&c, None))
+        .collect::<Result<_, _>>()?;
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let churn = {
+        let stop = stop.clone();
+        let vips = vips.clone();
+        tokio::spawn(async move {
+            let mut rounds = 0u32;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                for vip in &vips {
+                    churner
+                        .add_vip("veth0", vip, Duration::from_secs(30))
+                        .await?;
+                }
+                for vip in &vips {
+                    churner.del_vip("veth0", vip).await?;
+                }
+                rounds += 1;
+                // Bursts, not a storm: a pause as between two handovers.
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            Ok::<u32, VipError>(rounds)
+        })
+    };
+    // Ten readers share one connection, as the tasks of ten services
+    // entering one node at once do.
+    let readers: Vec<_> = (0..10)
+        .map(|r| {
+            let nl = nl.clone();
+            let probe = vips[r].clone();
+            tokio::spawn(async move {
+                let mut failures = Vec::new();
+                for _ in 0..200 {
+                    if let Err(e) = nl.vip_present("veth0", &probe).await {
+                        failures.push(e.to_string());
+                    }
+                }
+                failures
+            })
+        })
+        .collect();
+    let mut failures = Vec::new();
+    for r in readers {
+        failures.extend(r.await.map_err(|e| e.to_string())?);
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let rounds = churn.await.map_err(|e| e.to_string())??;
+    check!(rounds > 0, "the churn never ran a round");
+    check!(
+        failures.is_empty(),
+        "{} of 2000 address reads failed during {rounds} rounds of churn, e.g. {}",
+        failures.len(),
+        failures[0]
+    );
+    Ok(())
+}
+
+async fn case_del_idempotent() -> TestResult {
+    let nl = RtNetlink::new()?;
+    for cidr in ["198.18.0.100/24", "2001:db8::100/64"] {
+        let vip = Vip::parse(cidr, None)?;
+        nl.add_vip("veth0", &vip, Duration::from_secs(30)).await?;
+        check!(addr_entry("veth0", vip.addr)?.is_some(), "{vip} not added");
+        nl.del_vip("veth0", &vip).await?;
+        check!(
+            addr_entry("veth0", vip.addr)?.is_none(),
+            "{vip} still there after del"
+        );
+        check!(
+            !nl.vip_present("veth0", &vip).await?,
+            "vip_present after del"
+        );
+        nl.del_vip("veth0", &vip).await?;
+        // Never added, and an interface that does not exist.
+        let other = Vip::parse(
+            if vip.addr.is_ipv4() {
+                "198.18.0.222/24"
+            } else {
+                "2001:db8::222/64"
+            },
+            None,
+        )?;
+        nl.del_vip("veth0", &other).await?;
+        nl.del_vip("nosuch0", &vip).await?;
+    }
+    base_routes_intact()?;
+    // The base addresses are untouched.
+    check!(
+        addr_entry("veth0", "198.18.0.1".parse().map_err(|_| "ip")?)?.is_some(),
+        "base v4 gone"
+    );
+    check!(
+        addr_entry("veth0", "2001:db8::1".parse().map_err(|_| "ip")?)?.is_some(),
+        "base v6 gone"
+    );
+    Ok(())
+}
+
+async fn case_interface_for() -> TestResult {
+    let nl = RtNetlink::new()?;
+    let expect = [
+        ("198.18.0.100/24", "veth0"),
+        ("2001:db8::100/64", "veth0"),
+        ("198.19.0.7/24", "dummy0"),
+        ("2001:db8:1::7/64", "dummy0"),
+    ];
+    for (cidr, want) in expect {
+        let got = nl.interface_for(&Vip::parse(cidr, None)?).await?;
+        check!(got == want, "{cidr}: got {got}, want {want}");
+    }
+    // A named interface wins over the subnet.
+    let named = Vip::parse("198.18.0.100/24", Some("dummy0"))?;
+    let got = nl.interface_for(&named).await?;
+    check!(got == "dummy0", "named interface: got {got}");
+    let missing = Vip::parse("198.18.0.100/24", Some("nosuch0"))?;
+    let err = nl.interface_for(&missing).await;
+    check!(
+        matches!(&err, Err(VipError::InterfaceMissing(n)) if n == "nosuch0"),
+        "missing named interface: {err:?}"
+    );
+
+    // Uncovered: a clear error naming the VIP and the fix.
+    let uncovered = Vip::parse("203.0.113.5/24", None)?;
+    match nl.interface_for(&uncovered).await {
+        Err(e @ VipError::NoInterface(_)) => {
+            let msg = e.to_string();
+            check!(
+                msg.contains("203.0.113.5/24") && msg.contains("spec.vips[].interface"),
+                "unclear message: {msg}"
+            );
+        }
+        other => return Err(format!("uncovered VIP: {other:?}").into()),
+    }
+    // A VIP does not cover itself: adding it somewhere changes nothing.
+    nl.add_vip("dummy0", &uncovered, Duration::from_secs(30))
+        .await?;
+    let err = nl.interface_for(&uncovered).await;
+    check!(
+        matches!(err, Err(VipError::NoInterface(_))),
+        "VIP covered itself: {err:?}"
+    );
+
+    // A VIP already held keeps resolving to the interface of its subnet.
+    let held = Vip::parse("198.18.0.100/24", None)?;
+    nl.add_vip("veth0", &held, Duration::from_secs(30)).await?;
+    let got = nl.interface_for(&held).await?;
+    check!(got == "veth0", "held VIP: got {got}");
+
+    // Longest prefix wins.
+    crate::netns_harness::run("ip", &["addr", "add", "198.18.0.129/25", "dev", "dummy0"])?;
+    let got = nl
+        .interface_for(&Vip::parse("198.18.0.200/24", None)?)
+        .await?;
+    check!(got == "dummy0", "longest prefix: got {got}");
+    let got = nl
+        .interface_for(&Vip::parse("198.18.0.20/24", None)?)
+        .await?;
+    check!(got == "veth0", "outside the /25: got {got}");
+    Ok(())
+}
+
+async fn case_kernel_fence() -> TestResult {
+    let nl = RtNetlink::new()?;
+    let vips = [
+        Vip::parse("198.18.0.100/24", None)?,
+        Vip::parse("2001:db8::100/64", None)?,
+    ];
+    let start = std::time::Instant::now();
+    for vip in &vips {
+        nl.add_vip("veth0", vip, Duration::from_secs(2)).await?;
+    }
+    let mut gone_at = [None, None];
+    while start.elapsed() < Duration::from_secs(6) && gone_at.iter().any(Option::is_none) {
+        for (i, vip) in vips.iter().enumerate() {
+            if gone_at[i].is_none() && !nl.vip_present("veth0", vip).await? {
+                gone_at[i] = Some(start.elapsed());
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    for (vip, gone) in vips.iter().zip(gone_at) {
+        let gone = gone.ok_or(format!("{vip} still present 6 s after a 2 s lifetime"))?;
+        println!("{vip}: expired by the kernel after {gone:?}");
+        check!(
+            gone >= Duration::from_millis(1500),
+            "{vip} vanished too early: {gone:?}"
+        );
+        check!(
+            gone <= Duration::from_millis(4000),
+            "{vip} outlived its lifetime: {gone:?}"
+        );
+        // An extension never brings an expired VIP back.
+        check!(
+            !nl.extend_vip("veth0", vip, Duration::from_secs(30)).await?,
+            "extending the expired {vip} reported it present"
+        );
+        check!(
+            !nl.vip_present("veth0", vip).await?,
+            "extending the expired {vip} added it back"
+        );
+        // A present one is extended.
+        nl.add_vip("veth0", vip, Duration::from_secs(2)).await?;
+        check!(
+            nl.extend_vip("veth0", vip, Duration::from_secs(30)).await?,
+            "extending the present {vip} reported it gone"
+        );
+        let entry = addr_entry("veth0", vip.addr)?.ok_or(format!("{vip} vanished"))?;
+        let (valid, _) = lifetimes(&entry);
+        check!(
+            (25..=30).contains(&valid),
+            "{vip}: valid {valid} after extending to 30"
+        );
+        nl.del_vip("veth0", vip).await?;
+    }
+    base_routes_intact()
+}
+
+async fn case_mac_of() -> TestResult {
+    let nl = RtNetlink::new()?;
+    let links = ip_json(&["link", "show", "dev", "veth0"])?;
+    let want = links
+        .get(0)
+        .and_then(|l| l.get("address"))
+        .and_then(|a| a.as_str())
+        .ok_or("no address in ip -j link")?
+        .to_string();
+    let mac = nl.mac_of("veth0").await?;
+    let got = mac
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":");
+    check!(got == want, "mac_of veth0 = {got}, ip says {want}");
+    let err = nl.mac_of("lo").await;
+    check!(matches!(err, Err(VipError::NoMac(_))), "mac_of lo: {err:?}");
+    let err = nl.mac_of("nosuch0").await;
+    check!(
+        matches!(err, Err(VipError::InterfaceMissing(_))),
+        "mac_of nosuch0: {err:?}"
+    );
+    Ok(())
+}
+
+async fn case_default_route() -> TestResult {
+    let nl = RtNetlink::new()?;
+    for (family, gw, other) in [
+        ("-4", "198.18.0.254", "198.18.0.253"),
+        ("-6", "2001:db8::fe", "2001:db8::fd"),
+    ] {
+        let gw: IpAddr = gw.parse().map_err(|_| "gateway")?;
+        let other: IpAddr = other.parse().map_err(|_| "gateway")?;
+        let gateways = || -> Result<Vec<String>, crate::netns_harness::Failure> {
+            Ok(ip_json(&[family, "route", "show", "default"])?
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|r| r.get("gateway").and_then(|g| g.as_str()).map(String::from))
+                .collect())
+        };
+        check!(
+            gateways()?.is_empty(),
+            "a default route exists before the test"
+        );
+        nl.add_default_route(gw).await?;
+        nl.add_default_route(gw).await?;
+        check!(
+            gateways()? == vec![gw.to_string()],
+            "after add: {:?}",
+            gateways()?
+        );
+        let err = nl.add_default_route(other).await;
+        check!(
+            matches!(&err, Err(VipError::DefaultRouteConflict { existing, .. }) if existing.contains(&gw.to_string())),
+            "conflicting default route: {err:?}"
+        );
+        // Deleting a default route via another gateway leaves ours alone.
+        nl.del_default_route(other).await?;
+        check!(
+            gateways()? == vec![gw.to_string()],
+            "del of other removed ours"
+        );
+        nl.del_default_route(gw).await?;
+        nl.del_default_route(gw).await?;
+        check!(gateways()?.is_empty(), "after del: {:?}", gateways()?);
+
+        // A default route the admin installed (protocol boot) via the same
+        // gateway is adopted by add and left alone by del.
+        let gw_s = gw.to_string();
+        let admin = [
+            family, "route", "add", "default", "via", &gw_s, "proto", "boot",
+        ];
+        crate::netns_harness::run("ip", &admin)?;
+        nl.add_default_route(gw).await?;
+        nl.del_default_route(gw).await?;
+        check!(
+            gateways()? == vec![gw_s.clone()],
+            "the admin's default route was removed"
+        );
+        crate::netns_harness::run("ip", &[family, "route", "del", "default", "via", &gw_s])?;
+    }
+    Ok(())
+}
