@@ -1,0 +1,260 @@
+use super::*;
+use k8s_openapi::api::coordination::v1::LeaseSpec;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+
+fn lease(holder: &str, epoch: i32, cleared: Option<i32>, standby: Option<&str>) -> Lease {
+    let mut annotations = std::collections::BTreeMap::new();
+    if let Some(e) = cleared {
+        annotations.insert(leases::ENTER_EPOCH_ANNOTATION.to_owned(), e.to_string());
+    }
+    if let Some(s) = standby {
+        annotations.insert(leases::STANDBY_ANNOTATION.to_owned(), s.to_owned());
+    }
+    Lease {
+        metadata: ObjectMeta {
+            annotations: Some(annotations),
+            ..Default::default()
+        },
+        spec: Some(LeaseSpec {
+            holder_identity: Some(holder.to_owned()),
+            lease_transitions: Some(epoch),
+            ..Default::default()
+        }),
+    }
+}
+
+const D: Option<Mode> = Some(Mode::Default);
+
+fn cluster(listed: &[(&str, Mode)], selector: Option<&[(&str, &str)]>) -> HACluster {
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
+    use kubeha_crds::cluster::{MemberNode, Members};
+    let mut c = HACluster::new(
+        "c",
+        serde_json::from_value(serde_json::json!({
+            "members": {"nodes": [{"name": "seed"}]},
+            "vipPool": ["198.18.0.96/28"],
+        }))
+        .unwrap(),
+    );
+    c.spec.members = Members {
+        nodes: listed
+            .iter()
+            .map(|(n, m)| MemberNode {
+                name: n.to_string(),
+                mode: *m,
+            })
+            .collect(),
+        selector: selector.map(|l| LabelSelector {
+            match_labels: Some(labels(l)),
+            match_expressions: None,
+        }),
+    };
+    c
+}
+
+fn labels(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+    pairs
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+#[test]
+fn listed_members_have_their_mode_whatever_the_labels() {
+    let c = cluster(
+        &[("node-1", Mode::Locked), ("node-2", Mode::Default)],
+        Some(&[("ha", "yes")]),
+    );
+    let no = labels(&[("ha", "no")]);
+    for (labels, known) in [(None, false), (None, true), (Some(&no), true)] {
+        assert_eq!(
+            membership(&c, "node-1", labels, known),
+            Membership::Member(Mode::Locked)
+        );
+    }
+    assert_eq!(
+        membership(&c, "node-2", None, false).mode(),
+        Some(Mode::Default)
+    );
+}
+
+#[test]
+fn selected_members_are_default_members() {
+    let c = cluster(&[("node-1", Mode::Locked)], Some(&[("ha", "yes")]));
+    let yes = labels(&[("ha", "yes"), ("zone", "a")]);
+    let no = labels(&[("zone", "a")]);
+    assert_eq!(
+        membership(&c, "node-3", Some(&yes), true),
+        Membership::Member(Mode::Default)
+    );
+    assert_eq!(
+        membership(&c, "node-3", Some(&no), true),
+        Membership::NotMember
+    );
+    // Node object gone (listed before): not a member.
+    assert_eq!(membership(&c, "node-3", None, true), Membership::NotMember);
+    // Node watch not listed yet: undecided, neither join nor leave.
+    assert_eq!(membership(&c, "node-3", None, false), Membership::Unknown);
+    assert_eq!(membership(&c, "node-3", None, false).mode(), None);
+    // A selector-only cluster.
+    let only = cluster(&[], Some(&[("ha", "yes")]));
+    assert_eq!(
+        membership(&only, "node-3", Some(&yes), true),
+        Membership::Member(Mode::Default)
+    );
+}
+
+#[test]
+fn without_a_selector_only_listed_nodes_are_members() {
+    let c = cluster(&[("node-1", Mode::Default)], None);
+    let any = labels(&[("ha", "yes")]);
+    assert_eq!(
+        membership(&c, "node-3", Some(&any), true),
+        Membership::NotMember
+    );
+    // Nothing to wait for: no selector.
+    assert_eq!(membership(&c, "node-3", None, false), Membership::NotMember);
+}
+
+#[test]
+fn selected_members_get_roles_from_the_lease() {
+    let c = cluster(&[], Some(&[("ha", "yes")]));
+    let yes = labels(&[("ha", "yes")]);
+    let mode = membership(&c, "node-3", Some(&yes), true).mode();
+    let l = lease("node-3", 2, Some(2), None);
+    assert_eq!(
+        assignment("node-3", Some(&l), mode),
+        Assignment {
+            role: Role::Master,
+            epoch: 2,
+            may_enter: true
+        }
+    );
+}
+
+#[test]
+fn an_older_epoch_is_never_entered_again() {
+    let m = |epoch| Assignment {
+        role: Role::Master,
+        epoch,
+        may_enter: true,
+    };
+    // Recorded 5 (entered or observed): a stale Lease at 4 is not entered.
+    let stale = not_older(m(4), Role::None, 5);
+    assert!(!stale.may_enter);
+    assert_eq!(plan(Role::None, stale, None), vec![]);
+    assert_eq!(
+        plan(Role::Vicemaster, not_older(m(4), Role::Vicemaster, 5), None),
+        vec![Step::LeaveVicemaster]
+    );
+    // The recorded epoch itself, or a later one, is.
+    assert_eq!(not_older(m(5), Role::None, 5), m(5));
+    assert_eq!(not_older(m(6), Role::None, 5), m(6));
+    // A running master is not made to leave by a stale view.
+    assert_eq!(
+        plan(Role::Master, not_older(m(4), Role::Master, 5), None),
+        vec![]
+    );
+    // Other roles pass through.
+    let vice = Assignment {
+        role: Role::Vicemaster,
+        epoch: 4,
+        may_enter: true,
+    };
+    assert_eq!(not_older(vice, Role::None, 5), vice);
+}
+
+#[test]
+fn lease_epoch_is_lease_transitions() {
+    assert_eq!(lease_epoch(&lease("a", 7, None, None)), Some(7));
+    assert_eq!(lease_epoch(&Lease::default()), None);
+}
+
+#[test]
+fn holder_is_master_once_cleared() {
+    let l = lease("node-1", 4, Some(4), Some("node-2"));
+    assert_eq!(
+        assignment("node-1", Some(&l), D),
+        Assignment {
+            role: Role::Master,
+            epoch: 4,
+            may_enter: true
+        }
+    );
+    assert_eq!(assignment("node-2", Some(&l), D).role, Role::Vicemaster);
+    assert_eq!(
+        assignment("node-3", Some(&l), D),
+        Assignment {
+            role: Role::None,
+            epoch: 4,
+            may_enter: false
+        }
+    );
+}
+
+#[test]
+fn holder_waits_for_clearance_of_its_own_epoch() {
+    let waiting = lease("node-2", 5, Some(4), None);
+    let a = assignment("node-2", Some(&waiting), D);
+    assert_eq!((a.role, a.may_enter), (Role::Master, false));
+    assert_eq!(plan(Role::None, a, None), vec![]);
+}
+
+#[test]
+fn modes_without_services_get_nothing() {
+    let l = lease("node-1", 1, Some(1), None);
+    for mode in [None, Some(Mode::Locked), Some(Mode::Peerdown)] {
+        assert_eq!(
+            assignment("node-1", Some(&l), mode),
+            Assignment::NONE,
+            "{mode:?}"
+        );
+    }
+    assert_eq!(
+        assignment("node-1", Some(&l), Some(Mode::Single)).role,
+        Role::Master
+    );
+    assert_eq!(assignment("node-1", None, D), Assignment::NONE);
+}
+
+#[test]
+fn leave_before_enter() {
+    let master = Assignment {
+        role: Role::Master,
+        epoch: 2,
+        may_enter: true,
+    };
+    let vice = Assignment {
+        role: Role::Vicemaster,
+        epoch: 2,
+        may_enter: true,
+    };
+    assert_eq!(
+        plan(Role::Vicemaster, master, None),
+        vec![Step::LeaveVicemaster, Step::EnterMaster]
+    );
+    assert_eq!(
+        plan(Role::Master, vice, None),
+        vec![Step::LeaveMaster, Step::EnterVicemaster]
+    );
+    assert_eq!(
+        plan(Role::Master, Assignment::NONE, None),
+        vec![Step::LeaveMaster]
+    );
+    assert_eq!(plan(Role::None, master, None), vec![Step::EnterMaster]);
+    assert_eq!(plan(Role::Master, master, None), vec![]);
+}
+
+#[test]
+fn a_failed_epoch_is_not_retried_but_a_new_one_is() {
+    let master = Assignment {
+        role: Role::Master,
+        epoch: 2,
+        may_enter: true,
+    };
+    assert_eq!(plan(Role::None, master, Some(2)), vec![]);
+    assert_eq!(
+        plan(Role::None, Assignment { epoch: 3, ..master }, Some(2)),
+        vec![Step::EnterMaster]
+    );
+}

@@ -1,0 +1,528 @@
+use super::*;
+use crate::heartbeat::Timing;
+
+fn beat(age_ms: u64, d_ms: u64, skew_ms: u64) -> (Beat, Instant) {
+    let now = Instant::now();
+    let timing = Timing {
+        lease_duration: Duration::from_millis(d_ms),
+        renew_interval: Duration::from_millis(d_ms / 3),
+        renew_deadline: Duration::from_millis(d_ms * 2 / 3),
+        clock_skew: Duration::from_millis(skew_ms),
+        vip_lifetime_seconds: None,
+    };
+    (
+        Beat {
+            renewed_under: None,
+            renew_time: None,
+            timing,
+            last_success: Some(now - Duration::from_millis(age_ms)),
+            failures: 0,
+        },
+        now,
+    )
+}
+
+#[test]
+fn lifetime_never_outlives_the_lease() {
+    // D 3 s + skew 0.5 s: a fresh renew allows 3 s; 1.2 s later only 2 s.
+    let (b, now) = beat(0, 3000, 500);
+    assert_eq!(
+        Node::<crate::vip::RtNetlink>::allowed_lifetime(&b, now),
+        Some(3)
+    );
+    let (b, now) = beat(1200, 3000, 500);
+    assert_eq!(
+        Node::<crate::vip::RtNetlink>::allowed_lifetime(&b, now),
+        Some(2)
+    );
+    // Too old: nothing may be added.
+    let (b, now) = beat(2600, 3000, 500);
+    assert_eq!(
+        Node::<crate::vip::RtNetlink>::allowed_lifetime(&b, now),
+        None
+    );
+    // Tight timing D = 1 s + 0.5 s skew: one second right after a renew.
+    let (b, now) = beat(100, 1000, 500);
+    assert_eq!(
+        Node::<crate::vip::RtNetlink>::allowed_lifetime(&b, now),
+        Some(1)
+    );
+}
+
+/// An in-memory [`Netlink`]: one interface `kh-fake0` holding
+/// 198.18.0.0/24 and no MAC address, so no GARP leaves the test.
+#[derive(Default)]
+struct FakeNetlink {
+    addrs: std::sync::Mutex<Vec<(String, IpAddr)>>,
+    /// Every removal fails (a kernel that refuses).
+    refuse_del: std::sync::atomic::AtomicBool,
+    /// How long a presence check takes after it looked (a slow netlink
+    /// round trip), in ms.
+    present_delay_ms: std::sync::atomic::AtomicU64,
+    /// How long an add waits before the kernel takes it (an agent
+    /// stopped in the call), in ms.
+    add_delay_ms: std::sync::atomic::AtomicU64,
+    /// Every lifetime set, in order.
+    lifetimes: std::sync::Mutex<Vec<Duration>>,
+}
+
+impl Netlink for FakeNetlink {
+    async fn add_vip(
+        &self,
+        iface: &str,
+        vip: &Vip,
+        lifetime: Duration,
+    ) -> Result<(), vip::VipError> {
+        let delay = self.add_delay_ms.load(Ordering::SeqCst);
+        tokio::time::sleep(Duration::from_millis(delay)).await;
+        self.lifetimes.lock().unwrap().push(lifetime);
+        // Create or replace, as the kernel does.
+        let mut addrs = self.addrs.lock().unwrap();
+        addrs.retain(|(i, a)| !(i == iface && *a == vip.addr));
+        addrs.push((iface.into(), vip.addr));
+        Ok(())
+    }
+    async fn del_vip(&self, iface: &str, vip: &Vip) -> Result<(), vip::VipError> {
+        if self.refuse_del.load(Ordering::SeqCst) {
+            return Err(vip::VipError::InterfaceMissing(iface.into()));
+        }
+        self.addrs
+            .lock()
+            .unwrap()
+            .retain(|(i, a)| !(i == iface && *a == vip.addr));
+        Ok(())
+    }
+    async fn vip_present(&self, iface: &str, vip: &Vip) -> Result<bool, vip::VipError> {
+        let present = self
+            .addrs
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|(i, a)| i == iface && *a == vip.addr);
+        let delay = self.present_delay_ms.load(Ordering::SeqCst);
+        tokio::time::sleep(Duration::from_millis(delay)).await;
+        Ok(present)
+    }
+    async fn interface_for(&self, vip: &Vip) -> Result<String, vip::VipError> {
+        match vip.addr {
+            IpAddr::V4(a) if a.octets()[..3] == [198, 18, 0] => Ok("kh-fake0".into()),
+            _ => Err(vip::VipError::NoInterface(vip.to_string())),
+        }
+    }
+    async fn mac_of(&self, iface: &str) -> Result<[u8; 6], vip::VipError> {
+        Err(vip::VipError::InterfaceMissing(iface.into()))
+    }
+    async fn add_default_route(&self, _: IpAddr) -> Result<(), vip::VipError> {
+        Ok(())
+    }
+    async fn del_default_route(&self, _: IpAddr) -> Result<(), vip::VipError> {
+        Ok(())
+    }
+}
+
+fn record(spec: &HAServiceSpec) -> ServiceRecord {
+    ServiceRecord::fresh("c", spec, "x".into(), None)
+}
+
+fn master(epoch: i64) -> Assignment {
+    Assignment {
+        role: Role::Master,
+        epoch,
+        may_enter: true,
+    }
+}
+
+/// A node `n1` with a fake netlink and hooks `svc/E01ok` (exit 0) and
+/// `svc/L01maybe` (exit 3 while the file `flag` exists), a service with
+/// one VIP and a cluster with a fresh heartbeat. The temporary folders
+/// live as long as the fixture.
+struct Fixture {
+    node: Node<FakeNetlink>,
+    spec: HAServiceSpec,
+    svc: ServiceView,
+    cluster: ClusterView,
+    flag: std::path::PathBuf,
+    _dirs: [tempfile::TempDir; 3],
+}
+
+fn fixture() -> Fixture {
+    use std::os::unix::fs::PermissionsExt;
+    let (hook_root, state, logs) = (
+        tempfile::tempdir().unwrap(),
+        tempfile::tempdir().unwrap(),
+        tempfile::tempdir().unwrap(),
+    );
+    let dir = hook_root.path().join("svc");
+    std::fs::create_dir(&dir).unwrap();
+    let flag = state.path().join("leave-fails");
+    for (name, body) in [
+        ("E01ok", "exit 0".to_owned()),
+        (
+            "L01maybe",
+            format!("[ -e {} ] && exit 3; exit 0", flag.display()),
+        ),
+    ] {
+        let path = dir.join(name);
+        std::fs::write(&path, format!("#!/bin/sh\n{body}\n")).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    let node = Node {
+        name: "n1".into(),
+        netlink: FakeNetlink::default(),
+        runner: HookRunner::new(logs.path()),
+        hook_root: hook_root.path().to_owned(),
+        state_dir: state.path().to_owned(),
+        metrics: Metrics::default(),
+        held: HeldVips::default(),
+    };
+    let spec: HAServiceSpec = serde_json::from_value(serde_json::json!({
+        "clusterRef": "c",
+        "vips": [{"address": "198.18.0.100/24"}],
+        "hooks": {"source": {"hostPath": "svc"}, "timeoutSeconds": 10},
+    }))
+    .unwrap();
+    let svc = ServiceView {
+        key: "ns/svc".into(),
+        spec: spec.clone(),
+        checksum: "x".into(),
+    };
+    let (b, _) = beat(0, 60_000, 500);
+    let cluster = ClusterView {
+        name: "c".into(),
+        members: vec!["n1".into()],
+        beat: Some(b),
+        fenced: Arc::default(),
+        config_maps_in_service_namespace: false,
+    };
+    Fixture {
+        node,
+        spec,
+        svc,
+        cluster,
+        flag,
+        _dirs: [hook_root, state, logs],
+    }
+}
+
+/// A fence cuts the leave short: the record is Failed and unclean and
+/// marked `fenced`, which makes the daemon run the leave again once in
+/// contact; that leave's success ends it all without an admin and
+/// without counting a failure.
+#[tokio::test]
+async fn a_fence_is_undone_by_the_next_clean_leave_and_counts_no_failure() {
+    let fx = fixture();
+    let (node, spec, svc, cluster) = (&fx.node, &fx.spec, &fx.svc, &fx.cluster);
+    let mut r = record(spec);
+    assert!(
+        node.step(Step::EnterMaster, &mut r, svc, cluster, master(2))
+            .await
+    );
+    node.drop_vips(&r.vips.clone(), r.interface.clone().as_deref())
+        .await;
+    node.fence_leave(&mut r, svc, cluster, Duration::ZERO).await;
+    assert_eq!((r.role, r.state), (Role::None, NodeServiceState::Failed));
+    assert_eq!(
+        (r.unclean_epoch, r.fenced, r.fail_count),
+        (Some(2), true, 0)
+    );
+    assert!(!r.observe_epoch(3), "a fenced record is not idle yet");
+
+    assert!(
+        node.step(Step::LeaveMaster, &mut r, svc, cluster, Assignment::NONE)
+            .await
+    );
+    assert_eq!(
+        (r.state, r.unclean_epoch, r.fenced),
+        (NodeServiceState::Stopped, None, false)
+    );
+    assert_eq!((r.acked_epoch, r.fail_count), (Some(2), 0));
+    assert!(r.observe_epoch(4), "idle again: later epochs are taken on");
+}
+
+/// Extension never adds a VIP back: one the kernel expired (renewals
+/// missed past its lifetime) gives the master role up as a fence does,
+/// while a present one is extended and the service runs on.
+#[tokio::test]
+async fn extension_never_re_adds_an_expired_vip_and_gives_the_role_up() {
+    let fx = fixture();
+    let (node, spec, svc, cluster) = (&fx.node, &fx.spec, &fx.svc, &fx.cluster);
+    let held = |node: &Node<FakeNetlink>| node.netlink.addrs.lock().unwrap().len();
+    let mut r = record(spec);
+    assert!(
+        node.step(Step::EnterMaster, &mut r, svc, cluster, master(3))
+            .await
+    );
+    assert_eq!(held(node), 1);
+    // Extended without the record (a transition may hold its lock).
+    node.extend(cluster).await;
+    assert_eq!(held(node), 1, "a present VIP is extended, once");
+    assert!(!node.give_up_if_expired(&mut r).await);
+    assert_eq!((r.role, r.state), (Role::Master, NodeServiceState::Running));
+
+    // The kernel expires it (the agent was stalled past its lifetime).
+    node.netlink.addrs.lock().unwrap().clear();
+    node.extend(cluster).await;
+    assert_eq!(held(node), 0, "an expired VIP was added back");
+    node.extend(cluster).await;
+    assert_eq!(held(node), 0, "an expired VIP was added back later");
+    assert!(node.give_up_if_expired(&mut r).await);
+    assert_eq!((r.role, r.state), (Role::None, NodeServiceState::Failed));
+    assert_eq!(
+        (r.unclean_epoch, r.failed_epoch, r.fenced, r.fail_count),
+        (Some(3), Some(3), true, 0)
+    );
+    assert!(r.vips.is_empty());
+
+    // Entered again and left: a released VIP is never extended.
+    assert!(
+        node.step(Step::EnterMaster, &mut r, svc, cluster, master(4))
+            .await
+    );
+    assert!(
+        node.step(Step::LeaveMaster, &mut r, svc, cluster, Assignment::NONE)
+            .await
+    );
+    node.extend(cluster).await;
+    assert_eq!(held(node), 0);
+    assert!(
+        !node.give_up_if_expired(&mut r).await,
+        "nothing held, nothing expired"
+    );
+}
+
+/// Chaos-found (seed 1, an API server stall past RD): a standby
+/// cleared as master by a clearance from before its return refused it,
+/// then left the standby role, and the leave's results replaced the
+/// refusal's marker: the operator never read "started nothing" and
+/// waited on it forever. The refusal stands, marker included.
+#[tokio::test]
+async fn leaving_the_standby_role_keeps_a_refusal_of_the_epoch_asked_for() {
+    let fx = fixture();
+    let (node, svc, cluster) = (&fx.node, &fx.svc, &fx.cluster);
+    let mut r = record(&fx.spec);
+    let standby = Assignment {
+        role: Role::Vicemaster,
+        epoch: 2,
+        may_enter: false,
+    };
+    assert!(
+        node.step(Step::EnterVicemaster, &mut r, svc, cluster, standby)
+            .await
+    );
+    // What the daemon records for Work::Refuse { epoch: 3 }.
+    r.state = NodeServiceState::Failed;
+    r.failed_epoch = Some(3);
+    r.last_hooks = vec![refused("cleared before this node came back")];
+    node.step(Step::LeaveVicemaster, &mut r, svc, cluster, master(3))
+        .await;
+    assert_eq!((r.role, r.state), (Role::None, NodeServiceState::Failed));
+    assert!(
+        !r.last_hooks.is_empty() && r.last_hooks.iter().all(|h| h.script == "-"),
+        "the refusal's marker was replaced: {:?}",
+        r.last_hooks
+    );
+    // Without a refusal the standby leaves as Stopped.
+    let mut r = record(&fx.spec);
+    node.step(Step::EnterVicemaster, &mut r, svc, cluster, standby)
+        .await;
+    node.step(Step::LeaveVicemaster, &mut r, svc, cluster, master(3))
+        .await;
+    assert_eq!((r.role, r.state), (Role::None, NodeServiceState::Stopped));
+}
+
+/// Hole found by reading (issue 8): an extension held up in flight (the
+/// agent stopped after it computed the lifetime, before the kernel
+/// took it) set a lifetime that ran past E. The lifetime is checked
+/// after the call and set again with what is allowed then.
+#[tokio::test]
+async fn a_lifetime_set_late_is_set_again_within_the_lease() {
+    let fx = fixture();
+    let (node, svc) = (&fx.node, &fx.svc);
+    let (b, _) = beat(0, 3_000, 500);
+    let cluster = ClusterView {
+        beat: Some(b),
+        ..fx.cluster.clone()
+    };
+    let mut r = record(&fx.spec);
+    assert!(
+        node.step(Step::EnterMaster, &mut r, svc, &cluster, master(2))
+            .await
+    );
+    let lifetimes = || node.netlink.lifetimes.lock().unwrap().clone();
+    assert_eq!(lifetimes(), [Duration::from_secs(3)], "E 3.5 s less 0.3 s");
+    // Stalled 400 ms in the next extension's call: 3 s from then would
+    // end 3.7 s after the renew.
+    node.netlink.add_delay_ms.store(400, Ordering::SeqCst);
+    node.extend(&cluster).await;
+    assert_eq!(
+        lifetimes()[1..],
+        [Duration::from_secs(3), Duration::from_secs(2)],
+        "set again with what was left"
+    );
+    assert_eq!(node.netlink.addrs.lock().unwrap().len(), 1);
+    assert!(!node.give_up_if_expired(&mut r).await);
+    // Stalled so long that nothing is left: removed, and the role given
+    // up as a fence does.
+    node.netlink.add_delay_ms.store(2_500, Ordering::SeqCst);
+    let (b, _) = beat(0, 3_000, 500);
+    let cluster = ClusterView {
+        beat: Some(b),
+        ..fx.cluster.clone()
+    };
+    node.extend(&cluster).await;
+    assert!(node.netlink.addrs.lock().unwrap().is_empty(), "still held");
+    assert!(node.give_up_if_expired(&mut r).await);
+}
+
+/// Chaos-found (CI, a Freeze cluster healed): an extension that had
+/// seen the VIP present re-added it after a leave removed it, so it
+/// stayed on the old node, unheld, for its whole lifetime while the
+/// next node took it. A removal now waits for the extension in flight
+/// and removes last.
+#[tokio::test]
+async fn an_extension_in_flight_never_re_adds_a_vip_a_leave_removed() {
+    let fx = fixture();
+    let node = Arc::new(fx.node);
+    let (svc, cluster) = (&fx.svc, &fx.cluster);
+    let mut r = record(&fx.spec);
+    assert!(
+        node.step(Step::EnterMaster, &mut r, svc, cluster, master(2))
+            .await
+    );
+    node.netlink.present_delay_ms.store(300, Ordering::SeqCst);
+    let extension = tokio::spawn({
+        let (node, cluster) = (node.clone(), cluster.clone());
+        async move { node.extend(&cluster).await }
+    });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(
+        node.step(Step::LeaveMaster, &mut r, svc, cluster, Assignment::NONE)
+            .await
+    );
+    extension.await.unwrap();
+    assert_eq!(
+        *node.netlink.addrs.lock().unwrap(),
+        [],
+        "the VIP is back on the node after its leave"
+    );
+}
+
+/// A re-adoption whose VIPs cannot be held again gives the role up as a
+/// fence does, rather than report Running with no VIP.
+#[tokio::test]
+async fn a_failed_re_adoption_gives_the_role_up() {
+    let fx = fixture();
+    let (node, spec, cluster) = (&fx.node, &fx.spec, &fx.cluster);
+    let mut r = record(spec);
+    r.role = Role::Master;
+    r.state = NodeServiceState::Running;
+    r.epoch = 6;
+    r.spec.vips[0].address = "203.0.113.5/24".into();
+    r.vips = vec!["203.0.113.5/24".into()];
+    assert!(!node.adopt(&mut r, cluster).await);
+    assert_eq!((r.role, r.state), (Role::None, NodeServiceState::Failed));
+    assert_eq!((r.unclean_epoch, r.fenced), (Some(6), true));
+
+    let mut ok = record(spec);
+    ok.role = Role::Master;
+    ok.state = NodeServiceState::Running;
+    assert!(node.adopt(&mut ok, cluster).await);
+    assert_eq!(
+        (ok.role, ok.state),
+        (Role::Master, NodeServiceState::Running)
+    );
+}
+
+/// A failed leave (or a refused enter) marks the record unclean, so it
+/// does not take on later epochs it observes (which the operator would
+/// read as "moved on"); a later clean leave clears the mark.
+#[tokio::test]
+async fn an_unclean_leave_keeps_the_record_from_moving_on() {
+    let fx = fixture();
+    let (node, spec, svc, cluster, flag) = (&fx.node, &fx.spec, &fx.svc, &fx.cluster, &fx.flag);
+    let mut r = record(spec);
+
+    assert!(
+        node.step(Step::EnterMaster, &mut r, svc, cluster, master(1))
+            .await
+    );
+    assert_eq!((r.role, r.state), (Role::Master, NodeServiceState::Running));
+    std::fs::write(flag, "").unwrap();
+    assert!(
+        !node
+            .step(Step::LeaveMaster, &mut r, svc, cluster, Assignment::NONE)
+            .await
+    );
+    assert_eq!((r.role, r.state), (Role::None, NodeServiceState::Failed));
+    assert_eq!((r.acked_epoch, r.unclean_epoch), (None, Some(1)));
+    assert!(!r.observe_epoch(2), "a failed leave must not look moved on");
+    assert_eq!(r.epoch, 1);
+
+    // Scripts fine but a VIP the kernel would not remove: unclean too,
+    // no acknowledgement.
+    std::fs::remove_file(flag).unwrap();
+    let mut stuck = record(spec);
+    assert!(
+        node.step(Step::EnterMaster, &mut stuck, svc, cluster, master(2))
+            .await
+    );
+    node.netlink.refuse_del.store(true, Ordering::SeqCst);
+    assert!(
+        !node
+            .step(
+                Step::LeaveMaster,
+                &mut stuck,
+                svc,
+                cluster,
+                Assignment::NONE
+            )
+            .await,
+        "a leave that could not remove its VIP failed"
+    );
+    assert_eq!(
+        (stuck.state, stuck.acked_epoch, stuck.unclean_epoch),
+        (NodeServiceState::Failed, None, Some(2))
+    );
+    node.netlink.refuse_del.store(false, Ordering::SeqCst);
+    assert!(
+        node.step(
+            Step::LeaveMaster,
+            &mut stuck,
+            svc,
+            cluster,
+            Assignment::NONE
+        )
+        .await
+    );
+
+    // Cleared there again, left cleanly: clean, and idle epochs count.
+    assert!(
+        node.step(Step::EnterMaster, &mut r, svc, cluster, master(3))
+            .await
+    );
+    assert!(
+        node.step(Step::LeaveMaster, &mut r, svc, cluster, Assignment::NONE)
+            .await
+    );
+    assert_eq!((r.acked_epoch, r.unclean_epoch), (Some(3), None));
+    assert!(r.observe_epoch(4));
+    assert_eq!(r.epoch, 4);
+
+    // A refused enter (no interface holds the VIP) is unclean too.
+    let mut refused_spec = spec.clone();
+    refused_spec.vips[0].address = "203.0.113.5/24".into();
+    let refused = ServiceView {
+        spec: refused_spec,
+        ..svc.clone()
+    };
+    assert!(
+        !node
+            .step(Step::EnterMaster, &mut r, &refused, cluster, master(5))
+            .await
+    );
+    assert_eq!(
+        (r.state, r.unclean_epoch),
+        (NodeServiceState::Failed, Some(5))
+    );
+    assert!(!r.observe_epoch(6));
+}

@@ -1,0 +1,612 @@
+use super::*;
+use kubeha_crds::Mode;
+use kubeha_crds::cluster::{Failback, HeartbeatState, Placement};
+use kubeha_crds::service::{Garp, HookOutcome, HookResult, Role, Vip};
+
+use crate::placement::NodeView;
+
+const HOUR: Duration = Duration::from_secs(3600);
+
+fn cluster(nodes: &[(&str, HeartbeatState)]) -> ClusterView {
+    ClusterView {
+        members: nodes
+            .iter()
+            .map(|(n, hb)| NodeView {
+                name: n.to_string(),
+                mode: Mode::Default,
+                heartbeat: *hb,
+                cordoned: false,
+                eligible_for: HOUR,
+            })
+            .collect(),
+        placement: Placement::Alphabetical,
+        failback: Failback::default(),
+        startup_grace: Duration::from_secs(30),
+        since_start: HOUR,
+    }
+}
+
+fn spec() -> HAServiceSpec {
+    HAServiceSpec {
+        cluster_ref: "c".into(),
+        vips: vec![
+            Vip {
+                address: "198.18.0.100/24".into(),
+                interface: None,
+            },
+            Vip {
+                address: "2001:db8::100/64".into(),
+                interface: None,
+            },
+        ],
+        default_route: None,
+        hooks: None,
+        preferred_nodes: vec![],
+        failback: None,
+        migration_threshold: 1,
+        failure_timeout_seconds: 0,
+        garp: Garp::default(),
+    }
+}
+
+fn entry(
+    node: &str,
+    role: Role,
+    state: NodeServiceState,
+    epoch: i64,
+    acked: Option<i64>,
+) -> ServiceNodeStatus {
+    ServiceNodeStatus {
+        node: node.into(),
+        role,
+        state,
+        epoch: Some(epoch),
+        acked_epoch: acked,
+        fail_count: 0,
+        last_failure_time: None,
+        hooks: vec![],
+    }
+}
+
+fn status(entries: Vec<ServiceNodeStatus>) -> HAServiceStatus {
+    HAServiceStatus {
+        nodes: entries,
+        ..Default::default()
+    }
+}
+
+fn cond<'a>(p: &'a Plan, t: &str) -> &'a Cond {
+    p.status.conditions.iter().find(|c| c.type_ == t).unwrap()
+}
+
+struct Case {
+    spec: HAServiceSpec,
+    cluster: ClusterView,
+    lease: Option<LeaseState>,
+    status: Option<HAServiceStatus>,
+    fences: BTreeMap<String, Fence>,
+    refusal: Option<Refusal>,
+    deleting: bool,
+    failures: BTreeMap<String, Failures>,
+    move_to: Option<String>,
+}
+
+impl Case {
+    fn new(nodes: &[(&str, HeartbeatState)]) -> Self {
+        Self {
+            spec: spec(),
+            cluster: cluster(nodes),
+            lease: None,
+            status: None,
+            fences: nodes
+                .iter()
+                .map(|(n, hb)| {
+                    let f = if matches!(hb, HeartbeatState::Lost | HeartbeatState::Fenced) {
+                        Fence::Heartbeat
+                    } else {
+                        Fence::None
+                    };
+                    (n.to_string(), f)
+                })
+                .collect(),
+            refusal: None,
+            deleting: false,
+            failures: BTreeMap::new(),
+            move_to: None,
+        }
+    }
+    fn plan(&self) -> Plan {
+        plan(&Facts {
+            key: "ns/svc",
+            generation: Some(1),
+            spec: &self.spec,
+            status: self.status.as_ref(),
+            refusal: self.refusal.clone(),
+            deleting: self.deleting,
+            cluster: &self.cluster,
+            lease: self.lease.as_ref(),
+            fences: &self.fences,
+            failures: self.failures.clone(),
+            started_nothing: &BTreeSet::new(),
+            move_to: self.move_to.as_deref(),
+        })
+    }
+}
+
+fn cleared(holder: &str, epoch: i64) -> LeaseState {
+    LeaseState {
+        holder: Some(holder.into()),
+        epoch,
+        standby: None,
+        enter_epoch: Some(epoch),
+        cleared_node: Some(holder.into()),
+    }
+}
+
+use HeartbeatState::*;
+
+#[test]
+fn first_placement_starts_on_the_first_node() {
+    let p = Case::new(&[("a", Alive), ("b", Alive)]).plan();
+    assert!(p.handover.write && p.handover.cleared_now);
+    assert_eq!(p.status.phase, Phase::Starting);
+    assert_eq!(p.status.active_node.as_deref(), Some("a"));
+    assert_eq!(p.status.standby_node.as_deref(), Some("b"));
+    assert_eq!(p.status.epoch, Some(1));
+    assert_eq!(p.status.vips, "198.18.0.100/24,2001:db8::100/64");
+    assert!(cond(&p, RECONCILING).status);
+    assert!(!cond(&p, READY).status);
+}
+
+#[test]
+fn running_holder_is_active_and_ready() {
+    let mut c = Case::new(&[("a", Alive), ("b", Alive)]);
+    c.lease = Some(LeaseState {
+        standby: Some("b".into()),
+        ..cleared("a", 1)
+    });
+    c.status = Some(status(vec![entry(
+        "a",
+        Role::Master,
+        NodeServiceState::Running,
+        1,
+        None,
+    )]));
+    let p = c.plan();
+    assert!(!p.handover.write);
+    assert_eq!(p.status.phase, Phase::Active);
+    assert!(cond(&p, READY).status);
+    assert!(!cond(&p, DEGRADED).status);
+    assert!(!cond(&p, RECONCILING).status);
+    assert!(!cond(&p, STALLED).status);
+}
+
+#[test]
+fn failover_waits_for_the_lost_master_then_clears() {
+    let mut c = Case::new(&[("a", Lost), ("b", Alive)]);
+    c.lease = Some(cleared("a", 1));
+    c.status = Some(status(vec![entry(
+        "a",
+        Role::Master,
+        NodeServiceState::Running,
+        1,
+        None,
+    )]));
+    let p = c.plan();
+    assert_eq!(p.decision.as_ref().unwrap().reason, Reason::Failover);
+    assert_eq!(p.handover.lease.holder.as_deref(), Some("b"));
+    assert!(p.handover.cleared_now, "a is Lost: fenced");
+    assert_eq!(p.handover.relies_on_heartbeat, vec!["a".to_owned()]);
+    assert_eq!(p.status.phase, Phase::Starting);
+    assert!(cond(&p, DEGRADED).status, "no standby left");
+}
+
+#[test]
+fn failed_monitor_moves_after_the_ack() {
+    let mut c = Case::new(&[("a", Alive), ("b", Alive)]);
+    c.lease = Some(cleared("a", 1));
+    let mut failed = entry("a", Role::None, NodeServiceState::Failed, 1, Some(1));
+    failed.fail_count = 1;
+    c.status = Some(status(vec![failed.clone()]));
+    let mut p_facts = Case::new(&[("a", Alive), ("b", Alive)]);
+    p_facts.lease = c.lease.clone();
+    p_facts.status = c.status.clone();
+    let failures = BTreeMap::from([(
+        "a".to_owned(),
+        Failures {
+            count: 1,
+            last_failure_ago: Duration::from_secs(1),
+        },
+    )]);
+    let p = plan(&Facts {
+        key: "ns/svc",
+        generation: Some(1),
+        spec: &c.spec,
+        status: c.status.as_ref(),
+        refusal: None,
+        deleting: false,
+        cluster: &c.cluster,
+        lease: c.lease.as_ref(),
+        fences: &c.fences,
+        failures,
+        started_nothing: &BTreeSet::new(),
+        move_to: None,
+    });
+    assert_eq!(p.handover.lease.holder.as_deref(), Some("b"));
+    assert!(p.handover.cleared_now, "a acknowledged epoch 1");
+    assert!(cond(&p, DEGRADED).status);
+    assert_eq!(cond(&p, DEGRADED).reason, "NodeFailed");
+}
+
+#[test]
+fn failed_leave_waits_for_the_fence() {
+    let mut c = Case::new(&[("a", Alive), ("b", Alive)]);
+    c.lease = Some(cleared("a", 1));
+    let mut failed = entry("a", Role::None, NodeServiceState::Failed, 1, None);
+    failed.fail_count = 1;
+    c.status = Some(status(vec![failed]));
+    c.spec.migration_threshold = 5;
+    let p = c.plan();
+    // a is still eligible (threshold 5) and still the master: it stays.
+    assert_eq!(p.handover.lease.holder.as_deref(), Some("a"));
+    // Once a is not eligible (cordoned), nobody may take it before the fence.
+    c.cluster.members[0].cordoned = true;
+    let p = c.plan();
+    assert_eq!(p.decision.as_ref().unwrap().reason, Reason::WaitingForFence);
+    assert_eq!(p.handover.lease.holder, None);
+    assert_eq!(p.status.phase, Phase::Stopping);
+    assert_eq!(cond(&p, DEGRADED).reason, "WaitingForFence");
+    // a's heartbeat Lost: the service moves to b at once.
+    c.cluster.members[0].heartbeat = Lost;
+    c.fences.insert("a".into(), Fence::Heartbeat);
+    let p = c.plan();
+    assert_eq!(p.handover.lease.holder.as_deref(), Some("b"));
+    assert!(p.handover.cleared_now);
+}
+
+#[test]
+fn refused_services_are_stopped_and_stalled() {
+    let mut c = Case::new(&[("a", Alive)]);
+    c.lease = Some(cleared("a", 2));
+    c.status = Some(status(vec![entry(
+        "a",
+        Role::Master,
+        NodeServiceState::Running,
+        2,
+        None,
+    )]));
+    c.refusal = Some(Refusal {
+        reason: "InvalidSpec",
+        message: "spec.vips: outside the pool".into(),
+    });
+    let p = c.plan();
+    assert_eq!(p.handover.lease.holder, None);
+    assert_eq!(p.handover.lease.epoch, 3);
+    assert_eq!(p.status.phase, Phase::Stopping);
+    assert!(cond(&p, STALLED).status);
+    assert_eq!(cond(&p, STALLED).reason, "InvalidSpec");
+    assert!(!p.stopped());
+    // After the ack: Pending, stopped.
+    c.lease = Some(p.handover.lease.clone());
+    c.status = Some(status(vec![entry(
+        "a",
+        Role::None,
+        NodeServiceState::Stopped,
+        2,
+        Some(2),
+    )]));
+    let p = c.plan();
+    assert!(!p.handover.write);
+    assert_eq!(p.status.phase, Phase::Pending);
+    assert!(p.stopped());
+    // A refused service that never ran writes no Lease.
+    let mut c = Case::new(&[("a", Alive)]);
+    c.refusal = Some(Refusal {
+        reason: "ClusterNotFound",
+        message: "no HACluster c".into(),
+    });
+    let p = c.plan();
+    assert!(!p.handover.write);
+    assert_eq!(p.status.epoch, None);
+}
+
+#[test]
+fn deleting_stops_then_releases() {
+    let mut c = Case::new(&[("a", Alive)]);
+    c.lease = Some(cleared("a", 1));
+    c.deleting = true;
+    let p = c.plan();
+    assert_eq!(p.handover.lease.holder, None);
+    assert!(!p.stopped());
+    c.lease = Some(p.handover.lease);
+    c.fences.insert("a".into(), Fence::Heartbeat);
+    assert!(c.plan().stopped(), "Lost counts as left");
+}
+
+#[test]
+fn all_failed_is_errored_and_stalled() {
+    let c = Case::new(&[("a", Alive)]);
+    let failures = BTreeMap::from([(
+        "a".to_owned(),
+        Failures {
+            count: 1,
+            last_failure_ago: Duration::ZERO,
+        },
+    )]);
+    let p = plan(&Facts {
+        key: "ns/svc",
+        generation: Some(1),
+        spec: &c.spec,
+        status: None,
+        refusal: None,
+        deleting: false,
+        cluster: &c.cluster,
+        lease: None,
+        fences: &c.fences,
+        failures,
+        started_nothing: &BTreeSet::new(),
+        move_to: None,
+    });
+    assert_eq!(p.status.phase, Phase::Errored);
+    assert_eq!(cond(&p, STALLED).reason, "AllFailed");
+}
+
+#[test]
+fn a_refused_enter_moves_once_its_vips_expired() {
+    let mut c = Case::new(&[("a", Alive), ("b", Alive)]);
+    c.lease = Some(cleared("a", 1));
+    let mut e = entry("a", Role::None, NodeServiceState::Failed, 1, None);
+    e.fail_count = 1;
+    e.hooks = vec![HookResult {
+        script: "-".into(),
+        action: "enter".into(),
+        exit_code: None,
+        outcome: HookOutcome::Refused,
+        duration_ms: 0,
+        finished_at: None,
+        output_tail: vec!["no interface holds 198.18.0.100/24".into()],
+    }];
+    assert!(refused_before_start(&e));
+    c.status = Some(status(vec![e]));
+    let failures = BTreeMap::from([(
+        "a".to_owned(),
+        Failures {
+            count: 1,
+            last_failure_ago: Duration::ZERO,
+        },
+    )]);
+    let run = |started: &BTreeSet<String>| {
+        plan(&Facts {
+            key: "ns/svc",
+            generation: Some(1),
+            spec: &c.spec,
+            status: c.status.as_ref(),
+            refusal: None,
+            deleting: false,
+            cluster: &c.cluster,
+            lease: c.lease.as_ref(),
+            fences: &c.fences,
+            failures: failures.clone(),
+            started_nothing: started,
+            move_to: None,
+        })
+    };
+    let p = run(&BTreeSet::new());
+    assert_eq!(p.decision.unwrap().reason, Reason::WaitingForFence);
+    let p = run(&BTreeSet::from(["a".to_owned()]));
+    assert_eq!(p.handover.lease.holder.as_deref(), Some("b"));
+    assert!(p.handover.cleared_now);
+}
+
+fn running(node: &str, epoch: i64) -> ServiceNodeStatus {
+    entry(node, Role::Master, NodeServiceState::Running, epoch, None)
+}
+
+fn moved(p: &Plan) -> Option<&Cond> {
+    p.status.conditions.iter().find(|c| c.type_ == MOVED)
+}
+
+#[test]
+fn move_under_failback_never_hands_over_without_two_holders() {
+    let mut c = Case::new(&[("a", Alive), ("b", Alive)]);
+    assert_eq!(c.cluster.failback.policy, FailbackPolicy::Never);
+    c.lease = Some(LeaseState {
+        standby: Some("b".into()),
+        ..cleared("a", 1)
+    });
+    c.status = Some(status(vec![running("a", 1)]));
+    // Without a request a stays (a is first anyway, failback Never).
+    let p = c.plan();
+    assert!(!p.handover.write);
+    assert!(moved(&p).is_none(), "no request, no Moved condition");
+
+    c.move_to = Some("b".into());
+    let p = c.plan();
+    let d = p.decision.as_ref().unwrap();
+    assert_eq!(
+        (d.master.as_deref(), d.reason),
+        (Some("b"), Reason::Failback)
+    );
+    assert_eq!(d.standby.as_deref(), Some("a"));
+    assert!(p.handover.write && p.handover.holder_changed);
+    assert_eq!(p.handover.lease.holder.as_deref(), Some("b"));
+    assert_eq!(p.handover.lease.epoch, 2);
+    assert!(!p.handover.cleared_now, "b waits until a left epoch 1");
+    assert!(!p.handover.lease.holder_may_enter());
+    assert_eq!(
+        p.handover.progress,
+        Progress::Waiting {
+            nodes: vec!["a".into()],
+            epoch: 1
+        }
+    );
+    assert_eq!(p.move_blocked, None);
+    assert_eq!(moved(&p).unwrap().reason, "Moving");
+    assert!(!moved(&p).unwrap().status);
+
+    // a acknowledges epoch 1: b is cleared.
+    c.lease = Some(p.handover.lease.clone());
+    c.status = Some(status(vec![entry(
+        "a",
+        Role::Vicemaster,
+        NodeServiceState::Stopped,
+        2,
+        Some(1),
+    )]));
+    let p = c.plan();
+    assert!(p.handover.write && p.handover.cleared_now);
+    assert!(p.handover.lease.holder_may_enter());
+    assert_eq!(p.handover.lease.epoch, 2);
+
+    // b runs: Moved, and it stays there (a would rank first without
+    // the request, but the request keeps b first).
+    c.lease = Some(p.handover.lease.clone());
+    c.status = Some(status(vec![
+        entry("a", Role::Vicemaster, NodeServiceState::Stopped, 2, Some(1)),
+        running("b", 2),
+    ]));
+    let p = c.plan();
+    assert!(!p.handover.write);
+    assert_eq!(p.status.phase, Phase::Active);
+    assert!(moved(&p).unwrap().status);
+    assert_eq!(moved(&p).unwrap().reason, "OnTarget");
+}
+
+#[test]
+fn a_standing_move_returns_to_its_node_once_eligible_again() {
+    // The service failed over from b (Lost) to a; b is back.
+    let mut c = Case::new(&[("a", Alive), ("b", Alive)]);
+    c.spec.preferred_nodes = vec!["a".into()];
+    c.lease = Some(cleared("a", 3));
+    c.status = Some(status(vec![
+        running("a", 3),
+        entry("b", Role::None, NodeServiceState::Failed, 2, None),
+    ]));
+    c.move_to = Some("b".into());
+    let p = c.plan();
+    assert_eq!(p.handover.lease.holder.as_deref(), Some("b"));
+    assert_eq!(p.decision.unwrap().reason, Reason::Failback);
+    // While b is Lost the request cannot be honoured: a keeps it.
+    c.cluster.members[1].heartbeat = Lost;
+    c.fences.insert("b".into(), Fence::Heartbeat);
+    let p = c.plan();
+    assert!(!p.handover.write);
+    assert_eq!(p.status.active_node.as_deref(), Some("a"));
+    assert!(
+        p.move_blocked
+            .as_deref()
+            .unwrap()
+            .contains("heartbeat is Lost")
+    );
+}
+
+#[test]
+fn move_to_an_ineligible_node_reports_and_stays() {
+    let base = || {
+        let mut c = Case::new(&[("a", Alive), ("b", Alive)]);
+        c.lease = Some(LeaseState {
+            standby: Some("b".into()),
+            ..cleared("a", 1)
+        });
+        c.status = Some(status(vec![running("a", 1)]));
+        c
+    };
+    let stays = |c: &Case, expect: &[&str]| {
+        let p = c.plan();
+        // The standby may change (b may not stand by), the master not.
+        assert!(!p.handover.holder_changed, "{:?}", p.handover);
+        assert_eq!(p.handover.lease.epoch, 1);
+        assert_eq!(p.status.active_node.as_deref(), Some("a"));
+        assert_eq!(p.decision.as_ref().unwrap().reason, Reason::Unchanged);
+        let why = p.move_blocked.clone().expect("blocked");
+        let m = moved(&p).unwrap();
+        assert!(!m.status);
+        assert_eq!(m.reason, "TargetNotEligible");
+        assert_eq!(m.message, why);
+        assert!(why.starts_with("kubeha.io/move-to asks for "), "{why}");
+        assert!(why.contains("stays where it is"), "{why}");
+        assert!(
+            why.contains("kubectl annotate haservice svc -n ns kubeha.io/move-to-"),
+            "{why}"
+        );
+        for e in expect {
+            assert!(why.contains(e), "{why} lacks {e}");
+        }
+        // Ready is not affected: the service runs.
+        assert!(cond(&p, READY).status);
+    };
+
+    let mut c = base();
+    c.move_to = Some("z".into());
+    stays(
+        &c,
+        &[
+            "z is not a member of HACluster c",
+            "kubectl ha status --cluster c",
+        ],
+    );
+
+    let mut c = base();
+    c.move_to = Some("b".into());
+    c.cluster.members[1].mode = Mode::Locked;
+    stays(
+        &c,
+        &["mode locked", "kubectl ha mode b default --cluster c"],
+    );
+
+    let mut c = base();
+    c.move_to = Some("b".into());
+    c.cluster.members[1].cordoned = true;
+    stays(&c, &["kubectl uncordon b"]);
+
+    let mut c = base();
+    c.move_to = Some("b".into());
+    c.failures.insert(
+        "b".into(),
+        Failures {
+            count: 1,
+            last_failure_ago: Duration::ZERO,
+        },
+    );
+    stays(&c, &["fail count 1", "kubectl ha clear svc -n ns"]);
+}
+
+#[test]
+fn move_to_the_current_master_is_a_no_op() {
+    let mut c = Case::new(&[("a", Alive), ("b", Alive)]);
+    c.lease = Some(LeaseState {
+        standby: Some("b".into()),
+        ..cleared("a", 1)
+    });
+    c.status = Some(status(vec![running("a", 1)]));
+    let before = c.plan();
+    c.move_to = Some(" a ".into());
+    let p = c.plan();
+    assert!(!p.handover.write);
+    assert_eq!(p.handover, before.handover);
+    assert_eq!(p.decision.as_ref().unwrap().reason, Reason::Unchanged);
+    assert_eq!(p.move_blocked, None);
+    assert!(moved(&p).unwrap().status);
+    // A blank annotation is no request at all.
+    c.move_to = Some("".into());
+    assert!(moved(&c.plan()).is_none());
+}
+
+#[test]
+fn cleared_failures_make_an_errored_service_placeable() {
+    let mut c = Case::new(&[("a", Alive)]);
+    c.failures.insert(
+        "a".into(),
+        Failures {
+            count: 1,
+            last_failure_ago: Duration::ZERO,
+        },
+    );
+    assert_eq!(c.plan().status.phase, Phase::Errored);
+    // The agent reset its count: the operator's memory forgets it.
+    c.failures.clear();
+    let p = c.plan();
+    assert_eq!(p.status.phase, Phase::Starting);
+    assert_eq!(p.handover.lease.holder.as_deref(), Some("a"));
+    assert!(!cond(&p, STALLED).status);
+}
