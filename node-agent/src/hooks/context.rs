@@ -1,7 +1,8 @@
 //! What a hook is told: the `KUBEHA_*` environment of one transition.
 
-use super::{Action, HOOK_PATH, Transition};
 use kubeha_crds::service::Role;
+
+use super::{Action, HOOK_PATH, Transition};
 
 /// What a hook run is about; becomes the script's `KUBEHA_*` environment.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -1,5 +1,13 @@
 use super::*;
+use std::net::IpAddr;
+use std::sync::atomic::Ordering;
+use std::time::Instant;
+
+use kubeha_crds::service::{NodeServiceState, Role};
+
+use crate::assignments::{Assignment, Step};
 use crate::heartbeat::Timing;
+use crate::statefile::ServiceRecord;
 
 fn beat(age_ms: u64, d_ms: u64, skew_ms: u64) -> (Beat, Instant) {
     let now = Instant::now();

@@ -1,0 +1,205 @@
+//! Transitions of one service on this node: leave the old role, enter the new
+//! one; enter master = add VIPs (with a lifetime bounded by the heartbeat),
+//! run the enter scripts, send the GARP burst; leave master = remove the VIPs,
+//! run the leave scripts. Also re-adoption after a restart, VIP lifetime
+//! extension, monitor and periodic hooks, and the self-fence of one cluster.
+
+mod addresses;
+mod lifetime;
+mod scripts;
+mod steps;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+use std::time::Duration;
+
+use kubeha_crds::HAServiceSpec;
+use kubeha_crds::service::{HookOutcome, HookResult};
+
+use crate::heartbeat::Beat;
+use crate::hooks::HookRunner;
+use crate::metrics::Metrics;
+use crate::vip::{self, Netlink, Vip};
+
+/// Everything a transition needs besides the service itself.
+pub struct Node<N: Netlink> {
+    /// This node's name.
+    pub name: String,
+    /// Netlink access.
+    pub netlink: N,
+    /// Hook runner (shared registry of running hooks, for the fence).
+    pub runner: HookRunner,
+    /// Root of host-path hook sources.
+    pub hook_root: PathBuf,
+    /// Where ConfigMap hook sources are written out.
+    pub state_dir: PathBuf,
+    /// Metrics.
+    pub metrics: Metrics,
+    /// The VIPs this agent holds, extended after every renew.
+    pub held: HeldVips,
+}
+
+/// The VIPs this agent added and has not removed, by address
+/// (`address/prefix`), with the interface and cluster of each. Lifetimes are
+/// extended from here after every renew, without the service's record lock:
+/// a transition's hooks, a monitor or a status report hold that lock for
+/// seconds, longer than a lifetime may be. VIPs the kernel expired before an
+/// extension are kept aside until the record holding them gives its master
+/// role up ([`Node::give_up_if_expired`]).
+#[derive(Debug, Default)]
+pub struct HeldVips {
+    held: std::sync::Mutex<std::collections::BTreeMap<String, (String, String)>>,
+    expired: std::sync::Mutex<std::collections::BTreeSet<String>>,
+    /// Orders an extension's check-then-add against every removal: an
+    /// extension that saw a VIP held and present must not re-add it after
+    /// a leave or fence removed it (it would stay, unheld and unseen, for
+    /// its whole lifetime while another node takes it).
+    gate: tokio::sync::Mutex<()>,
+}
+
+impl HeldVips {
+    fn hold(&self, iface: &str, vip: &Vip, cluster: &str) {
+        let key = vip.to_string();
+        lock(&self.expired).remove(&key);
+        lock(&self.held).insert(key, (iface.to_owned(), cluster.to_owned()));
+    }
+
+    fn release(&self, vip: &Vip) {
+        lock(&self.held).remove(&vip.to_string());
+    }
+
+    fn is_held(&self, vip: &str) -> bool {
+        lock(&self.held).contains_key(vip)
+    }
+
+    /// The held VIPs of `cluster`, with their interfaces.
+    fn of_cluster(&self, cluster: &str) -> Vec<(String, String)> {
+        lock(&self.held)
+            .iter()
+            .filter(|(_, (_, c))| c == cluster)
+            .map(|(v, (i, _))| (v.clone(), i.clone()))
+            .collect()
+    }
+
+    fn expire(&self, vip: &str) {
+        lock(&self.held).remove(vip);
+        lock(&self.expired).insert(vip.to_owned());
+    }
+
+    /// Whether any of `vips` expired before it was extended.
+    pub fn any_expired(&self, vips: &[String]) -> bool {
+        let expired = lock(&self.expired);
+        vips.iter().any(|v| expired.contains(v))
+    }
+
+    /// Takes the expired VIPs among `vips` out of the expired set.
+    fn take_expired(&self, vips: &[String]) -> Vec<String> {
+        let mut expired = lock(&self.expired);
+        vips.iter()
+            .filter(|v| expired.remove(*v))
+            .cloned()
+            .collect()
+    }
+}
+
+fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Facts about the service's cluster a transition uses.
+#[derive(Debug, Clone)]
+pub struct ClusterView {
+    /// Cluster name.
+    pub name: String,
+    /// Members in order.
+    pub members: Vec<String>,
+    /// The heartbeat of this node in that cluster.
+    pub beat: Option<Beat>,
+    /// Set when this node fenced itself for the cluster and has not renewed since.
+    pub fenced: Arc<AtomicBool>,
+    /// Whether hook ConfigMaps may also come from the service's namespace.
+    pub config_maps_in_service_namespace: bool,
+}
+
+/// A service as one transition sees it.
+#[derive(Debug, Clone)]
+pub struct ServiceView {
+    /// `namespace/name`.
+    pub key: String,
+    /// The spec acted on.
+    pub spec: HAServiceSpec,
+    /// Checksum of the spec.
+    pub checksum: String,
+}
+
+/// Why entering failed.
+#[derive(Debug, thiserror::Error)]
+pub enum EnterError {
+    /// No VIP interface (missing or no subnet holds the VIP).
+    #[error("VIP {vip}: {source}")]
+    Interface {
+        /// The VIP.
+        vip: String,
+        /// The netlink error.
+        source: vip::VipError,
+    },
+    /// The heartbeat is too old to give the VIP any lifetime.
+    #[error("heartbeat too old to add VIPs safely (renew first)")]
+    HeartbeatTooOld,
+    /// Fenced while entering.
+    #[error("fenced while entering")]
+    Fenced,
+    /// The agent stalled while it added the VIP, so long that no lifetime
+    /// within the lease was left: the VIP was removed again.
+    #[error("VIP {0}: the agent stalled while adding it, past what the heartbeat allows; removed")]
+    StalledInCall(String),
+    /// Another host kept answering for the VIP (address conflict
+    /// detection) for longer than [`CONFLICT_WAIT`].
+    #[error(
+        "VIP {vip} is still answered on {iface} by {mac}: another host holds it; \
+         remove it there (or give this service another VIP)"
+    )]
+    StillAnswered {
+        /// The VIP.
+        vip: String,
+        /// The interface probed.
+        iface: String,
+        /// The MAC that answered.
+        mac: String,
+    },
+}
+
+/// The longest an entering node waits for another host to stop answering
+/// for a VIP: a previous holder's address can outlive its kernel lifetime
+/// by up to a second (the kernel checks lifetimes at least a second apart
+/// after any address change).
+pub const CONFLICT_WAIT: Duration = Duration::from_secs(2);
+
+/// How long one round of ARP probes listens for answers.
+const PROBE_WINDOW: Duration = Duration::from_millis(30);
+
+/// Kept between a VIP's kernel lifetime and the end of E (D + skew) after
+/// the renew it was extended from: the kernel removes an expired address
+/// up to about 250 ms late when nothing else changes.
+pub const LIFETIME_MARGIN: Duration = Duration::from_millis(300);
+
+impl<N: Netlink> Node<N> {}
+
+/// A hook result standing for a step that could not run.
+pub fn refused(reason: &str) -> HookResult {
+    HookResult {
+        script: "-".into(),
+        action: "enter".into(),
+        exit_code: None,
+        outcome: HookOutcome::Refused,
+        duration_ms: 0,
+        finished_at: Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+            jiff::Timestamp::now(),
+        )),
+        output_tail: vec![reason.to_owned()],
+    }
+}
+
+#[cfg(test)]
+mod tests;

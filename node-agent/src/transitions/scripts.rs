@@ -1,0 +1,198 @@
+//! The service's hook scripts as transitions run them: where they are, the
+//! environment they get, their timeout; and the monitor and periodic checks.
+
+use std::time::Duration;
+
+use kubeha_crds::service::{HookOutcome, HookResult, Role};
+
+use super::{ClusterView, Node, ServiceView};
+use crate::hooks::{self, Action, HookContext, HookLayout, HookSet};
+use crate::statefile::ServiceRecord;
+use crate::vip::Netlink;
+
+impl<N: Netlink> Node<N> {
+    /// The hook set of a spec, if it has hooks.
+    pub fn hook_set(&self, svc: &ServiceView) -> Option<HookSet> {
+        let hooks = svc.spec.hooks.as_ref()?;
+        let dir = match (&hooks.source.host_path, &hooks.source.config_map) {
+            (Some(p), _) => self.hook_root.join(p),
+            (None, Some(cm)) => self.state_dir.join("configmap-hooks").join(cm),
+            (None, None) => return None,
+        };
+        let layout = match &hooks.script {
+            Some(s) => HookLayout::SingleScript(s.clone()),
+            None => HookLayout::Directory,
+        };
+        Some(HookSet { dir, layout })
+    }
+
+    pub(super) fn context(
+        &self,
+        svc: &ServiceView,
+        cluster: &ClusterView,
+        action: Action,
+        role: Role,
+        epoch: i64,
+    ) -> HookContext {
+        let primary = svc
+            .spec
+            .preferred_nodes
+            .first()
+            .or(cluster.members.first())
+            .cloned()
+            .unwrap_or_default();
+        let is_primary = primary == self.name;
+        HookContext {
+            action,
+            role,
+            transition: hooks::transition(action, is_primary),
+            service: svc.key.clone(),
+            cluster: cluster.name.clone(),
+            node: self.name.clone(),
+            primary_node: primary,
+            peers: cluster
+                .members
+                .iter()
+                .filter(|m| **m != self.name)
+                .cloned()
+                .collect(),
+            vips: svc.spec.vips.iter().map(|v| v.address.clone()).collect(),
+            interface: svc
+                .spec
+                .vips
+                .first()
+                .and_then(|v| v.interface.clone())
+                .unwrap_or_default(),
+            epoch,
+            config_checksum: svc.checksum.clone(),
+        }
+    }
+
+    pub(super) async fn run_hooks(
+        &self,
+        svc: &ServiceView,
+        cluster: &ClusterView,
+        action: Action,
+        role: Role,
+        epoch: i64,
+        timeout: Duration,
+    ) -> Vec<HookResult> {
+        let Some(set) = self.hook_set(svc) else {
+            return Vec::new();
+        };
+        let mut ctx = self.context(svc, cluster, action, role, epoch);
+        if let Some(iface) = Self::vips(&svc.spec)
+            .first()
+            .and_then(|v| v.interface.clone())
+        {
+            ctx.interface = iface;
+        }
+        let results = self.runner.run(&set, &ctx, timeout).await;
+        for r in &results {
+            self.metrics.hook_run(
+                action.as_str(),
+                &format!("{:?}", r.outcome),
+                r.duration_ms as f64 / 1000.0,
+            );
+        }
+        results
+    }
+
+    /// Runs one action's hooks by hand (`kubeha-agent hooks run`), with the
+    /// daemon's context and timeouts.
+    pub async fn run_hooks_by_hand(
+        &self,
+        svc: &ServiceView,
+        cluster: &ClusterView,
+        action: Action,
+        role: Role,
+        epoch: i64,
+    ) -> anyhow::Result<Vec<HookResult>> {
+        if self.hook_set(svc).is_none() {
+            anyhow::bail!("service {} has no hooks", svc.key);
+        }
+        let timeout = match action {
+            Action::Monitor => svc
+                .spec
+                .hooks
+                .as_ref()
+                .and_then(|h| h.monitor.as_ref())
+                .map(|m| m.timeout_seconds),
+            Action::Periodic => svc
+                .spec
+                .hooks
+                .as_ref()
+                .and_then(|h| h.periodic.as_ref())
+                .map(|p| p.timeout_seconds),
+            _ => None,
+        }
+        .map_or(Self::hook_timeout(svc), |s| {
+            Duration::from_secs(s.max(1) as u64)
+        });
+        Ok(self
+            .run_hooks(svc, cluster, action, role, epoch, timeout)
+            .await)
+    }
+
+    pub(super) fn hook_timeout(svc: &ServiceView) -> Duration {
+        Duration::from_secs(
+            svc.spec
+                .hooks
+                .as_ref()
+                .map_or(60, |h| h.timeout_seconds.max(1) as u64),
+        )
+    }
+
+    /// Runs the monitor scripts once; `Some(true)` when the service runs.
+    pub async fn monitor(
+        &self,
+        record: &mut ServiceRecord,
+        svc: &ServiceView,
+        cluster: &ClusterView,
+    ) -> Option<bool> {
+        let monitor = svc.spec.hooks.as_ref()?.monitor.as_ref()?;
+        let timeout = Duration::from_secs(monitor.timeout_seconds.max(1) as u64);
+        let results = self
+            .run_hooks(
+                svc,
+                cluster,
+                Action::Monitor,
+                Role::Master,
+                record.epoch,
+                timeout,
+            )
+            .await;
+        if results.is_empty() {
+            return None;
+        }
+        let ok = hooks::overall(&results) == HookOutcome::Success;
+        record.last_hooks = results;
+        Some(ok)
+    }
+
+    /// Runs the periodic scripts once with the node's current role.
+    pub async fn periodic(
+        &self,
+        record: &mut ServiceRecord,
+        svc: &ServiceView,
+        cluster: &ClusterView,
+    ) {
+        let Some(p) = svc.spec.hooks.as_ref().and_then(|h| h.periodic.as_ref()) else {
+            return;
+        };
+        let timeout = Duration::from_secs(p.timeout_seconds.max(1) as u64);
+        let results = self
+            .run_hooks(
+                svc,
+                cluster,
+                Action::Periodic,
+                record.role,
+                record.epoch,
+                timeout,
+            )
+            .await;
+        if !results.is_empty() {
+            record.last_hooks = results;
+        }
+    }
+}
