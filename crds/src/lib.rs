@@ -8,6 +8,7 @@ pub mod leases;
 pub mod manifests;
 pub mod members;
 pub mod mode;
+pub mod roles;
 pub mod service;
 
 pub use cluster::{HACluster, HAClusterSpec, HAClusterStatus};

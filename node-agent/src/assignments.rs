@@ -141,7 +141,7 @@ pub enum Step {
 /// role before entering the new one. A master assignment not yet cleared for
 /// entry, or whose epoch already failed here, is not entered (the old role
 /// is still left).
-pub fn plan(held: Role, wanted: Assignment, failed_epoch: Option<i64>) -> Vec<Step> {
+pub fn steps_between(held: Role, wanted: Assignment, failed_epoch: Option<i64>) -> Vec<Step> {
     let target = match wanted.role {
         Role::Master if !wanted.may_enter || failed_epoch == Some(wanted.epoch) => Role::None,
         r => r,

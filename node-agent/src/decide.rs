@@ -175,7 +175,7 @@ pub fn next(facts: &Facts) -> Work {
         };
     }
     // 5. The steps.
-    let mut steps = assignments::plan(record.role, wanted, record.failed_epoch);
+    let mut steps = assignments::steps_between(record.role, wanted, record.failed_epoch);
     if record.unclean_epoch.is_some() {
         steps.retain(|s| !matches!(s, Step::EnterMaster | Step::EnterVicemaster));
     }

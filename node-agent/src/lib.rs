@@ -240,7 +240,7 @@ async fn hooks_by_hand(
         .node_name
         .clone()
         .unwrap_or_else(|| "localhost".into());
-    let node = transitions::Node {
+    let node = transitions::LocalNode {
         name: node_name,
         netlink: vip::RtNetlink::new()?,
         runner: hooks::HookRunner::new(paths.log_dir.clone()),
@@ -250,12 +250,12 @@ async fn hooks_by_hand(
         held: Default::default(),
     };
     let checksum = daemon::spec_checksum(&spec);
-    let svc = transitions::ServiceView {
+    let svc = transitions::TransitionService {
         key: service.to_owned(),
         spec,
         checksum,
     };
-    let cluster = transitions::ClusterView {
+    let cluster = transitions::TransitionCluster {
         name: cluster_name,
         members,
         beat: None,

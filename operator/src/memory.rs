@@ -12,14 +12,16 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
 use kubeha_crds::Mode;
+use kubeha_crds::roles::Transition;
 use kubeha_crds::service::{HookOutcome, NodeServiceState, ServiceNodeStatus};
 
 use crate::handover::LeaseState;
 use crate::placement::Failures;
 
-/// A transition the operator saw complete, to announce as an Event.
+/// A change the operator saw (a role change completed, a hook failure, a
+/// fence), to announce as an Event.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Transition {
+pub struct Announcement {
     /// Event reason: `TakeOver`, `TakeBack`, `GiveAway`, `GiveBack`,
     /// `HookFailed`, `Fenced`.
     pub reason: &'static str,
@@ -52,8 +54,8 @@ pub struct Completed {
 /// What one observation of a service produced.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Seen {
-    /// Transitions to announce.
-    pub transitions: Vec<Transition>,
+    /// Changes to announce.
+    pub announcements: Vec<Announcement>,
     /// A completed failover, for the duration histogram.
     pub completed: Option<Completed>,
 }
@@ -199,12 +201,8 @@ impl ServiceMemory {
         {
             self.running = Some((h.clone(), l.epoch));
             if announce {
-                seen.transitions.push(Transition {
-                    reason: if is_primary(h) {
-                        "TakeBack"
-                    } else {
-                        "TakeOver"
-                    },
+                seen.announcements.push(Announcement {
+                    reason: Transition::of(true, is_primary(h)).reason(),
                     node: h.clone(),
                     warning: false,
                     message: format!("{h} runs the service at epoch {}", l.epoch),
@@ -227,12 +225,8 @@ impl ServiceMemory {
             if let Some(acked) = e.acked_epoch {
                 let before = self.acked.insert(e.node.clone(), acked);
                 if announce && before.is_none_or(|b| acked > b) {
-                    seen.transitions.push(Transition {
-                        reason: if is_primary(&e.node) {
-                            "GiveAway"
-                        } else {
-                            "GiveBack"
-                        },
+                    seen.announcements.push(Announcement {
+                        reason: Transition::of(false, is_primary(&e.node)).reason(),
                         node: e.node.clone(),
                         warning: false,
                         message: format!("{} left the service cleanly (epoch {acked})", e.node),
@@ -245,7 +239,7 @@ impl ServiceMemory {
                 && e.state == NodeServiceState::Failed
                 && before != Some(NodeServiceState::Failed)
             {
-                seen.transitions.push(Transition {
+                seen.announcements.push(Announcement {
                     reason: "HookFailed",
                     node: e.node.clone(),
                     warning: true,
@@ -263,7 +257,7 @@ impl ServiceMemory {
         // A holder whose heartbeat went Lost.
         for node in lost {
             if self.fenced.insert(node.clone()) && announce {
-                seen.transitions.push(Transition {
+                seen.announcements.push(Announcement {
                     reason: "Fenced",
                     node: node.clone(),
                     warning: true,

@@ -152,11 +152,10 @@ fn node_infos(ctx: &Ctx) -> BTreeMap<String, NodeInfo> {
 /// The primary node of a service: its first preferred node, else the
 /// cluster's first listed member (as the agents judge takeover/takeback).
 fn primary(svc: &HAService, cluster: Option<&HACluster>) -> Option<String> {
-    svc.spec
-        .preferred_nodes
-        .first()
-        .cloned()
-        .or_else(|| cluster.and_then(|c| c.spec.members.nodes.first().map(|m| m.name.clone())))
+    let members = cluster
+        .into_iter()
+        .flat_map(|c| c.spec.members.nodes.iter().map(|m| m.name.as_str()));
+    kubeha_crds::roles::primary_node(&svc.spec, members).map(str::to_owned)
 }
 
 fn refusal_for(
@@ -743,7 +742,7 @@ async fn apply(svc: &HAService, ctx: &Ctx, deleting: bool) -> Result<Action> {
     if let Some(done) = &ev.seen.completed {
         ctx.metrics.failover_completed(&done.reason, done.duration);
     }
-    for t in &ev.seen.transitions {
+    for t in &ev.seen.announcements {
         ctx.publish(&ev.reference, t.reason, t.warning, t.message.clone())
             .await;
     }

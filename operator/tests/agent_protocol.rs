@@ -124,13 +124,13 @@ fn a_handover_read_by_the_agents() {
     let a = agent("a", &l1);
     assert_eq!((a.role, a.epoch, a.may_enter), (Role::Master, 1, true));
     assert_eq!(
-        assignments::plan(Role::None, a, None),
+        assignments::steps_between(Role::None, a, None),
         vec![Step::EnterMaster]
     );
     let b = agent("b", &l1);
     assert_eq!((b.role, b.epoch), (Role::Vicemaster, 1));
     assert_eq!(
-        assignments::plan(Role::None, b, None),
+        assignments::steps_between(Role::None, b, None),
         vec![Step::EnterVicemaster]
     );
     assert_eq!(agent("c", &l1).role, Role::None);
@@ -153,13 +153,13 @@ fn a_handover_read_by_the_agents() {
     let b = agent("b", &l2);
     assert_eq!((b.role, b.epoch, b.may_enter), (Role::Master, 2, false));
     assert!(
-        !assignments::plan(Role::Vicemaster, b, None).contains(&Step::EnterMaster),
+        !assignments::steps_between(Role::Vicemaster, b, None).contains(&Step::EnterMaster),
         "not cleared: b must not enter"
     );
     let a = agent("a", &l2);
     assert_eq!(a.role, Role::Vicemaster);
     assert_eq!(
-        assignments::plan(Role::Master, a, None),
+        assignments::steps_between(Role::Master, a, None),
         vec![Step::LeaveMaster, Step::EnterVicemaster]
     );
 
@@ -181,7 +181,7 @@ fn a_handover_read_by_the_agents() {
     let b = agent("b", &l3);
     assert_eq!((b.role, b.epoch, b.may_enter), (Role::Master, 2, true));
     assert_eq!(
-        assignments::plan(Role::None, b, None),
+        assignments::steps_between(Role::None, b, None),
         vec![Step::EnterMaster]
     );
     assert_eq!(l3.spec.as_ref().unwrap().lease_transitions, Some(2));
@@ -192,11 +192,11 @@ fn a_handover_read_by_the_agents() {
     let b = agent("b", &l4);
     assert_eq!(b.role, Role::None);
     assert_eq!(
-        assignments::plan(Role::Master, b, None),
+        assignments::steps_between(Role::Master, b, None),
         vec![Step::LeaveMaster]
     );
     assert_eq!(
-        assignments::plan(Role::Vicemaster, agent("a", &l4), None),
+        assignments::steps_between(Role::Vicemaster, agent("a", &l4), None),
         vec![Step::LeaveVicemaster]
     );
 }
@@ -270,7 +270,10 @@ fn an_idle_node_reporting_the_epoch_it_observed_has_moved_on() {
     // a's agent, idle (no role at epoch 2), takes on the Lease's epoch and
     // reports it: that is the operator's "moved on" proof, b is cleared.
     let wanted = agent("a", &l2);
-    assert_eq!(assignments::plan(a.role, wanted, a.failed_epoch), vec![]);
+    assert_eq!(
+        assignments::steps_between(a.role, wanted, a.failed_epoch),
+        vec![]
+    );
     let epoch = assignments::lease_epoch(&l2).unwrap();
     assert!(a.observe_epoch(epoch));
     let facts: BTreeMap<String, NodeFacts> = [("a".into(), reported("a", &a))].into();

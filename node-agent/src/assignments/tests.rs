@@ -142,9 +142,9 @@ fn an_older_epoch_is_never_entered_again() {
     // Recorded 5 (entered or observed): a stale Lease at 4 is not entered.
     let stale = not_older(m(4), Role::None, 5);
     assert!(!stale.may_enter);
-    assert_eq!(plan(Role::None, stale, None), vec![]);
+    assert_eq!(steps_between(Role::None, stale, None), vec![]);
     assert_eq!(
-        plan(Role::Vicemaster, not_older(m(4), Role::Vicemaster, 5), None),
+        steps_between(Role::Vicemaster, not_older(m(4), Role::Vicemaster, 5), None),
         vec![Step::LeaveVicemaster]
     );
     // The recorded epoch itself, or a later one, is.
@@ -152,7 +152,7 @@ fn an_older_epoch_is_never_entered_again() {
     assert_eq!(not_older(m(6), Role::None, 5), m(6));
     // A running master is not made to leave by a stale view.
     assert_eq!(
-        plan(Role::Master, not_older(m(4), Role::Master, 5), None),
+        steps_between(Role::Master, not_older(m(4), Role::Master, 5), None),
         vec![]
     );
     // Other roles pass through.
@@ -197,7 +197,7 @@ fn holder_waits_for_clearance_of_its_own_epoch() {
     let waiting = lease("node-2", 5, Some(4), None);
     let a = assignment("node-2", Some(&waiting), D);
     assert_eq!((a.role, a.may_enter), (Role::Master, false));
-    assert_eq!(plan(Role::None, a, None), vec![]);
+    assert_eq!(steps_between(Role::None, a, None), vec![]);
 }
 
 #[test]
@@ -230,19 +230,22 @@ fn leave_before_enter() {
         may_enter: true,
     };
     assert_eq!(
-        plan(Role::Vicemaster, master, None),
+        steps_between(Role::Vicemaster, master, None),
         vec![Step::LeaveVicemaster, Step::EnterMaster]
     );
     assert_eq!(
-        plan(Role::Master, vice, None),
+        steps_between(Role::Master, vice, None),
         vec![Step::LeaveMaster, Step::EnterVicemaster]
     );
     assert_eq!(
-        plan(Role::Master, Assignment::NONE, None),
+        steps_between(Role::Master, Assignment::NONE, None),
         vec![Step::LeaveMaster]
     );
-    assert_eq!(plan(Role::None, master, None), vec![Step::EnterMaster]);
-    assert_eq!(plan(Role::Master, master, None), vec![]);
+    assert_eq!(
+        steps_between(Role::None, master, None),
+        vec![Step::EnterMaster]
+    );
+    assert_eq!(steps_between(Role::Master, master, None), vec![]);
 }
 
 #[test]
@@ -252,9 +255,9 @@ fn a_failed_epoch_is_not_retried_but_a_new_one_is() {
         epoch: 2,
         may_enter: true,
     };
-    assert_eq!(plan(Role::None, master, Some(2)), vec![]);
+    assert_eq!(steps_between(Role::None, master, Some(2)), vec![]);
     assert_eq!(
-        plan(Role::None, Assignment { epoch: 3, ..master }, Some(2)),
+        steps_between(Role::None, Assignment { epoch: 3, ..master }, Some(2)),
         vec![Step::EnterMaster]
     );
 }

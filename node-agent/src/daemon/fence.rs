@@ -16,7 +16,7 @@ use super::membership::{OwnNode, cluster_view, member_of};
 use super::report::event;
 use super::{Shared, Slot, Target, fenced_flag};
 use crate::statefile::{self};
-use crate::transitions::{ClusterView, ServiceView};
+use crate::transitions::{TransitionCluster, TransitionService};
 
 /// After a successful renew: clear the fence mark and extend the lifetimes
 /// of the VIPs held for that cluster.
@@ -33,7 +33,7 @@ pub(super) async fn on_renewed(shared: &Arc<Shared>, cluster: &str) {
                 .insert(cluster.to_owned(), t);
         }
     }
-    let view = ClusterView {
+    let view = TransitionCluster {
         name: cluster.to_owned(),
         members: Vec::new(),
         beat: shared.beats.get(cluster),
@@ -127,7 +127,7 @@ pub(super) async fn fence_if_cut_off(
                 .drop_vips(&record.vips.clone(), record.interface.clone().as_deref())
                 .await;
             if record.role == Role::Master {
-                let svc = ServiceView {
+                let svc = TransitionService {
                     key: key.clone(),
                     spec: record.spec.clone(),
                     checksum: record.config_checksum.clone(),
@@ -162,7 +162,7 @@ pub(super) async fn freeze(shared: &Arc<Shared>, cluster: &str) {
         return;
     };
     beat.last_success = Some(Instant::now());
-    let view = ClusterView {
+    let view = TransitionCluster {
         name: cluster.to_owned(),
         members: Vec::new(),
         beat: Some(beat),
@@ -180,7 +180,7 @@ pub(super) async fn freeze(shared: &Arc<Shared>, cluster: &str) {
 /// operator sees the node Lost, which lets the next node in. No admin
 /// action is needed; the failed record stays unclean, so this node enters
 /// nothing until a leave succeeds here.
-pub(super) async fn escalate(shared: &Shared, target: &Target, view: &ClusterView) {
+pub(super) async fn escalate(shared: &Shared, target: &Target, view: &TransitionCluster) {
     let Some(beat) = view.beat else {
         return;
     };

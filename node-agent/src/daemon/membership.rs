@@ -17,7 +17,7 @@ use tokio::sync::mpsc;
 use super::{Shared, fenced_flag};
 use crate::assignments::{self, Membership};
 use crate::heartbeat::{self, Timing};
-use crate::transitions::ClusterView;
+use crate::transitions::TransitionCluster;
 
 /// What the agent knows of its own Node object.
 pub(super) struct OwnNode {
@@ -114,9 +114,9 @@ pub(super) fn sync_heartbeats(
     }
 }
 
-pub(super) fn cluster_view(shared: &Shared, cluster: &HACluster) -> ClusterView {
+pub(super) fn cluster_view(shared: &Shared, cluster: &HACluster) -> TransitionCluster {
     let name = cluster.name_any();
-    ClusterView {
+    TransitionCluster {
         members: cluster
             .spec
             .members

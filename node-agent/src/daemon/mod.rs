@@ -34,7 +34,7 @@ use crate::heartbeat::{Heartbeats, Timing};
 use crate::hooks::HookRunner;
 use crate::metrics::Metrics;
 use crate::statefile::{self, ServiceRecord};
-use crate::transitions::Node;
+use crate::transitions::LocalNode;
 use crate::vip::RtNetlink;
 
 use fence::{fence_if_cut_off, on_renewed};
@@ -129,7 +129,7 @@ struct Target {
 struct Shared {
     config: Config,
     client: Client,
-    node: Node<RtNetlink>,
+    node: LocalNode<RtNetlink>,
     beats: Heartbeats,
     metrics: Metrics,
     fenced: std::sync::Mutex<HashMap<String, Arc<AtomicBool>>>,
@@ -169,7 +169,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             "no --hook-cgroup: a fence stops the hooks' process groups only, not daemons that left them"
         ),
     }
-    let node = Node {
+    let node = LocalNode {
         name: config.node.clone(),
         netlink,
         runner,

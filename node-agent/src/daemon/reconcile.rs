@@ -18,10 +18,10 @@ use super::membership::{OwnNode, cluster_view};
 use super::report::{applied_digest, event, report, report_digest};
 use super::tasks::{spawn_adopt, spawn_monitor, spawn_periodic, spawn_revip, spawn_steps};
 use super::{REPORT_RECHECK, Shared, Slot, Target, new_slot, spec_checksum};
-use crate::assignments::{self, Assignment, Membership, plan};
+use crate::assignments::{self, Assignment, Membership, steps_between};
 use crate::decide::{self, Facts, Work};
 use crate::statefile::ServiceRecord;
-use crate::transitions::{Node, ServiceView};
+use crate::transitions::{LocalNode, TransitionService};
 use crate::vip::RtNetlink;
 
 pub(super) async fn reconcile(
@@ -103,7 +103,7 @@ pub(super) async fn reconcile(
                 .node
                 .drop_vips(&guard.vips.clone(), guard.interface.clone().as_deref())
                 .await;
-            crate::transitions::Node::<RtNetlink>::mark_fenced(&mut guard);
+            crate::transitions::LocalNode::<RtNetlink>::mark_fenced(&mut guard);
         }
         // An admin's clear request (a new `kubeha.io/clear` value): reset
         // this node's failures; the report below (or the next step's)
@@ -157,9 +157,9 @@ pub(super) async fn reconcile(
         let cut_off = view.fenced.load(Ordering::SeqCst)
             || view.beat.is_none_or(|b| {
                 let now = Instant::now();
-                b.past_deadline(now) || Node::<RtNetlink>::allowed_lifetime(&b, now).is_none()
+                b.past_deadline(now) || LocalNode::<RtNetlink>::allowed_lifetime(&b, now).is_none()
             });
-        let service = ServiceView {
+        let service = TransitionService {
             key: key.clone(),
             spec: svc.spec.clone(),
             checksum: spec_checksum(&svc.spec),
@@ -175,7 +175,7 @@ pub(super) async fn reconcile(
             slot.stale_warned = Some(wanted.epoch);
             tracing::warn!(service = %key, lease_epoch = wanted.epoch, recorded_epoch = guard.epoch, "the Lease clears this node at an epoch older than one it already saw: not entering (stale view, or a hand-edited Lease)");
         }
-        let spec_vips: std::collections::BTreeSet<String> = Node::<RtNetlink>::vips(&svc.spec)
+        let spec_vips: std::collections::BTreeSet<String> = LocalNode::<RtNetlink>::vips(&svc.spec)
             .iter()
             .map(ToString::to_string)
             .collect();
@@ -393,12 +393,12 @@ pub(super) async fn reconcile(
         };
         let view = cluster_view(shared, cluster);
         let (ns, name) = key.split_once('/').unwrap_or(("", &key));
-        let service = ServiceView {
+        let service = TransitionService {
             key: key.clone(),
             spec: guard.spec.clone(),
             checksum: guard.config_checksum.clone(),
         };
-        let steps = plan(guard.role, Assignment::NONE, None);
+        let steps = steps_between(guard.role, Assignment::NONE, None);
         let target = Target {
             api: Api::namespaced(shared.client.clone(), ns),
             name: name.to_owned(),

@@ -9,21 +9,23 @@ use kubeha_crds::HAServiceSpec;
 use kubeha_crds::service::{NodeServiceState, Role};
 use tokio::sync::OwnedMutexGuard;
 
+use kubeha_crds::roles::Transition;
+
 use super::configmap::materialize_config_map;
 use super::fence::escalate;
 use super::report::{event, report};
 use super::{Shared, Target};
 use crate::assignments::{self, Assignment};
 use crate::statefile::{self, ServiceRecord};
-use crate::transitions::{ClusterView, ServiceView};
+use crate::transitions::{TransitionCluster, TransitionService};
 
 #[allow(clippy::too_many_arguments)]
 pub(super) fn spawn_steps(
     shared: Arc<Shared>,
     mut record: OwnedMutexGuard<ServiceRecord>,
     steps: Vec<assignments::Step>,
-    service: ServiceView,
-    view: ClusterView,
+    service: TransitionService,
+    view: TransitionCluster,
     wanted: Assignment,
     target: Target,
 ) {
@@ -46,12 +48,7 @@ pub(super) fn spawn_steps(
                 tracing::warn!(service = %service.key, error = %e, "hook ConfigMap not written out");
             }
         }
-        let primary = service
-            .spec
-            .preferred_nodes
-            .first()
-            .or(view.members.first())
-            == Some(&shared.config.node);
+        let primary = shared.node.is_primary(&service, &view);
         let last = steps.last().copied();
         for step in steps {
             if let Some(intent) = intent(step, &record, &service.spec, wanted)
@@ -171,12 +168,12 @@ pub(super) fn persist_locked(
 }
 
 /// Changes the running master's VIPs to the spec's
-/// ([`Node::revip`]), then persists and reports the record.
+/// ([`LocalNode::revip`]), then persists and reports the record.
 pub(super) fn spawn_revip(
     shared: Arc<Shared>,
     mut record: OwnedMutexGuard<ServiceRecord>,
-    service: ServiceView,
-    view: ClusterView,
+    service: TransitionService,
+    view: TransitionCluster,
     target: Target,
 ) {
     tokio::spawn(async move {
@@ -198,7 +195,7 @@ pub(super) fn spawn_revip(
 pub(super) fn spawn_adopt(
     shared: Arc<Shared>,
     mut record: OwnedMutexGuard<ServiceRecord>,
-    view: ClusterView,
+    view: TransitionCluster,
     target: Target,
 ) {
     tokio::spawn(async move {
@@ -218,8 +215,8 @@ pub(super) fn spawn_adopt(
 pub(super) fn spawn_monitor(
     shared: Arc<Shared>,
     mut record: OwnedMutexGuard<ServiceRecord>,
-    service: ServiceView,
-    view: ClusterView,
+    service: TransitionService,
+    view: TransitionCluster,
     threshold: i32,
     failures: Arc<AtomicI32>,
     target: Target,
@@ -268,8 +265,8 @@ pub(super) fn spawn_monitor(
 pub(super) fn spawn_periodic(
     shared: Arc<Shared>,
     mut record: OwnedMutexGuard<ServiceRecord>,
-    service: ServiceView,
-    view: ClusterView,
+    service: TransitionService,
+    view: TransitionCluster,
 ) {
     tokio::spawn(async move {
         shared.node.periodic(&mut record, &service, &view).await;
@@ -316,13 +313,11 @@ pub(super) fn step_event(
             format!("{step:?} failed at epoch {}: {}", record.epoch, tail()),
         );
     }
-    let reason = match (step, primary) {
-        (EnterMaster, true) => "TakeBack",
-        (EnterMaster, false) => "TakeOver",
-        (LeaveMaster, true) => "GiveAway",
-        (LeaveMaster, false) => "GiveBack",
-        (EnterVicemaster, _) => "EnteredStandby",
-        (LeaveVicemaster, _) => "LeftStandby",
+    let reason = match step {
+        EnterMaster => Transition::of(true, primary).reason(),
+        LeaveMaster => Transition::of(false, primary).reason(),
+        EnterVicemaster => "EnteredStandby",
+        LeaveVicemaster => "LeftStandby",
     };
     (
         false,

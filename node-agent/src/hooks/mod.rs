@@ -25,6 +25,7 @@ use kubeha_crds::service::{HookOutcome, HookResult, Role};
 use serde::{Deserialize, Serialize};
 
 pub use context::HookContext;
+pub use kubeha_crds::roles::Transition;
 pub use runner::HookRunner;
 pub use scripts::{HookLayout, HookSet, Script, check_script};
 
@@ -112,50 +113,15 @@ impl FromStr for Action {
     }
 }
 
-/// The kind of role change, as the classic failover scripts name it
-/// (exported to scripts as `KUBEHA_TRANSITION`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Transition {
-    /// Start the service on a backup node.
-    TakeOver,
-    /// Start the service on its primary node.
-    TakeBack,
-    /// Stop the service on its primary node.
-    GiveAway,
-    /// Stop the service on a backup node.
-    GiveBack,
-}
-
-impl Transition {
-    /// `takeover`, `takeback`, `giveaway` or `giveback`.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Transition::TakeOver => "takeover",
-            Transition::TakeBack => "takeback",
-            Transition::GiveAway => "giveaway",
-            Transition::GiveBack => "giveback",
-        }
-    }
-}
-
-impl fmt::Display for Transition {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
 /// The transition an action means on this node: entering on the primary node
 /// is a takeback, on a backup node a takeover; leaving on the primary node is a
 /// giveaway, on a backup node a giveback. Monitor and periodic runs are no
 /// transition.
 pub fn transition(action: Action, node_is_primary: bool) -> Option<Transition> {
-    match (action, node_is_primary) {
-        (Action::Enter, true) => Some(Transition::TakeBack),
-        (Action::Enter, false) => Some(Transition::TakeOver),
-        (Action::Leave, true) => Some(Transition::GiveAway),
-        (Action::Leave, false) => Some(Transition::GiveBack),
-        (Action::Monitor | Action::Periodic, _) => None,
+    match action {
+        Action::Enter => Some(Transition::of(true, node_is_primary)),
+        Action::Leave => Some(Transition::of(false, node_is_primary)),
+        Action::Monitor | Action::Periodic => None,
     }
 }
 

@@ -8,12 +8,12 @@ use std::time::{Duration, Instant};
 
 use kubeha_crds::HAServiceSpec;
 
-use super::{CONFLICT_WAIT, ClusterView, EnterError, Node, PROBE_WINDOW};
+use super::{CONFLICT_WAIT, EnterError, LocalNode, PROBE_WINDOW, TransitionCluster};
 use crate::garp::{self, GarpBurst};
 use crate::statefile::ServiceRecord;
 use crate::vip::{self, Netlink, Vip};
 
-impl<N: Netlink> Node<N> {
+impl<N: Netlink> LocalNode<N> {
     /// The VIPs of a spec, parsed (invalid ones are skipped: the API server
     /// already rejects them).
     pub fn vips(spec: &HAServiceSpec) -> Vec<Vip> {
@@ -28,7 +28,7 @@ impl<N: Netlink> Node<N> {
     pub(super) async fn add_vips(
         &self,
         vips: &[Vip],
-        cluster: &ClusterView,
+        cluster: &TransitionCluster,
     ) -> Result<Vec<(String, Vip)>, EnterError> {
         let mut placed = Vec::new();
         for v in vips {

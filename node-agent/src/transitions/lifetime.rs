@@ -7,12 +7,12 @@ use std::time::{Duration, Instant};
 
 use kubeha_crds::service::Role;
 
-use super::{ClusterView, LIFETIME_MARGIN, Node, refused};
+use super::{LIFETIME_MARGIN, LocalNode, TransitionCluster, refused};
 use crate::heartbeat::Beat;
 use crate::statefile::ServiceRecord;
 use crate::vip::{self, Netlink, Vip};
 
-impl<N: Netlink> Node<N> {
+impl<N: Netlink> LocalNode<N> {
     /// Seconds of VIP lifetime allowed now: the configured or derived
     /// lifetime, but never past D plus the skew allowance since the last
     /// successful renew, so a VIP cannot outlive the lease.
@@ -80,8 +80,8 @@ impl<N: Netlink> Node<N> {
     /// node missed its renewals for longer than the lifetime (a stall, a
     /// cut-off whose fence has not run yet) and another node may hold the
     /// service now: it is set aside, and the record holding it gives the
-    /// master role up ([`Node::give_up_if_expired`]).
-    pub async fn extend(&self, cluster: &ClusterView) {
+    /// master role up ([`LocalNode::give_up_if_expired`]).
+    pub async fn extend(&self, cluster: &TransitionCluster) {
         let Some(beat) = cluster.beat else {
             return;
         };
@@ -123,7 +123,7 @@ impl<N: Netlink> Node<N> {
     }
 
     /// When a VIP of this master record expired before it was extended
-    /// ([`Node::extend`]): gives the master role up as a fence does (the
+    /// ([`LocalNode::extend`]): gives the master role up as a fence does (the
     /// other VIPs dropped at once, the leave scripts run once in contact).
     /// Returns whether it did.
     pub async fn give_up_if_expired(&self, record: &mut ServiceRecord) -> bool {

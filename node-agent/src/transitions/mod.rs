@@ -22,8 +22,10 @@ use crate::hooks::HookRunner;
 use crate::metrics::Metrics;
 use crate::vip::{self, Netlink, Vip};
 
-/// Everything a transition needs besides the service itself.
-pub struct Node<N: Netlink> {
+/// This node as transitions act on it (named apart from the Kubernetes
+/// Node): netlink, the hook runner, the VIPs held; everything a transition
+/// needs besides the service itself.
+pub struct LocalNode<N: Netlink> {
     /// This node's name.
     pub name: String,
     /// Netlink access.
@@ -46,7 +48,7 @@ pub struct Node<N: Netlink> {
 /// a transition's hooks, a monitor or a status report hold that lock for
 /// seconds, longer than a lifetime may be. VIPs the kernel expired before an
 /// extension are kept aside until the record holding them gives its master
-/// role up ([`Node::give_up_if_expired`]).
+/// role up ([`LocalNode::give_up_if_expired`]).
 #[derive(Debug, Default)]
 pub struct HeldVips {
     held: std::sync::Mutex<std::collections::BTreeMap<String, (String, String)>>,
@@ -109,7 +111,7 @@ fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 /// Facts about the service's cluster a transition uses.
 #[derive(Debug, Clone)]
-pub struct ClusterView {
+pub struct TransitionCluster {
     /// Cluster name.
     pub name: String,
     /// Members in order.
@@ -124,7 +126,7 @@ pub struct ClusterView {
 
 /// A service as one transition sees it.
 #[derive(Debug, Clone)]
-pub struct ServiceView {
+pub struct TransitionService {
     /// `namespace/name`.
     pub key: String,
     /// The spec acted on.
@@ -183,8 +185,6 @@ const PROBE_WINDOW: Duration = Duration::from_millis(30);
 /// the renew it was extended from: the kernel removes an expired address
 /// up to about 250 ms late when nothing else changes.
 pub const LIFETIME_MARGIN: Duration = Duration::from_millis(300);
-
-impl<N: Netlink> Node<N> {}
 
 /// A hook result standing for a step that could not run.
 pub fn refused(reason: &str) -> HookResult {

@@ -5,14 +5,22 @@ use std::time::Duration;
 
 use kubeha_crds::service::{HookOutcome, HookResult, Role};
 
-use super::{ClusterView, Node, ServiceView};
+use kubeha_crds::roles::primary_node;
+
+use super::{LocalNode, TransitionCluster, TransitionService};
 use crate::hooks::{self, Action, HookContext, HookLayout, HookSet};
 use crate::statefile::ServiceRecord;
 use crate::vip::Netlink;
 
-impl<N: Netlink> Node<N> {
+impl<N: Netlink> LocalNode<N> {
+    /// Whether this node is the service's primary node
+    /// ([`primary_node`]).
+    pub fn is_primary(&self, svc: &TransitionService, cluster: &TransitionCluster) -> bool {
+        primary_node(&svc.spec, cluster.members.iter().map(String::as_str)) == Some(&self.name)
+    }
+
     /// The hook set of a spec, if it has hooks.
-    pub fn hook_set(&self, svc: &ServiceView) -> Option<HookSet> {
+    pub fn hook_set(&self, svc: &TransitionService) -> Option<HookSet> {
         let hooks = svc.spec.hooks.as_ref()?;
         let dir = match (&hooks.source.host_path, &hooks.source.config_map) {
             (Some(p), _) => self.hook_root.join(p),
@@ -28,19 +36,15 @@ impl<N: Netlink> Node<N> {
 
     pub(super) fn context(
         &self,
-        svc: &ServiceView,
-        cluster: &ClusterView,
+        svc: &TransitionService,
+        cluster: &TransitionCluster,
         action: Action,
         role: Role,
         epoch: i64,
     ) -> HookContext {
-        let primary = svc
-            .spec
-            .preferred_nodes
-            .first()
-            .or(cluster.members.first())
-            .cloned()
-            .unwrap_or_default();
+        let primary = primary_node(&svc.spec, cluster.members.iter().map(String::as_str))
+            .unwrap_or_default()
+            .to_owned();
         let is_primary = primary == self.name;
         HookContext {
             action,
@@ -70,8 +74,8 @@ impl<N: Netlink> Node<N> {
 
     pub(super) async fn run_hooks(
         &self,
-        svc: &ServiceView,
-        cluster: &ClusterView,
+        svc: &TransitionService,
+        cluster: &TransitionCluster,
         action: Action,
         role: Role,
         epoch: i64,
@@ -102,8 +106,8 @@ impl<N: Netlink> Node<N> {
     /// daemon's context and timeouts.
     pub async fn run_hooks_by_hand(
         &self,
-        svc: &ServiceView,
-        cluster: &ClusterView,
+        svc: &TransitionService,
+        cluster: &TransitionCluster,
         action: Action,
         role: Role,
         epoch: i64,
@@ -134,7 +138,7 @@ impl<N: Netlink> Node<N> {
             .await)
     }
 
-    pub(super) fn hook_timeout(svc: &ServiceView) -> Duration {
+    pub(super) fn hook_timeout(svc: &TransitionService) -> Duration {
         Duration::from_secs(
             svc.spec
                 .hooks
@@ -147,8 +151,8 @@ impl<N: Netlink> Node<N> {
     pub async fn monitor(
         &self,
         record: &mut ServiceRecord,
-        svc: &ServiceView,
-        cluster: &ClusterView,
+        svc: &TransitionService,
+        cluster: &TransitionCluster,
     ) -> Option<bool> {
         let monitor = svc.spec.hooks.as_ref()?.monitor.as_ref()?;
         let timeout = Duration::from_secs(monitor.timeout_seconds.max(1) as u64);
@@ -174,8 +178,8 @@ impl<N: Netlink> Node<N> {
     pub async fn periodic(
         &self,
         record: &mut ServiceRecord,
-        svc: &ServiceView,
-        cluster: &ClusterView,
+        svc: &TransitionService,
+        cluster: &TransitionCluster,
     ) {
         let Some(p) = svc.spec.hooks.as_ref().and_then(|h| h.periodic.as_ref()) else {
             return;

@@ -7,21 +7,23 @@ use std::time::Duration;
 
 use kubeha_crds::service::{HookOutcome, NodeServiceState, Role};
 
-use super::{ClusterView, EnterError, Node, ServiceView, refused};
+use kubeha_crds::roles::Transition;
+
+use super::{EnterError, LocalNode, TransitionCluster, TransitionService, refused};
 use crate::assignments::{Assignment, Step};
 use crate::hooks::{self, Action};
 use crate::statefile::ServiceRecord;
 use crate::vip::{Netlink, Vip};
 
-impl<N: Netlink> Node<N> {
+impl<N: Netlink> LocalNode<N> {
     /// Carries out one step on `record`, updating it. Returns whether the
     /// step succeeded.
     pub async fn step(
         &self,
         step: Step,
         record: &mut ServiceRecord,
-        svc: &ServiceView,
-        cluster: &ClusterView,
+        svc: &TransitionService,
+        cluster: &TransitionCluster,
         wanted: Assignment,
     ) -> bool {
         match step {
@@ -29,7 +31,7 @@ impl<N: Netlink> Node<N> {
             Step::LeaveVicemaster => {
                 record.state = NodeServiceState::Stopping;
                 // The hooks the standby role was entered with.
-                let entered = ServiceView {
+                let entered = TransitionService {
                     key: svc.key.clone(),
                     spec: record.spec.clone(),
                     checksum: record.config_checksum.clone(),
@@ -96,8 +98,8 @@ impl<N: Netlink> Node<N> {
     pub(super) async fn enter_master(
         &self,
         record: &mut ServiceRecord,
-        svc: &ServiceView,
-        cluster: &ClusterView,
+        svc: &TransitionService,
+        cluster: &TransitionCluster,
         epoch: i64,
     ) -> bool {
         record.state = NodeServiceState::Starting;
@@ -174,12 +176,8 @@ impl<N: Netlink> Node<N> {
         }
         self.garp(&placed, &svc.spec).await;
         record.state = NodeServiceState::Running;
-        let primary = svc.spec.preferred_nodes.first().or(cluster.members.first());
-        self.metrics.transition(if primary == Some(&self.name) {
-            "takeback"
-        } else {
-            "takeover"
-        });
+        self.metrics
+            .transition(Transition::of(true, self.is_primary(svc, cluster)).as_str());
         true
     }
 
@@ -193,8 +191,8 @@ impl<N: Netlink> Node<N> {
     pub async fn revip(
         &self,
         record: &mut ServiceRecord,
-        svc: &ServiceView,
-        cluster: &ClusterView,
+        svc: &TransitionService,
+        cluster: &TransitionCluster,
     ) -> bool {
         let wanted = Self::vips(&svc.spec);
         let held = self.placed(record).await;
@@ -252,10 +250,10 @@ impl<N: Netlink> Node<N> {
     pub(super) async fn leave_master(
         &self,
         record: &mut ServiceRecord,
-        svc: &ServiceView,
-        cluster: &ClusterView,
+        svc: &TransitionService,
+        cluster: &TransitionCluster,
     ) -> bool {
-        let entered = ServiceView {
+        let entered = TransitionService {
             key: svc.key.clone(),
             spec: record.spec.clone(),
             checksum: record.config_checksum.clone(),
@@ -300,19 +298,15 @@ impl<N: Netlink> Node<N> {
             record.state = NodeServiceState::Failed;
             record.unclean_epoch = Some(record.epoch);
         }
-        let primary = svc.spec.preferred_nodes.first().or(cluster.members.first());
-        self.metrics.transition(if primary == Some(&self.name) {
-            "giveaway"
-        } else {
-            "giveback"
-        });
+        self.metrics
+            .transition(Transition::of(false, self.is_primary(svc, cluster)).as_str());
         ok
     }
 
     /// Re-adopts a service this node held before a restart and still holds:
     /// VIP lifetimes extended, one GARP burst, no enter hooks. When the VIPs
     /// cannot be held again, the master role is given up as a fence does.
-    pub async fn adopt(&self, record: &mut ServiceRecord, cluster: &ClusterView) -> bool {
+    pub async fn adopt(&self, record: &mut ServiceRecord, cluster: &TransitionCluster) -> bool {
         let vips = Self::vips(&record.spec);
         match self.add_vips(&vips, cluster).await {
             Ok(placed) => {
@@ -340,8 +334,8 @@ impl<N: Netlink> Node<N> {
     pub async fn fence_leave(
         &self,
         record: &mut ServiceRecord,
-        svc: &ServiceView,
-        cluster: &ClusterView,
+        svc: &TransitionService,
+        cluster: &TransitionCluster,
         left: Duration,
     ) {
         let results = if left.is_zero() {

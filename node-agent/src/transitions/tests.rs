@@ -35,24 +35,24 @@ fn lifetime_never_outlives_the_lease() {
     // D 3 s + skew 0.5 s: a fresh renew allows 3 s; 1.2 s later only 2 s.
     let (b, now) = beat(0, 3000, 500);
     assert_eq!(
-        Node::<crate::vip::RtNetlink>::allowed_lifetime(&b, now),
+        LocalNode::<crate::vip::RtNetlink>::allowed_lifetime(&b, now),
         Some(3)
     );
     let (b, now) = beat(1200, 3000, 500);
     assert_eq!(
-        Node::<crate::vip::RtNetlink>::allowed_lifetime(&b, now),
+        LocalNode::<crate::vip::RtNetlink>::allowed_lifetime(&b, now),
         Some(2)
     );
     // Too old: nothing may be added.
     let (b, now) = beat(2600, 3000, 500);
     assert_eq!(
-        Node::<crate::vip::RtNetlink>::allowed_lifetime(&b, now),
+        LocalNode::<crate::vip::RtNetlink>::allowed_lifetime(&b, now),
         None
     );
     // Tight timing D = 1 s + 0.5 s skew: one second right after a renew.
     let (b, now) = beat(100, 1000, 500);
     assert_eq!(
-        Node::<crate::vip::RtNetlink>::allowed_lifetime(&b, now),
+        LocalNode::<crate::vip::RtNetlink>::allowed_lifetime(&b, now),
         Some(1)
     );
 }
@@ -145,10 +145,10 @@ fn master(epoch: i64) -> Assignment {
 /// one VIP and a cluster with a fresh heartbeat. The temporary folders
 /// live as long as the fixture.
 struct Fixture {
-    node: Node<FakeNetlink>,
+    node: LocalNode<FakeNetlink>,
     spec: HAServiceSpec,
-    svc: ServiceView,
-    cluster: ClusterView,
+    svc: TransitionService,
+    cluster: TransitionCluster,
     flag: std::path::PathBuf,
     _dirs: [tempfile::TempDir; 3],
 }
@@ -174,7 +174,7 @@ fn fixture() -> Fixture {
         std::fs::write(&path, format!("#!/bin/sh\n{body}\n")).unwrap();
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
     }
-    let node = Node {
+    let node = LocalNode {
         name: "n1".into(),
         netlink: FakeNetlink::default(),
         runner: HookRunner::new(logs.path()),
@@ -189,13 +189,13 @@ fn fixture() -> Fixture {
         "hooks": {"source": {"hostPath": "svc"}, "timeoutSeconds": 10},
     }))
     .unwrap();
-    let svc = ServiceView {
+    let svc = TransitionService {
         key: "ns/svc".into(),
         spec: spec.clone(),
         checksum: "x".into(),
     };
     let (b, _) = beat(0, 60_000, 500);
-    let cluster = ClusterView {
+    let cluster = TransitionCluster {
         name: "c".into(),
         members: vec!["n1".into()],
         beat: Some(b),
@@ -254,7 +254,7 @@ async fn a_fence_is_undone_by_the_next_clean_leave_and_counts_no_failure() {
 async fn extension_never_re_adds_an_expired_vip_and_gives_the_role_up() {
     let fx = fixture();
     let (node, spec, svc, cluster) = (&fx.node, &fx.spec, &fx.svc, &fx.cluster);
-    let held = |node: &Node<FakeNetlink>| node.netlink.addrs.lock().unwrap().len();
+    let held = |node: &LocalNode<FakeNetlink>| node.netlink.addrs.lock().unwrap().len();
     let mut r = record(spec);
     assert!(
         node.step(Step::EnterMaster, &mut r, svc, cluster, master(3))
@@ -347,7 +347,7 @@ async fn a_lifetime_set_late_is_set_again_within_the_lease() {
     let fx = fixture();
     let (node, svc) = (&fx.node, &fx.svc);
     let (b, _) = beat(0, 3_000, 500);
-    let cluster = ClusterView {
+    let cluster = TransitionCluster {
         beat: Some(b),
         ..fx.cluster.clone()
     };
@@ -373,7 +373,7 @@ async fn a_lifetime_set_late_is_set_again_within_the_lease() {
     // up as a fence does.
     node.netlink.add_delay_ms.store(2_500, Ordering::SeqCst);
     let (b, _) = beat(0, 3_000, 500);
-    let cluster = ClusterView {
+    let cluster = TransitionCluster {
         beat: Some(b),
         ..fx.cluster.clone()
     };
@@ -519,7 +519,7 @@ async fn an_unclean_leave_keeps_the_record_from_moving_on() {
     // A refused enter (no interface holds the VIP) is unclean too.
     let mut refused_spec = spec.clone();
     refused_spec.vips[0].address = "203.0.113.5/24".into();
-    let refused = ServiceView {
+    let refused = TransitionService {
         spec: refused_spec,
         ..svc.clone()
     };

@@ -31,7 +31,7 @@ fn lease(holder: &str, epoch: i64) -> LeaseState {
 }
 
 fn reasons(s: &Seen) -> Vec<(&'static str, &str)> {
-    s.transitions
+    s.announcements
         .iter()
         .map(|t| (t.reason, t.node.as_str()))
         .collect()
@@ -85,7 +85,7 @@ fn a_failover_is_announced_once_with_its_duration() {
         })
     );
     let s = m.observe(&after, Some(&lease("b", 4)), Some("a"), &none, t0);
-    assert!(s.transitions.is_empty() && s.completed.is_none());
+    assert!(s.announcements.is_empty() && s.completed.is_none());
     // Back on the primary.
     let back = vec![
         entry("a", NodeServiceState::Running, 5, Some(3), 0),
@@ -159,11 +159,11 @@ fn failures_and_fences_are_announced() {
     );
     assert_eq!(reasons(&s), vec![("HookFailed", "a"), ("Fenced", "a")]);
     assert!(
-        s.transitions[0].message.contains("cannot mount"),
+        s.announcements[0].message.contains("cannot mount"),
         "{}",
-        s.transitions[0].message
+        s.announcements[0].message
     );
-    assert!(s.transitions.iter().all(|t| t.warning));
+    assert!(s.announcements.iter().all(|t| t.warning));
     assert_eq!(
         m.failed_for("a", t1 + Duration::from_secs(3)),
         Some(Duration::from_secs(3))
