@@ -21,4 +21,3 @@ pub const GROUP: &str = "kubeha.io";
 pub const VERSION: &str = "v1alpha1";
 /// Root directory on each node under which `hooks.source.hostPath` resolves.
 pub const HOOK_ROOT: &str = "/etc/kubeha/hooks";
-pub mod watch;

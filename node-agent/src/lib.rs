@@ -22,6 +22,7 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand};
+use kubeha_runtime::logging::LogFormat;
 
 /// Command line of `kubeha-agent`.
 #[derive(Parser, Debug)]
@@ -29,9 +30,9 @@ use clap::{Args, Parser, Subcommand};
 pub struct Cli {
     #[command(flatten)]
     paths: Paths,
-    /// Log format: text or json.
-    #[arg(long, env = "KUBEHA_LOG_FORMAT", default_value = "text", global = true)]
-    log_format: String,
+    /// Log format.
+    #[arg(long, env = "KUBEHA_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text, global = true)]
+    log_format: LogFormat,
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -117,7 +118,7 @@ enum HooksCommand {
 
 /// Runs the agent.
 pub fn run(cli: Cli) -> anyhow::Result<()> {
-    init_tracing(&cli.log_format);
+    kubeha_runtime::logging::init(cli.log_format);
     let runtime = tokio::runtime::Runtime::new()?;
     match cli.command.unwrap_or(Command::Run) {
         Command::Run => runtime.block_on(daemon::run(daemon_config(&cli.paths)?)),
@@ -159,19 +160,6 @@ fn daemon_config(paths: &Paths) -> anyhow::Result<daemon::Config> {
         metrics_addr: paths.metrics_addr,
         hook_cgroup: paths.hook_cgroup.clone(),
     })
-}
-
-fn init_tracing(format: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    if format == "json" {
-        builder.json().init();
-    } else {
-        builder.init();
-    }
 }
 
 /// `kubeha-agent hooks run`: the spec comes from the API server when it

@@ -3,19 +3,16 @@
 //! heartbeat renewed within RD).
 
 use std::sync::atomic::AtomicU64;
-use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use axum::Router;
-use axum::extract::State;
-use axum::http::StatusCode;
-use axum::routing::get;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
+
+use kubeha_runtime::http::SharedRegistry;
 
 use crate::heartbeat::Heartbeats;
 
@@ -40,7 +37,7 @@ type HookHistogram = Family<HookLabels, Histogram, fn() -> Histogram>;
 /// The agent's metrics; cheap to clone.
 #[derive(Clone)]
 pub struct Metrics {
-    registry: Arc<Mutex<Registry>>,
+    registry: SharedRegistry,
     renew_failures: Family<ClusterLabels, Counter>,
     last_renew_age: Family<ClusterLabels, Gauge<f64, AtomicU64>>,
     vips_held: Gauge,
@@ -99,8 +96,10 @@ impl Default for Metrics {
             "Role transitions by kind",
             m.transitions.clone(),
         );
-        *m.registry.lock().unwrap_or_else(|e| e.into_inner()) = registry;
-        m
+        Self {
+            registry: SharedRegistry::new(registry),
+            ..m
+        }
     }
 }
 
@@ -160,77 +159,60 @@ impl Metrics {
                     .set(age.as_secs_f64());
             }
         }
-        let mut out = String::new();
-        let registry = self.registry.lock().unwrap_or_else(|e| e.into_inner());
-        prometheus_client::encoding::text::encode(&mut out, &registry)
-            .expect("writing to a String cannot fail");
-        out
+        self.registry.encode()
     }
 }
 
+/// What the agent answers on its HTTP port: `/healthz` while the main loop
+/// makes progress, `/readyz` while every cluster's heartbeat renewed within
+/// RD.
 #[derive(Clone)]
-struct HttpState {
-    metrics: Metrics,
-    beats: Heartbeats,
+pub struct Probes {
+    /// The metrics `/metrics` encodes.
+    pub metrics: Metrics,
+    /// The heartbeats (renew ages) and the main loop's progress.
+    pub beats: Heartbeats,
 }
 
-/// Serves `/metrics`, `/healthz` and `/readyz` on `addr` until the task ends.
-pub async fn serve(
-    addr: std::net::SocketAddr,
-    metrics: Metrics,
-    beats: Heartbeats,
-) -> anyhow::Result<()> {
-    let app = Router::new()
-        .route(
-            "/metrics",
-            get(|State(s): State<HttpState>| async move { s.metrics.encode(&s.beats) }),
-        )
-        .route(
-            "/healthz",
-            get(|State(s): State<HttpState>| async move {
-                // Unhealthy once the main loop is stuck for the longest RD
-                // of the clusters (its renewals have stopped by then).
-                let now = Instant::now();
-                let limit = s
-                    .beats
-                    .all()
-                    .values()
-                    .map(|b| b.timing.renew_deadline)
-                    .max()
-                    .unwrap_or(std::time::Duration::from_secs(10));
-                match s.beats.stalled_for(now) {
-                    Some(stalled) if stalled >= limit => (
-                        StatusCode::SERVICE_UNAVAILABLE,
-                        format!("main loop stalled for {} ms", stalled.as_millis()),
-                    ),
-                    _ => (StatusCode::OK, "ok".to_owned()),
-                }
-            }),
-        )
-        .route(
-            "/readyz",
-            get(|State(s): State<HttpState>| async move {
-                let now = Instant::now();
-                let beats = s.beats.all();
-                if beats.values().all(|b| !b.past_deadline(now)) {
-                    (StatusCode::OK, "ok".to_owned())
-                } else {
-                    let late: Vec<String> = beats
-                        .iter()
-                        .filter(|(_, b)| b.past_deadline(now))
-                        .map(|(c, _)| c.clone())
-                        .collect();
-                    (
-                        StatusCode::SERVICE_UNAVAILABLE,
-                        format!("heartbeat past its deadline in {late:?}"),
-                    )
-                }
-            }),
-        )
-        .with_state(HttpState { metrics, beats });
-    let listener = tokio::net::TcpListener::bind(addr).await?;
-    axum::serve(listener, app).await?;
-    Ok(())
+impl kubeha_runtime::http::Probes for Probes {
+    fn metrics(&self) -> String {
+        self.metrics.encode(&self.beats)
+    }
+
+    fn health(&self) -> Result<(), String> {
+        // Unhealthy once the main loop is stuck for the longest RD of the
+        // clusters (its renewals have stopped by then).
+        let now = Instant::now();
+        let limit = self
+            .beats
+            .all()
+            .values()
+            .map(|b| b.timing.renew_deadline)
+            .max()
+            .unwrap_or(std::time::Duration::from_secs(10));
+        match self.beats.stalled_for(now) {
+            Some(stalled) if stalled >= limit => {
+                Err(format!("main loop stalled for {} ms", stalled.as_millis()))
+            }
+            _ => Ok(()),
+        }
+    }
+
+    fn ready(&self) -> Result<(), String> {
+        let now = Instant::now();
+        let late: Vec<String> = self
+            .beats
+            .all()
+            .into_iter()
+            .filter(|(_, b)| b.past_deadline(now))
+            .map(|(c, _)| c)
+            .collect();
+        if late.is_empty() {
+            Ok(())
+        } else {
+            Err(format!("heartbeat past its deadline in {late:?}"))
+        }
+    }
 }
 
 #[cfg(test)]

@@ -4,28 +4,19 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use clap::{Parser, ValueEnum};
+use clap::Parser;
 use futures::StreamExt;
 use futures::channel::mpsc;
 use kube::Client;
 use kube::runtime::controller::{self, Controller};
 use kube::runtime::watcher;
 use kubeha_crds::{HACluster, HAService};
+use kubeha_runtime::logging::LogFormat;
 
 use crate::context::{Ctx, Triggers};
 use crate::error::Result;
 use crate::metrics::{self, Metrics};
 use crate::{cluster_controller, leader, service_controller, watch};
-
-/// Log output format.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, ValueEnum)]
-pub enum LogFormat {
-    /// Human-readable lines.
-    #[default]
-    Text,
-    /// One JSON object per line.
-    Json,
-}
 
 /// Command line of `kubeha-operator`.
 #[derive(Parser, Debug, Clone)]
@@ -79,17 +70,6 @@ impl Cli {
     }
 }
 
-/// Sets up logging (RUST_LOG overrides the default `info`).
-pub fn init_logging(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter);
-    let _ = match format {
-        LogFormat::Text => builder.try_init(),
-        LogFormat::Json => builder.json().flatten_event(true).try_init(),
-    };
-}
-
 /// Runs the operator until SIGTERM or Ctrl-C.
 pub async fn run(cli: Cli) -> Result<()> {
     let client = Client::try_default().await?;
@@ -121,7 +101,8 @@ pub async fn run(cli: Cli) -> Result<()> {
     {
         let (addr, m, ready) = (cli.metrics_addr, metrics.clone(), ctx.ready.clone());
         tokio::spawn(async move {
-            if let Err(e) = metrics::serve(addr, m, ready).await {
+            let probes = metrics::Probes { metrics: m, ready };
+            if let Err(e) = kubeha_runtime::http::serve(addr, probes).await {
                 tracing::error!(error = %e, "metrics endpoint failed");
             }
         });

@@ -3,7 +3,7 @@ use clap::Parser;
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = kubeha_operator::Cli::parse();
-    kubeha_operator::app::init_logging(cli.log_format);
+    kubeha_runtime::logging::init(cli.log_format);
     kubeha_operator::run(cli).await?;
     Ok(())
 }

@@ -2,20 +2,18 @@
 //! `/healthz` (the process serves) and `/readyz` (every watch has listed
 //! its objects once).
 
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use axum::Router;
-use axum::extract::State;
-use axum::http::StatusCode;
-use axum::routing::get;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
+
+use kubeha_runtime::http::SharedRegistry;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ReasonLabels {
@@ -38,7 +36,7 @@ type Histograms<L> = Family<L, Histogram, fn() -> Histogram>;
 /// The operator's metrics; cheap to clone.
 #[derive(Clone)]
 pub struct Metrics {
-    registry: Arc<Mutex<Registry>>,
+    registry: SharedRegistry,
     failovers: Family<ReasonLabels, Counter>,
     failover_duration: Histograms<ReasonLabels>,
     reconciles: Family<ReconcileLabels, Counter>,
@@ -99,8 +97,10 @@ impl Default for Metrics {
             "Writes of service Leases (assignment changes)",
             m.lease_writes.clone(),
         );
-        *m.registry.lock().unwrap_or_else(|e| e.into_inner()) = registry;
-        m
+        Self {
+            registry: SharedRegistry::new(registry),
+            ..m
+        }
     }
 }
 
@@ -150,51 +150,36 @@ impl Metrics {
 
     /// The text exposition.
     pub fn encode(&self) -> String {
-        let mut out = String::new();
-        let registry = self.registry.lock().unwrap_or_else(|e| e.into_inner());
-        if prometheus_client::encoding::text::encode(&mut out, &registry).is_err() {
-            out.clear();
-        }
-        out
+        self.registry.encode()
     }
 }
 
+/// What the operator answers on its HTTP port: `/healthz` while the process
+/// serves, `/readyz` once every watch has listed its objects.
 #[derive(Clone)]
-struct HttpState {
-    metrics: Metrics,
-    ready: Arc<AtomicBool>,
+pub struct Probes {
+    /// The metrics `/metrics` encodes.
+    pub metrics: Metrics,
+    /// Set once every watch has listed.
+    pub ready: Arc<AtomicBool>,
 }
 
-/// The HTTP routes: `/metrics`, `/healthz`, `/readyz`.
-pub fn router(metrics: Metrics, ready: Arc<AtomicBool>) -> Router {
-    Router::new()
-        .route(
-            "/metrics",
-            get(|State(s): State<HttpState>| async move { s.metrics.encode() }),
-        )
-        .route("/healthz", get(|| async { "ok" }))
-        .route(
-            "/readyz",
-            get(|State(s): State<HttpState>| async move {
-                if s.ready.load(Ordering::SeqCst) {
-                    (StatusCode::OK, "ok")
-                } else {
-                    (StatusCode::SERVICE_UNAVAILABLE, "watches not synced yet")
-                }
-            }),
-        )
-        .with_state(HttpState { metrics, ready })
-}
+impl kubeha_runtime::http::Probes for Probes {
+    fn metrics(&self) -> String {
+        self.metrics.encode()
+    }
 
-/// Serves the routes on `addr` until the task is dropped.
-pub async fn serve(
-    addr: std::net::SocketAddr,
-    metrics: Metrics,
-    ready: Arc<AtomicBool>,
-) -> crate::Result<()> {
-    let listener = tokio::net::TcpListener::bind(addr).await?;
-    axum::serve(listener, router(metrics, ready)).await?;
-    Ok(())
+    fn health(&self) -> Result<(), String> {
+        Ok(())
+    }
+
+    fn ready(&self) -> Result<(), String> {
+        if self.ready.load(Ordering::SeqCst) {
+            Ok(())
+        } else {
+            Err("watches not synced yet".to_owned())
+        }
+    }
 }
 
 #[cfg(test)]

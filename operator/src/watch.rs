@@ -61,15 +61,15 @@ pub struct Streams {
 /// Starts the watches (lazily: nothing runs until [`dispatch`] polls them).
 pub fn start(client: &Client, namespace: &str) -> (Stores, Streams) {
     let (services, s1) =
-        kubeha_crds::watch::reflect::<HAService>(client, None, watcher::Config::default());
+        kubeha_runtime::watch::reflect::<HAService>(client, None, watcher::Config::default());
     let (clusters, s2) =
-        kubeha_crds::watch::reflect::<HACluster>(client, None, watcher::Config::default());
-    let (service_leases, s3) = kubeha_crds::watch::reflect::<Lease>(
+        kubeha_runtime::watch::reflect::<HACluster>(client, None, watcher::Config::default());
+    let (service_leases, s3) = kubeha_runtime::watch::reflect::<Lease>(
         client,
         None,
         watcher::Config::default().labels(&leases::service_lease_selector()),
     );
-    let (heartbeat_leases, s4) = kubeha_crds::watch::reflect::<Lease>(
+    let (heartbeat_leases, s4) = kubeha_runtime::watch::reflect::<Lease>(
         client,
         Some(namespace),
         watcher::Config::default().labels(&format!(
@@ -78,7 +78,8 @@ pub fn start(client: &Client, namespace: &str) -> (Stores, Streams) {
             leases::HEARTBEAT
         )),
     );
-    let (nodes, s5) = kubeha_crds::watch::reflect::<Node>(client, None, watcher::Config::default());
+    let (nodes, s5) =
+        kubeha_runtime::watch::reflect::<Node>(client, None, watcher::Config::default());
     (
         Stores {
             services,

@@ -202,7 +202,11 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     tokio::spawn({
         let (m, b, addr) = (metrics.clone(), beats.clone(), config.metrics_addr);
         async move {
-            if let Err(e) = crate::metrics::serve(addr, m, b).await {
+            let probes = crate::metrics::Probes {
+                metrics: m,
+                beats: b,
+            };
+            if let Err(e) = kubeha_runtime::http::serve(addr, probes).await {
                 tracing::error!(error = %e, "metrics endpoint failed");
             }
         }
@@ -376,7 +380,7 @@ fn new_slot(record: ServiceRecord, adopt: bool) -> Slot {
 }
 
 /// A reflector whose every event wakes the main loop. A malformed object is
-/// skipped ([`kubeha_crds::watch::reflect`]); errors are logged and retried
+/// skipped ([`kubeha_runtime::watch::reflect`]); errors are logged and retried
 /// with backoff: the watch goes on.
 fn watch<K>(client: &Client, config: watcher::Config, shared: &Arc<Shared>) -> Store<K>
 where
@@ -388,7 +392,7 @@ where
         + Sync
         + 'static,
 {
-    let (reader, stream) = kubeha_crds::watch::reflect::<K>(client, None, config);
+    let (reader, stream) = kubeha_runtime::watch::reflect::<K>(client, None, config);
     let shared = shared.clone();
     tokio::spawn(async move {
         let mut stream = std::pin::pin!(stream);

@@ -1,4 +1,4 @@
-//! A fault-tolerant typed watch, shared by the operator and the agent: the
+//! A fault-tolerant typed watch: the
 //! API server's objects are listed and watched untyped and parsed one by one,
 //! so a malformed object (e.g. written under an older schema) is logged and
 //! skipped instead of failing the whole list and stalling the watch.
@@ -98,7 +98,7 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::HAService;
+    use kubeha_crds::HAService;
 
     fn object(spec: serde_json::Value) -> DynamicObject {
         serde_json::from_value(serde_json::json!({
