@@ -7,6 +7,7 @@ pub mod assignments;
 pub mod cgroup;
 pub mod daemon;
 pub mod decide;
+pub mod error;
 pub mod garp;
 pub mod heartbeat;
 pub mod hooks;
@@ -20,9 +21,10 @@ pub mod vip;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand};
 use kubeha_runtime::logging::LogFormat;
+
+pub use error::{Error, Result};
 
 /// Command line of `kubeha-agent`.
 #[derive(Parser, Debug)]
@@ -117,18 +119,18 @@ enum HooksCommand {
 }
 
 /// Runs the agent.
-pub fn run(cli: Cli) -> anyhow::Result<()> {
+pub fn run(cli: Cli) -> Result<()> {
     kubeha_runtime::logging::init(cli.log_format);
     let runtime = tokio::runtime::Runtime::new()?;
     match cli.command.unwrap_or(Command::Run) {
         Command::Run => runtime.block_on(daemon::run(daemon_config(&cli.paths)?)),
         Command::Status => {
             let path = statefile::path(&cli.paths.state_dir);
-            let text = std::fs::read_to_string(&path).with_context(|| {
-                format!(
-                    "no status file at {} (has the agent run on this node?)",
+            let text = std::fs::read_to_string(&path).map_err(|e| {
+                Error::Usage(format!(
+                    "no status file at {} (has the agent run on this node?): {e}",
                     path.display()
-                )
+                ))
             })?;
             println!("{text}");
             Ok(())
@@ -145,11 +147,12 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
     }
 }
 
-fn daemon_config(paths: &Paths) -> anyhow::Result<daemon::Config> {
+fn daemon_config(paths: &Paths) -> Result<daemon::Config> {
     let Some(node) = paths.node_name.clone() else {
-        bail!(
+        return Err(Error::Usage(
             "the node name is unknown: set NODE_NAME (downward API spec.nodeName) or --node-name"
-        );
+                .to_owned(),
+        ));
     };
     Ok(daemon::Config {
         node,
@@ -171,24 +174,32 @@ async fn hooks_by_hand(
     action: &str,
     role: &str,
     epoch: Option<i64>,
-) -> anyhow::Result<()> {
+) -> Result<()> {
     use kubeha_crds::service::{HookOutcome, Role};
     let action = match action {
         "enter" => hooks::Action::Enter,
         "leave" => hooks::Action::Leave,
         "monitor" => hooks::Action::Monitor,
         "periodic" => hooks::Action::Periodic,
-        other => bail!("unknown action {other:?}: use enter, leave, monitor or periodic"),
+        other => {
+            return Err(Error::Usage(format!(
+                "unknown action {other:?}: use enter, leave, monitor or periodic"
+            )));
+        }
     };
     let role = match role {
         "master" => Role::Master,
         "vicemaster" => Role::Vicemaster,
         "none" => Role::None,
-        other => bail!("unknown role {other:?}: use master, vicemaster or none"),
+        other => {
+            return Err(Error::Usage(format!(
+                "unknown role {other:?}: use master, vicemaster or none"
+            )));
+        }
     };
     let (ns, name) = service
         .split_once('/')
-        .context("name the service as namespace/name")?;
+        .ok_or_else(|| Error::Usage(format!("{service:?}: name the service as namespace/name")))?;
     let saved = statefile::read(&paths.state_dir).and_then(|s| s.services.get(service).cloned());
     let from_api = async {
         let client = kube::Client::try_default().await.ok()?;
@@ -220,9 +231,11 @@ async fn hooks_by_hand(
             (spec, members.unwrap_or_default(), name)
         }
         (None, Some(record)) => (record.spec.clone(), Vec::new(), record.cluster.clone()),
-        (None, None) => bail!(
-            "service {service} not found: the API server did not answer and the status file does not know it"
-        ),
+        (None, None) => {
+            return Err(Error::Usage(format!(
+                "service {service} not found: the API server did not answer and the status file does not know it"
+            )));
+        }
     };
     let node_name = paths
         .node_name
@@ -269,7 +282,7 @@ async fn hooks_by_hand(
         println!("no {} scripts", action.as_str());
     }
     if failed {
-        bail!("a hook did not succeed");
+        return Err(Error::HookFailed);
     }
     Ok(())
 }

@@ -1,5 +1,5 @@
 use clap::Parser;
 
 fn main() -> anyhow::Result<()> {
-    kubeha_agent::run(kubeha_agent::Cli::parse())
+    Ok(kubeha_agent::run(kubeha_agent::Cli::parse())?)
 }

@@ -14,7 +14,7 @@ pub(super) async fn materialize_config_map(
     namespaces: &[String],
     name: &str,
     dir: &std::path::Path,
-) -> anyhow::Result<()> {
+) -> crate::Result<()> {
     use k8s_openapi::api::core::v1::ConfigMap;
     use std::os::unix::fs::PermissionsExt;
     let mut found = None;
@@ -29,7 +29,10 @@ pub(super) async fn materialize_config_map(
         }
     }
     let Some(cm) = found else {
-        anyhow::bail!("hook ConfigMap {name} not found in namespaces {namespaces:?}");
+        return Err(crate::Error::ConfigMapNotFound {
+            name: name.to_owned(),
+            namespaces: namespaces.to_vec(),
+        });
     };
     std::fs::create_dir_all(dir)?;
     let data = cm.data.unwrap_or_default();

@@ -152,7 +152,7 @@ struct Shared {
 }
 
 /// Runs the daemon until a signal ends it.
-pub async fn run(config: Config) -> anyhow::Result<()> {
+pub async fn run(config: Config) -> crate::Result<()> {
     let client = Client::try_default().await?;
     let metrics = Metrics::default();
     let beats = Heartbeats::default();
@@ -160,8 +160,12 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let mut runner = HookRunner::new(config.log_dir.clone());
     match &config.hook_cgroup {
         Some(dir) => {
-            let cgroup = crate::cgroup::HookCgroup::create(dir)
-                .map_err(|e| anyhow::anyhow!("--hook-cgroup: {e}"))?;
+            let cgroup = crate::cgroup::HookCgroup::create(dir).map_err(|source| {
+                crate::Error::HookCgroup {
+                    path: dir.clone(),
+                    source,
+                }
+            })?;
             tracing::info!(cgroup = %dir.display(), "hooks run in their own cgroup");
             runner = runner.with_cgroup(cgroup);
         }

@@ -111,9 +111,9 @@ impl<N: Netlink> LocalNode<N> {
         action: Action,
         role: Role,
         epoch: i64,
-    ) -> anyhow::Result<Vec<HookResult>> {
+    ) -> crate::Result<Vec<HookResult>> {
         if self.hook_set(svc).is_none() {
-            anyhow::bail!("service {} has no hooks", svc.key);
+            return Err(crate::Error::NoHooks(svc.key.clone()));
         }
         let timeout = match action {
             Action::Monitor => svc
