@@ -3,8 +3,10 @@
 //! and mode rules that operator, agent and plugin share.
 
 pub mod annotations;
+pub mod cidr;
 pub mod cluster;
 pub mod leases;
+#[cfg(feature = "manifests")]
 pub mod manifests;
 pub mod members;
 pub mod mode;

@@ -117,21 +117,13 @@ impl Vip {
             input: cidr.to_string(),
             reason: reason.to_string(),
         };
-        let (addr, len) = cidr
-            .split_once('/')
-            .ok_or_else(|| fail("expected CIDR notation ADDRESS/PREFIX, e.g. 198.18.0.100/24"))?;
-        let addr: IpAddr = addr
-            .parse()
-            .map_err(|_| fail("the address part is not an IPv4 or IPv6 address"))?;
-        if len.is_empty() || !len.bytes().all(|b| b.is_ascii_digit()) {
-            return Err(fail("the prefix length must be a decimal number"));
-        }
-        let max = if addr.is_ipv4() { 32 } else { 128 };
-        let prefix_len = len
-            .parse::<u8>()
-            .ok()
-            .filter(|l| *l <= max)
-            .ok_or_else(|| fail(&format!("the prefix length must be 0..={max}")))?;
+        let net = kubeha_crds::cidr::parse(cidr).map_err(|_| {
+            fail(
+                "expected ADDRESS/PREFIX with a decimal prefix length within the family's \
+                 (0-32, 0-128), e.g. 198.18.0.100/24 or 2001:db8::100/64",
+            )
+        })?;
+        let (addr, prefix_len) = (net.addr(), net.prefix_len());
         if addr.is_unspecified() {
             return Err(fail("the unspecified address cannot be a VIP"));
         }
@@ -388,21 +380,6 @@ fn is_permanent(msg: &AddressMessage) -> bool {
     }
 }
 
-/// Whether `addr` lies in the subnet `net/len`.
-fn subnet_contains(net: IpAddr, len: u8, addr: IpAddr) -> bool {
-    match (net, addr) {
-        (IpAddr::V4(n), IpAddr::V4(a)) if len <= 32 => {
-            let mask = u32::MAX.checked_shl(32 - u32::from(len)).unwrap_or(0);
-            u32::from(n) & mask == u32::from(a) & mask
-        }
-        (IpAddr::V6(n), IpAddr::V6(a)) if len <= 128 => {
-            let mask = u128::MAX.checked_shl(128 - u32::from(len)).unwrap_or(0);
-            u128::from(n) & mask == u128::from(a) & mask
-        }
-        _ => false,
-    }
-}
-
 /// The gateways of a route message, including those of multipath next hops.
 fn route_gateways(msg: &RouteMessage) -> Vec<IpAddr> {
     fn from_attrs(attrs: &[RouteAttribute], out: &mut Vec<IpAddr>) {
@@ -639,8 +616,9 @@ impl Netlink for RtNetlink {
             .filter(|m| m.header.scope != AddressScope::Host)
             .filter_map(|m| {
                 let ip = local_addr(m)?;
-                (ip != vip.addr && subnet_contains(ip, m.header.prefix_len, vip.addr))
-                    .then(|| (m.header.prefix_len, is_permanent(m), m.header.index))
+                (ip != vip.addr
+                    && kubeha_crds::cidr::subnet_contains(ip, m.header.prefix_len, vip.addr))
+                .then(|| (m.header.prefix_len, is_permanent(m), m.header.index))
             })
             .max_by(|a, b| {
                 (a.0, a.1, std::cmp::Reverse(a.2)).cmp(&(b.0, b.1, std::cmp::Reverse(b.2)))

@@ -7,60 +7,10 @@
 //! cluster or the conflicting object changes.
 
 use std::net::IpAddr;
-use std::str::FromStr;
 
+use kubeha_crds::cidr::{self, IpNet};
 use kubeha_crds::cluster::HAClusterSpec;
 use kubeha_crds::service::HAServiceSpec;
-
-/// An address with a prefix length, IPv4 or IPv6.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Cidr {
-    /// The address as written (host bits may be set).
-    pub addr: IpAddr,
-    /// The prefix length.
-    pub prefix: u8,
-}
-
-/// Why a string is not a CIDR.
-#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
-#[error("{0:?} is not an address with a prefix length such as 198.18.0.10/24")]
-pub struct BadCidr(pub String);
-
-impl FromStr for Cidr {
-    type Err = BadCidr;
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let bad = || BadCidr(s.to_owned());
-        let (addr, prefix) = s.trim().split_once('/').ok_or_else(bad)?;
-        let addr: IpAddr = addr.parse().map_err(|_| bad())?;
-        let prefix: u8 = prefix.parse().map_err(|_| bad())?;
-        let max = if addr.is_ipv4() { 32 } else { 128 };
-        if prefix > max {
-            return Err(bad());
-        }
-        Ok(Self { addr, prefix })
-    }
-}
-
-impl Cidr {
-    /// Whether `ip` lies in this network (same family, same prefix bits).
-    pub fn contains(&self, ip: IpAddr) -> bool {
-        match (self.addr, ip) {
-            (IpAddr::V4(net), IpAddr::V4(ip)) => {
-                let mask = u32::MAX
-                    .checked_shl(32 - u32::from(self.prefix))
-                    .unwrap_or(0);
-                u32::from(net) & mask == u32::from(ip) & mask
-            }
-            (IpAddr::V6(net), IpAddr::V6(ip)) => {
-                let mask = u128::MAX
-                    .checked_shl(128 - u32::from(self.prefix))
-                    .unwrap_or(0);
-                u128::from(net) & mask == u128::from(ip) & mask
-            }
-            _ => false,
-        }
-    }
-}
 
 /// One reason a service is refused.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
@@ -158,8 +108,8 @@ impl Claim {
             addresses: spec
                 .vips
                 .iter()
-                .filter_map(|v| v.address.parse::<Cidr>().ok())
-                .map(|c| c.addr)
+                .filter_map(|v| cidr::parse(&v.address).ok())
+                .map(|c| c.addr())
                 .collect(),
         }
     }
@@ -193,27 +143,27 @@ pub fn validate(
         });
     }
 
-    let pool: Vec<Cidr> = cluster
+    let pool: Vec<IpNet> = cluster
         .vip_pool
         .iter()
-        .filter_map(|p| p.parse().ok())
+        .filter_map(|p| cidr::parse(p).ok())
         .collect();
     let mut seen: Vec<IpAddr> = Vec::new();
     for vip in &subject.spec.vips {
-        let cidr = match vip.address.parse::<Cidr>() {
+        let net = match cidr::parse(&vip.address) {
             Ok(c) => c,
             Err(e) => {
                 problems.push(Problem::BadVip(e.to_string()));
                 continue;
             }
         };
-        let ip = cidr.addr;
+        let ip = net.addr();
         if seen.contains(&ip) {
             problems.push(Problem::DuplicateVip(ip.to_string()));
             continue;
         }
         seen.push(ip);
-        if !pool.iter().any(|p| p.contains(ip)) {
+        if !pool.iter().any(|p| p.contains(&ip)) {
             problems.push(Problem::VipOutsidePool {
                 address: ip.to_string(),
                 pool: cluster.vip_pool.clone(),
@@ -312,22 +262,6 @@ mod tests {
             key,
             created: Some(jiff::Timestamp::from_second(created).unwrap()),
             spec,
-        }
-    }
-
-    #[test]
-    fn cidr_parsing_and_containment() {
-        let net: Cidr = "198.18.0.96/28".parse().unwrap();
-        assert!(net.contains("198.18.0.100".parse().unwrap()));
-        assert!(!net.contains("198.18.0.112".parse().unwrap()));
-        assert!(!net.contains("2001:db8::1".parse().unwrap()));
-        let v6: Cidr = "2001:db8::/64".parse().unwrap();
-        assert!(v6.contains("2001:db8::100".parse().unwrap()));
-        assert!(!v6.contains("2001:db9::1".parse().unwrap()));
-        let all: Cidr = "0.0.0.0/0".parse().unwrap();
-        assert!(all.contains("10.1.2.3".parse().unwrap()));
-        for bad in ["198.18.0.1", "198.18.0.1/33", "x/24", "::1/129", ""] {
-            assert!(bad.parse::<Cidr>().is_err(), "{bad}");
         }
     }
 

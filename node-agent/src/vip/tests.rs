@@ -85,24 +85,6 @@ fn parse_refuses_bad_interface_names() {
     assert!(Vip::parse("198.18.0.100/24", Some("fifteen-chars-x")).is_ok());
 }
 
-#[test]
-fn subnet_contains_matches_prefixes() {
-    let ip = |s: &str| s.parse::<IpAddr>().unwrap();
-    assert!(subnet_contains(ip("198.18.0.1"), 24, ip("198.18.0.200")));
-    assert!(!subnet_contains(ip("198.18.0.1"), 24, ip("198.18.1.1")));
-    assert!(subnet_contains(ip("198.18.0.1"), 0, ip("203.0.113.1")));
-    assert!(subnet_contains(ip("198.18.0.1"), 32, ip("198.18.0.1")));
-    assert!(!subnet_contains(ip("198.18.0.1"), 32, ip("198.18.0.2")));
-    assert!(subnet_contains(ip("2001:db8::1"), 64, ip("2001:db8::ffff")));
-    assert!(!subnet_contains(ip("2001:db8::1"), 64, ip("2001:db8:1::1")));
-    assert!(subnet_contains(ip("2001:db8::1"), 0, ip("2001:db9::1")));
-    assert!(subnet_contains(ip("2001:db8::1"), 128, ip("2001:db8::1")));
-    // Mixed families and impossible prefixes never match.
-    assert!(!subnet_contains(ip("198.18.0.1"), 0, ip("2001:db8::1")));
-    assert!(!subnet_contains(ip("198.18.0.1"), 33, ip("198.18.0.1")));
-    assert!(!subnet_contains(ip("2001:db8::1"), 129, ip("2001:db8::1")));
-}
-
 // ---- lifetimes -----------------------------------------------------
 
 #[test]
@@ -239,7 +221,7 @@ impl Netlink for FakeNetlink {
     async fn interface_for(&self, vip: &Vip) -> Result<String, VipError> {
         self.interfaces
             .iter()
-            .find(|(_, ip, len)| subnet_contains(*ip, *len, vip.addr))
+            .find(|(_, ip, len)| kubeha_crds::cidr::subnet_contains(*ip, *len, vip.addr))
             .map(|(n, _, _)| n.clone())
             .ok_or_else(|| VipError::NoInterface(vip.to_string()))
     }
