@@ -696,4 +696,6 @@ impl Netlink for RtNetlink {
 }
 
 #[cfg(test)]
+pub(crate) mod fake;
+#[cfg(test)]
 mod tests;

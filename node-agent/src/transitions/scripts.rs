@@ -72,7 +72,23 @@ impl<N: Netlink> LocalNode<N> {
         }
     }
 
+    /// Runs `action`'s hooks within the action's timeout
+    /// ([`Self::timeout_for`]).
     pub(super) async fn run_hooks(
+        &self,
+        svc: &TransitionService,
+        cluster: &TransitionCluster,
+        action: Action,
+        role: Role,
+        epoch: i64,
+    ) -> Vec<HookResult> {
+        let timeout = Self::timeout_for(svc, action);
+        self.run_hooks_within(svc, cluster, action, role, epoch, timeout)
+            .await
+    }
+
+    /// Runs `action`'s hooks within `timeout`.
+    pub(super) async fn run_hooks_within(
         &self,
         svc: &TransitionService,
         cluster: &TransitionCluster,
@@ -115,36 +131,25 @@ impl<N: Netlink> LocalNode<N> {
         if self.hook_set(svc).is_none() {
             return Err(crate::Error::NoHooks(svc.key.clone()));
         }
-        let timeout = match action {
-            Action::Monitor => svc
-                .spec
-                .hooks
-                .as_ref()
-                .and_then(|h| h.monitor.as_ref())
-                .map(|m| m.timeout_seconds),
-            Action::Periodic => svc
-                .spec
-                .hooks
-                .as_ref()
-                .and_then(|h| h.periodic.as_ref())
-                .map(|p| p.timeout_seconds),
-            _ => None,
-        }
-        .map_or(Self::hook_timeout(svc), |s| {
-            Duration::from_secs(s.max(1) as u64)
-        });
-        Ok(self
-            .run_hooks(svc, cluster, action, role, epoch, timeout)
-            .await)
+        Ok(self.run_hooks(svc, cluster, action, role, epoch).await)
     }
 
-    pub(super) fn hook_timeout(svc: &TransitionService) -> Duration {
-        Duration::from_secs(
-            svc.spec
-                .hooks
-                .as_ref()
-                .map_or(60, |h| h.timeout_seconds.max(1) as u64),
-        )
+    /// How long `action`'s scripts may run: the monitor's and the periodic
+    /// check's own timeouts, else the hooks' (60 s when unset); at least 1 s.
+    pub(super) fn timeout_for(svc: &TransitionService, action: Action) -> Duration {
+        let hooks = svc.spec.hooks.as_ref();
+        let seconds = match action {
+            Action::Monitor => hooks
+                .and_then(|h| h.monitor.as_ref())
+                .map(|m| m.timeout_seconds),
+            Action::Periodic => hooks
+                .and_then(|h| h.periodic.as_ref())
+                .map(|p| p.timeout_seconds),
+            Action::Enter | Action::Leave => None,
+        }
+        .or(hooks.map(|h| h.timeout_seconds))
+        .unwrap_or(60);
+        Duration::from_secs(seconds.max(1) as u64)
     }
 
     /// Runs the monitor scripts once; `Some(true)` when the service runs.
@@ -154,17 +159,9 @@ impl<N: Netlink> LocalNode<N> {
         svc: &TransitionService,
         cluster: &TransitionCluster,
     ) -> Option<bool> {
-        let monitor = svc.spec.hooks.as_ref()?.monitor.as_ref()?;
-        let timeout = Duration::from_secs(monitor.timeout_seconds.max(1) as u64);
+        svc.spec.hooks.as_ref()?.monitor.as_ref()?;
         let results = self
-            .run_hooks(
-                svc,
-                cluster,
-                Action::Monitor,
-                Role::Master,
-                record.epoch,
-                timeout,
-            )
+            .run_hooks(svc, cluster, Action::Monitor, Role::Master, record.epoch)
             .await;
         if results.is_empty() {
             return None;
@@ -181,19 +178,17 @@ impl<N: Netlink> LocalNode<N> {
         svc: &TransitionService,
         cluster: &TransitionCluster,
     ) {
-        let Some(p) = svc.spec.hooks.as_ref().and_then(|h| h.periodic.as_ref()) else {
+        if svc
+            .spec
+            .hooks
+            .as_ref()
+            .and_then(|h| h.periodic.as_ref())
+            .is_none()
+        {
             return;
-        };
-        let timeout = Duration::from_secs(p.timeout_seconds.max(1) as u64);
+        }
         let results = self
-            .run_hooks(
-                svc,
-                cluster,
-                Action::Periodic,
-                record.role,
-                record.epoch,
-                timeout,
-            )
+            .run_hooks(svc, cluster, Action::Periodic, record.role, record.epoch)
             .await;
         if !results.is_empty() {
             record.last_hooks = results;

@@ -43,7 +43,6 @@ impl<N: Netlink> LocalNode<N> {
                         Action::Leave,
                         Role::Vicemaster,
                         record.epoch,
-                        Self::hook_timeout(svc),
                     )
                     .await;
                 let ok = hooks::overall(&results) == HookOutcome::Success;
@@ -71,14 +70,7 @@ impl<N: Netlink> LocalNode<N> {
                 record.spec = svc.spec.clone();
                 record.config_checksum = svc.checksum.clone();
                 let results = self
-                    .run_hooks(
-                        svc,
-                        cluster,
-                        Action::Enter,
-                        Role::Vicemaster,
-                        wanted.epoch,
-                        Self::hook_timeout(svc),
-                    )
+                    .run_hooks(svc, cluster, Action::Enter, Role::Vicemaster, wanted.epoch)
                     .await;
                 let ok = hooks::overall(&results) == HookOutcome::Success;
                 record.last_hooks = results;
@@ -150,14 +142,7 @@ impl<N: Netlink> LocalNode<N> {
             tracing::warn!(service = %svc.key, error = %e, "default route not added");
         }
         let results = self
-            .run_hooks(
-                svc,
-                cluster,
-                Action::Enter,
-                Role::Master,
-                epoch,
-                Self::hook_timeout(svc),
-            )
+            .run_hooks(svc, cluster, Action::Enter, Role::Master, epoch)
             .await;
         let outcome = hooks::overall(&results);
         record.last_hooks = results;
@@ -270,14 +255,7 @@ impl<N: Netlink> LocalNode<N> {
         self.metrics.set_vips_held(0);
         record.vips.clear();
         let results = self
-            .run_hooks(
-                svc,
-                cluster,
-                Action::Leave,
-                Role::Master,
-                record.epoch,
-                Self::hook_timeout(svc),
-            )
+            .run_hooks(svc, cluster, Action::Leave, Role::Master, record.epoch)
             .await;
         // A VIP that could not be removed may still answer: as unclean as
         // a leave script that failed.
@@ -341,7 +319,7 @@ impl<N: Netlink> LocalNode<N> {
         let results = if left.is_zero() {
             Vec::new()
         } else {
-            self.run_hooks(
+            self.run_hooks_within(
                 svc,
                 cluster,
                 Action::Leave,

@@ -1,5 +1,5 @@
 use super::*;
-use std::net::IpAddr;
+use crate::vip::fake::FakeNetlink;
 use std::sync::atomic::Ordering;
 use std::time::Instant;
 
@@ -55,77 +55,6 @@ fn lifetime_never_outlives_the_lease() {
         LocalNode::<crate::vip::RtNetlink>::allowed_lifetime(&b, now),
         Some(1)
     );
-}
-
-/// An in-memory [`Netlink`]: one interface `kh-fake0` holding
-/// 198.18.0.0/24 and no MAC address, so no GARP leaves the test.
-#[derive(Default)]
-struct FakeNetlink {
-    addrs: std::sync::Mutex<Vec<(String, IpAddr)>>,
-    /// Every removal fails (a kernel that refuses).
-    refuse_del: std::sync::atomic::AtomicBool,
-    /// How long a presence check takes after it looked (a slow netlink
-    /// round trip), in ms.
-    present_delay_ms: std::sync::atomic::AtomicU64,
-    /// How long an add waits before the kernel takes it (an agent
-    /// stopped in the call), in ms.
-    add_delay_ms: std::sync::atomic::AtomicU64,
-    /// Every lifetime set, in order.
-    lifetimes: std::sync::Mutex<Vec<Duration>>,
-}
-
-impl Netlink for FakeNetlink {
-    async fn add_vip(
-        &self,
-        iface: &str,
-        vip: &Vip,
-        lifetime: Duration,
-    ) -> Result<(), vip::VipError> {
-        let delay = self.add_delay_ms.load(Ordering::SeqCst);
-        tokio::time::sleep(Duration::from_millis(delay)).await;
-        self.lifetimes.lock().unwrap().push(lifetime);
-        // Create or replace, as the kernel does.
-        let mut addrs = self.addrs.lock().unwrap();
-        addrs.retain(|(i, a)| !(i == iface && *a == vip.addr));
-        addrs.push((iface.into(), vip.addr));
-        Ok(())
-    }
-    async fn del_vip(&self, iface: &str, vip: &Vip) -> Result<(), vip::VipError> {
-        if self.refuse_del.load(Ordering::SeqCst) {
-            return Err(vip::VipError::InterfaceMissing(iface.into()));
-        }
-        self.addrs
-            .lock()
-            .unwrap()
-            .retain(|(i, a)| !(i == iface && *a == vip.addr));
-        Ok(())
-    }
-    async fn vip_present(&self, iface: &str, vip: &Vip) -> Result<bool, vip::VipError> {
-        let present = self
-            .addrs
-            .lock()
-            .unwrap()
-            .iter()
-            .any(|(i, a)| i == iface && *a == vip.addr);
-        let delay = self.present_delay_ms.load(Ordering::SeqCst);
-        tokio::time::sleep(Duration::from_millis(delay)).await;
-        Ok(present)
-    }
-    async fn interface_for(&self, vip: &Vip) -> Result<String, vip::VipError> {
-        match vip.addr {
-            IpAddr::V4(a) if a.octets()[..3] == [198, 18, 0] => Ok("kh-fake0".into()),
-            _ => Err(vip::VipError::NoInterface(vip.to_string())),
-        }
-    }
-    async fn mac_of(&self, iface: &str) -> Result<[u8; 6], vip::VipError> {
-        Err(vip::VipError::InterfaceMissing(iface.into()))
-    }
-    async fn add_default_route(&self, _: IpAddr) -> Result<(), vip::VipError> {
-        Ok(())
-    }
-    async fn del_default_route(&self, _: IpAddr) -> Result<(), vip::VipError> {
-        Ok(())
-    }
 }
 
 fn record(spec: &HAServiceSpec) -> ServiceRecord {

@@ -1,7 +1,6 @@
 use super::*;
 use crate::netns_harness::{NetNs, TestResult, addr_entry, check, child_entry, ip_json, test_path};
-use std::collections::HashMap;
-use std::sync::Mutex;
+use crate::vip::fake::FakeNetlink;
 
 // ---- parsing -------------------------------------------------------
 
@@ -189,53 +188,6 @@ fn rtnetlink_new_outside_a_runtime_is_an_error() {
 
 // ---- the trait is usable with a fake --------------------------------
 
-/// An in-memory [`Netlink`]: what transition tests will use.
-#[derive(Default)]
-struct FakeNetlink {
-    /// (interface, address) -> (prefix length, valid lifetime in s).
-    addrs: Mutex<HashMap<(String, IpAddr), (u8, u64)>>,
-    interfaces: Vec<(String, IpAddr, u8)>,
-}
-
-impl Netlink for FakeNetlink {
-    async fn add_vip(&self, iface: &str, vip: &Vip, lft: Duration) -> Result<(), VipError> {
-        if !self.interfaces.iter().any(|(n, _, _)| n == iface) {
-            return Err(VipError::InterfaceMissing(iface.into()));
-        }
-        let secs = u64::from(kernel_lifetime(lft)?);
-        let mut addrs = self.addrs.lock().map_err(|_| VipError::NoRuntime)?;
-        addrs.insert((iface.into(), vip.addr), (vip.prefix_len, secs));
-        Ok(())
-    }
-    async fn del_vip(&self, iface: &str, vip: &Vip) -> Result<(), VipError> {
-        let mut addrs = self.addrs.lock().map_err(|_| VipError::NoRuntime)?;
-        addrs.remove(&(iface.to_string(), vip.addr));
-        Ok(())
-    }
-    async fn vip_present(&self, iface: &str, vip: &Vip) -> Result<bool, VipError> {
-        let addrs = self.addrs.lock().map_err(|_| VipError::NoRuntime)?;
-        Ok(addrs
-            .get(&(iface.to_string(), vip.addr))
-            .is_some_and(|(len, _)| *len == vip.prefix_len))
-    }
-    async fn interface_for(&self, vip: &Vip) -> Result<String, VipError> {
-        self.interfaces
-            .iter()
-            .find(|(_, ip, len)| kubeha_crds::cidr::subnet_contains(*ip, *len, vip.addr))
-            .map(|(n, _, _)| n.clone())
-            .ok_or_else(|| VipError::NoInterface(vip.to_string()))
-    }
-    async fn mac_of(&self, _iface: &str) -> Result<[u8; 6], VipError> {
-        Ok([0x02, 0, 0, 0, 0, 1])
-    }
-    async fn add_default_route(&self, _gateway: IpAddr) -> Result<(), VipError> {
-        Ok(())
-    }
-    async fn del_default_route(&self, _gateway: IpAddr) -> Result<(), VipError> {
-        Ok(())
-    }
-}
-
 /// A transition-like routine generic over the trait.
 async fn hold_all<N: Netlink>(nl: &N, vips: &[Vip], lft: Duration) -> Result<usize, VipError> {
     for vip in vips {
@@ -247,10 +199,7 @@ async fn hold_all<N: Netlink>(nl: &N, vips: &[Vip], lft: Duration) -> Result<usi
 
 #[tokio::test]
 async fn netlink_trait_supports_fakes_and_spawned_tasks() {
-    let fake = std::sync::Arc::new(FakeNetlink {
-        interfaces: vec![("eth0".into(), "198.18.0.1".parse().unwrap(), 24)],
-        ..FakeNetlink::default()
-    });
+    let fake = std::sync::Arc::new(FakeNetlink::default());
     let vips = vec![Vip::parse("198.18.0.100/24", None).unwrap()];
     // The futures are Send: the routine runs on a spawned task.
     let task = tokio::spawn({
@@ -259,7 +208,7 @@ async fn netlink_trait_supports_fakes_and_spawned_tasks() {
         async move { hold_all(fake.as_ref(), &vips, Duration::from_secs(3)).await }
     });
     assert_eq!(task.await.unwrap().unwrap(), 1);
-    assert!(fake.vip_present("eth0", &vips[0]).await.unwrap());
+    assert!(fake.vip_present("kh-fake0", &vips[0]).await.unwrap());
     let uncovered = Vip::parse("203.0.113.5/24", None).unwrap();
     assert!(matches!(
         hold_all(fake.as_ref(), &[uncovered], Duration::from_secs(3)).await,
