@@ -12,6 +12,8 @@ pub mod members;
 pub mod mode;
 pub mod roles;
 pub mod service;
+#[cfg(feature = "testing")]
+pub mod testing;
 
 pub use cluster::{HACluster, HAClusterSpec, HAClusterStatus};
 pub use mode::Mode;

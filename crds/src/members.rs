@@ -54,14 +54,8 @@ pub fn member_mode(
 mod tests {
     use super::*;
     use crate::cluster::MemberNode;
+    use crate::testing::labels;
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelectorRequirement;
-
-    fn labels(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
-        pairs
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect()
-    }
 
     #[test]
     fn selectors() {

@@ -79,12 +79,9 @@ mod tests {
     use super::*;
 
     fn spec(preferred: &[&str]) -> HAServiceSpec {
-        serde_json::from_value(serde_json::json!({
-            "clusterRef": "c",
-            "vips": [{"address": "198.18.0.100/24"}],
-            "preferredNodes": preferred,
-        }))
-        .unwrap()
+        let mut spec = crate::testing::service_spec("c", &["198.18.0.100/24"]);
+        spec.preferred_nodes = preferred.iter().map(|n| n.to_string()).collect();
+        spec
     }
 
     #[test]

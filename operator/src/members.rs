@@ -95,39 +95,8 @@ pub fn resolve(spec: &HAClusterSpec, nodes: &BTreeMap<String, NodeInfo>) -> Vec<
 #[cfg(test)]
 mod tests {
     use super::*;
-    use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
-    use kubeha_crds::cluster::{MemberNode, Members};
     use kubeha_crds::members::member_mode;
-
-    fn labels(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
-        pairs
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect()
-    }
-
-    fn spec(nodes: &[(&str, Mode)], selector: Option<LabelSelector>) -> HAClusterSpec {
-        HAClusterSpec {
-            members: Members {
-                nodes: nodes
-                    .iter()
-                    .map(|(n, m)| MemberNode {
-                        name: n.to_string(),
-                        mode: *m,
-                    })
-                    .collect(),
-                selector,
-            },
-            placement: Default::default(),
-            heartbeat: Default::default(),
-            startup_grace_seconds: 30,
-            vip_pool: vec![],
-            allowed_namespaces: vec![],
-            allowed_hook_sources: Default::default(),
-            failback: Default::default(),
-            fence: Default::default(),
-        }
-    }
+    use kubeha_crds::testing::{cluster_spec, labels, members};
 
     #[test]
     fn listed_then_selected_alphabetically() {
@@ -148,18 +117,14 @@ mod tests {
             )
         })
         .collect();
-        let selector = LabelSelector {
-            match_labels: Some(labels(&[("ha", "yes")])),
-            match_expressions: None,
-        };
-        let s = spec(
+        let s = cluster_spec(members(
             &[
                 ("n-z", Mode::Locked),
                 ("n-b", Mode::Default),
                 ("n-z", Mode::Single),
             ],
-            Some(selector),
-        );
+            Some(&[("ha", "yes")]),
+        ));
         let m = resolve(&s, &nodes);
         let names: Vec<(&str, Mode, bool)> = m
             .iter()

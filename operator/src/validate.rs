@@ -220,40 +220,18 @@ pub fn validate(
 mod tests {
     use super::*;
     use kubeha_crds::cluster::{AllowedHookSources, Members};
-    use kubeha_crds::service::{Garp, HookSource, Hooks, Vip};
+    use kubeha_crds::service::{HookSource, Hooks};
+    use kubeha_crds::testing::{cluster_spec, service_spec};
 
     fn cluster(pool: &[&str], namespaces: &[&str]) -> HAClusterSpec {
-        HAClusterSpec {
-            members: Members::default(),
-            placement: Default::default(),
-            heartbeat: Default::default(),
-            startup_grace_seconds: 30,
-            vip_pool: pool.iter().map(|s| s.to_string()).collect(),
-            allowed_namespaces: namespaces.iter().map(|s| s.to_string()).collect(),
-            allowed_hook_sources: AllowedHookSources::default(),
-            failback: Default::default(),
-            fence: Default::default(),
-        }
+        let mut c = cluster_spec(Members::default());
+        c.vip_pool = pool.iter().map(|s| s.to_string()).collect();
+        c.allowed_namespaces = namespaces.iter().map(|s| s.to_string()).collect();
+        c
     }
 
     fn spec(vips: &[&str]) -> HAServiceSpec {
-        HAServiceSpec {
-            cluster_ref: "c".into(),
-            vips: vips
-                .iter()
-                .map(|a| Vip {
-                    address: a.to_string(),
-                    interface: None,
-                })
-                .collect(),
-            default_route: None,
-            hooks: None,
-            preferred_nodes: vec![],
-            failback: None,
-            migration_threshold: 1,
-            failure_timeout_seconds: 0,
-            garp: Garp::default(),
-        }
+        service_spec("c", vips)
     }
 
     fn subject<'a>(spec: &'a HAServiceSpec, key: &'a str, created: i64) -> Subject<'a> {

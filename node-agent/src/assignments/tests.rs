@@ -1,4 +1,9 @@
 use super::*;
+use kubeha_crds::testing::{labels, members};
+
+fn cluster(listed: &[(&str, Mode)], selector: Option<&[(&str, &str)]>) -> HACluster {
+    kubeha_crds::testing::cluster("c", members(listed, selector))
+}
 use k8s_openapi::api::coordination::v1::LeaseSpec;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 
@@ -24,40 +29,6 @@ fn lease(holder: &str, epoch: i32, cleared: Option<i32>, standby: Option<&str>) 
 }
 
 const D: Option<Mode> = Some(Mode::Default);
-
-fn cluster(listed: &[(&str, Mode)], selector: Option<&[(&str, &str)]>) -> HACluster {
-    use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
-    use kubeha_crds::cluster::{MemberNode, Members};
-    let mut c = HACluster::new(
-        "c",
-        serde_json::from_value(serde_json::json!({
-            "members": {"nodes": [{"name": "seed"}]},
-            "vipPool": ["198.18.0.96/28"],
-        }))
-        .unwrap(),
-    );
-    c.spec.members = Members {
-        nodes: listed
-            .iter()
-            .map(|(n, m)| MemberNode {
-                name: n.to_string(),
-                mode: *m,
-            })
-            .collect(),
-        selector: selector.map(|l| LabelSelector {
-            match_labels: Some(labels(l)),
-            match_expressions: None,
-        }),
-    };
-    c
-}
-
-fn labels(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
-    pairs
-        .iter()
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect()
-}
 
 #[test]
 fn listed_members_have_their_mode_whatever_the_labels() {

@@ -211,15 +211,11 @@ pub(super) async fn write_status(shared: &Shared, slots: &BTreeMap<String, Slot>
 #[cfg(test)]
 mod tests {
     use super::*;
-    use kubeha_crds::HAServiceSpec;
 
     fn spec(vip: &str) -> HAServiceSpec {
-        serde_json::from_value(serde_json::json!({
-            "clusterRef": "c",
-            "vips": [{"address": vip}],
-        }))
-        .unwrap()
+        kubeha_crds::testing::service_spec("c", &[vip])
     }
+    use kubeha_crds::HAServiceSpec;
 
     /// The API server's copy of an entry the agent applied reads back with
     /// the record's digest, so a report is sent again only when the copy

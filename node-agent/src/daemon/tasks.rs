@@ -334,11 +334,7 @@ mod tests {
     use super::*;
 
     fn spec(vip: &str) -> HAServiceSpec {
-        serde_json::from_value(serde_json::json!({
-            "clusterRef": "c",
-            "vips": [{"address": vip}],
-        }))
-        .unwrap()
+        kubeha_crds::testing::service_spec("c", &[vip])
     }
 
     /// The API server's copy of an entry the agent applied reads back with

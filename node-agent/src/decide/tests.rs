@@ -1,14 +1,10 @@
 use super::*;
 use Step::*;
-use kubeha_crds::HAServiceSpec;
 
 const VIP: &str = "198.18.0.100/24";
 
 fn record(role: Role, epoch: i64, state: NodeServiceState) -> ServiceRecord {
-    let spec: HAServiceSpec = serde_json::from_value(serde_json::json!({
-        "clusterRef": "c", "vips": [{"address": VIP}],
-    }))
-    .unwrap();
+    let spec = kubeha_crds::testing::service_spec("c", &[VIP]);
     let mut r = ServiceRecord::fresh("c", &spec, "x".into(), None);
     r.role = role;
     r.epoch = epoch;

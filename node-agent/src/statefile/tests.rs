@@ -33,11 +33,7 @@ fn record() -> ServiceRecord {
         fail_count: 2,
         last_failure: Some("2026-12-06T13:39:15Z".into()),
         failed_epoch: Some(3),
-        spec: serde_json::from_value(serde_json::json!({
-            "clusterRef": "c",
-            "vips": [{"address": "198.18.0.100/24"}],
-        }))
-        .unwrap(),
+        spec: kubeha_crds::testing::service_spec("c", &["198.18.0.100/24"]),
         config_checksum: "x".into(),
         last_hooks: Vec::new(),
         clear_token: None,

@@ -1,7 +1,7 @@
 use super::*;
 use kubeha_crds::Mode;
 use kubeha_crds::cluster::{Failback, HeartbeatState, Placement};
-use kubeha_crds::service::{Garp, HookOutcome, HookResult, Role, Vip};
+use kubeha_crds::service::{HookOutcome, HookResult, Role};
 
 use crate::placement::NodeView;
 
@@ -27,26 +27,11 @@ fn cluster(nodes: &[(&str, HeartbeatState)]) -> ClusterView {
 }
 
 fn spec() -> HAServiceSpec {
-    HAServiceSpec {
-        cluster_ref: "c".into(),
-        vips: vec![
-            Vip {
-                address: "198.18.0.100/24".into(),
-                interface: None,
-            },
-            Vip {
-                address: "2001:db8::100/64".into(),
-                interface: None,
-            },
-        ],
-        default_route: None,
-        hooks: None,
-        preferred_nodes: vec![],
-        failback: None,
-        migration_threshold: 1,
-        failure_timeout_seconds: 0,
-        garp: Garp::default(),
-    }
+    let mut spec =
+        kubeha_crds::testing::service_spec("c", &["198.18.0.100/24", "2001:db8::100/64"]);
+    spec.migration_threshold = 1;
+    spec.failure_timeout_seconds = 0;
+    spec
 }
 
 fn entry(
