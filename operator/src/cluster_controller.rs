@@ -29,7 +29,9 @@ use crate::memory::ModeEvent;
 
 const EXPIRY_MARGIN: Duration = Duration::from_millis(5);
 
-/// Reconciles one HACluster (the controller's reconcile function).
+/// Reconciles one HACluster (the controller's reconcile function), in a
+/// span that names it.
+#[tracing::instrument(skip_all, fields(cluster = %cluster.name_any()))]
 pub async fn reconcile(cluster: Arc<HACluster>, ctx: Arc<Ctx>) -> Result<Action> {
     let started = Instant::now();
     let result = crate::error::within_timeout(reconcile_inner(&cluster, &ctx)).await;
@@ -39,8 +41,9 @@ pub async fn reconcile(cluster: Arc<HACluster>, ctx: Arc<Ctx>) -> Result<Action>
 }
 
 /// What to do after a failed reconcile.
+#[tracing::instrument(skip_all, fields(cluster = %cluster.name_any()))]
 pub fn error_policy(cluster: Arc<HACluster>, error: &Error, _ctx: Arc<Ctx>) -> Action {
-    tracing::warn!(cluster = %cluster.name_any(), %error, "reconcile failed");
+    tracing::warn!(%error, "reconcile failed");
     Action::requeue(Duration::from_secs(2))
 }
 
@@ -173,7 +176,7 @@ async fn reconcile_inner(cluster: &HACluster, ctx: &Ctx) -> Result<Action> {
         {
             Ok(_) => {
                 for node in &plan.returned {
-                    tracing::warn!(cluster = %name, %node, "peerdown member heartbeats again: mark erased");
+                    tracing::warn!(%node, "peerdown member heartbeats again: mark erased");
                     ctx.publish(
                         &reference,
                         "PeerReturned",
@@ -232,7 +235,7 @@ async fn reconcile_inner(cluster: &HACluster, ctx: &Ctx) -> Result<Action> {
                 .await
             }
             ModeEvent::Prohibited(msg) => {
-                tracing::warn!(cluster = %name, %msg, "prohibited mode combination");
+                tracing::warn!(%msg, "prohibited mode combination");
                 ctx.publish(&reference, "ProhibitedState", true, msg).await
             }
         }
@@ -248,11 +251,11 @@ async fn reconcile_inner(cluster: &HACluster, ctx: &Ctx) -> Result<Action> {
             .await
         {
             Ok(_) => {
-                tracing::info!(cluster = %name, %node, "removed the heartbeat Lease of a former member")
+                tracing::info!(%node, "removed the heartbeat Lease of a former member")
             }
             Err(kube::Error::Api(s)) if s.code == 404 => {}
             Err(e) => {
-                tracing::warn!(cluster = %name, %node, error = %e, "removing a stale heartbeat Lease failed")
+                tracing::warn!(%node, error = %e, "removing a stale heartbeat Lease failed")
             }
         }
         ctx.with_view(&name, |v| v.forget(&node));

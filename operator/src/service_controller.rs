@@ -45,7 +45,9 @@ pub const FINALIZER: &str = "kubeha.io/release";
 /// reconcile runs.
 const EXPIRY_MARGIN: Duration = Duration::from_millis(5);
 
-/// Reconciles one HAService (the controller's reconcile function).
+/// Reconciles one HAService (the controller's reconcile function), in a
+/// span that names it.
+#[tracing::instrument(skip_all, fields(service = %service_key(&svc)))]
 pub async fn reconcile(svc: Arc<HAService>, ctx: Arc<Ctx>) -> Result<Action> {
     let started = Instant::now();
     let result = crate::error::within_timeout(reconcile_inner(svc, ctx.clone())).await;
@@ -58,15 +60,16 @@ pub async fn reconcile(svc: Arc<HAService>, ctx: Arc<Ctx>) -> Result<Action> {
 }
 
 /// What to do after a failed reconcile.
+#[tracing::instrument(skip_all, fields(service = %service_key(&svc)))]
 pub fn error_policy(svc: Arc<HAService>, error: &Error, _ctx: Arc<Ctx>) -> Action {
     if error.is_wait() {
-        tracing::debug!(service = %service_key(&svc), %error, "waiting");
+        tracing::debug!(%error, "waiting");
         Action::requeue(Duration::from_millis(500))
     } else if matches!(error, Error::Timeout(_)) {
-        tracing::warn!(service = %service_key(&svc), %error, "reconcile timed out");
+        tracing::warn!(%error, "reconcile timed out");
         Action::requeue(Duration::from_millis(200))
     } else {
-        tracing::warn!(service = %service_key(&svc), %error, "reconcile failed");
+        tracing::warn!(%error, "reconcile failed");
         Action::requeue(Duration::from_secs(2))
     }
 }
@@ -709,7 +712,6 @@ async fn apply(svc: &HAService, ctx: &Ctx, deleting: bool) -> Result<Action> {
                     .as_ref()
                     .map_or("Deleted", |d| d.reason.as_str());
                 tracing::info!(
-                    service = %key,
                     holder = ?h.lease.holder,
                     epoch = h.lease.epoch,
                     enter_epoch = ?h.lease.enter_epoch,
@@ -749,7 +751,7 @@ async fn apply(svc: &HAService, ctx: &Ctx, deleting: bool) -> Result<Action> {
 
     if deleting {
         if ev.plan.stopped() {
-            tracing::info!(service = %key, "stopped everywhere: releasing");
+            tracing::info!("stopped everywhere: releasing");
             return Ok(Action::await_change());
         }
         return Err(Error::WaitingForRelease(format!(

@@ -283,8 +283,13 @@ pub async fn run(config: Config) -> crate::Result<()> {
     };
     if let Some(saved) = saved {
         for (key, mut record) in saved.services {
+            // No await below: the span is left before the next service.
+            let _span =
+                tracing::info_span!("service", service = %key, epoch = record.epoch).entered();
             if record.assume_unclean_if_unknown() {
-                tracing::info!(service = %key, epoch = record.epoch, "failed without acknowledgement before the restart: counted as a leave that failed");
+                tracing::info!(
+                    "failed without acknowledgement before the restart: counted as a leave that failed"
+                );
             }
             // Written just before entering or leaving master (the intent),
             // and the agent died before the outcome was written: the service
@@ -294,7 +299,7 @@ pub async fn run(config: Config) -> crate::Result<()> {
                 NodeServiceState::Starting | NodeServiceState::Stopping
             );
             if recover {
-                tracing::warn!(service = %key, epoch = record.epoch, state = ?record.state, "died in the middle of a transition: leaving master first");
+                tracing::warn!(state = ?record.state, "died in the middle of a transition: leaving master first");
             }
             // A master role that may not have been left cleanly (a leave
             // that failed, or a refusal the old-file rule above cannot tell

@@ -6,6 +6,8 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
+use tracing::Instrument;
+
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::ObjectReference;
 use kube::api::Api;
@@ -41,336 +43,18 @@ pub(super) async fn reconcile(
         .map(|l| ((l.namespace().unwrap_or_default(), l.name_any()), l))
         .collect();
     let mut seen = std::collections::HashSet::new();
+    let pass = Pass {
+        node: &node,
+        by_name: &by_name,
+        lease_of: &lease_of,
+        me,
+    };
     for svc in services.state() {
         let key = format!("{}/{}", svc.namespace().unwrap_or_default(), svc.name_any());
-        let Some(cluster) = by_name.get(&svc.spec.cluster_ref) else {
-            continue;
-        };
-        let mode = match me.membership(cluster) {
-            Membership::Member(mode) => mode,
-            Membership::NotMember => continue,
-            // Selector membership not known yet: keep what is held as it
-            // is (counts as seen, so it is not left either).
-            Membership::Unknown => {
-                seen.insert(key.clone());
-                continue;
-            }
-        };
-        seen.insert(key.clone());
-        let lease = lease_of.get(&(
-            svc.namespace().unwrap_or_default(),
-            leases::service_lease_name(&svc.name_any()),
-        ));
-        let wanted = assignments::assignment(&node, lease.map(|l| l.as_ref()), Some(mode));
-        // A clearance the operator wrote before it saw this node renew
-        // again after its last fence.
-        let cleared_before_return = shared
-            .returned
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(&cluster.name_any())
-            .is_some_and(|back| {
-                lease
-                    .and_then(|l| leases::holder_renew_time(l))
-                    .is_none_or(|seen| leases::seen_before(seen, *back))
-            });
-        let lease_epoch = lease.and_then(|l| assignments::lease_epoch(l));
-        let view = cluster_view(shared, cluster);
-        let slot = slots.entry(key.clone()).or_insert_with(|| {
-            let mut slot = new_slot(
-                ServiceRecord::fresh(
-                    &cluster.name_any(),
-                    &svc.spec,
-                    spec_checksum(&svc.spec),
-                    svc.annotations().get(annotations::CLEAR).cloned(),
-                ),
-                false,
-            );
-            slot.recover = shared.past_unknown.load(Ordering::SeqCst);
-            slot
-        });
-        let Ok(mut guard) = slot.record.clone().try_lock_owned() else {
-            continue;
-        };
-        let fenced_busy = slot
-            .fenced_while_busy
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .take();
-        if fenced_busy.as_deref() == Some(guard.cluster.as_str()) && guard.role == Role::Master {
-            tracing::error!(service = %key, epoch = guard.epoch, "a fence found this service in a transition: its VIPs were dropped under it; leaving as a fence does");
-            shared
-                .node
-                .drop_vips(&guard.vips.clone(), guard.interface.clone().as_deref())
-                .await;
-            crate::transitions::LocalNode::<RtNetlink>::mark_fenced(&mut guard);
-        }
-        // An admin's clear request (a new `kubeha.io/clear` value): reset
-        // this node's failures; the report below (or the next step's)
-        // tells the operator.
-        let token = svc
-            .annotations()
-            .get(annotations::CLEAR)
-            .map(String::as_str);
-        if let Some(cleared) = guard.apply_clear(token) {
-            slot.monitor_failures.store(0, Ordering::SeqCst);
-            // A clear proves nothing about a leave that failed here: run the
-            // leave again (scripts are idempotent); only its success
-            // acknowledges the epoch and lets this node enter again.
-            if guard.unclean_epoch.is_some() {
-                slot.recover = true;
-            }
-            tracing::info!(service = %key, token, ?cleared, "clear request applied");
-            if cleared.changed() {
-                let note = format!(
-                    "failures cleared ({} {}): fail count {} -> 0{}{}",
-                    annotations::CLEAR,
-                    token.unwrap_or_default(),
-                    cleared.fail_count,
-                    if cleared.was_failed {
-                        ", state Failed -> Stopped"
-                    } else {
-                        ""
-                    },
-                    cleared.failed_epoch.map_or(String::new(), |e| format!(
-                        ", epoch {e} may be entered again"
-                    )),
-                );
-                let (shared, reference) = (shared.clone(), svc.object_ref(&()));
-                let target = Target {
-                    api: Api::namespaced(
-                        shared.client.clone(),
-                        &svc.namespace().unwrap_or_default(),
-                    ),
-                    name: svc.name_any(),
-                    reference,
-                };
-                tokio::spawn(async move {
-                    event(&shared, &target, false, "FailuresCleared", note).await;
-                });
-            }
-        }
-        // Nothing is entered while this node is cut off from the API
-        // server, or while its last renew leaves no whole second of VIP
-        // lifetime (just after a stalled API server answers a renew sent
-        // before the stall).
-        let cut_off = view.fenced.load(Ordering::SeqCst)
-            || view.beat.is_none_or(|b| {
-                let now = Instant::now();
-                b.past_deadline(now) || LocalNode::<RtNetlink>::allowed_lifetime(&b, now).is_none()
-            });
-        let service = TransitionService {
-            key: key.clone(),
-            spec: svc.spec.clone(),
-            checksum: spec_checksum(&svc.spec),
-        };
-        let target = Target {
-            api: Api::namespaced(shared.client.clone(), &svc.namespace().unwrap_or_default()),
-            name: svc.name_any(),
-            reference: svc.object_ref(&()),
-        };
-
-        let fresh = assignments::not_older(wanted, guard.role, guard.epoch);
-        if fresh != wanted && slot.stale_warned != Some(wanted.epoch) {
-            slot.stale_warned = Some(wanted.epoch);
-            tracing::warn!(service = %key, lease_epoch = wanted.epoch, recorded_epoch = guard.epoch, "the Lease clears this node at an epoch older than one it already saw: not entering (stale view, or a hand-edited Lease)");
-        }
-        let spec_vips: std::collections::BTreeSet<String> = LocalNode::<RtNetlink>::vips(&svc.spec)
-            .iter()
-            .map(ToString::to_string)
-            .collect();
-        let hooks = svc.spec.hooks.as_ref();
-        let now = Instant::now();
-        let api_digest = svc
-            .status
-            .as_ref()
-            .and_then(|s| s.nodes.iter().find(|e| e.node == node))
-            .map(applied_digest);
-        // Bookkeeping work is applied and the service decided again; every
-        // rule of it changes what it decided on, so this ends.
-        for _ in 0..8 {
-            let digest = report_digest(&guard);
-            let resend_due = {
-                let mut resend = shared.resend.lock().unwrap_or_else(|e| e.into_inner());
-                let due = resend.get_mut(&key).is_some_and(|at| {
-                    let before = at.len();
-                    at.retain(|t| *t > now);
-                    at.len() < before
-                });
-                if resend.get(&key).is_some_and(Vec::is_empty) {
-                    resend.remove(&key);
-                }
-                due
-            };
-            let report_due = {
-                let mut r = slot.reported.lock().unwrap_or_else(|e| e.into_inner());
-                if resend_due {
-                    r.done = None;
-                }
-                // Reported and taken, but the API server's copy says
-                // otherwise long after: a report that timed out here was
-                // applied late, over a newer one. Sent again.
-                let overwritten = api_digest.as_deref() != Some(&digest)
-                    && r.sent
-                        .is_none_or(|t| now.saturating_duration_since(t) >= REPORT_RECHECK);
-                r.pending.as_deref() != Some(&digest)
-                    && (r.done.as_deref() != Some(&digest) || overwritten)
-            };
-            let work = decide::next(&Facts {
-                wanted,
-                lease_epoch,
-                record: &guard,
-                spec_vips: spec_vips.clone(),
-                adopt: slot.adopt,
-                recover: slot.recover,
-                cleared_before_return,
-                cut_off,
-                vip_expired: shared.node.held.any_expired(&guard.vips),
-                monitor_due: hooks.is_some_and(|h| h.monitor.is_some()) && now >= slot.next_monitor,
-                periodic_due: hooks.is_some_and(|h| h.periodic.is_some())
-                    && now >= slot.next_periodic,
-                refresh_due: svc.spec.garp.refresh_seconds > 0 && now >= slot.next_refresh,
-                report_due,
-            });
-            if work != Work::Idle && work != Work::Report {
-                tracing::debug!(service = %key, ?work, "decided");
-            }
-            match work {
-                Work::Wait | Work::Idle => {}
-                Work::Adopt => {
-                    slot.adopt = false;
-                    spawn_adopt(shared.clone(), guard, view, target);
-                }
-                Work::ForgetAdoption => {
-                    // Held before the restart but no longer ours: the steps
-                    // leave it.
-                    slot.adopt = false;
-                    continue;
-                }
-                Work::GiveUp => {
-                    shared.node.give_up_if_expired(&mut guard).await;
-                    shared.notify.notify_one();
-                    continue;
-                }
-                Work::Recover => {
-                    if guard.fenced {
-                        tracing::info!(service = %key, epoch = guard.epoch, "left by a fence: running the leave again");
-                    }
-                    slot.recover = false;
-                    spawn_steps(
-                        shared.clone(),
-                        guard,
-                        vec![assignments::Step::LeaveMaster],
-                        service,
-                        view,
-                        fresh,
-                        target,
-                    );
-                }
-                Work::Refuse { epoch, acknowledge } => {
-                    let why = if cleared_before_return {
-                        "cleared before the operator saw this node back from a fence"
-                    } else {
-                        "already left on this node"
-                    };
-                    guard.state = NodeServiceState::Failed;
-                    guard.failed_epoch = Some(epoch);
-                    guard.last_hooks = vec![crate::transitions::refused(&format!(
-                        "epoch {epoch} was {why}; waiting for a new epoch"
-                    ))];
-                    // Never entered here and no VIP of it on this node: the
-                    // acknowledgement is true, and spares the operator the
-                    // wait for a VIP's lifetime ("started nothing").
-                    let mut vips = guard.vips.clone();
-                    vips.extend(spec_vips.iter().cloned());
-                    let acked = acknowledge
-                        && !shared
-                            .node
-                            .holds_any(&vips, guard.interface.as_deref())
-                            .await;
-                    if acked {
-                        guard.acked_epoch = guard.acked_epoch.max(Some(epoch));
-                    }
-                    tracing::warn!(service = %key, epoch, why, acked, "clearance refused: waiting for a new epoch");
-                    continue;
-                }
-                Work::Steps(steps) => {
-                    spawn_steps(shared.clone(), guard, steps, service, view, fresh, target);
-                }
-                Work::Revip => spawn_revip(shared.clone(), guard, service, view, target),
-                Work::Observe { epoch } => {
-                    if guard.observe_epoch(epoch) {
-                        tracing::debug!(service = %key, epoch, role = ?guard.role, "observed a new epoch");
-                    }
-                    continue;
-                }
-                Work::Monitor => {
-                    let m = hooks.and_then(|h| h.monitor.as_ref());
-                    let (interval, threshold) =
-                        m.map_or((1, 1), |m| (m.interval_seconds, m.failure_threshold));
-                    slot.next_monitor = now + Duration::from_secs(interval.max(1) as u64);
-                    let failures = slot.monitor_failures.clone();
-                    spawn_monitor(
-                        shared.clone(),
-                        guard,
-                        service,
-                        view,
-                        threshold,
-                        failures,
-                        target,
-                    );
-                }
-                Work::Periodic => {
-                    let interval = hooks
-                        .and_then(|h| h.periodic.as_ref())
-                        .map_or(1, |p| p.interval_seconds);
-                    slot.next_periodic = now + Duration::from_secs(interval.max(1) as u64);
-                    spawn_periodic(shared.clone(), guard, service, view);
-                }
-                Work::Refresh => {
-                    slot.next_refresh =
-                        now + Duration::from_secs(svc.spec.garp.refresh_seconds as u64);
-                    // A copy: the burst takes a while and needs no lock.
-                    let record = guard.clone();
-                    drop(guard);
-                    let shared = shared.clone();
-                    tokio::spawn(async move {
-                        let placed: Vec<_> = record
-                            .vips
-                            .iter()
-                            .filter_map(|v| crate::vip::Vip::parse(v, None).ok())
-                            .map(|v| (record.interface.clone().unwrap_or_default(), v))
-                            .collect();
-                        shared.node.garp(&placed, &record.spec).await;
-                    });
-                }
-                Work::Report => {
-                    {
-                        let mut r = slot.reported.lock().unwrap_or_else(|e| e.into_inner());
-                        r.pending = Some(digest.clone());
-                        r.sent = Some(now);
-                    }
-                    // A copy: a slow API server must not hold the record
-                    // (and every decision on it) for the report's timeout.
-                    let record = guard.clone();
-                    drop(guard);
-                    let (shared, reported) = (shared.clone(), slot.reported.clone());
-                    tokio::spawn(async move {
-                        let outcome = report(&shared, &target, &record).await;
-                        {
-                            let mut r = reported.lock().unwrap_or_else(|e| e.into_inner());
-                            if r.pending.as_deref() == Some(&digest) {
-                                r.pending = None;
-                            }
-                            if outcome == Some(true) {
-                                r.done = Some(digest);
-                            }
-                        }
-                    });
-                }
-            }
-            break;
-        }
+        let span = tracing::info_span!("service", service = %key);
+        reconcile_service(shared, &pass, &svc, key, slots, &mut seen)
+            .instrument(span)
+            .await;
     }
     // Services gone (deleted, or this node no longer a member): leave.
     let gone: Vec<String> = slots
@@ -419,5 +103,370 @@ pub(super) async fn reconcile(
             Assignment::NONE,
             target,
         );
+    }
+}
+
+/// What one pass knows of every service alike.
+struct Pass<'a> {
+    node: &'a str,
+    by_name: &'a HashMap<String, &'a Arc<HACluster>>,
+    lease_of: &'a HashMap<(String, String), Arc<Lease>>,
+    me: &'a OwnNode,
+}
+
+/// One service in a pass (in its span): gathers its facts, decides, and
+/// starts the work; notes it in `seen` while this node is (or may be) a
+/// member.
+async fn reconcile_service(
+    shared: &Arc<Shared>,
+    pass: &Pass<'_>,
+    svc: &Arc<HAService>,
+    key: String,
+    slots: &mut BTreeMap<String, Slot>,
+    seen: &mut std::collections::HashSet<String>,
+) {
+    let Pass {
+        node,
+        by_name,
+        lease_of,
+        me,
+    } = *pass;
+    let Some(cluster) = by_name.get(&svc.spec.cluster_ref) else {
+        return;
+    };
+    let mode = match me.membership(cluster) {
+        Membership::Member(mode) => mode,
+        Membership::NotMember => return,
+        // Selector membership not known yet: keep what is held as it
+        // is (counts as seen, so it is not left either).
+        Membership::Unknown => {
+            seen.insert(key.clone());
+            return;
+        }
+    };
+    seen.insert(key.clone());
+    let lease = lease_of.get(&(
+        svc.namespace().unwrap_or_default(),
+        leases::service_lease_name(&svc.name_any()),
+    ));
+    let wanted = assignments::assignment(node, lease.map(|l| l.as_ref()), Some(mode));
+    // A clearance the operator wrote before it saw this node renew
+    // again after its last fence.
+    let cleared_before_return = shared
+        .returned
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .get(&cluster.name_any())
+        .is_some_and(|back| {
+            lease
+                .and_then(|l| leases::holder_renew_time(l))
+                .is_none_or(|seen| leases::seen_before(seen, *back))
+        });
+    let lease_epoch = lease.and_then(|l| assignments::lease_epoch(l));
+    let view = cluster_view(shared, cluster);
+    let slot = slots.entry(key.clone()).or_insert_with(|| {
+        let mut slot = new_slot(
+            ServiceRecord::fresh(
+                &cluster.name_any(),
+                &svc.spec,
+                spec_checksum(&svc.spec),
+                svc.annotations().get(annotations::CLEAR).cloned(),
+            ),
+            false,
+        );
+        slot.recover = shared.past_unknown.load(Ordering::SeqCst);
+        slot
+    });
+    let Ok(mut guard) = slot.record.clone().try_lock_owned() else {
+        return;
+    };
+    let fenced_busy = slot
+        .fenced_while_busy
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .take();
+    if fenced_busy.as_deref() == Some(guard.cluster.as_str()) && guard.role == Role::Master {
+        tracing::error!(
+            epoch = guard.epoch,
+            "a fence found this service in a transition: its VIPs were dropped under it; leaving as a fence does"
+        );
+        shared
+            .node
+            .drop_vips(&guard.vips.clone(), guard.interface.clone().as_deref())
+            .await;
+        crate::transitions::LocalNode::<RtNetlink>::mark_fenced(&mut guard);
+    }
+    // An admin's clear request (a new `kubeha.io/clear` value): reset
+    // this node's failures; the report below (or the next step's)
+    // tells the operator.
+    let token = svc
+        .annotations()
+        .get(annotations::CLEAR)
+        .map(String::as_str);
+    if let Some(cleared) = guard.apply_clear(token) {
+        slot.monitor_failures.store(0, Ordering::SeqCst);
+        // A clear proves nothing about a leave that failed here: run the
+        // leave again (scripts are idempotent); only its success
+        // acknowledges the epoch and lets this node enter again.
+        if guard.unclean_epoch.is_some() {
+            slot.recover = true;
+        }
+        tracing::info!(token, ?cleared, "clear request applied");
+        if cleared.changed() {
+            let note = format!(
+                "failures cleared ({} {}): fail count {} -> 0{}{}",
+                annotations::CLEAR,
+                token.unwrap_or_default(),
+                cleared.fail_count,
+                if cleared.was_failed {
+                    ", state Failed -> Stopped"
+                } else {
+                    ""
+                },
+                cleared.failed_epoch.map_or(String::new(), |e| format!(
+                    ", epoch {e} may be entered again"
+                )),
+            );
+            let (shared, reference) = (shared.clone(), svc.object_ref(&()));
+            let target = Target {
+                api: Api::namespaced(shared.client.clone(), &svc.namespace().unwrap_or_default()),
+                name: svc.name_any(),
+                reference,
+            };
+            tokio::spawn(async move {
+                event(&shared, &target, false, "FailuresCleared", note).await;
+            });
+        }
+    }
+    // Nothing is entered while this node is cut off from the API
+    // server, or while its last renew leaves no whole second of VIP
+    // lifetime (just after a stalled API server answers a renew sent
+    // before the stall).
+    let cut_off = view.fenced.load(Ordering::SeqCst)
+        || view.beat.is_none_or(|b| {
+            let now = Instant::now();
+            b.past_deadline(now) || LocalNode::<RtNetlink>::allowed_lifetime(&b, now).is_none()
+        });
+    let service = TransitionService {
+        key: key.clone(),
+        spec: svc.spec.clone(),
+        checksum: spec_checksum(&svc.spec),
+    };
+    let target = Target {
+        api: Api::namespaced(shared.client.clone(), &svc.namespace().unwrap_or_default()),
+        name: svc.name_any(),
+        reference: svc.object_ref(&()),
+    };
+
+    let fresh = assignments::not_older(wanted, guard.role, guard.epoch);
+    if fresh != wanted && slot.stale_warned != Some(wanted.epoch) {
+        slot.stale_warned = Some(wanted.epoch);
+        tracing::warn!(
+            lease_epoch = wanted.epoch,
+            recorded_epoch = guard.epoch,
+            "the Lease clears this node at an epoch older than one it already saw: not entering (stale view, or a hand-edited Lease)"
+        );
+    }
+    let spec_vips: std::collections::BTreeSet<String> = LocalNode::<RtNetlink>::vips(&svc.spec)
+        .iter()
+        .map(ToString::to_string)
+        .collect();
+    let hooks = svc.spec.hooks.as_ref();
+    let now = Instant::now();
+    let api_digest = svc
+        .status
+        .as_ref()
+        .and_then(|s| s.nodes.iter().find(|e| e.node == node))
+        .map(applied_digest);
+    // Bookkeeping work is applied and the service decided again; every
+    // rule of it changes what it decided on, so this ends.
+    for _ in 0..8 {
+        let digest = report_digest(&guard);
+        let resend_due = {
+            let mut resend = shared.resend.lock().unwrap_or_else(|e| e.into_inner());
+            let due = resend.get_mut(&key).is_some_and(|at| {
+                let before = at.len();
+                at.retain(|t| *t > now);
+                at.len() < before
+            });
+            if resend.get(&key).is_some_and(Vec::is_empty) {
+                resend.remove(&key);
+            }
+            due
+        };
+        let report_due = {
+            let mut r = slot.reported.lock().unwrap_or_else(|e| e.into_inner());
+            if resend_due {
+                r.done = None;
+            }
+            // Reported and taken, but the API server's copy says
+            // otherwise long after: a report that timed out here was
+            // applied late, over a newer one. Sent again.
+            let overwritten = api_digest.as_deref() != Some(&digest)
+                && r.sent
+                    .is_none_or(|t| now.saturating_duration_since(t) >= REPORT_RECHECK);
+            r.pending.as_deref() != Some(&digest)
+                && (r.done.as_deref() != Some(&digest) || overwritten)
+        };
+        let work = decide::next(&Facts {
+            wanted,
+            lease_epoch,
+            record: &guard,
+            spec_vips: spec_vips.clone(),
+            adopt: slot.adopt,
+            recover: slot.recover,
+            cleared_before_return,
+            cut_off,
+            vip_expired: shared.node.held.any_expired(&guard.vips),
+            monitor_due: hooks.is_some_and(|h| h.monitor.is_some()) && now >= slot.next_monitor,
+            periodic_due: hooks.is_some_and(|h| h.periodic.is_some()) && now >= slot.next_periodic,
+            refresh_due: svc.spec.garp.refresh_seconds > 0 && now >= slot.next_refresh,
+            report_due,
+        });
+        if work != Work::Idle && work != Work::Report {
+            tracing::debug!(?work, "decided");
+        }
+        match work {
+            Work::Wait | Work::Idle => {}
+            Work::Adopt => {
+                slot.adopt = false;
+                spawn_adopt(shared.clone(), guard, &key, view, target);
+            }
+            Work::ForgetAdoption => {
+                // Held before the restart but no longer ours: the steps
+                // leave it.
+                slot.adopt = false;
+                continue;
+            }
+            Work::GiveUp => {
+                shared.node.give_up_if_expired(&mut guard).await;
+                shared.notify.notify_one();
+                continue;
+            }
+            Work::Recover => {
+                if guard.fenced {
+                    tracing::info!(
+                        epoch = guard.epoch,
+                        "left by a fence: running the leave again"
+                    );
+                }
+                slot.recover = false;
+                spawn_steps(
+                    shared.clone(),
+                    guard,
+                    vec![assignments::Step::LeaveMaster],
+                    service,
+                    view,
+                    fresh,
+                    target,
+                );
+            }
+            Work::Refuse { epoch, acknowledge } => {
+                let why = if cleared_before_return {
+                    "cleared before the operator saw this node back from a fence"
+                } else {
+                    "already left on this node"
+                };
+                guard.state = NodeServiceState::Failed;
+                guard.failed_epoch = Some(epoch);
+                guard.last_hooks = vec![crate::transitions::refused(&format!(
+                    "epoch {epoch} was {why}; waiting for a new epoch"
+                ))];
+                // Never entered here and no VIP of it on this node: the
+                // acknowledgement is true, and spares the operator the
+                // wait for a VIP's lifetime ("started nothing").
+                let mut vips = guard.vips.clone();
+                vips.extend(spec_vips.iter().cloned());
+                let acked = acknowledge
+                    && !shared
+                        .node
+                        .holds_any(&vips, guard.interface.as_deref())
+                        .await;
+                if acked {
+                    guard.acked_epoch = guard.acked_epoch.max(Some(epoch));
+                }
+                tracing::warn!(
+                    epoch,
+                    why,
+                    acked,
+                    "clearance refused: waiting for a new epoch"
+                );
+                continue;
+            }
+            Work::Steps(steps) => {
+                spawn_steps(shared.clone(), guard, steps, service, view, fresh, target);
+            }
+            Work::Revip => spawn_revip(shared.clone(), guard, service, view, target),
+            Work::Observe { epoch } => {
+                if guard.observe_epoch(epoch) {
+                    tracing::debug!(epoch, role = ?guard.role, "observed a new epoch");
+                }
+                continue;
+            }
+            Work::Monitor => {
+                let m = hooks.and_then(|h| h.monitor.as_ref());
+                let (interval, threshold) =
+                    m.map_or((1, 1), |m| (m.interval_seconds, m.failure_threshold));
+                slot.next_monitor = now + Duration::from_secs(interval.max(1) as u64);
+                let failures = slot.monitor_failures.clone();
+                spawn_monitor(
+                    shared.clone(),
+                    guard,
+                    service,
+                    view,
+                    threshold,
+                    failures,
+                    target,
+                );
+            }
+            Work::Periodic => {
+                let interval = hooks
+                    .and_then(|h| h.periodic.as_ref())
+                    .map_or(1, |p| p.interval_seconds);
+                slot.next_periodic = now + Duration::from_secs(interval.max(1) as u64);
+                spawn_periodic(shared.clone(), guard, service, view);
+            }
+            Work::Refresh => {
+                slot.next_refresh = now + Duration::from_secs(svc.spec.garp.refresh_seconds as u64);
+                // A copy: the burst takes a while and needs no lock.
+                let record = guard.clone();
+                drop(guard);
+                let shared = shared.clone();
+                tokio::spawn(async move {
+                    let placed: Vec<_> = record
+                        .vips
+                        .iter()
+                        .filter_map(|v| crate::vip::Vip::parse(v, None).ok())
+                        .map(|v| (record.interface.clone().unwrap_or_default(), v))
+                        .collect();
+                    shared.node.garp(&placed, &record.spec).await;
+                });
+            }
+            Work::Report => {
+                {
+                    let mut r = slot.reported.lock().unwrap_or_else(|e| e.into_inner());
+                    r.pending = Some(digest.clone());
+                    r.sent = Some(now);
+                }
+                // A copy: a slow API server must not hold the record
+                // (and every decision on it) for the report's timeout.
+                let record = guard.clone();
+                drop(guard);
+                let (shared, reported) = (shared.clone(), slot.reported.clone());
+                tokio::spawn(async move {
+                    let outcome = report(&shared, &target, &record).await;
+                    {
+                        let mut r = reported.lock().unwrap_or_else(|e| e.into_inner());
+                        if r.pending.as_deref() == Some(&digest) {
+                            r.pending = None;
+                        }
+                        if outcome == Some(true) {
+                            r.done = Some(digest);
+                        }
+                    }
+                });
+            }
+        }
+        break;
     }
 }

@@ -8,6 +8,7 @@ use std::sync::atomic::{AtomicI32, Ordering};
 use kubeha_crds::HAServiceSpec;
 use kubeha_crds::service::{NodeServiceState, Role};
 use tokio::sync::OwnedMutexGuard;
+use tracing::Instrument;
 
 use kubeha_crds::roles::Transition;
 
@@ -29,8 +30,9 @@ pub(super) fn spawn_steps(
     wanted: Assignment,
     target: Target,
 ) {
-    tokio::spawn(async move {
-        tracing::info!(service = %service.key, ?steps, epoch = wanted.epoch, "transition");
+    let span = task_span(&service.key, wanted.epoch, "steps");
+    let task = async move {
+        tracing::info!(?steps, "transition");
         if let Some(cm) = service
             .spec
             .hooks
@@ -45,7 +47,7 @@ pub(super) fn spawn_steps(
             }
             let dir = shared.config.state_dir.join("configmap-hooks").join(&cm);
             if let Err(e) = materialize_config_map(&shared.client, &namespaces, &cm, &dir).await {
-                tracing::warn!(service = %service.key, error = %e, "hook ConfigMap not written out");
+                tracing::warn!(error = %e, "hook ConfigMap not written out");
             }
         }
         let primary = shared.node.is_primary(&service, &view);
@@ -92,7 +94,7 @@ pub(super) fn spawn_steps(
                 async move { event(&shared, &target, warning, reason, note).await }
             });
             if !ok {
-                tracing::warn!(service = %service.key, ?step, "step failed");
+                tracing::warn!(?step, "step failed");
                 if step == assignments::Step::LeaveMaster && record.unclean_epoch.is_some() {
                     escalate(&shared, &target, &view).await;
                 }
@@ -101,7 +103,16 @@ pub(super) fn spawn_steps(
         }
         drop(record);
         shared.notify.notify_one();
-    });
+    };
+    tokio::spawn(task.instrument(span));
+}
+
+/// The span of one service task: its log lines, and those of the
+/// transitions and hooks it runs, name the service, the epoch and the work
+/// (`steps`, `revip`, `adopt`, `monitor`, `periodic`). A root span: the
+/// task outlives the pass that started it.
+fn task_span(key: &str, epoch: i64, work: &'static str) -> tracing::Span {
+    tracing::info_span!(parent: None, "service", service = %key, epoch, work)
 }
 
 /// What the status file says while `step` runs, so an agent that dies in
@@ -176,7 +187,8 @@ pub(super) fn spawn_revip(
     view: TransitionCluster,
     target: Target,
 ) {
-    tokio::spawn(async move {
+    let span = task_span(&service.key, record.epoch, "revip");
+    let task = async move {
         let ok = shared.node.revip(&mut record, &service, &view).await;
         let _ = persist(&shared, &service.key, &record);
         report(&shared, &target, &record).await;
@@ -189,16 +201,19 @@ pub(super) fn spawn_revip(
         event(&shared, &target, warning, reason, note).await;
         drop(record);
         shared.notify.notify_one();
-    });
+    };
+    tokio::spawn(task.instrument(span));
 }
 
 pub(super) fn spawn_adopt(
     shared: Arc<Shared>,
     mut record: OwnedMutexGuard<ServiceRecord>,
+    key: &str,
     view: TransitionCluster,
     target: Target,
 ) {
-    tokio::spawn(async move {
+    let span = task_span(key, record.epoch, "adopt");
+    let task = async move {
         let ok = shared.node.adopt(&mut record, &view).await;
         tracing::info!(
             epoch = record.epoch,
@@ -208,7 +223,8 @@ pub(super) fn spawn_adopt(
         report(&shared, &target, &record).await;
         drop(record);
         shared.notify.notify_one();
-    });
+    };
+    tokio::spawn(task.instrument(span));
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -221,7 +237,8 @@ pub(super) fn spawn_monitor(
     failures: Arc<AtomicI32>,
     target: Target,
 ) {
-    tokio::spawn(async move {
+    let span = task_span(&service.key, record.epoch, "monitor");
+    let task = async move {
         let failures_counter = failures.clone();
         let Some(ok) = shared.node.monitor(&mut record, &service, &view).await else {
             return;
@@ -235,7 +252,7 @@ pub(super) fn spawn_monitor(
         counter.store(failures, Ordering::SeqCst);
         if failures >= threshold.max(1) {
             counter.store(0, Ordering::SeqCst);
-            tracing::warn!(service = %service.key, failures, "monitor failed past its threshold: leaving");
+            tracing::warn!(failures, "monitor failed past its threshold: leaving");
             let epoch = record.epoch;
             shared
                 .node
@@ -255,11 +272,12 @@ pub(super) fn spawn_monitor(
                 escalate(&shared, &target, &view).await;
             }
         } else if failures > 0 {
-            tracing::warn!(service = %service.key, failures, threshold, "monitor failed");
+            tracing::warn!(failures, threshold, "monitor failed");
         }
         drop(record);
         shared.notify.notify_one();
-    });
+    };
+    tokio::spawn(task.instrument(span));
 }
 
 pub(super) fn spawn_periodic(
@@ -268,9 +286,13 @@ pub(super) fn spawn_periodic(
     service: TransitionService,
     view: TransitionCluster,
 ) {
-    tokio::spawn(async move {
-        shared.node.periodic(&mut record, &service, &view).await;
-    });
+    let span = task_span(&service.key, record.epoch, "periodic");
+    tokio::spawn(
+        async move {
+            shared.node.periodic(&mut record, &service, &view).await;
+        }
+        .instrument(span),
+    );
 }
 
 /// The Event a finished step makes: reason and whether it is a warning.

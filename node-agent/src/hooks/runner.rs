@@ -206,7 +206,7 @@ impl HookRunner {
         let scripts = match set.scripts(ctx.action) {
             Ok(s) => s,
             Err(e) => {
-                tracing::warn!(service = %ctx.service, action = %ctx.action, error = %e, "hook scripts cannot be listed");
+                tracing::warn!(action = %ctx.action, error = %e, "hook scripts cannot be listed");
                 let name = match &set.layout {
                     HookLayout::SingleScript(n) => n.clone(),
                     HookLayout::Directory => set.dir.display().to_string(),
@@ -287,7 +287,7 @@ impl HookRunner {
 
         if let Err(e) = check_script(&script.path) {
             let reason = e.to_string();
-            tracing::warn!(service = %ctx.service, script = %script.path.display(), reason, "hook script refused");
+            tracing::warn!(script = %script.path.display(), reason, "hook script refused");
             if let Some(l) = &mut log {
                 let _ = writeln!(l.file, "{NOTE} refused, not run: {reason}");
             }
@@ -364,7 +364,7 @@ impl HookRunner {
         let (mut child, pid) = match spawned {
             Ok(c) => c,
             Err(reason) => {
-                tracing::warn!(service = %ctx.service, script = %script.path.display(), reason, "hook script not started");
+                tracing::warn!(script = %script.path.display(), reason, "hook script not started");
                 if let Some(l) = &mut log {
                     let _ = writeln!(l.file, "{reason}");
                 }
@@ -376,7 +376,7 @@ impl HookRunner {
             pgid: pid,
             done: false,
         };
-        tracing::info!(service = %ctx.service, script = %script.path.display(), %action, role, pid, "hook started");
+        tracing::info!(script = %script.path.display(), %action, role, pid, "hook started");
 
         let mut exited = LeaderExit::watch(Pid::from_raw(pid));
         let mut notes = Vec::new();
@@ -400,7 +400,7 @@ impl HookRunner {
             {
                 stuck = true;
             }
-            tracing::warn!(service = %ctx.service, script = %script.path.display(), pid, "hook timed out; process group killed");
+            tracing::warn!(script = %script.path.display(), pid, "hook timed out; process group killed");
         }
         guard.finish();
         let ending = if stuck {
@@ -472,7 +472,7 @@ impl HookRunner {
                 elapsed.as_millis()
             );
         }
-        tracing::info!(service = %ctx.service, script = %script.path.display(), %action, ?outcome, ?exit_code, ms = elapsed.as_millis() as u64, "hook finished");
+        tracing::info!(script = %script.path.display(), %action, ?outcome, ?exit_code, ms = elapsed.as_millis() as u64, "hook finished");
 
         HookResult {
             script: script.name.clone(),

@@ -106,14 +106,17 @@ impl<N: Netlink> LocalNode<N> {
                 // failed. Entered again once a renew makes room for a
                 // lifetime (a heartbeat just back from a stalled API
                 // server counts from a renew sent before the stall).
-                tracing::warn!(service = %svc.key, epoch, "heartbeat too old to add VIPs: entering after the next renew");
+                tracing::warn!(
+                    epoch,
+                    "heartbeat too old to add VIPs: entering after the next renew"
+                );
                 record.state = NodeServiceState::Stopped;
                 record.role = Role::None;
                 record.last_hooks = vec![refused(&EnterError::HeartbeatTooOld.to_string())];
                 return false;
             }
             Err(e) => {
-                tracing::error!(service = %svc.key, epoch, error = %e, "cannot enter master");
+                tracing::error!(epoch, error = %e, "cannot enter master");
                 record.state = NodeServiceState::Failed;
                 record.failed_epoch = Some(epoch);
                 record.last_hooks = vec![refused(&e.to_string())];
@@ -139,7 +142,7 @@ impl<N: Netlink> LocalNode<N> {
             && let Ok(gw) = route.gateway.parse::<IpAddr>()
             && let Err(e) = self.netlink.add_default_route(gw).await
         {
-            tracing::warn!(service = %svc.key, error = %e, "default route not added");
+            tracing::warn!(error = %e, "default route not added");
         }
         let results = self
             .run_hooks(svc, cluster, Action::Enter, Role::Master, epoch)
@@ -148,7 +151,7 @@ impl<N: Netlink> LocalNode<N> {
         record.last_hooks = results;
         if outcome != HookOutcome::Success || cluster.fenced.load(Ordering::SeqCst) {
             // An enter failure: leave again, report, let the operator move it.
-            tracing::warn!(service = %svc.key, epoch, ?outcome, "enter failed; leaving again");
+            tracing::warn!(epoch, ?outcome, "enter failed; leaving again");
             let enter_results = std::mem::take(&mut record.last_hooks);
             self.leave_master(record, svc, cluster).await;
             let mut all = enter_results;
