@@ -1,5 +1,6 @@
-//! The node agent on three lab nodes (real kernel, real API server). Until the
-//! operator exists, each test plays its part by writing the service Lease.
+//! The node agent on three lab nodes (real kernel, real API server), without
+//! the operator: each test writes the service Lease itself, so the agent's
+//! side of the protocol is tested alone (`operator.rs` tests both together).
 //! Tests share the nodes' agents and run one at a time.
 
 use std::sync::Mutex;

@@ -1,3 +1,6 @@
+//! `kubectl-ha`: parses the command line and runs the plugin
+//! ([`kubectl_ha::run`]); errors exit non-zero.
+
 use clap::Parser;
 
 fn main() -> std::process::ExitCode {

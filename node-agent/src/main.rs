@@ -1,3 +1,6 @@
+//! `kubeha-agent`: parses the command line and runs the agent
+//! ([`kubeha_agent::run`]).
+
 use clap::Parser;
 
 fn main() -> anyhow::Result<()> {

@@ -1,3 +1,6 @@
+//! `kubeha-operator`: parses the command line and runs the operator
+//! ([`kubeha_operator::app`]).
+
 use clap::Parser;
 
 #[tokio::main]
