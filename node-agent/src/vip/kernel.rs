@@ -1,17 +1,8 @@
-//! Virtual IPs through netlink.
-//!
-//! Every VIP is added with a finite valid lifetime (`valid_lft`) that the
-//! agent extends on each successful heartbeat renew: the kernel fence of
-//! DESIGN.md ("Leases, election and fencing"). A frozen or killed agent
-//! cannot hold a VIP longer than that lifetime, because the kernel deletes
-//! the address itself when it expires.
-//!
-//! The kernel operations sit behind the [`Netlink`] trait so that the
-//! transition logic can be tested against a fake; [`RtNetlink`] is the real
-//! implementation over an `rtnetlink` [`Handle`].
+//! The kernel's side: `RtNetlink`, the `Netlink` implementation over rtnetlink
+//! (addresses with lifetimes, the interface whose subnet holds a VIP, MAC
+//! addresses, default routes), and the netlink messages it builds and reads.
 
 use std::fmt;
-use std::future::Future;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::time::Duration;
 
@@ -26,300 +17,7 @@ use netlink_packet_route::route::{
 use nix::errno::Errno;
 use rtnetlink::{AddressMessageBuilder, Handle, RouteMessageBuilder};
 
-/// Longest interface name the kernel accepts (IFNAMSIZ - 1).
-const IFNAME_MAX: usize = 15;
-
-/// Errors of VIP parsing and VIP netlink operations.
-#[derive(Debug, thiserror::Error)]
-pub enum VipError {
-    /// A VIP string or interface name that is not acceptable.
-    #[error("invalid VIP {input:?}: {reason}")]
-    Parse {
-        /// The text as given.
-        input: String,
-        /// Why it was refused.
-        reason: String,
-    },
-    /// The named interface does not exist on this node.
-    #[error(
-        "interface {0:?} does not exist on this node; fix spec.vips[].interface or create the interface"
-    )]
-    InterfaceMissing(String),
-    /// No interface on this node holds an address whose subnet contains the VIP.
-    #[error(
-        "no interface on this node holds an address whose subnet contains VIP {0}; \
-         name the interface in spec.vips[].interface"
-    )]
-    NoInterface(String),
-    /// The interface has no usable Ethernet MAC address (loopback, tunnel, ...).
-    #[error(
-        "interface {0:?} has no Ethernet MAC address; VIPs with GARP need an Ethernet-like interface"
-    )]
-    NoMac(String),
-    /// A VIP lifetime that would break the kernel fence or that the kernel refuses.
-    #[error("invalid VIP lifetime: {0}")]
-    InvalidLifetime(String),
-    /// A default route to a different gateway already exists.
-    #[error(
-        "a default route via {existing} already exists, refusing to add one via {gateway}; \
-         remove it or drop spec.defaultRoute"
-    )]
-    DefaultRouteConflict {
-        /// The gateway we were asked to install.
-        gateway: IpAddr,
-        /// A gateway of the default route already present.
-        existing: String,
-    },
-    /// `RtNetlink::new` was called outside a tokio runtime.
-    #[error("the netlink connection needs a running tokio runtime")]
-    NoRuntime,
-    /// The netlink socket could not be opened.
-    #[error("cannot open a netlink route socket: {0}")]
-    Socket(#[source] std::io::Error),
-    /// The kernel refused the request for lack of privilege.
-    #[error("netlink {op} refused: operation not permitted (the agent needs CAP_NET_ADMIN)")]
-    PermissionDenied {
-        /// The operation, e.g. `add address 198.18.0.100/24 on eth0`.
-        op: String,
-    },
-    /// Any other netlink failure.
-    #[error("netlink {op} failed: {source}")]
-    Netlink {
-        /// The operation, e.g. `add address 198.18.0.100/24 on eth0`.
-        op: String,
-        /// The error rtnetlink reported.
-        #[source]
-        source: rtnetlink::Error,
-    },
-}
-
-/// One virtual IP: address, prefix length and optionally the interface it
-/// must be added to.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub struct Vip {
-    /// The address itself.
-    pub addr: IpAddr,
-    /// Prefix length of the subnet the address belongs to.
-    pub prefix_len: u8,
-    /// Interface to add the VIP to; `None`: the interface whose subnet holds it.
-    pub interface: Option<String>,
-}
-
-impl Vip {
-    /// Parses a VIP in CIDR notation (`198.18.0.100/24`, `2001:db8::100/64`)
-    /// with an optional interface name.
-    ///
-    /// Refuses a missing or out-of-range prefix length, the unspecified,
-    /// loopback, multicast and IPv4 limited-broadcast addresses, and
-    /// interface names the kernel would refuse.
-    pub fn parse(cidr: &str, interface: Option<&str>) -> Result<Vip, VipError> {
-        let fail = |reason: &str| VipError::Parse {
-            input: cidr.to_string(),
-            reason: reason.to_string(),
-        };
-        let net = kubeha_crds::cidr::parse(cidr).map_err(|_| {
-            fail(
-                "expected ADDRESS/PREFIX with a decimal prefix length within the family's \
-                 (0-32, 0-128), e.g. 198.18.0.100/24 or 2001:db8::100/64",
-            )
-        })?;
-        let (addr, prefix_len) = (net.addr(), net.prefix_len());
-        if addr.is_unspecified() {
-            return Err(fail("the unspecified address cannot be a VIP"));
-        }
-        if addr.is_loopback() {
-            return Err(fail("a loopback address cannot be a VIP"));
-        }
-        if addr.is_multicast() {
-            return Err(fail("a multicast address cannot be a VIP"));
-        }
-        if addr == IpAddr::V4(Ipv4Addr::BROADCAST) {
-            return Err(fail("the broadcast address cannot be a VIP"));
-        }
-        let interface = match interface {
-            None => None,
-            Some(name) => {
-                validate_ifname(name).map_err(|reason| VipError::Parse {
-                    input: cidr.to_string(),
-                    reason: format!("interface {name:?}: {reason}"),
-                })?;
-                Some(name.to_string())
-            }
-        };
-        Ok(Vip {
-            addr,
-            prefix_len,
-            interface,
-        })
-    }
-}
-
-impl fmt::Display for Vip {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}/{}", self.addr, self.prefix_len)
-    }
-}
-
-/// Checks an interface name against the kernel's rules (`dev_valid_name`).
-fn validate_ifname(name: &str) -> Result<(), &'static str> {
-    if name.is_empty() {
-        return Err("interface name is empty");
-    }
-    if name.len() > IFNAME_MAX {
-        return Err("interface name is longer than 15 bytes");
-    }
-    if name == "." || name == ".." {
-        return Err("interface name cannot be . or ..");
-    }
-    if name
-        .chars()
-        .any(|c| c == '/' || c == ':' || c.is_whitespace() || c.is_control())
-    {
-        return Err("interface name contains '/', ':', whitespace or control characters");
-    }
-    Ok(())
-}
-
-/// The VIP valid lifetime in whole seconds for lease duration D and clock-skew
-/// allowance S.
-///
-/// With `configured` set, that value is returned if it is at least 1 and
-/// strictly below D + S, and refused otherwise. Unset, the result is the
-/// largest whole number of seconds strictly below D + S; an error if that is
-/// not at least 1 (D + S of one second or less).
-pub fn lifetime_secs(
-    lease_duration: Duration,
-    clock_skew: Duration,
-    configured: Option<u32>,
-) -> Result<u32, VipError> {
-    let bound = lease_duration.checked_add(clock_skew).ok_or_else(|| {
-        VipError::InvalidLifetime("lease duration plus clock skew overflows".to_string())
-    })?;
-    match configured {
-        Some(0) => Err(VipError::InvalidLifetime(
-            "a configured VIP lifetime of 0 s is not allowed; use at least 1 s".to_string(),
-        )),
-        Some(secs) if Duration::from_secs(u64::from(secs)) < bound => Ok(secs),
-        Some(secs) => Err(VipError::InvalidLifetime(format!(
-            "configured VIP lifetime {secs} s is not below lease duration + clock skew ({} ms); \
-             a VIP could outlive the lease",
-            bound.as_millis()
-        ))),
-        None => {
-            // Largest whole number of seconds strictly below `bound`:
-            // ceil(bound) - 1, i.e. (bound - 1 ns) truncated to seconds.
-            let below = bound
-                .checked_sub(Duration::from_nanos(1))
-                .map(|d| d.as_secs())
-                .unwrap_or(0);
-            match u32::try_from(below) {
-                Ok(secs) if secs >= 1 => Ok(secs),
-                Ok(_) => Err(VipError::InvalidLifetime(format!(
-                    "lease duration + clock skew ({} ms) leaves no whole second below it; \
-                     raise leaseDurationMs or clockSkewMs",
-                    bound.as_millis()
-                ))),
-                Err(_) => Err(VipError::InvalidLifetime(format!(
-                    "lease duration + clock skew ({} s) is too long for a VIP lifetime",
-                    bound.as_secs()
-                ))),
-            }
-        }
-    }
-}
-
-/// Converts a requested lifetime into the whole seconds given to the kernel,
-/// rounding down (the fence must never be longer than asked).
-fn kernel_lifetime(valid_lft: Duration) -> Result<u32, VipError> {
-    match u32::try_from(valid_lft.as_secs()) {
-        // u32::MAX is INFINITY_LIFE_TIME: a permanent address, no fence.
-        Ok(secs) if (1..u32::MAX).contains(&secs) => Ok(secs),
-        Ok(0) => Err(VipError::InvalidLifetime(format!(
-            "{valid_lft:?} is below one second; the kernel needs a whole number of seconds >= 1"
-        ))),
-        _ => Err(VipError::InvalidLifetime(format!(
-            "{valid_lft:?} is too long; a VIP must have a finite lifetime"
-        ))),
-    }
-}
-
-/// The kernel operations the agent needs for VIPs and the default route.
-///
-/// Every operation is idempotent, so a transition can be retried after a
-/// crash: adding an existing VIP extends its lifetime, removing a missing
-/// VIP or route succeeds.
-pub trait Netlink: Send + Sync {
-    /// Adds `vip` to interface `iface` with valid and preferred lifetime
-    /// `valid_lft` (whole seconds, rounded down, at least 1). If the address
-    /// exists it is replaced (`NLM_F_REPLACE`), which extends its lifetime.
-    /// IPv6 VIPs are added with `IFA_F_NODAD`, usable at once.
-    fn add_vip(
-        &self,
-        iface: &str,
-        vip: &Vip,
-        valid_lft: Duration,
-    ) -> impl Future<Output = Result<(), VipError>> + Send;
-
-    /// Extends the lifetime of `vip` on `iface` to `valid_lft` only if the
-    /// address is still there; returns `false`, adding nothing, when it is
-    /// gone (the kernel expired it: the holder missed its renewals, and the
-    /// operator may have cleared another node). The kernel creates a missing
-    /// address even without `NLM_F_CREATE`, so presence is checked first;
-    /// the kernel expires addresses from a periodic task, not between the
-    /// check and the replace of a running agent.
-    fn extend_vip(
-        &self,
-        iface: &str,
-        vip: &Vip,
-        valid_lft: Duration,
-    ) -> impl Future<Output = Result<bool, VipError>> + Send {
-        async move {
-            if !self.vip_present(iface, vip).await? {
-                return Ok(false);
-            }
-            self.add_vip(iface, vip, valid_lft).await?;
-            Ok(true)
-        }
-    }
-
-    /// Removes `vip` from `iface`. A VIP that is not there counts as removed,
-    /// and so does one whose interface no longer exists.
-    fn del_vip(&self, iface: &str, vip: &Vip) -> impl Future<Output = Result<(), VipError>> + Send;
-
-    /// Whether `vip` (address and prefix length) is on `iface`.
-    fn vip_present(
-        &self,
-        iface: &str,
-        vip: &Vip,
-    ) -> impl Future<Output = Result<bool, VipError>> + Send;
-
-    /// The interface `vip` belongs on: `vip.interface` if set (it must
-    /// exist), else the interface holding another address whose subnet
-    /// contains the VIP (longest prefix wins, then permanent addresses, then
-    /// the lowest interface index).
-    fn interface_for(&self, vip: &Vip) -> impl Future<Output = Result<String, VipError>> + Send;
-
-    /// The Ethernet MAC address of `iface`.
-    fn mac_of(&self, iface: &str) -> impl Future<Output = Result<[u8; 6], VipError>> + Send;
-
-    /// Installs a default route via `gateway` in the main table. Succeeds if
-    /// that route is already there; fails with
-    /// [`VipError::DefaultRouteConflict`] if a default route via another
-    /// gateway exists.
-    fn add_default_route(
-        &self,
-        gateway: IpAddr,
-    ) -> impl Future<Output = Result<(), VipError>> + Send;
-
-    /// Removes the default route via `gateway` that [`Netlink::add_default_route`]
-    /// installed (protocol `static`). Succeeds if there is none; never
-    /// removes a default route via another gateway, nor one via the same
-    /// gateway that someone else installed with another protocol (e.g. `boot`).
-    fn del_default_route(
-        &self,
-        gateway: IpAddr,
-    ) -> impl Future<Output = Result<(), VipError>> + Send;
-}
+use super::{Netlink, Vip, VipError, kernel_lifetime, validate_ifname};
 
 /// [`Netlink`] over an rtnetlink connection in the agent's network namespace.
 ///
@@ -339,7 +37,7 @@ impl fmt::Debug for RtNetlink {
 }
 
 /// The negative errno in a netlink error, as a positive `Errno`.
-fn errno_of(err: &rtnetlink::Error) -> Option<Errno> {
+pub(super) fn errno_of(err: &rtnetlink::Error) -> Option<Errno> {
     match err {
         rtnetlink::Error::NetlinkError(msg) => msg.code.map(|c| Errno::from_raw(-c.get())),
         _ => None,
@@ -347,7 +45,7 @@ fn errno_of(err: &rtnetlink::Error) -> Option<Errno> {
 }
 
 /// Wraps an rtnetlink error with the operation that failed.
-fn nl_err(op: impl Into<String>, source: rtnetlink::Error) -> VipError {
+pub(super) fn nl_err(op: impl Into<String>, source: rtnetlink::Error) -> VipError {
     let op = op.into();
     match errno_of(&source) {
         Some(Errno::EPERM) | Some(Errno::EACCES) => VipError::PermissionDenied { op },
@@ -356,7 +54,7 @@ fn nl_err(op: impl Into<String>, source: rtnetlink::Error) -> VipError {
 }
 
 /// The local address of an address message (IFA_LOCAL, else IFA_ADDRESS).
-fn local_addr(msg: &AddressMessage) -> Option<IpAddr> {
+pub(super) fn local_addr(msg: &AddressMessage) -> Option<IpAddr> {
     let mut address = None;
     for attr in &msg.attributes {
         match attr {
@@ -369,7 +67,7 @@ fn local_addr(msg: &AddressMessage) -> Option<IpAddr> {
 }
 
 /// Whether an address message carries the permanent flag.
-fn is_permanent(msg: &AddressMessage) -> bool {
+pub(super) fn is_permanent(msg: &AddressMessage) -> bool {
     let attr_flags = msg.attributes.iter().find_map(|a| match a {
         AddressAttribute::Flags(f) => Some(*f),
         _ => None,
@@ -381,7 +79,7 @@ fn is_permanent(msg: &AddressMessage) -> bool {
 }
 
 /// The gateways of a route message, including those of multipath next hops.
-fn route_gateways(msg: &RouteMessage) -> Vec<IpAddr> {
+pub(super) fn route_gateways(msg: &RouteMessage) -> Vec<IpAddr> {
     fn from_attrs(attrs: &[RouteAttribute], out: &mut Vec<IpAddr>) {
         for attr in attrs {
             match attr {
@@ -404,7 +102,7 @@ fn route_gateways(msg: &RouteMessage) -> Vec<IpAddr> {
 }
 
 /// The routing table of a route message (RTA_TABLE wins over the header).
-fn route_table(msg: &RouteMessage) -> u32 {
+pub(super) fn route_table(msg: &RouteMessage) -> u32 {
     msg.attributes
         .iter()
         .find_map(|a| match a {
@@ -415,7 +113,7 @@ fn route_table(msg: &RouteMessage) -> u32 {
 }
 
 /// The message for "default via GATEWAY" in the main table, protocol static.
-fn default_route_message(gateway: IpAddr) -> RouteMessage {
+pub(super) fn default_route_message(gateway: IpAddr) -> RouteMessage {
     match gateway {
         IpAddr::V4(gw) => RouteMessageBuilder::<Ipv4Addr>::new().gateway(gw).build(),
         IpAddr::V6(gw) => RouteMessageBuilder::<Ipv6Addr>::new().gateway(gw).build(),
@@ -423,7 +121,7 @@ fn default_route_message(gateway: IpAddr) -> RouteMessage {
 }
 
 /// The address message identifying `vip` on interface `index`.
-fn address_message(index: u32, vip: &Vip) -> AddressMessage {
+pub(super) fn address_message(index: u32, vip: &Vip) -> AddressMessage {
     match vip.addr {
         IpAddr::V4(a) => AddressMessageBuilder::<Ipv4Addr>::new()
             .index(index)
@@ -694,8 +392,3 @@ impl Netlink for RtNetlink {
         }
     }
 }
-
-#[cfg(test)]
-pub(crate) mod fake;
-#[cfg(test)]
-mod tests;

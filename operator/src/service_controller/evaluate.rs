@@ -1,0 +1,324 @@
+//! Gathering a service's facts from the watches and deciding on them (the pure
+//! plan): refusals, placement, handover, conditions; and when to look again.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::core::v1::ObjectReference;
+use kube::runtime::controller::Action;
+use kube::runtime::reflector::ObjectRef;
+use kube::{Resource, ResourceExt};
+use kubeha_crds::cluster::{HeartbeatState, NoQuorumPolicy};
+use kubeha_crds::{HACluster, HAService, Mode, annotations, leases};
+
+use super::EXPIRY_MARGIN;
+use crate::conditions;
+use crate::context::{Ctx, service_key};
+use crate::handover::{self, Fence, LeaseState};
+use crate::heartbeat_view::{Timing, with_mode};
+use crate::members::{self, Member, NodeInfo};
+use crate::memory::Seen;
+use crate::placement::{ClusterView, NodeView};
+use crate::service_plan::{self, Facts, Plan, Refusal};
+use crate::validate::{self, Claim, Subject};
+
+/// Everything one evaluation produced.
+pub(super) struct Evaluation {
+    /// What to write.
+    pub(super) plan: Plan,
+    /// What changed since the last look, to announce.
+    pub(super) seen: Seen,
+    /// The service Lease as the watch has it.
+    pub(super) lease: Option<Arc<Lease>>,
+    /// The service's cluster.
+    pub(super) cluster: String,
+    /// Nodes of the service whose heartbeat the view shows Lost or Fenced.
+    pub(super) lost: Vec<String>,
+    /// When a state of the view expires next (a look then).
+    pub(super) next_expiry: Option<Instant>,
+    /// The HAService, for Events.
+    pub(super) reference: ObjectReference,
+}
+
+pub(super) fn earliest(a: Option<Instant>, b: Option<Instant>) -> Option<Instant> {
+    match (a, b) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, None) => a,
+        (None, b) => b,
+    }
+}
+
+pub(super) fn requeue(ev: &Evaluation, now: Instant) -> Action {
+    let by_expiry = ev
+        .next_expiry
+        .map(|t| t.saturating_duration_since(now) + EXPIRY_MARGIN);
+    let refused_and_stopped = ev
+        .plan
+        .status
+        .conditions
+        .iter()
+        .any(|c| c.type_ == conditions::STALLED && c.status)
+        && ev.plan.stopped();
+    if refused_and_stopped {
+        // Invalid or unbound: wait for a change of the spec or the world.
+        return Action::await_change();
+    }
+    match (by_expiry, ev.plan.requeue_after) {
+        (Some(a), Some(b)) => Action::requeue(a.min(b)),
+        (Some(a), None) | (None, Some(a)) => Action::requeue(a),
+        (None, None) => Action::await_change(),
+    }
+}
+
+pub(super) fn node_infos(ctx: &Ctx) -> BTreeMap<String, NodeInfo> {
+    ctx.stores
+        .nodes
+        .state()
+        .iter()
+        .map(|n| (n.name_any(), NodeInfo::of(n)))
+        .collect()
+}
+
+/// The primary node of a service: its first preferred node, else the
+/// cluster's first listed member (as the agents judge takeover/takeback).
+pub(super) fn primary(svc: &HAService, cluster: Option<&HACluster>) -> Option<String> {
+    let members = cluster
+        .into_iter()
+        .flat_map(|c| c.spec.members.nodes.iter().map(|m| m.name.as_str()));
+    kubeha_crds::roles::primary_node(&svc.spec, members).map(str::to_owned)
+}
+
+pub(super) fn refusal_for(
+    svc: &HAService,
+    ctx: &Ctx,
+    cluster: Option<&HACluster>,
+    infos: &BTreeMap<String, NodeInfo>,
+) -> Option<Refusal> {
+    let Some(cluster) = cluster else {
+        return Some(Refusal {
+            reason: "ClusterNotFound",
+            message: format!(
+                "HACluster {} does not exist; create it or fix spec.clusterRef",
+                svc.spec.cluster_ref
+            ),
+        });
+    };
+    let key = service_key(svc);
+    let namespace = svc.namespace().unwrap_or_default();
+    let addresses: Vec<(String, IpAddr)> = infos
+        .iter()
+        .flat_map(|(n, i)| i.addresses.iter().map(move |a| (n.clone(), *a)))
+        .collect();
+    let claims: Vec<Claim> = ctx
+        .stores
+        .services
+        .state()
+        .iter()
+        .filter(|s| s.meta().deletion_timestamp.is_none())
+        .map(|s| {
+            Claim::of(
+                service_key(s),
+                s.meta().creation_timestamp.as_ref().map(|t| t.0),
+                &s.spec,
+            )
+        })
+        .collect();
+    let problems = validate::validate(
+        Subject {
+            namespace: &namespace,
+            key: &key,
+            created: svc.meta().creation_timestamp.as_ref().map(|t| t.0),
+            spec: &svc.spec,
+        },
+        &cluster.name_any(),
+        &cluster.spec,
+        &addresses,
+        &claims,
+    );
+    (!problems.is_empty()).then(|| Refusal {
+        reason: "InvalidSpec",
+        message: problems
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join("; "),
+    })
+}
+
+pub(super) fn evaluate(svc: &HAService, ctx: &Ctx, deleting: bool, now: Instant) -> Evaluation {
+    let key = service_key(svc);
+    let ns = svc.namespace().unwrap_or_default();
+    let cluster_name = svc.spec.cluster_ref.clone();
+    let cluster = ctx.stores.clusters.get(&ObjectRef::new(&cluster_name));
+    let infos = node_infos(ctx);
+    let members: Vec<Member> = cluster
+        .as_ref()
+        .map(|c| members::resolve(&c.spec, &infos))
+        .unwrap_or_default();
+    let refusal = refusal_for(svc, ctx, cluster.as_deref(), &infos);
+    let lease = ctx
+        .stores
+        .service_leases
+        .get(&ObjectRef::new(&leases::service_lease_name(&svc.name_any())).within(&ns));
+    let lease_state = match lease.as_deref() {
+        Some(l) => Some(LeaseState::from_lease(l)),
+        // Gone although the service was placed before: assume the worst.
+        None => svc.status.as_ref().and_then(handover::assumed_after_loss),
+    };
+    let entries = svc
+        .status
+        .as_ref()
+        .map(|s| s.nodes.clone())
+        .unwrap_or_default();
+
+    // Every node whose heartbeat matters here.
+    let mut relevant: BTreeSet<String> = members.iter().map(|m| m.name.clone()).collect();
+    relevant.extend(entries.iter().map(|e| e.node.clone()));
+    if let Some(l) = &lease_state {
+        relevant.extend(l.holder.clone());
+        relevant.extend(l.standby.clone());
+        relevant.extend(l.cleared_node.clone());
+    }
+    let mode_of = |n: &str| members.iter().find(|m| m.name == n).map(|m| m.mode);
+
+    let first_seen = ctx.first_seen(&cluster_name, now);
+    let (node_views, states, next_expiry) = ctx.with_view(&cluster_name, |view| {
+        if let Some(c) = &cluster {
+            view.set_timing(Timing::from(&c.spec.heartbeat));
+        }
+        let node_views: Vec<NodeView> = members
+            .iter()
+            .map(|m| {
+                let cordoned = infos.get(&m.name).is_some_and(|i| i.cordoned);
+                view.note_capable(&m.name, m.mode.allows_services() && !cordoned, now);
+                NodeView {
+                    name: m.name.clone(),
+                    mode: m.mode,
+                    heartbeat: with_mode(view.state(&m.name, now), m.mode),
+                    cordoned,
+                    eligible_for: view.eligible_for(&m.name, now),
+                }
+            })
+            .collect();
+        let states: BTreeMap<String, HeartbeatState> = relevant
+            .iter()
+            .map(|n| (n.clone(), view.state(n, now)))
+            .collect();
+        let next = view.next_expiry(relevant.iter().map(String::as_str), now);
+        (node_views, states, next)
+    });
+    // Under `noQuorumPolicy: Freeze` a node cut off from the API server
+    // keeps its roles and VIPs (its agent extends them itself): its Lost
+    // heartbeat proves nothing, only `peerdown` (or its own acknowledgement)
+    // lets another node in.
+    let lost_means_fenced = cluster
+        .as_ref()
+        .is_none_or(|c| c.spec.fence.no_quorum_policy == NoQuorumPolicy::Stop);
+    let fences: BTreeMap<String, Fence> = states
+        .iter()
+        .map(|(n, s)| {
+            let fence = if mode_of(n) == Some(Mode::Peerdown) {
+                Fence::Peerdown
+            } else if lost_means_fenced
+                && matches!(s, HeartbeatState::Lost | HeartbeatState::Fenced)
+            {
+                Fence::Heartbeat
+            } else {
+                Fence::None
+            };
+            (n.clone(), fence)
+        })
+        .collect();
+
+    let view = ClusterView {
+        members: node_views,
+        placement: cluster
+            .as_ref()
+            .map(|c| c.spec.placement)
+            .unwrap_or_default(),
+        failback: cluster
+            .as_ref()
+            .map(|c| c.spec.failback.clone())
+            .unwrap_or_default(),
+        startup_grace: Duration::from_secs(
+            cluster
+                .as_ref()
+                .map(|c| u64::try_from(c.spec.startup_grace_seconds).unwrap_or(0))
+                .unwrap_or(0),
+        ),
+        since_start: now.saturating_duration_since(first_seen),
+    };
+
+    let lost: BTreeSet<String> = lease_state
+        .iter()
+        .flat_map(|l| [l.holder.clone(), l.cleared_node.clone()])
+        .flatten()
+        .filter(|n| fences.get(n) == Some(&Fence::Heartbeat))
+        .collect();
+    let primary = primary(svc, cluster.as_deref());
+    let expiry = cluster
+        .as_ref()
+        .map(|c| Timing::from(&c.spec.heartbeat))
+        .unwrap_or_default()
+        .expiry();
+    let (failures, seen, started_nothing, refusal_wait) = ctx.with_service_memory(&key, |m| {
+        m.note_failures(&entries, now, jiff::Timestamp::now());
+        let seen = m.observe(
+            &entries,
+            lease_state.as_ref(),
+            primary.as_deref(),
+            &lost,
+            now,
+        );
+        let started_nothing: BTreeSet<String> = entries
+            .iter()
+            .filter(|e| service_plan::refused_before_start(e))
+            .filter(|e| m.failed_for(&e.node, now).is_some_and(|d| d >= expiry))
+            .map(|e| e.node.clone())
+            .collect();
+        // A refusal not yet old enough: look again when it is.
+        let refusal_wait = entries
+            .iter()
+            .filter(|e| service_plan::refused_before_start(e))
+            .filter_map(|e| m.failed_for(&e.node, now))
+            .filter(|d| *d < expiry)
+            .map(|d| expiry - d)
+            .min();
+        (m.failures(now), seen, started_nothing, refusal_wait)
+    });
+
+    let plan = service_plan::plan(&Facts {
+        key: &key,
+        generation: svc.meta().generation,
+        spec: &svc.spec,
+        status: svc.status.as_ref(),
+        refusal,
+        deleting,
+        cluster: &view,
+        lease: lease_state.as_ref(),
+        fences: &fences,
+        failures,
+        started_nothing: &started_nothing,
+        move_to: svc
+            .annotations()
+            .get(annotations::MOVE_TO)
+            .map(String::as_str),
+    });
+    let lost = states
+        .iter()
+        .filter(|(_, s)| matches!(s, HeartbeatState::Lost | HeartbeatState::Fenced))
+        .map(|(n, _)| n.clone())
+        .collect();
+    Evaluation {
+        plan,
+        seen,
+        lease,
+        cluster: cluster_name,
+        lost,
+        next_expiry: earliest(next_expiry, refusal_wait.map(|d| now + d)),
+        reference: svc.object_ref(&()),
+    }
+}

@@ -1,0 +1,201 @@
+//! The service Lease: building it from a decision, writing it (create, adopt an
+//! unlabelled one, or replace at a resourceVersion), and the fresh heartbeat
+//! reads that confirm a node is gone before its clearance is dropped.
+
+use std::time::Instant;
+
+use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta};
+use kube::api::{Patch, PatchParams, PostParams};
+use kube::{Api, Resource, ResourceExt};
+use kubeha_crds::{HAService, leases};
+use serde_json::json;
+
+use crate::context::{Ctx, FIELD_MANAGER};
+use crate::error::{Error, Result};
+use crate::handover::{CLEARED_NODE_ANNOTATION, LeaseState};
+use crate::heartbeat_view::Fingerprint;
+
+/// Confirms with a fresh read that `node`'s heartbeat really stopped: if
+/// its Lease changed since the watch last showed it (a stalled watch), the
+/// change is observed now and `true` is returned.
+pub(super) async fn heartbeat_moved(ctx: &Ctx, cluster: &str, node: &str) -> Result<bool> {
+    let (moved, _) = refresh_heartbeat(ctx, cluster, node).await?;
+    if moved {
+        tracing::warn!(%cluster, %node, "heartbeat Lease changed although the watch showed none: not fenced");
+    }
+    Ok(moved)
+}
+
+/// Reads `node`'s heartbeat Lease afresh and records it in the view when
+/// it differs from what the watch showed: whether it did, and the Lease's
+/// `renewTime` as read.
+pub(super) async fn refresh_heartbeat(
+    ctx: &Ctx,
+    cluster: &str,
+    node: &str,
+) -> Result<(bool, Option<String>)> {
+    let api: Api<Lease> = Api::namespaced(ctx.client.clone(), &ctx.namespace);
+    let Some(lease) = api
+        .get_opt(&leases::heartbeat_lease_name(cluster, node))
+        .await?
+    else {
+        return Ok((false, None));
+    };
+    let fp = Fingerprint::of(&lease);
+    let renewed = fp.renew_time.clone();
+    let moved = ctx.with_view(cluster, |v| {
+        if v.fingerprint(node) == Some(&fp) {
+            false
+        } else {
+            v.observe(node, fp, Instant::now());
+            true
+        }
+    });
+    Ok((moved, renewed))
+}
+
+/// The outcome of a Lease write.
+pub(super) enum Written {
+    Done,
+    /// Someone else changed the Lease since it was read: decide again.
+    Conflict,
+}
+
+/// The service Lease as the operator writes it: `current` (or a new one)
+/// with the kubeha labels, the annotations of `state`, the HAService as
+/// controlling owner, `holderIdentity` = master and `leaseTransitions` =
+/// epoch; `acquireTime` moves to `now` when the holder changes. Other fields
+/// of `current` (resourceVersion, foreign labels and annotations) are kept.
+/// Pure: this is exactly what the agents read (see `tests/agent_protocol.rs`).
+pub fn service_lease(
+    current: Option<&Lease>,
+    svc: &HAService,
+    state: &LeaseState,
+    holder_changed: bool,
+    now: jiff::Timestamp,
+) -> Lease {
+    let mut lease = current.cloned().unwrap_or_else(|| Lease {
+        metadata: ObjectMeta {
+            name: Some(leases::service_lease_name(&svc.name_any())),
+            namespace: svc.namespace(),
+            ..Default::default()
+        },
+        spec: None,
+    });
+    let labels = lease.metadata.labels.get_or_insert_with(Default::default);
+    labels.insert(leases::LEASE_KIND_LABEL.into(), leases::SERVICE.into());
+    labels.insert(leases::SERVICE_LABEL.into(), svc.name_any());
+    labels.insert(leases::CLUSTER_LABEL.into(), svc.spec.cluster_ref.clone());
+    let annotations = lease
+        .metadata
+        .annotations
+        .get_or_insert_with(Default::default);
+    if state.cleared_node.is_none() {
+        annotations.remove(CLEARED_NODE_ANNOTATION);
+    }
+    annotations.extend(state.annotations());
+    if let Some(owner) = svc.controller_owner_ref(&())
+        && !lease
+            .metadata
+            .owner_references
+            .iter()
+            .flatten()
+            .any(|o| o.uid == owner.uid)
+    {
+        lease
+            .metadata
+            .owner_references
+            .get_or_insert_with(Vec::new)
+            .push(owner);
+    }
+    let spec = lease.spec.get_or_insert_with(LeaseSpec::default);
+    spec.holder_identity = state.holder.clone();
+    spec.lease_transitions = Some(state.lease_transitions());
+    if holder_changed {
+        spec.acquire_time = Some(MicroTime(now));
+    }
+    lease
+}
+
+pub(super) async fn write_lease(
+    ctx: &Ctx,
+    svc: &HAService,
+    current: Option<&Lease>,
+    state: &LeaseState,
+    holder_changed: bool,
+    holder_renew: Option<String>,
+) -> Result<Written> {
+    let ns = svc.namespace().ok_or(Error::Unnamed("namespace"))?;
+    let name = leases::service_lease_name(&svc.name_any());
+    let api: Api<Lease> = Api::namespaced(ctx.client.clone(), &ns);
+    let mut lease = service_lease(current, svc, state, holder_changed, jiff::Timestamp::now());
+    // The holder's heartbeat as seen now (as just read, else as the view
+    // shows it): an agent back from a fence enters only on a Lease written
+    // after its return.
+    if let Some(holder) = &state.holder
+        && let Some(renewed) = holder_renew.or_else(|| {
+            ctx.with_view(&svc.spec.cluster_ref, |v| {
+                v.fingerprint(holder).and_then(|f| f.renew_time.clone())
+            })
+        })
+    {
+        lease
+            .metadata
+            .annotations
+            .get_or_insert_with(Default::default)
+            .insert(leases::HOLDER_RENEW_ANNOTATION.to_owned(), renewed);
+    }
+    let params = PostParams {
+        field_manager: Some(FIELD_MANAGER.to_owned()),
+        ..Default::default()
+    };
+    let result = if current.is_some() {
+        api.replace(&name, &params, &lease).await
+    } else {
+        lease.metadata.resource_version = None;
+        api.create(&params, &lease).await
+    };
+    match result {
+        Ok(_) => {
+            ctx.metrics.lease_written();
+            Ok(Written::Done)
+        }
+        Err(kube::Error::Api(s)) if s.code == 409 => {
+            if current.is_none() {
+                adopt_unlabelled_lease(&api, &name, svc).await?;
+            }
+            Ok(Written::Conflict)
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// A Lease of that name exists but the watch (by label) does not show it:
+/// label it (nothing else) so the next reconcile sees it and decides on
+/// what it says.
+pub(super) async fn adopt_unlabelled_lease(
+    api: &Api<Lease>,
+    name: &str,
+    svc: &HAService,
+) -> Result<()> {
+    let patch = json!({
+        "metadata": {
+            "labels": {
+                leases::LEASE_KIND_LABEL: leases::SERVICE,
+                leases::SERVICE_LABEL: svc.name_any(),
+                leases::CLUSTER_LABEL: svc.spec.cluster_ref,
+            }
+        }
+    });
+    tracing::warn!(
+        lease = name,
+        "a service Lease exists without the kubeha labels: labelling it"
+    );
+    let params = PatchParams {
+        field_manager: Some(FIELD_MANAGER.to_owned()),
+        ..Default::default()
+    };
+    api.patch(name, &params, &Patch::Merge(&patch)).await?;
+    Ok(())
+}

@@ -1,0 +1,219 @@
+//! The HAService reconciler: gathers the facts (cluster, members, heartbeat
+//! view, service Lease, agents' entries, failures), asks
+//! [`service_plan::plan`] what to do, then carries it out: the service Lease
+//! write (optimistic, on the version read), the status (server-side apply
+//! by `kubeha-operator`, never touching `status.nodes`), Events, metrics,
+//! and a requeue at the next instant something changes by time alone.
+//!
+//! A finalizer holds a deleted HAService until its master has left (or is
+//! fenced): the Lease is set to nobody first, then released.
+//! Non-leaders run the same evaluation to keep their memory warm and write
+//! nothing.
+
+mod evaluate;
+mod lease;
+mod status;
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use kube::runtime::controller::Action;
+use kube::runtime::finalizer::{Event as FinalizerEvent, finalizer};
+use kube::{Api, Resource, ResourceExt};
+use kubeha_crds::HAService;
+
+use crate::context::{Ctx, service_key};
+use crate::error::{Error, Result};
+
+use evaluate::{evaluate, requeue};
+pub use lease::service_lease;
+use lease::{Written, heartbeat_moved, refresh_heartbeat, write_lease};
+use status::{move_blocked_is_new, publish_status};
+
+/// The finalizer the operator puts on every HAService.
+pub const FINALIZER: &str = "kubeha.io/release";
+
+/// A little past an expiry instant, so the state has flipped when the
+/// reconcile runs.
+const EXPIRY_MARGIN: Duration = Duration::from_millis(5);
+
+/// Reconciles one HAService (the controller's reconcile function), in a
+/// span that names it.
+#[tracing::instrument(skip_all, fields(service = %service_key(&svc)))]
+pub async fn reconcile(svc: Arc<HAService>, ctx: Arc<Ctx>) -> Result<Action> {
+    let started = Instant::now();
+    let result = crate::error::within_timeout(reconcile_inner(svc, ctx.clone())).await;
+    let ok = match &result {
+        Ok(_) => true,
+        Err(e) => e.is_wait(),
+    };
+    ctx.metrics.reconciled("haservice", ok, started.elapsed());
+    result
+}
+
+/// What to do after a failed reconcile.
+#[tracing::instrument(skip_all, fields(service = %service_key(&svc)))]
+pub fn error_policy(svc: Arc<HAService>, error: &Error, _ctx: Arc<Ctx>) -> Action {
+    if error.is_wait() {
+        tracing::debug!(%error, "waiting");
+        Action::requeue(Duration::from_millis(500))
+    } else if matches!(error, Error::Timeout(_)) {
+        tracing::warn!(%error, "reconcile timed out");
+        Action::requeue(Duration::from_millis(200))
+    } else {
+        tracing::warn!(%error, "reconcile failed");
+        Action::requeue(Duration::from_secs(2))
+    }
+}
+
+async fn reconcile_inner(svc: Arc<HAService>, ctx: Arc<Ctx>) -> Result<Action> {
+    if !ctx.is_ready() {
+        return Ok(Action::requeue(Duration::from_millis(500)));
+    }
+    let ns = svc.namespace().ok_or(Error::Unnamed("namespace"))?;
+    if !ctx.is_leader() {
+        let deleting = svc.meta().deletion_timestamp.is_some();
+        let ev = evaluate(&svc, &ctx, deleting, Instant::now());
+        return Ok(requeue(&ev, Instant::now()));
+    }
+    let api: Api<HAService> = Api::namespaced(ctx.client.clone(), &ns);
+    let key = service_key(&svc);
+    let deleting = svc.meta().deletion_timestamp.is_some();
+    let result = finalizer(&api, FINALIZER, svc, |event| async {
+        match event {
+            FinalizerEvent::Apply(svc) => apply(&svc, &ctx, false).await,
+            FinalizerEvent::Cleanup(svc) => apply(&svc, &ctx, true).await,
+        }
+    })
+    .await
+    .map_err(|e| Error::Finalizer(Box::new(e)));
+    if deleting && result.is_ok() {
+        ctx.forget_service(&key);
+    }
+    result
+}
+
+async fn apply(svc: &HAService, ctx: &Ctx, deleting: bool) -> Result<Action> {
+    let key = service_key(svc);
+    let mut now = Instant::now();
+    let mut ev = evaluate(svc, ctx, deleting, now);
+
+    // A clearance that rests on a Lost heartbeat is confirmed first, and so
+    // is every Lost heartbeat when the holder changes: right after an API
+    // server stall the watch still shows every node Lost although their
+    // agents renew again, and a service stopped or moved for that waits for
+    // one more handover. The holder's heartbeat is read afresh too when it
+    // is cleared, so the Lease carries its latest renew (the
+    // holder-renew-time an agent back from a fence waits for), not what a
+    // watch still behind a busy API server shows: else the agent refuses
+    // the clearance and the service waits for one more epoch. A read that
+    // changed the view changes the plan: the new plan is confirmed in turn,
+    // and one still unconfirmed after three rounds is decided again
+    // shortly instead of written.
+    let mut rounds = 0;
+    // The cleared holder's renewTime as just read, for the annotation (a
+    // watch event arriving late may still put an older one in the view).
+    let mut holder_renew: Option<(String, String)> = None;
+    loop {
+        let h = &ev.plan.handover;
+        if !(h.write && (h.cleared_now || h.holder_changed)) {
+            break;
+        }
+        if rounds == 3 {
+            return Ok(Action::requeue(Duration::from_millis(200)));
+        }
+        rounds += 1;
+        let mut confirm: BTreeSet<String> = h.relies_on_heartbeat.iter().cloned().collect();
+        if h.holder_changed {
+            confirm.extend(ev.lost.iter().cloned());
+        }
+        let holder = h.lease.holder.clone().filter(|_| h.cleared_now);
+        let mut moved = false;
+        for node in &confirm {
+            moved |= heartbeat_moved(ctx, &ev.cluster, node).await?;
+        }
+        if let Some(holder) = holder.filter(|h| !confirm.contains(h)) {
+            let (changed, renewed) = refresh_heartbeat(ctx, &ev.cluster, &holder).await?;
+            moved |= changed;
+            holder_renew = renewed.map(|r| (holder, r));
+        }
+        if !moved {
+            break;
+        }
+        now = Instant::now();
+        ev = evaluate(svc, ctx, deleting, now);
+    }
+
+    let h = &ev.plan.handover;
+    if h.write {
+        let renewed = holder_renew
+            .filter(|(holder, _)| h.lease.holder.as_ref() == Some(holder))
+            .map(|(_, r)| r);
+        match write_lease(
+            ctx,
+            svc,
+            ev.lease.as_deref(),
+            &h.lease,
+            h.holder_changed,
+            renewed,
+        )
+        .await?
+        {
+            Written::Conflict => return Ok(Action::requeue(Duration::from_millis(200))),
+            Written::Done => {
+                let reason = ev
+                    .plan
+                    .decision
+                    .as_ref()
+                    .map_or("Deleted", |d| d.reason.as_str());
+                tracing::info!(
+                    holder = ?h.lease.holder,
+                    epoch = h.lease.epoch,
+                    enter_epoch = ?h.lease.enter_epoch,
+                    standby = ?h.lease.standby,
+                    progress = ?h.progress,
+                    reason,
+                    "service Lease written"
+                );
+                if h.holder_changed
+                    && let Some(holder) = &h.lease.holder
+                {
+                    ctx.metrics.failover(reason);
+                    ctx.with_service_memory(&key, |m| {
+                        m.note_written(holder, h.lease.epoch, reason, now)
+                    });
+                }
+            }
+        }
+    }
+
+    publish_status(ctx, svc, &ev.plan.status).await?;
+
+    if let Some(why) = &ev.plan.move_blocked
+        && move_blocked_is_new(svc, why)
+    {
+        ctx.publish(&ev.reference, "MoveNotPossible", true, why.clone())
+            .await;
+    }
+
+    if let Some(done) = &ev.seen.completed {
+        ctx.metrics.failover_completed(&done.reason, done.duration);
+    }
+    for t in &ev.seen.announcements {
+        ctx.publish(&ev.reference, t.reason, t.warning, t.message.clone())
+            .await;
+    }
+
+    if deleting {
+        if ev.plan.stopped() {
+            tracing::info!("stopped everywhere: releasing");
+            return Ok(Action::await_change());
+        }
+        return Err(Error::WaitingForRelease(format!(
+            "{key}: {:?}",
+            ev.plan.handover.progress
+        )));
+    }
+    Ok(requeue(&ev, Instant::now()))
+}
