@@ -487,14 +487,10 @@ fn steady(lab: &Lab, services: usize, secs: u64) -> anyhow::Result<f64> {
         ha::apply(lab, &s)?;
     }
     let all_active = ha::wait_until(Duration::from_secs(180), || {
-        lab.kubectl_ok(&[
-            "get",
-            "haservices",
-            "-n",
-            ha::SERVICE_NAMESPACE,
-            "-o",
+        ha::get_services(
+            lab,
             "jsonpath={range .items[*]}{.metadata.name}={.status.phase}{\"\\n\"}{end}",
-        ])
+        )
         .is_ok_and(|out| {
             out.lines()
                 .filter(|l| l.starts_with(name))
@@ -514,15 +510,7 @@ fn steady(lab: &Lab, services: usize, secs: u64) -> anyhow::Result<f64> {
         ha::delete(lab, "haservice", svc, Some(ha::SERVICE_NAMESPACE));
     }
     ha::wait_until(Duration::from_secs(120), || {
-        lab.kubectl_ok(&[
-            "get",
-            "haservices",
-            "-n",
-            ha::SERVICE_NAMESPACE,
-            "-o",
-            "name",
-        ])
-        .is_ok_and(|o| !o.contains(name))
+        ha::get_services(lab, "name").is_ok_and(|o| !o.contains(name))
     });
     for svc in &names {
         ha::delete(

@@ -484,6 +484,10 @@ fn clear_faults(lab: &Lab) {
     }
 }
 
+/// How often a wait on a service's status polls (each poll is a kubectl
+/// call).
+const KUBECTL_POLL: Duration = Duration::from_millis(250);
+
 /// The node service `k`'s status names active (phase Active), if any.
 fn active_node(lab: &Lab, k: usize) -> Option<u8> {
     let status = ha::service_status(lab, &service_name(k));
@@ -501,7 +505,7 @@ fn active_node(lab: &Lab, k: usize) -> Option<u8> {
 /// for one.
 fn wait_active(lab: &Lab, k: usize, timeout: Duration) -> Option<u8> {
     let mut on = None;
-    poll(timeout, || {
+    ha::wait_every(timeout, KUBECTL_POLL, || {
         on = active_node(lab, k);
         on.is_some()
     })?;
@@ -518,21 +522,6 @@ fn fail_count(lab: &Lab, k: usize, i: u8) -> i64 {
         .find(|e| e["node"] == nodes::node_name(i).as_str())
         .and_then(|e| e["failCount"].as_i64())
         .unwrap_or(0)
-}
-
-/// Polls `f` every 250 ms (each poll is a kubectl call) for up to
-/// `timeout`; how long it took, or `None`.
-fn poll(timeout: Duration, mut f: impl FnMut() -> bool) -> Option<Duration> {
-    let start = Instant::now();
-    loop {
-        if f() {
-            return Some(start.elapsed());
-        }
-        if start.elapsed() >= timeout {
-            return None;
-        }
-        std::thread::sleep(Duration::from_millis(250));
-    }
 }
 
 fn inject(lab: &Lab, cfg: &Config, timing: Timing) -> anyhow::Result<Report> {
@@ -665,7 +654,9 @@ fn inject(lab: &Lab, cfg: &Config, timing: Timing) -> anyhow::Result<Report> {
                     };
                     let marker = fault_marker(lab, on, &service_name(k), fault);
                     std::fs::write(&marker, "")?;
-                    let left = poll(Duration::from_secs(40), || active_node(lab, k) != Some(on));
+                    let left = ha::wait_every(Duration::from_secs(40), KUBECTL_POLL, || {
+                        active_node(lab, k) != Some(on)
+                    });
                     let _ = std::fs::remove_file(&marker);
                     if let Some(after) = left {
                         break 'what format!(
@@ -811,25 +802,23 @@ fn inject(lab: &Lab, cfg: &Config, timing: Timing) -> anyhow::Result<Report> {
     report.safety_samples = seen.samples;
     report.safety_max_gap_ms = seen.max_gap.as_secs_f64() * 1e3;
     for w in &seen.windows {
-        report.safety_violations.push(format!(
-            "{} held by nodes {:?} from {:.2} s to {:.2} s",
-            w.vip,
-            w.nodes,
-            w.from.as_secs_f64(),
-            w.to.as_secs_f64()
+        report.safety_violations.push(window(
+            format!("{} held by nodes {:?}", w.vip, w.nodes),
+            w.from,
+            w.to,
         ));
     }
     let probed = arp.stop();
     report.arp_requests = probed.requests;
     report.arp_replies = probed.replies;
     for w in &probed.windows {
-        report.safety_violations.push(format!(
-            "{} answered by MACs {:?} from {:.2} s to {:.2} s (client ARP)",
-            w.vip,
-            w.macs,
-            w.from.as_secs_f64(),
-            w.to.as_secs_f64()
-        ));
+        report.safety_violations.push(
+            window(
+                format!("{} answered by MACs {:?}", w.vip, w.macs),
+                w.from,
+                w.to,
+            ) + " (client ARP)",
+        );
     }
     for (detector, gap) in [
         ("the safety detector", seen.max_gap),
@@ -843,6 +832,15 @@ fn inject(lab: &Lab, cfg: &Config, timing: Timing) -> anyhow::Result<Report> {
         }
     }
     Ok(report)
+}
+
+/// `WHAT from F s to T s`: a window in which a VIP had two holders.
+fn window(what: String, from: Duration, to: Duration) -> String {
+    format!(
+        "{what} from {:.2} s to {:.2} s",
+        from.as_secs_f64(),
+        to.as_secs_f64()
+    )
 }
 
 /// Waits up to `timeout` for every service to answer on its VIP from the
@@ -909,15 +907,7 @@ fn wait_live(lab: &Lab, services: usize, timeout: Duration) -> Vec<Option<Durati
 
 /// The status of every HAService in the services' namespace, by name.
 fn service_statuses(lab: &Lab) -> BTreeMap<String, serde_json::Value> {
-    let list: serde_json::Value = lab
-        .kubectl_ok(&[
-            "get",
-            "haservices",
-            "-n",
-            ha::SERVICE_NAMESPACE,
-            "-o",
-            "json",
-        ])
+    let list: serde_json::Value = ha::get_services(lab, "json")
         .ok()
         .and_then(|out| serde_json::from_str(&out).ok())
         .unwrap_or_default();

@@ -287,6 +287,12 @@ pub fn vip_holders(vip: &str) -> Vec<u8> {
         .collect()
 }
 
+/// `kubectl get haservices` in [`SERVICE_NAMESPACE`], printed as `output`
+/// (`-o`) says.
+pub fn get_services(lab: &Lab, output: &str) -> anyhow::Result<String> {
+    lab.kubectl_ok(&["get", "haservices", "-n", SERVICE_NAMESPACE, "-o", output])
+}
+
 /// `status` of HAService `name` in [`SERVICE_NAMESPACE`] (null when absent).
 pub fn service_status(lab: &Lab, name: &str) -> Value {
     lab.kubectl_ok(&[
@@ -402,13 +408,23 @@ pub fn mac_of(ns: &str, iface: &str) -> anyhow::Result<String> {
 
 /// Polls `f` every 20 ms until it is true or `timeout` passes; returns the
 /// time it took, or `None`.
-pub fn wait_until(timeout: Duration, mut f: impl FnMut() -> bool) -> Option<Duration> {
+pub fn wait_until(timeout: Duration, f: impl FnMut() -> bool) -> Option<Duration> {
+    wait_every(timeout, Duration::from_millis(20), f)
+}
+
+/// [`wait_until`] polling every `interval` (for a costly `f`, such as a
+/// kubectl call).
+pub fn wait_every(
+    timeout: Duration,
+    interval: Duration,
+    mut f: impl FnMut() -> bool,
+) -> Option<Duration> {
     let start = Instant::now();
     while start.elapsed() < timeout {
         if f() {
             return Some(start.elapsed());
         }
-        std::thread::sleep(Duration::from_millis(20));
+        std::thread::sleep(interval);
     }
     None
 }

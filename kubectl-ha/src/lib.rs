@@ -19,6 +19,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, anyhow};
 use clap::{Parser, Subcommand};
+use k8s_openapi::serde::de::DeserializeOwned;
 use kube::api::{ListParams, Patch, PatchParams};
 use kube::{Api, Client, ResourceExt};
 use kubeha_crds::service::NodeServiceState;
@@ -207,16 +208,20 @@ async fn run_async(cli: Cli) -> anyhow::Result<()> {
     }
 }
 
-/// Re-reads `get` every half second until `done` holds or `wait` passed;
-/// returns the last object read and whether `done` held.
-async fn poll<T, F, Fut>(wait: Duration, mut get: F, done: impl Fn(&T) -> bool) -> (Option<T>, bool)
+/// Re-reads object `name` every half second until `done` holds or `wait`
+/// passed; returns the last object read and whether `done` held.
+async fn poll<K>(
+    api: &Api<K>,
+    name: &str,
+    wait: Duration,
+    done: impl Fn(&K) -> bool,
+) -> (Option<K>, bool)
 where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Option<T>>,
+    K: Clone + DeserializeOwned + std::fmt::Debug,
 {
     let deadline = Instant::now() + wait;
     loop {
-        let last = get().await;
+        let last = api.get_opt(name).await.ok().flatten();
         if last.as_ref().is_some_and(&done) {
             return (last, true);
         }
@@ -225,6 +230,22 @@ where
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
+}
+
+/// Reads HAService `ns/name` before a command writes it: how messages name
+/// it, its API and the object.
+async fn read_service(
+    client: &Client,
+    ns: &str,
+    name: &str,
+) -> anyhow::Result<(String, Api<HAService>, HAService)> {
+    let what = format!("HAService {ns}/{name}");
+    let api: Api<HAService> = Api::namespaced(client.clone(), ns);
+    let svc = api
+        .get(name)
+        .await
+        .map_err(|e| api_error(e, &what, "read"))?;
+    Ok((what, api, svc))
 }
 
 fn moved_condition(s: &HAService) -> Option<(String, String, String)> {
@@ -242,12 +263,7 @@ async fn move_service(
     to: &str,
     wait: Duration,
 ) -> anyhow::Result<()> {
-    let what = format!("HAService {ns}/{name}");
-    let api: Api<HAService> = Api::namespaced(client.clone(), ns);
-    let svc = api
-        .get(name)
-        .await
-        .map_err(|e| api_error(e, &what, "read"))?;
+    let (what, api, svc) = read_service(client, ns, name).await?;
     // A node that is certainly no member is refused here; members picked by
     // a selector (or a cluster this user may not read) are judged by the
     // operator, which reports in the Moved condition.
@@ -273,15 +289,10 @@ async fn move_service(
         .await
         .map_err(|e| api_error(e, &what, "patch"))?;
     println!("{what}: {}={to} set", annotations::MOVE_TO);
-    let (last, done) = poll(
-        wait,
-        || async { api.get_opt(name).await.ok().flatten() },
-        |s: &HAService| {
-            moved_condition(s).is_some_and(|(status, reason, _)| {
-                status == "True" || reason == "TargetNotEligible"
-            })
-        },
-    )
+    let (last, done) = poll(&api, name, wait, |s: &HAService| {
+        moved_condition(s)
+            .is_some_and(|(status, reason, _)| status == "True" || reason == "TargetNotEligible")
+    })
     .await;
     if let Some((status, reason, message)) = last.as_ref().and_then(moved_condition)
         && status == "False"
@@ -303,12 +314,7 @@ async fn clear_service(
     name: &str,
     wait: Duration,
 ) -> anyhow::Result<()> {
-    let what = format!("HAService {ns}/{name}");
-    let api: Api<HAService> = Api::namespaced(client.clone(), ns);
-    let svc = api
-        .get(name)
-        .await
-        .map_err(|e| api_error(e, &what, "read"))?;
+    let (what, api, svc) = read_service(client, ns, name).await?;
     let token = patches::clear_token(jiff::Timestamp::now());
     api.patch(
         name,
@@ -322,17 +328,13 @@ async fn clear_service(
         annotations::CLEAR,
         annotations::MOVE_TO
     );
-    let (last, done) = poll(
-        wait,
-        || async { api.get_opt(name).await.ok().flatten() },
-        |s: &HAService| {
-            s.status.as_ref().is_none_or(|st| {
-                st.nodes
-                    .iter()
-                    .all(|e| e.fail_count == 0 && e.state != NodeServiceState::Failed)
-            })
-        },
-    )
+    let (last, done) = poll(&api, name, wait, |s: &HAService| {
+        s.status.as_ref().is_none_or(|st| {
+            st.nodes
+                .iter()
+                .all(|e| e.fail_count == 0 && e.state != NodeServiceState::Failed)
+        })
+    })
     .await;
     if !done && !wait.is_zero() {
         eprintln!(
@@ -357,21 +359,13 @@ async fn set_mode(
         .get(cluster)
         .await
         .map_err(|e| api_error(e, &what, "read"))?;
-    if let Some(from) = only_from {
-        let current = c
-            .spec
-            .members
-            .nodes
-            .iter()
-            .find(|m| m.name == node)
-            .map(|m| m.mode);
-        if let Some(current) = current
-            && current != from
-        {
-            anyhow::bail!(
-                "{node} is in mode {current} in {what}, not {from}; to change it anyway use: kubectl ha mode {node} {mode} --cluster {cluster}"
-            );
-        }
+    if let Some(from) = only_from
+        && let Some(current) = render::spec_mode(&c, node)
+        && current != from
+    {
+        anyhow::bail!(
+            "{node} is in mode {current} in {what}, not {from}; to change it anyway use: kubectl ha mode {node} {mode} --cluster {cluster}"
+        );
     }
     let patch = patches::mode_patch(&c, node, mode)?;
     let patch: json_patch::Patch =
@@ -397,15 +391,11 @@ async fn set_mode(
         Err(e) => return Err(api_error(e, &what, "patch")),
     }
     println!("{what}: {node} set to mode {mode}");
-    let (_, done) = poll(
-        wait,
-        || async { api.get_opt(cluster).await.ok().flatten() },
-        |c: &HACluster| {
-            c.status
-                .as_ref()
-                .is_some_and(|s| s.members.iter().any(|m| m.node == node && m.mode == mode))
-        },
-    )
+    let (_, done) = poll(&api, cluster, wait, |c: &HACluster| {
+        c.status
+            .as_ref()
+            .is_some_and(|s| s.members.iter().any(|m| m.node == node && m.mode == mode))
+    })
     .await;
     if !done && !wait.is_zero() {
         eprintln!(
@@ -484,19 +474,10 @@ mod tests {
     fn cli_is_consistent_and_parses_the_commands() {
         Cli::command().debug_assert();
         let cli = Cli::parse_from(["kubectl-ha", "move", "svc", "--to", "node-2", "-n", "ns"]);
-        match cli.command {
-            Command::Move {
-                service,
-                to,
-                namespace,
-            } => {
-                assert_eq!(
-                    (service.as_str(), to.as_str(), namespace.as_deref()),
-                    ("svc", "node-2", Some("ns"))
-                );
-            }
-            other => panic!("{other:?}"),
-        }
+        assert_eq!(
+            format!("{:?}", cli.command),
+            r#"Move { service: "svc", to: "node-2", namespace: Some("ns") }"#
+        );
         assert_eq!(cli.wait, 10);
         let cli = Cli::parse_from(["kubectl-ha", "mode", "node-1", "locked", "--cluster", "c"]);
         assert!(matches!(

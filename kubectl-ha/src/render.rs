@@ -6,7 +6,7 @@
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use kube::ResourceExt;
 use kubeha_crds::annotations;
-use kubeha_crds::{HACluster, HAService};
+use kubeha_crds::{HACluster, HAService, Mode};
 
 /// Aligns rows into columns separated by two spaces, each line indented by
 /// `indent` spaces.
@@ -69,6 +69,16 @@ fn conditions(conds: &[Condition], indent: usize) -> String {
     out
 }
 
+/// The mode `spec.members.nodes` of `c` gives `node`, when it lists it.
+pub(crate) fn spec_mode(c: &HACluster, node: &str) -> Option<Mode> {
+    c.spec
+        .members
+        .nodes
+        .iter()
+        .find(|m| m.name == node)
+        .map(|m| m.mode)
+}
+
 /// One cluster: its state line, then a row per member (spec mode, the mode
 /// in force if it differs, heartbeat, roles), then notable conditions.
 pub fn cluster(c: &HACluster) -> String {
@@ -99,13 +109,7 @@ pub fn cluster(c: &HACluster) -> String {
         }
     }
     for name in names {
-        let spec_mode = c
-            .spec
-            .members
-            .nodes
-            .iter()
-            .find(|m| m.name == name)
-            .map(|m| m.mode);
+        let spec_mode = spec_mode(c, &name);
         let seen = status.members.iter().find(|m| m.node == name);
         let mode = match (spec_mode, seen.map(|m| m.mode)) {
             (Some(s), Some(f)) if s != f => format!("{s} (in force: {f})"),

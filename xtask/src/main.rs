@@ -42,35 +42,68 @@ enum Cmd {
     /// A seeded, randomized run of faults over the lab (5 nodes, services
     /// with IPv4 and IPv6 VIPs) with a safety and a liveness detector; fails
     /// when either found a violation, printing the seed and the log.
-    Chaos {
-        /// Faults to inject.
-        #[arg(long, default_value_t = 40)]
-        injections: usize,
-        /// Seed of the random choices (default: from the clock; printed).
-        #[arg(long)]
-        seed: Option<u64>,
-        /// Lab nodes, all cluster members (at least 5).
-        #[arg(long, default_value_t = 5)]
-        nodes: u8,
-        /// HAServices (1 to 20).
-        #[arg(long, default_value_t = 10)]
-        services: usize,
-        /// A liveness checkpoint after this many injections.
-        #[arg(long, default_value_t = 4)]
-        checkpoint_every: usize,
-        /// Draw only these kinds of fault, comma-separated (default: every
-        /// kind), e.g. `etcd_restart,apiserver_stop`.
-        #[arg(long, value_delimiter = ',')]
-        kinds: Vec<String>,
-        /// Also write the report as JSON to this file.
-        #[arg(long)]
-        json: Option<PathBuf>,
-    },
+    Chaos(ChaosArgs),
     /// Benchmarks on the lab; they print their figures (nothing is asserted).
     Bench {
         #[command(subcommand)]
         command: BenchCmd,
     },
+}
+
+// The options of `cargo xtask chaos` (its help is the variant's doc).
+#[derive(clap::Args)]
+struct ChaosArgs {
+    /// Faults to inject.
+    #[arg(long, default_value_t = 40)]
+    injections: usize,
+    /// Seed of the random choices (default: from the clock; printed).
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Lab nodes, all cluster members (at least 5).
+    #[arg(long, default_value_t = 5)]
+    nodes: u8,
+    /// HAServices (1 to 20).
+    #[arg(long, default_value_t = 10)]
+    services: usize,
+    /// A liveness checkpoint after this many injections.
+    #[arg(long, default_value_t = 4)]
+    checkpoint_every: usize,
+    /// Draw only these kinds of fault, comma-separated (default: every
+    /// kind), e.g. `etcd_restart,apiserver_stop`.
+    #[arg(long, value_delimiter = ',')]
+    kinds: Vec<String>,
+    /// Also write the report as JSON to this file.
+    #[arg(long)]
+    json: Option<PathBuf>,
+}
+
+impl ChaosArgs {
+    /// The run these options ask for, the seed drawn from the clock when
+    /// none is given.
+    fn config(&self) -> anyhow::Result<kubeha_e2e::chaos::Config> {
+        let kinds = if self.kinds.is_empty() {
+            kubeha_e2e::chaos::Kind::ALL.to_vec()
+        } else {
+            self.kinds
+                .iter()
+                .map(|k| kubeha_e2e::chaos::Kind::parse(k))
+                .collect::<anyhow::Result<Vec<_>>>()?
+        };
+        let seed = self.seed.unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_nanos() as u64)
+                .unwrap_or_default()
+        });
+        Ok(kubeha_e2e::chaos::Config {
+            injections: self.injections,
+            seed,
+            nodes: self.nodes,
+            services: self.services,
+            checkpoint_every: self.checkpoint_every,
+            kinds,
+        })
+    }
 }
 
 #[derive(Subcommand)]
@@ -162,41 +195,12 @@ fn main() -> anyhow::Result<()> {
             build_binaries(&root)?;
             kubeha_e2e::demo::run(&Lab::new(&root))
         }
-        Cmd::Chaos {
-            injections,
-            seed,
-            nodes,
-            services,
-            checkpoint_every,
-            kinds,
-            json,
-        } => {
-            let kinds = if kinds.is_empty() {
-                kubeha_e2e::chaos::Kind::ALL.to_vec()
-            } else {
-                kinds
-                    .iter()
-                    .map(|k| kubeha_e2e::chaos::Kind::parse(k))
-                    .collect::<anyhow::Result<Vec<_>>>()?
-            };
+        Cmd::Chaos(args) => {
+            let config = args.config()?;
             build_binaries(&root)?;
-            let seed = seed.unwrap_or_else(|| {
-                std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .map(|d| d.as_nanos() as u64)
-                    .unwrap_or_default()
-            });
-            let config = kubeha_e2e::chaos::Config {
-                injections,
-                seed,
-                nodes,
-                services,
-                checkpoint_every,
-                kinds,
-            };
             let report = kubeha_e2e::chaos::run(&Lab::new(&root), &config)?;
-            print_chaos(&report, nodes, services);
-            if let Some(path) = json {
+            print_chaos(&report, config.nodes, config.services);
+            if let Some(path) = args.json {
                 let value = serde_json::json!({
                     "seed": report.seed,
                     "injections": report.injections,
@@ -214,11 +218,11 @@ fn main() -> anyhow::Result<()> {
                 println!("wrote {}", path.display());
             }
             if !report.clean() {
-                println!("\ninjection log (replay with --seed {seed}):");
+                println!("\ninjection log (replay with --seed {}):", config.seed);
                 for line in &report.log {
                     println!("  {line}");
                 }
-                bail!("chaos found violations (seed {seed})");
+                bail!("chaos found violations (seed {})", config.seed);
             }
             Ok(())
         }
