@@ -1,0 +1,85 @@
+//! The lab's kubectl and the `kubectl ha` plugin, pointed at the lab as its
+//! admin.
+
+use std::path::PathBuf;
+use std::process::{Command, Output};
+
+use anyhow::{Context, bail};
+
+use super::{Lab, binary_from};
+use crate::deps::Binaries;
+
+impl Lab {
+    /// A `kubectl` command (the lab's own build) pointed at the lab.
+    pub fn kubectl(&self) -> Command {
+        let mut cmd = Command::new(Binaries::cached().kubectl);
+        cmd.env("KUBECONFIG", self.kubeconfig())
+            .env("KUBECACHEDIR", self.kube_cache_dir())
+            .current_dir(&self.root);
+        cmd
+    }
+
+    /// kubectl's discovery and HTTP cache for this lab, `.lab/kube-cache`.
+    /// It goes with the lab: the shared `~/.kube/cache` keeps what an
+    /// earlier lab at the same address served, and `kubectl explain` was
+    /// seen to fail on a fresh lab because of it.
+    pub fn kube_cache_dir(&self) -> PathBuf {
+        self.dir.join("kube-cache")
+    }
+
+    /// Runs kubectl with `args` and returns its output, whatever its exit code.
+    pub fn kubectl_output(&self, args: &[&str]) -> anyhow::Result<Output> {
+        self.kubectl()
+            .args(args)
+            .output()
+            .context("running the lab's kubectl")
+    }
+
+    /// Runs kubectl with `args`, fails with its stderr unless it succeeds,
+    /// and returns its stdout.
+    pub fn kubectl_ok(&self, args: &[&str]) -> anyhow::Result<String> {
+        let out = self.kubectl_output(args)?;
+        if !out.status.success() {
+            bail!(
+                "kubectl {} failed: {}",
+                args.join(" "),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// The `kubectl ha` plugin binary: `$KUBECTL_HA_BIN`, else
+    /// `debug/kubectl-ha` under the target folder.
+    pub fn kubectl_ha_binary(&self) -> anyhow::Result<PathBuf> {
+        binary_from(
+            "kubectl-ha",
+            "KUBECTL_HA_BIN",
+            &self.root,
+            std::env::var_os("KUBECTL_HA_BIN"),
+            std::env::var_os("CARGO_TARGET_DIR"),
+        )
+    }
+
+    /// The `kubectl ha` plugin pointed at the lab as its admin.
+    pub fn kubectl_ha(&self) -> anyhow::Result<Command> {
+        let mut cmd = Command::new(self.kubectl_ha_binary()?);
+        cmd.env("KUBECONFIG", self.kubeconfig())
+            .current_dir(&self.root);
+        Ok(cmd)
+    }
+
+    /// Runs `kubectl ha ARGS`; fails with its output unless it succeeds.
+    pub fn kubectl_ha_ok(&self, args: &[&str]) -> anyhow::Result<String> {
+        let out = self.kubectl_ha()?.args(args).output()?;
+        if !out.status.success() {
+            bail!(
+                "kubectl ha {} failed: {}{}",
+                args.join(" "),
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+}
