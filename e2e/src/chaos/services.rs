@@ -21,8 +21,8 @@ pub(super) fn service_vips(k: usize) -> (String, Option<String>) {
     )
 }
 
-/// Service `k`'s extra VIP for [`Kind::VipEdit`] (IPv6, inside the lab's
-/// pool, apart from every service's own VIPs).
+/// Service `k`'s extra VIP for [`Kind::VipEdit`](super::Kind::VipEdit)
+/// (IPv6, inside the lab's pool, apart from every service's own VIPs).
 pub(super) fn extra_vip(k: usize) -> String {
     format!("2001:db8::{:x}", 0x180 + k)
 }
