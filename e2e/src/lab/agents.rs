@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 
 use super::cgroups::hook_cgroup;
-use super::{Lab, SYSTEM_NAMESPACE, StopSignal, binary_from, freeze_pid, read_pid, tail};
+use super::{Lab, SYSTEM_NAMESPACE, StopSignal, freeze_pid, read_pid, record_and_reap, tail};
 use crate::nodes;
 
 impl Lab {
@@ -18,13 +18,7 @@ impl Lab {
     /// `$CARGO_TARGET_DIR`, else `<repo>/target/debug/kubeha-agent`. Fails,
     /// saying how to build it, when that file does not exist.
     pub fn agent_binary(&self) -> anyhow::Result<PathBuf> {
-        binary_from(
-            "kubeha-agent",
-            "KUBEHA_AGENT_BIN",
-            &self.root,
-            std::env::var_os("KUBEHA_AGENT_BIN"),
-            std::env::var_os("CARGO_TARGET_DIR"),
-        )
+        self.workspace_binary("kubeha-agent", "KUBEHA_AGENT_BIN")
     }
 
     /// Pid file of node `i`'s agent.
@@ -111,15 +105,10 @@ impl Lab {
         if let Some(cgroup) = hook_cgroup(i) {
             cmd.env("KUBEHA_HOOK_CGROUP", cgroup);
         }
-        let mut child = cmd
+        let child = cmd
             .spawn()
             .with_context(|| format!("starting the agent of {}", nodes::node_name(i)))?;
-        let pid = i32::try_from(child.id()).context("pid out of range")?;
-        fs::write(self.agent_pid_file(i), pid.to_string())?;
-        // Reap it whenever it exits, so it never lingers as a zombie of ours.
-        std::thread::spawn(move || {
-            let _ = child.wait();
-        });
+        let pid = record_and_reap(child, &self.agent_pid_file(i))?;
         // `ip netns exec` enters the namespace, then executes the program.
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {

@@ -6,7 +6,7 @@ use std::process::{Command, Output};
 
 use anyhow::{Context, bail};
 
-use super::{Lab, binary_from};
+use super::Lab;
 use crate::deps::Binaries;
 
 impl Lab {
@@ -52,13 +52,7 @@ impl Lab {
     /// The `kubectl ha` plugin binary: `$KUBECTL_HA_BIN`, else
     /// `debug/kubectl-ha` under the target folder.
     pub fn kubectl_ha_binary(&self) -> anyhow::Result<PathBuf> {
-        binary_from(
-            "kubectl-ha",
-            "KUBECTL_HA_BIN",
-            &self.root,
-            std::env::var_os("KUBECTL_HA_BIN"),
-            std::env::var_os("CARGO_TARGET_DIR"),
-        )
+        self.workspace_binary("kubectl-ha", "KUBECTL_HA_BIN")
     }
 
     /// The `kubectl ha` plugin pointed at the lab as its admin.

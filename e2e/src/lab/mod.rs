@@ -27,6 +27,7 @@ use std::ffi::OsString;
 use std::fmt::Write as _;
 use std::fs::{self, File};
 use std::path::{Path, PathBuf};
+use std::process::Child;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
@@ -138,6 +139,19 @@ impl Lab {
             Path::new(env!("CARGO_MANIFEST_DIR"))
                 .parent()
                 .expect("e2e/ sits in the repo root"),
+        )
+    }
+
+    /// Where binary `name` of the workspace is: [`binary_from`] with this
+    /// checkout's root and the environment's `env_var` and
+    /// `CARGO_TARGET_DIR`.
+    fn workspace_binary(&self, name: &str, env_var: &str) -> anyhow::Result<PathBuf> {
+        binary_from(
+            name,
+            env_var,
+            &self.root,
+            std::env::var_os(env_var),
+            std::env::var_os("CARGO_TARGET_DIR"),
         )
     }
 
@@ -385,6 +399,17 @@ fn freeze_pid(pid: i32, frozen: bool) {
         nix::sys::signal::Signal::SIGCONT
     };
     nodes::signal_pids(&[pid], sig);
+}
+
+/// Records the pid of `child` in `pid_file` and reaps it whenever it exits,
+/// so it never lingers as a zombie of ours; its pid.
+fn record_and_reap(mut child: Child, pid_file: &Path) -> anyhow::Result<i32> {
+    let pid = i32::try_from(child.id()).context("pid out of range")?;
+    fs::write(pid_file, pid.to_string())?;
+    std::thread::spawn(move || {
+        let _ = child.wait();
+    });
+    Ok(pid)
 }
 
 fn read_pid(file: &Path) -> Option<i32> {

@@ -10,7 +10,7 @@ use anyhow::{Context, bail};
 
 use super::{
     Lab, NODE_TOKEN_DURATION, OPERATOR_SERVICE_ACCOUNT, Ports, SYSTEM_NAMESPACE, StopSignal,
-    binary_from, http_get, read_pid, tail, write_private,
+    http_get, read_pid, record_and_reap, tail, write_private,
 };
 use crate::nodes;
 
@@ -21,13 +21,7 @@ impl Lab {
     /// The operator binary: `$KUBEHA_OPERATOR_BIN`, else `debug/kubeha-operator`
     /// under `$CARGO_TARGET_DIR` or `<repo>/target`.
     pub fn operator_binary(&self) -> anyhow::Result<PathBuf> {
-        binary_from(
-            "kubeha-operator",
-            "KUBEHA_OPERATOR_BIN",
-            &self.root,
-            std::env::var_os("KUBEHA_OPERATOR_BIN"),
-            std::env::var_os("CARGO_TARGET_DIR"),
-        )
+        self.workspace_binary("kubeha-operator", "KUBEHA_OPERATOR_BIN")
     }
 
     /// Address of replica `r`'s `/metrics`, `/healthz` and `/readyz`.
@@ -95,7 +89,7 @@ impl Lab {
             .open(&log_path)?;
         writeln!(log, "--- lab: starting operator replica {r}")?;
         let addr = Self::operator_metrics_addr(r);
-        let mut child = Command::new(&bin)
+        let child = Command::new(&bin)
             // argv[0] names the lab, so `lab down` finds it like every lab process.
             .arg0(self.dir.join(format!("kubeha-operator-{r}")))
             .args([
@@ -122,11 +116,7 @@ impl Lab {
             .process_group(0)
             .spawn()
             .with_context(|| format!("starting {}", bin.display()))?;
-        let pid = i32::try_from(child.id()).context("pid out of range")?;
-        fs::write(self.operator_pid_file(r), pid.to_string())?;
-        std::thread::spawn(move || {
-            let _ = child.wait();
-        });
+        let pid = record_and_reap(child, &self.operator_pid_file(r))?;
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             if nodes::is_dead(pid) {
