@@ -91,27 +91,10 @@ pub fn mode_patch(cluster: &HACluster, node: &str, mode: Mode) -> Result<Value, 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use kubeha_crds::HAClusterSpec;
-    use kubeha_crds::cluster::{MemberNode, Members};
+    use kubeha_crds::testing::members;
 
     fn cluster(nodes: &[(&str, Mode)]) -> HACluster {
-        let spec: HAClusterSpec = serde_json::from_value(json!({
-            "members": { "nodes": [] },
-            "vipPool": ["198.18.0.96/28"],
-        }))
-        .unwrap();
-        let mut c = HACluster::new("c", spec);
-        c.spec.members = Members {
-            nodes: nodes
-                .iter()
-                .map(|(n, m)| MemberNode {
-                    name: n.to_string(),
-                    mode: *m,
-                })
-                .collect(),
-            selector: None,
-        };
-        c
+        kubeha_crds::testing::cluster("c", members(nodes, None))
     }
 
     /// Applies a JSON merge patch (RFC 7386) to `target`.
