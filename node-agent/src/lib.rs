@@ -265,7 +265,11 @@ async fn hooks_by_hand(
     };
     let epoch = epoch.or(saved.map(|r| r.epoch)).unwrap_or(0);
     let results = node
-        .run_hooks_by_hand(&svc, &cluster, action, role, epoch)
+        .run_hooks_by_hand(
+            &svc,
+            &cluster,
+            transitions::HookCall::new(action, role, epoch),
+        )
         .await?;
     let mut failed = false;
     for r in &results {

@@ -9,6 +9,8 @@ mod lifetime;
 mod scripts;
 mod steps;
 
+pub use scripts::HookCall;
+
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;

@@ -12,6 +12,29 @@ use crate::hooks::{self, Action, HookContext, HookLayout, HookSet};
 use crate::statefile::ServiceRecord;
 use crate::vip::Netlink;
 
+/// One run of an action's hooks: the action, the role the scripts are
+/// given, and the epoch they are told.
+#[derive(Clone, Copy, Debug)]
+pub struct HookCall {
+    /// What the scripts are asked to do.
+    pub action: Action,
+    /// The role passed as the scripts' second argument.
+    pub role: Role,
+    /// `KUBEHA_EPOCH`.
+    pub epoch: i64,
+}
+
+impl HookCall {
+    /// A call of `action` with `role` at `epoch`.
+    pub fn new(action: Action, role: Role, epoch: i64) -> Self {
+        Self {
+            action,
+            role,
+            epoch,
+        }
+    }
+}
+
 impl<N: Netlink> LocalNode<N> {
     /// Whether this node is the service's primary node
     /// ([`primary_node`]).
@@ -34,14 +57,17 @@ impl<N: Netlink> LocalNode<N> {
         Some(HookSet { dir, layout })
     }
 
-    pub(super) fn context(
+    fn context(
         &self,
         svc: &TransitionService,
         cluster: &TransitionCluster,
-        action: Action,
-        role: Role,
-        epoch: i64,
+        call: HookCall,
     ) -> HookContext {
+        let HookCall {
+            action,
+            role,
+            epoch,
+        } = call;
         let primary = primary_node(&svc.spec, cluster.members.iter().map(String::as_str))
             .unwrap_or_default()
             .to_owned();
@@ -78,13 +104,10 @@ impl<N: Netlink> LocalNode<N> {
         &self,
         svc: &TransitionService,
         cluster: &TransitionCluster,
-        action: Action,
-        role: Role,
-        epoch: i64,
+        call: HookCall,
     ) -> Vec<HookResult> {
-        let timeout = Self::timeout_for(svc, action);
-        self.run_hooks_within(svc, cluster, action, role, epoch, timeout)
-            .await
+        let timeout = Self::timeout_for(svc, call.action);
+        self.run_hooks_within(svc, cluster, call, timeout).await
     }
 
     /// Runs `action`'s hooks within `timeout`.
@@ -92,15 +115,13 @@ impl<N: Netlink> LocalNode<N> {
         &self,
         svc: &TransitionService,
         cluster: &TransitionCluster,
-        action: Action,
-        role: Role,
-        epoch: i64,
+        call: HookCall,
         timeout: Duration,
     ) -> Vec<HookResult> {
         let Some(set) = self.hook_set(svc) else {
             return Vec::new();
         };
-        let mut ctx = self.context(svc, cluster, action, role, epoch);
+        let mut ctx = self.context(svc, cluster, call);
         if let Some(iface) = Self::vips(&svc.spec)
             .first()
             .and_then(|v| v.interface.clone())
@@ -110,7 +131,7 @@ impl<N: Netlink> LocalNode<N> {
         let results = self.runner.run(&set, &ctx, timeout).await;
         for r in &results {
             self.metrics.hook_run(
-                action.as_str(),
+                call.action.as_str(),
                 &format!("{:?}", r.outcome),
                 r.duration_ms as f64 / 1000.0,
             );
@@ -124,14 +145,12 @@ impl<N: Netlink> LocalNode<N> {
         &self,
         svc: &TransitionService,
         cluster: &TransitionCluster,
-        action: Action,
-        role: Role,
-        epoch: i64,
+        call: HookCall,
     ) -> crate::Result<Vec<HookResult>> {
         if self.hook_set(svc).is_none() {
             return Err(crate::Error::NoHooks(svc.key.clone()));
         }
-        Ok(self.run_hooks(svc, cluster, action, role, epoch).await)
+        Ok(self.run_hooks(svc, cluster, call).await)
     }
 
     /// How long `action`'s scripts may run: the monitor's and the periodic
@@ -161,7 +180,11 @@ impl<N: Netlink> LocalNode<N> {
     ) -> Option<bool> {
         svc.spec.hooks.as_ref()?.monitor.as_ref()?;
         let results = self
-            .run_hooks(svc, cluster, Action::Monitor, Role::Master, record.epoch)
+            .run_hooks(
+                svc,
+                cluster,
+                HookCall::new(Action::Monitor, Role::Master, record.epoch),
+            )
             .await;
         if results.is_empty() {
             return None;
@@ -188,7 +211,11 @@ impl<N: Netlink> LocalNode<N> {
             return;
         }
         let results = self
-            .run_hooks(svc, cluster, Action::Periodic, record.role, record.epoch)
+            .run_hooks(
+                svc,
+                cluster,
+                HookCall::new(Action::Periodic, record.role, record.epoch),
+            )
             .await;
         if !results.is_empty() {
             record.last_hooks = results;

@@ -9,6 +9,7 @@ use kubeha_crds::service::{HookOutcome, NodeServiceState, Role};
 
 use kubeha_crds::roles::Transition;
 
+use super::scripts::HookCall;
 use super::{EnterError, LocalNode, TransitionCluster, TransitionService, refused};
 use crate::assignments::{Assignment, Step};
 use crate::hooks::{self, Action};
@@ -40,9 +41,7 @@ impl<N: Netlink> LocalNode<N> {
                     .run_hooks(
                         &entered,
                         cluster,
-                        Action::Leave,
-                        Role::Vicemaster,
-                        record.epoch,
+                        HookCall::new(Action::Leave, Role::Vicemaster, record.epoch),
                     )
                     .await;
                 let ok = hooks::overall(&results) == HookOutcome::Success;
@@ -70,7 +69,11 @@ impl<N: Netlink> LocalNode<N> {
                 record.spec = svc.spec.clone();
                 record.config_checksum = svc.checksum.clone();
                 let results = self
-                    .run_hooks(svc, cluster, Action::Enter, Role::Vicemaster, wanted.epoch)
+                    .run_hooks(
+                        svc,
+                        cluster,
+                        HookCall::new(Action::Enter, Role::Vicemaster, wanted.epoch),
+                    )
                     .await;
                 let ok = hooks::overall(&results) == HookOutcome::Success;
                 record.last_hooks = results;
@@ -145,7 +148,11 @@ impl<N: Netlink> LocalNode<N> {
             tracing::warn!(error = %e, "default route not added");
         }
         let results = self
-            .run_hooks(svc, cluster, Action::Enter, Role::Master, epoch)
+            .run_hooks(
+                svc,
+                cluster,
+                HookCall::new(Action::Enter, Role::Master, epoch),
+            )
             .await;
         let outcome = hooks::overall(&results);
         record.last_hooks = results;
@@ -258,7 +265,11 @@ impl<N: Netlink> LocalNode<N> {
         self.metrics.set_vips_held(0);
         record.vips.clear();
         let results = self
-            .run_hooks(svc, cluster, Action::Leave, Role::Master, record.epoch)
+            .run_hooks(
+                svc,
+                cluster,
+                HookCall::new(Action::Leave, Role::Master, record.epoch),
+            )
             .await;
         // A VIP that could not be removed may still answer: as unclean as
         // a leave script that failed.
@@ -322,15 +333,8 @@ impl<N: Netlink> LocalNode<N> {
         let results = if left.is_zero() {
             Vec::new()
         } else {
-            self.run_hooks_within(
-                svc,
-                cluster,
-                Action::Leave,
-                Role::Master,
-                record.epoch,
-                left,
-            )
-            .await
+            let call = HookCall::new(Action::Leave, Role::Master, record.epoch);
+            self.run_hooks_within(svc, cluster, call, left).await
         };
         record.last_hooks = results;
         Self::mark_fenced(record);
