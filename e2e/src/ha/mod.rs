@@ -1,6 +1,6 @@
 //! Scenario helpers for lab tests and benchmarks: HACluster and HAService
 //! manifests, hook scripts on the lab nodes, the service Lease written as the
-//! operator would (until the operator exists, a test plays its part), and
+//! operator would (for the agent tests that run without it), and
 //! observing VIPs and GARP frames from the lab's namespaces.
 
 mod capture;
