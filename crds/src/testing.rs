@@ -7,6 +7,7 @@ use std::collections::BTreeMap;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 
 use crate::cluster::{MemberNode, Members};
+use crate::service::{NodeServiceState, Role, ServiceNodeStatus};
 use crate::{HACluster, HAClusterSpec, HAServiceSpec, Mode};
 
 /// A label map from pairs.
@@ -62,6 +63,27 @@ pub fn service_spec(cluster: &str, vips: &[&str]) -> HAServiceSpec {
         .collect();
     serde_json::from_value(serde_json::json!({"clusterRef": cluster, "vips": vips}))
         .expect("a minimal HAService spec parses")
+}
+
+/// An agent's status entry for `node`: `role` and `state` at `epoch`,
+/// `acked` the last epoch it acknowledged; no failures, no hook results.
+pub fn status_entry(
+    node: &str,
+    role: Role,
+    state: NodeServiceState,
+    epoch: i64,
+    acked: Option<i64>,
+) -> ServiceNodeStatus {
+    ServiceNodeStatus {
+        node: node.to_owned(),
+        role,
+        state,
+        epoch: Some(epoch),
+        acked_epoch: acked,
+        fail_count: 0,
+        last_failure_time: None,
+        hooks: Vec::new(),
+    }
 }
 
 #[cfg(test)]

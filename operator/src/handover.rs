@@ -91,6 +91,26 @@ pub struct LeaseState {
     pub cleared_node: Option<String>,
 }
 
+#[cfg(test)]
+impl LeaseState {
+    /// A Lease held by `holder` (none when empty) at `epoch`, cleared to
+    /// enter at `enter` for `cleared`, without a standby.
+    pub(crate) fn for_test(
+        holder: &str,
+        epoch: i64,
+        enter: Option<i64>,
+        cleared: Option<&str>,
+    ) -> Self {
+        Self {
+            holder: (!holder.is_empty()).then(|| holder.to_owned()),
+            epoch,
+            standby: None,
+            enter_epoch: enter,
+            cleared_node: cleared.map(str::to_owned),
+        }
+    }
+}
+
 fn non_empty(s: Option<&String>) -> Option<String> {
     s.filter(|s| !s.is_empty()).cloned()
 }

@@ -9,7 +9,7 @@ use k8s_openapi::api::coordination::v1::Lease;
 use kubeha_agent::assignments::{self, Assignment, Step};
 use kubeha_agent::heartbeat::{self, Timing as AgentTiming};
 use kubeha_crds::cluster::HeartbeatTiming;
-use kubeha_crds::service::{NodeServiceState, Role, ServiceNodeStatus};
+use kubeha_crds::service::{NodeServiceState, Role};
 use kubeha_crds::{HAService, Mode, leases};
 use kubeha_operator::context::FIELD_MANAGER;
 use kubeha_operator::handover::{self, Input, NodeFacts, Progress};
@@ -68,16 +68,9 @@ fn entry(
     acked: Option<i64>,
 ) -> NodeFacts {
     NodeFacts {
-        entry: Some(ServiceNodeStatus {
-            node: node.into(),
-            role,
-            state,
-            epoch: Some(epoch),
-            acked_epoch: acked,
-            fail_count: 0,
-            last_failure_time: None,
-            hooks: Vec::new(),
-        }),
+        entry: Some(kubeha_crds::testing::status_entry(
+            node, role, state, epoch, acked,
+        )),
         ..Default::default()
     }
 }

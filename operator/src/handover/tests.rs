@@ -1,32 +1,8 @@
 use super::*;
+use kubeha_crds::testing::status_entry as entry;
 
 fn lease(holder: &str, epoch: i64, enter: Option<i64>, cleared: Option<&str>) -> LeaseState {
-    LeaseState {
-        holder: (!holder.is_empty()).then(|| holder.to_owned()),
-        epoch,
-        standby: None,
-        enter_epoch: enter,
-        cleared_node: cleared.map(str::to_owned),
-    }
-}
-
-fn entry(
-    node: &str,
-    role: Role,
-    state: NodeServiceState,
-    epoch: i64,
-    acked: Option<i64>,
-) -> ServiceNodeStatus {
-    ServiceNodeStatus {
-        node: node.to_owned(),
-        role,
-        state,
-        epoch: Some(epoch),
-        acked_epoch: acked,
-        fail_count: 0,
-        last_failure_time: None,
-        hooks: Vec::new(),
-    }
+    LeaseState::for_test(holder, epoch, enter, cleared)
 }
 
 /// Facts builder: `alive` nodes with optional entries.

@@ -8,26 +8,13 @@ fn entry(
     acked: Option<i64>,
     fails: i32,
 ) -> ServiceNodeStatus {
-    ServiceNodeStatus {
-        node: node.into(),
-        role: Role::None,
-        state,
-        epoch: Some(epoch),
-        acked_epoch: acked,
-        fail_count: fails,
-        last_failure_time: None,
-        hooks: vec![],
-    }
+    let mut e = kubeha_crds::testing::status_entry(node, Role::None, state, epoch, acked);
+    e.fail_count = fails;
+    e
 }
 
 fn lease(holder: &str, epoch: i64) -> LeaseState {
-    LeaseState {
-        holder: Some(holder.into()),
-        epoch,
-        standby: None,
-        enter_epoch: Some(epoch),
-        cleared_node: Some(holder.into()),
-    }
+    LeaseState::for_test(holder, epoch, Some(epoch), Some(holder))
 }
 
 fn reasons(s: &Seen) -> Vec<(&'static str, &str)> {

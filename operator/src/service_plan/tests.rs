@@ -2,6 +2,7 @@ use super::*;
 use kubeha_crds::Mode;
 use kubeha_crds::cluster::{Failback, HeartbeatState, Placement};
 use kubeha_crds::service::{HookOutcome, HookResult, Role};
+use kubeha_crds::testing::status_entry as entry;
 
 use crate::placement::NodeView;
 
@@ -32,25 +33,6 @@ fn spec() -> HAServiceSpec {
     spec.migration_threshold = 1;
     spec.failure_timeout_seconds = 0;
     spec
-}
-
-fn entry(
-    node: &str,
-    role: Role,
-    state: NodeServiceState,
-    epoch: i64,
-    acked: Option<i64>,
-) -> ServiceNodeStatus {
-    ServiceNodeStatus {
-        node: node.into(),
-        role,
-        state,
-        epoch: Some(epoch),
-        acked_epoch: acked,
-        fail_count: 0,
-        last_failure_time: None,
-        hooks: vec![],
-    }
 }
 
 fn status(entries: Vec<ServiceNodeStatus>) -> HAServiceStatus {
