@@ -121,13 +121,7 @@ impl<N: Netlink> LocalNode<N> {
         let Some(set) = self.hook_set(svc) else {
             return Vec::new();
         };
-        let mut ctx = self.context(svc, cluster, call);
-        if let Some(iface) = Self::vips(&svc.spec)
-            .first()
-            .and_then(|v| v.interface.clone())
-        {
-            ctx.interface = iface;
-        }
+        let ctx = self.context(svc, cluster, call);
         let results = self.runner.run(&set, &ctx, timeout).await;
         for r in &results {
             self.metrics.hook_run(
