@@ -29,10 +29,6 @@ use crate::nodes;
 /// How often the snapshot view lists every node's addresses.
 pub const SNAPSHOT_EVERY: Duration = Duration::from_millis(100);
 
-/// How long an address event waits past its own time before it is applied,
-/// so the events of all nodes' monitors are applied in time order.
-const REORDER: Duration = Duration::from_millis(50);
-
 /// The longest time between two snapshots a split-brain assertion accepts:
 /// beyond it the detector was starved and its snapshot view could have
 /// missed a window (the event view misses none while its monitors run).
@@ -238,31 +234,6 @@ impl SplitBrain {
                         .map(|(i, _)| *i)
                         .collect()
                 };
-                // Events wait REORDER past their own time and are applied in
-                // time order: each node's monitor has its own pipe, so one
-                // node's add can arrive after another's later delete.
-                let mut pending: Vec<(jiff::Timestamp, u8, bool, String)> = Vec::new();
-                let apply = |pending: &mut Vec<(jiff::Timestamp, u8, bool, String)>,
-                             upto: jiff::Timestamp,
-                             held: &mut BTreeMap<u8, BTreeSet<String>>,
-                             seen: &mut Sampled,
-                             by_events: &mut Windows| {
-                    pending.sort_by_key(|e| e.0);
-                    let ready = pending.partition_point(|e| e.0 <= upto);
-                    for (at, i, added, addr) in pending.drain(..ready) {
-                        let set = held.entry(i).or_default();
-                        if added {
-                            set.insert(addr.clone());
-                        } else {
-                            set.remove(&addr);
-                        }
-                        seen.samples += 1;
-                        let holders = holders_in(held, &addr);
-                        if by_events.check(seen, &addr, holders, since(at)) {
-                            seen.double += 1;
-                        }
-                    }
-                };
                 let mut last_snapshot: Option<Instant> = None;
                 while !stop.load(Ordering::SeqCst) {
                     // Events, as they come, until the next snapshot is due.
@@ -302,13 +273,21 @@ impl SplitBrain {
                         if !vips.contains(&addr) {
                             continue;
                         }
-                        pending.push((at, i, added, addr));
+                        let set = held.entry(i).or_default();
+                        if added {
+                            set.insert(addr.clone());
+                        } else {
+                            set.remove(&addr);
+                        }
+                        seen.samples += 1;
+                        let holders = holders_in(&held, &addr);
+                        if by_events.check(&mut seen, &addr, holders, since(at)) {
+                            seen.double += 1;
+                        }
                         if Instant::now() >= due {
                             break;
                         }
                     }
-                    let settled = jiff::Timestamp::now() - REORDER;
-                    apply(&mut pending, settled, &mut held, &mut seen, &mut by_events);
                     // A node switched off or on changes who counts.
                     let now = started.elapsed();
                     for vip in &vips {
@@ -333,8 +312,6 @@ impl SplitBrain {
                     seen.double += usize::from(double);
                     seen.samples += 1;
                 }
-                let last = jiff::Timestamp::MAX;
-                apply(&mut pending, last, &mut held, &mut seen, &mut by_events);
                 for c in &mut children {
                     let _ = c.kill();
                     let _ = c.wait();
