@@ -92,9 +92,9 @@ pub fn service_lease_selector() -> String {
     format!("{LEASE_KIND_LABEL}={SERVICE}")
 }
 
-/// Label selector for the heartbeat Leases of one cluster.
-pub fn heartbeat_lease_selector(cluster: &str) -> String {
-    format!("{LEASE_KIND_LABEL}={HEARTBEAT},{CLUSTER_LABEL}={cluster}")
+/// Label selector of every heartbeat Lease.
+pub fn heartbeat_lease_selector() -> String {
+    format!("{LEASE_KIND_LABEL}={HEARTBEAT}")
 }
 
 /// Server-side-apply field manager of the agent on `node`: one per node, so

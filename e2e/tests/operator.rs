@@ -1104,3 +1104,56 @@ fn a_fence_during_an_entry_leaves_no_master_without_its_vip() {
     );
     cleanup(&lab, name, vip);
 }
+
+/// Issue 14: an operator that stalls (SIGSTOP) for 3 x D with every node
+/// healthy, then continues, moves nothing: after any gap in its own view it
+/// re-reads the heartbeats before it judges anybody Lost. Ten times over,
+/// the service keeps its epoch and its master, and no hook runs.
+#[test]
+fn an_operator_frozen_for_three_lease_durations_moves_nothing_when_it_continues() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let lab = lab();
+    let (name, vip) = ("op-freeze", "198.18.0.105");
+    let trace = tracing_hooks(&lab, name, &[]);
+    fresh(&lab, name, vip, Some(name), Timing::DEFAULT);
+    let active = wait_active(&lab, name, vip, Duration::from_secs(30));
+    // The entry's hooks have run; from here on nothing may run.
+    let entered = ha::wait_until(Duration::from_secs(10), || {
+        std::fs::read_to_string(&trace).is_ok_and(|t| t.contains("E01server"))
+    });
+    assert!(entered.is_some(), "the enter hook never ran");
+    std::thread::sleep(Duration::from_secs(1));
+    let hooks_before = std::fs::read_to_string(&trace).unwrap_or_default();
+    let epoch = ha::service_status(&lab, name)["epoch"].as_i64();
+    assert!(epoch.is_some(), "no epoch in the status");
+    let freeze = Duration::from_millis(3 * u64::from(Timing::DEFAULT.lease_ms));
+    for round in 1..=10 {
+        assert!(lab.freeze_operator(0, true).unwrap(), "operator 0 runs");
+        std::thread::sleep(freeze);
+        lab.freeze_operator(0, false).unwrap();
+        // A wrong decision is written within milliseconds of the resume;
+        // wait past E as well, for one taken on a timer.
+        let left = ha::wait_every(
+            Duration::from_millis(4_500),
+            Duration::from_millis(100),
+            || ha::vip_holders(vip) != [active],
+        );
+        let status = ha::service_status(&lab, name);
+        assert!(
+            left.is_none(),
+            "round {round}: the VIP left node-{active}: holders {:?}, status {status}",
+            ha::vip_holders(vip)
+        );
+        assert_eq!(
+            status["epoch"].as_i64(),
+            epoch,
+            "round {round}: the epoch moved: status {status}"
+        );
+        assert_eq!(
+            std::fs::read_to_string(&trace).unwrap_or_default(),
+            hooks_before,
+            "round {round}: a hook ran"
+        );
+    }
+    cleanup(&lab, name, vip);
+}

@@ -98,6 +98,8 @@ pub async fn run(cli: Cli) -> Result<()> {
 
     // Also marks the operator ready once every watch has listed.
     tokio::spawn(watch::dispatch(ctx.clone(), streams));
+    tokio::spawn(crate::gaps::pulse(ctx.clone()));
+    tokio::spawn(crate::gaps::run(ctx.clone()));
     {
         let (addr, m, ready) = (cli.metrics_addr, metrics.clone(), ctx.ready.clone());
         tokio::spawn(async move {

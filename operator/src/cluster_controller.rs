@@ -158,6 +158,9 @@ async fn reconcile_inner(cluster: &HACluster, ctx: &Ctx) -> Result<Action> {
     if !ctx.is_leader() {
         return Ok(requeue);
     }
+    if ctx.in_gap(&name) {
+        return Ok(Action::requeue(crate::gaps::WAIT_IN_GAP));
+    }
     let reference = cluster.object_ref(&());
     let api: Api<HACluster> = Api::all(ctx.client.clone());
 

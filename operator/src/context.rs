@@ -3,7 +3,7 @@
 //! Event recorder, metrics and the channels that request reconciles.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 
@@ -52,6 +52,13 @@ pub struct Ctx {
     /// When this operator first saw each cluster (startup grace).
     first_seen: Mutex<HashMap<String, Instant>>,
     leader: AtomicBool,
+    /// The last instant the process was seen running (see [`crate::gaps`]).
+    pulse: Mutex<Instant>,
+    /// Counts the gaps opened; a quorum read closes those opened before it
+    /// began.
+    gaps: AtomicU64,
+    /// Wakes the quorum read of [`crate::gaps::run`].
+    gap_opened: tokio::sync::Notify,
     /// Every watch has listed once.
     pub ready: Arc<AtomicBool>,
     recorder: Recorder,
@@ -90,6 +97,9 @@ impl Ctx {
             clusters: Default::default(),
             first_seen: Default::default(),
             leader: AtomicBool::new(false),
+            pulse: Mutex::new(Instant::now()),
+            gaps: AtomicU64::new(0),
+            gap_opened: tokio::sync::Notify::new(),
             ready: Arc::new(AtomicBool::new(false)),
             recorder,
             metrics,
@@ -108,6 +118,8 @@ impl Ctx {
         self.metrics.set_leader(leader);
         if leader && !was {
             tracing::info!("became the leader: reconciling everything");
+            // What this replica saw as a follower is not proof enough.
+            self.open_gap(Instant::now(), "leadership acquired");
             self.trigger_everything();
         } else if !leader && was {
             tracing::warn!("lost leadership: writing nothing from now on");
@@ -120,19 +132,103 @@ impl Ctx {
     }
 
     /// Runs `f` on the heartbeat view of `cluster`, creating it (judging
-    /// from now) with the cluster's timing if it does not exist.
+    /// from now) with the cluster's timing if it does not exist. Checks the
+    /// pulse first, so a view is never read right after a pause as if none
+    /// happened.
     pub fn with_view<R>(&self, cluster: &str, f: impl FnOnce(&mut HeartbeatView) -> R) -> R {
-        let timing = self
-            .stores
-            .clusters
-            .get(&ObjectRef::new(cluster))
-            .map(|c| Timing::from(&c.spec.heartbeat))
-            .unwrap_or_default();
+        self.check_pulse(Instant::now());
         let mut views = lock(&self.views);
-        let view = views
-            .entry(cluster.to_owned())
-            .or_insert_with(|| HeartbeatView::new(timing, Instant::now()));
-        f(view)
+        f(self.view_in(&mut views, cluster))
+    }
+
+    /// The view of `cluster` in the locked map, created if missing.
+    fn view_in<'a>(
+        &self,
+        views: &'a mut HashMap<String, HeartbeatView>,
+        cluster: &str,
+    ) -> &'a mut HeartbeatView {
+        views.entry(cluster.to_owned()).or_insert_with(|| {
+            let timing = self
+                .stores
+                .clusters
+                .get(&ObjectRef::new(cluster))
+                .map(|c| Timing::from(&c.spec.heartbeat))
+                .unwrap_or_default();
+            HeartbeatView::new(timing, Instant::now())
+        })
+    }
+
+    /// Refreshes the pulse at `now`; a pulse older than
+    /// [`crate::gaps::GAP_AFTER`] means the process did not run since it:
+    /// a gap that began then.
+    pub fn check_pulse(&self, now: Instant) {
+        let last = {
+            let mut pulse = lock(&self.pulse);
+            let last = *pulse;
+            *pulse = last.max(now);
+            last
+        };
+        let paused = now.saturating_duration_since(last);
+        if paused > crate::gaps::GAP_AFTER {
+            tracing::warn!(?paused, "the operator did not run for a while");
+            self.open_gap(last, "process paused");
+        }
+    }
+
+    /// Opens a gap that began at `since` in every heartbeat view and wakes
+    /// the quorum read that closes it.
+    pub fn open_gap(&self, since: Instant, why: &str) {
+        let mut views = lock(&self.views);
+        for view in views.values_mut() {
+            view.open_gap(since);
+        }
+        self.gaps.fetch_add(1, Ordering::SeqCst);
+        drop(views);
+        tracing::info!(
+            why,
+            "gap in the operator's view: re-reading every heartbeat before judging"
+        );
+        self.gap_opened.notify_one();
+    }
+
+    /// Waits until a gap opens (one wake-up per burst of gaps).
+    pub async fn gap_opened(&self) {
+        self.gap_opened.notified().await;
+    }
+
+    /// How many gaps have opened so far.
+    pub fn gap_generation(&self) -> u64 {
+        self.gaps.load(Ordering::SeqCst)
+    }
+
+    /// Observes the heartbeat Leases of a quorum read (cluster, node,
+    /// fingerprint) that returned at `now`, and closes every gap unless one
+    /// opened after `generation` (the read began before it: read again).
+    /// Returns whether the gaps closed.
+    pub fn close_gaps(
+        &self,
+        generation: u64,
+        read: Vec<(String, String, Fingerprint)>,
+        now: Instant,
+    ) -> bool {
+        let mut views = lock(&self.views);
+        for (cluster, node, fingerprint) in read {
+            self.view_in(&mut views, &cluster)
+                .observe(&node, fingerprint, now);
+        }
+        if self.gaps.load(Ordering::SeqCst) != generation {
+            return false;
+        }
+        for view in views.values_mut() {
+            view.close_gap();
+        }
+        true
+    }
+
+    /// Whether `cluster`'s view waits for the quorum read after a gap: the
+    /// leader writes nothing about it until then.
+    pub fn in_gap(&self, cluster: &str) -> bool {
+        self.with_view(cluster, |v| v.in_gap())
     }
 
     /// Sets a cluster's heartbeat timing.

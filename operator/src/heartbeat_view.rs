@@ -32,6 +32,32 @@
 //! instant (the observer assumes a fresh renew, as client-go does), so an
 //! operator that restarts never declares anybody Lost earlier than E after
 //! it started.
+//!
+//! ## Gaps in the observer's own view
+//!
+//! The rule above holds only while the operator is able to observe. After a
+//! *gap* in its view (its process paused, its heartbeat watch failed or
+//! restarted, its leadership just acquired), the quiet periods it measured
+//! no longer prove anything: renews may have been written that it has not
+//! seen yet, and whether the watch delivers them before the next reconcile
+//! reads the view decided, before this rule, whether a healthy master was
+//! moved. So:
+//!
+//! - While a gap is open ([`HeartbeatView::open_gap`]) every member is
+//!   judged as of the instant the gap began: nobody turns Lost or Fenced,
+//!   and a renew seen meanwhile is a renew of the state the member had then
+//!   (a member Alive before the gap stays Alive, never "returns").
+//! - The gap closes ([`HeartbeatView::close_gap`]) only after a quorum read
+//!   of every heartbeat Lease that started after the gap was detected, each
+//!   result passed to [`HeartbeatView::observe`] at the instant the read
+//!   returned. A Lease that changed restarts its member's clock from that
+//!   read, as client-go's leader election does for an observed record.
+//! - A Lease that did not change (same `resourceVersion`) keeps its clock:
+//!   the read proves that nothing was written to it between the change the
+//!   operator last saw and the read, so the quiet period measured from that
+//!   change is one the operator observed, gap or not. Restarting that clock
+//!   too would buy no safety and would make a powered-off member Alive
+//!   (eligible) again for another E after every gap.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -144,6 +170,8 @@ pub struct HeartbeatView {
     /// When a member last became able to run services (mode and cordon),
     /// for [`HeartbeatView::eligible_for`].
     capable_since: BTreeMap<String, Instant>,
+    /// Start of an open gap in the observer's view (see the module docs).
+    gap: Option<Instant>,
 }
 
 impl HeartbeatView {
@@ -154,7 +182,31 @@ impl HeartbeatView {
             started: now,
             nodes: BTreeMap::new(),
             capable_since: BTreeMap::new(),
+            gap: None,
         }
+    }
+
+    /// Records a gap in the observer's view that began at `since`: until
+    /// [`HeartbeatView::close_gap`], members are judged as of `since`. A
+    /// second gap before the first closed extends the first.
+    pub fn open_gap(&mut self, since: Instant) {
+        self.gap = Some(self.gap.map_or(since, |g| g.min(since)));
+    }
+
+    /// Ends the gap: call after every Lease of a quorum read that started
+    /// after the gap was detected has been observed.
+    pub fn close_gap(&mut self) {
+        self.gap = None;
+    }
+
+    /// Whether a gap is open (the view waits for a quorum read).
+    pub fn in_gap(&self) -> bool {
+        self.gap.is_some()
+    }
+
+    /// The instant `now` is judged as: the start of an open gap, if any.
+    fn judged_at(&self, now: Instant) -> Instant {
+        self.gap.map_or(now, |g| g.min(now))
     }
 
     /// The timing in force.
@@ -180,6 +232,7 @@ impl HeartbeatView {
     /// fingerprint at `now`.
     pub fn observe(&mut self, node: &str, fingerprint: Fingerprint, now: Instant) -> Observation {
         let expiry = self.expiry_of(self.nodes.get(node));
+        let judged_at = self.judged_at(now);
         match self.nodes.get_mut(node) {
             None => {
                 self.nodes.insert(
@@ -194,7 +247,7 @@ impl HeartbeatView {
             }
             Some(seen) if seen.fingerprint == fingerprint => Observation::Unchanged,
             Some(seen) => {
-                let was_alive = now.saturating_duration_since(seen.last_change) < expiry;
+                let was_alive = judged_at.saturating_duration_since(seen.last_change) < expiry;
                 seen.fingerprint = fingerprint;
                 seen.last_change = now.max(seen.last_change);
                 if was_alive {
@@ -238,6 +291,7 @@ impl HeartbeatView {
     /// from the instant the view started.
     pub fn state(&self, node: &str, now: Instant) -> HeartbeatState {
         let expiry = self.expiry_of(self.nodes.get(node));
+        let now = self.judged_at(now);
         match self.nodes.get(node) {
             Some(seen) => {
                 let quiet = now.saturating_duration_since(seen.last_change);
@@ -289,13 +343,17 @@ impl HeartbeatView {
 
     /// The next instant after `now` at which some node's state changes by
     /// the passing of time alone (Alive -> Lost, Lost -> Fenced, unknown ->
-    /// Lost); `None` when nothing is pending. `names` adds members whose
-    /// Lease has never been seen.
+    /// Lost); `None` when nothing is pending or a gap is open (nothing
+    /// expires until the gap closes). `names` adds members whose Lease has
+    /// never been seen.
     pub fn next_expiry<'a>(
         &self,
         names: impl IntoIterator<Item = &'a str>,
         now: Instant,
     ) -> Option<Instant> {
+        if self.in_gap() {
+            return None;
+        }
         let mut bases: Vec<(Instant, Duration)> = self
             .nodes
             .values()
@@ -500,6 +558,88 @@ mod tests {
         v.note_capable("a", false, t0 + ms(9000));
         v.note_capable("a", true, t0 + ms(9500));
         assert_eq!(v.eligible_for("a", t0 + ms(10000)), ms(500));
+    }
+
+    /// Issue 14's rule (module docs, "Gaps in the observer's own view"),
+    /// with E = 3.5 s: a gap never makes a member Lost or "returned", and a
+    /// quorum read restarts the clock of a changed Lease only.
+    ///
+    /// A row: the member's Lease version "1" seen at t0 (or never: `seen`
+    /// false); a gap that begins at `gap` and is detected at `detected`
+    /// (ms); a version the watch delivers during the gap (when, and what it
+    /// means); the state asked during the gap (at `detected` + 50); the
+    /// version the quorum read returns (None: no Lease) and when; the state
+    /// right after the gap closed.
+    #[test]
+    fn a_gap_judges_from_its_start_until_a_quorum_read_closes_it() {
+        use Observation::{Renewed, Returned};
+        type Watch = Option<(&'static str, u64, Observation)>;
+        #[rustfmt::skip]
+        let rows: [(&str, bool, u64, u64, Watch, HeartbeatState, Option<&str>, u64, HeartbeatState); 8] = [
+            // Frozen 9 s, every node renews: the watch delivers first, or
+            // the quorum read comes first.
+            ("frozen, watch first", true, 500, 9500, Some(("9", 9600, Renewed)), Alive, Some("9"), 9700, Alive),
+            ("frozen, read first", true, 500, 9500, None, Alive, Some("9"), 9700, Alive),
+            // Powered off as the freeze began: no failover wait added.
+            ("off, frozen", true, 500, 9500, None, Alive, Some("1"), 9700, Fenced),
+            // Powered off 2 s before a watch restart.
+            ("off, watch restart", true, 2000, 2000, None, Alive, Some("1"), 4000, Lost),
+            // Lost before the gap: still quiet, or renewing during it.
+            ("lost, quiet", true, 5000, 9500, None, Lost, Some("1"), 9700, Fenced),
+            ("lost, back", true, 5000, 9500, Some(("2", 9600, Returned)), Lost, Some("2"), 9700, Alive),
+            // Never seen: the read has its first Lease, or none either.
+            ("new in the read", false, 500, 9500, None, Stopping, Some("1"), 9700, Alive),
+            ("never", false, 500, 9500, None, Stopping, None, 9700, Fenced),
+        ];
+        for (what, seen, gap, detected, watch, during, read, read_at, after) in rows {
+            let t0 = Instant::now();
+            let at = |v: u64| t0 + ms(v);
+            let mut v = HeartbeatView::new(timing(), t0);
+            if seen {
+                v.observe("a", fp("1"), t0);
+            }
+            v.open_gap(at(gap));
+            assert!(v.in_gap());
+            assert_eq!(
+                v.next_expiry(["a"], at(detected)),
+                None,
+                "{what}: nothing expires in a gap"
+            );
+            assert_eq!(
+                v.state("a", at(detected + 50)),
+                during,
+                "{what}: during the gap"
+            );
+            if let Some((rv, t, meaning)) = watch {
+                assert_eq!(
+                    v.observe("a", fp(rv), at(t)),
+                    meaning,
+                    "{what}: the watch event"
+                );
+            }
+            if let Some(rv) = read {
+                v.observe("a", fp(rv), at(read_at));
+            }
+            v.close_gap();
+            assert_eq!(
+                v.state("a", at(read_at)),
+                after,
+                "{what}: after the quorum read"
+            );
+        }
+    }
+
+    #[test]
+    fn a_second_gap_extends_the_first() {
+        let t0 = Instant::now();
+        let mut v = HeartbeatView::new(timing(), t0);
+        v.observe("a", fp("1"), t0);
+        v.open_gap(t0 + ms(1000));
+        v.open_gap(t0 + ms(5000));
+        assert_eq!(v.state("a", t0 + ms(6000)), Alive, "judged at 1 s");
+        v.close_gap();
+        assert!(!v.in_gap());
+        assert_eq!(v.state("a", t0 + ms(6000)), Lost);
     }
 
     #[test]

@@ -14,7 +14,8 @@
 //!   reconcile of a service or a cluster.
 //!
 //! Kubernetes glue: [`watch`] (fault-tolerant watches and dispatch),
-//! [`context`], [`service_controller`], [`cluster_controller`], [`leader`]
+//! [`context`], [`gaps`] (gaps in the operator's own view and the quorum
+//! read that closes them), [`service_controller`], [`cluster_controller`], [`leader`]
 //! (leader election), [`metrics`] and [`app`] (command line, run).
 
 pub mod app;
@@ -23,6 +24,7 @@ pub mod cluster_plan;
 pub mod conditions;
 pub mod context;
 pub mod error;
+pub mod gaps;
 pub mod handover;
 pub mod heartbeat_view;
 pub mod leader;

@@ -72,11 +72,7 @@ pub fn start(client: &Client, namespace: &str) -> (Stores, Streams) {
     let (heartbeat_leases, s4) = kubeha_runtime::watch::reflect::<Lease>(
         client,
         Some(namespace),
-        watcher::Config::default().labels(&format!(
-            "{}={}",
-            leases::LEASE_KIND_LABEL,
-            leases::HEARTBEAT
-        )),
+        watcher::Config::default().labels(&leases::heartbeat_lease_selector()),
     );
     let (nodes, s5) =
         kubeha_runtime::watch::reflect::<Node>(client, None, watcher::Config::default());
@@ -242,6 +238,11 @@ pub async fn dispatch(ctx: Arc<Ctx>, streams: Streams) {
             match ev {
                 Ok(ev) => {
                     let now = Instant::now();
+                    if matches!(ev, watcher::Event::Init) {
+                        // A (re-)list: what happened while the watch was
+                        // down has to be read again from etcd.
+                        c.open_gap(now, "heartbeat watch listing again");
+                    }
                     let Some(lease) = object(&ev) else { return };
                     let labels = lease.labels();
                     let (Some(cluster), Some(node)) = (
@@ -268,7 +269,10 @@ pub async fn dispatch(ctx: Arc<Ctx>, streams: Streams) {
                         }
                     }
                 }
-                Err(e) => tracing::warn!(error = %e, "heartbeat Lease watch error (retrying)"),
+                Err(e) => {
+                    tracing::warn!(error = %e, "heartbeat Lease watch error (retrying)");
+                    c.open_gap(Instant::now(), "heartbeat watch failed");
+                }
             }
         }
     });

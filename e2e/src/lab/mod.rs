@@ -392,7 +392,7 @@ impl Lab {
 }
 
 /// SIGSTOP (`frozen`) or SIGCONT to `pid`.
-fn freeze_pid(pid: i32, frozen: bool) {
+pub(super) fn freeze_pid(pid: i32, frozen: bool) {
     let sig = if frozen {
         nix::sys::signal::Signal::SIGSTOP
     } else {

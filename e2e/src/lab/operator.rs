@@ -157,4 +157,15 @@ impl Lab {
         let _ = fs::remove_file(self.operator_pid_file(r));
         Ok(true)
     }
+
+    /// Stops (SIGSTOP, `true`) or continues (SIGCONT, `false`) operator
+    /// replica `r`: a process that stalls (a paused VM, a throttled pod).
+    /// Returns whether the replica runs.
+    pub fn freeze_operator(&self, r: u8, frozen: bool) -> anyhow::Result<bool> {
+        let Some(pid) = self.operator_pid(r).filter(|_| self.operator_running(r)) else {
+            return Ok(false);
+        };
+        super::freeze_pid(pid, frozen);
+        Ok(true)
+    }
 }

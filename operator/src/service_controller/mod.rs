@@ -77,6 +77,9 @@ async fn reconcile_inner(svc: Arc<HAService>, ctx: Arc<Ctx>) -> Result<Action> {
         let ev = evaluate(&svc, &ctx, deleting, Instant::now());
         return Ok(requeue(&ev, Instant::now()));
     }
+    if ctx.in_gap(&svc.spec.cluster_ref) {
+        return Ok(Action::requeue(crate::gaps::WAIT_IN_GAP));
+    }
     let api: Api<HAService> = Api::namespaced(ctx.client.clone(), &ns);
     let key = service_key(&svc);
     let deleting = svc.meta().deletion_timestamp.is_some();
@@ -146,6 +149,10 @@ async fn apply(svc: &HAService, ctx: &Ctx, deleting: bool) -> Result<Action> {
     }
 
     let h = &ev.plan.handover;
+    if h.write && ctx.in_gap(&ev.cluster) {
+        // A gap opened while the heartbeats were being confirmed.
+        return Ok(Action::requeue(crate::gaps::WAIT_IN_GAP));
+    }
     if h.write {
         let renewed = holder_renew
             .filter(|(holder, _)| h.lease.holder.as_ref() == Some(holder))
