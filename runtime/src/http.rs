@@ -8,7 +8,7 @@ use axum::Router;
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::routing::get;
-use prometheus_client::registry::Registry;
+use prometheus_client::registry::{Metric, Registry};
 
 /// What a binary answers on its HTTP port.
 pub trait Probes: Clone + Send + Sync + 'static {
@@ -74,6 +74,39 @@ impl SharedRegistry {
     }
 }
 
+/// Registers metrics one after the other, as a list of name, help text and
+/// metric, then makes the [`SharedRegistry`]:
+///
+/// ```
+/// # use prometheus_client::metrics::counter::Counter;
+/// # use kubeha_runtime::http::RegistryBuilder;
+/// let fences = Counter::<u64>::default();
+/// let registry = RegistryBuilder::new("kubeha_agent")
+///     .metric("fences", "Self-fences", &fences)
+///     .build();
+/// ```
+pub struct RegistryBuilder(Registry);
+
+impl RegistryBuilder {
+    /// An empty registry whose metric names all begin with `prefix` and an
+    /// underscore.
+    pub fn new(prefix: &str) -> Self {
+        Self(Registry::with_prefix(prefix))
+    }
+
+    /// Registers `metric` as `name` (after the prefix) with `help`: the
+    /// registry holds a clone, which shares its values with `metric`.
+    pub fn metric<M: Metric + Clone>(mut self, name: &str, help: &str, metric: &M) -> Self {
+        self.0.register(name, help, metric.clone());
+        self
+    }
+
+    /// The shared registry of every metric registered.
+    pub fn build(self) -> SharedRegistry {
+        SharedRegistry::new(self.0)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -109,6 +142,24 @@ mod tests {
         let code = buf[9..12].parse().unwrap();
         let body = buf.split("\r\n\r\n").nth(1).unwrap_or_default().to_owned();
         (code, body)
+    }
+
+    /// A builder's metrics encode under its prefix, with the values the
+    /// code counts on its own handles.
+    #[test]
+    fn built_registry_encodes_what_its_metrics_count() {
+        let fences = prometheus_client::metrics::counter::Counter::<u64>::default();
+        let held = prometheus_client::metrics::gauge::Gauge::<i64>::default();
+        let registry = RegistryBuilder::new("p")
+            .metric("fences", "Self-fences", &fences)
+            .metric("held", "Held", &held)
+            .build();
+        fences.inc();
+        held.set(3);
+        let text = registry.encode();
+        assert!(text.contains("# HELP p_fences Self-fences.\n"), "{text}");
+        assert!(text.contains("p_fences_total 1\n"), "{text}");
+        assert!(text.contains("p_held 3\n"), "{text}");
     }
 
     /// The three routes answer over a real socket, 503 with the reason
