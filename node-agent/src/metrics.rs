@@ -10,9 +10,8 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
-use prometheus_client::registry::Registry;
 
-use kubeha_runtime::http::SharedRegistry;
+use kubeha_runtime::http::{RegistryBuilder, SharedRegistry};
 
 use crate::heartbeat::Heartbeats;
 
@@ -50,7 +49,6 @@ pub struct Metrics {
 
 impl Default for Metrics {
     fn default() -> Self {
-        let mut registry = Registry::with_prefix("kubeha_agent");
         let m = Self {
             registry: Default::default(),
             renew_failures: Default::default(),
@@ -64,42 +62,37 @@ impl Default for Metrics {
             }),
             transitions: Default::default(),
         };
-        registry.register(
-            "heartbeat_renew_failures",
-            "Failed heartbeat renews",
-            m.renew_failures.clone(),
-        );
-        registry.register(
-            "heartbeat_last_renew_age_seconds",
-            "Seconds since the last successful heartbeat renew",
-            m.last_renew_age.clone(),
-        );
-        registry.register("vips_held", "VIPs this node holds", m.vips_held.clone());
-        registry.register(
-            "garp_sent",
-            "Gratuitous ARP / unsolicited NA frames sent",
-            m.garps_sent.clone(),
-        );
-        registry.register("fences", "Self-fences", m.fences.clone());
-        registry.register(
-            "hook_runs",
-            "Hook script runs by action and outcome",
-            m.hook_runs.clone(),
-        );
-        registry.register(
-            "hook_duration_seconds",
-            "Hook script run time",
-            m.hook_duration.clone(),
-        );
-        registry.register(
-            "transitions",
-            "Role transitions by kind",
-            m.transitions.clone(),
-        );
-        Self {
-            registry: SharedRegistry::new(registry),
-            ..m
-        }
+        let registry = RegistryBuilder::new("kubeha_agent")
+            .metric(
+                "heartbeat_renew_failures",
+                "Failed heartbeat renews",
+                &m.renew_failures,
+            )
+            .metric(
+                "heartbeat_last_renew_age_seconds",
+                "Seconds since the last successful heartbeat renew",
+                &m.last_renew_age,
+            )
+            .metric("vips_held", "VIPs this node holds", &m.vips_held)
+            .metric(
+                "garp_sent",
+                "Gratuitous ARP / unsolicited NA frames sent",
+                &m.garps_sent,
+            )
+            .metric("fences", "Self-fences", &m.fences)
+            .metric(
+                "hook_runs",
+                "Hook script runs by action and outcome",
+                &m.hook_runs,
+            )
+            .metric(
+                "hook_duration_seconds",
+                "Hook script run time",
+                &m.hook_duration,
+            )
+            .metric("transitions", "Role transitions by kind", &m.transitions)
+            .build();
+        Self { registry, ..m }
     }
 }
 

@@ -11,9 +11,8 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
-use prometheus_client::registry::Registry;
 
-use kubeha_runtime::http::SharedRegistry;
+use kubeha_runtime::http::{RegistryBuilder, SharedRegistry};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ReasonLabels {
@@ -57,7 +56,6 @@ fn reconcile_histogram() -> Histogram {
 
 impl Default for Metrics {
     fn default() -> Self {
-        let mut registry = Registry::with_prefix("kubeha_operator");
         let m = Self {
             registry: Default::default(),
             failovers: Default::default(),
@@ -67,40 +65,40 @@ impl Default for Metrics {
             leader: Default::default(),
             lease_writes: Default::default(),
         };
-        registry.register(
-            "failovers",
-            "Masters assigned, by placement reason (Initial, Failover, Failback)",
-            m.failovers.clone(),
-        );
-        registry.register(
-            "failover_duration_seconds",
-            "From writing a new master into the service Lease to its status entry reporting Running",
-            m.failover_duration.clone(),
-        );
-        registry.register(
-            "reconciles",
-            "Reconciles by controller and result",
-            m.reconciles.clone(),
-        );
-        registry.register(
-            "reconcile_duration_seconds",
-            "Reconcile run time by controller",
-            m.reconcile_duration.clone(),
-        );
-        registry.register(
-            "leader",
-            "1 while this replica holds the operator leader Lease",
-            m.leader.clone(),
-        );
-        registry.register(
-            "service_lease_writes",
-            "Writes of service Leases (assignment changes)",
-            m.lease_writes.clone(),
-        );
-        Self {
-            registry: SharedRegistry::new(registry),
-            ..m
-        }
+        let registry = RegistryBuilder::new("kubeha_operator")
+            .metric(
+                "failovers",
+                "Masters assigned, by placement reason (Initial, Failover, Failback)",
+                &m.failovers,
+            )
+            .metric(
+                "failover_duration_seconds",
+                "From writing a new master into the service Lease to its status entry \
+                 reporting Running",
+                &m.failover_duration,
+            )
+            .metric(
+                "reconciles",
+                "Reconciles by controller and result",
+                &m.reconciles,
+            )
+            .metric(
+                "reconcile_duration_seconds",
+                "Reconcile run time by controller",
+                &m.reconcile_duration,
+            )
+            .metric(
+                "leader",
+                "1 while this replica holds the operator leader Lease",
+                &m.leader,
+            )
+            .metric(
+                "service_lease_writes",
+                "Writes of service Leases (assignment changes)",
+                &m.lease_writes,
+            )
+            .build();
+        Self { registry, ..m }
     }
 }
 
