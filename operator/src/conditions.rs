@@ -52,6 +52,21 @@ impl Cond {
             message: message.into(),
         }
     }
+
+    /// A condition that holds with the reason and message of the first
+    /// problem found in `problems` (in order of precedence; `None` where
+    /// there is none of that kind), and that does not hold, with reason
+    /// `settled` and no message, when none is found.
+    pub fn first_problem<'a>(
+        type_: &'static str,
+        problems: impl IntoIterator<Item = Option<(&'a str, String)>>,
+        settled: &str,
+    ) -> Self {
+        match problems.into_iter().flatten().next() {
+            Some((reason, message)) => Self::yes(type_, reason, message),
+            None => Self::no(type_, settled, ""),
+        }
+    }
 }
 
 fn status_str(b: bool) -> &'static str {
@@ -116,6 +131,22 @@ mod tests {
 
     fn t(s: i64) -> Time {
         Time(jiff::Timestamp::from_second(s).unwrap())
+    }
+
+    #[test]
+    fn first_problem_wins_and_none_settles() {
+        let found = Cond::first_problem(
+            DEGRADED,
+            [
+                None,
+                Some(("A", "a".to_owned())),
+                Some(("B", "b".to_owned())),
+            ],
+            "Fine",
+        );
+        assert_eq!(found, Cond::yes(DEGRADED, "A", "a"));
+        let none = Cond::first_problem(DEGRADED, [None, None], "Fine");
+        assert_eq!(none, Cond::no(DEGRADED, "Fine", ""));
     }
 
     #[test]

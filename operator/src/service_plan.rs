@@ -281,26 +281,28 @@ pub fn plan(f: &Facts<'_>) -> Plan {
 
     let mut conditions = Vec::new();
     // Stalled: nothing progresses until someone changes something.
-    let stalled = if let Some(r) = &f.refusal {
-        Cond::yes(STALLED, r.reason, r.message.clone())
-    } else if let Some(d) = decision
-        .as_ref()
-        .filter(|d| d.reason == Reason::ProhibitedModes)
-    {
-        Cond::yes(
-            STALLED,
-            d.reason.as_str(),
-            "the members' modes of the cluster form a prohibited combination; the assignment is frozen until an admin fixes them (see the HACluster's conditions)",
-        )
-    } else if phase == Phase::Errored {
-        Cond::yes(
-            STALLED,
-            "AllFailed",
-            "every member that may run the service has reached the migration threshold; it stays stopped until a failure expires (failureTimeoutSeconds) or an admin clears the failures",
-        )
-    } else {
-        Cond::no(STALLED, "Progressing", "")
-    };
+    let stalled = Cond::first_problem(
+        STALLED,
+        [
+            f.refusal.as_ref().map(|r| (r.reason, r.message.clone())),
+            decision
+                .as_ref()
+                .filter(|d| d.reason == Reason::ProhibitedModes)
+                .map(|d| {
+                    (
+                        d.reason.as_str(),
+                        "the members' modes of the cluster form a prohibited combination; the assignment is frozen until an admin fixes them (see the HACluster's conditions)".to_owned(),
+                    )
+                }),
+            (phase == Phase::Errored).then(|| {
+                (
+                    "AllFailed",
+                    "every member that may run the service has reached the migration threshold; it stays stopped until a failure expires (failureTimeoutSeconds) or an admin clears the failures".to_owned(),
+                )
+            }),
+        ],
+        "Progressing",
+    );
     conditions.push(stalled);
 
     let ready = match phase {
@@ -354,33 +356,28 @@ pub fn plan(f: &Facts<'_>) -> Plan {
         .filter(|e| e.state == NodeServiceState::Failed)
         .map(|e| format!("{} (fail count {})", e.node, e.fail_count))
         .collect();
-    let degraded = if let Some(d) = decision
-        .as_ref()
-        .filter(|d| d.reason == Reason::WaitingForFence)
-    {
-        let node = handover::leave_failed_on(f.lease, &facts).unwrap_or_default();
-        Cond::yes(
-            DEGRADED,
-            d.reason.as_str(),
-            format!(
-                "{node} failed to leave and may still run the service; it moves once {node}'s heartbeat is Lost or an admin sets it peerdown"
-            ),
-        )
-    } else if !failed.is_empty() {
-        Cond::yes(
-            DEGRADED,
-            "NodeFailed",
-            format!("failed on {}", failed.join(", ")),
-        )
-    } else if matches!(phase, Phase::Active | Phase::Starting) && h.lease.standby.is_none() {
-        Cond::yes(
-            DEGRADED,
-            "NoStandby",
-            "no other eligible member can take over",
-        )
-    } else {
-        Cond::no(DEGRADED, "Redundant", "")
-    };
+    let degraded = Cond::first_problem(
+        DEGRADED,
+        [
+            decision
+                .as_ref()
+                .filter(|d| d.reason == Reason::WaitingForFence)
+                .map(|d| {
+                    let node = handover::leave_failed_on(f.lease, &facts).unwrap_or_default();
+                    (
+                        d.reason.as_str(),
+                        format!(
+                            "{node} failed to leave and may still run the service; it moves once {node}'s heartbeat is Lost or an admin sets it peerdown"
+                        ),
+                    )
+                }),
+            (!failed.is_empty())
+                .then(|| ("NodeFailed", format!("failed on {}", failed.join(", ")))),
+            (matches!(phase, Phase::Active | Phase::Starting) && h.lease.standby.is_none())
+                .then(|| ("NoStandby", "no other eligible member can take over".to_owned())),
+        ],
+        "Redundant",
+    );
     conditions.push(degraded);
 
     // Moved: only while an admin's move request stands.
