@@ -574,8 +574,19 @@ mod tests {
     fn a_gap_judges_from_its_start_until_a_quorum_read_closes_it() {
         use Observation::{Renewed, Returned};
         type Watch = Option<(&'static str, u64, Observation)>;
+        type Row = (
+            &'static str,
+            bool,
+            u64,
+            u64,
+            Watch,
+            HeartbeatState,
+            Option<&'static str>,
+            u64,
+            HeartbeatState,
+        );
         #[rustfmt::skip]
-        let rows: [(&str, bool, u64, u64, Watch, HeartbeatState, Option<&str>, u64, HeartbeatState); 8] = [
+        let rows: [Row; 8] = [
             // Frozen 9 s, every node renews: the watch delivers first, or
             // the quorum read comes first.
             ("frozen, watch first", true, 500, 9500, Some(("9", 9600, Renewed)), Alive, Some("9"), 9700, Alive),
