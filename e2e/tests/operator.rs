@@ -1157,3 +1157,155 @@ fn an_operator_frozen_for_three_lease_durations_moves_nothing_when_it_continues(
     }
     cleanup(&lab, name, vip);
 }
+
+/// Issue 14: every node loses power at once and all come back together.
+/// The service enters (with its enter hook) on exactly one node, and no
+/// node holds the VIP without its enter hook having run since that boot.
+/// Twice: first a short loss (less than E: the Lease still names the old
+/// master) on hosts whose status folder survives the reboot (only the boot
+/// id tells the agent), then a long one (past 2E) with `/run` emptied.
+#[test]
+fn after_a_whole_cluster_power_loss_the_service_enters_with_its_hooks_on_one_node() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let lab = lab();
+    let (name, vip) = ("op-blackout", "198.18.0.106");
+    let trace = tracing_hooks(&lab, name, &[]);
+    fresh(&lab, name, vip, Some(name), Timing::DEFAULT);
+    wait_active(&lab, name, vip, Duration::from_secs(30));
+    for (off, keep_state) in [
+        (Duration::from_secs(2), true),
+        (Duration::from_secs(8), false),
+    ] {
+        let what = if keep_state {
+            "short loss, status kept"
+        } else {
+            "long loss, /run emptied"
+        };
+        for i in 1..=3 {
+            lab.power_off(i).unwrap();
+        }
+        std::thread::sleep(off);
+        let booted = std::fs::read_to_string(&trace).unwrap_or_default().len();
+        for i in 1..=3 {
+            if keep_state {
+                lab.power_on_keeping_state(i).unwrap();
+            } else {
+                lab.power_on(i).unwrap();
+            }
+        }
+        for i in 1..=3 {
+            lab.start_agent(i, &[] as &[&str]).unwrap();
+        }
+        // Every holder of the VIP from the boot until the service settles.
+        let mut held_by = std::collections::BTreeSet::new();
+        let start = Instant::now();
+        while start.elapsed() < Duration::from_secs(20) {
+            held_by.extend(ha::vip_holders(vip));
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let active = wait_active(&lab, name, vip, Duration::from_secs(20));
+        let since_boot = std::fs::read_to_string(&trace).unwrap_or_default()[booted..].to_owned();
+        let enters: Vec<&str> = since_boot
+            .lines()
+            .filter(|l| l.starts_with("E01server enter master"))
+            .collect();
+        assert_eq!(
+            enters.len(),
+            1,
+            "{what}: the service must enter on exactly one node; hooks since the boot:\n{since_boot}"
+        );
+        for node in &held_by {
+            assert!(
+                enters[0].contains(&format!("node=node-{node} ")),
+                "{what}: node-{node} held the VIP without its enter hook since the boot; hooks:\n{since_boot}"
+            );
+        }
+        assert!(held_by.contains(&active), "{what}: {held_by:?}");
+    }
+    cleanup(&lab, name, vip);
+}
+
+/// Issue 14: an agent restarted within the same boot runs the service's
+/// monitor once before it re-adopts the master role. Here the service died
+/// while the agent was down: the restarted agent leaves it (no VIP kept
+/// for a service that does not run) and it is entered again, with its
+/// hooks. Before, the VIP was re-adopted and served until the monitor had
+/// failed `failureThreshold` (5) times.
+#[test]
+fn a_restarted_agent_runs_the_monitor_before_it_re_adopts_its_service() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let lab = lab();
+    let (name, vip) = ("op-readopt", "198.18.0.107");
+    let trace = lab.dir().join(format!("trace-{name}"));
+    let _ = std::fs::remove_file(&trace);
+    // The "service" of node i runs while its marker exists.
+    let running = |i: u8| lab.dir().join(format!("running-{name}-node-{i}"));
+    for i in 1..=3 {
+        let marker = running(i);
+        let _ = std::fs::remove_file(&marker);
+        let enter = ha::tracing_script(&trace, 0)
+            .replace("exit 0", &format!("touch {}\nexit 0", marker.display()));
+        let leave = ha::tracing_script(&trace, 0)
+            .replace("exit 0", &format!("rm -f {}\nexit 0", marker.display()));
+        let monitor = format!("#!/bin/sh\ntest -e {}\n", marker.display());
+        ha::install_hooks(
+            &lab,
+            i,
+            name,
+            &[
+                ("E01server", &enter),
+                ("L01server", &leave),
+                ("M01server", &monitor),
+            ],
+        )
+        .unwrap();
+    }
+    ha::delete_service(&lab, name);
+    ha::apply(&lab, &ha::cluster(name, &[1, 2, 3], Timing::DEFAULT)).unwrap();
+    assert!(all_ready(&lab, name, Duration::from_secs(20)));
+    let mut spec = ha::service(name, name, &[&format!("{vip}/24")], Some(name), (3, 100));
+    spec["spec"]["hooks"]["monitor"] =
+        serde_json::json!({"intervalSeconds": 1, "timeoutSeconds": 3, "failureThreshold": 5});
+    ha::apply(&lab, &spec).unwrap();
+    let active = wait_active(&lab, name, vip, Duration::from_secs(30));
+    assert!(running(active).exists(), "the enter hook started nothing");
+
+    // The agent dies, and the service with it; the agent comes back within
+    // the VIP's lifetime.
+    lab.stop_agent(active, StopSignal::Kill).unwrap();
+    std::fs::remove_file(running(active)).unwrap();
+    lab.start_agent(active, &[] as &[&str]).unwrap();
+    let started = Instant::now();
+    // A node holding the VIP while its service is down, for a whole second
+    // (an entry adds the VIP a moment before its hook starts the service).
+    let mut down_since: Option<Instant> = None;
+    while started.elapsed() < Duration::from_secs(12) {
+        let down = ha::vip_holders(vip)
+            .into_iter()
+            .any(|i| !running(i).exists());
+        match (down, down_since) {
+            (true, None) => down_since = Some(Instant::now()),
+            (false, _) => down_since = None,
+            _ => {}
+        }
+        // Before the agent has started, what the kernel still holds from
+        // before the kill is beyond it.
+        if started.elapsed() > Duration::from_secs(4)
+            && let Some(since) = down_since
+        {
+            assert!(
+                since.elapsed() < Duration::from_secs(1),
+                "the VIP was served for a second without its service, {:?} after the agent's restart: holders {:?}",
+                started.elapsed(),
+                ha::vip_holders(vip)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let now_active = wait_active(&lab, name, vip, Duration::from_secs(20));
+    assert!(
+        running(now_active).exists(),
+        "node-{now_active} is active but its service does not run"
+    );
+    cleanup(&lab, name, vip);
+}

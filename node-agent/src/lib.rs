@@ -86,6 +86,11 @@ struct Paths {
     /// Unset: hooks are contained by their process groups only.
     #[arg(long, env = "KUBEHA_HOOK_CGROUP", global = true)]
     hook_cgroup: Option<PathBuf>,
+    /// The boot id to record in the status file instead of the kernel's
+    /// (/proc/sys/kernel/random/boot_id). Only for tests that emulate a
+    /// reboot: a status file of another boot is never re-adopted.
+    #[arg(long, env = "KUBEHA_BOOT_ID", global = true, hide = true)]
+    boot_id: Option<String>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -162,6 +167,8 @@ fn daemon_config(paths: &Paths) -> Result<daemon::Config> {
         state_dir: paths.state_dir.clone(),
         metrics_addr: paths.metrics_addr,
         hook_cgroup: paths.hook_cgroup.clone(),
+        boot_id: statefile::boot_id(paths.boot_id.as_deref()),
+        started: jiff::Timestamp::now().to_string(),
     })
 }
 

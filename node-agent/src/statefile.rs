@@ -13,6 +13,19 @@ use serde::{Deserialize, Serialize};
 /// File name of the status file inside the state directory.
 pub const STATUS_FILE: &str = "status.json";
 
+/// Where the kernel publishes the id of the current boot.
+pub const BOOT_ID_FILE: &str = "/proc/sys/kernel/random/boot_id";
+
+/// The id of the current boot: `configured` (tests emulate a reboot with
+/// it), else [`BOOT_ID_FILE`]; `None` when neither gives one.
+pub fn boot_id(configured: Option<&str>) -> Option<String> {
+    configured
+        .map(str::to_owned)
+        .or_else(|| std::fs::read_to_string(BOOT_ID_FILE).ok())
+        .map(|id| id.trim().to_owned())
+        .filter(|id| !id.is_empty())
+}
+
 /// Everything the status file holds.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 #[serde(rename_all = "camelCase")]
@@ -25,6 +38,24 @@ pub struct NodeStatus {
     pub clusters: BTreeMap<String, ClusterRecord>,
     /// State per service (`namespace/name`).
     pub services: BTreeMap<String, ServiceRecord>,
+    /// The kernel's boot id when the file was written
+    /// (`/proc/sys/kernel/random/boot_id`): a restarted agent re-adopts
+    /// only records of its own boot. Absent in files written before it
+    /// existed, which count as this boot's (on a real host the state folder
+    /// is a tmpfs a reboot empties).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub boot_id: Option<String>,
+    /// When the agent that wrote the file started (RFC 3339).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent_started: Option<String>,
+}
+
+impl NodeStatus {
+    /// Whether the file was written during the boot `boot_id`: a file that
+    /// names no boot counts as this boot's (see [`NodeStatus::boot_id`]).
+    pub fn same_boot(&self, boot_id: &str) -> bool {
+        self.boot_id.as_deref().is_none_or(|b| b == boot_id)
+    }
 }
 
 /// Heartbeat of one cluster as last seen.
@@ -216,6 +247,32 @@ impl ServiceRecord {
             )
             && self.unclean_epoch.is_none();
         idle && lease_epoch > self.epoch
+    }
+
+    /// For a record read from the status file of another boot: nothing it
+    /// ran survived the reboot (processes, addresses), so it holds no role
+    /// and no VIP, nothing is left to leave, and a master role still asked
+    /// of this node is entered again, with its hooks. Failures of the
+    /// service (count, failed epoch) are kept; a fence's `Failed` is not
+    /// one. Returns whether the record held or was doing anything.
+    pub fn forget_after_reboot(&mut self) -> bool {
+        let held = self.role != Role::None
+            || !self.vips.is_empty()
+            || self.unclean_epoch.is_some()
+            || self.fenced
+            || matches!(
+                self.state,
+                NodeServiceState::Running | NodeServiceState::Starting | NodeServiceState::Stopping
+            );
+        if self.state != NodeServiceState::Failed || self.fenced {
+            self.state = NodeServiceState::Stopped;
+        }
+        self.role = Role::None;
+        self.vips.clear();
+        self.interface = None;
+        self.unclean_epoch = None;
+        self.fenced = false;
+        held
     }
 
     /// For a record read from a status file written before

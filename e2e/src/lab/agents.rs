@@ -105,6 +105,11 @@ impl Lab {
         if let Some(cgroup) = hook_cgroup(i) {
             cmd.env("KUBEHA_HOOK_CGROUP", cgroup);
         }
+        // The node's boot, as the lab's power-on emulates it (the nodes
+        // share this machine's kernel and so its boot id).
+        if let Ok(id) = fs::read_to_string(self.boot_id_file(i)) {
+            cmd.env("KUBEHA_BOOT_ID", id.trim());
+        }
         let child = cmd
             .spawn()
             .with_context(|| format!("starting the agent of {}", nodes::node_name(i)))?;

@@ -51,13 +51,43 @@ impl Lab {
     /// gone), then its link to the bridge comes up. Every address on its
     /// interface other than [`nodes::node_ip`], [`nodes::node_ip6`] and IPv6
     /// link-local (fe80::/10) is removed before the link is up, so nothing
-    /// it held before the power loss reaches the wire again. Starts nothing
-    /// (no agent). A node that is on (its link up) is left untouched.
+    /// it held before the power loss reaches the wire again. The boot gets a
+    /// new boot id (the next agent started gets it as `KUBEHA_BOOT_ID`),
+    /// and the agent's state folder is emptied, as a reboot empties the
+    /// tmpfs `/run`. Starts nothing (no agent). A node that is on (its link
+    /// up) is left untouched.
     pub fn power_on(&self, i: u8) -> anyhow::Result<()> {
+        self.boot(i, false)
+    }
+
+    /// [`Lab::power_on`] for a host whose agent state folder is on a disk:
+    /// the status file from before the power loss is still there, and only
+    /// the boot id tells the agent it is from another boot.
+    pub fn power_on_keeping_state(&self, i: u8) -> anyhow::Result<()> {
+        self.boot(i, true)
+    }
+
+    /// The file holding node `i`'s emulated boot id.
+    pub(super) fn boot_id_file(&self, i: u8) -> std::path::PathBuf {
+        self.node_dir(i).join("boot_id")
+    }
+
+    fn boot(&self, i: u8, keep_state: bool) -> anyhow::Result<()> {
         self.check_node(i)?;
         let link = nodes::node_link(i);
         if host_link_up(&link)? {
             return Ok(());
+        }
+        let boot_id = fs::read_to_string("/proc/sys/kernel/random/uuid")
+            .context("reading a new UUID from the kernel")?;
+        fs::create_dir_all(self.node_dir(i))?;
+        fs::write(self.boot_id_file(i), boot_id.trim())?;
+        if !keep_state {
+            let run = self.node_dir(i).join("run");
+            if run.exists() {
+                fs::remove_dir_all(&run).with_context(|| format!("emptying {}", run.display()))?;
+            }
+            fs::create_dir_all(&run)?;
         }
         let ns = nodes::node_ns(i);
         let (v4, v6) = (nodes::node_ip(i)?, nodes::node_ip6(i)?);

@@ -61,6 +61,11 @@ pub struct Config {
     /// The cgroup v2 directory hooks run in (the fence kills all in it);
     /// `None`: hooks are contained by their process groups only.
     pub hook_cgroup: Option<PathBuf>,
+    /// The kernel's boot id ([`statefile::boot_id`]); `None` when unknown,
+    /// and then no record of an earlier agent is re-adopted.
+    pub boot_id: Option<String>,
+    /// When this agent started (RFC 3339).
+    pub started: String,
 }
 
 impl Config {
@@ -282,10 +287,28 @@ pub async fn run(config: Config) -> crate::Result<()> {
         }
     };
     if let Some(saved) = saved {
+        // A file from another boot (a status folder on disk, or a boot id
+        // the agent cannot read): nothing it names runs here any more.
+        let rebooted = !config
+            .boot_id
+            .as_deref()
+            .is_some_and(|id| saved.same_boot(id));
+        if rebooted {
+            tracing::warn!(
+                written_in = ?saved.boot_id,
+                now = ?config.boot_id,
+                "the status file is from another boot: every service counts as stopped here"
+            );
+        }
         for (key, mut record) in saved.services {
             // No await below: the span is left before the next service.
             let _span =
                 tracing::info_span!("service", service = %key, epoch = record.epoch).entered();
+            if rebooted && record.forget_after_reboot() {
+                tracing::info!(
+                    "held before the reboot: entered again with its hooks if still asked"
+                );
+            }
             if record.assume_unclean_if_unknown() {
                 tracing::info!(
                     "failed without acknowledgement before the restart: counted as a leave that failed"

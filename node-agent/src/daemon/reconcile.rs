@@ -330,7 +330,7 @@ async fn reconcile_service(
             Work::Wait | Work::Idle => {}
             Work::Adopt => {
                 slot.adopt = false;
-                spawn_adopt(shared.clone(), guard, &key, view, target);
+                spawn_adopt(shared.clone(), guard, service, view, target);
             }
             Work::ForgetAdoption => {
                 // Held before the restart but no longer ours: the steps

@@ -174,6 +174,8 @@ pub(super) async fn write_status(shared: &Shared, slots: &BTreeMap<String, Slot>
     let mut status = NodeStatus {
         node: shared.config.node.clone(),
         updated_at: jiff::Timestamp::now().to_string(),
+        boot_id: shared.config.boot_id.clone(),
+        agent_started: Some(shared.config.started.clone()),
         ..Default::default()
     };
     for (cluster, beat) in shared.beats.all() {

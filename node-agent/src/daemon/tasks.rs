@@ -205,15 +205,31 @@ pub(super) fn spawn_revip(
     tokio::spawn(task.instrument(span));
 }
 
+/// Re-adopts a master role held before the agent restarted (same boot):
+/// the service's monitor runs once first, and a service it finds down is
+/// left (leave hooks, VIPs dropped, the epoch acknowledged) so that the
+/// operator has it entered again with its hooks, never served by a VIP
+/// alone.
 pub(super) fn spawn_adopt(
     shared: Arc<Shared>,
     mut record: OwnedMutexGuard<ServiceRecord>,
-    key: &str,
+    service: TransitionService,
     view: TransitionCluster,
     target: Target,
 ) {
-    let span = task_span(key, record.epoch, "adopt");
+    let span = task_span(&service.key, record.epoch, "adopt");
     let task = async move {
+        if shared.node.monitor(&mut record, &service, &view).await == Some(false) {
+            tracing::warn!(
+                epoch = record.epoch,
+                "held before the restart but its monitor fails: leaving it, to be entered again"
+            );
+            shared.node.leave_master(&mut record, &service, &view).await;
+            report(&shared, &target, &record).await;
+            drop(record);
+            shared.notify.notify_one();
+            return;
+        }
         let ok = shared.node.adopt(&mut record, &view).await;
         tracing::info!(
             epoch = record.epoch,
@@ -254,16 +270,7 @@ pub(super) fn spawn_monitor(
             counter.store(0, Ordering::SeqCst);
             tracing::warn!(failures, "monitor failed past its threshold: leaving");
             let epoch = record.epoch;
-            shared
-                .node
-                .step(
-                    assignments::Step::LeaveMaster,
-                    &mut record,
-                    &service,
-                    &view,
-                    Assignment::NONE,
-                )
-                .await;
+            shared.node.leave_master(&mut record, &service, &view).await;
             record.state = NodeServiceState::Failed;
             record.failed_epoch = Some(epoch);
             record.count_failure();

@@ -238,3 +238,52 @@ fn fence_log_appends() {
     append_synced(&log, "two").unwrap();
     assert_eq!(std::fs::read_to_string(log).unwrap(), "one\ntwo\n");
 }
+
+#[test]
+fn a_file_from_another_boot_is_recognised_and_one_naming_none_is_this_boots() {
+    let mut status = NodeStatus::default();
+    assert!(status.same_boot("b1"), "a file from before boot ids");
+    status.boot_id = Some("b1".into());
+    assert!(status.same_boot("b1"));
+    assert!(!status.same_boot("b2"));
+    assert_eq!(boot_id(Some(" b3\n")).as_deref(), Some("b3"));
+    assert_eq!(boot_id(Some("")), None);
+    let kernel = boot_id(None).expect("Linux publishes a boot id");
+    assert_eq!(kernel.len(), 36, "a UUID: {kernel}");
+}
+
+#[test]
+fn after_a_reboot_nothing_is_held_and_failures_are_kept() {
+    let mut master = ServiceRecord {
+        role: Role::Master,
+        state: NodeServiceState::Running,
+        vips: vec!["198.18.0.100/24".into()],
+        interface: Some("eth0".into()),
+        acked_epoch: Some(2),
+        failed_epoch: None,
+        unclean_epoch: Some(3),
+        ..record()
+    };
+    assert!(master.forget_after_reboot());
+    assert_eq!(master.role, Role::None);
+    assert_eq!(master.state, NodeServiceState::Stopped);
+    assert!(master.vips.is_empty() && master.interface.is_none());
+    assert_eq!(master.unclean_epoch, None);
+    assert_eq!(
+        (master.epoch, master.acked_epoch),
+        (3, Some(2)),
+        "epoch 3 not acknowledged as left: entered again if still asked"
+    );
+    // A failure of the service survives the reboot; a fence's does not.
+    let mut failed = record();
+    assert!(!failed.forget_after_reboot());
+    assert_eq!(failed.state, NodeServiceState::Failed);
+    assert_eq!((failed.fail_count, failed.failed_epoch), (2, Some(3)));
+    let mut fenced = ServiceRecord {
+        fenced: true,
+        ..record()
+    };
+    assert!(fenced.forget_after_reboot());
+    assert_eq!(fenced.state, NodeServiceState::Stopped);
+    assert!(!fenced.fenced);
+}

@@ -241,8 +241,9 @@ impl<N: Netlink> LocalNode<N> {
 
     /// Leaves master: VIPs removed, then the leave scripts of the spec the
     /// role was entered with (the record's: an edit of the hooks since then
-    /// must not change what stops the service).
-    pub(super) async fn leave_master(
+    /// must not change what stops the service). Returns whether it
+    /// succeeded.
+    pub async fn leave_master(
         &self,
         record: &mut ServiceRecord,
         svc: &TransitionService,
