@@ -21,11 +21,7 @@ pub(super) fn active_node(lab: &Lab, k: usize) -> Option<u8> {
     if status["phase"] != "Active" {
         return None;
     }
-    status["activeNode"]
-        .as_str()?
-        .strip_prefix("node-")?
-        .parse()
-        .ok()
+    nodes::node_index(status["activeNode"].as_str()?)
 }
 
 /// The node service `k`'s status names active, waiting up to `timeout`
@@ -76,11 +72,7 @@ pub(super) fn wait_live(lab: &Lab, services: usize, timeout: Duration) -> Vec<Op
             .filter(|k| first[*k].is_none())
             .filter_map(|k| {
                 let status = statuses.get(&service_name(k))?;
-                let active = status["activeNode"]
-                    .as_str()?
-                    .strip_prefix("node-")?
-                    .parse::<u8>()
-                    .ok()?;
+                let active = nodes::node_index(status["activeNode"].as_str()?)?;
                 let (v4, _) = service_vips(k);
                 (status["phase"] == "Active" && holders(&v4) == [active]).then_some((k, v4, active))
             })

@@ -260,9 +260,7 @@ pub fn service_status(lab: &Lab, name: &str) -> Value {
 /// Active and exactly that node holds `vip`.
 pub fn active_node(lab: &Lab, service: &str, vip: &str) -> Option<u8> {
     let status = service_status(lab, service);
-    let active = status["activeNode"]
-        .as_str()
-        .and_then(|n| n.strip_prefix("node-")?.parse::<u8>().ok())?;
+    let active = status["activeNode"].as_str().and_then(nodes::node_index)?;
     (status["phase"] == "Active" && vip_holders(vip) == [active]).then_some(active)
 }
 

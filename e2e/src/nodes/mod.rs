@@ -66,6 +66,11 @@ pub fn node_name(i: u8) -> String {
     format!("node-{i}")
 }
 
+/// The lab node a Kubernetes Node name names (`node-i` gives `i`), if any.
+pub fn node_index(name: &str) -> Option<u8> {
+    name.strip_prefix("node-")?.parse().ok()
+}
+
 /// Network namespace of lab node `i` (`kubeha-node-i`).
 pub fn node_ns(i: u8) -> String {
     format!("{NS_PREFIX}node-{i}")
@@ -211,6 +216,9 @@ mod tests {
         assert!(node_ip(0).is_err());
         assert!(node_ip6(MAX_NODES + 1).is_err());
         assert_eq!(node_ns(2), "kubeha-node-2");
+        assert_eq!(node_index(&node_name(7)), Some(7));
+        assert_eq!(node_index("node-"), None);
+        assert_eq!(node_index("worker-1"), None);
         assert_eq!(node_link(2), "kh-n2");
         assert!(node_link(MAX_NODES).len() <= 15, "IFNAMSIZ");
     }
