@@ -1,10 +1,11 @@
 //! The injections: faults drawn with a seeded random generator, one at a
-//! time, liveness checkpoints between them, and the safety detectors'
-//! findings at the end.
+//! time, liveness checkpoints between them, and the safety detectors' and
+//! the move detector's findings at the end.
 
 use std::time::{Duration, Instant};
 
 use super::liveness::{KUBECTL_POLL, active_node, fail_count, unhealthy, wait_active, wait_live};
+use super::moves::{self, Fault};
 use super::services::{
     cluster_spec, extra_vip, fault_marker, service_name, service_spec, service_vips,
 };
@@ -57,6 +58,8 @@ pub(super) fn inject(lab: &Lab, cfg: &Config, timing: Timing) -> anyhow::Result<
     let sampler = ha::SplitBrain::start_many(&vip_refs, &[]);
     let arp = crate::arp_probe::ArpProbe::start(&vip_refs)?;
     let started = Instant::now();
+    let masters = moves::Sampler::start(lab, cfg.services, started);
+    let mut faults: Vec<Fault> = Vec::new();
     let stamp = |report: &mut Report, line: String| {
         let line = format!("[{:8.2} s] {line}", started.elapsed().as_secs_f64());
         eprintln!("chaos: {line}");
@@ -66,6 +69,9 @@ pub(super) fn inject(lab: &Lab, cfg: &Config, timing: Timing) -> anyhow::Result<
         std::thread::sleep(d.mul_f64(rng.between(0.2, 1.5)));
         let kind = cfg.kinds[rng.below(cfg.kinds.len())];
         let node = 1 + rng.below(usize::from(cfg.nodes)) as u8;
+        // The service the fault hits, for the kinds that draw one.
+        let mut service = None;
+        let start = started.elapsed();
         let what = match kind {
             Kind::AgentKill => {
                 lab.stop_agent(node, StopSignal::Kill)?;
@@ -123,6 +129,7 @@ pub(super) fn inject(lab: &Lab, cfg: &Config, timing: Timing) -> anyhow::Result<
             }
             Kind::VipEdit => {
                 let k = rng.below(cfg.services);
+                service = Some(k);
                 let hold = d.mul_f64(rng.between(0.5, 1.5));
                 ha::apply(lab, &service_spec(k, true))?;
                 std::thread::sleep(hold);
@@ -134,14 +141,8 @@ pub(super) fn inject(lab: &Lab, cfg: &Config, timing: Timing) -> anyhow::Result<
                 )
             }
             Kind::TimingChange => {
-                let lowered = Timing {
-                    lease_ms: 2000,
-                    renew_ms: 600,
-                    deadline_ms: 1400,
-                    skew_ms: timing.skew_ms,
-                };
                 let hold = d.mul_f64(rng.between(1.0, 3.0));
-                ha::apply(lab, &cluster_spec(cfg.nodes, None, lowered))?;
+                ha::apply(lab, &cluster_spec(cfg.nodes, None, lowered(timing)))?;
                 std::thread::sleep(hold);
                 ha::apply(lab, &cluster_spec(cfg.nodes, None, timing))?;
                 format!("D lowered to 2 s for {hold:.1?}, then back to 3 s")
@@ -155,6 +156,7 @@ pub(super) fn inject(lab: &Lab, cfg: &Config, timing: Timing) -> anyhow::Result<
             }
             Kind::HookFail | Kind::HookHang => {
                 let k = rng.below(cfg.services);
+                service = Some(k);
                 let (fault, does) = if kind == Kind::HookFail {
                     ("monitor-fail", "failed")
                 } else {
@@ -191,6 +193,7 @@ pub(super) fn inject(lab: &Lab, cfg: &Config, timing: Timing) -> anyhow::Result<
             }
             Kind::SlowMonitor => {
                 let k = rng.below(cfg.services);
+                service = Some(k);
                 let hold = d.mul_f64(rng.between(1.0, 3.0));
                 let slow = rng.between(2.0, 2.8);
                 'what: {
@@ -222,6 +225,7 @@ pub(super) fn inject(lab: &Lab, cfg: &Config, timing: Timing) -> anyhow::Result<
             }
             Kind::Move => {
                 let k = rng.below(cfg.services);
+                service = Some(k);
                 let to = nodes::node_name(node);
                 let out = lab
                     .kubectl_ha()?
@@ -247,6 +251,7 @@ pub(super) fn inject(lab: &Lab, cfg: &Config, timing: Timing) -> anyhow::Result<
                 )
             }
         };
+        faults.push(Fault::new(n, kind, node, service, start, started.elapsed()));
         *report.by_kind.entry(kind.name()).or_default() += 1;
         report.injections += 1;
         stamp(&mut report, format!("#{n} {}: {what}", kind.name()));
@@ -313,6 +318,17 @@ pub(super) fn inject(lab: &Lab, cfg: &Config, timing: Timing) -> anyhow::Result<
             );
         }
     }
+    let observed = masters.stop();
+    report.master_changes = observed.changes.len();
+    report.master_polls = observed.polls;
+    report.master_poll_failures = observed.failed;
+    report.master_max_gap_ms = observed.max_gap.as_secs_f64() * 1e3;
+    let grace = moves::grace(&[timing, lowered(timing)]);
+    for c in moves::spurious(&observed.changes, &faults, grace) {
+        report
+            .spurious_moves
+            .push(moves::describe(c, &faults, grace));
+    }
     let seen = sampler.stop();
     report.safety_samples = seen.samples;
     report.safety_max_gap_ms = seen.max_gap.as_secs_f64() * 1e3;
@@ -347,6 +363,17 @@ pub(super) fn inject(lab: &Lab, cfg: &Config, timing: Timing) -> anyhow::Result<
         }
     }
     Ok(report)
+}
+
+/// The timing a [`Kind::TimingChange`] applies for a while: D lowered to
+/// 2 s, `timing`'s skew.
+fn lowered(timing: Timing) -> Timing {
+    Timing {
+        lease_ms: 2000,
+        renew_ms: 600,
+        deadline_ms: 1400,
+        skew_ms: timing.skew_ms,
+    }
 }
 
 /// `WHAT from F s to T s`: a window in which a VIP had two holders.

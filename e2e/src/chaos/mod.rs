@@ -11,6 +11,11 @@
 //!   the injecting stops; every service must then, within D + skew + 3 s of
 //!   the last fault's end, be Active on the node its status names, hold its
 //!   VIP there only, and answer the client from that node's MAC.
+//! - Moves: every change of a service's master (its Lease's holder, polled
+//!   the whole run) must have a cause: a fault on the node it left, on the
+//!   service, or on the control plane, running or ended at most 2 x E + 5 s
+//!   before ([`moves`]). A move without one (after an operator restart, a
+//!   slow monitor, a VIP edit, a timing change, or nothing) is a violation.
 //!
 //! Every service runs hooks ([`hook_scripts`]): its enter hook starts a
 //! small TCP server on the service's IPv4 VIP that answers with the node's
@@ -28,6 +33,7 @@
 
 mod inject;
 mod liveness;
+mod moves;
 mod services;
 
 use std::collections::BTreeMap;
@@ -180,6 +186,17 @@ pub struct Report {
     /// Services that did not answer even a minute after that: down until an
     /// admin acts, as far as this run can tell.
     pub stuck: Vec<String>,
+    /// Spurious moves: changes of a service's master (to another node, or
+    /// to none) that no injected fault explains.
+    pub spurious_moves: Vec<String>,
+    /// Changes of a service's master the move detector saw, spurious or not.
+    pub master_changes: usize,
+    /// Polls of the services' Leases that the move detector made.
+    pub master_polls: usize,
+    /// Polls of the services' Leases that failed (skipped).
+    pub master_poll_failures: usize,
+    /// Longest gap between two polls of the services' Leases, ms.
+    pub master_max_gap_ms: f64,
     /// The longest time, over checkpoints, from the last fault's end until
     /// every service answered from its active node.
     pub longest_outage_ms: f64,
@@ -196,9 +213,12 @@ pub struct Report {
 }
 
 impl Report {
-    /// Whether the run found nothing.
+    /// Whether the run found nothing: no safety or liveness violation and
+    /// no spurious move.
     pub fn clean(&self) -> bool {
-        self.safety_violations.is_empty() && self.liveness_violations.is_empty()
+        self.safety_violations.is_empty()
+            && self.liveness_violations.is_empty()
+            && self.spurious_moves.is_empty()
     }
 }
 

@@ -1,0 +1,573 @@
+//! The move detector: every change of a service's master during the run
+//! must have a cause among the faults injected.
+//!
+//! A sampler thread reads every chaos service's Lease (one `kubectl get
+//! leases` every [`KUBECTL_POLL`]): `spec.holderIdentity` is the master,
+//! `spec.leaseTransitions` the epoch. A change is the holder going from a
+//! node to another node, or to nobody (the service stopped); the node it
+//! next goes to from nobody ends that same change, it is not a new one.
+//! A poll that fails, or whose output does not parse, is skipped and
+//! counted: the change it would have shown is seen by the next one.
+//!
+//! Each change is then judged against the faults ([`spurious`]): it is
+//! caused when a fault that can move that service off that node
+//! ([`can_cause`]) ran, or ended at most a grace ([`grace`]) before, while
+//! the change happened. A change without a cause is a spurious move.
+
+use std::collections::BTreeMap;
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+use super::liveness::KUBECTL_POLL;
+use super::services::service_name;
+use super::{CLUSTER, Kind};
+use crate::ha::{self, Timing};
+use crate::lab::Lab;
+use crate::nodes;
+
+/// One injected fault as the judge sees it: what it hit, and when it ran
+/// (since the run started).
+#[derive(Debug, Clone, PartialEq)]
+pub(super) struct Fault {
+    /// Its number in the run (`#n` in the log).
+    pub n: usize,
+    /// Its kind.
+    pub kind: Kind,
+    /// The node it hit (agent, power, partition and mode faults), or a
+    /// move's destination; `None` for the other kinds.
+    pub node: Option<u8>,
+    /// The service it hit (moves, VIP edits, monitor faults).
+    pub service: Option<usize>,
+    /// When it began.
+    pub start: Duration,
+    /// When it was undone (a monitor fault: once the service left the
+    /// node, or 40 s passed).
+    pub end: Duration,
+}
+
+impl Fault {
+    /// Fault `n` of `kind` with the node and service the run drew for it;
+    /// the node is kept only for the kinds that use it.
+    pub(super) fn new(
+        n: usize,
+        kind: Kind,
+        node: u8,
+        service: Option<usize>,
+        start: Duration,
+        end: Duration,
+    ) -> Self {
+        let uses_node = matches!(
+            kind,
+            Kind::AgentKill
+                | Kind::AgentStop
+                | Kind::PowerOff
+                | Kind::Partition
+                | Kind::ModeChange
+                | Kind::Move
+        );
+        Self {
+            n,
+            kind,
+            node: uses_node.then_some(node),
+            service,
+            start,
+            end,
+        }
+    }
+}
+
+/// A change of a service's master.
+#[derive(Debug, Clone, PartialEq)]
+pub(super) struct Change {
+    /// The service (its index).
+    pub service: usize,
+    /// The node that was master.
+    pub from: u8,
+    /// The node that became master; `None` while (or if, at the end) none
+    /// did.
+    pub to: Option<u8>,
+    /// The epoch the change was seen at.
+    pub epoch: i64,
+    /// When the last poll that still showed `from` as master was asked:
+    /// the change came after that...
+    pub after: Duration,
+    /// ...and before the reply of the first poll that showed it.
+    pub seen: Duration,
+}
+
+/// Each service's master as one poll shows it: the holder (`None`:
+/// nobody) and the epoch. A service whose Lease is absent, or names a
+/// holder that is no lab node, is left out.
+type Masters = BTreeMap<usize, (Option<u8>, i64)>;
+
+/// The masters of services `0..services` in a `kubectl get leases -o json`
+/// list (`kubeha.io/service` label, holder, epoch).
+fn masters(list: &Value, services: usize) -> Masters {
+    let names: BTreeMap<String, usize> = (0..services).map(|k| (service_name(k), k)).collect();
+    list["items"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|lease| {
+            let k = *names.get(lease["metadata"]["labels"]["kubeha.io/service"].as_str()?)?;
+            let holder = match lease["spec"]["holderIdentity"].as_str().unwrap_or("") {
+                "" => None,
+                name => Some(nodes::node_index(name)?),
+            };
+            let epoch = lease["spec"]["leaseTransitions"].as_i64().unwrap_or(0);
+            Some((k, (holder, epoch)))
+        })
+        .collect()
+}
+
+/// The changes seen so far, from the polls in order.
+#[derive(Debug, Default)]
+struct Tracker {
+    /// Each service's master at the last poll that showed the service, and
+    /// when that poll was asked.
+    last: BTreeMap<usize, (Option<u8>, Duration)>,
+    /// The changes, in the order seen.
+    changes: Vec<Change>,
+}
+
+impl Tracker {
+    /// Takes in a poll asked at `asked` and answered at `answered` (the
+    /// state it shows is from somewhere between). The first poll showing a
+    /// service only sets where it starts.
+    fn observe(&mut self, asked: Duration, answered: Duration, masters: &Masters) {
+        for (&service, &(holder, epoch)) in masters {
+            let Some((before, after)) = self.last.insert(service, (holder, asked)) else {
+                continue;
+            };
+            match (before, holder) {
+                (Some(from), to) if to != Some(from) => self.changes.push(Change {
+                    service,
+                    from,
+                    to,
+                    epoch,
+                    after,
+                    seen: answered,
+                }),
+                // Started again after a stop: the end of that change.
+                (None, Some(to)) => {
+                    if let Some(open) = self
+                        .changes
+                        .iter_mut()
+                        .rev()
+                        .find(|c| c.service == service)
+                        .filter(|c| c.to.is_none())
+                    {
+                        open.to = Some(to);
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+}
+
+/// What the sampler saw.
+#[derive(Debug, Clone, Default)]
+pub(super) struct Observed {
+    /// Every change of a master, in the order seen.
+    pub changes: Vec<Change>,
+    /// Polls that gave masters.
+    pub polls: usize,
+    /// Polls that failed or did not parse (skipped).
+    pub failed: usize,
+    /// The longest time between two polls that gave masters.
+    pub max_gap: Duration,
+}
+
+/// A running sampler of the chaos services' masters. Dropped without
+/// [`Sampler::stop`] (the run failed meanwhile), it stops: its thread sees
+/// the channel close.
+pub(super) struct Sampler {
+    stop: mpsc::Sender<()>,
+    handle: std::thread::JoinHandle<Observed>,
+}
+
+impl Sampler {
+    /// Starts polling the Leases of services `0..services`; times are
+    /// taken since `started` (the run's clock, as the faults').
+    pub(super) fn start(lab: &Lab, services: usize, started: Instant) -> Sampler {
+        let (stop, stopped) = mpsc::channel::<()>();
+        let handle = {
+            let lab = lab.clone();
+            std::thread::spawn(move || {
+                let selector = format!("kubeha.io/lease=service,kubeha.io/cluster={CLUSTER}");
+                let args = [
+                    "get",
+                    "leases",
+                    "-n",
+                    ha::SERVICE_NAMESPACE,
+                    "-l",
+                    &selector,
+                    "-o",
+                    "json",
+                ];
+                let mut seen = Observed::default();
+                let mut tracker = Tracker::default();
+                let mut last_poll: Option<Duration> = None;
+                // Polls until told to stop, or the sampler is dropped.
+                while let Err(mpsc::RecvTimeoutError::Timeout) = stopped.recv_timeout(KUBECTL_POLL)
+                {
+                    let asked = started.elapsed();
+                    let list = lab
+                        .kubectl_ok(&args)
+                        .ok()
+                        .and_then(|out| serde_json::from_str::<Value>(&out).ok())
+                        .filter(|list| list["items"].is_array());
+                    let at = started.elapsed();
+                    match list {
+                        Some(list) => {
+                            tracker.observe(asked, at, &masters(&list, services));
+                            seen.polls += 1;
+                            if let Some(last) = last_poll {
+                                seen.max_gap = seen.max_gap.max(at - last);
+                            }
+                            last_poll = Some(at);
+                        }
+                        None => seen.failed += 1,
+                    }
+                }
+                seen.changes = tracker.changes;
+                seen
+            })
+        };
+        Sampler { stop, handle }
+    }
+
+    /// Stops polling and says what was seen (nothing, if the thread
+    /// panicked).
+    pub(super) fn stop(self) -> Observed {
+        let _ = self.stop.send(());
+        self.handle.join().unwrap_or_default()
+    }
+}
+
+/// How long after a fault ended it can still explain a move: 2 x E + 5 s,
+/// E = D + skew, with the largest E among `timings` (every timing the run
+/// applies, the lowered one of a timing change too).
+pub(super) fn grace(timings: &[Timing]) -> Duration {
+    let e = timings
+        .iter()
+        .map(|t| u64::from(t.lease_ms) + u64::from(t.skew_ms))
+        .max()
+        .unwrap_or_default();
+    Duration::from_millis(2 * e) + Duration::from_secs(5)
+}
+
+/// Whether `fault`, by its kind and target, can move the service of
+/// `change` off its node:
+/// - a fault on that node: its agent killed or stalled, its power off, cut
+///   off from the API server, or put in another mode;
+/// - a fault on that service: an admin move (to any node), or its monitor
+///   failing or hanging;
+/// - a fault of the control plane (API server stalled, etcd restarted):
+///   every agent may fence, so any service on any node.
+///
+/// An operator leader kill, a VIP edit, a timing change and a slow monitor
+/// are no cause: none of them may move a service. Nor is a fault on the
+/// node the service goes to: the chaos cluster's failback is `Never` (the
+/// default, which [`cluster_spec`](super::services::cluster_spec) keeps),
+/// so a node that returns takes nothing back.
+fn can_cause(fault: &Fault, change: &Change) -> bool {
+    match fault.kind {
+        Kind::AgentKill | Kind::AgentStop | Kind::PowerOff | Kind::Partition | Kind::ModeChange => {
+            fault.node == Some(change.from)
+        }
+        Kind::Move | Kind::HookFail | Kind::HookHang => fault.service == Some(change.service),
+        Kind::ApiserverStop | Kind::EtcdRestart => true,
+        Kind::OperatorLeaderKill | Kind::VipEdit | Kind::TimingChange | Kind::SlowMonitor => false,
+    }
+}
+
+/// Whether `change` may have happened while `fault` ran or within `grace`
+/// after it ended: the change, somewhere between its `after` and `seen`
+/// polls, meets `[start, end + grace]`.
+fn within(fault: &Fault, change: &Change, grace: Duration) -> bool {
+    fault.start <= change.seen && change.after <= fault.end + grace
+}
+
+/// The changes no fault explains: for none of `faults` can it
+/// ([`can_cause`]) and did it happen in time ([`within`]).
+pub(super) fn spurious<'a>(
+    changes: &'a [Change],
+    faults: &[Fault],
+    grace: Duration,
+) -> Vec<&'a Change> {
+    changes
+        .iter()
+        .filter(|c| {
+            !faults
+                .iter()
+                .any(|f| can_cause(f, c) && within(f, c, grace))
+        })
+        .collect()
+}
+
+/// A spurious move in words: the service, from and to, the epoch, when,
+/// and the faults around it (those within the grace, none a cause).
+pub(super) fn describe(change: &Change, faults: &[Fault], grace: Duration) -> String {
+    let to = match change.to {
+        Some(to) if to == change.from => "came back to it".to_owned(),
+        Some(to) => format!("went to {}", nodes::node_name(to)),
+        None => "stopped".to_owned(),
+    };
+    let around: Vec<String> = faults
+        .iter()
+        .filter(|f| within(f, change, grace))
+        .map(|f| {
+            format!(
+                "#{} {} {:.2}-{:.2} s",
+                f.n,
+                f.kind.name(),
+                f.start.as_secs_f64(),
+                f.end.as_secs_f64()
+            )
+        })
+        .collect();
+    format!(
+        "{} left {} and {to} (epoch {}) between {:.2} s and {:.2} s; no fault explains it (faults within {grace:.1?}: {})",
+        service_name(change.service),
+        nodes::node_name(change.from),
+        change.epoch,
+        change.after.as_secs_f64(),
+        change.seen.as_secs_f64(),
+        if around.is_empty() {
+            "none".to_owned()
+        } else {
+            around.join(", ")
+        }
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    fn s(secs: f64) -> Duration {
+        Duration::from_secs_f64(secs)
+    }
+
+    fn lease(service: &str, holder: Option<&str>, epoch: i64) -> Value {
+        let mut spec = json!({"leaseTransitions": epoch});
+        if let Some(h) = holder {
+            spec["holderIdentity"] = json!(h);
+        }
+        json!({"metadata": {"labels": {"kubeha.io/service": service}}, "spec": spec})
+    }
+
+    #[test]
+    fn masters_come_from_the_leases_of_the_chaos_services() {
+        let list = json!({"items": [
+            lease("chaos-0", Some("node-2"), 4),
+            lease("chaos-1", Some(""), 7),
+            lease("chaos-2", None, 1),
+            // No lab node, another service, beyond the run's services.
+            lease("chaos-3", Some("worker"), 2),
+            lease("web", Some("node-1"), 1),
+            lease("chaos-9", Some("node-1"), 1),
+            json!({"metadata": {}}),
+        ]});
+        let want: Masters = [(0, (Some(2), 4)), (1, (None, 7)), (2, (None, 1))].into();
+        assert_eq!(masters(&list, 5), want);
+        assert_eq!(masters(&json!("garbage"), 5), Masters::new());
+    }
+
+    /// What one poll shows: `(service, holder)`.
+    type Shown<'a> = &'a [(usize, Option<u8>)];
+
+    /// Runs polls `(asked, shown)`, each answered 0.1 s after it was
+    /// asked, through a tracker; the epoch is the poll's index.
+    fn track(polls: &[(f64, Shown)]) -> Vec<Change> {
+        let mut tracker = Tracker::default();
+        for (epoch, (asked, shown)) in polls.iter().enumerate() {
+            let shown: Masters = shown
+                .iter()
+                .map(|(k, h)| (*k, (*h, epoch as i64)))
+                .collect();
+            tracker.observe(s(*asked), s(asked + 0.1), &shown);
+        }
+        tracker.changes
+    }
+
+    fn change(
+        service: usize,
+        from: u8,
+        to: Option<u8>,
+        epoch: i64,
+        after: f64,
+        seen: f64,
+    ) -> Change {
+        Change {
+            service,
+            from,
+            to,
+            epoch,
+            after: s(after),
+            seen: s(seen),
+        }
+    }
+
+    #[test]
+    fn a_change_is_a_new_holder_or_none_and_a_start_after_a_stop_ends_it() {
+        let none: Shown = &[];
+        for (what, polls, want) in [
+            (
+                "a holder change",
+                vec![(0.0, &[(0, Some(1))][..]), (0.3, &[(0, Some(2))])],
+                vec![change(0, 1, Some(2), 1, 0.0, 0.4)],
+            ),
+            (
+                "stop, then start elsewhere: one change",
+                vec![
+                    (0.0, &[(0, Some(1))][..]),
+                    (0.3, &[(0, None)]),
+                    (0.6, &[(0, None)]),
+                    (0.9, &[(0, Some(3))]),
+                ],
+                vec![change(0, 1, Some(3), 1, 0.0, 0.4)],
+            ),
+            (
+                "stop, then start on the same node",
+                vec![
+                    (0.0, &[(0, Some(1))][..]),
+                    (0.3, &[(0, None)]),
+                    (0.6, &[(0, Some(1))]),
+                ],
+                vec![change(0, 1, Some(1), 1, 0.0, 0.4)],
+            ),
+            (
+                "a stop not ended",
+                vec![(0.0, &[(0, Some(1))][..]), (0.3, &[(0, None)])],
+                vec![change(0, 1, None, 1, 0.0, 0.4)],
+            ),
+            (
+                "nobody at the first poll: a start is no change",
+                vec![(0.0, &[(0, None)][..]), (0.3, &[(0, Some(2))])],
+                vec![],
+            ),
+            (
+                "a service missing from a poll keeps its master",
+                vec![
+                    (0.0, &[(0, Some(1)), (1, Some(2))][..]),
+                    (0.3, &[(1, Some(2))]),
+                    (0.6, &[(0, Some(1)), (1, Some(3))]),
+                    (0.9, none),
+                    (1.2, &[(0, Some(4))]),
+                ],
+                vec![
+                    change(1, 2, Some(3), 2, 0.3, 0.7),
+                    change(0, 1, Some(4), 4, 0.6, 1.3),
+                ],
+            ),
+        ] {
+            assert_eq!(track(&polls), want, "{what}");
+        }
+    }
+
+    #[test]
+    fn the_grace_is_twice_the_largest_expiry_plus_five_seconds() {
+        let lowered = Timing {
+            lease_ms: 2000,
+            ..Timing::DEFAULT
+        };
+        assert_eq!(grace(&[Timing::DEFAULT, lowered]), s(12.0));
+        assert_eq!(grace(&[lowered]), s(10.0));
+    }
+
+    fn fault(kind: Kind, node: u8, service: Option<usize>, start: f64, end: f64) -> Fault {
+        Fault::new(1, kind, node, service, s(start), s(end))
+    }
+
+    #[test]
+    fn only_a_fault_on_the_node_left_the_service_or_the_control_plane_causes_a_move() {
+        // chaos-3 leaves node-2 for node-4.
+        let moved = change(3, 2, Some(4), 5, 10.0, 10.3);
+        let node_faults = [
+            Kind::AgentKill,
+            Kind::AgentStop,
+            Kind::PowerOff,
+            Kind::Partition,
+            Kind::ModeChange,
+        ];
+        for kind in Kind::ALL {
+            let on_node = node_faults.contains(&kind);
+            let on_service = matches!(kind, Kind::Move | Kind::HookFail | Kind::HookHang);
+            let control_plane = matches!(kind, Kind::ApiserverStop | Kind::EtcdRestart);
+            for (node, service, want) in [
+                (2, None, on_node || control_plane),
+                (2, Some(3), on_node || on_service || control_plane),
+                (4, Some(3), on_service || control_plane),
+                (4, Some(1), control_plane),
+                (1, None, control_plane),
+            ] {
+                let f = fault(kind, node, service, 9.0, 9.5);
+                assert_eq!(
+                    spurious(std::slice::from_ref(&moved), &[f], s(12.0)).is_empty(),
+                    want,
+                    "{} on node-{node}, service {service:?}",
+                    kind.name()
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn a_cause_counts_from_its_start_to_the_grace_after_its_end() {
+        let grace = s(12.0);
+        let kill = fault(Kind::AgentKill, 2, None, 20.0, 22.0);
+        for (after, seen, caused) in [
+            (19.0, 19.8, false),
+            (19.8, 20.1, true),
+            (21.0, 21.3, true),
+            (33.7, 34.0, true),
+            (34.0, 34.3, true),
+            (34.1, 34.4, false),
+            (40.0, 40.3, false),
+        ] {
+            let c = change(0, 2, Some(1), 3, after, seen);
+            assert_eq!(
+                spurious(std::slice::from_ref(&c), std::slice::from_ref(&kill), grace).is_empty(),
+                caused,
+                "change between {after} s and {seen} s"
+            );
+        }
+    }
+
+    #[test]
+    fn a_spurious_move_names_the_faults_around_it() {
+        let grace = s(12.0);
+        let faults = [
+            Fault::new(4, Kind::PowerOff, 1, None, s(1.0), s(5.0)),
+            Fault::new(5, Kind::OperatorLeaderKill, 3, None, s(10.0), s(11.25)),
+            Fault::new(6, Kind::Move, 5, Some(0), s(40.0), s(40.1)),
+        ];
+        let changes = [
+            change(2, 1, Some(4), 8, 12.0, 12.5),
+            change(2, 4, None, 9, 13.0, 13.25),
+            change(0, 2, Some(5), 10, 40.5, 40.75),
+        ];
+        let found: Vec<String> = spurious(&changes, &faults, grace)
+            .into_iter()
+            .map(|c| describe(c, &faults, grace))
+            .collect();
+        assert_eq!(
+            found,
+            [
+                "chaos-2 left node-4 and stopped (epoch 9) between 13.00 s and 13.25 s; no fault explains it \
+                 (faults within 12.0s: #4 power_off 1.00-5.00 s, #5 operator_leader_kill 10.00-11.25 s)"
+            ]
+        );
+        assert_eq!(
+            Fault::new(1, Kind::VipEdit, 3, Some(1), s(0.0), s(1.0)).node,
+            None
+        );
+    }
+}
