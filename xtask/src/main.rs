@@ -208,10 +208,15 @@ fn main() -> anyhow::Result<()> {
                     "safety_violations": report.safety_violations.len(),
                     "liveness_violations": report.liveness_violations.len(),
                     "stuck": report.stuck.len(),
+                    "spurious_moves": report.spurious_moves,
+                    "master_changes": report.master_changes,
+                    "master_polls": report.master_polls,
+                    "master_poll_failures": report.master_poll_failures,
+                    "master_max_gap_ms": report.master_max_gap_ms,
                     "longest_outage_ms": report.longest_outage_ms,
                     "safety_samples": report.safety_samples,
                     "safety_max_gap_ms": report.safety_max_gap_ms,
-                    "violations": report.safety_violations.iter().chain(&report.liveness_violations).collect::<Vec<_>>(),
+                    "violations": report.safety_violations.iter().chain(&report.liveness_violations).chain(&report.spurious_moves).collect::<Vec<_>>(),
                     "log": report.log,
                 });
                 std::fs::write(&path, serde_json::to_string_pretty(&value)?)?;
@@ -389,6 +394,14 @@ fn print_chaos(report: &kubeha_e2e::chaos::Report, nodes: u8, services: usize) {
         report.arp_requests,
         report.arp_replies
     );
+    println!(
+        "spurious moves: {} of {} master changes; {} polls of the service Leases ({} failed, longest gap {:.0} ms)",
+        report.spurious_moves.len(),
+        report.master_changes,
+        report.master_polls,
+        report.master_poll_failures,
+        report.master_max_gap_ms
+    );
     for v in report
         .safety_violations
         .iter()
@@ -396,15 +409,19 @@ fn print_chaos(report: &kubeha_e2e::chaos::Report, nodes: u8, services: usize) {
     {
         println!("  {v}");
     }
+    for v in &report.spurious_moves {
+        println!("  spurious move: {v}");
+    }
 }
 
 /// The CI-sized chaos run of `cargo xtask test`: 40 faults over 5 nodes
 /// and 10 services (seed 1, or `KUBEHA_CHAOS_SEED`). It fails on any safety
 /// violation (two holders of one VIP, or a detector that could not keep
-/// pace) and on a service still down a minute after a checkpoint (it would
-/// need an admin). A service late past D + skew + 3 s is printed, not
-/// gated: on a machine that also builds and runs other tests a bound of a
-/// few seconds measures the machine as much as the code.
+/// pace), on a spurious move (a service's master changed without a fault
+/// that explains it) and on a service still down a minute after a
+/// checkpoint (it would need an admin). A service late past D + skew + 3 s
+/// is printed, not gated: on a machine that also builds and runs other
+/// tests a bound of a few seconds measures the machine as much as the code.
 fn ci_chaos(root: &Path) -> anyhow::Result<()> {
     let seed = std::env::var("KUBEHA_CHAOS_SEED")
         .ok()
@@ -420,13 +437,19 @@ fn ci_chaos(root: &Path) -> anyhow::Result<()> {
     };
     let report = kubeha_e2e::chaos::run(&Lab::new(root), &config)?;
     print_chaos(&report, config.nodes, config.services);
-    if report.injections != config.injections || report.safety_samples == 0 {
+    if report.injections != config.injections
+        || report.safety_samples == 0
+        || report.master_polls == 0
+    {
         bail!("the chaos run did not run as configured (seed {seed})");
     }
     for v in &report.liveness_violations {
         println!("  late (not gated): {v}");
     }
-    if !report.safety_violations.is_empty() || !report.stuck.is_empty() {
+    if !report.safety_violations.is_empty()
+        || !report.spurious_moves.is_empty()
+        || !report.stuck.is_empty()
+    {
         println!("\ninjection log (replay with cargo xtask chaos --injections 40 --seed {seed}):");
         for line in &report.log {
             println!("  {line}");
@@ -434,7 +457,9 @@ fn ci_chaos(root: &Path) -> anyhow::Result<()> {
         for v in &report.stuck {
             println!("  still down a minute later: {v}");
         }
-        bail!("chaos found safety violations or services down for good (seed {seed})");
+        bail!(
+            "chaos found safety violations, spurious moves or services down for good (seed {seed})"
+        );
     }
     Ok(())
 }
