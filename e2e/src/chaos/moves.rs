@@ -32,19 +32,19 @@ use crate::nodes;
 #[derive(Debug, Clone, PartialEq)]
 pub(super) struct Fault {
     /// Its number in the run (`#n` in the log).
-    pub n: usize,
+    n: usize,
     /// Its kind.
-    pub kind: Kind,
+    kind: Kind,
     /// The node it hit (agent, power, partition and mode faults), or a
     /// move's destination; `None` for the other kinds.
-    pub node: Option<u8>,
+    node: Option<u8>,
     /// The service it hit (moves, VIP edits, monitor faults).
-    pub service: Option<usize>,
+    service: Option<usize>,
     /// When it began.
-    pub start: Duration,
+    start: Duration,
     /// When it was undone (a monitor fault: once the service left the
     /// node, or 40 s passed).
-    pub end: Duration,
+    end: Duration,
 }
 
 impl Fault {
@@ -82,19 +82,19 @@ impl Fault {
 #[derive(Debug, Clone, PartialEq)]
 pub(super) struct Change {
     /// The service (its index).
-    pub service: usize,
+    service: usize,
     /// The node that was master.
-    pub from: u8,
+    from: u8,
     /// The node that became master; `None` while (or if, at the end) none
     /// did.
-    pub to: Option<u8>,
+    to: Option<u8>,
     /// The epoch the change was seen at.
-    pub epoch: i64,
+    epoch: i64,
     /// When the last poll that still showed `from` as master was asked:
     /// the change came after that...
-    pub after: Duration,
+    after: Duration,
     /// ...and before the reply of the first poll that showed it.
-    pub seen: Duration,
+    seen: Duration,
 }
 
 /// Each service's master as one poll shows it: the holder (`None`:
