@@ -4,8 +4,13 @@
 //! - events: one `ip -ts monitor address` per node namespace reports every
 //!   address added or removed (by an agent, by the kernel when a lifetime
 //!   runs out) with the time it was seen; the detector keeps each node's
-//!   addresses from them, so a double holder is seen however short it is,
-//!   at no cost while nothing changes;
+//!   addresses from them, at no cost while nothing changes. Events are
+//!   applied in the order they arrive, one pipe per node, so a double
+//!   holder shorter than the delivery jitter between two pipes (a few ms,
+//!   more on a busy machine) can be missed: ordering by the printed stamps
+//!   instead was tried (5350dab) and reported a false zero-length window,
+//!   for `ip -ts` stamps an event when it prints it, not when the kernel
+//!   made it;
 //! - snapshots: every [`SNAPSHOT_EVERY`], every node's addresses are listed
 //!   (one `ip` call per node, all at once), which catches anything the
 //!   monitors could have missed.

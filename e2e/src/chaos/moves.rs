@@ -2,7 +2,7 @@
 //! must have a cause among the faults injected.
 //!
 //! A sampler thread reads every chaos service's Lease (one `kubectl get
-//! leases` every [`KUBECTL_POLL`]): `spec.holderIdentity` is the master,
+//! leases` every [`MASTER_POLL`]): `spec.holderIdentity` is the master,
 //! `spec.leaseTransitions` the epoch. A change is the holder going from a
 //! node to another node, or to nobody (the service stopped); the node it
 //! next goes to from nobody ends that same change, it is not a new one.
@@ -20,12 +20,17 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-use super::liveness::KUBECTL_POLL;
 use super::services::service_name;
 use super::{CLUSTER, Kind};
 use crate::ha::{self, Timing};
 use crate::lab::Lab;
 use crate::nodes;
+
+/// How often the sampler reads the Leases: a kubectl process costs a
+/// noticeable share of one of this machine's two cores, more than the
+/// lab's own processes can spare under chaos, and the judge's grace
+/// (seconds) does not need the changes timed any closer.
+pub(super) const MASTER_POLL: Duration = Duration::from_secs(1);
 
 /// One injected fault as the judge sees it: what it hit, and when it ran
 /// (since the run started).
@@ -212,8 +217,7 @@ impl Sampler {
                 let mut tracker = Tracker::default();
                 let mut last_poll: Option<Duration> = None;
                 // Polls until told to stop, or the sampler is dropped.
-                while let Err(mpsc::RecvTimeoutError::Timeout) = stopped.recv_timeout(KUBECTL_POLL)
-                {
+                while let Err(mpsc::RecvTimeoutError::Timeout) = stopped.recv_timeout(MASTER_POLL) {
                     let asked = started.elapsed();
                     let list = lab
                         .kubectl_ok(&args)
