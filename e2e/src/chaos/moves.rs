@@ -296,8 +296,28 @@ fn within(fault: &Fault, change: &Change, grace: Duration) -> bool {
     fault.start <= change.seen && change.after <= fault.end + grace
 }
 
-/// The changes no fault explains: for none of `faults` can it
-/// ([`can_cause`]) and did it happen in time ([`within`]).
+/// Whether `change` takes its service to the node the last admin move of
+/// it asked for. `kubectl ha move` leaves `kubeha.io/move-to` on the
+/// service until an admin removes it (the chaos never does), like the
+/// location constraint Pacemaker's `crm resource move` leaves: whenever
+/// that node can run the service again (back from a partition, a fence),
+/// the service goes back to it, however long after the move.
+fn to_requested_node(change: &Change, faults: &[Fault]) -> bool {
+    let Some(to) = change.to else {
+        return false;
+    };
+    faults
+        .iter()
+        .filter(|f| {
+            f.kind == Kind::Move && f.service == Some(change.service) && f.start <= change.seen
+        })
+        .max_by_key(|f| f.start)
+        .is_some_and(|f| f.node == Some(to))
+}
+
+/// The changes nothing explains: none of `faults` can cause it
+/// ([`can_cause`]) and happened in time ([`within`]), and it does not go
+/// to the node an admin asked for ([`to_requested_node`]).
 pub(super) fn spurious<'a>(
     changes: &'a [Change],
     faults: &[Fault],
@@ -306,9 +326,10 @@ pub(super) fn spurious<'a>(
     changes
         .iter()
         .filter(|c| {
-            !faults
-                .iter()
-                .any(|f| can_cause(f, c) && within(f, c, grace))
+            !to_requested_node(c, faults)
+                && !faults
+                    .iter()
+                    .any(|f| can_cause(f, c) && within(f, c, grace))
         })
         .collect()
 }
@@ -521,6 +542,54 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn a_service_going_back_to_the_node_its_last_move_asked_for_is_caused() {
+        // chaos-8 was moved to node-4 at 30 s; node-4 was cut off and the
+        // service ran on node-1; at 70 s, long after, it goes back.
+        let moved = fault(Kind::Move, 4, Some(8), 30.0, 30.1);
+        let back = change(8, 1, Some(4), 6, 69.2, 70.6);
+        assert!(
+            spurious(
+                std::slice::from_ref(&back),
+                std::slice::from_ref(&moved),
+                s(12.0)
+            )
+            .is_empty()
+        );
+        // Elsewhere, or stopped, it is not explained by that request.
+        for other in [
+            change(8, 1, Some(2), 6, 69.2, 70.6),
+            change(8, 1, None, 6, 69.2, 70.6),
+        ] {
+            assert_eq!(
+                spurious(
+                    std::slice::from_ref(&other),
+                    std::slice::from_ref(&moved),
+                    s(12.0)
+                )
+                .len(),
+                1
+            );
+        }
+        // A later move to another node replaces the request.
+        let again = fault(Kind::Move, 2, Some(8), 50.0, 50.1);
+        assert_eq!(
+            spurious(
+                std::slice::from_ref(&back),
+                &[moved.clone(), again],
+                s(12.0)
+            )
+            .len(),
+            1
+        );
+        // A move of another service says nothing about this one.
+        let other = fault(Kind::Move, 4, Some(3), 30.0, 30.1);
+        assert_eq!(
+            spurious(std::slice::from_ref(&back), &[other], s(12.0)).len(),
+            1
+        );
     }
 
     #[test]
