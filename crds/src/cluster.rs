@@ -162,8 +162,8 @@ pub enum Placement {
         "message": "spec.heartbeat.vipLifetimeSeconds must stay below leaseDurationMs + clockSkewMs so a VIP cannot outlive the lease; lower it or leave it unset"
     },
     {
-        "rule": "!has(self.vipLifetimeSeconds) || self.vipLifetimeSeconds * 1000 > self.renewIntervalMs",
-        "message": "spec.heartbeat.vipLifetimeSeconds must be longer than renewIntervalMs, or VIPs expire between renewals; raise it or leave it unset"
+        "rule": crate::timing::ENTRY_RULE,
+        "message": crate::timing::ENTRY_RULE_MESSAGE
     }
 ]))]
 pub struct HeartbeatTiming {
@@ -197,6 +197,19 @@ pub struct HeartbeatTiming {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1, max = 300))]
     pub vip_lifetime_seconds: Option<i32>,
+}
+
+impl HeartbeatTiming {
+    /// Whether an agent that renews on time can enter and keep its VIPs
+    /// under this timing ([`crate::timing`]; the CEL rule says the same).
+    pub fn lets_agents_enter(&self) -> bool {
+        crate::timing::lets_agents_enter(
+            self.lease_duration_ms.into(),
+            self.renew_interval_ms.into(),
+            self.clock_skew_ms.into(),
+            self.vip_lifetime_seconds.map(i64::from),
+        )
+    }
 }
 
 impl Default for HeartbeatTiming {

@@ -14,6 +14,7 @@ pub mod roles;
 pub mod service;
 #[cfg(feature = "testing")]
 pub mod testing;
+pub mod timing;
 
 pub use cluster::{HACluster, HAClusterSpec, HAClusterStatus};
 pub use mode::Mode;

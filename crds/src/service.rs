@@ -335,6 +335,13 @@ pub struct ServiceNodeStatus {
     /// When the last failure happened.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_failure_time: Option<Time>,
+    /// An epoch of the master role this node may not have left cleanly
+    /// (its leave failed, or a fence cut it short): the node enters nothing
+    /// of this service until a leave succeeds there or an admin clears it
+    /// (`kubectl ha clear`), so the service is not placed there meanwhile,
+    /// whatever `failureTimeoutSeconds` says.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unclean_epoch: Option<i64>,
     /// The last hook runs.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 32))]

@@ -82,6 +82,7 @@ pub fn status_entry(
         acked_epoch: acked,
         fail_count: 0,
         last_failure_time: None,
+        unclean_epoch: None,
         hooks: Vec::new(),
     }
 }

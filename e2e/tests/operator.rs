@@ -1309,3 +1309,44 @@ fn a_restarted_agent_runs_the_monitor_before_it_re_adopts_its_service() {
     );
     cleanup(&lab, name, vip);
 }
+
+/// Found by the chaos run (seed 8): a node whose leave failed enters
+/// nothing until its leave succeeds or an admin clears it, but once its
+/// failure had expired (`failureTimeoutSeconds`) it was placed again, and
+/// the service stayed down. Now it reports `uncleanEpoch` and is no
+/// candidate: here node-1's leave fails, node-2 runs the service, node-1's
+/// failure expires, node-2 loses power, and node-3 (not node-1, first in
+/// order) takes the service.
+#[test]
+fn a_node_whose_leave_failed_is_not_placed_again_when_its_failure_expires() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let lab = lab();
+    let (name, vip) = ("op-unclean", "198.18.0.99");
+    tracing_hooks(&lab, name, &[1]);
+    ha::delete_service(&lab, name);
+    ha::apply(&lab, &ha::cluster(name, &[1, 2, 3], Timing::DEFAULT)).unwrap();
+    assert!(all_ready(&lab, name, Duration::from_secs(20)));
+    let mut spec = ha::service(name, name, &[&format!("{vip}/24")], Some(name), (3, 100));
+    spec["spec"]["failureTimeoutSeconds"] = serde_json::json!(5);
+    ha::apply(&lab, &spec).unwrap();
+    assert_eq!(wait_active(&lab, name, vip, Duration::from_secs(30)), 1);
+    ha::request_move(&lab, name, 2).unwrap();
+    wait_active_on(&lab, name, vip, 2, Duration::from_secs(30));
+    assert!(all_ready(&lab, name, Duration::from_secs(30)));
+    let unclean = ha::wait_until(Duration::from_secs(10), || {
+        ha::node_entry(&lab, name, 1)["uncleanEpoch"].is_i64()
+    });
+    assert!(
+        unclean.is_some(),
+        "node-1 does not report the leave that failed: {}",
+        ha::node_entry(&lab, name, 1)
+    );
+    // The failure expires; node-1 still has not left cleanly.
+    std::thread::sleep(Duration::from_secs(6));
+    lab.power_off(2).unwrap();
+    wait_active_on(&lab, name, vip, 3, Duration::from_secs(30));
+    lab.power_on(2).unwrap();
+    lab.start_agent(2, &[] as &[&str]).unwrap();
+    tracing_hooks(&lab, name, &[]);
+    cleanup(&lab, name, vip);
+}

@@ -145,6 +145,7 @@ async fn reconcile_inner(cluster: &HACluster, ctx: &Ctx) -> Result<Action> {
         heartbeats: &heartbeats,
         services: &services,
         returned: &returned,
+        timing_lets_agents_enter: cluster.spec.heartbeat.lets_agents_enter(),
     });
     let modes: Vec<(String, Mode)> = members.iter().map(|m| (m.name.clone(), m.mode)).collect();
     let mode_events = ctx.with_cluster_memory(&name, |m| {

@@ -51,6 +51,10 @@ pub struct Facts<'a> {
     pub services: &'a [ServiceSummary],
     /// `peerdown` members seen heartbeating after the mark.
     pub returned: &'a BTreeSet<String>,
+    /// Whether agents can enter under the cluster's timing
+    /// ([`kubeha_crds::timing`]); false only for a cluster stored before
+    /// the API server checked it.
+    pub timing_lets_agents_enter: bool,
 }
 
 /// The operator-owned part of an HACluster status.
@@ -159,6 +163,11 @@ pub fn plan(f: &Facts<'_>) -> Plan {
     let mut conditions = Vec::new();
     conditions.push(match (&prohibited, f.members.is_empty()) {
         (Some(msg), _) => Cond::yes(STALLED, "ProhibitedModes", msg.clone()),
+        (None, _) if !f.timing_lets_agents_enter => Cond::yes(
+            STALLED,
+            "TimingNeverEnters",
+            kubeha_crds::timing::ENTRY_RULE_MESSAGE,
+        ),
         (None, true) => Cond::yes(
             STALLED,
             "NoMembers",
@@ -270,6 +279,7 @@ mod tests {
             heartbeats: &beats(&[("a", Alive), ("b", Alive)]),
             services: &services,
             returned: &BTreeSet::new(),
+            timing_lets_agents_enter: true,
         });
         assert_eq!(p.status.ready, "2/2");
         assert_eq!(p.status.state, "default-locked");
@@ -284,6 +294,25 @@ mod tests {
     }
 
     #[test]
+    fn a_timing_no_agent_can_enter_under_stalls_the_cluster() {
+        let members = [member("a", Mode::Default, Some(0))];
+        let p = plan(&Facts {
+            members: &members,
+            heartbeats: &beats(&[("a", Alive)]),
+            services: &[],
+            returned: &BTreeSet::new(),
+            timing_lets_agents_enter: false,
+        });
+        let stalled = cond(&p, STALLED);
+        assert!(stalled.status);
+        assert_eq!(stalled.reason, "TimingNeverEnters");
+        assert!(
+            stalled.message.contains("raise leaseDurationMs"),
+            "{stalled:?}"
+        );
+    }
+
+    #[test]
     fn lost_and_peerdown_members() {
         let members = [
             member("a", Mode::Single, Some(0)),
@@ -295,6 +324,7 @@ mod tests {
             heartbeats: &beats(&[("a", Alive), ("b", Lost)]),
             services: &[],
             returned: &BTreeSet::new(),
+            timing_lets_agents_enter: true,
         });
         assert_eq!(p.status.members[1].heartbeat, Fenced, "peerdown certifies");
         assert_eq!(p.status.members[2].heartbeat, Stopping, "never seen");
@@ -323,6 +353,7 @@ mod tests {
             heartbeats: &beats(&[("a", Alive), ("b", Alive), ("c", Alive)]),
             services: &[],
             returned: &BTreeSet::from(["b".to_owned()]),
+            timing_lets_agents_enter: true,
         });
         assert_eq!(p.returned, vec!["b".to_owned()]);
         let patch = p.mode_patch.clone().unwrap();
@@ -360,6 +391,7 @@ mod tests {
             heartbeats: &BTreeMap::new(),
             services: &[],
             returned: &BTreeSet::new(),
+            timing_lets_agents_enter: true,
         });
         assert_eq!(p.status.ready, "0/0");
         assert_eq!(cond(&p, STALLED).reason, "NoMembers");

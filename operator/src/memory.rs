@@ -159,6 +159,7 @@ impl ServiceMemory {
                     Failures {
                         count: *count,
                         last_failure_ago: now.saturating_duration_since(*at),
+                        unclean: false,
                     },
                 )
             })

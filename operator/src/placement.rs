@@ -87,12 +87,17 @@ pub struct ClusterView {
 }
 
 /// Failures counted against one node for one service.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Failures {
     /// Failures counted (failed enter, failed monitor).
     pub count: i32,
     /// Time since the last of them.
     pub last_failure_ago: Duration,
+    /// The node reports a master role it may not have left cleanly
+    /// (`uncleanEpoch`): it enters nothing until a leave succeeds there or
+    /// an admin clears it, so it is not eligible, whatever the count and
+    /// the timeout say.
+    pub unclean: bool,
 }
 
 /// What placement knows about one service.
@@ -248,9 +253,9 @@ fn capable(node: &NodeView) -> bool {
 
 /// Whether the node's failures for this service make it ineligible now.
 fn failed(svc: &ServiceView, node: &str) -> bool {
-    svc.failures
-        .get(node)
-        .is_some_and(|f| f.count >= svc.migration_threshold.max(1) && !expired(svc, f))
+    svc.failures.get(node).is_some_and(|f| {
+        f.unclean || (f.count >= svc.migration_threshold.max(1) && !expired(svc, f))
+    })
 }
 
 fn expired(svc: &ServiceView, f: &Failures) -> bool {
@@ -322,6 +327,7 @@ fn failure_requeue(cluster: &ClusterView, svc: &ServiceView) -> Option<Duration>
         .into_iter()
         .filter(|n| capable(n) && failed(svc, &n.name))
         .filter_map(|n| svc.failures.get(&n.name))
+        .filter(|f| !f.unclean)
         .map(|f| timeout.saturating_sub(f.last_failure_ago))
         .min()
 }

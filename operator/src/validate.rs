@@ -73,6 +73,16 @@ pub enum Problem {
         /// The cluster.
         cluster: String,
     },
+    /// The cluster's timing lets no agent enter (a cluster stored before
+    /// the API server checked it): placing the service would only make
+    /// every member refuse it.
+    #[error(
+        "HACluster {cluster}: no agent could ever enter under its spec.heartbeat timing; the cluster admin fixes it (see the cluster's Stalled condition)"
+    )]
+    TimingNeverEnters {
+        /// The cluster.
+        cluster: String,
+    },
 }
 
 /// The service being validated.
@@ -132,6 +142,11 @@ pub fn validate(
     claims: &[Claim],
 ) -> Vec<Problem> {
     let mut problems = Vec::new();
+    if !cluster.heartbeat.lets_agents_enter() {
+        problems.push(Problem::TimingNeverEnters {
+            cluster: cluster_name.to_owned(),
+        });
+    }
     let allowed = cluster
         .allowed_namespaces
         .iter()
@@ -256,6 +271,22 @@ mod tests {
             validate(subject(&s, "other/nfs", 1), "c", &c, &[], &[]),
             vec![]
         );
+    }
+
+    #[test]
+    fn a_cluster_timing_no_agent_can_enter_under_is_a_problem_of_its_services() {
+        let s = spec(&["198.18.0.100/24"]);
+        let mut c = cluster(&["198.18.0.0/24"], &["apps"]);
+        c.heartbeat.lease_duration_ms = 1000;
+        c.heartbeat.renew_interval_ms = 300;
+        c.heartbeat.renew_deadline_ms = 600;
+        c.heartbeat.clock_skew_ms = 100;
+        let p = validate(subject(&s, "apps/nfs", 1), "c", &c, &[], &[]);
+        assert!(
+            matches!(&p[..], [Problem::TimingNeverEnters { .. }]),
+            "{p:?}"
+        );
+        assert!(p[0].to_string().contains("HACluster c"), "{}", p[0]);
     }
 
     #[test]

@@ -169,6 +169,7 @@ impl S {
             Failures {
                 count,
                 last_failure_ago: secs(ago),
+                unclean: false,
             },
         );
         self

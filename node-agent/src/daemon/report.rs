@@ -117,6 +117,9 @@ pub fn status_entry(node: &str, record: &ServiceRecord) -> serde_json::Value {
     if let Some(at) = &record.last_failure {
         entry["lastFailureTime"] = at.clone().into();
     }
+    if let Some(epoch) = record.unclean_epoch {
+        entry["uncleanEpoch"] = epoch.into();
+    }
     entry
 }
 

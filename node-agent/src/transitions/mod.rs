@@ -184,9 +184,10 @@ pub const CONFLICT_WAIT: Duration = Duration::from_secs(2);
 const PROBE_WINDOW: Duration = Duration::from_millis(30);
 
 /// Kept between a VIP's kernel lifetime and the end of E (D + skew) after
-/// the renew it was extended from: the kernel removes an expired address
-/// up to about 250 ms late when nothing else changes.
-pub const LIFETIME_MARGIN: Duration = Duration::from_millis(300);
+/// the renew it was extended from ([`kubeha_crds::timing`], where the
+/// timing rule the API server enforces uses it too).
+pub const LIFETIME_MARGIN: Duration =
+    Duration::from_millis(kubeha_crds::timing::LIFETIME_MARGIN_MS as u64);
 
 /// A hook result standing for a step that could not run.
 pub fn refused(reason: &str) -> HookResult {

@@ -421,6 +421,7 @@ impl Agent {
             acked_epoch: self.acked,
             fail_count: 0,
             last_failure_time: None,
+            unclean_epoch: None,
             hooks: Vec::new(),
         }
     }

@@ -287,7 +287,13 @@ pub(super) fn evaluate(svc: &HAService, ctx: &Ctx, deleting: bool, now: Instant)
             .filter(|d| *d < expiry)
             .map(|d| expiry - d)
             .min();
-        (m.failures(now), seen, started_nothing, refusal_wait)
+        let mut failures = m.failures(now);
+        // A node that may not have left cleanly enters nothing: never a
+        // candidate until it has (or an admin cleared it).
+        for e in entries.iter().filter(|e| e.unclean_epoch.is_some()) {
+            failures.entry(e.node.clone()).or_default().unclean = true;
+        }
+        (failures, seen, started_nothing, refusal_wait)
     });
 
     let plan = service_plan::plan(&Facts {

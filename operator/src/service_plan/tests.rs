@@ -183,6 +183,7 @@ fn failed_monitor_moves_after_the_ack() {
         Failures {
             count: 1,
             last_failure_ago: Duration::from_secs(1),
+            unclean: false,
         },
     )]);
     let p = plan(&Facts {
@@ -298,6 +299,7 @@ fn all_failed_is_errored_and_stalled() {
         Failures {
             count: 1,
             last_failure_ago: Duration::ZERO,
+            unclean: false,
         },
     )]);
     let p = plan(&Facts {
@@ -340,6 +342,7 @@ fn a_refused_enter_moves_once_its_vips_expired() {
         Failures {
             count: 1,
             last_failure_ago: Duration::ZERO,
+            unclean: false,
         },
     )]);
     let run = |started: &BTreeSet<String>| {
@@ -533,6 +536,7 @@ fn move_to_an_ineligible_node_reports_and_stays() {
         Failures {
             count: 1,
             last_failure_ago: Duration::ZERO,
+            unclean: false,
         },
     );
     stays(&c, &["fail count 1", "kubectl ha clear svc -n ns"]);
@@ -567,6 +571,7 @@ fn cleared_failures_make_an_errored_service_placeable() {
         Failures {
             count: 1,
             last_failure_ago: Duration::ZERO,
+            unclean: false,
         },
     );
     assert_eq!(c.plan().status.phase, Phase::Errored);
@@ -576,4 +581,43 @@ fn cleared_failures_make_an_errored_service_placeable() {
     assert_eq!(p.status.phase, Phase::Starting);
     assert_eq!(p.handover.lease.holder.as_deref(), Some("a"));
     assert!(!cond(&p, STALLED).status);
+}
+
+/// Seed 8 of the chaos run: node-3's leave at epoch 13 was cut short by
+/// its own fence; a minute later its failure had expired and it was
+/// chosen master, but an agent that may not have left cleanly enters
+/// nothing, and the service stayed down until an admin acted. A node
+/// that reports `uncleanEpoch` is no candidate, however old its failure.
+#[test]
+fn a_node_that_may_not_have_left_cleanly_is_no_candidate_after_its_failure_expired() {
+    let mut c = Case::new(&[("a", Alive), ("b", Alive)]);
+    c.spec.failure_timeout_seconds = 60;
+    let expired = Failures {
+        count: 1,
+        last_failure_ago: Duration::from_secs(120),
+        unclean: false,
+    };
+    c.failures.insert("a".into(), expired.clone());
+    assert_eq!(
+        c.plan().handover.lease.holder.as_deref(),
+        Some("a"),
+        "an expired failure alone lets a run it again"
+    );
+    c.failures.insert(
+        "a".into(),
+        Failures {
+            unclean: true,
+            ..expired
+        },
+    );
+    let p = c.plan();
+    assert_eq!(p.handover.lease.holder.as_deref(), Some("b"));
+    // With no other member it stays stopped, and nothing asks to look
+    // again at once (an unclean node does not expire).
+    let mut alone = Case::new(&[("a", Alive)]);
+    alone.spec.failure_timeout_seconds = 60;
+    alone.failures = c.failures.clone();
+    let p = alone.plan();
+    assert_eq!(p.handover.lease.holder, None);
+    assert_ne!(p.requeue_after, Some(Duration::ZERO));
 }
