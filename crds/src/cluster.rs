@@ -170,7 +170,7 @@ pub struct HeartbeatTiming {
     /// Lease duration D in milliseconds: a member whose heartbeat has not
     /// been seen to change for D plus the skew allowance is Lost.
     #[serde(default = "default_lease_duration_ms")]
-    #[schemars(range(min = 1000, max = 300000))]
+    #[schemars(range(min = 500, max = 300000))]
     pub lease_duration_ms: i32,
 
     /// Renew interval R in milliseconds: how often an agent renews its
@@ -191,9 +191,10 @@ pub struct HeartbeatTiming {
     #[schemars(range(min = 0, max = 10000))]
     pub clock_skew_ms: i32,
 
-    /// Valid lifetime in whole seconds given to each VIP and extended on every
-    /// successful renew (kernel fence). Unset: the largest whole number of
-    /// seconds below D plus the skew allowance.
+    /// Longest time in whole seconds a VIP is held after a renew, extended on
+    /// every successful renew: it caps both the packet fence (an nftables
+    /// timeout, to the millisecond) and the address lifetime (`valid_lft`).
+    /// Unset: D plus the skew allowance, less the fences' margins.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1, max = 300))]
     pub vip_lifetime_seconds: Option<i32>,

@@ -51,6 +51,9 @@ pub struct Probed {
     pub windows: Vec<TwoMacs>,
     /// The longest time between two rounds of requests.
     pub max_gap: Duration,
+    /// Per VIP and answering MAC: the wall-clock times of the first and the
+    /// last reply heard.
+    pub answers: BTreeMap<(Ipv4Addr, String), (jiff::Timestamp, jiff::Timestamp)>,
 }
 
 /// A running probe; stopped by [`ArpProbe::stop`] or when dropped.
@@ -128,6 +131,11 @@ impl ArpProbe {
                                 continue;
                             };
                             seen.replies += 1;
+                            let now = jiff::Timestamp::now();
+                            seen.answers
+                                .entry((vip, garp::mac_string(from)))
+                                .and_modify(|(_, last)| *last = now)
+                                .or_insert((now, now));
                             if let Some((mac, when)) = last.get(&vip) {
                                 let quiet = at.saturating_sub(*when);
                                 if *mac != from && quiet < PROBE_EVERY {

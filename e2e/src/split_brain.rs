@@ -15,6 +15,17 @@
 //!   (one `ip` call per node, all at once), which catches anything the
 //!   monitors could have missed.
 //!
+//! A node holds a VIP when the address is on its interface *and* the VIP's
+//! packet fence there is open: an agent's nftables `live` element (see the
+//! agent's `vip::packet_fence`) ends at the lease end even when the agent is
+//! frozen, and the address, whose lifetime counts whole seconds, may stay
+//! silent behind it for up to a second. One `nft monitor` per node reports
+//! every `live` element set (with its timeout) or removed, stamped when it
+//! is read (later than the kernel made it, so an end computed from it is
+//! late, never early); a fence counts as open [`FENCE_SLACK`] past its end
+//! for the delivery jitter between the pipes. A VIP whose fence the
+//! detector has seen nothing of counts as open.
+//!
 //! The monitors and the snapshot thread run at a raised priority (best
 //! effort), so a busy machine delays them less than the lab's processes.
 //! An earlier detector only polled, every 10 ms: 500 `ip` calls a second
@@ -38,6 +49,11 @@ pub const SNAPSHOT_EVERY: Duration = Duration::from_millis(100);
 /// beyond it the detector was starved and its snapshot view could have
 /// missed a window (the event view misses none while its monitors run).
 pub const MAX_SAMPLE_GAP: Duration = Duration::from_millis(250);
+
+/// How long past the end of a packet fence (as the detector computed it) a
+/// VIP still counts as answering: the delivery jitter between an `nft
+/// monitor` pipe and an `ip monitor` pipe.
+pub const FENCE_SLACK: Duration = Duration::from_millis(10);
 
 /// What a [`SplitBrain`] detector saw.
 #[derive(Debug, Clone, Default)]
@@ -162,6 +178,56 @@ fn parse_event(line: &str) -> Option<(jiff::Timestamp, bool, String)> {
     Some((at, added, addr))
 }
 
+/// A packet fence change from one line of `nft monitor`: the VIP and, for
+/// an element set, its timeout; `None` for a removal. Other lines: `None`.
+fn parse_fence(line: &str) -> Option<(String, Option<Duration>)> {
+    let (added, rest) = if let Some(r) = line.strip_prefix("add element ") {
+        (true, r)
+    } else {
+        (false, line.strip_prefix("delete element ")?)
+    };
+    let rest = rest
+        .strip_prefix("arp kubeha live { ")
+        .or_else(|| rest.strip_prefix("inet kubeha live6 { "))?;
+    let mut words = rest.split_whitespace();
+    let addr = words.next()?.trim_end_matches(',').to_owned();
+    if !added {
+        return Some((addr, None));
+    }
+    let timeout = words
+        .skip_while(|w| *w != "timeout")
+        .nth(1)
+        .and_then(parse_nft_duration)?;
+    Some((addr, Some(timeout)))
+}
+
+/// An nftables duration: `970ms`, `1s500ms`, `2m3s`, `1h`, `1d2h`.
+fn parse_nft_duration(text: &str) -> Option<Duration> {
+    let mut total = Duration::ZERO;
+    let mut rest = text;
+    while !rest.is_empty() {
+        let digits = rest.find(|c: char| !c.is_ascii_digit())?;
+        let n: u64 = rest[..digits].parse().ok()?;
+        rest = &rest[digits..];
+        let (unit, tail) = if let Some(t) = rest.strip_prefix("ms") {
+            (Duration::from_millis(1), t)
+        } else if let Some(t) = rest.strip_prefix('s') {
+            (Duration::from_secs(1), t)
+        } else if let Some(t) = rest.strip_prefix('m') {
+            (Duration::from_secs(60), t)
+        } else if let Some(t) = rest.strip_prefix('h') {
+            (Duration::from_secs(3600), t)
+        } else if let Some(t) = rest.strip_prefix('d') {
+            (Duration::from_secs(86_400), t)
+        } else {
+            return None;
+        };
+        total += unit * u32::try_from(n).ok()?;
+        rest = tail;
+    }
+    Some(total)
+}
+
 /// Raises the priority of a thread or process (best effort: only root may).
 fn raise_priority(pid: u32) {
     let _ = Command::new("renice")
@@ -171,13 +237,34 @@ fn raise_priority(pid: u32) {
         .status();
 }
 
-/// Starts `ip -ts monitor address` in node `i`'s namespace and a thread
-/// that sends each of its lines, with the node, to `tx`, and `None` when it
+/// What a monitor watches.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Watch {
+    /// `ip -ts monitor address`.
+    Addresses,
+    /// `nft monitor`: the packet fences.
+    Fences,
+}
+
+/// One line of a monitor, with its node and what it watches; `None` when
+/// the monitor ended.
+type Line = (u8, Watch, Option<String>);
+
+/// Starts the monitor of `watch` in node `i`'s namespace and a thread that
+/// sends each of its lines, with the node, to `tx`, and `None` when it
 /// ends (a power-off kills every process in the node's namespace, this one
 /// too).
-fn monitor(i: u8, tx: mpsc::Sender<(u8, Option<String>)>) -> Option<Child> {
-    let mut child = Command::new("ip")
-        .args(["-n", &nodes::node_ns(i), "-ts", "monitor", "address"])
+fn monitor(i: u8, watch: Watch, tx: mpsc::Sender<Line>) -> Option<Child> {
+    let ns = nodes::node_ns(i);
+    let mut cmd = match watch {
+        Watch::Addresses => {
+            let mut c = Command::new("ip");
+            c.args(["-n", &ns, "-ts", "monitor", "address"]);
+            c
+        }
+        Watch::Fences => nodes::exec_in(&ns, &["nft", "monitor"]),
+    };
+    let mut child = cmd
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
@@ -187,11 +274,11 @@ fn monitor(i: u8, tx: mpsc::Sender<(u8, Option<String>)>) -> Option<Child> {
     std::thread::spawn(move || {
         for line in std::io::BufReader::new(out).lines() {
             let Ok(line) = line else { break };
-            if tx.send((i, Some(line))).is_err() {
+            if tx.send((i, watch, Some(line))).is_err() {
                 return;
             }
         }
-        let _ = tx.send((i, None));
+        let _ = tx.send((i, watch, None));
     });
     Some(child)
 }
@@ -213,7 +300,8 @@ impl SplitBrain {
         let (tx, rx) = mpsc::channel();
         let mut children: Vec<Child> = (1..=nodes::MAX_NODES)
             .filter(|i| nodes::ns_exists(&nodes::node_ns(*i)))
-            .filter_map(|i| monitor(i, tx.clone()))
+            .flat_map(|i| [(i, Watch::Addresses), (i, Watch::Fences)])
+            .filter_map(|(i, w)| monitor(i, w, tx.clone()))
             .collect();
         let handle = {
             let (stop, off) = (stop.clone(), off.clone());
@@ -232,10 +320,22 @@ impl SplitBrain {
                     .into_iter()
                     .map(|(i, a)| (i, a.into_iter().filter(|a| vips.contains(a)).collect()))
                     .collect();
-                let holders_in = |held: &BTreeMap<u8, BTreeSet<String>>, vip: &str| -> Vec<u8> {
+                // Each node's packet fences: until when (since the start)
+                // each VIP's is open; `None`: closed. Absent: unknown, open.
+                let mut fences: BTreeMap<(u8, String), Option<Duration>> = BTreeMap::new();
+                let holders_in = |held: &BTreeMap<u8, BTreeSet<String>>,
+                                  fences: &BTreeMap<(u8, String), Option<Duration>>,
+                                  vip: &str,
+                                  at: Duration|
+                 -> Vec<u8> {
                     let off = off.lock().unwrap_or_else(|e| e.into_inner()).clone();
                     held.iter()
                         .filter(|(i, a)| !off.contains(i) && a.contains(vip))
+                        .filter(|(i, _)| match fences.get(&(**i, vip.to_owned())) {
+                            None => true,
+                            Some(None) => false,
+                            Some(Some(until)) => *until + FENCE_SLACK > at,
+                        })
                         .map(|(i, _)| *i)
                         .collect()
                 };
@@ -244,7 +344,7 @@ impl SplitBrain {
                     // Events, as they come, until the next snapshot is due.
                     let due = last_snapshot.map_or(started, |t| t + SNAPSHOT_EVERY);
                     loop {
-                        let (i, line) = match rx
+                        let (i, watch, line) = match rx
                             .recv_timeout(due.saturating_duration_since(Instant::now()))
                         {
                             Ok(event) => event,
@@ -260,7 +360,12 @@ impl SplitBrain {
                             // one, and this node's addresses read afresh.
                             if !stop.load(Ordering::SeqCst) && nodes::ns_exists(&nodes::node_ns(i))
                             {
-                                children.extend(monitor(i, tx.clone()));
+                                children.extend(monitor(i, watch, tx.clone()));
+                                if watch == Watch::Fences {
+                                    // What changed meanwhile is unknown.
+                                    fences.retain(|(n, _), _| *n != i);
+                                    continue;
+                                }
                                 if let Some((_, a)) =
                                     node_addresses().into_iter().find(|(n, _)| *n == i)
                                 {
@@ -272,6 +377,23 @@ impl SplitBrain {
                             }
                             continue;
                         };
+                        if watch == Watch::Fences {
+                            let Some((addr, timeout)) = parse_fence(&line) else {
+                                continue;
+                            };
+                            if !vips.contains(&addr) {
+                                continue;
+                            }
+                            let now = started.elapsed();
+                            fences.insert((i, addr.clone()), timeout.map(|t| now + t));
+                            // A fence opened again over an address still
+                            // there counts from now.
+                            let holders = holders_in(&held, &fences, &addr, now);
+                            if by_events.check(&mut seen, &addr, holders, now) {
+                                seen.double += 1;
+                            }
+                            continue;
+                        }
                         let Some((at, added, addr)) = parse_event(&line) else {
                             continue;
                         };
@@ -285,7 +407,7 @@ impl SplitBrain {
                             set.remove(&addr);
                         }
                         seen.samples += 1;
-                        let holders = holders_in(&held, &addr);
+                        let holders = holders_in(&held, &fences, &addr, since(at));
                         if by_events.check(&mut seen, &addr, holders, since(at)) {
                             seen.double += 1;
                         }
@@ -293,10 +415,11 @@ impl SplitBrain {
                             break;
                         }
                     }
-                    // A node switched off or on changes who counts.
+                    // A node switched off or on, or a fence that ended,
+                    // changes who counts.
                     let now = started.elapsed();
                     for vip in &vips {
-                        by_events.check(&mut seen, vip, holders_in(&held, vip), now);
+                        by_events.check(&mut seen, vip, holders_in(&held, &fences, vip, now), now);
                     }
                     // The snapshot.
                     let began = Instant::now();
@@ -311,8 +434,12 @@ impl SplitBrain {
                     let at = began - started;
                     let mut double = false;
                     for vip in &vips {
-                        double |=
-                            by_snapshots.check(&mut seen, vip, holders_in(&snapshot, vip), at);
+                        double |= by_snapshots.check(
+                            &mut seen,
+                            vip,
+                            holders_in(&snapshot, &fences, vip, at),
+                            at,
+                        );
                     }
                     seen.double += usize::from(double);
                     seen.samples += 1;
@@ -418,6 +545,42 @@ mod tests {
         assert!(!added);
         assert_eq!(addr, "2001:db8:5::5");
         assert!(parse_event("       valid_lft forever preferred_lft forever").is_none());
+    }
+
+    #[test]
+    fn nft_monitor_lines_give_the_fence_of_a_vip() {
+        assert_eq!(
+            parse_fence("add element arp kubeha live { 198.18.0.100 timeout 970ms expires 970ms }"),
+            Some(("198.18.0.100".into(), Some(Duration::from_millis(970))))
+        );
+        assert_eq!(
+            parse_fence(
+                "add element inet kubeha live6 { 2001:db8::100 timeout 3s370ms expires 3s370ms }"
+            ),
+            Some(("2001:db8::100".into(), Some(Duration::from_millis(3370))))
+        );
+        assert_eq!(
+            parse_fence("delete element arp kubeha live { 198.18.0.100 timeout 4ms expires 4ms }"),
+            Some(("198.18.0.100".into(), None))
+        );
+        // The held sets and the inet copy of an IPv4 fence are not read.
+        assert_eq!(
+            parse_fence("add element arp kubeha held { 198.18.0.100 timeout 6s expires 6s }"),
+            None
+        );
+        assert_eq!(
+            parse_fence("add element inet kubeha live4 { 198.18.0.100 timeout 1s }"),
+            None
+        );
+        assert_eq!(
+            parse_fence("# new generation 31 by process 18699 (nft)"),
+            None
+        );
+        assert_eq!(
+            parse_nft_duration("1d2h3m4s5ms"),
+            Some(Duration::from_millis(93_784_005))
+        );
+        assert_eq!(parse_nft_duration("5x"), None);
     }
 
     #[test]

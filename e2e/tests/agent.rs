@@ -691,6 +691,133 @@ fn a_killed_agent_loses_its_vip_to_the_kernel_and_a_quick_restart_readopts_it() 
     cleanup(&lab, name, vip);
 }
 
+/// Issue 15: at D = 1 s (R 300 ms, RD 600 ms, skew 100 ms) an agent frozen
+/// on the active node stops answering ARP for its VIP at its lease end
+/// (renewTime + D + skew), to within 50 ms, while the address is still on
+/// the interface: the packet fence closes, not the address lifetime. Three
+/// freezes, ARP probes every 10 ms.
+#[test]
+fn a_frozen_agent_stops_answering_for_its_vip_at_its_lease_end_while_the_address_stays() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let lab = lab();
+    let (name, vip) = ("frozen", "198.18.0.108");
+    let timing = Timing {
+        lease_ms: 1000,
+        renew_ms: 300,
+        deadline_ms: 600,
+        skew_ms: 100,
+    };
+    let expiry = jiff::SignedDuration::from_millis(i64::from(timing.lease_ms + timing.skew_ms));
+    setup(&lab, name, &[&format!("{vip}/24")], None, timing);
+    // Clears node-3 at `epoch` as the operator does once it saw node-3's
+    // latest renew (an agent back from a fence refuses older clearances).
+    let clear = |epoch: i32| {
+        std::thread::sleep(Duration::from_millis(700));
+        let renew = heartbeat_renew_text(&lab, name, 3).unwrap();
+        ha::apply(
+            &lab,
+            &serde_json::json!({
+                "apiVersion": "coordination.k8s.io/v1",
+                "kind": "Lease",
+                "metadata": {
+                    "name": format!("kubeha-svc-{name}"),
+                    "namespace": ha::SERVICE_NAMESPACE,
+                    "labels": {"kubeha.io/lease": "service", "kubeha.io/service": name},
+                    "annotations": {
+                        "kubeha.io/enter-epoch": epoch.to_string(),
+                        "kubeha.io/standby": "",
+                        "kubeha.io/holder-renew-time": renew.trim(),
+                    }
+                },
+                "spec": {"holderIdentity": "node-3", "leaseTransitions": epoch}
+            }),
+        )
+        .unwrap();
+    };
+    clear(1);
+    assert!(
+        ha::wait_until(Duration::from_secs(15), || ha::vip_holders(vip) == [3]).is_some(),
+        "node-3 never held {vip} at D = 1 s, skew 100 ms"
+    );
+    let mac = ha::mac_of(&nodes::node_ns(3), nodes::NS_IFACE).unwrap();
+    let mut offsets = Vec::new();
+    for round in 1..=3 {
+        // Answering steadily, renewing every 300 ms.
+        std::thread::sleep(Duration::from_secs(2));
+        assert!(
+            ha::vip_holders(vip) == [3],
+            "round {round}: node-3 lost {vip} before the freeze"
+        );
+        let probe = kubeha_e2e::arp_probe::ArpProbe::start(&[vip]).unwrap();
+        std::thread::sleep(Duration::from_millis(300));
+        lab.freeze_agent(3, true).unwrap();
+        // The address, every 10 ms: when it went.
+        let watch = Instant::now();
+        let mut address_gone = None;
+        while watch.elapsed() < Duration::from_millis(2500) {
+            if address_gone.is_none() && !ha::vip_on_node(3, vip) {
+                address_gone = Some(jiff::Timestamp::now());
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let probed = probe.stop();
+        // Read while the agent is still frozen: its last renew.
+        let renew: jiff::Timestamp = heartbeat_renew_text(&lab, name, 3)
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        lab.freeze_agent(3, false).unwrap();
+        let lease_end = renew + expiry;
+        let (_, last) = *probed
+            .answers
+            .get(&(vip.parse().unwrap(), mac.clone()))
+            .unwrap_or_else(|| panic!("round {round}: node-3 never answered: {probed:?}"));
+        let offset = last.duration_since(lease_end);
+        println!(
+            "round {round}: last ARP answer {} ms from the lease end (renewTime + D + skew); address removed {} ms after it; probe gap {:?}",
+            offset.as_millis(),
+            address_gone.map_or("never (within 2.5 s)".to_owned(), |g| g
+                .duration_since(lease_end)
+                .as_millis()
+                .to_string()),
+            probed.max_gap
+        );
+        assert!(
+            probed.max_gap < Duration::from_millis(30),
+            "round {round}: the probe fell behind ({:?} between rounds)",
+            probed.max_gap
+        );
+        assert!(
+            offset <= jiff::SignedDuration::from_millis(50),
+            "round {round}: node-3 answered {} ms past its lease end",
+            offset.as_millis()
+        );
+        // The address outlived the last answer: the fence silenced it.
+        assert!(
+            address_gone
+                .is_none_or(|g| g.duration_since(last) > jiff::SignedDuration::from_millis(100)),
+            "round {round}: the address went {:?} after the last answer: the address lifetime, not the fence, ended it",
+            address_gone.map(|g| g.duration_since(last))
+        );
+        offsets.push(offset.as_millis());
+        // Resumed: it finds its fence closed and gives the role up; cleared
+        // again at the next epoch once it is back, it enters again.
+        clear(round + 1);
+        assert!(
+            ha::wait_until(Duration::from_secs(15), || ha::vip_holders(vip) == [3]).is_some(),
+            "round {round}: node-3 did not hold {vip} again after it resumed"
+        );
+    }
+    offsets.sort();
+    assert!(
+        offsets[1].abs() <= 50,
+        "median last answer {} ms from the lease end (rounds: {offsets:?})",
+        offsets[1]
+    );
+    cleanup(&lab, name, vip);
+}
+
 fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
     let mut out = Vec::new();
     if let Ok(entries) = std::fs::read_dir(dir) {

@@ -277,9 +277,10 @@ mod tests {
     fn a_cluster_timing_no_agent_can_enter_under_is_a_problem_of_its_services() {
         let s = spec(&["198.18.0.100/24"]);
         let mut c = cluster(&["198.18.0.0/24"], &["apps"]);
+        // D = 1 s with 100 ms of skew, but renewed only every 900 ms.
         c.heartbeat.lease_duration_ms = 1000;
-        c.heartbeat.renew_interval_ms = 300;
-        c.heartbeat.renew_deadline_ms = 600;
+        c.heartbeat.renew_interval_ms = 900;
+        c.heartbeat.renew_deadline_ms = 950;
         c.heartbeat.clock_skew_ms = 100;
         let p = validate(subject(&s, "apps/nfs", 1), "c", &c, &[], &[]);
         assert!(

@@ -48,7 +48,8 @@ impl Lab {
 
     /// Node `i` boots after [`Lab::power_off`]: like a machine after power
     /// loss it comes back with only its own addresses (a VIP it held is
-    /// gone), then its link to the bridge comes up. Every address on its
+    /// gone) and no nftables tables of the agent's, then its link to the
+    /// bridge comes up. Every address on its
     /// interface other than [`nodes::node_ip`], [`nodes::node_ip6`] and IPv6
     /// link-local (fe80::/10) is removed before the link is up, so nothing
     /// it held before the power loss reaches the wire again. The boot gets a
@@ -90,6 +91,13 @@ impl Lab {
             fs::create_dir_all(&run)?;
         }
         let ns = nodes::node_ns(i);
+        // A reboot empties nftables too: the agents' packet fences go.
+        for family in ["arp", "inet"] {
+            let _ = nodes::exec_in(&ns, &["nft", "delete", "table", family, "kubeha"])
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .status();
+        }
         let (v4, v6) = (nodes::node_ip(i)?, nodes::node_ip6(i)?);
         let own = |a: &IpAddr| *a == IpAddr::V4(v4) || *a == IpAddr::V6(v6) || is_link_local(a);
         for (addr, prefix) in ns_iface_addresses(&ns)? {

@@ -52,7 +52,11 @@ const LAB_TOOLS: &[(&[&str], &str, &str)] = &[
         "openssl",
         "makes the control plane's certificates",
     ),
-    (&["nft", "iptables"], "nftables", "partitions nodes"),
+    (
+        &["nft"],
+        "nftables",
+        "is the agents' packet fence, and partitions nodes",
+    ),
     (
         &["tcpdump"],
         "tcpdump",

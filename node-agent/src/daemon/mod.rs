@@ -162,6 +162,8 @@ pub async fn run(config: Config) -> crate::Result<()> {
     let metrics = Metrics::default();
     let beats = Heartbeats::default();
     let netlink = RtNetlink::new()?;
+    netlink.install_fence().await?;
+    tracing::info!("packet fence installed (nftables tables kubeha)");
     let mut runner = HookRunner::new(config.log_dir.clone());
     match &config.hook_cgroup {
         Some(dir) => {

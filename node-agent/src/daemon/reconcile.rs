@@ -239,13 +239,13 @@ async fn reconcile_service(
         }
     }
     // Nothing is entered while this node is cut off from the API
-    // server, or while its last renew leaves no whole second of VIP
-    // lifetime (just after a stalled API server answers a renew sent
-    // before the stall).
+    // server, or while its last renew leaves no time to hold a VIP
+    // (just after a stalled API server answers a renew sent before the
+    // stall).
     let cut_off = view.fenced.load(Ordering::SeqCst)
         || view.beat.is_none_or(|b| {
             let now = Instant::now();
-            b.past_deadline(now) || LocalNode::<RtNetlink>::allowed_lifetime(&b, now).is_none()
+            b.past_deadline(now) || LocalNode::<RtNetlink>::allowed_until(&b, now).is_none()
         });
     let service = TransitionService {
         key: key.clone(),

@@ -44,19 +44,17 @@ impl<N: Netlink> LocalNode<N> {
         }
         self.wait_until_unanswered(&placed).await?;
         let beat = cluster.beat.ok_or(EnterError::HeartbeatTooOld)?;
-        let secs =
-            Self::allowed_lifetime(&beat, Instant::now()).ok_or(EnterError::HeartbeatTooOld)?;
+        let until =
+            Self::allowed_until(&beat, Instant::now()).ok_or(EnterError::HeartbeatTooOld)?;
         for (iface, v) in &placed {
             let added = if cluster.fenced.load(Ordering::SeqCst) {
                 Err(EnterError::Fenced)
             } else {
-                match self
-                    .netlink
-                    .add_vip(iface, v, Duration::from_secs(secs as u64))
-                    .await
-                {
-                    Ok(()) if self.settle_lifetime(iface, v, &beat, secs).await => Ok(()),
-                    Ok(()) => Err(EnterError::StalledInCall(v.to_string())),
+                match self.netlink.add_vip(iface, v, until).await {
+                    Ok(()) => Ok(()),
+                    Err(crate::vip::VipError::PastLeaseEnd) => {
+                        Err(EnterError::StalledInCall(v.to_string()))
+                    }
                     Err(source) => Err(EnterError::Interface {
                         vip: v.to_string(),
                         source,

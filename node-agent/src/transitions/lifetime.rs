@@ -1,78 +1,32 @@
-//! VIP lifetimes bounded by the heartbeat: what lifetime a renew allows,
+//! VIP lifetimes bounded by the heartbeat: until when a renew allows a VIP,
 //! extending every held VIP after a renew, and giving a master role up when the
-//! kernel expired its VIP first.
+//! kernel expired its VIP (or closed its packet fence) first.
 
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use kubeha_crds::service::Role;
 
-use super::{LIFETIME_MARGIN, LocalNode, TransitionCluster, refused};
+use super::{FENCE_MARGIN, LocalNode, TransitionCluster, refused};
 use crate::heartbeat::Beat;
 use crate::statefile::ServiceRecord;
 use crate::vip::{self, Netlink, Vip};
 
 impl<N: Netlink> LocalNode<N> {
-    /// Seconds of VIP lifetime allowed now: the configured or derived
-    /// lifetime, but never past D plus the skew allowance since the last
-    /// successful renew, so a VIP cannot outlive the lease.
-    pub fn allowed_lifetime(beat: &Beat, now: Instant) -> Option<u32> {
+    /// Until when a VIP may be held, judged `now`: never past D plus the skew
+    /// allowance less the packet fence's margin after the last successful
+    /// renew (counted from when it was sent), so a VIP cannot outlive the
+    /// lease, and at most the configured lifetime from now. `None` when
+    /// less than a millisecond is left. The kernel calls turn it into a
+    /// timeout at the last moment, so a call held up in flight (the agent
+    /// stopped in it) never sets a fence that ends later.
+    pub fn allowed_until(beat: &Beat, now: Instant) -> Option<Instant> {
         let age = beat.age(now)?;
         let t = &beat.guard();
-        let full =
-            vip::lifetime_secs(t.lease_duration, t.clock_skew, t.vip_lifetime_seconds).ok()?;
-        let left = (t.lease_duration + t.clock_skew).checked_sub(age + LIFETIME_MARGIN)?;
-        // Whole seconds within what is left.
-        let left_secs = (left.as_millis() / 1000) as u32;
-        let secs = full.min(left_secs);
-        (secs >= 1).then_some(secs)
-    }
-
-    /// Whether a lifetime of `secs` set by a netlink call that returned at
-    /// `now` ends within what the heartbeat allows (E less the margin,
-    /// since the last renew).
-    pub(super) fn lifetime_fits(beat: &Beat, secs: u32, now: Instant) -> bool {
-        let t = beat.guard();
-        beat.age(now).is_some_and(|age| {
-            age + Duration::from_secs(u64::from(secs)) + LIFETIME_MARGIN
-                <= t.lease_duration + t.clock_skew
-        })
-    }
-
-    /// After a VIP was given `secs` of lifetime: a call held up in flight
-    /// (the agent stopped between computing the lifetime and the kernel
-    /// taking it) may have set it to end past what the heartbeat allows.
-    /// Then it is set again with what is allowed now, or removed when
-    /// nothing is. Returns whether the VIP stays.
-    pub(super) async fn settle_lifetime(
-        &self,
-        iface: &str,
-        v: &Vip,
-        beat: &Beat,
-        secs: u32,
-    ) -> bool {
-        let mut secs = secs;
-        for _ in 0..3 {
-            if Self::lifetime_fits(beat, secs, Instant::now()) {
-                return true;
-            }
-            let Some(allowed) = Self::allowed_lifetime(beat, Instant::now()) else {
-                break;
-            };
-            tracing::warn!(vip = %v, %iface, set = secs, allowed, "a VIP lifetime was set late (the agent stalled in the call): setting it again");
-            secs = allowed;
-            if self
-                .netlink
-                .add_vip(iface, v, Duration::from_secs(u64::from(secs)))
-                .await
-                .is_err()
-            {
-                break;
-            }
-        }
-        tracing::error!(vip = %v, %iface, "a VIP lifetime could not be kept within the lease: removing the VIP");
-        let _ = self.netlink.del_vip(iface, v).await;
-        false
+        let cap = vip::lifetime_cap(t.lease_duration, t.clock_skew, t.vip_lifetime_seconds).ok()?;
+        let left = (t.lease_duration + t.clock_skew).checked_sub(age + FENCE_MARGIN)?;
+        let allowed = cap.min(left);
+        (allowed >= Duration::from_millis(1)).then(|| now + allowed)
     }
 
     /// Extends the lifetime of every VIP held for `cluster` after a renew;
@@ -97,21 +51,12 @@ impl<N: Netlink> LocalNode<N> {
             if !self.held.is_held(&addr) {
                 continue;
             }
-            // Computed right before the call, checked right after it.
-            let Some(secs) = Self::allowed_lifetime(&beat, Instant::now()) else {
+            let Some(until) = Self::allowed_until(&beat, Instant::now()) else {
                 return;
             };
-            match self
-                .netlink
-                .extend_vip(&iface, &v, Duration::from_secs(secs as u64))
-                .await
-            {
-                Ok(true) => {
-                    if !self.settle_lifetime(&iface, &v, &beat, secs).await {
-                        self.held.expire(&addr);
-                    }
-                }
-                Ok(false) => {
+            match self.netlink.extend_vip(&iface, &v, until).await {
+                Ok(true) => {}
+                Ok(false) | Err(vip::VipError::PastLeaseEnd) => {
                     tracing::error!(vip = %addr, %iface, "a VIP expired before it was extended (missed renewals)");
                     self.held.expire(&addr);
                 }

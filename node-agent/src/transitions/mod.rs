@@ -183,11 +183,11 @@ pub const CONFLICT_WAIT: Duration = Duration::from_secs(2);
 /// How long one round of ARP probes listens for answers.
 const PROBE_WINDOW: Duration = Duration::from_millis(30);
 
-/// Kept between a VIP's kernel lifetime and the end of E (D + skew) after
-/// the renew it was extended from ([`kubeha_crds::timing`], where the
+/// Kept between the end of a VIP's packet fence and the end of E (D + skew)
+/// after the renew it was extended from ([`kubeha_crds::timing`], where the
 /// timing rule the API server enforces uses it too).
-pub const LIFETIME_MARGIN: Duration =
-    Duration::from_millis(kubeha_crds::timing::LIFETIME_MARGIN_MS as u64);
+pub const FENCE_MARGIN: Duration =
+    Duration::from_millis(kubeha_crds::timing::FENCE_MARGIN_MS as u64);
 
 /// A hook result standing for a step that could not run.
 pub fn refused(reason: &str) -> HookResult {

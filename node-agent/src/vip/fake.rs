@@ -6,9 +6,9 @@
 use std::net::IpAddr;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use super::{Netlink, Vip, VipError, kernel_lifetime};
+use super::{Netlink, Vip, VipError, kernel_lifetime_until};
 
 /// See the module doc.
 pub(crate) struct FakeNetlink {
@@ -24,7 +24,8 @@ pub(crate) struct FakeNetlink {
     /// How long an add waits before the kernel takes it (an agent stopped
     /// in the call), in ms.
     pub(crate) add_delay_ms: AtomicU64,
-    /// Every lifetime set, in order.
+    /// Every lifetime set (the packet fence's timeout, as the kernel took
+    /// it), in order.
     pub(crate) lifetimes: Mutex<Vec<Duration>>,
 }
 
@@ -48,13 +49,13 @@ impl FakeNetlink {
 }
 
 impl Netlink for FakeNetlink {
-    async fn add_vip(&self, iface: &str, vip: &Vip, lifetime: Duration) -> Result<(), VipError> {
+    async fn add_vip(&self, iface: &str, vip: &Vip, until: Instant) -> Result<(), VipError> {
         let delay = self.add_delay_ms.load(Ordering::SeqCst);
         tokio::time::sleep(Duration::from_millis(delay)).await;
         if !self.interfaces.iter().any(|(n, _, _)| n == iface) {
             return Err(VipError::InterfaceMissing(iface.into()));
         }
-        kernel_lifetime(lifetime)?;
+        let (lifetime, _) = kernel_lifetime_until(until)?;
         self.lifetimes
             .lock()
             .unwrap_or_else(|e| e.into_inner())

@@ -4,7 +4,7 @@
 
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use futures::TryStreamExt;
 use netlink_packet_route::address::{
@@ -17,7 +17,8 @@ use netlink_packet_route::route::{
 use nix::errno::Errno;
 use rtnetlink::{AddressMessageBuilder, Handle, RouteMessageBuilder};
 
-use super::{Netlink, Vip, VipError, kernel_lifetime, validate_ifname};
+use super::packet_fence::{HELD_SLACK, PacketFence};
+use super::{Netlink, Vip, VipError, kernel_lifetime_until, validate_ifname};
 
 /// [`Netlink`] over an rtnetlink connection in the agent's network namespace.
 ///
@@ -28,6 +29,7 @@ use super::{Netlink, Vip, VipError, kernel_lifetime, validate_ifname};
 pub struct RtNetlink {
     handle: Handle,
     dumps: std::sync::Arc<tokio::sync::Mutex<()>>,
+    fence: std::sync::Arc<PacketFence>,
 }
 
 impl fmt::Debug for RtNetlink {
@@ -145,6 +147,71 @@ impl RtNetlink {
         Ok(RtNetlink {
             handle,
             dumps: Default::default(),
+            fence: Default::default(),
+        })
+    }
+
+    /// Installs the packet fence's tables now, so that a node without
+    /// nftables is reported when the agent starts, not at its first entry.
+    pub async fn install_fence(&self) -> Result<(), VipError> {
+        self.fence.install().await
+    }
+
+    /// Removes the address of `vip` from `iface`, if there.
+    async fn del_address(&self, iface: &str, vip: &Vip) -> Result<(), VipError> {
+        let index = match self.link_by_name(iface).await? {
+            Some(link) => link.header.index,
+            None => {
+                tracing::warn!(%vip, iface, "interface is gone, so is the VIP on it");
+                return Ok(());
+            }
+        };
+        match self
+            .handle
+            .address()
+            .del(address_message(index, vip))
+            .execute()
+            .await
+        {
+            Ok(()) => {
+                tracing::debug!(%vip, iface, "VIP removed");
+                Ok(())
+            }
+            Err(e)
+                if matches!(
+                    errno_of(&e),
+                    Some(Errno::EADDRNOTAVAIL | Errno::ENOENT | Errno::ENODEV)
+                ) =>
+            {
+                Ok(())
+            }
+            Err(e) => Err(nl_err(format!("delete address {vip} from {iface}"), e)),
+        }
+    }
+
+    /// Replaces (adds or extends) the address of `vip` with lifetime `secs`.
+    async fn replace_address(&self, iface: &str, vip: &Vip, secs: u32) -> Result<(), VipError> {
+        let index = self.index_of(iface).await?;
+        let mut req = self
+            .handle
+            .address()
+            .add(index, vip.addr, vip.prefix_len)
+            .replace();
+        let msg = req.message_mut();
+        let mut cache_info = CacheInfo::default();
+        cache_info.ifa_valid = secs;
+        cache_info.ifa_preferred = secs;
+        msg.attributes.push(AddressAttribute::CacheInfo(cache_info));
+        if vip.addr.is_ipv6() {
+            msg.header.flags |= AddressHeaderFlags::Nodad;
+            msg.attributes
+                .push(AddressAttribute::Flags(AddressFlags::Nodad));
+        }
+        req.execute().await.map_err(|e| {
+            nl_err(
+                format!("add address {vip} on {iface} (valid_lft {secs}s)"),
+                e,
+            )
         })
     }
 
@@ -233,63 +300,45 @@ impl RtNetlink {
 }
 
 impl Netlink for RtNetlink {
-    async fn add_vip(&self, iface: &str, vip: &Vip, valid_lft: Duration) -> Result<(), VipError> {
-        let secs = kernel_lifetime(valid_lft)?;
-        let index = self.index_of(iface).await?;
-        let mut req = self
-            .handle
-            .address()
-            .add(index, vip.addr, vip.prefix_len)
-            .replace();
-        let msg = req.message_mut();
-        let mut cache_info = CacheInfo::default();
-        cache_info.ifa_valid = secs;
-        cache_info.ifa_preferred = secs;
-        msg.attributes.push(AddressAttribute::CacheInfo(cache_info));
-        if vip.addr.is_ipv6() {
-            msg.header.flags |= AddressHeaderFlags::Nodad;
-            msg.attributes
-                .push(AddressAttribute::Flags(AddressFlags::Nodad));
+    async fn add_vip(&self, iface: &str, vip: &Vip, until: Instant) -> Result<(), VipError> {
+        let (fence, secs) = kernel_lifetime_until(until)?;
+        let held = Duration::from_secs(u64::from(secs)) + HELD_SLACK;
+        // The fence opens first: the address answers from the moment it is
+        // added, and never past the fence.
+        self.fence.open(vip.addr, until, held).await?;
+        if let Err(e) = self.replace_address(iface, vip, secs).await {
+            let _ = self.fence.forget(vip.addr).await;
+            return Err(e);
         }
-        req.execute().await.map_err(|e| {
-            nl_err(
-                format!("add address {vip} on {iface} (valid_lft {secs}s)"),
-                e,
-            )
-        })?;
-        tracing::debug!(%vip, iface, valid_lft = secs, "VIP added or extended");
+        tracing::debug!(%vip, iface, fence_ms = fence.as_millis() as u64, valid_lft = secs, "VIP added or extended");
         Ok(())
     }
 
-    async fn del_vip(&self, iface: &str, vip: &Vip) -> Result<(), VipError> {
-        let index = match self.link_by_name(iface).await? {
-            Some(link) => link.header.index,
-            None => {
-                tracing::warn!(%vip, iface, "interface is gone, so is the VIP on it");
-                return Ok(());
-            }
-        };
-        match self
-            .handle
-            .address()
-            .del(address_message(index, vip))
-            .execute()
-            .await
-        {
-            Ok(()) => {
-                tracing::debug!(%vip, iface, "VIP removed");
-                Ok(())
-            }
-            Err(e)
-                if matches!(
-                    errno_of(&e),
-                    Some(Errno::EADDRNOTAVAIL | Errno::ENOENT | Errno::ENODEV)
-                ) =>
-            {
-                Ok(())
-            }
-            Err(e) => Err(nl_err(format!("delete address {vip} from {iface}"), e)),
+    async fn extend_vip(&self, iface: &str, vip: &Vip, until: Instant) -> Result<bool, VipError> {
+        if !self.vip_present(iface, vip).await? {
+            return Ok(false);
         }
+        let (fence, secs) = kernel_lifetime_until(until)?;
+        let held = Duration::from_secs(u64::from(secs)) + HELD_SLACK;
+        if !self.fence.extend(vip.addr, until, held).await? {
+            tracing::warn!(%vip, iface, "the packet fence of a VIP expired before its renew");
+            return Ok(false);
+        }
+        self.replace_address(iface, vip, secs).await?;
+        tracing::debug!(%vip, iface, fence_ms = fence.as_millis() as u64, valid_lft = secs, "VIP extended");
+        Ok(true)
+    }
+
+    async fn del_vip(&self, iface: &str, vip: &Vip) -> Result<(), VipError> {
+        // Silent at once, even when removing the address fails.
+        if let Err(e) = self.fence.close(vip.addr).await {
+            tracing::warn!(%vip, iface, error = %e, "closing a VIP's packet fence failed");
+        }
+        self.del_address(iface, vip).await?;
+        if let Err(e) = self.fence.forget(vip.addr).await {
+            tracing::warn!(%vip, iface, error = %e, "forgetting a VIP in the packet fence failed");
+        }
+        Ok(())
     }
 
     async fn vip_present(&self, iface: &str, vip: &Vip) -> Result<bool, VipError> {

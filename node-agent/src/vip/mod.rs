@@ -11,13 +11,15 @@
 //! implementation over an `rtnetlink` handle ([`kernel`]).
 
 mod kernel;
+pub mod packet_fence;
 
 use std::fmt;
 use std::future::Future;
 use std::net::{IpAddr, Ipv4Addr};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 pub use kernel::RtNetlink;
+pub use packet_fence::PacketFence;
 
 /// Longest interface name the kernel accepts (IFNAMSIZ - 1).
 const IFNAME_MAX: usize = 15;
@@ -74,6 +76,20 @@ pub enum VipError {
     PermissionDenied {
         /// The operation, e.g. `add address 198.18.0.100/24 on eth0`.
         op: String,
+    },
+    /// The end a VIP was to be held until had passed when the kernel was
+    /// about to take it (the agent stalled in the call): nothing was set.
+    #[error(
+        "the lease end the VIP was to be held until passed before the kernel took it (the agent stalled)"
+    )]
+    PastLeaseEnd,
+    /// The packet fence (nftables) could not be changed.
+    #[error("packet fence: {op} failed: {reason}")]
+    Fence {
+        /// The operation, e.g. `open the packet fence of 198.18.0.100`.
+        op: String,
+        /// Why, with the fix where there is one.
+        reason: String,
     },
     /// Any other netlink failure.
     #[error("netlink {op} failed: {source}")]
@@ -173,18 +189,15 @@ fn validate_ifname(name: &str) -> Result<(), &'static str> {
     Ok(())
 }
 
-/// The VIP valid lifetime in whole seconds for lease duration D and clock-skew
-/// allowance S.
-///
-/// With `configured` set, that value is returned if it is at least 1 and
-/// strictly below D + S, and refused otherwise. Unset, the result is the
-/// largest whole number of seconds strictly below D + S; an error if that is
-/// not at least 1 (D + S of one second or less).
-pub fn lifetime_secs(
+/// The longest a VIP may be held after a renew, for lease duration D and
+/// clock-skew allowance S: `configured` (whole seconds) if set, which must
+/// be at least 1 and strictly below D + S, else D + S itself. The fences'
+/// margins ([`kubeha_crds::timing`]) come off it when a lifetime is given.
+pub fn lifetime_cap(
     lease_duration: Duration,
     clock_skew: Duration,
     configured: Option<u32>,
-) -> Result<u32, VipError> {
+) -> Result<Duration, VipError> {
     let bound = lease_duration.checked_add(clock_skew).ok_or_else(|| {
         VipError::InvalidLifetime("lease duration plus clock skew overflows".to_string())
     })?;
@@ -192,46 +205,44 @@ pub fn lifetime_secs(
         Some(0) => Err(VipError::InvalidLifetime(
             "a configured VIP lifetime of 0 s is not allowed; use at least 1 s".to_string(),
         )),
-        Some(secs) if Duration::from_secs(u64::from(secs)) < bound => Ok(secs),
+        Some(secs) if Duration::from_secs(u64::from(secs)) < bound => {
+            Ok(Duration::from_secs(u64::from(secs)))
+        }
         Some(secs) => Err(VipError::InvalidLifetime(format!(
             "configured VIP lifetime {secs} s is not below lease duration + clock skew ({} ms); \
              a VIP could outlive the lease",
             bound.as_millis()
         ))),
-        None => {
-            // Largest whole number of seconds strictly below `bound`:
-            // ceil(bound) - 1, i.e. (bound - 1 ns) truncated to seconds.
-            let below = bound
-                .checked_sub(Duration::from_nanos(1))
-                .map(|d| d.as_secs())
-                .unwrap_or(0);
-            match u32::try_from(below) {
-                Ok(secs) if secs >= 1 => Ok(secs),
-                Ok(_) => Err(VipError::InvalidLifetime(format!(
-                    "lease duration + clock skew ({} ms) leaves no whole second below it; \
-                     raise leaseDurationMs or clockSkewMs",
-                    bound.as_millis()
-                ))),
-                Err(_) => Err(VipError::InvalidLifetime(format!(
-                    "lease duration + clock skew ({} s) is too long for a VIP lifetime",
-                    bound.as_secs()
-                ))),
-            }
-        }
+        None => Ok(bound),
     }
 }
 
-/// Converts a requested lifetime into the whole seconds given to the kernel,
-/// rounding down (the fence must never be longer than asked).
-fn kernel_lifetime(valid_lft: Duration) -> Result<u32, VipError> {
-    match u32::try_from(valid_lft.as_secs()) {
-        // u32::MAX is INFINITY_LIFE_TIME: a permanent address, no fence.
-        Ok(secs) if (1..u32::MAX).contains(&secs) => Ok(secs),
-        Ok(0) => Err(VipError::InvalidLifetime(format!(
-            "{valid_lft:?} is below one second; the kernel needs a whole number of seconds >= 1"
-        ))),
+/// What the kernel is given for a VIP held until `until`, judged now: the
+/// packet fence's timeout (to the millisecond), and the address lifetime in
+/// whole seconds ([`kubeha_crds::timing::address_lifetime_secs`]).
+fn kernel_lifetime_until(until: Instant) -> Result<(Duration, u32), VipError> {
+    match until.checked_duration_since(Instant::now()) {
+        Some(left) if left >= Duration::from_millis(1) => kernel_lifetime(left),
+        _ => Err(VipError::PastLeaseEnd),
+    }
+}
+
+/// What the kernel is given for a VIP held for `fence`: the packet fence's
+/// timeout (whole milliseconds, rounded down) and the address lifetime.
+fn kernel_lifetime(fence: Duration) -> Result<(Duration, u32), VipError> {
+    let ms = fence.as_millis();
+    if ms == 0 {
+        return Err(VipError::InvalidLifetime(format!(
+            "{fence:?} is below one millisecond; nothing may be held for that long"
+        )));
+    }
+    match i64::try_from(ms) {
+        Ok(ms) if ms < i64::from(u32::MAX - 1) * 1000 => Ok((
+            Duration::from_millis(ms as u64),
+            kubeha_crds::timing::address_lifetime_secs(ms),
+        )),
         _ => Err(VipError::InvalidLifetime(format!(
-            "{valid_lft:?} is too long; a VIP must have a finite lifetime"
+            "{fence:?} is too long; a VIP must have a finite lifetime"
         ))),
     }
 }
@@ -242,41 +253,47 @@ fn kernel_lifetime(valid_lft: Duration) -> Result<u32, VipError> {
 /// crash: adding an existing VIP extends its lifetime, removing a missing
 /// VIP or route succeeds.
 pub trait Netlink: Send + Sync {
-    /// Adds `vip` to interface `iface` with valid and preferred lifetime
-    /// `valid_lft` (whole seconds, rounded down, at least 1). If the address
-    /// exists it is replaced (`NLM_F_REPLACE`), which extends its lifetime.
-    /// IPv6 VIPs are added with `IFA_F_NODAD`, usable at once.
+    /// Adds `vip` to interface `iface`, held until `until` (to the
+    /// millisecond, turned into a timeout at the last moment, so a call held
+    /// up in flight never sets a later end; [`VipError::PastLeaseEnd`] when
+    /// it passed): its packet fence ([`packet_fence`]) is opened until then,
+    /// and the address gets the matching whole-second lifetime
+    /// ([`kubeha_crds::timing::address_lifetime_secs`]). If the
+    /// address exists it is replaced (`NLM_F_REPLACE`), which extends its
+    /// lifetime. IPv6 VIPs are added with `IFA_F_NODAD`, usable at once.
     fn add_vip(
         &self,
         iface: &str,
         vip: &Vip,
-        valid_lft: Duration,
+        until: Instant,
     ) -> impl Future<Output = Result<(), VipError>> + Send;
 
-    /// Extends the lifetime of `vip` on `iface` to `valid_lft` only if the
-    /// address is still there; returns `false`, adding nothing, when it is
-    /// gone (the kernel expired it: the holder missed its renewals, and the
-    /// operator may have cleared another node). The kernel creates a missing
-    /// address even without `NLM_F_CREATE`, so presence is checked first;
-    /// the kernel expires addresses from a periodic task, not between the
-    /// check and the replace of a running agent.
+    /// Extends the lifetime of `vip` on `iface` to `until` only if the
+    /// address is still there and its packet fence still open; returns
+    /// `false`, adding nothing, when either ended (the holder missed its
+    /// renewals, and the operator may have cleared another node). The
+    /// kernel creates a missing address even without `NLM_F_CREATE`, so
+    /// presence is checked first; the kernel expires addresses from a
+    /// periodic task, not between the check and the replace of a running
+    /// agent.
     fn extend_vip(
         &self,
         iface: &str,
         vip: &Vip,
-        valid_lft: Duration,
+        until: Instant,
     ) -> impl Future<Output = Result<bool, VipError>> + Send {
         async move {
             if !self.vip_present(iface, vip).await? {
                 return Ok(false);
             }
-            self.add_vip(iface, vip, valid_lft).await?;
+            self.add_vip(iface, vip, until).await?;
             Ok(true)
         }
     }
 
-    /// Removes `vip` from `iface`. A VIP that is not there counts as removed,
-    /// and so does one whose interface no longer exists.
+    /// Removes `vip` from `iface`, closing its packet fence first. A VIP
+    /// that is not there counts as removed, and so does one whose interface
+    /// no longer exists.
     fn del_vip(&self, iface: &str, vip: &Vip) -> impl Future<Output = Result<(), VipError>> + Send;
 
     /// Whether `vip` (address and prefix length) is on `iface`.

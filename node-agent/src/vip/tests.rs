@@ -1,5 +1,7 @@
 use super::*;
-use crate::netns_harness::{NetNs, TestResult, addr_entry, check, child_entry, ip_json, test_path};
+use crate::netns_harness::{
+    Failure, NetNs, TestResult, addr_entry, check, child_entry, ip_json, test_path,
+};
 use crate::vip::fake::FakeNetlink;
 
 // ---- parsing -------------------------------------------------------
@@ -87,70 +89,45 @@ fn parse_refuses_bad_interface_names() {
 // ---- lifetimes -----------------------------------------------------
 
 #[test]
-fn lifetime_defaults_to_largest_whole_second_below_bound() {
+fn lifetime_cap_defaults_to_the_whole_bound() {
     let ms = Duration::from_millis;
     let s = Duration::from_secs;
     // The CRD defaults: D = 3 s, skew 500 ms.
-    assert_eq!(lifetime_secs(s(3), ms(500), None).unwrap(), 3);
-    // With 1 s skew the bound is 4 s.
-    assert_eq!(lifetime_secs(s(3), s(1), None).unwrap(), 3);
-    // Exact whole bound: strictly below it.
-    assert_eq!(lifetime_secs(s(3), s(0), None).unwrap(), 2);
-    assert_eq!(lifetime_secs(s(2), s(0), None).unwrap(), 1);
-    // Fractional bound: truncate.
-    assert_eq!(lifetime_secs(ms(2500), s(0), None).unwrap(), 2);
-    assert_eq!(lifetime_secs(s(1), ms(500), None).unwrap(), 1);
-    assert_eq!(lifetime_secs(s(1), ms(1), None).unwrap(), 1);
-    assert_eq!(lifetime_secs(s(300), s(10), None).unwrap(), 309);
-}
-
-#[test]
-fn lifetime_refuses_bounds_without_a_whole_second() {
-    let ms = Duration::from_millis;
-    let s = Duration::from_secs;
-    for (d, skew) in [
-        (s(1), s(0)),
-        (ms(999), ms(1)),
-        (s(0), s(0)),
-        (ms(500), ms(300)),
-    ] {
-        let err = lifetime_secs(d, skew, None).unwrap_err();
-        assert!(
-            matches!(err, VipError::InvalidLifetime(_)),
-            "{d:?}+{skew:?}: {err}"
-        );
-    }
+    assert_eq!(lifetime_cap(s(3), ms(500), None).unwrap(), ms(3500));
+    // The tight end: D = 1 s, skew 100 ms; no whole second needed any more.
+    assert_eq!(lifetime_cap(s(1), ms(100), None).unwrap(), ms(1100));
+    assert_eq!(lifetime_cap(s(1), s(0), None).unwrap(), s(1));
 }
 
 #[test]
 fn lifetime_takes_configured_value_only_below_bound() {
     let s = Duration::from_secs;
     let ms = Duration::from_millis;
-    assert_eq!(lifetime_secs(s(3), s(1), Some(3)).unwrap(), 3);
-    assert_eq!(lifetime_secs(s(3), s(1), Some(1)).unwrap(), 1);
-    assert_eq!(lifetime_secs(s(1), ms(1), Some(1)).unwrap(), 1);
+    assert_eq!(lifetime_cap(s(3), s(1), Some(3)).unwrap(), s(3));
+    assert_eq!(lifetime_cap(s(3), s(1), Some(1)).unwrap(), s(1));
+    assert_eq!(lifetime_cap(s(1), ms(1), Some(1)).unwrap(), s(1));
     for (d, skew, c) in [
         (s(3), s(1), 4),
         (s(3), s(1), 5),
         (s(1), s(0), 1),
         (s(3), s(1), 0),
     ] {
-        let err = lifetime_secs(d, skew, Some(c)).unwrap_err();
+        let err = lifetime_cap(d, skew, Some(c)).unwrap_err();
         assert!(
             matches!(err, VipError::InvalidLifetime(_)),
             "{d:?}+{skew:?} configured {c}: {err}"
         );
     }
-    let msg = lifetime_secs(s(3), s(1), Some(4)).unwrap_err().to_string();
+    let msg = lifetime_cap(s(3), s(1), Some(4)).unwrap_err().to_string();
     assert!(msg.contains("outlive the lease"), "{msg}");
 }
 
 #[test]
 fn lifetime_handles_overflow() {
-    assert!(lifetime_secs(Duration::MAX, Duration::from_secs(1), None).is_err());
-    assert!(lifetime_secs(Duration::from_secs(u64::MAX / 2), Duration::ZERO, None).is_err());
+    assert!(lifetime_cap(Duration::MAX, Duration::from_secs(1), None).is_err());
+    assert!(lifetime_cap(Duration::from_secs(u64::MAX / 2), Duration::ZERO, None).is_ok());
     assert!(
-        lifetime_secs(
+        lifetime_cap(
             Duration::from_secs(u64::MAX / 2),
             Duration::ZERO,
             Some(u32::MAX)
@@ -160,10 +137,16 @@ fn lifetime_handles_overflow() {
 }
 
 #[test]
-fn kernel_lifetime_is_finite_and_at_least_one_second() {
-    assert_eq!(kernel_lifetime(Duration::from_millis(2999)).unwrap(), 2);
-    assert_eq!(kernel_lifetime(Duration::from_secs(1)).unwrap(), 1);
-    assert!(kernel_lifetime(Duration::from_millis(999)).is_err());
+fn kernel_lifetime_is_a_millisecond_fence_and_a_whole_second_address() {
+    let ms = Duration::from_millis;
+    // Fence to the millisecond; address 300 ms shorter in whole seconds.
+    assert_eq!(kernel_lifetime(ms(3370)).unwrap(), (ms(3370), 3));
+    assert_eq!(kernel_lifetime(ms(2999)).unwrap(), (ms(2999), 2));
+    // Below 1.3 s: the address outlives the fence, silent behind it.
+    assert_eq!(kernel_lifetime(ms(1200)).unwrap(), (ms(1200), 2));
+    assert_eq!(kernel_lifetime(ms(970)).unwrap(), (ms(970), 1));
+    assert_eq!(kernel_lifetime(ms(1)).unwrap(), (ms(1), 1));
+    assert!(kernel_lifetime(Duration::from_micros(999)).is_err());
     assert!(kernel_lifetime(Duration::ZERO).is_err());
     assert!(kernel_lifetime(Duration::from_secs(u64::from(u32::MAX))).is_err());
     assert!(kernel_lifetime(Duration::MAX).is_err());
@@ -189,10 +172,15 @@ fn rtnetlink_new_outside_a_runtime_is_an_error() {
 // ---- the trait is usable with a fake --------------------------------
 
 /// A transition-like routine generic over the trait.
+/// The instant `d` from now: what a VIP is held until.
+fn after(d: Duration) -> std::time::Instant {
+    std::time::Instant::now() + d
+}
+
 async fn hold_all<N: Netlink>(nl: &N, vips: &[Vip], lft: Duration) -> Result<usize, VipError> {
     for vip in vips {
         let iface = nl.interface_for(vip).await?;
-        nl.add_vip(&iface, vip, lft).await?;
+        nl.add_vip(&iface, vip, after(lft)).await?;
     }
     Ok(vips.len())
 }
@@ -245,6 +233,11 @@ fn kernel_fence_expires_vips_by_themselves() -> TestResult {
 }
 
 #[test]
+fn kernel_packet_fence_silences_a_vip_at_its_end_while_the_address_stays() -> TestResult {
+    kernel_case("packet-fence")
+}
+
+#[test]
 fn kernel_mac_of_reads_the_link_address() -> TestResult {
     kernel_case("mac-of")
 }
@@ -270,6 +263,7 @@ fn netns_child() {
             "del-idempotent" => case_del_idempotent().await,
             "interface-for" => case_interface_for().await,
             "kernel-fence" => case_kernel_fence().await,
+            "packet-fence" => case_packet_fence().await,
             "mac-of" => case_mac_of().await,
             "default-route" => case_default_route().await,
             "dump-under-churn" => case_dump_under_churn().await,
@@ -310,7 +304,8 @@ async fn case_add_extend() -> TestResult {
             "{vip} present before add"
         );
 
-        nl.add_vip("veth0", &vip, Duration::from_secs(30)).await?;
+        nl.add_vip("veth0", &vip, after(Duration::from_secs(30)))
+            .await?;
         let entry = addr_entry("veth0", vip.addr)?.ok_or(format!("{vip} not added"))?;
         let (valid, preferred) = lifetimes(&entry);
         check!(
@@ -338,7 +333,8 @@ async fn case_add_extend() -> TestResult {
         }
 
         // Renew: the address exists, the lifetime is replaced (extended).
-        nl.add_vip("veth0", &vip, Duration::from_secs(60)).await?;
+        nl.add_vip("veth0", &vip, after(Duration::from_secs(60)))
+            .await?;
         let entry = addr_entry("veth0", vip.addr)?.ok_or(format!("{vip} vanished"))?;
         let (valid, preferred) = lifetimes(&entry);
         check!(
@@ -354,7 +350,8 @@ async fn case_add_extend() -> TestResult {
         }
 
         // The lifetime is set, not maxed: a shorter renewal shortens it.
-        nl.add_vip("veth0", &vip, Duration::from_secs(10)).await?;
+        nl.add_vip("veth0", &vip, after(Duration::from_secs(10)))
+            .await?;
         let entry = addr_entry("veth0", vip.addr)?.ok_or(format!("{vip} vanished"))?;
         let (valid, _) = lifetimes(&entry);
         check!(valid <= 10, "{vip}: valid {valid} after asking 10");
@@ -368,16 +365,35 @@ async fn case_add_extend() -> TestResult {
     }
 
     let vip = Vip::parse("198.18.0.101/24", None)?;
-    let err = nl.add_vip("nosuch0", &vip, Duration::from_secs(5)).await;
+    let err = nl
+        .add_vip("nosuch0", &vip, after(Duration::from_secs(5)))
+        .await;
     check!(
         matches!(&err, Err(VipError::InterfaceMissing(n)) if n == "nosuch0"),
         "add on a missing interface: {err:?}"
     );
-    let err = nl.add_vip("veth0", &vip, Duration::from_millis(500)).await;
+    let err = nl
+        .add_vip(
+            "veth0",
+            &vip,
+            std::time::Instant::now() - Duration::from_millis(1),
+        )
+        .await;
     check!(
-        matches!(err, Err(VipError::InvalidLifetime(_))),
-        "sub-second lifetime: {err:?}"
+        matches!(err, Err(VipError::PastLeaseEnd)),
+        "an end in the past: {err:?}"
     );
+    check!(
+        !nl.vip_present("veth0", &vip).await?,
+        "{vip} added past its end"
+    );
+    // Below a second: the packet fence to the millisecond, the address
+    // with its one-second minimum.
+    nl.add_vip("veth0", &vip, after(Duration::from_millis(500)))
+        .await?;
+    let entry = addr_entry("veth0", vip.addr)?.ok_or(format!("{vip} not added"))?;
+    check!(lifetimes(&entry).0 <= 1, "{vip}: {entry}");
+    nl.del_vip("veth0", &vip).await?;
     check!(
         addr_entry("veth0", vip.addr)?.is_none(),
         "{vip} added despite the error"
@@ -410,7 +426,7 @@ async fn case_dump_under_churn() -> TestResult {
             while !stop.load(std::sync::atomic::Ordering::Relaxed) {
                 for vip in &vips {
                     churner
-                        .add_vip("veth0", vip, Duration::from_secs(30))
+                        .add_vip("veth0", vip, after(Duration::from_secs(30)))
                         .await?;
                 }
                 for vip in &vips {
@@ -460,7 +476,8 @@ async fn case_del_idempotent() -> TestResult {
     let nl = RtNetlink::new()?;
     for cidr in ["198.18.0.100/24", "2001:db8::100/64"] {
         let vip = Vip::parse(cidr, None)?;
-        nl.add_vip("veth0", &vip, Duration::from_secs(30)).await?;
+        nl.add_vip("veth0", &vip, after(Duration::from_secs(30)))
+            .await?;
         check!(addr_entry("veth0", vip.addr)?.is_some(), "{vip} not added");
         nl.del_vip("veth0", &vip).await?;
         check!(
@@ -533,7 +550,7 @@ async fn case_interface_for() -> TestResult {
         other => return Err(format!("uncovered VIP: {other:?}").into()),
     }
     // A VIP does not cover itself: adding it somewhere changes nothing.
-    nl.add_vip("dummy0", &uncovered, Duration::from_secs(30))
+    nl.add_vip("dummy0", &uncovered, after(Duration::from_secs(30)))
         .await?;
     let err = nl.interface_for(&uncovered).await;
     check!(
@@ -543,7 +560,8 @@ async fn case_interface_for() -> TestResult {
 
     // A VIP already held keeps resolving to the interface of its subnet.
     let held = Vip::parse("198.18.0.100/24", None)?;
-    nl.add_vip("veth0", &held, Duration::from_secs(30)).await?;
+    nl.add_vip("veth0", &held, after(Duration::from_secs(30)))
+        .await?;
     let got = nl.interface_for(&held).await?;
     check!(got == "veth0", "held VIP: got {got}");
 
@@ -568,7 +586,8 @@ async fn case_kernel_fence() -> TestResult {
     ];
     let start = std::time::Instant::now();
     for vip in &vips {
-        nl.add_vip("veth0", vip, Duration::from_secs(2)).await?;
+        nl.add_vip("veth0", vip, after(Duration::from_secs(3)))
+            .await?;
     }
     let mut gone_at = [None, None];
     while start.elapsed() < Duration::from_secs(6) && gone_at.iter().any(Option::is_none) {
@@ -581,6 +600,8 @@ async fn case_kernel_fence() -> TestResult {
     }
     for (vip, gone) in vips.iter().zip(gone_at) {
         let gone = gone.ok_or(format!("{vip} still present 6 s after a 2 s lifetime"))?;
+        // Held 3 s: the packet fence for 3 s, the address 2 s (0.3 s of
+        // margin, whole seconds).
         println!("{vip}: expired by the kernel after {gone:?}");
         check!(
             gone >= Duration::from_millis(1500),
@@ -592,7 +613,8 @@ async fn case_kernel_fence() -> TestResult {
         );
         // An extension never brings an expired VIP back.
         check!(
-            !nl.extend_vip("veth0", vip, Duration::from_secs(30)).await?,
+            !nl.extend_vip("veth0", vip, after(Duration::from_secs(30)))
+                .await?,
             "extending the expired {vip} reported it present"
         );
         check!(
@@ -600,9 +622,11 @@ async fn case_kernel_fence() -> TestResult {
             "extending the expired {vip} added it back"
         );
         // A present one is extended.
-        nl.add_vip("veth0", vip, Duration::from_secs(2)).await?;
+        nl.add_vip("veth0", vip, after(Duration::from_secs(2)))
+            .await?;
         check!(
-            nl.extend_vip("veth0", vip, Duration::from_secs(30)).await?,
+            nl.extend_vip("veth0", vip, after(Duration::from_secs(30)))
+                .await?,
             "extending the present {vip} reported it gone"
         );
         let entry = addr_entry("veth0", vip.addr)?.ok_or(format!("{vip} vanished"))?;
@@ -613,6 +637,87 @@ async fn case_kernel_fence() -> TestResult {
         );
         nl.del_vip("veth0", vip).await?;
     }
+    base_routes_intact()
+}
+
+/// Whether the kernel answers an ARP probe for `vip` sent from veth1 (the
+/// peer of veth0, where the VIP sits).
+async fn answered(nl: &RtNetlink, vip: &Vip) -> Result<bool, Failure> {
+    let IpAddr::V4(v4) = vip.addr else {
+        return Err("ARP probes are for IPv4".into());
+    };
+    let mac = nl.mac_of("veth1").await?;
+    let found = tokio::task::spawn_blocking(move || {
+        crate::garp::still_answered("veth1", mac, &[v4], Duration::from_millis(60))
+    })
+    .await
+    .map_err(|e| format!("probe task: {e}"))?
+    .map_err(|e| format!("probe: {e}"))?;
+    Ok(!found.is_empty())
+}
+
+async fn case_packet_fence() -> TestResult {
+    let nl = RtNetlink::new()?;
+    nl.install_fence().await?;
+    let vip = Vip::parse("198.18.0.100/24", None)?;
+    let v6 = Vip::parse("2001:db8::100/64", None)?;
+    check!(
+        !answered(&nl, &vip).await?,
+        "{vip} answered before it was added"
+    );
+    let start = std::time::Instant::now();
+    nl.add_vip("veth0", &vip, start + Duration::from_millis(600))
+        .await?;
+    nl.add_vip("veth0", &v6, start + Duration::from_millis(600))
+        .await?;
+    check!(
+        answered(&nl, &vip).await?,
+        "{vip} unanswered while its fence is open"
+    );
+    // Past the fence's end: silent, although the address (one second at
+    // least) is still there.
+    tokio::time::sleep(
+        (start + Duration::from_millis(650)).saturating_duration_since(std::time::Instant::now()),
+    )
+    .await;
+    check!(
+        nl.vip_present("veth0", &vip).await?,
+        "{vip}: the address went with the fence"
+    );
+    check!(
+        !answered(&nl, &vip).await?,
+        "{vip} answered after its fence ended"
+    );
+    // A renew that comes too late extends nothing and opens nothing.
+    for v in [&vip, &v6] {
+        check!(
+            !nl.extend_vip("veth0", v, after(Duration::from_secs(3)))
+                .await?,
+            "{v}: a late renew extended an expired fence"
+        );
+    }
+    check!(
+        !answered(&nl, &vip).await?,
+        "{vip} answered after a late renew"
+    );
+    // Entered again: answered again, until it is removed.
+    nl.add_vip("veth0", &vip, after(Duration::from_secs(3)))
+        .await?;
+    check!(
+        answered(&nl, &vip).await?,
+        "{vip} unanswered after entering again"
+    );
+    check!(
+        nl.extend_vip("veth0", &vip, after(Duration::from_secs(3)))
+            .await?,
+        "{vip}: a renew in time did not extend"
+    );
+    nl.del_vip("veth0", &vip).await?;
+    nl.del_vip("veth0", &v6).await?;
+    check!(
+        !answered(&nl, &vip).await?,
+        "{vip} answered after it was removed"
+    );
     base_routes_intact()
 }
 
