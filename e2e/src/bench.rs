@@ -242,31 +242,90 @@ pub fn agent(lab: &Lab, transitions: usize, idle_secs: u64) -> anyhow::Result<Ag
     })
 }
 
+/// One unplanned-failover figure: what ran, and the summary.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct FailoverFigure {
+    /// What ran: `kubeha D/R/RD/skew ms` or `keepalived advert_int S s`.
+    pub what: String,
+    /// Power-off of the active node to the first ping reply from another
+    /// node's MAC, ms.
+    pub ms: Summary,
+    /// The samples, ms, in run order.
+    pub samples: Vec<f64>,
+}
+
 /// Results of `bench failover`.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct FailoverReport {
-    /// D of the default timing, seconds.
-    pub lease_duration_s: f64,
-    /// Power-off of the active node to the first ping reply from the new
-    /// node's MAC, default timing.
-    pub unplanned_ms: Summary,
-    /// The same at the tight timing (D = 1 s).
-    pub unplanned_tight_ms: Summary,
+    /// Unplanned failovers, one figure per timing (kubeha) or advertisement
+    /// interval (keepalived), in the order they ran.
+    pub unplanned: Vec<FailoverFigure>,
     /// `kubectl ha move` started to the first ping reply from the target
-    /// node's MAC, default timing.
-    pub switchover_ms: Summary,
+    /// node's MAC, default timing (not measured with `--timing`).
+    pub switchover_ms: Option<Summary>,
     /// Write requests per second the API server served at steady state
-    /// (3 nodes, `steady_services` HAServices, nothing changing).
-    pub steady_writes_per_s: f64,
-    /// Instants, sampled at most 10 ms apart during every run, at which two
-    /// powered nodes held the same VIP.
+    /// (3 nodes, `steady_services` HAServices, nothing changing; not
+    /// measured with `--timing`).
+    pub steady_writes_per_s: Option<f64>,
+    /// Checks (address events and snapshots) at which two powered nodes
+    /// held the same VIP, kubeha and keepalived alike.
     pub split_brain_instants: usize,
-    /// Samples taken by the split-brain sampler.
+    /// Checks the split-brain detector made.
     pub split_brain_samples: usize,
-    /// The longest time between two consecutive samples, ms.
+    /// The longest time between two consecutive snapshots, ms.
     pub split_brain_max_gap_ms: f64,
     /// Runs per figure.
     pub runs: usize,
+}
+
+/// What `bench failover` measures.
+#[derive(Debug, Clone)]
+pub struct FailoverPlan {
+    /// Runs per figure.
+    pub runs: usize,
+    /// The kubeha timings to fail over at; empty: the default and the tight
+    /// timing, then the switchover and the steady write rate.
+    pub timings: Vec<Timing>,
+    /// keepalived advertisement intervals to fail over at, side by side.
+    pub keepalived: Vec<f64>,
+    /// HAServices for the steady write rate.
+    pub services: usize,
+    /// Seconds over which the steady write rate is measured.
+    pub steady_secs: u64,
+}
+
+impl Timing {
+    /// `D,R,RD,SKEW` in milliseconds, as `--timing` takes it.
+    pub fn parse_list(text: &str) -> anyhow::Result<Timing> {
+        let parts: Vec<u32> = text
+            .split(',')
+            .map(|p| p.trim().parse::<u32>())
+            .collect::<Result<_, _>>()
+            .with_context(|| {
+                format!(
+                    "--timing {text:?}: expected D,R,RD,SKEW in milliseconds, e.g. 1000,300,600,100"
+                )
+            })?;
+        let [lease_ms, renew_ms, deadline_ms, skew_ms] = parts[..] else {
+            bail!(
+                "--timing {text:?}: expected four numbers D,R,RD,SKEW in milliseconds, e.g. 1000,300,600,100"
+            );
+        };
+        Ok(Timing {
+            lease_ms,
+            renew_ms,
+            deadline_ms,
+            skew_ms,
+        })
+    }
+
+    /// `D/R/RD/skew ms`.
+    pub fn label(&self) -> String {
+        format!(
+            "{}/{}/{}/{} ms",
+            self.lease_ms, self.renew_ms, self.deadline_ms, self.skew_ms
+        )
+    }
 }
 
 /// The lab with three powered nodes, an agent on each and operator
@@ -354,6 +413,39 @@ impl Drop for Pinger {
     }
 }
 
+/// Powers node `active` off and times it to the first ping reply for `vip`
+/// from another node's MAC (`macs` by node), in ms; what the split-brain
+/// detector saw meanwhile goes into `seen`.
+#[allow(clippy::too_many_arguments)]
+fn power_off_to_reply(
+    lab: &Lab,
+    pinger: &Pinger,
+    macs: &[String],
+    vip: &str,
+    active: u8,
+    what: &str,
+    run: usize,
+    seen: &mut ha::Sampled,
+) -> anyhow::Result<f64> {
+    let sampler = ha::SplitBrain::start(vip, &[active]);
+    lab.power_off(active)?;
+    let off = now_epoch_secs();
+    let others: Vec<&String> = (1..=3u8)
+        .filter(|i| *i != active)
+        .map(|i| &macs[usize::from(i) - 1])
+        .collect();
+    let first = pinger.first_reply(off, &others, Duration::from_secs(30));
+    seen.absorb(sampler.stop());
+    let Some(first) = first else {
+        bail!(
+            "{what} run {run}: no reply from another node within 30 s of powering off node-{active}"
+        );
+    };
+    let ms = (first - off) * 1000.0;
+    eprintln!("unplanned ({what}) run {run:>2}: node-{active} off -> {ms:.0} ms");
+    Ok(ms)
+}
+
 /// Unplanned failovers: power off the active node, time to the first reply
 /// from another node's MAC, power it back on and wait for the cluster to
 /// settle. Returns the samples and what the split-brain sampler saw.
@@ -377,26 +469,10 @@ fn unplanned(
     let (mut samples, mut seen) = (Vec::new(), ha::Sampled::default());
     for run in 1..=runs {
         let active = settled(lab, name, vip)?;
-        let sampler = ha::SplitBrain::start(vip, &[active]);
-        lab.power_off(active)?;
-        let off = now_epoch_secs();
-        let others: Vec<&String> = (1..=3u8)
-            .filter(|i| *i != active)
-            .map(|i| &macs[usize::from(i) - 1])
-            .collect();
-        let first = pinger.first_reply(off, &others, Duration::from_secs(30));
-        seen.absorb(sampler.stop());
-        let Some(first) = first else {
-            bail!(
-                "run {run}: no reply from another node within 30 s of powering off node-{active}"
-            );
-        };
-        samples.push((first - off) * 1000.0);
-        eprintln!(
-            "unplanned (D = {} ms) run {run:>2}: node-{active} off -> {:.0} ms",
-            timing.lease_ms,
-            samples.last().unwrap()
-        );
+        let what = format!("kubeha {}", timing.label());
+        samples.push(power_off_to_reply(
+            lab, &pinger, &macs, vip, active, &what, run, &mut seen,
+        )?);
         lab.power_on(active)?;
         lab.start_agent(active, &[] as &[&str])?;
     }
@@ -407,6 +483,50 @@ fn unplanned(
     ha::delete_service(lab, name);
     ha::delete(lab, "hacluster", name, None);
     Ok((samples, seen))
+}
+
+/// Unplanned failovers of keepalived (advertising every `advert_secs`) on
+/// nodes 1..=3 for `vip`: power off the VRRP master, time to the first
+/// reply from another node's MAC, power it back on (its agent and its
+/// keepalived start again) and wait for one holder.
+fn unplanned_keepalived(
+    lab: &Lab,
+    vip: &str,
+    advert_secs: f64,
+    runs: usize,
+) -> anyhow::Result<(Vec<f64>, ha::Sampled)> {
+    let macs: Vec<String> = (1..=3)
+        .map(|i| ha::mac_of(&nodes::node_ns(i), nodes::NS_IFACE))
+        .collect::<anyhow::Result<_>>()?;
+    let vrrp = crate::keepalived::Keepalived::start(lab, 3, vip, advert_secs)?;
+    let pinger = Pinger::start(lab, "keepalived", vip)?;
+    let (mut samples, mut seen) = (Vec::new(), ha::Sampled::default());
+    let result = (|| {
+        for run in 1..=runs {
+            let mut holders = Vec::new();
+            ha::wait_until(Duration::from_secs(30), || {
+                holders = ha::vip_holders(vip);
+                holders.len() == 1
+            });
+            let [active] = holders[..] else {
+                bail!("keepalived run {run}: holders of {vip} {holders:?}, not one");
+            };
+            // Every backup has heard the master for a while.
+            std::thread::sleep(Duration::from_secs(2));
+            let what = format!("keepalived advert_int {advert_secs} s");
+            samples.push(power_off_to_reply(
+                lab, &pinger, &macs, vip, active, &what, run, &mut seen,
+            )?);
+            lab.power_on(active)?;
+            lab.start_agent(active, &[] as &[&str])?;
+            vrrp.start_on(active)?;
+        }
+        Ok(())
+    })();
+    drop(pinger);
+    vrrp.stop(3);
+    ha::wait_until(Duration::from_secs(10), || ha::vip_holders(vip).is_empty());
+    result.map(|()| (samples, seen))
 }
 
 /// Planned switchovers: `kubectl ha move` to the next node, timed from the
@@ -524,40 +644,77 @@ fn steady(lab: &Lab, services: usize, secs: u64) -> anyhow::Result<f64> {
     Ok(rate)
 }
 
-/// `bench failover`: unplanned failovers at the default and the tight timing,
-/// planned switchovers, and the steady API write rate.
-pub fn failover(
-    lab: &Lab,
-    runs: usize,
-    services: usize,
-    steady_secs: u64,
-) -> anyhow::Result<FailoverReport> {
+/// `bench failover`: unplanned failovers at each timing of the plan (or
+/// the default and the tight one, then planned switchovers and the steady
+/// API write rate), and keepalived's side by side.
+pub fn failover(lab: &Lab, plan: &FailoverPlan) -> anyhow::Result<FailoverReport> {
     operator_lab(lab)?;
-    let (unplanned_default, sb1) =
-        unplanned(lab, "bench-fo", "198.18.0.120", Timing::DEFAULT, runs)?;
-    let (unplanned_tight, sb2) =
-        unplanned(lab, "bench-fo-tight", "198.18.0.121", Timing::TIGHT, runs)?;
-    let (switch, sb3) = switchover(lab, "bench-move", "198.18.0.122", runs)?;
-    let rate = steady(lab, services, steady_secs)?;
-    Ok(FailoverReport {
-        lease_duration_s: f64::from(Timing::DEFAULT.lease_ms) / 1000.0,
-        unplanned_ms: summarize(&unplanned_default),
-        unplanned_tight_ms: summarize(&unplanned_tight),
-        switchover_ms: summarize(&switch),
-        steady_writes_per_s: rate,
-        split_brain_instants: sb1.double + sb2.double + sb3.double,
-        split_brain_samples: sb1.samples + sb2.samples + sb3.samples,
-        split_brain_max_gap_ms: [sb1, sb2, sb3]
-            .iter()
-            .map(|s| s.max_gap.as_secs_f64() * 1000.0)
-            .fold(0.0, f64::max),
+    let runs = plan.runs;
+    let mut report = FailoverReport {
+        unplanned: Vec::new(),
+        switchover_ms: None,
+        steady_writes_per_s: None,
+        split_brain_instants: 0,
+        split_brain_samples: 0,
+        split_brain_max_gap_ms: 0.0,
         runs,
-    })
+    };
+    let absorb = |report: &mut FailoverReport, seen: ha::Sampled| {
+        report.split_brain_instants += seen.double;
+        report.split_brain_samples += seen.samples;
+        report.split_brain_max_gap_ms = report
+            .split_brain_max_gap_ms
+            .max(seen.max_gap.as_secs_f64() * 1000.0);
+    };
+    let timings = if plan.timings.is_empty() {
+        vec![Timing::DEFAULT, Timing::TIGHT]
+    } else {
+        plan.timings.clone()
+    };
+    for (n, timing) in timings.iter().enumerate() {
+        let name = format!("bench-fo-{n}");
+        let (samples, seen) = unplanned(lab, &name, "198.18.0.120", *timing, runs)?;
+        absorb(&mut report, seen);
+        report.unplanned.push(FailoverFigure {
+            what: format!("kubeha {}", timing.label()),
+            ms: summarize(&samples),
+            samples,
+        });
+    }
+    for advert in &plan.keepalived {
+        let (samples, seen) = unplanned_keepalived(lab, "198.18.0.123", *advert, runs)?;
+        absorb(&mut report, seen);
+        report.unplanned.push(FailoverFigure {
+            what: format!("keepalived advert_int {advert} s"),
+            ms: summarize(&samples),
+            samples,
+        });
+    }
+    if plan.timings.is_empty() {
+        let (switch, seen) = switchover(lab, "bench-move", "198.18.0.122", runs)?;
+        absorb(&mut report, seen);
+        report.switchover_ms = Some(summarize(&switch));
+        report.steady_writes_per_s = Some(steady(lab, plan.services, plan.steady_secs)?);
+    }
+    Ok(report)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_timing_is_four_numbers_in_milliseconds() {
+        let t = Timing::parse_list("1000, 300,600,100").unwrap();
+        assert_eq!(
+            (t.lease_ms, t.renew_ms, t.deadline_ms, t.skew_ms),
+            (1000, 300, 600, 100)
+        );
+        assert_eq!(t.label(), "1000/300/600/100 ms");
+        let e = Timing::parse_list("1000,300,600").unwrap_err().to_string();
+        assert!(e.contains("D,R,RD,SKEW"), "{e}");
+        assert!(Timing::parse_list("1s,300,600,100").is_err());
+    }
 
     #[test]
     fn median_and_p95() {
