@@ -145,13 +145,13 @@ pub enum Placement {
 }
 
 /// Heartbeat and lease timing. D = `leaseDurationMs`, R = `renewIntervalMs`,
-/// RD = `renewDeadlineMs`; R < RD < D.
+/// RD = `renewDeadlineMs`; R + 100 ms <= RD < D.
 #[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 #[schemars(extend("x-kubernetes-validations" = [
     {
-        "rule": "self.renewIntervalMs < self.renewDeadlineMs",
-        "message": "spec.heartbeat.renewIntervalMs must be less than spec.heartbeat.renewDeadlineMs (R < RD); lower renewIntervalMs"
+        "rule": "self.renewIntervalMs + 100 <= self.renewDeadlineMs",
+        "message": "spec.heartbeat.renewIntervalMs must stay at least 100 ms below spec.heartbeat.renewDeadlineMs (R + 100 <= RD), the time one renew may take before the agent fences itself; lower renewIntervalMs or raise renewDeadlineMs"
     },
     {
         "rule": "self.renewDeadlineMs < self.leaseDurationMs",

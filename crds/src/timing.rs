@@ -43,7 +43,8 @@ pub const FENCE_MARGIN_MS: i64 = 30;
 pub const LIFETIME_MARGIN_MS: i64 = 300;
 
 /// What the rule leaves for one renew, from sending it to the agent knowing
-/// it succeeded.
+/// it succeeded (the CRD also keeps RD at least this far above R, so one
+/// renew of this latency never fences the agent).
 pub const RENEW_LATENCY_MS: i64 = 100;
 
 /// The CEL rule on `spec.heartbeat` ([`lets_agents_enter`] in CEL's integer

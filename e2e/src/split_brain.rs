@@ -362,8 +362,9 @@ impl SplitBrain {
                             {
                                 children.extend(monitor(i, watch, tx.clone()));
                                 if watch == Watch::Fences {
-                                    // What changed meanwhile is unknown.
-                                    fences.retain(|(n, _), _| *n != i);
+                                    // The fences stay as they were: the
+                                    // kernel keeps them, and the new
+                                    // monitor runs a few ms later.
                                     continue;
                                 }
                                 if let Some((_, a)) =

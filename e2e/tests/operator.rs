@@ -1350,3 +1350,107 @@ fn a_node_whose_leave_failed_is_not_placed_again_when_its_failure_expires() {
     tracing_hooks(&lab, name, &[]);
     cleanup(&lab, name, vip);
 }
+
+/// Issue 15: every timing at the edge of what the API server accepts
+/// (the floors, R just inside the entry rule, RD next to R or to D, a
+/// configured VIP lifetime at its floor) enters, fails over when the
+/// active node loses power, and never leaves the service down while an
+/// eligible node is up, with never two holders (fences counted). The
+/// timing is changed on the running cluster, as an admin does.
+#[test]
+fn every_timing_at_the_edge_of_what_the_api_accepts_enters_and_fails_over() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let lab = lab();
+    let (name, vip) = ("op-grid", "198.18.0.109");
+    let t = |lease_ms, renew_ms, deadline_ms, skew_ms| Timing {
+        lease_ms,
+        renew_ms,
+        deadline_ms,
+        skew_ms,
+    };
+    // (timing, vipLifetimeSeconds)
+    let grid: Vec<(Timing, Option<u32>)> = vec![
+        (t(1000, 300, 600, 100), None),
+        (t(500, 100, 200, 0), None),
+        (t(500, 260, 360, 0), None),
+        (t(500, 100, 499, 0), None),
+        (t(500, 100, 300, 50), None),
+        (t(500, 300, 400, 50), None),
+        (t(600, 150, 400, 50), None),
+        (t(700, 200, 500, 0), None),
+        (t(800, 560, 700, 0), None),
+        (t(1000, 100, 200, 0), None),
+        (t(1000, 300, 999, 0), None),
+        (t(1000, 760, 900, 0), None),
+        (t(1000, 860, 990, 100), None),
+        (t(1000, 300, 600, 100), Some(1)),
+        (t(1000, 300, 600, 2000), None),
+        (t(1500, 1200, 1400, 0), None),
+        (t(2000, 1760, 1900, 0), None),
+        (t(2000, 800, 1500, 0), Some(1)),
+        (t(3000, 2760, 2900, 0), None),
+        (t(3000, 1000, 2000, 500), Some(3)),
+        (Timing::DEFAULT, None),
+    ];
+    assert!(grid.len() >= 20);
+    fresh(&lab, name, vip, None, grid[0].0);
+    let mut figures = Vec::new();
+    for (timing, lifetime) in &grid {
+        let label = match lifetime {
+            Some(l) => format!("{} vipLifetimeSeconds {l}", timing.label()),
+            None => timing.label(),
+        };
+        let mut cluster = ha::cluster(name, &[1, 2, 3], *timing);
+        if let Some(l) = lifetime {
+            cluster["spec"]["heartbeat"]["vipLifetimeSeconds"] = serde_json::json!(l);
+        }
+        ha::apply(&lab, &cluster).unwrap_or_else(|e| panic!("{label}: refused: {e}"));
+        // Renewing at the new timing, the service running.
+        assert!(
+            all_ready(&lab, name, Duration::from_secs(20)),
+            "{label}: members not ready"
+        );
+        let active = wait_active(&lab, name, vip, Duration::from_secs(30));
+        let sampler = ha::SplitBrain::start(vip, &[]);
+        // A renew at the new timing seen by the detector, then some.
+        std::thread::sleep(Duration::from_millis(u64::from(timing.renew_ms) + 500));
+        lab.power_off(active).unwrap();
+        let off = Instant::now();
+        let expiry = Duration::from_millis(u64::from(timing.lease_ms + timing.skew_ms));
+        let bound = expiry + Duration::from_millis(6500);
+        let moved = ha::wait_until(bound, || {
+            let holders = ha::vip_holders(vip);
+            holders.iter().any(|h| *h != active)
+                && ha::active_node(&lab, name, vip).is_some_and(|n| n != active)
+        });
+        let Some(moved) = moved else {
+            panic!(
+                "{label}: the service was down {bound:?} after node-{active} lost power, with two eligible nodes up: status {}, holders {:?}",
+                ha::service_status(&lab, name),
+                ha::vip_holders(vip)
+            );
+        };
+        figures.push(format!(
+            "{label}: {} ms (E = {} ms)",
+            off.elapsed().as_millis(),
+            expiry.as_millis()
+        ));
+        eprintln!("{}", figures.last().unwrap());
+        let _ = moved;
+        lab.power_on(active).unwrap();
+        lab.start_agent(active, &[] as &[&str]).unwrap();
+        assert!(
+            all_ready(&lab, name, Duration::from_secs(20)),
+            "{label}: node-{active} never heartbeat again after power-on"
+        );
+        sampler.stop().assert_single_holder(
+            vip,
+            &format!("{label}: power-off of node-{active} and its return"),
+        );
+    }
+    eprintln!(
+        "power-off to the service active elsewhere:\n  {}",
+        figures.join("\n  ")
+    );
+    cleanup(&lab, name, vip);
+}
