@@ -508,11 +508,17 @@ fn unplanned_keepalived(
                 holders = ha::vip_holders(vip);
                 holders.len() == 1
             });
+            // Every instance runs (a restarted one has settled as backup).
+            std::thread::sleep(Duration::from_secs(2));
+            holders = ha::vip_holders(vip);
             let [active] = holders[..] else {
                 bail!("keepalived run {run}: holders of {vip} {holders:?}, not one");
             };
-            // Every backup has heard the master for a while.
-            std::thread::sleep(Duration::from_secs(2));
+            if let Some(i) = (1..=3).find(|i| !crate::keepalived::Keepalived::running(*i)) {
+                bail!(
+                    "keepalived run {run}: keepalived does not run on node-{i} (see its log in the lab's keepalived folder)"
+                );
+            }
             let what = format!("keepalived advert_int {advert_secs} s");
             samples.push(power_off_to_reply(
                 lab, &pinger, &macs, vip, active, &what, run, &mut seen,

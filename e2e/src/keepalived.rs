@@ -16,7 +16,7 @@ use crate::nodes;
 /// number, so node-1 is master first, and preempts when it returns.
 pub fn config(i: u8, vip: &str, advert_secs: f64) -> String {
     format!(
-        "global_defs {{\n  router_id {node}\n  vrrp_version 3\n  vrrp_startup_delay 0\n  enable_script_security\n}}\n\
+        "global_defs {{\n  router_id {node}\n  vrrp_version 3\n  enable_script_security\n  max_auto_priority -1\n}}\n\
          vrrp_instance bench {{\n  state BACKUP\n  interface {iface}\n  virtual_router_id 51\n  priority {prio}\n  advert_int {advert_secs}\n  virtual_ipaddress {{\n    {vip}/24\n  }}\n}}\n",
         node = nodes::node_name(i),
         iface = nodes::NS_IFACE,
@@ -65,9 +65,20 @@ impl Keepalived {
         let conf = self.dir.join(format!("{name}.conf"));
         std::fs::write(&conf, config(i, &self.vip, self.advert_secs))?;
         let pid = |what: &str| self.dir.join(format!("{name}-{what}.pid"));
+        // A power-off killed the last instance: its pid files would make
+        // this one think it still runs.
+        for what in ["main", "vrrp", "checkers"] {
+            let _ = std::fs::remove_file(pid(what));
+        }
         let log = std::fs::File::create(self.dir.join(format!("{name}.log")))?;
         nodes::exec_in(&nodes::node_ns(i), &["keepalived"])
-            .args(["--dont-fork", "--log-console", "--vrrp", "--use-file"])
+            .args([
+                "--dont-fork",
+                "--log-console",
+                "--log-detail",
+                "--vrrp",
+                "--use-file",
+            ])
             .arg(&conf)
             .arg("--pid")
             .arg(pid("main"))
@@ -83,17 +94,27 @@ impl Keepalived {
         Ok(())
     }
 
+    /// The keepalived processes in node `i`'s namespace.
+    fn pids(i: u8) -> Vec<i32> {
+        nodes::ns_pids(&nodes::node_ns(i))
+            .into_iter()
+            .filter(|p| {
+                std::fs::read_to_string(format!("/proc/{p}/comm"))
+                    .is_ok_and(|c| c.trim() == "keepalived")
+            })
+            .collect()
+    }
+
+    /// Whether keepalived runs on node `i`.
+    pub fn running(i: u8) -> bool {
+        !Self::pids(i).is_empty()
+    }
+
     /// Stops every instance (SIGTERM to the keepalived processes of each
     /// node's namespace; a VRRP master removes its VIP as it stops).
     pub fn stop(self, count: u8) {
         for i in 1..=count {
-            let pids: Vec<i32> = nodes::ns_pids(&nodes::node_ns(i))
-                .into_iter()
-                .filter(|p| {
-                    std::fs::read_to_string(format!("/proc/{p}/comm"))
-                        .is_ok_and(|c| c.trim() == "keepalived")
-                })
-                .collect();
+            let pids = Self::pids(i);
             nodes::signal_pids(&pids, nix::sys::signal::Signal::SIGTERM);
             nodes::wait_dead(&pids, std::time::Duration::from_secs(5));
         }
