@@ -28,13 +28,17 @@
 //! behind the back of the node that took over; it gives the role up.
 //!
 //! The agent drives nftables through the `nft` binary's batch input
-//! (`nft -f -`), one process per change, about 5 ms each here: the batch
-//! grammar is nftables' stable interface, where its netlink messages are
-//! not.
+//! (`nft -f -`), one process per change, about 5 ms each on an idle machine
+//! and tens of ms on a busy one: the batch grammar is nftables' stable
+//! interface, where its netlink messages are not. A timeout is computed
+//! when the batch is written, less the delay nft took last time, so it
+//! counts from about when nft applies it.
 
 use std::net::IpAddr;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
+
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use tokio::io::AsyncWriteExt;
 use tokio::sync::OnceCell;
@@ -152,9 +156,22 @@ pub fn forget_batch(addr: IpAddr) -> String {
 }
 
 /// The packet fence of this node's network namespace.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct PacketFence {
     installed: OnceCell<()>,
+    /// How long `nft` took from its batch being written to its exit, last
+    /// time (decaying slowly): taken off the next timeout, so a fence that
+    /// nft applies late still ends by the instant asked.
+    apply_delay_us: AtomicU64,
+}
+
+impl Default for PacketFence {
+    fn default() -> Self {
+        Self {
+            installed: OnceCell::new(),
+            apply_delay_us: AtomicU64::new(INITIAL_APPLY_DELAY.as_micros() as u64),
+        }
+    }
 }
 
 /// How an `nft` batch ended.
@@ -164,6 +181,12 @@ enum Applied {
     Missing,
 }
 
+/// The apply delay assumed before `nft` was ever timed.
+const INITIAL_APPLY_DELAY: Duration = Duration::from_millis(10);
+
+/// The most taken off a timeout for nft's delay.
+const MAX_APPLY_DELAY: Duration = Duration::from_millis(100);
+
 impl PacketFence {
     /// Installs the tables, sets and rules ([`TABLES`]) unless this fence
     /// already did.
@@ -171,7 +194,7 @@ impl PacketFence {
         self.installed
             .get_or_try_init(|| async {
                 let op = "install the packet fence";
-                match run(op, || Ok(TABLES.to_owned())).await?.0 {
+                match self.run(op, |_| Ok(TABLES.to_owned())).await? {
                     Applied::Done => Ok(()),
                     Applied::Missing => Err(missing(op)),
                 }
@@ -184,18 +207,13 @@ impl PacketFence {
     pub async fn open(&self, addr: IpAddr, until: Instant, held: Duration) -> Result<(), VipError> {
         self.install().await?;
         let op = format!("open the packet fence of {addr}");
-        for _ in 0..3 {
-            let (applied, late) = run(&op, || Ok(open_batch(addr, left(until)?, held))).await?;
-            match applied {
-                Applied::Missing => return Err(missing(&op)),
-                Applied::Done if !late => return Ok(()),
-                Applied::Done => {
-                    tracing::warn!(%addr, "nft took long to apply a packet fence: setting it again")
-                }
-            }
+        match self
+            .run(&op, |delay| Ok(open_batch(addr, left(until, delay)?, held)))
+            .await?
+        {
+            Applied::Done => Ok(()),
+            Applied::Missing => Err(missing(&op)),
         }
-        self.close(addr).await?;
-        Err(VipError::PastLeaseEnd)
     }
 
     /// Extends the fence of `addr` until `until`; `false`, changing
@@ -208,38 +226,108 @@ impl PacketFence {
     ) -> Result<bool, VipError> {
         self.install().await?;
         let op = format!("extend the packet fence of {addr}");
-        for _ in 0..3 {
-            let (applied, late) = run(&op, || Ok(extend_batch(addr, left(until)?, held))).await?;
-            match applied {
-                Applied::Missing => return Ok(false),
-                Applied::Done if !late => return Ok(true),
-                Applied::Done => {
-                    tracing::warn!(%addr, "nft took long to apply a packet fence: setting it again")
-                }
-            }
-        }
-        self.close(addr).await?;
-        Err(VipError::PastLeaseEnd)
+        Ok(matches!(
+            self.run(&op, |delay| Ok(extend_batch(
+                addr,
+                left(until, delay)?,
+                held
+            )))
+            .await?,
+            Applied::Done
+        ))
     }
 
     /// Closes the fence of `addr`: it stops answering at once.
     pub async fn close(&self, addr: IpAddr) -> Result<(), VipError> {
         self.install().await?;
         let op = format!("close the packet fence of {addr}");
-        run(&op, || Ok(close_batch(addr))).await.map(|_| ())
+        self.run(&op, |_| Ok(close_batch(addr))).await.map(|_| ())
     }
 
     /// Forgets `addr` (its address is gone).
     pub async fn forget(&self, addr: IpAddr) -> Result<(), VipError> {
         self.install().await?;
         let op = format!("forget {addr} in the packet fence");
-        run(&op, || Ok(forget_batch(addr))).await.map(|_| ())
+        self.run(&op, |_| Ok(forget_batch(addr))).await.map(|_| ())
+    }
+
+    /// Runs one batch through `nft -f -`. The batch is made only once `nft`
+    /// runs, right before it is written, from the delay nft is expected to
+    /// take to apply it (its last one, decaying, at most
+    /// [`MAX_APPLY_DELAY`]), so a timeout in it counts from when nft applies
+    /// it. A batch applied later than expected by more than the fence's
+    /// margin is logged: the fence may end late by the difference.
+    async fn run(
+        &self,
+        op: &str,
+        batch: impl FnOnce(Duration) -> Result<String, VipError>,
+    ) -> Result<Applied, VipError> {
+        let fail = |reason: String| VipError::Fence {
+            op: op.to_owned(),
+            reason,
+        };
+        let mut child = tokio::process::Command::new("nft")
+            .args(["-f", "-"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .map_err(|e| {
+                fail(if e.kind() == std::io::ErrorKind::NotFound {
+                    "the nft binary is not on PATH: install nftables on the node (the agent's \
+                     image must carry it)"
+                        .into()
+                } else {
+                    format!("cannot run nft: {e}")
+                })
+            })?;
+        let expected =
+            Duration::from_micros(self.apply_delay_us.load(Ordering::Relaxed)).min(MAX_APPLY_DELAY);
+        let text = batch(expected)?;
+        let written = Instant::now();
+        if let Some(mut stdin) = child.stdin.take() {
+            stdin
+                .write_all(text.as_bytes())
+                .await
+                .map_err(|e| fail(format!("writing the batch to nft: {e}")))?;
+        }
+        let out = child
+            .wait_with_output()
+            .await
+            .map_err(|e| fail(format!("waiting for nft: {e}")))?;
+        let took = written.elapsed();
+        let decayed = expected.as_micros() as u64 * 3 / 4;
+        self.apply_delay_us
+            .store((took.as_micros() as u64).max(decayed), Ordering::Relaxed);
+        if took > expected + Duration::from_millis(kubeha_crds::timing::FENCE_MARGIN_MS as u64) {
+            tracing::warn!(
+                op,
+                took_ms = took.as_millis() as u64,
+                expected_ms = expected.as_millis() as u64,
+                "nft applied a packet fence batch late: a timeout in it may end late by the difference"
+            );
+        }
+        if out.status.success() {
+            return Ok(Applied::Done);
+        }
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        if stderr.contains("No such file or directory") {
+            return Ok(Applied::Missing);
+        }
+        let first = stderr.lines().next().unwrap_or("").trim().to_owned();
+        Err(fail(if stderr.contains("Operation not permitted") {
+            "operation not permitted (the agent needs CAP_NET_ADMIN)".into()
+        } else {
+            format!("nft exited with {}: {first}", out.status)
+        }))
     }
 }
 
-/// What is left until `until`, at least a millisecond.
-fn left(until: Instant) -> Result<Duration, VipError> {
-    match until.checked_duration_since(Instant::now()) {
+/// What is left until `until` once nft applies a batch `delay` from now,
+/// at least a millisecond.
+fn left(until: Instant, delay: Duration) -> Result<Duration, VipError> {
+    match until.checked_duration_since(Instant::now() + delay) {
         Some(d) if d >= Duration::from_millis(1) => Ok(d),
         _ => Err(VipError::PastLeaseEnd),
     }
@@ -250,67 +338,6 @@ fn missing(op: &str) -> VipError {
         op: op.to_owned(),
         reason: "nftables reported a missing table, set or element".into(),
     }
-}
-
-/// Longer than this from writing a batch to `nft` exiting, and a timeout in
-/// it may end later than asked by more than the fence's margin
-/// ([`kubeha_crds::timing::FENCE_MARGIN_MS`]) absorbs: it is set again.
-const LATE_APPLY: Duration = Duration::from_millis(kubeha_crds::timing::FENCE_MARGIN_MS as u64);
-
-/// Runs one batch through `nft -f -`; the batch is made only once `nft`
-/// runs, right before it is written, so the timeouts in it count from as
-/// late as possible. Also says whether nft took longer than
-/// [`LATE_APPLY`] after the batch was written.
-async fn run(
-    op: &str,
-    batch: impl FnOnce() -> Result<String, VipError>,
-) -> Result<(Applied, bool), VipError> {
-    let fail = |reason: String| VipError::Fence {
-        op: op.to_owned(),
-        reason,
-    };
-    let mut child = tokio::process::Command::new("nft")
-        .args(["-f", "-"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .map_err(|e| {
-            fail(if e.kind() == std::io::ErrorKind::NotFound {
-                "the nft binary is not on PATH: install nftables on the node (the agent's \
-                 image must carry it)"
-                    .into()
-            } else {
-                format!("cannot run nft: {e}")
-            })
-        })?;
-    let text = batch()?;
-    let written = Instant::now();
-    if let Some(mut stdin) = child.stdin.take() {
-        stdin
-            .write_all(text.as_bytes())
-            .await
-            .map_err(|e| fail(format!("writing the batch to nft: {e}")))?;
-    }
-    let out = child
-        .wait_with_output()
-        .await
-        .map_err(|e| fail(format!("waiting for nft: {e}")))?;
-    let late = written.elapsed() > LATE_APPLY;
-    if out.status.success() {
-        return Ok((Applied::Done, late));
-    }
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    if stderr.contains("No such file or directory") {
-        return Ok((Applied::Missing, late));
-    }
-    let first = stderr.lines().next().unwrap_or("").trim().to_owned();
-    Err(fail(if stderr.contains("Operation not permitted") {
-        "operation not permitted (the agent needs CAP_NET_ADMIN)".into()
-    } else {
-        format!("nft exited with {}: {first}", out.status)
-    }))
 }
 
 #[cfg(test)]

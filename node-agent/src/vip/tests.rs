@@ -238,6 +238,11 @@ fn kernel_packet_fence_silences_a_vip_at_its_end_while_the_address_stays() -> Te
 }
 
 #[test]
+fn kernel_packet_fence_silences_ipv4_and_ipv6_for_a_host_on_the_link() -> TestResult {
+    kernel_case("packet-fence-peer")
+}
+
+#[test]
 fn kernel_mac_of_reads_the_link_address() -> TestResult {
     kernel_case("mac-of")
 }
@@ -264,6 +269,7 @@ fn netns_child() {
             "interface-for" => case_interface_for().await,
             "kernel-fence" => case_kernel_fence().await,
             "packet-fence" => case_packet_fence().await,
+            "packet-fence-peer" => case_packet_fence_from_a_peer().await,
             "mac-of" => case_mac_of().await,
             "default-route" => case_default_route().await,
             "dump-under-churn" => case_dump_under_churn().await,
@@ -719,6 +725,107 @@ async fn case_packet_fence() -> TestResult {
         "{vip} answered after it was removed"
     );
     base_routes_intact()
+}
+
+/// A namespace deleted when dropped.
+struct PeerNs(String);
+
+impl Drop for PeerNs {
+    fn drop(&mut self) {
+        let _ = crate::netns_harness::run("ip", &["netns", "del", &self.0]);
+    }
+}
+
+/// Whether one ping from namespace `ns` to each of `addrs`, all at once,
+/// is answered within 0.5 s.
+fn pings(ns: &str, addrs: &[String]) -> Vec<bool> {
+    let children: Vec<_> = addrs
+        .iter()
+        .map(|a| {
+            std::process::Command::new("ip")
+                .args([
+                    "netns", "exec", ns, "ping", "-n", "-q", "-c", "1", "-W", "0.5", a,
+                ])
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .spawn()
+        })
+        .collect();
+    children
+        .into_iter()
+        .map(|c| c.and_then(|mut c| c.wait()).is_ok_and(|s| s.success()))
+        .collect()
+}
+
+/// A host on the link (veth1 moved to a namespace of its own): it reaches
+/// both VIPs (ARP, neighbour discovery, ICMP) while their fences are open,
+/// and neither once they ended, its neighbour cache flushed, although both
+/// addresses are still on veth0.
+async fn case_packet_fence_from_a_peer() -> TestResult {
+    use crate::netns_harness::run;
+    let nl = RtNetlink::new()?;
+    nl.install_fence().await?;
+    let peer = format!("kubeha-ut-peer-{}", std::process::id());
+    run("ip", &["netns", "add", &peer])?;
+    let _peer = PeerNs(peer.clone());
+    run("ip", &["link", "set", "veth1", "netns", &peer])?;
+    run(
+        "ip",
+        &["-n", &peer, "addr", "add", "198.18.0.2/24", "dev", "veth1"],
+    )?;
+    run(
+        "ip",
+        &[
+            "-n",
+            &peer,
+            "addr",
+            "add",
+            "2001:db8::2/64",
+            "dev",
+            "veth1",
+            "nodad",
+        ],
+    )?;
+    run("ip", &["-n", &peer, "link", "set", "veth1", "up"])?;
+    let vips = [
+        Vip::parse("198.18.0.100/24", None)?,
+        Vip::parse("2001:db8::100/64", None)?,
+    ];
+    let addrs: Vec<String> = vips.iter().map(|v| v.addr.to_string()).collect();
+    let start = std::time::Instant::now();
+    // 1.2 s of fence: the addresses get 2 s, and outlive it.
+    for v in &vips {
+        nl.add_vip("veth0", v, start + Duration::from_millis(1200))
+            .await?;
+    }
+    let open = pings(&peer, &addrs);
+    check!(
+        open == [true, true],
+        "unreachable while the fences are open: {addrs:?} {open:?}"
+    );
+    tokio::time::sleep(
+        (start + Duration::from_millis(1250)).saturating_duration_since(std::time::Instant::now()),
+    )
+    .await;
+    run("ip", &["-n", &peer, "neigh", "flush", "all"])?;
+    for v in &vips {
+        check!(
+            nl.vip_present("veth0", v).await?,
+            "{v}: the address went with the fence"
+        );
+    }
+    let closed = pings(&peer, &addrs);
+    check!(
+        closed == [false, false],
+        "reachable after the fences ended: {addrs:?} {closed:?}"
+    );
+    for v in &vips {
+        check!(
+            nl.vip_present("veth0", v).await?,
+            "{v}: the address went before the pings ended"
+        );
+    }
+    Ok(())
 }
 
 async fn case_mac_of() -> TestResult {
