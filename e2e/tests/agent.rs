@@ -750,6 +750,18 @@ fn a_frozen_agent_stops_answering_for_its_vip_at_its_lease_end_while_the_address
         );
         let probe = kubeha_e2e::arp_probe::ArpProbe::start(&[vip]).unwrap();
         std::thread::sleep(Duration::from_millis(300));
+        // Frozen just after a renew, not while one is in flight: a renew
+        // the API server stored but the agent never heard back from would
+        // move the Lease's end 300 ms past the one the agent fenced for.
+        let before = heartbeat_renew_text(&lab, name, 3).unwrap();
+        assert!(
+            ha::wait_every(Duration::from_secs(2), Duration::from_millis(1), || {
+                heartbeat_renew_text(&lab, name, 3).is_ok_and(|r| r != before)
+            })
+            .is_some(),
+            "round {round}: node-3 stopped renewing before the freeze"
+        );
+        std::thread::sleep(Duration::from_millis(30));
         lab.freeze_agent(3, true).unwrap();
         // The address, every 10 ms: when it went.
         let watch = Instant::now();

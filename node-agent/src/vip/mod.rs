@@ -11,6 +11,7 @@
 //! implementation over an `rtnetlink` handle ([`kernel`]).
 
 mod kernel;
+pub mod nf_netlink;
 pub mod packet_fence;
 
 use std::fmt;

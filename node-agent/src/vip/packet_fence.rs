@@ -27,23 +27,23 @@
 //! that resumes after its lease ended therefore cannot open the fence again
 //! behind the back of the node that took over; it gives the role up.
 //!
-//! The agent drives nftables through the `nft` binary's batch input
-//! (`nft -f -`), one process per change, about 5 ms each on an idle machine
-//! and tens of ms on a busy one: the batch grammar is nftables' stable
-//! interface, where its netlink messages are not. A timeout is computed
-//! when the batch is written, less the delay nft took last time, so it
-//! counts from about when nft applies it.
+//! The tables, sets and rules are installed once, when the agent starts,
+//! through the `nft` binary (`nft -f -`). Element changes go straight to
+//! the kernel as one nf_tables netlink batch each ([`nf_netlink`]): a
+//! timeout computed right before the send is the one the kernel applies,
+//! microseconds later. An earlier version ran `nft` for every change too;
+//! under load nft took 30-200 ms to apply a batch after it was written,
+//! so a fence could end that much after the instant asked.
 
 use std::net::IpAddr;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use std::sync::atomic::{AtomicU64, Ordering};
-
 use tokio::io::AsyncWriteExt;
 use tokio::sync::OnceCell;
 
 use super::VipError;
+use super::nf_netlink::{self, FAMILY_ARP, FAMILY_INET, Op, Outcome, Set};
 
 /// How much longer than the address lifetime a `held` element lasts: the
 /// kernel removes an expired address up to about a second late.
@@ -80,46 +80,52 @@ add rule inet kubeha output ip saddr @held4 ip saddr != @live4 drop
 add rule inet kubeha output ip6 saddr @held6 ip6 saddr != @live6 drop
 ";
 
-/// The sets (`family table set`) an address's `live` or `held` element sits in.
-fn sets(addr: IpAddr, live: bool) -> &'static [&'static str] {
-    match (addr, live) {
-        (IpAddr::V4(_), true) => &["arp kubeha live", "inet kubeha live4"],
-        (IpAddr::V4(_), false) => &["arp kubeha held", "inet kubeha held4"],
-        (IpAddr::V6(_), true) => &["inet kubeha live6"],
-        (IpAddr::V6(_), false) => &["inet kubeha held6"],
+const fn set(family: u8, name: &'static str) -> Set {
+    Set {
+        family,
+        table: TABLE,
+        name,
     }
 }
 
-/// Timeout text nftables accepts, at least 1 ms.
-fn ms(d: Duration) -> String {
-    format!("{}ms", d.as_millis().max(1))
+/// The sets an address's `live` or `held` element sits in.
+fn sets(addr: IpAddr, live: bool) -> &'static [Set] {
+    const ARP_LIVE: Set = set(FAMILY_ARP, "live");
+    const ARP_HELD: Set = set(FAMILY_ARP, "held");
+    const LIVE4: Set = set(FAMILY_INET, "live4");
+    const HELD4: Set = set(FAMILY_INET, "held4");
+    const LIVE6: Set = set(FAMILY_INET, "live6");
+    const HELD6: Set = set(FAMILY_INET, "held6");
+    match (addr, live) {
+        (IpAddr::V4(_), true) => &[ARP_LIVE, LIVE4],
+        (IpAddr::V4(_), false) => &[ARP_HELD, HELD4],
+        (IpAddr::V6(_), true) => &[LIVE6],
+        (IpAddr::V6(_), false) => &[HELD6],
+    }
 }
 
 /// Sets `addr`'s element in the `live` or `held` sets to `timeout`, whether
 /// or not it exists (added, then deleted and added again: no ENOENT).
-fn reset(out: &mut String, addr: IpAddr, live: bool, timeout: Duration) {
-    for set in sets(addr, live) {
-        out.push_str(&format!("add element {set} {{ {addr} timeout 1ms }}\n"));
-        out.push_str(&format!("delete element {set} {{ {addr} }}\n"));
-        out.push_str(&format!(
-            "add element {set} {{ {addr} timeout {} }}\n",
-            ms(timeout)
-        ));
+fn reset(out: &mut Vec<Op>, addr: IpAddr, live: bool, timeout: Duration) {
+    for s in sets(addr, live) {
+        out.push(Op::Add(*s, addr, Duration::from_millis(1)));
+        out.push(Op::Delete(*s, addr));
+        out.push(Op::Add(*s, addr, timeout));
     }
 }
 
 /// Removes `addr`'s element from the `live` or `held` sets, if there.
-fn remove(out: &mut String, addr: IpAddr, live: bool) {
-    for set in sets(addr, live) {
-        out.push_str(&format!("add element {set} {{ {addr} timeout 1ms }}\n"));
-        out.push_str(&format!("delete element {set} {{ {addr} }}\n"));
+fn remove(out: &mut Vec<Op>, addr: IpAddr, live: bool) {
+    for s in sets(addr, live) {
+        out.push(Op::Add(*s, addr, Duration::from_millis(1)));
+        out.push(Op::Delete(*s, addr));
     }
 }
 
 /// The batch that opens the fence of `addr` for `live` and marks it held
 /// for `held` (entry).
-pub fn open_batch(addr: IpAddr, live: Duration, held: Duration) -> String {
-    let mut out = String::new();
+pub fn open_batch(addr: IpAddr, live: Duration, held: Duration) -> Vec<Op> {
+    let mut out = Vec::new();
     reset(&mut out, addr, false, held);
     reset(&mut out, addr, true, live);
     out
@@ -127,78 +133,43 @@ pub fn open_batch(addr: IpAddr, live: Duration, held: Duration) -> String {
 
 /// The batch that extends an open fence of `addr` (a renew): it fails, as a
 /// whole, when the `live` element expired.
-pub fn extend_batch(addr: IpAddr, live: Duration, held: Duration) -> String {
-    let mut out = String::new();
-    for set in sets(addr, true) {
-        out.push_str(&format!("delete element {set} {{ {addr} }}\n"));
-        out.push_str(&format!(
-            "add element {set} {{ {addr} timeout {} }}\n",
-            ms(live)
-        ));
+pub fn extend_batch(addr: IpAddr, live: Duration, held: Duration) -> Vec<Op> {
+    let mut out = Vec::new();
+    for s in sets(addr, true) {
+        out.push(Op::Delete(*s, addr));
+        out.push(Op::Add(*s, addr, live));
     }
     reset(&mut out, addr, false, held);
     out
 }
 
 /// The batch that closes the fence of `addr` (it stops answering at once).
-pub fn close_batch(addr: IpAddr) -> String {
-    let mut out = String::new();
+pub fn close_batch(addr: IpAddr) -> Vec<Op> {
+    let mut out = Vec::new();
     remove(&mut out, addr, true);
     out
 }
 
 /// The batch that forgets `addr` once its address is gone.
-pub fn forget_batch(addr: IpAddr) -> String {
-    let mut out = String::new();
+pub fn forget_batch(addr: IpAddr) -> Vec<Op> {
+    let mut out = Vec::new();
     remove(&mut out, addr, true);
     remove(&mut out, addr, false);
     out
 }
 
 /// The packet fence of this node's network namespace.
-#[derive(Debug)]
+#[derive(Debug, Default)]
 pub struct PacketFence {
     installed: OnceCell<()>,
-    /// How long `nft` took from its batch being written to its exit, last
-    /// time (decaying slowly): taken off the next timeout, so a fence that
-    /// nft applies late still ends by the instant asked.
-    apply_delay_us: AtomicU64,
 }
-
-impl Default for PacketFence {
-    fn default() -> Self {
-        Self {
-            installed: OnceCell::new(),
-            apply_delay_us: AtomicU64::new(INITIAL_APPLY_DELAY.as_micros() as u64),
-        }
-    }
-}
-
-/// How an `nft` batch ended.
-enum Applied {
-    Done,
-    /// An element or table it names is missing (ENOENT): nothing was applied.
-    Missing,
-}
-
-/// The apply delay assumed before `nft` was ever timed.
-const INITIAL_APPLY_DELAY: Duration = Duration::from_millis(10);
-
-/// The most taken off a timeout for nft's delay.
-const MAX_APPLY_DELAY: Duration = Duration::from_millis(100);
 
 impl PacketFence {
     /// Installs the tables, sets and rules ([`TABLES`]) unless this fence
     /// already did.
     pub async fn install(&self) -> Result<(), VipError> {
         self.installed
-            .get_or_try_init(|| async {
-                let op = "install the packet fence";
-                match self.run(op, |_| Ok(TABLES.to_owned())).await? {
-                    Applied::Done => Ok(()),
-                    Applied::Missing => Err(missing(op)),
-                }
-            })
+            .get_or_try_init(install_tables)
             .await
             .map(|_| ())
     }
@@ -207,12 +178,9 @@ impl PacketFence {
     pub async fn open(&self, addr: IpAddr, until: Instant, held: Duration) -> Result<(), VipError> {
         self.install().await?;
         let op = format!("open the packet fence of {addr}");
-        match self
-            .run(&op, |delay| Ok(open_batch(addr, left(until, delay)?, held)))
-            .await?
-        {
-            Applied::Done => Ok(()),
-            Applied::Missing => Err(missing(&op)),
+        match apply(&op, open_batch(addr, left(until)?, held))? {
+            Outcome::Applied => Ok(()),
+            Outcome::Missing => Err(missing(&op)),
         }
     }
 
@@ -226,108 +194,45 @@ impl PacketFence {
     ) -> Result<bool, VipError> {
         self.install().await?;
         let op = format!("extend the packet fence of {addr}");
-        Ok(matches!(
-            self.run(&op, |delay| Ok(extend_batch(
-                addr,
-                left(until, delay)?,
-                held
-            )))
-            .await?,
-            Applied::Done
-        ))
+        Ok(apply(&op, extend_batch(addr, left(until)?, held))? == Outcome::Applied)
     }
 
     /// Closes the fence of `addr`: it stops answering at once.
     pub async fn close(&self, addr: IpAddr) -> Result<(), VipError> {
         self.install().await?;
-        let op = format!("close the packet fence of {addr}");
-        self.run(&op, |_| Ok(close_batch(addr))).await.map(|_| ())
+        apply(
+            &format!("close the packet fence of {addr}"),
+            close_batch(addr),
+        )
+        .map(|_| ())
     }
 
     /// Forgets `addr` (its address is gone).
     pub async fn forget(&self, addr: IpAddr) -> Result<(), VipError> {
         self.install().await?;
-        let op = format!("forget {addr} in the packet fence");
-        self.run(&op, |_| Ok(forget_batch(addr))).await.map(|_| ())
-    }
-
-    /// Runs one batch through `nft -f -`. The batch is made only once `nft`
-    /// runs, right before it is written, from the delay nft is expected to
-    /// take to apply it (its last one, decaying, at most
-    /// [`MAX_APPLY_DELAY`]), so a timeout in it counts from when nft applies
-    /// it. A batch applied later than expected by more than the fence's
-    /// margin is logged: the fence may end late by the difference.
-    async fn run(
-        &self,
-        op: &str,
-        batch: impl FnOnce(Duration) -> Result<String, VipError>,
-    ) -> Result<Applied, VipError> {
-        let fail = |reason: String| VipError::Fence {
-            op: op.to_owned(),
-            reason,
-        };
-        let mut child = tokio::process::Command::new("nft")
-            .args(["-f", "-"])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true)
-            .spawn()
-            .map_err(|e| {
-                fail(if e.kind() == std::io::ErrorKind::NotFound {
-                    "the nft binary is not on PATH: install nftables on the node (the agent's \
-                     image must carry it)"
-                        .into()
-                } else {
-                    format!("cannot run nft: {e}")
-                })
-            })?;
-        let expected =
-            Duration::from_micros(self.apply_delay_us.load(Ordering::Relaxed)).min(MAX_APPLY_DELAY);
-        let text = batch(expected)?;
-        let written = Instant::now();
-        if let Some(mut stdin) = child.stdin.take() {
-            stdin
-                .write_all(text.as_bytes())
-                .await
-                .map_err(|e| fail(format!("writing the batch to nft: {e}")))?;
-        }
-        let out = child
-            .wait_with_output()
-            .await
-            .map_err(|e| fail(format!("waiting for nft: {e}")))?;
-        let took = written.elapsed();
-        let decayed = expected.as_micros() as u64 * 3 / 4;
-        self.apply_delay_us
-            .store((took.as_micros() as u64).max(decayed), Ordering::Relaxed);
-        if took > expected + Duration::from_millis(kubeha_crds::timing::FENCE_MARGIN_MS as u64) {
-            tracing::warn!(
-                op,
-                took_ms = took.as_millis() as u64,
-                expected_ms = expected.as_millis() as u64,
-                "nft applied a packet fence batch late: a timeout in it may end late by the difference"
-            );
-        }
-        if out.status.success() {
-            return Ok(Applied::Done);
-        }
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        if stderr.contains("No such file or directory") {
-            return Ok(Applied::Missing);
-        }
-        let first = stderr.lines().next().unwrap_or("").trim().to_owned();
-        Err(fail(if stderr.contains("Operation not permitted") {
-            "operation not permitted (the agent needs CAP_NET_ADMIN)".into()
-        } else {
-            format!("nft exited with {}: {first}", out.status)
-        }))
+        apply(
+            &format!("forget {addr} in the packet fence"),
+            forget_batch(addr),
+        )
+        .map(|_| ())
     }
 }
 
-/// What is left until `until` once nft applies a batch `delay` from now,
-/// at least a millisecond.
-fn left(until: Instant, delay: Duration) -> Result<Duration, VipError> {
-    match until.checked_duration_since(Instant::now() + delay) {
+/// Sends one batch of element changes (see [`nf_netlink`]).
+fn apply(op: &str, ops: Vec<Op>) -> Result<Outcome, VipError> {
+    nf_netlink::apply(&ops).map_err(|e| VipError::Fence {
+        op: op.to_owned(),
+        reason: if e.raw_os_error() == Some(nix::libc::EPERM) {
+            "operation not permitted (the agent needs CAP_NET_ADMIN)".into()
+        } else {
+            format!("nf_tables netlink: {e}")
+        },
+    })
+}
+
+/// What is left until `until`, at least a millisecond.
+fn left(until: Instant) -> Result<Duration, VipError> {
+    match until.checked_duration_since(Instant::now()) {
         Some(d) if d >= Duration::from_millis(1) => Ok(d),
         _ => Err(VipError::PastLeaseEnd),
     }
@@ -340,17 +245,65 @@ fn missing(op: &str) -> VipError {
     }
 }
 
+/// Installs [`TABLES`] through `nft -f -`.
+async fn install_tables() -> Result<(), VipError> {
+    let fail = |reason: String| VipError::Fence {
+        op: "install the packet fence".to_owned(),
+        reason,
+    };
+    let mut child = tokio::process::Command::new("nft")
+        .args(["-f", "-"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .map_err(|e| {
+            fail(if e.kind() == std::io::ErrorKind::NotFound {
+                "the nft binary is not on PATH: install nftables on the node (the agent's \
+                 image must carry it)"
+                    .into()
+            } else {
+                format!("cannot run nft: {e}")
+            })
+        })?;
+    if let Some(mut stdin) = child.stdin.take() {
+        stdin
+            .write_all(TABLES.as_bytes())
+            .await
+            .map_err(|e| fail(format!("writing the tables to nft: {e}")))?;
+    }
+    let out = child
+        .wait_with_output()
+        .await
+        .map_err(|e| fail(format!("waiting for nft: {e}")))?;
+    if out.status.success() {
+        return Ok(());
+    }
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let first = stderr.lines().next().unwrap_or("").trim().to_owned();
+    Err(fail(if stderr.contains("Operation not permitted") {
+        "operation not permitted (the agent needs CAP_NET_ADMIN)".into()
+    } else {
+        format!("nft exited with {}: {first}", out.status)
+    }))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    fn text(ops: Vec<Op>) -> String {
+        ops.iter().map(|o| format!("{o}\n")).collect()
+    }
+
     #[test]
     fn a_renew_extends_only_a_live_element() {
-        let b = extend_batch(
+        let b = text(extend_batch(
             "198.18.0.100".parse().unwrap(),
             Duration::from_millis(980),
             Duration::from_secs(6),
-        );
+        ));
         // The strict delete comes first, in each live set: ENOENT there
         // fails the whole batch.
         let lines: Vec<&str> = b.lines().collect();
@@ -371,9 +324,13 @@ mod tests {
     fn entry_and_leave_never_fail_on_a_missing_element() {
         let a: IpAddr = "2001:db8::100".parse().unwrap();
         for batch in [
-            open_batch(a, Duration::from_millis(700), Duration::from_secs(6)),
-            close_batch(a),
-            forget_batch(a),
+            text(open_batch(
+                a,
+                Duration::from_millis(700),
+                Duration::from_secs(6),
+            )),
+            text(close_batch(a)),
+            text(forget_batch(a)),
         ] {
             let lines: Vec<&str> = batch.lines().collect();
             for (i, l) in lines.iter().enumerate() {
@@ -387,7 +344,7 @@ mod tests {
             assert!(!batch.contains("arp kubeha"), "IPv6 has no ARP: {batch}");
         }
         assert!(
-            open_batch(a, Duration::ZERO, Duration::from_secs(6))
+            text(open_batch(a, Duration::ZERO, Duration::from_secs(6)))
                 .contains("live6 { 2001:db8::100 timeout 1ms }")
         );
     }
