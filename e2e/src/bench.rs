@@ -252,6 +252,28 @@ pub struct FailoverFigure {
     pub ms: Summary,
     /// The samples, ms, in run order.
     pub samples: Vec<f64>,
+    /// Checks of the split-brain detector that found two holders.
+    pub double_holder_checks: usize,
+    /// Each window with two holders: `VIP nodes [a, b] for N ms`.
+    pub double_holder_windows: Vec<String>,
+}
+
+/// The double-holder figures of a [`FailoverFigure`] from what the
+/// detector saw.
+fn double_holders(seen: &ha::Sampled) -> (usize, Vec<String>) {
+    let windows = seen
+        .windows
+        .iter()
+        .map(|w| {
+            format!(
+                "{} nodes {:?} for {} ms",
+                w.vip,
+                w.nodes,
+                w.to.saturating_sub(w.from).as_millis()
+            )
+        })
+        .collect();
+    (seen.double, windows)
 }
 
 /// Results of `bench failover`.
@@ -680,20 +702,26 @@ pub fn failover(lab: &Lab, plan: &FailoverPlan) -> anyhow::Result<FailoverReport
     for (n, timing) in timings.iter().enumerate() {
         let name = format!("bench-fo-{n}");
         let (samples, seen) = unplanned(lab, &name, "198.18.0.120", *timing, runs)?;
+        let (double_holder_checks, double_holder_windows) = double_holders(&seen);
         absorb(&mut report, seen);
         report.unplanned.push(FailoverFigure {
             what: format!("kubeha {}", timing.label()),
             ms: summarize(&samples),
             samples,
+            double_holder_checks,
+            double_holder_windows,
         });
     }
     for advert in &plan.keepalived {
         let (samples, seen) = unplanned_keepalived(lab, "198.18.0.123", *advert, runs)?;
+        let (double_holder_checks, double_holder_windows) = double_holders(&seen);
         absorb(&mut report, seen);
         report.unplanned.push(FailoverFigure {
             what: format!("keepalived advert_int {advert} s"),
             ms: summarize(&samples),
             samples,
+            double_holder_checks,
+            double_holder_windows,
         });
     }
     if plan.timings.is_empty() {

@@ -271,11 +271,22 @@ fn main() -> anyhow::Result<()> {
                 "\nfailover benchmark ({} runs each, 3 nodes; D/R/RD/skew)",
                 r.runs
             );
-            println!("| figure | median | p95 |\n|---|---|---|");
+            println!("| figure | median | p95 | double-holder checks |\n|---|---|---|---|");
             for f in &r.unplanned {
                 println!(
-                    "| unplanned, {}: power-off -> first reply from the new node | {:.0} ms | {:.0} ms |",
-                    f.what, f.ms.median, f.ms.p95
+                    "| unplanned, {}: power-off -> first reply from the new node | {:.0} ms | {:.0} ms | {} |",
+                    f.what, f.ms.median, f.ms.p95, f.double_holder_checks
+                );
+            }
+            for f in r
+                .unplanned
+                .iter()
+                .filter(|f| !f.double_holder_windows.is_empty())
+            {
+                println!(
+                    "{}: two holders: {}",
+                    f.what,
+                    f.double_holder_windows.join("; ")
                 );
             }
             if let Some(s) = r.switchover_ms {
