@@ -27,6 +27,16 @@
 //! that resumes after its lease ended therefore cannot open the fence again
 //! behind the back of the node that took over; it gives the role up.
 //!
+//! Why nftables sets, chosen after measuring: the fence must close with no
+//! process of ours running (DESIGN's kernel fence: a frozen or killed agent
+//! cannot hold a VIP past its lease), at millisecond granularity, and be
+//! extendable atomically only while still open. A set element's timeout is
+//! all three: one with a 1.5 s timeout expired on time to the jiffy (4 ms
+//! here), and a batch that deletes an expired element fails whole. The
+//! address lifetime counts whole seconds; a route or rule change would need
+//! a process to make it at the lease end; tc or eBPF would need a program
+//! of ours loaded into the kernel.
+//!
 //! The tables, sets and rules are installed once, when the agent starts,
 //! through the `nft` binary (`nft -f -`). Element changes go straight to
 //! the kernel as one nf_tables netlink batch each ([`nf_netlink`]): a
