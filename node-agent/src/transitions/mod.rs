@@ -154,9 +154,11 @@ pub enum EnterError {
     /// Fenced while entering.
     #[error("fenced while entering")]
     Fenced,
-    /// The agent stalled while it added the VIP, so long that no lifetime
-    /// within the lease was left: the VIP was removed again.
-    #[error("VIP {0}: the agent stalled while adding it, past what the heartbeat allows; removed")]
+    /// The agent stalled while it added the VIP, so long that the lease end
+    /// it was to be held until had passed: nothing was added.
+    #[error(
+        "VIP {0}: the agent stalled while adding it, past what the heartbeat allows; not added"
+    )]
     StalledInCall(String),
     /// Another host kept answering for the VIP (address conflict
     /// detection) for longer than [`CONFLICT_WAIT`].

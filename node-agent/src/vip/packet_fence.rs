@@ -240,12 +240,10 @@ fn apply(op: &str, ops: Vec<Op>) -> Result<Outcome, VipError> {
     })
 }
 
-/// What is left until `until`, at least a millisecond.
+/// What is left until `until` (whole milliseconds, at least one), as the
+/// kernel calls count it.
 fn left(until: Instant) -> Result<Duration, VipError> {
-    match until.checked_duration_since(Instant::now()) {
-        Some(d) if d >= Duration::from_millis(1) => Ok(d),
-        _ => Err(VipError::PastLeaseEnd),
-    }
+    super::kernel_lifetime_until(until).map(|(fence, _)| fence)
 }
 
 fn missing(op: &str) -> VipError {
