@@ -24,7 +24,7 @@ use crate::context::{Ctx, FIELD_MANAGER, service_key};
 use crate::error::{Error, Result};
 use crate::handover::LeaseState;
 use crate::heartbeat_view::Timing;
-use crate::members::{self, NodeInfo};
+use crate::members;
 use crate::memory::ModeEvent;
 
 const EXPIRY_MARGIN: Duration = Duration::from_millis(5);
@@ -74,13 +74,7 @@ async fn reconcile_inner(cluster: &HACluster, ctx: &Ctx) -> Result<Action> {
     }
     let now = Instant::now();
     let name = cluster.name_any();
-    let infos: BTreeMap<String, NodeInfo> = ctx
-        .stores
-        .nodes
-        .state()
-        .iter()
-        .map(|n| (n.name_any(), NodeInfo::of(n)))
-        .collect();
+    let infos = ctx.stores.node_infos();
     let members = members::resolve(&cluster.spec, &infos);
     ctx.first_seen(&name, now);
 
@@ -93,6 +87,7 @@ async fn reconcile_inner(cluster: &HACluster, ctx: &Ctx) -> Result<Action> {
     let member_names: BTreeSet<&str> = members.iter().map(|m| m.name.as_str()).collect();
     let (heartbeats, returned, next_expiry, orphans) = ctx.with_view(&name, |view| {
         view.set_timing(Timing::from(&cluster.spec.heartbeat));
+        view.retain_capable(|n| member_names.contains(n));
         let mut heartbeats = BTreeMap::new();
         for m in &members {
             let cordoned = infos.get(&m.name).is_some_and(|i| i.cordoned);

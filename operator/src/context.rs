@@ -2,7 +2,7 @@
 //! heartbeat views, the in-memory memory of each object, leadership, the
 //! Event recorder, metrics and the channels that request reconciles.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
@@ -43,7 +43,8 @@ pub struct Ctx {
     pub namespace: String,
     /// The watch stores.
     pub stores: Stores,
-    /// Heartbeat view per cluster.
+    /// Heartbeat view per cluster. This and the other per-object maps
+    /// hold only objects the stores hold (see [`Ctx::forget_deleted`]).
     views: Mutex<HashMap<String, HeartbeatView>>,
     /// Memory per service (`namespace/name`).
     services: Mutex<HashMap<String, ServiceMemory>>,
@@ -69,6 +70,30 @@ pub struct Ctx {
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Runs `f` on the entry `key` of a per-object map, first creating it
+/// with `make` if `wanted` says the object is one to remember; for any
+/// other key `f` runs on a fresh value that is not kept. Deciding under the
+/// map's lock is what makes [`Ctx::forget_deleted`] certain: an entry is
+/// either created before the object left its store (and the sweep after
+/// that removal frees it) or never.
+fn with_entry<V, R>(
+    map: &mut HashMap<String, V>,
+    key: &str,
+    wanted: impl FnOnce() -> bool,
+    make: impl FnOnce() -> V,
+    f: impl FnOnce(&mut V) -> R,
+) -> R {
+    if let Some(v) = map.get_mut(key) {
+        return f(v);
+    }
+    let mut fresh = make();
+    if wanted() {
+        f(map.entry(key.to_owned()).or_insert(fresh))
+    } else {
+        f(&mut fresh)
+    }
 }
 
 impl Ctx {
@@ -132,22 +157,27 @@ impl Ctx {
     }
 
     /// Runs `f` on the heartbeat view of `cluster`, creating it (judging
-    /// from now) with the cluster's timing if it does not exist. Checks the
+    /// from now) with the cluster's timing if it does not exist (only for
+    /// a cluster that exists or that a service refers to: see
+    /// [`Ctx::forget_deleted`]). Checks the
     /// pulse first, so a view is never read right after a pause as if none
     /// happened.
     pub fn with_view<R>(&self, cluster: &str, f: impl FnOnce(&mut HeartbeatView) -> R) -> R {
         self.check_pulse(Instant::now());
-        let mut views = lock(&self.views);
-        f(self.view_in(&mut views, cluster))
+        self.view_in(&mut lock(&self.views), cluster, f)
     }
 
-    /// The view of `cluster` in the locked map, created if missing.
-    fn view_in<'a>(
+    /// Runs `f` on the view of `cluster` in the locked map, created if
+    /// missing and the cluster is one to remember
+    /// ([`Ctx::cluster_wanted`]); else on a fresh view judging from now
+    /// that is not kept (it knows nobody: nobody Alive, nobody Lost).
+    fn view_in<R>(
         &self,
-        views: &'a mut HashMap<String, HeartbeatView>,
+        views: &mut HashMap<String, HeartbeatView>,
         cluster: &str,
-    ) -> &'a mut HeartbeatView {
-        views.entry(cluster.to_owned()).or_insert_with(|| {
+        f: impl FnOnce(&mut HeartbeatView) -> R,
+    ) -> R {
+        let make = || {
             let timing = self
                 .stores
                 .clusters
@@ -155,7 +185,57 @@ impl Ctx {
                 .map(|c| Timing::from(&c.spec.heartbeat))
                 .unwrap_or_default();
             HeartbeatView::new(timing, Instant::now())
-        })
+        };
+        with_entry(views, cluster, || self.cluster_wanted(cluster), make, f)
+    }
+
+    /// Whether the per-cluster maps keep an entry for `cluster`: the
+    /// HACluster exists, or an HAService still refers to it (its view
+    /// judges that service's nodes while the service is released), or the
+    /// watches have not listed yet (then nothing is known to be gone).
+    fn cluster_wanted(&self, cluster: &str) -> bool {
+        !self.is_ready()
+            || self.stores.clusters.get(&ObjectRef::new(cluster)).is_some()
+            || self
+                .stores
+                .services
+                .find(|s| s.spec.cluster_ref == cluster)
+                .is_some()
+    }
+
+    /// Whether the per-service map keeps an entry for the service `key`
+    /// (`namespace/name`): it exists, or the watches have not listed yet.
+    fn service_wanted(&self, key: &str) -> bool {
+        !self.is_ready()
+            || key.split_once('/').is_some_and(|(ns, name)| {
+                let r = ObjectRef::new(name).within(ns);
+                self.stores.services.get(&r).is_some()
+            })
+    }
+
+    /// Frees what is kept for HAServices and HAClusters the stores no
+    /// longer hold (deleted; a cluster also no longer referred to): their
+    /// memory, heartbeat view and first sighting. Runs after every delete
+    /// and every re-list of either watch ([`crate::watch::dispatch`]);
+    /// nothing before the watches have listed.
+    pub fn forget_deleted(&self) {
+        if !self.is_ready() {
+            return;
+        }
+        lock(&self.services).retain(|key, _| self.service_wanted(key));
+        let referred: HashSet<String> = self
+            .stores
+            .services
+            .state()
+            .iter()
+            .map(|s| s.spec.cluster_ref.clone())
+            .collect();
+        let kept = |name: &String| {
+            referred.contains(name) || self.stores.clusters.get(&ObjectRef::new(name)).is_some()
+        };
+        lock(&self.views).retain(|name, _| kept(name));
+        lock(&self.clusters).retain(|name, _| kept(name));
+        lock(&self.first_seen).retain(|name, _| kept(name));
     }
 
     /// Refreshes the pulse at `now`; a pulse older than
@@ -213,8 +293,7 @@ impl Ctx {
     ) -> bool {
         let mut views = lock(&self.views);
         for (cluster, node, fingerprint) in read {
-            self.view_in(&mut views, &cluster)
-                .observe(&node, fingerprint, now);
+            self.view_in(&mut views, &cluster, |v| v.observe(&node, fingerprint, now));
         }
         if self.gaps.load(Ordering::SeqCst) != generation {
             return false;
@@ -261,26 +340,24 @@ impl Ctx {
             })
     }
 
-    /// Runs `f` on the memory of the service `key`.
+    /// Runs `f` on the memory of the service `key` (a fresh one, not kept,
+    /// once the service is gone from the store).
     pub fn with_service_memory<R>(&self, key: &str, f: impl FnOnce(&mut ServiceMemory) -> R) -> R {
-        f(lock(&self.services).entry(key.to_owned()).or_default())
+        let wanted = || self.service_wanted(key);
+        with_entry(&mut lock(&self.services), key, wanted, Default::default, f)
     }
 
-    /// Forgets a deleted service.
-    pub fn forget_service(&self, key: &str) {
-        lock(&self.services).remove(key);
-    }
-
-    /// Runs `f` on the memory of the cluster `name`.
+    /// Runs `f` on the memory of the cluster `name` (see
+    /// [`Ctx::with_view`] for which clusters are remembered).
     pub fn with_cluster_memory<R>(&self, name: &str, f: impl FnOnce(&mut ClusterMemory) -> R) -> R {
-        f(lock(&self.clusters).entry(name.to_owned()).or_default())
+        let wanted = || self.cluster_wanted(name);
+        with_entry(&mut lock(&self.clusters), name, wanted, Default::default, f)
     }
 
     /// When this operator first saw `cluster`.
     pub fn first_seen(&self, cluster: &str, now: Instant) -> Instant {
-        *lock(&self.first_seen)
-            .entry(cluster.to_owned())
-            .or_insert(now)
+        let wanted = || self.cluster_wanted(cluster);
+        with_entry(&mut lock(&self.first_seen), cluster, wanted, || now, |t| *t)
     }
 
     /// Asks for a reconcile of one service.
@@ -349,4 +426,190 @@ pub const EVENT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2)
 /// `namespace/name` of a service.
 pub fn service_key(svc: &HAService) -> String {
     format!("{}/{}", svc.namespace().unwrap_or_default(), svc.name_any())
+}
+
+/// A context on stores the test fills by hand and a client that reaches
+/// nothing (for tests of what the context keeps; needs a Tokio runtime).
+#[cfg(test)]
+pub(crate) mod testing {
+    use k8s_openapi::api::coordination::v1::Lease;
+    use kube::runtime::reflector::{self, store::Writer};
+    use kube::runtime::watcher;
+
+    use super::*;
+    use crate::members::WatchedNode;
+
+    /// The writing halves of [`Stores`].
+    pub(crate) struct Writers {
+        pub(crate) services: Writer<HAService>,
+        pub(crate) clusters: Writer<HACluster>,
+        pub(crate) service_leases: Writer<Lease>,
+        pub(crate) heartbeat_leases: Writer<Lease>,
+        pub(crate) nodes: Writer<WatchedNode>,
+    }
+
+    /// Empty stores and their writers.
+    pub(crate) fn stores() -> (Stores, Writers) {
+        let (services, ws) = reflector::store();
+        let (clusters, wc) = reflector::store();
+        let (service_leases, wsl) = reflector::store();
+        let (heartbeat_leases, whl) = reflector::store();
+        let (nodes, wn) = reflector::store();
+        (
+            Stores {
+                services,
+                clusters,
+                service_leases,
+                heartbeat_leases,
+                nodes,
+            },
+            Writers {
+                services: ws,
+                clusters: wc,
+                service_leases: wsl,
+                heartbeat_leases: whl,
+                nodes: wn,
+            },
+        )
+    }
+
+    /// A context on `stores`, not leader, not ready.
+    pub(crate) fn ctx(stores: Stores) -> Ctx {
+        let config = kube::Config::new("http://127.0.0.1:9".parse().unwrap());
+        let client = Client::try_from(config).unwrap();
+        let (services, _) = futures::channel::mpsc::unbounded();
+        let (clusters, _) = futures::channel::mpsc::unbounded();
+        let (all_services, _) = futures::channel::mpsc::unbounded();
+        let (all_clusters, _) = futures::channel::mpsc::unbounded();
+        Ctx::new(
+            client,
+            "kubeha-system".into(),
+            "test".into(),
+            stores,
+            Metrics::default(),
+            Triggers {
+                services,
+                clusters,
+                all_services,
+                all_clusters,
+            },
+        )
+    }
+
+    /// HAService `ns/name` of `cluster`.
+    pub(crate) fn service(ns: &str, name: &str, cluster: &str) -> HAService {
+        let mut svc = HAService::new(
+            name,
+            kubeha_crds::testing::service_spec(cluster, &["198.18.0.100/24"]),
+        );
+        svc.metadata.namespace = Some(ns.to_owned());
+        svc
+    }
+
+    /// HACluster `name` with one member.
+    pub(crate) fn cluster(name: &str) -> HACluster {
+        kubeha_crds::testing::cluster(
+            name,
+            kubeha_crds::testing::members(&[("node-1", Mode::Default)], None),
+        )
+    }
+
+    /// Applies `ev` to `w`, as the watch does before the dispatcher sees it.
+    pub(crate) fn apply<K>(w: &mut Writer<K>, ev: watcher::Event<K>)
+    where
+        K: kube::Resource<DynamicType = ()> + Clone + 'static,
+    {
+        w.apply_watcher_event(&ev);
+    }
+
+    impl Ctx {
+        /// Whether anything is kept for the service `key`.
+        pub(crate) fn keeps_service(&self, key: &str) -> bool {
+            lock(&self.services).contains_key(key)
+        }
+
+        /// How many of the per-cluster maps keep an entry for `name`.
+        pub(crate) fn keeps_cluster(&self, name: &str) -> usize {
+            usize::from(lock(&self.views).contains_key(name))
+                + usize::from(lock(&self.clusters).contains_key(name))
+                + usize::from(lock(&self.first_seen).contains_key(name))
+        }
+
+        /// Uses every per-cluster map for `name`, as the reconcilers do.
+        pub(crate) fn touch_cluster(&self, name: &str) {
+            let now = Instant::now();
+            self.first_seen(name, now);
+            self.with_view(name, |_| ());
+            self.with_cluster_memory(name, |_| ());
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use kube::runtime::watcher::Event;
+
+    use super::testing::{apply, cluster, ctx, service, stores};
+    use super::*;
+
+    #[tokio::test]
+    async fn a_deleted_service_is_forgotten() {
+        let (stores, mut w) = stores();
+        let ctx = ctx(stores);
+        let svc = service("app", "web", "demo");
+        apply(&mut w.services, Event::Apply(svc.clone()));
+        ctx.ready.store(true, Ordering::SeqCst);
+        ctx.with_service_memory("app/web", |_| ());
+        assert!(ctx.keeps_service("app/web"));
+
+        apply(&mut w.services, Event::Delete(svc));
+        ctx.forget_deleted();
+        assert!(!ctx.keeps_service("app/web"));
+        // A reconcile still running for it keeps nothing either.
+        let ran = ctx.with_service_memory("app/web", |_| true);
+        assert!(ran && !ctx.keeps_service("app/web"));
+    }
+
+    #[tokio::test]
+    async fn a_deleted_cluster_is_forgotten_once_no_service_refers_to_it() {
+        let (stores, mut w) = stores();
+        let ctx = ctx(stores);
+        let (cl, svc) = (cluster("demo"), service("app", "web", "demo"));
+        apply(&mut w.clusters, Event::Apply(cl.clone()));
+        apply(&mut w.services, Event::Apply(svc.clone()));
+        ctx.ready.store(true, Ordering::SeqCst);
+        ctx.touch_cluster("demo");
+        assert_eq!(ctx.keeps_cluster("demo"), 3);
+
+        apply(&mut w.clusters, Event::Delete(cl));
+        ctx.forget_deleted();
+        assert_eq!(
+            ctx.keeps_cluster("demo"),
+            3,
+            "its service is still released on its view"
+        );
+
+        apply(&mut w.services, Event::Delete(svc));
+        ctx.forget_deleted();
+        assert_eq!(ctx.keeps_cluster("demo"), 0);
+        ctx.touch_cluster("demo");
+        ctx.observe_heartbeat("demo", "node-1", Default::default(), Instant::now());
+        assert_eq!(ctx.keeps_cluster("demo"), 0, "nothing new is kept for it");
+    }
+
+    #[tokio::test]
+    async fn nothing_is_forgotten_before_the_watches_have_listed() {
+        let (stores, _w) = stores();
+        let ctx = ctx(stores);
+        ctx.with_service_memory("app/web", |_| ());
+        ctx.touch_cluster("demo");
+        ctx.forget_deleted();
+        assert!(ctx.keeps_service("app/web"));
+        assert_eq!(ctx.keeps_cluster("demo"), 3);
+
+        ctx.ready.store(true, Ordering::SeqCst);
+        ctx.forget_deleted();
+        assert!(!ctx.keeps_service("app/web"));
+        assert_eq!(ctx.keeps_cluster("demo"), 0);
+    }
 }

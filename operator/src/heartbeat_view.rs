@@ -327,6 +327,12 @@ impl HeartbeatView {
         }
     }
 
+    /// Forgets when the nodes `member` rejects became capable: former
+    /// members are not asked, and one that joins again starts afresh.
+    pub fn retain_capable(&mut self, member: impl Fn(&str) -> bool) {
+        self.capable_since.retain(|n, _| member(n));
+    }
+
     /// How long `node` has been continuously Alive and capable (see
     /// [`HeartbeatView::note_capable`]); zero when it is not both now.
     /// Drives the failback delay.
@@ -558,6 +564,22 @@ mod tests {
         v.note_capable("a", false, t0 + ms(9000));
         v.note_capable("a", true, t0 + ms(9500));
         assert_eq!(v.eligible_for("a", t0 + ms(10000)), ms(500));
+    }
+
+    #[test]
+    fn a_former_member_is_not_remembered_as_capable() {
+        let t0 = Instant::now();
+        let mut v = HeartbeatView::new(timing(), t0);
+        for n in ["a", "b"] {
+            v.observe(n, fp("1"), t0);
+            v.note_capable(n, true, t0);
+        }
+        v.retain_capable(|n| n == "a");
+        assert_eq!(v.capable_since.keys().collect::<Vec<_>>(), vec!["a"]);
+        assert_eq!(v.eligible_for("a", t0 + ms(1000)), ms(1000));
+        // b joins again: capable from then on, not from before it left.
+        v.note_capable("b", true, t0 + ms(800));
+        assert_eq!(v.eligible_for("b", t0 + ms(1000)), ms(200));
     }
 
     /// Issue 14's rule (module docs, "Gaps in the observer's own view"),

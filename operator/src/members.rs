@@ -6,6 +6,7 @@ use std::collections::BTreeMap;
 use std::net::IpAddr;
 
 use k8s_openapi::api::core::v1::Node;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kubeha_crds::Mode;
 use kubeha_crds::cluster::HAClusterSpec;
 /// The selector matcher lives in kubeha-crds so the agent decides its own
@@ -59,6 +60,53 @@ impl NodeInfo {
                 })
                 .unwrap_or_default(),
         }
+    }
+}
+
+/// A Node as the operator's watch store keeps it: its name and its
+/// [`NodeInfo`], nothing else. A full Node carries managed fields, images,
+/// conditions and more that the operator never reads; the watch parses each
+/// Node event into this and drops the rest at once.
+#[derive(Clone, Debug, Default, PartialEq, serde::Deserialize)]
+#[serde(from = "Node")]
+pub struct WatchedNode {
+    /// The name only.
+    pub metadata: ObjectMeta,
+    /// What the operator reads of it.
+    pub info: NodeInfo,
+}
+
+impl From<Node> for WatchedNode {
+    fn from(node: Node) -> Self {
+        let info = NodeInfo::of(&node);
+        Self {
+            metadata: ObjectMeta {
+                name: node.metadata.name,
+                ..Default::default()
+            },
+            info,
+        }
+    }
+}
+
+impl k8s_openapi::Resource for WatchedNode {
+    const API_VERSION: &'static str = Node::API_VERSION;
+    const GROUP: &'static str = Node::GROUP;
+    const KIND: &'static str = Node::KIND;
+    const VERSION: &'static str = Node::VERSION;
+    const URL_PATH_SEGMENT: &'static str = Node::URL_PATH_SEGMENT;
+    type Scope = <Node as k8s_openapi::Resource>::Scope;
+}
+
+impl k8s_openapi::Metadata for WatchedNode {
+    type Ty = ObjectMeta;
+
+    fn metadata(&self) -> &ObjectMeta {
+        &self.metadata
+    }
+
+    fn metadata_mut(&mut self) -> &mut ObjectMeta {
+        &mut self.metadata
     }
 }
 
@@ -180,6 +228,45 @@ mod tests {
         assert_eq!(
             info.addresses,
             vec!["198.18.0.11".parse::<IpAddr>().unwrap()]
+        );
+    }
+
+    #[test]
+    fn a_watched_node_keeps_only_its_name_and_info() {
+        // As the watch hands it over: an untyped object parsed one by one.
+        let full: kube::core::DynamicObject = serde_json::from_value(serde_json::json!({
+            "apiVersion": "v1",
+            "kind": "Node",
+            "metadata": {
+                "name": "node-1",
+                "labels": {"ha": "yes"},
+                "annotations": {"big": "x".repeat(4096)},
+                "managedFields": [{"manager": "kubelet", "operation": "Update"}],
+                "resourceVersion": "7",
+            },
+            "spec": {"unschedulable": true, "podCIDR": "10.0.0.0/24"},
+            "status": {
+                "addresses": [{"type": "InternalIP", "address": "198.18.0.11"}],
+                "images": [{"names": ["registry/big:1"], "sizeBytes": 1}],
+                "conditions": [{"type": "Ready", "status": "True"}],
+            },
+        }))
+        .unwrap();
+        let node: WatchedNode = full.try_parse().unwrap();
+        assert_eq!(
+            node.metadata,
+            ObjectMeta {
+                name: Some("node-1".into()),
+                ..Default::default()
+            }
+        );
+        assert_eq!(node.info.labels, labels(&[("ha", "yes")]));
+        assert!(node.info.cordoned);
+        assert_eq!(node.info.addresses, vec![IpAddr::from([198, 18, 0, 11])]);
+        assert_eq!(
+            kube::core::ApiResource::erase::<WatchedNode>(&()),
+            kube::core::ApiResource::erase::<Node>(&()),
+            "watched as Nodes"
         );
     }
 }

@@ -14,15 +14,18 @@
 //! | Lease, all namespaces | `kubeha.io/lease=service` | the service named by `kubeha.io/service` |
 //! | Lease, operator namespace | `kubeha.io/lease=heartbeat` | heartbeat view; cluster and services when a member's state changed |
 //! | Node | - | every cluster and service when cordon, labels or addresses changed |
+//!
+//! Nodes are stored as [`WatchedNode`]s (name and [`NodeInfo`] only). A
+//! delete, or a re-list that no longer shows an object, of an HAService or
+//! HACluster frees what the operator kept for it ([`Ctx::forget_deleted`]).
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::Instant;
 
 use futures::StreamExt;
 use futures::stream::BoxStream;
 use k8s_openapi::api::coordination::v1::Lease;
-use k8s_openapi::api::core::v1::Node;
 use kube::runtime::reflector::{ObjectRef, Store};
 use kube::runtime::watcher;
 use kube::{Client, ResourceExt};
@@ -30,7 +33,7 @@ use kubeha_crds::{HACluster, HAService, leases};
 
 use crate::context::Ctx;
 use crate::heartbeat_view::{Fingerprint, Timing};
-use crate::members::NodeInfo;
+use crate::members::{NodeInfo, WatchedNode};
 
 /// The reflector stores the controllers read.
 #[derive(Clone)]
@@ -43,8 +46,19 @@ pub struct Stores {
     pub service_leases: Store<Lease>,
     /// Heartbeat Leases (operator namespace).
     pub heartbeat_leases: Store<Lease>,
-    /// Nodes.
-    pub nodes: Store<Node>,
+    /// Nodes, as much of them as the operator reads.
+    pub nodes: Store<WatchedNode>,
+}
+
+impl Stores {
+    /// What every Node says, by name.
+    pub fn node_infos(&self) -> BTreeMap<String, NodeInfo> {
+        self.nodes
+            .state()
+            .iter()
+            .map(|n| (n.name_any(), n.info.clone()))
+            .collect()
+    }
 }
 
 type Events<K> = BoxStream<'static, Result<watcher::Event<K>, watcher::Error>>;
@@ -55,7 +69,7 @@ pub struct Streams {
     clusters: Events<HACluster>,
     service_leases: Events<Lease>,
     heartbeat_leases: Events<Lease>,
-    nodes: Events<Node>,
+    nodes: Events<WatchedNode>,
 }
 
 /// Starts the watches (lazily: nothing runs until [`dispatch`] polls them).
@@ -75,7 +89,7 @@ pub fn start(client: &Client, namespace: &str) -> (Stores, Streams) {
         watcher::Config::default().labels(&leases::heartbeat_lease_selector()),
     );
     let (nodes, s5) =
-        kubeha_runtime::watch::reflect::<Node>(client, None, watcher::Config::default());
+        kubeha_runtime::watch::reflect::<WatchedNode>(client, None, watcher::Config::default());
     (
         Stores {
             services,
@@ -102,9 +116,28 @@ fn object<K>(event: &watcher::Event<K>) -> Option<&K> {
     }
 }
 
-/// What of a Node matters to placement and validation.
-fn node_fingerprint(node: &Node) -> NodeInfo {
-    NodeInfo::of(node)
+/// Whether `ev` is a delete or the end of a (re-)list: the events after
+/// which a store may no longer hold an object it held before.
+fn may_have_removed<K>(ev: &Result<watcher::Event<K>, watcher::Error>) -> bool {
+    matches!(ev, Ok(watcher::Event::Delete(_) | watcher::Event::InitDone))
+}
+
+/// Drops the entries of a map by object name (cluster-scoped kinds) whose
+/// object `store` no longer holds: a re-list yields no delete for what went
+/// while the watch was down. Returns the names dropped.
+fn drop_unlisted<K, V>(map: &mut HashMap<String, V>, store: &Store<K>) -> Vec<String>
+where
+    K: kube::Resource<DynamicType = ()> + Clone + 'static,
+{
+    let gone: Vec<String> = map
+        .keys()
+        .filter(|name| store.get(&ObjectRef::new(name)).is_none())
+        .cloned()
+        .collect();
+    for name in &gone {
+        map.remove(name);
+    }
+    gone
 }
 
 /// Which watches have listed their objects once; the operator is ready when
@@ -133,10 +166,12 @@ impl Synced {
     }
 }
 
-/// Marks the operator ready and reconciles everything once.
+/// Marks the operator ready, frees what it kept for objects the lists did
+/// not show, and reconciles everything once.
 fn became_ready(ctx: &Ctx) {
     ctx.ready.store(true, std::sync::atomic::Ordering::SeqCst);
     tracing::info!("watches synced");
+    ctx.forget_deleted();
     ctx.trigger_everything();
 }
 
@@ -160,6 +195,9 @@ pub async fn dispatch(ctx: Arc<Ctx>, streams: Streams) {
         }
         let c = c.clone();
         async move {
+            if may_have_removed(&ev) {
+                c.forget_deleted();
+            }
             match ev {
                 Ok(ev) => {
                     if let Some(svc) = object(&ev) {
@@ -190,12 +228,25 @@ pub async fn dispatch(ctx: Arc<Ctx>, streams: Streams) {
             }),
             Err(_) => false,
         };
+        // Clusters deleted while the watch was down.
+        let gone = match &ev {
+            Ok(watcher::Event::InitDone) => drop_unlisted(&mut generations, &c.stores.clusters),
+            _ => Vec::new(),
+        };
         async move {
+            if may_have_removed(&ev) {
+                c.forget_deleted();
+            }
+            for name in &gone {
+                c.trigger_services_of(name);
+            }
             match ev {
                 Ok(ev) => {
                     if let Some(cl) = object(&ev) {
                         let name = cl.name_any();
-                        c.set_timing(&name, Timing::from(&cl.spec.heartbeat));
+                        if !matches!(ev, watcher::Event::Delete(_)) {
+                            c.set_timing(&name, Timing::from(&cl.spec.heartbeat));
+                        }
                         c.trigger_cluster(ObjectRef::new(&name));
                         if changed {
                             c.trigger_services_of(&name);
@@ -285,15 +336,15 @@ pub async fn dispatch(ctx: Arc<Ctx>, streams: Streams) {
         }
         let c = c.clone();
         let changed = match &ev {
+            Ok(watcher::Event::InitDone) => !drop_unlisted(&mut seen, &c.stores.nodes).is_empty(),
             Ok(ev) => object(ev).is_some_and(|n| {
-                let info = node_fingerprint(n);
                 let deleted = matches!(ev, watcher::Event::Delete(_));
                 let before = if deleted {
                     seen.remove(&n.name_any())
                 } else {
-                    seen.insert(n.name_any(), info.clone())
+                    seen.insert(n.name_any(), n.info.clone())
                 };
-                deleted || before.as_ref() != Some(&info)
+                deleted || before.as_ref() != Some(&n.info)
             }),
             Err(_) => false,
         };
@@ -316,8 +367,9 @@ mod tests {
     #[test]
     fn ready_once_when_the_last_of_five_watches_has_listed() {
         let synced = Synced::default();
-        let done: Result<watcher::Event<Node>, watcher::Error> = Ok(watcher::Event::InitDone);
-        let other: Result<watcher::Event<Node>, watcher::Error> = Ok(watcher::Event::Init);
+        let done: Result<watcher::Event<WatchedNode>, watcher::Error> =
+            Ok(watcher::Event::InitDone);
+        let other: Result<watcher::Event<WatchedNode>, watcher::Error> = Ok(watcher::Event::Init);
         assert!(!synced.note(4, &other));
         for bit in 0..4 {
             assert!(!synced.note(bit, &done), "watch {bit} alone is not all");
@@ -329,5 +381,103 @@ mod tests {
             "a re-list later is not a second time"
         );
         assert!(!synced.note(0, &done));
+    }
+
+    #[test]
+    fn what_a_relist_no_longer_shows_is_dropped() {
+        let (stores, mut w) = crate::context::testing::stores();
+        let node = |name: &str| WatchedNode {
+            metadata: kube::api::ObjectMeta {
+                name: Some(name.to_owned()),
+                ..Default::default()
+            },
+            info: NodeInfo::default(),
+        };
+        w.nodes
+            .apply_watcher_event(&watcher::Event::Apply(node("node-1")));
+        let mut seen: HashMap<String, NodeInfo> = ["node-1", "node-2"]
+            .into_iter()
+            .map(|n| (n.to_owned(), NodeInfo::default()))
+            .collect();
+        assert_eq!(drop_unlisted(&mut seen, &stores.nodes), vec!["node-2"]);
+        assert_eq!(seen.keys().collect::<Vec<_>>(), vec!["node-1"]);
+    }
+
+    /// Waits (a little) until `done`.
+    async fn eventually(what: &str, done: impl Fn() -> bool) {
+        for _ in 0..2000 {
+            if done() {
+                return;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+        }
+        panic!("never: {what}");
+    }
+
+    #[tokio::test]
+    async fn a_delete_or_a_relist_frees_what_was_kept_for_the_object() {
+        use crate::context::testing::{cluster, ctx, service, stores};
+        use futures::channel::mpsc;
+        use kube::runtime::reflector::reflector;
+        use watcher::Event::*;
+
+        type Tx<K> = mpsc::UnboundedSender<Result<watcher::Event<K>, watcher::Error>>;
+        fn list<K>(tx: &Tx<K>, objects: Vec<K>) {
+            tx.unbounded_send(Ok(Init)).unwrap();
+            for o in objects {
+                tx.unbounded_send(Ok(InitApply(o))).unwrap();
+            }
+            tx.unbounded_send(Ok(InitDone)).unwrap();
+        }
+
+        let (stores, w) = stores();
+        let ctx = Arc::new(ctx(stores));
+        let (services, s1) = mpsc::unbounded();
+        let (clusters, s2) = mpsc::unbounded();
+        let (service_leases, s3) = mpsc::unbounded();
+        let (heartbeat_leases, s4) = mpsc::unbounded();
+        let (nodes, s5) = mpsc::unbounded();
+        let streams = Streams {
+            services: reflector(w.services, s1).boxed(),
+            clusters: reflector(w.clusters, s2).boxed(),
+            service_leases: reflector(w.service_leases, s3).boxed(),
+            heartbeat_leases: reflector(w.heartbeat_leases, s4).boxed(),
+            nodes: reflector(w.nodes, s5).boxed(),
+        };
+        let task = tokio::spawn(dispatch(ctx.clone(), streams));
+
+        let (web, db) = (service("app", "web", "demo"), service("app", "db", "demo"));
+        list(&services, vec![web.clone(), db.clone()]);
+        list(&clusters, vec![cluster("demo"), cluster("other")]);
+        list(&service_leases, vec![]);
+        list(&heartbeat_leases, vec![]);
+        list(&nodes, vec![]);
+        eventually("ready", || ctx.is_ready()).await;
+        for key in ["app/web", "app/db"] {
+            ctx.with_service_memory(key, |_| ());
+        }
+        ctx.touch_cluster("demo");
+        ctx.touch_cluster("other");
+
+        services.unbounded_send(Ok(Delete(web))).unwrap();
+        eventually("web forgotten", || !ctx.keeps_service("app/web")).await;
+        assert!(ctx.keeps_service("app/db"));
+
+        clusters
+            .unbounded_send(Ok(Delete(cluster("other"))))
+            .unwrap();
+        eventually("other forgotten", || ctx.keeps_cluster("other") == 0).await;
+        assert_eq!(ctx.keeps_cluster("demo"), 3);
+
+        // db goes while the watch is down: the re-list does not show it,
+        // and demo, deleted meanwhile too, has no service left.
+        list(&services, vec![]);
+        eventually("db forgotten", || !ctx.keeps_service("app/db")).await;
+        assert_eq!(ctx.keeps_cluster("demo"), 3, "demo still exists");
+        list(&clusters, vec![]);
+        eventually("demo forgotten", || ctx.keeps_cluster("demo") == 0).await;
+
+        drop((services, clusters, service_leases, heartbeat_leases, nodes));
+        task.await.unwrap();
     }
 }

@@ -73,15 +73,6 @@ pub(super) fn requeue(ev: &Evaluation, now: Instant) -> Action {
     }
 }
 
-pub(super) fn node_infos(ctx: &Ctx) -> BTreeMap<String, NodeInfo> {
-    ctx.stores
-        .nodes
-        .state()
-        .iter()
-        .map(|n| (n.name_any(), NodeInfo::of(n)))
-        .collect()
-}
-
 /// The primary node of a service: its first preferred node, else the
 /// cluster's first listed member (as the agents judge takeover/takeback).
 pub(super) fn primary(svc: &HAService, cluster: Option<&HACluster>) -> Option<String> {
@@ -153,7 +144,7 @@ pub(super) fn evaluate(svc: &HAService, ctx: &Ctx, deleting: bool, now: Instant)
     let ns = svc.namespace().unwrap_or_default();
     let cluster_name = svc.spec.cluster_ref.clone();
     let cluster = ctx.stores.clusters.get(&ObjectRef::new(&cluster_name));
-    let infos = node_infos(ctx);
+    let infos = ctx.stores.node_infos();
     let members: Vec<Member> = cluster
         .as_ref()
         .map(|c| members::resolve(&c.spec, &infos))

@@ -81,20 +81,16 @@ async fn reconcile_inner(svc: Arc<HAService>, ctx: Arc<Ctx>) -> Result<Action> {
         return Ok(Action::requeue(crate::gaps::WAIT_IN_GAP));
     }
     let api: Api<HAService> = Api::namespaced(ctx.client.clone(), &ns);
-    let key = service_key(&svc);
-    let deleting = svc.meta().deletion_timestamp.is_some();
-    let result = finalizer(&api, FINALIZER, svc, |event| async {
+    // What the operator keeps for the service is freed when the watch
+    // shows it gone ([`Ctx::forget_deleted`]), on every replica.
+    finalizer(&api, FINALIZER, svc, |event| async {
         match event {
             FinalizerEvent::Apply(svc) => apply(&svc, &ctx, false).await,
             FinalizerEvent::Cleanup(svc) => apply(&svc, &ctx, true).await,
         }
     })
     .await
-    .map_err(|e| Error::Finalizer(Box::new(e)));
-    if deleting && result.is_ok() {
-        ctx.forget_service(&key);
-    }
-    result
+    .map_err(|e| Error::Finalizer(Box::new(e)))
 }
 
 async fn apply(svc: &HAService, ctx: &Ctx, deleting: bool) -> Result<Action> {
