@@ -32,7 +32,8 @@ pub fn boot_id(configured: Option<&str>) -> Option<String> {
 pub struct NodeStatus {
     /// This node.
     pub node: String,
-    /// When the file was written (RFC 3339).
+    /// When the file was written (RFC 3339). It is written when what it
+    /// says changed, not periodically.
     pub updated_at: String,
     /// Heartbeat per cluster.
     pub clusters: BTreeMap<String, ClusterRecord>,
@@ -62,8 +63,6 @@ impl NodeStatus {
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct ClusterRecord {
-    /// Milliseconds since the last successful renew when written.
-    pub last_renew_age_ms: Option<u64>,
     /// Failed renews since the agent started.
     pub renew_failures: u64,
     /// Whether the node fenced itself for this cluster and has not renewed since.

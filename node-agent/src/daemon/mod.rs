@@ -33,7 +33,7 @@ use tokio::sync::{Mutex, Notify, mpsc};
 use crate::heartbeat::{Heartbeats, Timing};
 use crate::hooks::HookRunner;
 use crate::metrics::Metrics;
-use crate::statefile::{self, ServiceRecord};
+use crate::statefile::{self, NodeStatus, ServiceRecord};
 use crate::transitions::LocalNode;
 use crate::vip::RtNetlink;
 
@@ -107,6 +107,27 @@ struct Slot {
     /// held it) and could not mark it: its VIPs were dropped under it, so
     /// once the record is free it is marked as a fence does.
     fenced_while_busy: Arc<std::sync::Mutex<Option<String>>>,
+    /// The spec's checksum ([`spec_checksum`]) and the object generation it
+    /// was computed for: a pass hashes a spec only when it changed.
+    checksum: Option<(i64, String)>,
+}
+
+impl Slot {
+    /// [`spec_checksum`] of `svc`'s spec, computed again only when its
+    /// generation changed.
+    fn checksum(&mut self, svc: &HAService) -> String {
+        let Some(generation) = svc.metadata.generation else {
+            return spec_checksum(&svc.spec);
+        };
+        match &self.checksum {
+            Some((g, sum)) if *g == generation => sum.clone(),
+            _ => {
+                let sum = spec_checksum(&svc.spec);
+                self.checksum = Some((generation, sum.clone()));
+                sum
+            }
+        }
+    }
 }
 
 /// Report bookkeeping of one service: the digest the API server has, and
@@ -154,6 +175,23 @@ struct Shared {
     /// after a report that timed out: the API server may still apply that
     /// one later, over a newer report.
     resend: std::sync::Mutex<HashMap<String, Vec<Instant>>>,
+    /// What the main loop last wrote to the status file (without its
+    /// `updatedAt`), so it writes only a change; `None` after another
+    /// writer ([`tasks::persist`]) changed the file.
+    written: std::sync::Mutex<Option<NodeStatus>>,
+}
+
+impl Shared {
+    /// Every instant a status entry is due to be sent again.
+    fn resend_times(&self) -> Vec<Instant> {
+        self.resend
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .flatten()
+            .copied()
+            .collect()
+    }
 }
 
 /// Runs the daemon until a signal ends it.
@@ -201,6 +239,7 @@ pub async fn run(config: Config) -> crate::Result<()> {
         past_unknown: AtomicBool::new(false),
         returned: Default::default(),
         resend: Default::default(),
+        written: Default::default(),
         recorder: Recorder::new(
             client.clone(),
             Reporter {
@@ -343,14 +382,15 @@ pub async fn run(config: Config) -> crate::Result<()> {
 
     let (renewed_tx, mut renewed_rx) = mpsc::unbounded_channel::<String>();
     let mut renewers: HashMap<String, (Timing, tokio::task::JoinHandle<()>)> = HashMap::new();
-    let mut tick = tokio::time::interval(Duration::from_millis(50));
-    let mut last_write = Instant::now() - Duration::from_secs(10);
     let mut shutdown = std::pin::pin!(tokio::signal::ctrl_c());
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    // A pass runs on an event (a watch, a renew, a task that ended) or at
+    // the next instant something falls due without one.
+    let mut wake = Instant::now();
     loop {
         tokio::select! {
             _ = shared.notify.notified() => {}
-            _ = tick.tick() => {}
+            _ = tokio::time::sleep_until(wake.into()) => {}
             Some(cluster) = renewed_rx.recv() => {
                 on_renewed(&shared, &cluster).await;
             }
@@ -368,24 +408,21 @@ pub async fn run(config: Config) -> crate::Result<()> {
             &client,
         );
         fence_if_cut_off(&shared, &clusters_now, &me, &slots).await;
-        if !synced.load(Ordering::SeqCst) {
-            shared.beats.mark_progress(Instant::now());
-            continue;
-        }
-        reconcile(
-            &shared,
-            &clusters_now,
-            &me,
-            &services,
-            &service_leases,
-            &mut slots,
-        )
-        .await;
-        if last_write.elapsed() >= Duration::from_millis(500) {
+        if synced.load(Ordering::SeqCst) {
+            reconcile(
+                &shared,
+                &clusters_now,
+                &me,
+                &services,
+                &service_leases,
+                &mut slots,
+            )
+            .await;
             write_status(&shared, &slots).await;
-            last_write = Instant::now();
         }
-        shared.beats.mark_progress(Instant::now());
+        let now = Instant::now();
+        shared.beats.mark_progress(now);
+        wake = next_pass(now, &shared.beats.all(), &slots, &shared.resend_times());
     }
     // Shutting down is not a failover: keep VIPs (their lifetime runs out
     // unless a restarted agent re-adopts them) and the status file.
@@ -395,6 +432,43 @@ pub async fn run(config: Config) -> crate::Result<()> {
     }
     tracing::info!("agent stopped; VIPs left to their lifetime for re-adoption");
     Ok(())
+}
+
+/// The longest a pass waits for an event: the loop's progress vouches for
+/// the renewals ([`Heartbeats::withheld`]), so it never sleeps for half an
+/// RD, and reports that wait for a recheck are looked at again.
+const IDLE_PASS: Duration = Duration::from_secs(1);
+
+/// When the main loop runs next if no event comes first: the earliest of a
+/// heartbeat reaching RD (the fence) or its lease end, a service's monitor,
+/// periodic hook or GARP refresh, and a status report to send again; at
+/// most [`IDLE_PASS`] (or half the shortest RD) after `now`. Instants
+/// already past are left out: what fell due ran in the pass just done, or
+/// waits for a task whose end wakes the loop.
+fn next_pass(
+    now: Instant,
+    beats: &HashMap<String, crate::heartbeat::Beat>,
+    slots: &BTreeMap<String, Slot>,
+    resend: &[Instant],
+) -> Instant {
+    let idle = beats
+        .values()
+        .map(|b| b.guard().renew_deadline / 2)
+        .fold(IDLE_PASS, Duration::min);
+    let beat_deadlines = beats.values().filter_map(|b| {
+        let sent = b.last_success?;
+        let t = b.guard();
+        Some([sent + t.renew_deadline, sent + t.expiry()])
+    });
+    let slot_deadlines = slots
+        .values()
+        .map(|s| [s.next_monitor, s.next_periodic, s.next_refresh]);
+    beat_deadlines
+        .flatten()
+        .chain(slot_deadlines.flatten())
+        .chain(resend.iter().copied())
+        .filter(|t| *t > now)
+        .fold(now + idle, Instant::min)
 }
 
 fn new_slot(record: ServiceRecord, adopt: bool) -> Slot {
@@ -410,6 +484,7 @@ fn new_slot(record: ServiceRecord, adopt: bool) -> Slot {
         recover: false,
         stale_warned: None,
         fenced_while_busy: Arc::default(),
+        checksum: None,
     }
 }
 
@@ -448,4 +523,79 @@ fn fenced_flag(shared: &Shared, cluster: &str) -> Arc<AtomicBool> {
         .entry(cluster.to_owned())
         .or_default()
         .clone()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::heartbeat::Beat;
+
+    fn beat(sent: Option<Instant>, rd_ms: u64) -> Beat {
+        let ms = Duration::from_millis;
+        Beat {
+            timing: Timing {
+                lease_duration: ms(3000),
+                renew_interval: ms(1000),
+                renew_deadline: ms(rd_ms),
+                clock_skew: ms(500),
+                vip_lifetime_seconds: None,
+            },
+            last_success: sent,
+            failures: 0,
+            renewed_under: None,
+            renew_time: None,
+        }
+    }
+
+    fn slot(next: Instant) -> Slot {
+        let spec = kubeha_crds::testing::service_spec("c", &["198.18.0.100/24"]);
+        let mut slot = new_slot(ServiceRecord::fresh("c", &spec, "x".into(), None), false);
+        (slot.next_monitor, slot.next_periodic, slot.next_refresh) = (next, next, next);
+        slot
+    }
+
+    #[test]
+    fn with_nothing_due_the_loop_sleeps_until_the_idle_pass() {
+        let now = Instant::now();
+        let slots = BTreeMap::from([("a/b".to_owned(), slot(now))]);
+        assert_eq!(
+            next_pass(now, &HashMap::new(), &slots, &[]),
+            now + IDLE_PASS,
+            "a monitor already due ran in the pass just done"
+        );
+    }
+
+    #[test]
+    fn the_loop_wakes_for_the_earliest_fence_monitor_or_resend() {
+        let ms = Duration::from_millis;
+        let now = Instant::now();
+        // Renewed 1.5 s ago with RD 2 s: the fence is due in 500 ms.
+        let beats = HashMap::from([("c".to_owned(), beat(Some(now - ms(1500)), 2000))]);
+        let slots = BTreeMap::from([("a/b".to_owned(), slot(now + ms(700)))]);
+        assert_eq!(next_pass(now, &beats, &slots, &[]), now + ms(500));
+        let slots = BTreeMap::from([("a/b".to_owned(), slot(now + ms(300)))]);
+        assert_eq!(next_pass(now, &beats, &slots, &[]), now + ms(300));
+        assert_eq!(
+            next_pass(now, &beats, &slots, &[now + ms(100)]),
+            now + ms(100)
+        );
+        // Past RD: the lease end (D + skew after the renew) is next.
+        let beats = HashMap::from([("c".to_owned(), beat(Some(now - ms(2500)), 2000))]);
+        assert_eq!(
+            next_pass(now, &beats, &BTreeMap::new(), &[]),
+            now + ms(1000)
+        );
+    }
+
+    #[test]
+    fn the_loop_never_sleeps_half_an_rd_without_a_pass() {
+        let now = Instant::now();
+        // Never renewed: no fence deadline, but the renewer waits for the
+        // loop's progress, so the idle pass comes within RD / 2.
+        let beats = HashMap::from([("c".to_owned(), beat(None, 400))]);
+        assert_eq!(
+            next_pass(now, &beats, &BTreeMap::new(), &[]),
+            now + Duration::from_millis(200)
+        );
+    }
 }

@@ -250,7 +250,7 @@ async fn reconcile_service(
     let service = TransitionService {
         key: key.clone(),
         spec: svc.spec.clone(),
-        checksum: spec_checksum(&svc.spec),
+        checksum: slot.checksum(svc),
     };
     let target = Target {
         api: Api::namespaced(shared.client.clone(), &svc.namespace().unwrap_or_default()),

@@ -172,11 +172,13 @@ pub(super) async fn report(
     }
 }
 
+/// Writes the status file when what it says changed since it was last
+/// written here ([`Shared::written`]). A record in a transition keeps what
+/// the file said of it (its intent, written by the transition under the
+/// same lock, which also forgets [`Shared::written`]).
 pub(super) async fn write_status(shared: &Shared, slots: &BTreeMap<String, Slot>) {
-    let now = Instant::now();
     let mut status = NodeStatus {
         node: shared.config.node.clone(),
-        updated_at: jiff::Timestamp::now().to_string(),
         boot_id: shared.config.boot_id.clone(),
         agent_started: Some(shared.config.started.clone()),
         ..Default::default()
@@ -185,14 +187,11 @@ pub(super) async fn write_status(shared: &Shared, slots: &BTreeMap<String, Slot>
         status.clusters.insert(
             cluster.clone(),
             ClusterRecord {
-                last_renew_age_ms: beat.age(now).map(|a| a.as_millis() as u64),
                 renew_failures: beat.failures,
                 fenced: fenced_flag(shared, &cluster).load(Ordering::SeqCst),
             },
         );
     }
-    // A record in a transition keeps what the file said of it (its intent,
-    // written by the transition under the same lock).
     with_state_file(shared, || {
         let mut previous: Option<NodeStatus> = None;
         for (key, slot) in slots {
@@ -207,8 +206,15 @@ pub(super) async fn write_status(shared: &Shared, slots: &BTreeMap<String, Slot>
                 }
             }
         }
-        if let Err(e) = statefile::write(&shared.config.state_dir, &status) {
-            tracing::warn!(error = %e, "writing the status file failed");
+        let mut written = shared.written.lock().unwrap_or_else(|e| e.into_inner());
+        if written.as_ref() == Some(&status) {
+            return;
+        }
+        let unstamped = status.clone();
+        status.updated_at = jiff::Timestamp::now().to_string();
+        match statefile::write(&shared.config.state_dir, &status) {
+            Ok(()) => *written = Some(unstamped),
+            Err(e) => tracing::warn!(error = %e, "writing the status file failed"),
         }
     })
 }

@@ -173,6 +173,7 @@ pub(super) fn persist_locked(
         status.node = shared.config.node.clone();
     }
     status.services.insert(key.to_owned(), record.clone());
+    *shared.written.lock().unwrap_or_else(|e| e.into_inner()) = None;
     statefile::write(&shared.config.state_dir, &status).inspect_err(|e| {
         tracing::error!(service = key, error = %e, "writing the status file failed");
     })
@@ -257,6 +258,8 @@ pub(super) fn spawn_monitor(
     let task = async move {
         let failures_counter = failures.clone();
         let Some(ok) = shared.node.monitor(&mut record, &service, &view).await else {
+            drop(record);
+            shared.notify.notify_one();
             return;
         };
         let failures = if ok {
@@ -297,6 +300,8 @@ pub(super) fn spawn_periodic(
     tokio::spawn(
         async move {
             shared.node.periodic(&mut record, &service, &view).await;
+            drop(record);
+            shared.notify.notify_one();
         }
         .instrument(span),
     );

@@ -34,31 +34,41 @@ impl<N: Netlink> LocalNode<N> {
     /// node missed its renewals for longer than the lifetime (a stall, a
     /// cut-off whose fence has not run yet) and another node may hold the
     /// service now: it is set aside, and the record holding it gives the
-    /// master role up ([`LocalNode::give_up_if_expired`]).
+    /// master role up ([`LocalNode::give_up_if_expired`]). The kernel's
+    /// addresses are read once for the whole round ([`Netlink::extend_vips`]).
     pub async fn extend(&self, cluster: &TransitionCluster) {
         let Some(beat) = cluster.beat else {
             return;
         };
-        for (addr, iface) in self.held.of_cluster(&cluster.name) {
-            if cluster.fenced.load(Ordering::SeqCst) {
-                return;
-            }
-            let Ok(v) = Vip::parse(&addr, Some(&iface)) else {
-                continue;
-            };
-            // Released since the list was taken: a removal ran or waits.
-            let _gate = self.held.gate.lock().await;
-            if !self.held.is_held(&addr) {
-                continue;
-            }
-            let Some(until) = Self::allowed_until(&beat, Instant::now()) else {
-                return;
-            };
-            match self.netlink.extend_vip(&iface, &v, until).await {
+        if cluster.fenced.load(Ordering::SeqCst) {
+            return;
+        }
+        // Removals wait until the round ends: what was released since the
+        // list was taken is not extended.
+        let _gate = self.held.gate.lock().await;
+        let (addrs, vips): (Vec<String>, Vec<(String, Vip)>) = self
+            .held
+            .of_cluster(&cluster.name)
+            .into_iter()
+            .filter(|(addr, _)| self.held.is_held(addr))
+            .filter_map(|(addr, iface)| {
+                let v = Vip::parse(&addr, Some(&iface)).ok()?;
+                Some((addr, (iface, v)))
+            })
+            .unzip();
+        if vips.is_empty() {
+            return;
+        }
+        let Some(until) = Self::allowed_until(&beat, Instant::now()) else {
+            return;
+        };
+        let results = self.netlink.extend_vips(&vips, until).await;
+        for ((addr, (iface, _)), result) in addrs.iter().zip(&vips).zip(results) {
+            match result {
                 Ok(true) => {}
                 Ok(false) | Err(vip::VipError::PastLeaseEnd) => {
                     tracing::error!(vip = %addr, %iface, "a VIP expired before it was extended (missed renewals)");
-                    self.held.expire(&addr);
+                    self.held.expire(addr);
                 }
                 Err(e) => {
                     tracing::warn!(vip = %addr, %iface, error = %e, "extending a VIP lifetime failed")

@@ -215,6 +215,25 @@ impl RtNetlink {
         })
     }
 
+    /// Extends `vip`, known to be on `iface`: its packet fence only while
+    /// open (`false`, nothing extended, once it ended), then the address.
+    async fn extend_present(
+        &self,
+        iface: &str,
+        vip: &Vip,
+        until: Instant,
+    ) -> Result<bool, VipError> {
+        let (fence, secs) = kernel_lifetime_until(until)?;
+        let held = Duration::from_secs(u64::from(secs)) + HELD_SLACK;
+        if !self.fence.extend(vip.addr, until, held).await? {
+            tracing::warn!(%vip, iface, "the packet fence of a VIP expired before its renew");
+            return Ok(false);
+        }
+        self.replace_address(iface, vip, secs).await?;
+        tracing::debug!(%vip, iface, fence_ms = fence.as_millis() as u64, valid_lft = secs, "VIP extended");
+        Ok(true)
+    }
+
     /// The link message of `iface`, `None` if there is no such interface.
     async fn link_by_name(&self, iface: &str) -> Result<Option<LinkMessage>, VipError> {
         if validate_ifname(iface).is_err() {
@@ -318,15 +337,45 @@ impl Netlink for RtNetlink {
         if !self.vip_present(iface, vip).await? {
             return Ok(false);
         }
-        let (fence, secs) = kernel_lifetime_until(until)?;
-        let held = Duration::from_secs(u64::from(secs)) + HELD_SLACK;
-        if !self.fence.extend(vip.addr, until, held).await? {
-            tracing::warn!(%vip, iface, "the packet fence of a VIP expired before its renew");
-            return Ok(false);
+        self.extend_present(iface, vip, until).await
+    }
+
+    async fn extend_vips(
+        &self,
+        vips: &[(String, Vip)],
+        until: Instant,
+    ) -> Vec<Result<bool, VipError>> {
+        let mut out = Vec::with_capacity(vips.len());
+        // One dump for all: which (interface index, address, prefix) exist.
+        let Ok(addrs) = self.addresses(None).await else {
+            // Each call dumps again and reports its own error.
+            for (iface, vip) in vips {
+                out.push(self.extend_vip(iface, vip, until).await);
+            }
+            return out;
+        };
+        let present: std::collections::HashSet<(u32, IpAddr, u8)> = addrs
+            .iter()
+            .filter_map(|m| Some((m.header.index, local_addr(m)?, m.header.prefix_len)))
+            .collect();
+        let mut index: std::collections::HashMap<&str, Option<u32>> = Default::default();
+        for (iface, vip) in vips {
+            let i = match index.get(iface.as_str()) {
+                Some(i) => *i,
+                None => {
+                    let i = self.index_of(iface).await.ok();
+                    index.insert(iface, i);
+                    i
+                }
+            };
+            out.push(match i {
+                // The single call reports why (e.g. the interface is gone).
+                None => self.extend_vip(iface, vip, until).await,
+                Some(i) if !present.contains(&(i, vip.addr, vip.prefix_len)) => Ok(false),
+                Some(_) => self.extend_present(iface, vip, until).await,
+            });
         }
-        self.replace_address(iface, vip, secs).await?;
-        tracing::debug!(%vip, iface, fence_ms = fence.as_millis() as u64, valid_lft = secs, "VIP extended");
-        Ok(true)
+        out
     }
 
     async fn del_vip(&self, iface: &str, vip: &Vip) -> Result<(), VipError> {

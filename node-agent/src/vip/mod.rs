@@ -292,6 +292,24 @@ pub trait Netlink: Send + Sync {
         }
     }
 
+    /// [`Netlink::extend_vip`] for every `(iface, vip)` of `vips`, in
+    /// order, with one result each. The kernel implementation reads the
+    /// addresses once for all of them (a renew extends every held VIP), not
+    /// once per VIP.
+    fn extend_vips(
+        &self,
+        vips: &[(String, Vip)],
+        until: Instant,
+    ) -> impl Future<Output = Vec<Result<bool, VipError>>> + Send {
+        async move {
+            let mut out = Vec::with_capacity(vips.len());
+            for (iface, vip) in vips {
+                out.push(self.extend_vip(iface, vip, until).await);
+            }
+            out
+        }
+    }
+
     /// Removes `vip` from `iface`, closing its packet fence first. A VIP
     /// that is not there counts as removed, and so does one whose interface
     /// no longer exists.

@@ -370,6 +370,46 @@ async fn case_add_extend() -> TestResult {
         check!(count == 1, "{vip} appears {count} times");
     }
 
+    // One renew round for all held VIPs (one address dump): present ones
+    // are extended, a missing one or one on a missing interface is not,
+    // and nothing is added.
+    let round: Vec<(String, Vip)> = [
+        ("veth0", "198.18.0.100/24"),
+        ("veth0", "198.18.0.102/24"),
+        ("veth0", "2001:db8::100/64"),
+        ("nosuch0", "198.18.0.103/24"),
+    ]
+    .iter()
+    .map(|(i, c)| Ok::<_, VipError>(((*i).to_owned(), Vip::parse(c, None)?)))
+    .collect::<Result<_, _>>()?;
+    let results = nl.extend_vips(&round, after(Duration::from_secs(40))).await;
+    let summary: Vec<String> = results.iter().map(|r| format!("{r:?}")).collect();
+    check!(
+        matches!(
+            results.as_slice(),
+            [
+                Ok(true),
+                Ok(false),
+                Ok(true),
+                Err(VipError::InterfaceMissing(_))
+            ]
+        ),
+        "extend_vips: {summary:?}"
+    );
+    for cidr in ["198.18.0.100/24", "2001:db8::100/64"] {
+        let addr = Vip::parse(cidr, None)?.addr;
+        let entry = addr_entry("veth0", addr)?.ok_or(format!("{cidr} vanished"))?;
+        let (valid, _) = lifetimes(&entry);
+        check!(
+            (35..=40).contains(&valid),
+            "{cidr}: valid {valid} after a round asking 40"
+        );
+    }
+    check!(
+        addr_entry("veth0", Vip::parse("198.18.0.102/24", None)?.addr)?.is_none(),
+        "extend_vips added a missing VIP"
+    );
+
     let vip = Vip::parse("198.18.0.101/24", None)?;
     let err = nl
         .add_vip("nosuch0", &vip, after(Duration::from_secs(5)))
