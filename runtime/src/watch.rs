@@ -10,11 +10,20 @@ use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client, Resource};
 use serde::de::DeserializeOwned;
 
-/// Parses one untyped object; a malformed one is logged and dropped.
-fn parse<K>(obj: DynamicObject) -> Option<K>
+/// The annotation `kubectl apply` keeps a whole copy of the object in.
+const LAST_APPLIED: &str = "kubectl.kubernetes.io/last-applied-configuration";
+
+/// Parses one untyped object; a malformed one is logged and dropped. What
+/// no reader uses is dropped before it is stored: `managedFields` and
+/// `kubectl apply`'s copy of the object, often larger than the rest.
+fn parse<K>(mut obj: DynamicObject) -> Option<K>
 where
     K: Resource<DynamicType = ()> + DeserializeOwned,
 {
+    obj.metadata.managed_fields = None;
+    if let Some(a) = obj.metadata.annotations.as_mut() {
+        a.remove(LAST_APPLIED);
+    }
     let name = format!(
         "{}/{}",
         obj.metadata.namespace.clone().unwrap_or_default(),
@@ -117,6 +126,28 @@ mod tests {
             "vips": [{"address": "198.18.0.100/24"}],
         }));
         assert!(parse::<HAService>(good).is_some());
+        let mut applied = object(serde_json::json!({
+            "clusterRef": "demo",
+            "vips": [{"address": "198.18.0.100/24"}],
+        }));
+        applied.metadata.managed_fields = Some(vec![Default::default()]);
+        applied.metadata.annotations = Some(
+            [(LAST_APPLIED, "{}"), ("kubeha.io/clear", "1")]
+                .map(|(k, v)| (k.to_owned(), v.to_owned()))
+                .into(),
+        );
+        let stored = parse::<HAService>(applied).unwrap();
+        assert!(stored.metadata.managed_fields.is_none());
+        assert_eq!(
+            stored
+                .metadata
+                .annotations
+                .unwrap()
+                .into_keys()
+                .collect::<Vec<_>>(),
+            ["kubeha.io/clear"],
+            "only what no reader uses is dropped"
+        );
         let bad = object(serde_json::json!({"clusterRef": 7, "vips": "nope"}));
         assert!(parse::<HAService>(bad).is_none());
         let events = [
