@@ -103,12 +103,23 @@ pub(super) fn refusal_for(
         .iter()
         .flat_map(|(n, i)| i.addresses.iter().map(move |a| (n.clone(), *a)))
         .collect();
+    // Only the services that share an address with this one can contend:
+    // the others' claims are never built (a reconcile stays linear in the
+    // number of services).
+    let mine = Claim::of(String::new(), None, &svc.spec).addresses;
     let claims: Vec<Claim> = ctx
         .stores
         .services
         .state()
         .iter()
         .filter(|s| s.meta().deletion_timestamp.is_none())
+        .filter(|s| {
+            s.spec
+                .vips
+                .iter()
+                .filter_map(|v| kubeha_crds::cidr::parse(&v.address).ok())
+                .any(|c| mine.contains(&c.addr()))
+        })
         .map(|s| {
             Claim::of(
                 service_key(s),
