@@ -87,6 +87,31 @@ where
         + Sync
         + 'static,
 {
+    reflect_trimmed(client, namespace, config, |_: &mut K| {})
+}
+
+/// [`reflect`], with `trim` applied to every object before it is stored:
+/// what the reader never looks at need not be kept (e.g. an agent keeps
+/// only its own node's entry of a status list).
+pub fn reflect_trimmed<K, T>(
+    client: &Client,
+    namespace: Option<&str>,
+    config: watcher::Config,
+    trim: T,
+) -> (
+    Store<K>,
+    impl Stream<Item = Result<watcher::Event<K>, watcher::Error>> + Send + use<K, T>,
+)
+where
+    T: Fn(&mut K) + Send + Sync + 'static,
+    K: Resource<DynamicType = ()>
+        + DeserializeOwned
+        + Clone
+        + std::fmt::Debug
+        + Send
+        + Sync
+        + 'static,
+{
     let ar = ApiResource::erase::<K>(&());
     let api: Api<DynamicObject> = match namespace {
         Some(ns) => Api::namespaced_with(client.clone(), ns, &ar),
@@ -99,7 +124,8 @@ where
                 Ok(e) => typed::<K>(e).map(Ok),
                 Err(e) => Some(Err(e)),
             }
-        });
+        })
+        .modify(trim);
     let (reader, writer) = reflector::store();
     (reader, reflector::reflector(writer, events))
 }

@@ -262,12 +262,21 @@ pub async fn run(config: Config) -> crate::Result<()> {
         }
     });
 
-    let clusters = watch::<HACluster>(&client, watcher::Config::default(), &shared);
-    let services = watch::<HAService>(&client, watcher::Config::default(), &shared);
+    let clusters = watch::<HACluster>(&client, watcher::Config::default(), &shared, |_| {});
+    // Of a service's status, the agent reads its own node's entry only.
+    let services = watch::<HAService>(&client, watcher::Config::default(), &shared, {
+        let node = config.node.clone();
+        move |svc: &mut HAService| {
+            if let Some(status) = svc.status.as_mut() {
+                status.nodes.retain(|e| e.node == node);
+            }
+        }
+    });
     let service_leases = watch::<Lease>(
         &client,
         watcher::Config::default().labels(&leases::service_lease_selector()),
         &shared,
+        |_| {},
     );
     // This node's own Node object: its labels decide membership in clusters
     // that pick members with `spec.members.selector`.
@@ -275,6 +284,7 @@ pub async fn run(config: Config) -> crate::Result<()> {
         &client,
         watcher::Config::default().fields(&format!("metadata.name={}", config.node)),
         &shared,
+        |_| {},
     );
     // Not part of the sync below: without it (e.g. RBAC without nodes) only
     // membership by selector stays undecided, listed clusters go on.
@@ -488,10 +498,16 @@ fn new_slot(record: ServiceRecord, adopt: bool) -> Slot {
     }
 }
 
-/// A reflector whose every event wakes the main loop. A malformed object is
-/// skipped ([`kubeha_runtime::watch::reflect`]); errors are logged and retried
-/// with backoff: the watch goes on.
-fn watch<K>(client: &Client, config: watcher::Config, shared: &Arc<Shared>) -> Store<K>
+/// A reflector whose every event wakes the main loop; `trim` drops what the
+/// agent never reads before an object is stored. A malformed object is
+/// skipped ([`kubeha_runtime::watch::reflect_trimmed`]); errors are logged
+/// and retried with backoff: the watch goes on.
+fn watch<K>(
+    client: &Client,
+    config: watcher::Config,
+    shared: &Arc<Shared>,
+    trim: impl Fn(&mut K) + Send + Sync + 'static,
+) -> Store<K>
 where
     K: kube::Resource<DynamicType = ()>
         + Clone
@@ -501,7 +517,7 @@ where
         + Sync
         + 'static,
 {
-    let (reader, stream) = kubeha_runtime::watch::reflect::<K>(client, None, config);
+    let (reader, stream) = kubeha_runtime::watch::reflect_trimmed(client, None, config, trim);
     let shared = shared.clone();
     tokio::spawn(async move {
         let mut stream = std::pin::pin!(stream);
