@@ -27,22 +27,25 @@ impl Lab {
         nodes::heal_ns(&nodes::node_ns(i), HOST_IP, Ports::from_env()?.apiserver)
     }
 
-    /// Node `i` loses power: every process in its namespace (agent, hooks,
-    /// whatever else) is killed at once and its link to the bridge goes down.
-    /// Returns how many processes were killed. Its addresses stay configured
-    /// meanwhile, off the wire (the kernel still expires a VIP's lifetime);
-    /// [`Lab::power_on`] boots it with its own addresses only and starts
-    /// nothing.
+    /// Node `i` loses power: its link to the bridge goes down, then every
+    /// process in its namespace (agent, hooks, whatever else) is killed at
+    /// once. The link goes first, so nothing a dying process sends reaches
+    /// the wire (a keepalived whose VRRP child sees its parent die sends a
+    /// priority-0 advertisement, a goodbye no powered-off machine sends).
+    /// Returns how many processes were killed. Its addresses stay
+    /// configured meanwhile, off the wire (the kernel still expires a VIP's
+    /// lifetime); [`Lab::power_on`] boots it with its own addresses only and
+    /// starts nothing.
     pub fn power_off(&self, i: u8) -> anyhow::Result<usize> {
         self.check_node(i)?;
         let ns = nodes::node_ns(i);
+        nodes::set_link(&nodes::node_link(i), false)?;
         let pids = nodes::ns_pids(&ns);
         nodes::signal_pids(&pids, nix::sys::signal::Signal::SIGKILL);
         if !nodes::wait_dead(&pids, Duration::from_secs(5)) {
             bail!("processes in {ns} survived SIGKILL for 5 s");
         }
         let _ = fs::remove_file(self.agent_pid_file(i));
-        nodes::set_link(&nodes::node_link(i), false)?;
         Ok(pids.len())
     }
 
