@@ -7,7 +7,7 @@ use std::process::Command;
 
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
-use kubeha_e2e::lab::Lab;
+use kubeha_e2e::lab::{Lab, Profile};
 
 #[derive(Parser)]
 #[command(name = "cargo xtask", about = "kubeha project automation")]
@@ -43,7 +43,9 @@ enum Cmd {
     /// with IPv4 and IPv6 VIPs) with a safety and a liveness detector; fails
     /// when either found a violation, printing the seed and the log.
     Chaos(ChaosArgs),
-    /// Benchmarks on the lab; they print their figures (nothing is asserted).
+    /// Benchmarks on the lab, with release builds of the binaries (built
+    /// first, outside any timing); they print their figures (nothing is
+    /// asserted).
     Bench {
         #[command(subcommand)]
         command: BenchCmd,
@@ -108,8 +110,9 @@ impl ChaosArgs {
 
 #[derive(Subcommand)]
 enum BenchCmd {
-    /// Unplanned failover and planned switchover to the client's first reply
-    /// (default and tight timing), and the steady API write rate.
+    /// Unplanned failover (default and tight timing, each with keepalived
+    /// beside it: `advert_int 1` and `0.1`) and planned switchover to the
+    /// client's first reply, and the steady API write rate.
     Failover {
         /// Runs per figure.
         #[arg(long, default_value_t = 30)]
@@ -119,17 +122,48 @@ enum BenchCmd {
         /// ones, the switchover and the write rate.
         #[arg(long = "timing")]
         timings: Vec<String>,
-        /// Also fail keepalived over, side by side, at each of these VRRP
-        /// advertisement intervals in seconds (repeatable, e.g. `1` and
-        /// `0.1`); needs keepalived installed.
+        /// keepalived's VRRP advertisement interval in seconds beside each
+        /// kubeha timing, in order (repeatable; the i-th runs beside the
+        /// i-th timing, on its own VIP, over the same power-offs). Default
+        /// without `--timing`: `1` beside the default timing and `0.1`
+        /// beside the tight one; with `--timing`: none. keepalived is
+        /// installed (`apt-get install -y keepalived`) when missing.
         #[arg(long = "keepalived")]
         keepalived: Vec<f64>,
+        /// Run no keepalived beside kubeha.
+        #[arg(long, conflicts_with = "keepalived")]
+        no_keepalived: bool,
         /// HAServices for the steady-state write rate.
         #[arg(long, default_value_t = 100)]
         services: usize,
         /// Seconds over which the steady write rate is measured.
         #[arg(long, default_value_t = 30)]
         steady_seconds: u64,
+        /// Also write the figures as JSON to this file.
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
+    /// Many nodes and HAServices spread over them: steady API writes/s,
+    /// operator and agent RSS and CPU at each service count, then the
+    /// power-off of the node holding the most services, timed per service
+    /// to its first answer from another node, and the API request rate
+    /// meanwhile.
+    Scale {
+        /// Lab nodes, every one a cluster member.
+        #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u8).range(2..=i64::from(kubeha_e2e::nodes::MAX_NODES)))]
+        nodes: u8,
+        /// HAServices; a comma-separated ascending list (e.g. `100,1000`)
+        /// measures the steady state at each count in one lab, adding
+        /// services up to the next, and powers off at the last.
+        #[arg(long, value_delimiter = ',', default_value = "1000")]
+        services: Vec<usize>,
+        /// Seconds of each steady-state window.
+        #[arg(long, default_value_t = 30)]
+        steady_seconds: u64,
+        /// Services applied at once, each wave Active before the next (0:
+        /// all of a count at once, as one `kubectl apply` of many would).
+        #[arg(long, default_value_t = 50)]
+        wave: usize,
         /// Also write the figures as JSON to this file.
         #[arg(long)]
         json: Option<PathBuf>,
@@ -182,7 +216,7 @@ fn main() -> anyhow::Result<()> {
             match command {
                 LabCmd::Up { nodes } => {
                     if nodes > 0 {
-                        build_binaries(&root)?;
+                        build_binaries(&root, lab.profile())?;
                     }
                     lab.up_with_nodes(nodes)?;
                     for i in 1..=nodes {
@@ -202,12 +236,12 @@ fn main() -> anyhow::Result<()> {
         }
         Cmd::Test { keep_lab } => test(&root, keep_lab),
         Cmd::Demo => {
-            build_binaries(&root)?;
+            build_binaries(&root, Profile::Debug)?;
             kubeha_e2e::demo::run(&Lab::new(&root))
         }
         Cmd::Chaos(args) => {
             let config = args.config()?;
-            build_binaries(&root)?;
+            build_binaries(&root, Profile::Debug)?;
             let report = kubeha_e2e::chaos::run(&Lab::new(&root), &config)?;
             print_chaos(&report, config.nodes, config.services);
             if let Some(path) = args.json {
@@ -241,17 +275,43 @@ fn main() -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Cmd::Bench {
-            command:
-                BenchCmd::Failover {
-                    runs,
-                    timings,
-                    keepalived,
-                    services,
-                    steady_seconds,
-                    json,
-                },
+        Cmd::Bench { command } => bench(&root, command),
+    }
+}
+
+/// The lab benchmarks run on: release binaries, built here first (the
+/// build is never inside a timing).
+fn bench_lab(root: &Path) -> anyhow::Result<Lab> {
+    let lab = Lab::new(root).with_profile(Profile::Release);
+    build_binaries(root, lab.profile())?;
+    Ok(lab)
+}
+
+/// Writes `value` as JSON to `path`, with `"build": "release"` added.
+fn write_bench_json(path: &Path, mut value: serde_json::Value) -> anyhow::Result<()> {
+    value["build"] = "release".into();
+    std::fs::write(path, serde_json::to_string_pretty(&value)?)
+        .with_context(|| format!("writing {}", path.display()))?;
+    println!("wrote {}", path.display());
+    Ok(())
+}
+
+fn bench(root: &Path, command: BenchCmd) -> anyhow::Result<()> {
+    match command {
+        BenchCmd::Failover {
+            runs,
+            timings,
+            keepalived,
+            no_keepalived,
+            services,
+            steady_seconds,
+            json,
         } => {
+            let keepalived = match (no_keepalived, keepalived.is_empty(), timings.is_empty()) {
+                (true, _, _) => Vec::new(),
+                (false, true, true) => vec![1.0, 0.1],
+                (false, _, _) => keepalived,
+            };
             let plan = kubeha_e2e::bench::FailoverPlan {
                 runs,
                 timings: timings
@@ -263,12 +323,11 @@ fn main() -> anyhow::Result<()> {
                 steady_secs: steady_seconds,
             };
             if !plan.keepalived.is_empty() {
-                kubeha_e2e::keepalived::Keepalived::check_installed()?;
+                kubeha_e2e::keepalived::Keepalived::ensure_installed()?;
             }
-            build_binaries(&root)?;
-            let r = kubeha_e2e::bench::failover(&Lab::new(&root), &plan)?;
+            let r = kubeha_e2e::bench::failover(&bench_lab(root)?, &plan)?;
             println!(
-                "\nfailover benchmark ({} runs each, 3 nodes; D/R/RD/skew)",
+                "\nfailover benchmark (release build, {} runs each, 3 nodes; D/R/RD/skew; keepalived beside the kubeha timing above it, same power-offs)",
                 r.runs
             );
             println!("| figure | median | p95 | double-holder checks |\n|---|---|---|---|");
@@ -303,23 +362,38 @@ fn main() -> anyhow::Result<()> {
                 r.split_brain_samples, r.split_brain_max_gap_ms, r.split_brain_instants
             );
             if let Some(path) = json {
-                std::fs::write(&path, serde_json::to_string_pretty(&r)?)?;
-                println!("wrote {}", path.display());
+                write_bench_json(&path, serde_json::to_value(&r)?)?;
             }
             Ok(())
         }
-        Cmd::Bench {
-            command:
-                BenchCmd::Agent {
-                    transitions,
-                    idle_seconds,
-                    json,
-                },
+        BenchCmd::Scale {
+            nodes,
+            services,
+            steady_seconds,
+            wave,
+            json,
         } => {
-            build_binaries(&root)?;
-            let report = kubeha_e2e::bench::agent(&Lab::new(&root), transitions, idle_seconds)?;
+            let plan = kubeha_e2e::bench::ScalePlan {
+                nodes,
+                services,
+                steady_secs: steady_seconds,
+                wave,
+            };
+            let r = kubeha_e2e::bench::scale(&bench_lab(root)?, &plan)?;
+            print_scale(&r, steady_seconds);
+            if let Some(path) = json {
+                write_bench_json(&path, serde_json::to_value(&r)?)?;
+            }
+            Ok(())
+        }
+        BenchCmd::Agent {
+            transitions,
+            idle_seconds,
+            json,
+        } => {
+            let report = kubeha_e2e::bench::agent(&bench_lab(root)?, transitions, idle_seconds)?;
             println!(
-                "\nagent benchmark ({} transitions, node-1 <-> node-2, D = 3 s)",
+                "\nagent benchmark (release build, {} transitions, node-1 <-> node-2, D = 3 s)",
                 report.transitions
             );
             println!("| figure | value |\n|---|---|");
@@ -337,16 +411,64 @@ fn main() -> anyhow::Result<()> {
                 report.agent_idle_cpu_pct
             );
             if let Some(path) = json {
-                let value = serde_json::json!({
-                    "lease_to_garp_ms": {"median": report.lease_to_garp_ms.median, "p95": report.lease_to_garp_ms.p95},
-                    "agent_rss_mb": report.agent_rss_mb,
-                    "agent_idle_cpu_pct": report.agent_idle_cpu_pct,
-                });
-                std::fs::write(&path, serde_json::to_string_pretty(&value)?)?;
-                println!("wrote {}", path.display());
+                write_bench_json(
+                    &path,
+                    serde_json::json!({
+                        "lease_to_garp_ms": {"median": report.lease_to_garp_ms.median, "p95": report.lease_to_garp_ms.p95},
+                        "agent_rss_mb": report.agent_rss_mb,
+                        "agent_idle_cpu_pct": report.agent_idle_cpu_pct,
+                    }),
+                )?;
             }
             Ok(())
         }
+    }
+}
+
+/// The figures of `bench scale`: one row per service count, so the steady
+/// rates at 100 and 1,000 services stand side by side, then the failover.
+fn print_scale(r: &kubeha_e2e::bench::ScaleReport, steady_seconds: u64) {
+    println!(
+        "\nscale benchmark (release build, {} nodes, timing {}, steady windows of {steady_seconds} s)",
+        r.nodes, r.timing
+    );
+    println!(
+        "| services | settled after | API writes/s (target <= {:.0}, flat) | API requests/s | operator RSS (target <= 200 MiB) | operator CPU | agent RSS median / max | agent CPU median / max |",
+        r.writes_target_per_s
+    );
+    println!("|---|---|---|---|---|---|---|---|");
+    for s in &r.steady {
+        println!(
+            "| {} | {:.0} s | {:.1} | {:.1} | {:.1} MiB | {:.1} % | {:.1} / {:.1} MiB | {:.2} / {:.2} % |",
+            s.services,
+            s.settle_s,
+            s.writes_per_s,
+            s.requests_per_s,
+            s.operator_rss_mb,
+            s.operator_cpu_pct,
+            s.agent_rss_mb.median,
+            s.agent_rss_mb.max,
+            s.agent_cpu_pct.median,
+            s.agent_cpu_pct.max
+        );
+    }
+    let f = &r.failover;
+    println!(
+        "\npower-off of {} ({} services): first answer from another node per service: median {:.0} ms, max {:.0} ms (target max <= {:.0} ms); {} unanswered, {} two-MAC windows",
+        f.node,
+        f.services,
+        f.answer_ms.median,
+        f.answer_ms.max,
+        r.answer_target_ms,
+        f.unanswered.len(),
+        f.two_mac_windows
+    );
+    println!(
+        "API during the failover ({:.0} ms from power-off to every VIP on another node): {:.1} requests/s, {:.1} writes/s; every status Active elsewhere after {:.1} s",
+        f.window_ms, f.requests_per_s, f.writes_per_s, f.status_settled_s
+    );
+    if !f.unanswered.is_empty() {
+        println!("unanswered: {}", f.unanswered.join(", "));
     }
 }
 
@@ -372,14 +494,15 @@ fn crdgen(root: &Path, check: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Builds the binaries the lab runs (agent, operator, the kubectl plugin),
-/// after checking every prerequisite of the lab: whatever is missing is
-/// named before minutes of building.
-fn build_binaries(root: &Path) -> anyhow::Result<()> {
+/// Builds the binaries the lab runs (agent, operator, the kubectl plugin)
+/// in `profile`, after checking every prerequisite of the lab: whatever is
+/// missing is named before minutes of building.
+fn build_binaries(root: &Path, profile: Profile) -> anyhow::Result<()> {
     kubeha_e2e::nodes::check_lab_prerequisites()?;
     let status = Command::new(env!("CARGO"))
+        .arg("build")
+        .args(profile.cargo_flags())
         .args([
-            "build",
             "--locked",
             "--bins",
             "-p",
@@ -393,7 +516,7 @@ fn build_binaries(root: &Path) -> anyhow::Result<()> {
         .status()
         .context("running cargo build")?;
     if !status.success() {
-        bail!("cargo build of the binaries failed");
+        bail!("cargo build ({}) of the binaries failed", profile.dir());
     }
     Ok(())
 }
@@ -491,7 +614,7 @@ fn ci_chaos(root: &Path) -> anyhow::Result<()> {
 
 fn test(root: &Path, keep_lab: bool) -> anyhow::Result<()> {
     use std::io::{BufRead, BufReader, Write};
-    build_binaries(root)?;
+    build_binaries(root, Profile::Debug)?;
     // The tests start from a clean lab: one left up by the demo (its service
     // holds the example VIP), by `--keep-lab` or by a killed run would leak
     // into them.

@@ -14,9 +14,10 @@ use super::{Lab, SYSTEM_NAMESPACE, StopSignal, freeze_pid, read_pid, record_and_
 use crate::nodes;
 
 impl Lab {
-    /// The agent binary: `$KUBEHA_AGENT_BIN`, else `debug/kubeha-agent` under
-    /// `$CARGO_TARGET_DIR`, else `<repo>/target/debug/kubeha-agent`. Fails,
-    /// saying how to build it, when that file does not exist.
+    /// The agent binary: `$KUBEHA_AGENT_BIN`, else `<profile>/kubeha-agent`
+    /// (the lab's [`Profile`](super::Profile), `debug` unless set) under
+    /// `$CARGO_TARGET_DIR`, else under `<repo>/target`. Fails, saying how to
+    /// build it, when that file does not exist.
     pub fn agent_binary(&self) -> anyhow::Result<PathBuf> {
         self.workspace_binary("kubeha-agent", "KUBEHA_AGENT_BIN")
     }

@@ -50,7 +50,8 @@ impl Lab {
     }
 
     /// The `kubectl ha` plugin binary: `$KUBECTL_HA_BIN`, else
-    /// `debug/kubectl-ha` under the target folder.
+    /// `<profile>/kubectl-ha` (the lab's [`Profile`](super::Profile)) under
+    /// the target folder.
     pub fn kubectl_ha_binary(&self) -> anyhow::Result<PathBuf> {
         self.workspace_binary("kubectl-ha", "KUBECTL_HA_BIN")
     }

@@ -117,20 +117,63 @@ pub enum StopSignal {
     Kill,
 }
 
+/// The cargo profile whose workspace binaries (agent, operator, `kubectl
+/// ha`) the lab runs.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Profile {
+    /// `target/debug`, as `cargo build` leaves them (tests, demo, chaos).
+    #[default]
+    Debug,
+    /// `target/release`, as `cargo build --release` leaves them (benchmarks).
+    Release,
+}
+
+impl Profile {
+    /// The profile's folder under the target folder, which is also its name.
+    pub fn dir(self) -> &'static str {
+        match self {
+            Profile::Debug => "debug",
+            Profile::Release => "release",
+        }
+    }
+
+    /// The `cargo build` flags that build this profile.
+    pub fn cargo_flags(self) -> &'static [&'static str] {
+        match self {
+            Profile::Debug => &[],
+            Profile::Release => &["--release"],
+        }
+    }
+}
+
 /// A lab rooted in a repository checkout (its files live in `<root>/.lab`).
 #[derive(Debug, Clone)]
 pub struct Lab {
     root: PathBuf,
     dir: PathBuf,
+    profile: Profile,
 }
 
 impl Lab {
-    /// The lab of the repository at `root`.
+    /// The lab of the repository at `root`, running the debug binaries.
     pub fn new(root: &Path) -> Self {
         Self {
             root: root.to_path_buf(),
             dir: root.join(".lab"),
+            profile: Profile::Debug,
         }
+    }
+
+    /// This lab running the workspace binaries of `profile` (an override
+    /// variable such as `KUBEHA_AGENT_BIN` still wins).
+    pub fn with_profile(mut self, profile: Profile) -> Self {
+        self.profile = profile;
+        self
+    }
+
+    /// The profile whose workspace binaries this lab runs.
+    pub fn profile(&self) -> Profile {
+        self.profile
     }
 
     /// The lab of this checkout (for tests: the repository holding this crate).
@@ -143,13 +186,14 @@ impl Lab {
     }
 
     /// Where binary `name` of the workspace is: [`binary_from`] with this
-    /// checkout's root and the environment's `env_var` and
-    /// `CARGO_TARGET_DIR`.
+    /// checkout's root, the lab's profile and the environment's `env_var`
+    /// and `CARGO_TARGET_DIR`.
     fn workspace_binary(&self, name: &str, env_var: &str) -> anyhow::Result<PathBuf> {
         binary_from(
             name,
             env_var,
             &self.root,
+            self.profile,
             std::env::var_os(env_var),
             std::env::var_os("CARGO_TARGET_DIR"),
         )
@@ -448,30 +492,36 @@ fn write_private(path: &Path, contents: &str) -> anyhow::Result<()> {
 }
 
 /// Where binary `name` of the workspace is, given its override variable
-/// `env_var` (its value `bin`) and `$CARGO_TARGET_DIR`; fails, saying how to
-/// build it, when it is missing.
+/// `env_var` (its value `bin`), the profile built and `$CARGO_TARGET_DIR`;
+/// fails, saying how to build it, when it is missing.
 fn binary_from(
     name: &str,
     env_var: &str,
     root: &Path,
+    profile: Profile,
     bin: Option<OsString>,
     target_dir: Option<OsString>,
 ) -> anyhow::Result<PathBuf> {
     let (path, from) = match (bin, target_dir) {
         (Some(bin), _) => (PathBuf::from(bin), format!("from {env_var}")),
         (None, Some(target)) => (
-            root.join(target).join("debug").join(name),
+            root.join(target).join(profile.dir()).join(name),
             "under CARGO_TARGET_DIR".to_owned(),
         ),
         (None, None) => (
-            root.join("target").join("debug").join(name),
+            root.join("target").join(profile.dir()).join(name),
             "the default".to_owned(),
         ),
     };
     if !path.is_file() {
+        let flags: String = profile
+            .cargo_flags()
+            .iter()
+            .map(|f| format!("{f} "))
+            .collect();
         bail!(
             "the {name} binary is missing: no file {} ({from}); build it with \
-             `cargo build -p {name}`, or set {env_var} to its path",
+             `cargo build {flags}-p {name}`, or set {env_var} to its path",
             path.display()
         );
     }
@@ -494,45 +544,43 @@ mod tests {
     #[test]
     fn a_missing_agent_binary_says_how_to_build_it() {
         let root = Path::new("/nonexistent-kubeha-repo");
-        let err = binary_from("kubeha-agent", "KUBEHA_AGENT_BIN", root, None, None)
-            .unwrap_err()
-            .to_string();
+        let find = |profile, bin: Option<&str>, target: Option<&str>| {
+            binary_from(
+                "kubeha-agent",
+                "KUBEHA_AGENT_BIN",
+                root,
+                profile,
+                bin.map(Into::into),
+                target.map(Into::into),
+            )
+        };
+        let err = find(Profile::Debug, None, None).unwrap_err().to_string();
         assert!(
             err.contains("/nonexistent-kubeha-repo/target/debug/kubeha-agent"),
             "{err}"
         );
         assert!(err.contains("cargo build -p kubeha-agent"), "{err}");
-        let err = binary_from(
-            "kubeha-agent",
-            "KUBEHA_AGENT_BIN",
-            root,
-            Some("/nope/agent".into()),
-            Some("/t".into()),
-        )
-        .unwrap_err()
-        .to_string();
+        let err = find(Profile::Debug, Some("/nope/agent"), Some("/t"))
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("/nope/agent (from KUBEHA_AGENT_BIN)"), "{err}");
-        let err = binary_from(
-            "kubeha-agent",
-            "KUBEHA_AGENT_BIN",
-            root,
-            None,
-            Some("/t".into()),
-        )
-        .unwrap_err()
-        .to_string();
+        let err = find(Profile::Debug, None, Some("/t"))
+            .unwrap_err()
+            .to_string();
         assert!(
             err.contains("/t/debug/kubeha-agent (under CARGO_TARGET_DIR)"),
             "{err}"
         );
-        let found = binary_from(
-            "kubeha-agent",
-            "KUBEHA_AGENT_BIN",
-            root,
-            Some("/bin/sh".into()),
-            None,
-        )
-        .unwrap();
+        let err = find(Profile::Release, None, None).unwrap_err().to_string();
+        assert!(
+            err.contains("/nonexistent-kubeha-repo/target/release/kubeha-agent"),
+            "{err}"
+        );
+        assert!(
+            err.contains("cargo build --release -p kubeha-agent"),
+            "{err}"
+        );
+        let found = find(Profile::Debug, Some("/bin/sh"), None).unwrap();
         assert_eq!(found, PathBuf::from("/bin/sh"));
     }
 

@@ -18,7 +18,8 @@ use crate::nodes;
 /// Deployment's pods would: the chart's service-account token, `POD_NAME`
 /// `operator-R`, `POD_NAMESPACE`, metrics on `127.0.0.1:19090+R`.
 impl Lab {
-    /// The operator binary: `$KUBEHA_OPERATOR_BIN`, else `debug/kubeha-operator`
+    /// The operator binary: `$KUBEHA_OPERATOR_BIN`, else
+    /// `<profile>/kubeha-operator` (the lab's [`Profile`](super::Profile))
     /// under `$CARGO_TARGET_DIR` or `<repo>/target`.
     pub fn operator_binary(&self) -> anyhow::Result<PathBuf> {
         self.workspace_binary("kubeha-operator", "KUBEHA_OPERATOR_BIN")

@@ -1,5 +1,7 @@
-//! Benchmarks on the lab (`cargo xtask bench ...`). They print their figures;
-//! no timing is asserted anywhere.
+//! Benchmarks on the lab (`cargo xtask bench ...`), run with the release
+//! binaries (a [`Lab`] of [`crate::lab::Profile::Release`]; `xtask` builds
+//! them first, outside any timing). They print their figures; no timing is
+//! asserted anywhere.
 
 use std::time::{Duration, Instant};
 
@@ -9,6 +11,10 @@ use serde_json::json;
 use crate::ha::{self, Capture, Timing};
 use crate::lab::Lab;
 use crate::nodes;
+
+pub mod scale;
+
+pub use scale::{ScalePlan, ScaleReport, scale};
 
 /// Median and 95th percentile of a sample, in milliseconds.
 #[derive(Debug, Clone, Copy, serde::Serialize)]
@@ -152,16 +158,11 @@ pub fn cpu_seconds(pid: u32) -> anyhow::Result<f64> {
 /// clock), timed to the first GARP from the new holder seen in the client
 /// namespace; then the agent's RSS and idle CPU.
 pub fn agent(lab: &Lab, transitions: usize, idle_secs: u64) -> anyhow::Result<AgentReport> {
-    lab.ensure_up_with_nodes(3)?;
     // This benchmark plays the operator: a real one would fight over the Lease.
     for r in 0..=1 {
         lab.stop_operator(r, crate::lab::StopSignal::Term)?;
     }
-    for i in 1..=3 {
-        if !lab.agent_running(i) {
-            lab.start_agent(i, &[] as &[&str])?;
-        }
-    }
+    nodes_lab(lab, 3)?;
     let (name, vip) = ("bench-agent", "198.18.0.110");
     ha::apply(lab, &ha::cluster(name, &[1, 2], Timing::DEFAULT))?;
     ha::apply(
@@ -279,9 +280,16 @@ fn double_holders(seen: &ha::Sampled) -> (usize, Vec<String>) {
 /// Results of `bench failover`.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct FailoverReport {
-    /// Unplanned failovers, one figure per timing (kubeha) or advertisement
-    /// interval (keepalived), in the order they ran.
+    /// Unplanned failovers, one figure per timing (kubeha), each followed
+    /// by keepalived's when it ran beside it, in the order they ran.
     pub unplanned: Vec<FailoverFigure>,
+    /// keepalived at its default `advert_int 1`, timed over the same
+    /// power-offs as the kubeha timing it ran beside (kubeha's defaults
+    /// unless `--timing` says otherwise); absent when it did not run.
+    pub keepalived_ms: Option<Summary>,
+    /// keepalived at `advert_int 0.1` (VRRPv3), beside kubeha's tight
+    /// timing unless `--timing` says otherwise; absent when it did not run.
+    pub keepalived_tight_ms: Option<Summary>,
     /// `kubectl ha move` started to the first ping reply from the target
     /// node's MAC, default timing (not measured with `--timing`).
     pub switchover_ms: Option<Summary>,
@@ -308,7 +316,9 @@ pub struct FailoverPlan {
     /// The kubeha timings to fail over at; empty: the default and the tight
     /// timing, then the switchover and the steady write rate.
     pub timings: Vec<Timing>,
-    /// keepalived advertisement intervals to fail over at, side by side.
+    /// keepalived advertisement intervals: the i-th runs beside the i-th
+    /// timing (at most one per timing), on its own VIP, over the same
+    /// power-offs.
     pub keepalived: Vec<f64>,
     /// HAServices for the steady write rate.
     pub services: usize,
@@ -350,17 +360,42 @@ impl Timing {
     }
 }
 
-/// The lab with three powered nodes, an agent on each and operator
-/// replica 0 alone.
-fn operator_lab(lab: &Lab) -> anyhow::Result<()> {
-    lab.ensure_up_with_nodes(3)?;
-    for i in 1..=3 {
+/// Whether process `pid` runs the file `bin` as it is now (not another
+/// build, nor one that was replaced since it started).
+fn runs_binary(pid: i32, bin: &std::path::Path) -> bool {
+    let exe = std::fs::read_link(format!("/proc/{pid}/exe")).unwrap_or_default();
+    std::fs::canonicalize(bin).is_ok_and(|bin| bin == exe)
+}
+
+/// The lab with `count` powered nodes, each running an agent of the lab's
+/// profile (one from another build is restarted).
+fn nodes_lab(lab: &Lab, count: u8) -> anyhow::Result<()> {
+    lab.ensure_up_with_nodes(count)?;
+    let bin = lab.agent_binary()?;
+    for i in 1..=count {
         lab.power_on(i)?;
+        if let Some(pid) = lab.agent_pid(i).filter(|_| lab.agent_running(i))
+            && !runs_binary(pid, &bin)
+        {
+            lab.stop_agent(i, crate::lab::StopSignal::Term)?;
+        }
         if !lab.agent_running(i) {
             lab.start_agent(i, &[] as &[&str])?;
         }
     }
+    Ok(())
+}
+
+/// [`nodes_lab`] and operator replica 0 alone, of the lab's profile too.
+fn operator_lab(lab: &Lab, count: u8) -> anyhow::Result<()> {
+    nodes_lab(lab, count)?;
     lab.stop_operator(1, crate::lab::StopSignal::Term)?;
+    let bin = lab.operator_binary()?;
+    if let Some(pid) = lab.operator_pid(0).filter(|_| lab.operator_running(0))
+        && !runs_binary(pid, &bin)
+    {
+        lab.stop_operator(0, crate::lab::StopSignal::Term)?;
+    }
     if !lab.operator_running(0) {
         lab.start_operator(0, &[])?;
     }
@@ -385,43 +420,67 @@ fn settled(lab: &Lab, name: &str, vip: &str) -> anyhow::Result<u8> {
     Ok(active.unwrap())
 }
 
-/// A ping from the client namespace every 10 ms, with replies captured.
+/// A ping from the client namespace every 10 ms to each of some VIPs,
+/// with the replies captured: the client-side probe every figure of
+/// `bench failover` is timed with.
 struct Pinger {
-    ping: std::process::Child,
+    pings: Vec<std::process::Child>,
     capture: Capture,
 }
 
 impl Pinger {
-    fn start(lab: &Lab, name: &str, vip: &str) -> anyhow::Result<Pinger> {
+    fn start(lab: &Lab, name: &str, vips: &[&str]) -> anyhow::Result<Pinger> {
+        let sources: Vec<String> = vips.iter().map(|v| format!("src host {v}")).collect();
         let capture = Capture::start_filtered(
             lab,
             name,
-            &format!("icmp and icmp[icmptype] == icmp-echoreply and src host {vip}"),
+            &format!(
+                "icmp and icmp[icmptype] == icmp-echoreply and ({})",
+                sources.join(" or ")
+            ),
         )?;
-        let ping = nodes::exec_in(nodes::CLIENT_NS, &["ping", "-n", "-q", "-i", "0.01", vip])
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .context("starting ping in the client namespace")?;
-        Ok(Pinger { ping, capture })
+        let mut pinger = Pinger {
+            pings: Vec::new(),
+            capture,
+        };
+        for vip in vips {
+            let ping = nodes::exec_in(nodes::CLIENT_NS, &["ping", "-n", "-q", "-i", "0.01", vip])
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .with_context(|| format!("starting ping {vip} in the client namespace"))?;
+            pinger.pings.push(ping);
+        }
+        Ok(pinger)
     }
 
-    /// Epoch seconds of the first reply captured so far at or after
-    /// `since` from one of `macs`.
-    fn reply_since(&self, since: f64, macs: &[&String]) -> Option<f64> {
+    /// Epoch seconds of the first reply for `vip` captured so far at or
+    /// after `since` from one of `macs`.
+    fn reply_since(&self, vip: &str, since: f64, macs: &[&String]) -> Option<f64> {
         self.capture
             .frames()
             .into_iter()
-            .filter(|f| f.kind == "echo-reply" && f.time >= since && macs.contains(&&f.mac))
+            .filter(|f| {
+                f.kind == "echo-reply"
+                    && f.address == vip
+                    && f.time >= since
+                    && macs.contains(&&f.mac)
+            })
             .map(|f| f.time)
             .reduce(f64::min)
     }
 
     /// [`Pinger::reply_since`], waiting up to `timeout` for one.
-    fn first_reply(&self, since: f64, macs: &[&String], timeout: Duration) -> Option<f64> {
+    fn first_reply(
+        &self,
+        vip: &str,
+        since: f64,
+        macs: &[&String],
+        timeout: Duration,
+    ) -> Option<f64> {
         let mut first = None;
         ha::wait_until(timeout, || {
-            first = self.reply_since(since, macs);
+            first = self.reply_since(vip, since, macs);
             first.is_some()
         });
         first
@@ -430,54 +489,111 @@ impl Pinger {
 
 impl Drop for Pinger {
     fn drop(&mut self) {
-        let _ = self.ping.kill();
-        let _ = self.ping.wait();
+        for ping in &mut self.pings {
+            let _ = ping.kill();
+            let _ = ping.wait();
+        }
     }
 }
 
-/// Powers node `active` off and times it to the first ping reply for `vip`
-/// from another node's MAC (`macs` by node), in ms; what the split-brain
-/// detector saw meanwhile goes into `seen`.
-#[allow(clippy::too_many_arguments)]
-fn power_off_to_reply(
+/// One VIP timed over the power-offs of a figure: what serves it, the
+/// samples so far and what the split-brain detector saw of it.
+struct Timed<'a> {
+    vip: &'a str,
+    what: String,
+    samples: Vec<f64>,
+    seen: ha::Sampled,
+}
+
+impl<'a> Timed<'a> {
+    fn new(vip: &'a str, what: String) -> Self {
+        Timed {
+            vip,
+            what,
+            samples: Vec::new(),
+            seen: ha::Sampled::default(),
+        }
+    }
+
+    /// The figure, and what the split-brain detector saw.
+    fn figure(self) -> (FailoverFigure, ha::Sampled) {
+        let (double_holder_checks, double_holder_windows) = double_holders(&self.seen);
+        let figure = FailoverFigure {
+            what: self.what,
+            ms: summarize(&self.samples),
+            samples: self.samples,
+            double_holder_checks,
+            double_holder_windows,
+        };
+        (figure, self.seen)
+    }
+}
+
+/// Powers node `active` off and times it, for each of `timed`, to the
+/// first ping reply for its VIP from another node's MAC (`macs` by node),
+/// in ms; what the split-brain detector saw meanwhile goes into each one's
+/// `seen`.
+fn power_off_to_replies(
     lab: &Lab,
     pinger: &Pinger,
     macs: &[String],
-    vip: &str,
     active: u8,
-    what: &str,
     run: usize,
-    seen: &mut ha::Sampled,
-) -> anyhow::Result<f64> {
-    let sampler = ha::SplitBrain::start(vip, &[active]);
-    lab.power_off(active)?;
+    timed: &mut [Timed],
+) -> anyhow::Result<()> {
+    let samplers: Vec<ha::SplitBrain> = timed
+        .iter()
+        .map(|t| ha::SplitBrain::start(t.vip, &[active]))
+        .collect();
+    // The link goes down first thing in the call.
     let off = now_epoch_secs();
+    lab.power_off(active)?;
     let others: Vec<&String> = (1..=3u8)
         .filter(|i| *i != active)
         .map(|i| &macs[usize::from(i) - 1])
         .collect();
-    let first = pinger.first_reply(off, &others, Duration::from_secs(30));
-    seen.absorb(sampler.stop());
-    let Some(first) = first else {
-        bail!(
-            "{what} run {run}: no reply from another node within 30 s of powering off node-{active}"
+    // The capture keeps every reply: waiting for one VIP loses none of
+    // the others'.
+    let firsts: Vec<Option<f64>> = timed
+        .iter()
+        .map(|t| pinger.first_reply(t.vip, off, &others, Duration::from_secs(30)))
+        .collect();
+    for (t, sampler) in timed.iter_mut().zip(samplers) {
+        t.seen.absorb(sampler.stop());
+    }
+    for (t, first) in timed.iter_mut().zip(firsts) {
+        let Some(first) = first else {
+            bail!(
+                "{} run {run}: no reply for {} from another node within 30 s of powering off node-{active}",
+                t.what,
+                t.vip
+            );
+        };
+        let ms = (first - off) * 1000.0;
+        eprintln!(
+            "unplanned ({}) run {run:>2}: node-{active} off -> {ms:.0} ms",
+            t.what
         );
-    };
-    let ms = (first - off) * 1000.0;
-    eprintln!("unplanned ({what}) run {run:>2}: node-{active} off -> {ms:.0} ms");
-    Ok(ms)
+        t.samples.push(ms);
+    }
+    Ok(())
 }
 
-/// Unplanned failovers: power off the active node, time to the first reply
-/// from another node's MAC, power it back on and wait for the cluster to
-/// settle. Returns the samples and what the split-brain sampler saw.
+/// Unplanned failovers of kubeha's service `name` on `vip` at `timing`
+/// and, with `keepalived` (its VIP and advertisement interval), of
+/// keepalived beside it on the same nodes, mastered by the same node: power
+/// off that node, time both VIPs to the first reply from another node's
+/// MAC, power it back on (its agent and keepalived start again) and wait
+/// for both to settle on one node. Returns kubeha's figure, then
+/// keepalived's, each with what the split-brain detector saw.
 fn unplanned(
     lab: &Lab,
     name: &str,
     vip: &str,
     timing: Timing,
+    keepalived: Option<(&str, f64)>,
     runs: usize,
-) -> anyhow::Result<(Vec<f64>, ha::Sampled)> {
+) -> anyhow::Result<Vec<(FailoverFigure, ha::Sampled)>> {
     ha::delete_service(lab, name);
     ha::apply(lab, &ha::cluster(name, &[1, 2, 3], timing))?;
     ha::apply(
@@ -487,74 +603,45 @@ fn unplanned(
     let macs: Vec<String> = (1..=3)
         .map(|i| ha::mac_of(&nodes::node_ns(i), nodes::NS_IFACE))
         .collect::<anyhow::Result<_>>()?;
-    let pinger = Pinger::start(lab, name, vip)?;
-    let (mut samples, mut seen) = (Vec::new(), ha::Sampled::default());
-    for run in 1..=runs {
-        let active = settled(lab, name, vip)?;
-        let what = format!("kubeha {}", timing.label());
-        samples.push(power_off_to_reply(
-            lab, &pinger, &macs, vip, active, &what, run, &mut seen,
-        )?);
-        lab.power_on(active)?;
-        lab.start_agent(active, &[] as &[&str])?;
+    let mut timed = vec![Timed::new(vip, format!("kubeha {}", timing.label()))];
+    let mut vrrp = None;
+    if let Some((kvip, advert)) = keepalived {
+        timed.push(Timed::new(
+            kvip,
+            format!("keepalived advert_int {advert} s"),
+        ));
+        vrrp = Some(crate::keepalived::Keepalived::start(lab, 3, kvip, advert)?);
     }
+    let vips: Vec<&str> = timed.iter().map(|t| t.vip).collect();
+    let pinger = Pinger::start(lab, name, &vips)?;
+    let result = (|| {
+        for run in 1..=runs {
+            let active = settled(lab, name, vip)?;
+            if let Some(vrrp) = &mut vrrp {
+                vrrp.master_on(active, 3)
+                    .with_context(|| format!("keepalived run {run}"))?;
+            }
+            power_off_to_replies(lab, &pinger, &macs, active, run, &mut timed)?;
+            lab.power_on(active)?;
+            lab.start_agent(active, &[] as &[&str])?;
+            if let Some(vrrp) = &vrrp {
+                vrrp.start_on(active)?;
+            }
+        }
+        anyhow::Ok(())
+    })();
     drop(pinger);
+    if let (Some(vrrp), Some((kvip, _))) = (vrrp, keepalived) {
+        vrrp.stop(3);
+        ha::wait_until(Duration::from_secs(10), || ha::vip_holders(kvip).is_empty());
+    }
+    result?;
     settled(lab, name, vip)?;
     ha::delete(lab, "haservice", name, Some(ha::SERVICE_NAMESPACE));
     ha::wait_until(Duration::from_secs(20), || ha::vip_holders(vip).is_empty());
     ha::delete_service(lab, name);
     ha::delete(lab, "hacluster", name, None);
-    Ok((samples, seen))
-}
-
-/// Unplanned failovers of keepalived (advertising every `advert_secs`) on
-/// nodes 1..=3 for `vip`: power off the VRRP master, time to the first
-/// reply from another node's MAC, power it back on (its agent and its
-/// keepalived start again) and wait for one holder.
-fn unplanned_keepalived(
-    lab: &Lab,
-    vip: &str,
-    advert_secs: f64,
-    runs: usize,
-) -> anyhow::Result<(Vec<f64>, ha::Sampled)> {
-    let macs: Vec<String> = (1..=3)
-        .map(|i| ha::mac_of(&nodes::node_ns(i), nodes::NS_IFACE))
-        .collect::<anyhow::Result<_>>()?;
-    let vrrp = crate::keepalived::Keepalived::start(lab, 3, vip, advert_secs)?;
-    let pinger = Pinger::start(lab, "keepalived", vip)?;
-    let (mut samples, mut seen) = (Vec::new(), ha::Sampled::default());
-    let result = (|| {
-        for run in 1..=runs {
-            let mut holders = Vec::new();
-            ha::wait_until(Duration::from_secs(30), || {
-                holders = ha::vip_holders(vip);
-                holders.len() == 1
-            });
-            // Every instance runs (a restarted one has settled as backup).
-            std::thread::sleep(Duration::from_secs(2));
-            holders = ha::vip_holders(vip);
-            let [active] = holders[..] else {
-                bail!("keepalived run {run}: holders of {vip} {holders:?}, not one");
-            };
-            if let Some(i) = (1..=3).find(|i| !crate::keepalived::Keepalived::running(*i)) {
-                bail!(
-                    "keepalived run {run}: keepalived does not run on node-{i} (see its log in the lab's keepalived folder)"
-                );
-            }
-            let what = format!("keepalived advert_int {advert_secs} s");
-            samples.push(power_off_to_reply(
-                lab, &pinger, &macs, vip, active, &what, run, &mut seen,
-            )?);
-            lab.power_on(active)?;
-            lab.start_agent(active, &[] as &[&str])?;
-            vrrp.start_on(active)?;
-        }
-        Ok(())
-    })();
-    drop(pinger);
-    vrrp.stop(3);
-    ha::wait_until(Duration::from_secs(10), || ha::vip_holders(vip).is_empty());
-    result.map(|()| (samples, seen))
+    Ok(timed.into_iter().map(Timed::figure).collect())
 }
 
 /// Planned switchovers: `kubectl ha move` to the next node, timed from the
@@ -571,7 +658,7 @@ fn switchover(
         lab,
         &ha::service(name, name, &[&format!("{vip}/24")], None, (3, 100)),
     )?;
-    let pinger = Pinger::start(lab, name, vip)?;
+    let pinger = Pinger::start(lab, name, &[vip])?;
     let (mut samples, mut seen) = (Vec::new(), ha::Sampled::default());
     for run in 1..=runs {
         let active = settled(lab, name, vip)?;
@@ -580,7 +667,7 @@ fn switchover(
         let sampler = ha::SplitBrain::start(vip, &[]);
         let asked = now_epoch_secs();
         ha::request_move(lab, name, target)?;
-        let first = pinger.first_reply(asked, &[&mac], Duration::from_secs(30));
+        let first = pinger.first_reply(vip, asked, &[&mac], Duration::from_secs(30));
         seen.absorb(sampler.stop());
         let Some(first) = first else {
             bail!("run {run}: no reply from node-{target} within 30 s of the move");
@@ -599,87 +686,83 @@ fn switchover(
     Ok((samples, seen))
 }
 
-/// Write requests (POST, PUT, PATCH, APPLY, DELETE) the API server has
-/// served so far, from its own `apiserver_request_total`.
-fn apiserver_writes(lab: &Lab) -> anyhow::Result<f64> {
-    let text = lab.kubectl_ok(&["get", "--raw", "/metrics"])?;
-    Ok(text
-        .lines()
-        .filter(|l| l.starts_with("apiserver_request_total{"))
-        .filter(|l| {
-            ["POST", "PUT", "PATCH", "APPLY", "DELETE"]
-                .iter()
-                .any(|v| l.contains(&format!("verb=\"{v}\"")))
-        })
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum())
+/// Requests the API server has served so far, from its own
+/// `apiserver_request_total`.
+#[derive(Debug, Clone, Copy)]
+pub struct ApiRequests {
+    /// Every request, reads and watches included.
+    pub all: f64,
+    /// Write requests: POST, PUT, PATCH, APPLY, DELETE.
+    pub writes: f64,
 }
 
-/// Steady state: `services` HAServices on a 3-node cluster, all Active;
-/// API writes per second over `secs`.
+impl ApiRequests {
+    /// The API server's counters now.
+    pub fn now(lab: &Lab) -> anyhow::Result<ApiRequests> {
+        let text = lab
+            .kubectl_ok(&["get", "--raw", "/metrics"])
+            .context("reading the API server's metrics")?;
+        let mut counted = ApiRequests {
+            all: 0.0,
+            writes: 0.0,
+        };
+        for line in text
+            .lines()
+            .filter(|l| l.starts_with("apiserver_request_total{"))
+        {
+            let Some(n) = line.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()) else {
+                continue;
+            };
+            counted.all += n;
+            if ["POST", "PUT", "PATCH", "APPLY", "DELETE"]
+                .iter()
+                .any(|v| line.contains(&format!("verb=\"{v}\"")))
+            {
+                counted.writes += n;
+            }
+        }
+        Ok(counted)
+    }
+}
+
+/// Steady state: `services` HAServices spread over a 3-node cluster, all
+/// Active; API writes per second over `secs`.
 fn steady(lab: &Lab, services: usize, secs: u64) -> anyhow::Result<f64> {
     let name = "bench-steady";
-    let mut cluster = ha::cluster(name, &[1, 2, 3], Timing::DEFAULT);
-    cluster["spec"]["vipPool"] = json!(["198.18.8.0/22"]);
-    ha::apply(lab, &cluster)?;
-    let names: Vec<String> = (0..services).map(|k| format!("{name}-{k}")).collect();
-    for (k, svc) in names.iter().enumerate() {
-        let mut s = ha::service(
-            svc,
-            name,
-            &[&format!("198.18.{}.{}/22", 8 + k / 250, 1 + k % 250)],
-            None,
-            (1, 100),
-        );
-        s["spec"]["vips"][0]["interface"] = json!(nodes::NS_IFACE);
-        ha::apply(lab, &s)?;
-    }
-    let all_active = ha::wait_until(Duration::from_secs(180), || {
-        ha::get_services(
-            lab,
-            "jsonpath={range .items[*]}{.metadata.name}={.status.phase}{\"\\n\"}{end}",
-        )
-        .is_ok_and(|out| {
-            out.lines()
-                .filter(|l| l.starts_with(name))
-                .filter(|l| l.ends_with("=Active"))
-                .count()
-                == services
-        })
-    });
-    if all_active.is_none() {
-        bail!("not all {services} services became Active within 180 s");
-    }
+    scale::remove_services(lab, name)?;
+    ha::apply(lab, &scale::cluster(name, 3, Timing::DEFAULT))?;
+    scale::apply_services(lab, name, 0..services, 3)?;
+    scale::wait_active(lab, name, services, Duration::from_secs(180))?;
     std::thread::sleep(Duration::from_secs(10));
-    let (w0, t0) = (apiserver_writes(lab)?, Instant::now());
+    let (w0, t0) = (ApiRequests::now(lab)?.writes, Instant::now());
     std::thread::sleep(Duration::from_secs(secs));
-    let rate = (apiserver_writes(lab)? - w0) / t0.elapsed().as_secs_f64();
-    for svc in &names {
-        ha::delete(lab, "haservice", svc, Some(ha::SERVICE_NAMESPACE));
-    }
-    ha::wait_until(Duration::from_secs(120), || {
-        ha::get_services(lab, "name").is_ok_and(|o| !o.contains(name))
-    });
-    for svc in &names {
-        ha::delete(
-            lab,
-            "lease",
-            &format!("kubeha-svc-{svc}"),
-            Some(ha::SERVICE_NAMESPACE),
-        );
-    }
-    ha::delete(lab, "hacluster", name, None);
+    let rate = (ApiRequests::now(lab)?.writes - w0) / t0.elapsed().as_secs_f64();
+    scale::remove_services(lab, name)?;
     Ok(rate)
 }
 
 /// `bench failover`: unplanned failovers at each timing of the plan (or
 /// the default and the tight one, then planned switchovers and the steady
-/// API write rate), and keepalived's side by side.
+/// API write rate), each with keepalived beside it when the plan pairs one.
 pub fn failover(lab: &Lab, plan: &FailoverPlan) -> anyhow::Result<FailoverReport> {
-    operator_lab(lab)?;
+    let timings = if plan.timings.is_empty() {
+        vec![Timing::DEFAULT, Timing::TIGHT]
+    } else {
+        plan.timings.clone()
+    };
+    if plan.keepalived.len() > timings.len() {
+        bail!(
+            "{} keepalived intervals for {} kubeha timings: each keepalived runs beside one timing",
+            plan.keepalived.len(),
+            timings.len()
+        );
+    }
+    operator_lab(lab, 3)?;
     let runs = plan.runs;
     let mut report = FailoverReport {
         unplanned: Vec::new(),
+        keepalived_ms: None,
+        keepalived_tight_ms: None,
         switchover_ms: None,
         steady_writes_per_s: None,
         split_brain_instants: 0,
@@ -687,46 +770,33 @@ pub fn failover(lab: &Lab, plan: &FailoverPlan) -> anyhow::Result<FailoverReport
         split_brain_max_gap_ms: 0.0,
         runs,
     };
-    let absorb = |report: &mut FailoverReport, seen: ha::Sampled| {
+    let absorb = |report: &mut FailoverReport, seen: &ha::Sampled| {
         report.split_brain_instants += seen.double;
         report.split_brain_samples += seen.samples;
         report.split_brain_max_gap_ms = report
             .split_brain_max_gap_ms
             .max(seen.max_gap.as_secs_f64() * 1000.0);
     };
-    let timings = if plan.timings.is_empty() {
-        vec![Timing::DEFAULT, Timing::TIGHT]
-    } else {
-        plan.timings.clone()
-    };
     for (n, timing) in timings.iter().enumerate() {
         let name = format!("bench-fo-{n}");
-        let (samples, seen) = unplanned(lab, &name, "198.18.0.120", *timing, runs)?;
-        let (double_holder_checks, double_holder_windows) = double_holders(&seen);
-        absorb(&mut report, seen);
-        report.unplanned.push(FailoverFigure {
-            what: format!("kubeha {}", timing.label()),
-            ms: summarize(&samples),
-            samples,
-            double_holder_checks,
-            double_holder_windows,
-        });
-    }
-    for advert in &plan.keepalived {
-        let (samples, seen) = unplanned_keepalived(lab, "198.18.0.123", *advert, runs)?;
-        let (double_holder_checks, double_holder_windows) = double_holders(&seen);
-        absorb(&mut report, seen);
-        report.unplanned.push(FailoverFigure {
-            what: format!("keepalived advert_int {advert} s"),
-            ms: summarize(&samples),
-            samples,
-            double_holder_checks,
-            double_holder_windows,
-        });
+        let keepalived = plan.keepalived.get(n).map(|a| ("198.18.0.123", *a));
+        let figures = unplanned(lab, &name, "198.18.0.120", *timing, keepalived, runs)?;
+        for (figure, seen) in figures {
+            absorb(&mut report, &seen);
+            report.unplanned.push(figure);
+        }
+        if let Some((_, advert)) = keepalived {
+            let ms = report.unplanned.last().map(|f| f.ms);
+            if advert == 1.0 {
+                report.keepalived_ms = ms;
+            } else if advert == 0.1 {
+                report.keepalived_tight_ms = ms;
+            }
+        }
     }
     if plan.timings.is_empty() {
         let (switch, seen) = switchover(lab, "bench-move", "198.18.0.122", runs)?;
-        absorb(&mut report, seen);
+        absorb(&mut report, &seen);
         report.switchover_ms = Some(summarize(&switch));
         report.steady_writes_per_s = Some(steady(lab, plan.services, plan.steady_secs)?);
     }
