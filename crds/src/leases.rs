@@ -22,6 +22,12 @@ pub const STANDBY_ANNOTATION: &str = "kubeha.io/standby";
 /// acknowledged leaving the previous epoch, or was certainly fenced; until
 /// then the new holder waits.
 pub const ENTER_EPOCH_ANNOTATION: &str = "kubeha.io/enter-epoch";
+/// Annotation on a service Lease: the node that was cleared to enter at the
+/// epoch in [`ENTER_EPOCH_ANNOTATION`] (the operator's record: the holder
+/// may have changed since). While it names a node that is no longer the
+/// holder, the operator waits for that node's proof that it runs nothing,
+/// so that node's agent reports its entry even if it never ran the service.
+pub const CLEARED_NODE_ANNOTATION: &str = "kubeha.io/cleared-node";
 
 /// Annotation of a heartbeat Lease: E = D + clock-skew allowance, in
 /// milliseconds, of the timing the agent renewed under. The agent holds

@@ -177,6 +177,23 @@ impl ServiceRecord {
         }
     }
 
+    /// Whether this node never did anything with the service: no role, no
+    /// hook run, no failure, nothing acknowledged or left uncleanly. Its
+    /// status entry would tell the operator nothing that a missing entry
+    /// does not (a node that never reported never ran the service), so it
+    /// is not sent ([`crate::daemon`]): with many services, idle members
+    /// would otherwise write an entry per service and per epoch.
+    pub fn never_ran(&self) -> bool {
+        self.role == Role::None
+            && self.state == NodeServiceState::Stopped
+            && self.last_hooks.is_empty()
+            && self.acked_epoch.is_none()
+            && self.fail_count == 0
+            && self.failed_epoch.is_none()
+            && self.unclean_epoch.is_none()
+            && !self.fenced
+    }
+
     /// Counts one failure here, now.
     pub fn count_failure(&mut self) {
         self.fail_count += 1;

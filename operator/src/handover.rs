@@ -70,10 +70,7 @@ use k8s_openapi::api::coordination::v1::Lease;
 use kubeha_crds::leases;
 use kubeha_crds::service::{HAServiceStatus, NodeServiceState, Role, ServiceNodeStatus};
 
-/// Operator-private annotation on a service Lease: the node that was cleared
-/// to enter at the epoch in `kubeha.io/enter-epoch`. Agents ignore it; the
-/// operator needs it because the holder may have changed since.
-pub const CLEARED_NODE_ANNOTATION: &str = "kubeha.io/cleared-node";
+pub use kubeha_crds::leases::CLEARED_NODE_ANNOTATION;
 
 /// The handover-relevant content of a service Lease.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]

@@ -278,6 +278,11 @@ async fn reconcile_service(
         .as_ref()
         .and_then(|s| s.nodes.iter().find(|e| e.node == node))
         .map(applied_digest);
+    // The operator waits for a proof from the node it last cleared (this
+    // one, if the Lease names it and another holder now).
+    let owes_proof = lease.is_some_and(|l| {
+        l.annotations().get(leases::CLEARED_NODE_ANNOTATION) == Some(&node.to_owned())
+    });
     // Bookkeeping work is applied and the service decided again; every
     // rule of it changes what it decided on, so this ends.
     for _ in 0..8 {
@@ -307,6 +312,7 @@ async fn reconcile_service(
                     .is_none_or(|t| now.saturating_duration_since(t) >= REPORT_RECHECK);
             r.pending.as_deref() != Some(&digest)
                 && (r.done.as_deref() != Some(&digest) || overwritten)
+                && entry_wanted(&guard, api_digest.is_some(), owes_proof)
         };
         let work = decide::next(&Facts {
             wanted,
@@ -468,5 +474,42 @@ async fn reconcile_service(
             }
         }
         break;
+    }
+}
+
+/// Whether this node's status entry for a service is worth sending: once it
+/// has one in the API server, it keeps it current (the operator may wait
+/// for its proofs); before that, only when the node did something with the
+/// service ([`ServiceRecord::never_ran`]) or the operator waits for its
+/// proof (the Lease names it as the node last cleared).
+fn entry_wanted(record: &ServiceRecord, has_entry: bool, owes_proof: bool) -> bool {
+    has_entry || owes_proof || !record.never_ran()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_idle_member_reports_only_what_the_operator_can_use() {
+        let spec = kubeha_crds::testing::service_spec("c", &["198.18.0.100/24"]);
+        let mut idle = ServiceRecord::fresh("c", &spec, "x".into(), None);
+        // Observed a later epoch, never ran the service: nothing to say.
+        idle.observe_epoch(4);
+        assert!(!entry_wanted(&idle, false, false));
+        // The Lease names it as cleared: its moved-on proof is awaited.
+        assert!(entry_wanted(&idle, false, true));
+        // It has an entry already: kept current.
+        assert!(entry_wanted(&idle, true, false));
+        let mut standby = idle.clone();
+        standby.role = Role::Vicemaster;
+        assert!(entry_wanted(&standby, false, false));
+        let mut refused = idle.clone();
+        refused.state = NodeServiceState::Failed;
+        refused.failed_epoch = Some(4);
+        assert!(entry_wanted(&refused, false, false));
+        let mut acked = idle;
+        acked.acked_epoch = Some(3);
+        assert!(entry_wanted(&acked, false, false));
     }
 }
