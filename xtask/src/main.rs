@@ -384,6 +384,9 @@ fn bench(root: &Path, command: BenchCmd) -> anyhow::Result<()> {
             if let Some(path) = json {
                 write_bench_json(&path, serde_json::to_value(&r)?)?;
             }
+            if let Some(e) = &r.error {
+                bail!("bench scale stopped (the figures above stand): {e}");
+            }
             Ok(())
         }
         BenchCmd::Agent {
@@ -452,7 +455,13 @@ fn print_scale(r: &kubeha_e2e::bench::ScaleReport, steady_seconds: u64) {
             s.agent_cpu_pct.max
         );
     }
-    let f = &r.failover;
+    let Some(f) = &r.failover else {
+        println!(
+            "\nno further figure: {}",
+            r.error.as_deref().unwrap_or("no error recorded")
+        );
+        return;
+    };
     println!(
         "\npower-off of {} ({} services): first answer from another node per service: median {:.0} ms, max {:.0} ms (target max <= {:.0} ms); {} unanswered, {} two-MAC windows",
         f.node,

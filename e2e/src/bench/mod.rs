@@ -694,6 +694,8 @@ pub struct ApiRequests {
     pub all: f64,
     /// Write requests: POST, PUT, PATCH, APPLY, DELETE.
     pub writes: f64,
+    /// Requests refused for overload (429) or timed out (504).
+    pub overloaded: f64,
 }
 
 impl ApiRequests {
@@ -705,6 +707,7 @@ impl ApiRequests {
         let mut counted = ApiRequests {
             all: 0.0,
             writes: 0.0,
+            overloaded: 0.0,
         };
         for line in text
             .lines()
@@ -719,6 +722,9 @@ impl ApiRequests {
                 .any(|v| line.contains(&format!("verb=\"{v}\"")))
             {
                 counted.writes += n;
+            }
+            if line.contains("code=\"429\"") || line.contains("code=\"504\"") {
+                counted.overloaded += n;
             }
         }
         Ok(counted)

@@ -129,7 +129,10 @@ pub struct ScaleReport {
     /// The steady state at each service count.
     pub steady: Vec<Steady>,
     /// The power-off, at the last service count.
-    pub failover: Failover,
+    pub failover: Option<Failover>,
+    /// What failed, when a step did: the figures before it stand, none
+    /// after it was measured.
+    pub error: Option<String>,
 }
 
 /// HAService `k` of `cluster` on `nodes` nodes: the `k`-th VIP of [`POOL`]
@@ -246,8 +249,10 @@ pub fn wait_active(
             .take(5)
             .map(|(n, (p, _))| format!("{n}: {}", if p.is_empty() { "no phase" } else { p }))
             .collect();
+        let overloaded = ApiRequests::now(lab).map_or(f64::NAN, |r| r.overloaded);
         bail!(
-            "{active} of {count} services of {cluster} Active after {} s ({} exist); not Active: {}",
+            "{active} of {count} services of {cluster} Active after {} s ({} exist); not Active: {}; \
+             the API server has answered {overloaded:.0} requests with 429 (overloaded) or 504 (timed out)",
             timeout.as_secs(),
             seen.len(),
             others.join(", ")
@@ -338,7 +343,35 @@ pub fn scale(lab: &Lab, plan: &ScalePlan) -> anyhow::Result<ScaleReport> {
     {
         bail!("{name}: not every one of {count} members heartbeats within 60 s");
     }
-    let mut steady = Vec::new();
+    let mut report = ScaleReport {
+        nodes: count,
+        timing: timing.label(),
+        writes_target_per_s: f64::from(count) * 1000.0 / f64::from(timing.renew_ms) + 1.0,
+        answer_target_ms: f64::from(timing.lease_ms) + 1500.0,
+        steady: Vec::new(),
+        failover: None,
+        error: None,
+    };
+    // What was measured before a step failed stands.
+    match measure(lab, plan, name, &mut report.steady) {
+        Ok(failover) => {
+            report.failover = Some(failover);
+            remove_services(lab, name)?;
+        }
+        Err(e) => report.error = Some(format!("{e:#}")),
+    }
+    Ok(report)
+}
+
+/// The steady state at each count of `plan` (into `steady`), then the
+/// power-off of the busiest node.
+fn measure(
+    lab: &Lab,
+    plan: &ScalePlan,
+    name: &str,
+    steady: &mut Vec<Steady>,
+) -> anyhow::Result<Failover> {
+    let count = plan.nodes;
     let mut active = BTreeMap::new();
     let mut created = 0;
     let wave = if plan.wave == 0 {
@@ -368,16 +401,7 @@ pub fn scale(lab: &Lab, plan: &ScalePlan) -> anyhow::Result<ScaleReport> {
             plan.steady_secs,
         )?);
     }
-    let failover = power_off_busiest(lab, name, &active)?;
-    remove_services(lab, name)?;
-    Ok(ScaleReport {
-        nodes: count,
-        timing: timing.label(),
-        writes_target_per_s: f64::from(count) * 1000.0 / f64::from(timing.renew_ms) + 1.0,
-        answer_target_ms: f64::from(timing.lease_ms) + 1500.0,
-        steady,
-        failover,
-    })
+    power_off_busiest(lab, name, &active)
 }
 
 /// Ten seconds to settle, then `secs` of nothing changing: the API
@@ -503,10 +527,12 @@ fn power_off_busiest(
             .filter(|v| !addresses.iter().any(|(i, a)| *i != victim && a.contains(v)))
             .take(10)
             .collect();
+        let overloaded = ApiRequests::now(lab).map_or(f64::NAN, |r| r.overloaded - api0.overloaded);
         lab.power_on(victim)?;
         lab.start_agent(victim, &[] as &[&str])?;
         bail!(
-            "120 s after node-{victim} lost power, VIPs of its services are on no other node, e.g. {missing:?}"
+            "120 s after node-{victim} lost power, VIPs of its services are on no other node, e.g. {missing:?}; \
+             the API server answered {overloaded:.0} requests with 429 (overloaded) or 504 (timed out) meanwhile"
         );
     }
     if !probed
