@@ -236,10 +236,14 @@ pub fn wait_active(
     count: usize,
     timeout: Duration,
 ) -> anyhow::Result<BTreeMap<String, u8>> {
-    let mut seen = BTreeMap::new();
+    // The last list that succeeded, and the last failure to list.
+    let (mut seen, mut failed) = (BTreeMap::new(), None);
     let done = ha::wait_every(timeout, Duration::from_secs(2), || {
-        seen = phases(lab, cluster).unwrap_or_default();
-        seen.len() == count && seen.values().all(|(phase, _)| phase == "Active")
+        match phases(lab, cluster) {
+            Ok(p) => (seen, failed) = (p, None),
+            Err(e) => failed = Some(e),
+        }
+        failed.is_none() && seen.len() == count && seen.values().all(|(p, _)| p == "Active")
     });
     if done.is_none() {
         let active = seen.values().filter(|(p, _)| p == "Active").count();
@@ -250,8 +254,11 @@ pub fn wait_active(
             .map(|(n, (p, _))| format!("{n}: {}", if p.is_empty() { "no phase" } else { p }))
             .collect();
         let overloaded = ApiRequests::now(lab).map_or(f64::NAN, |r| r.overloaded);
+        let listing = failed.map_or(String::new(), |e| {
+            format!(", as last listed; the listing since failed: {e:#}")
+        });
         bail!(
-            "{active} of {count} services of {cluster} Active after {} s ({} exist); not Active: {}; \
+            "{active} of {count} services of {cluster} Active after {} s ({} exist){listing}; not Active: {}; \
              the API server has answered {overloaded:.0} requests with 429 (overloaded) or 504 (timed out)",
             timeout.as_secs(),
             seen.len(),
