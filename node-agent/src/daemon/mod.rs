@@ -138,6 +138,61 @@ struct Reported {
     pending: Option<String>,
     /// When the last report was sent.
     sent: Option<Instant>,
+    /// Reports in a row the API server did not take (refused, overloaded,
+    /// timed out).
+    failures: u32,
+    /// No report before this instant: the backoff after failures, so an
+    /// overloaded API server is not sent the same entry again at once by
+    /// every node (a storm it would not come out of).
+    retry_at: Option<Instant>,
+}
+
+/// The first wait after a report that failed; it doubles with each failure
+/// in a row, up to [`REPORT_BACKOFF_MAX`].
+const REPORT_BACKOFF: Duration = Duration::from_millis(250);
+/// The longest wait between reports that fail.
+const REPORT_BACKOFF_MAX: Duration = Duration::from_secs(8);
+/// Status reports in flight at once, per agent.
+const REPORTS_IN_FLIGHT: usize = 8;
+
+impl Reported {
+    /// Records how the report of `digest` ended at `now`: taken, or a
+    /// failure that delays the next report by the backoff (with up to a
+    /// quarter of it added at random, so nodes that failed together do not
+    /// retry together).
+    fn settle(&mut self, digest: &str, taken: bool, now: Instant) {
+        if self.pending.as_deref() == Some(digest) {
+            self.pending = None;
+        }
+        if taken {
+            // The API server's copy may lag behind for a while (the watch):
+            // not read as overwritten before REPORT_RECHECK from now.
+            self.sent = Some(self.sent.map_or(now, |t| t.max(now)));
+            self.done = Some(digest.to_owned());
+            self.failures = 0;
+            self.retry_at = None;
+            return;
+        }
+        self.failures = self.failures.saturating_add(1);
+        let wait = REPORT_BACKOFF
+            .saturating_mul(1 << self.failures.min(16).saturating_sub(1))
+            .min(REPORT_BACKOFF_MAX);
+        let jitter = wait.mul_f64(jitter_fraction() / 4.0);
+        self.retry_at = Some(now + wait + jitter);
+    }
+}
+
+/// A number in [0, 1) that differs between calls and processes.
+fn jitter_fraction() -> f64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_nanos(),
+    );
+    (h.finish() >> 11) as f64 / (1u64 << 53) as f64
 }
 
 /// How long after a report the API server's copy of the entry may still
@@ -150,6 +205,8 @@ struct Target {
     api: Api<HAService>,
     name: String,
     reference: ObjectReference,
+    /// The service's report bookkeeping: every report settles in it.
+    reported: Arc<std::sync::Mutex<Reported>>,
 }
 
 struct Shared {
@@ -179,6 +236,8 @@ struct Shared {
     /// `updatedAt`), so it writes only a change; `None` after another
     /// writer ([`tasks::persist`]) changed the file.
     written: std::sync::Mutex<Option<NodeStatus>>,
+    /// Permits for routine status reports ([`REPORTS_IN_FLIGHT`]).
+    report_permits: Arc<tokio::sync::Semaphore>,
 }
 
 impl Shared {
@@ -240,6 +299,7 @@ pub async fn run(config: Config) -> crate::Result<()> {
         returned: Default::default(),
         resend: Default::default(),
         written: Default::default(),
+        report_permits: Arc::new(tokio::sync::Semaphore::new(REPORTS_IN_FLIGHT)),
         recorder: Recorder::new(
             client.clone(),
             Reporter {
@@ -451,7 +511,8 @@ const IDLE_PASS: Duration = Duration::from_secs(1);
 
 /// When the main loop runs next if no event comes first: the earliest of a
 /// heartbeat reaching RD (the fence) or its lease end, a service's monitor,
-/// periodic hook or GARP refresh, and a status report to send again; at
+/// periodic hook or GARP refresh, and a status report to send again (after
+/// a timeout, or at the end of its backoff); at
 /// most [`IDLE_PASS`] (or half the shortest RD) after `now`. Instants
 /// already past are left out: what fell due ran in the pass just done, or
 /// waits for a task whose end wakes the loop.
@@ -470,12 +531,22 @@ fn next_pass(
         let t = b.guard();
         Some([sent + t.renew_deadline, sent + t.expiry()])
     });
-    let slot_deadlines = slots
-        .values()
-        .map(|s| [s.next_monitor, s.next_periodic, s.next_refresh]);
+    let slot_deadlines = slots.values().map(|s| {
+        let retry = s
+            .reported
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .retry_at;
+        [
+            Some(s.next_monitor),
+            Some(s.next_periodic),
+            Some(s.next_refresh),
+            retry,
+        ]
+    });
     beat_deadlines
         .flatten()
-        .chain(slot_deadlines.flatten())
+        .chain(slot_deadlines.flatten().flatten())
         .chain(resend.iter().copied())
         .filter(|t| *t > now)
         .fold(now + idle, Instant::min)
@@ -600,6 +671,41 @@ mod tests {
         assert_eq!(
             next_pass(now, &beats, &BTreeMap::new(), &[]),
             now + ms(1000)
+        );
+    }
+
+    #[test]
+    fn a_report_that_fails_waits_longer_each_time_and_one_taken_ends_the_wait() {
+        let now = Instant::now();
+        let mut r = Reported {
+            pending: Some("d1".into()),
+            ..Default::default()
+        };
+        let mut waits = Vec::new();
+        for _ in 0..8 {
+            r.settle("d1", false, now);
+            waits.push(r.retry_at.unwrap() - now);
+        }
+        assert_eq!(r.pending, None);
+        for (i, w) in waits.iter().enumerate() {
+            let base = (REPORT_BACKOFF * (1 << i)).min(REPORT_BACKOFF_MAX);
+            assert!(*w >= base && *w <= base.mul_f64(1.25), "{i}: {w:?}");
+        }
+        // The backoff joins the loop's deadlines.
+        let mut slot = slot(now);
+        slot.reported = Arc::new(std::sync::Mutex::new(Reported {
+            retry_at: Some(now + Duration::from_millis(40)),
+            ..Default::default()
+        }));
+        let slots = BTreeMap::from([("a/b".to_owned(), slot)]);
+        assert_eq!(
+            next_pass(now, &HashMap::new(), &slots, &[]),
+            now + Duration::from_millis(40)
+        );
+        r.settle("d2", true, now);
+        assert_eq!(
+            (r.done.as_deref(), r.failures, r.retry_at),
+            (Some("d2"), 0, None)
         );
     }
 

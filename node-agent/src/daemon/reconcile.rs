@@ -93,6 +93,7 @@ pub(super) async fn reconcile(
                 namespace: Some(ns.to_owned()),
                 ..Default::default()
             },
+            reported: slot.reported.clone(),
         };
         spawn_steps(
             shared.clone(),
@@ -232,6 +233,7 @@ async fn reconcile_service(
                 api: Api::namespaced(shared.client.clone(), &svc.namespace().unwrap_or_default()),
                 name: svc.name_any(),
                 reference,
+                reported: slot.reported.clone(),
             };
             tokio::spawn(async move {
                 event(&shared, &target, false, "FailuresCleared", note).await;
@@ -256,6 +258,7 @@ async fn reconcile_service(
         api: Api::namespaced(shared.client.clone(), &svc.namespace().unwrap_or_default()),
         name: svc.name_any(),
         reference: svc.object_ref(&()),
+        reported: slot.reported.clone(),
     };
 
     let fresh = assignments::not_older(wanted, guard.role, guard.epoch);
@@ -312,6 +315,7 @@ async fn reconcile_service(
                     .is_none_or(|t| now.saturating_duration_since(t) >= REPORT_RECHECK);
             r.pending.as_deref() != Some(&digest)
                 && (r.done.as_deref() != Some(&digest) || overwritten)
+                && r.retry_at.is_none_or(|t| now >= t)
                 && entry_wanted(&guard, api_digest.is_some(), owes_proof)
         };
         let work = decide::next(&Facts {
@@ -449,6 +453,14 @@ async fn reconcile_service(
                 });
             }
             Work::Report => {
+                // A few reports in flight at a time: with many services, a
+                // report for each at once would queue up at the API server
+                // and time out together. The others stay due; each report
+                // that ends wakes the loop, which then sends the record as
+                // it is by then.
+                let Ok(permit) = shared.report_permits.clone().try_acquire_owned() else {
+                    break;
+                };
                 {
                     let mut r = slot.reported.lock().unwrap_or_else(|e| e.into_inner());
                     r.pending = Some(digest.clone());
@@ -458,18 +470,11 @@ async fn reconcile_service(
                 // (and every decision on it) for the report's timeout.
                 let record = guard.clone();
                 drop(guard);
-                let (shared, reported) = (shared.clone(), slot.reported.clone());
+                let shared = shared.clone();
                 tokio::spawn(async move {
-                    let outcome = report(&shared, &target, &record).await;
-                    {
-                        let mut r = reported.lock().unwrap_or_else(|e| e.into_inner());
-                        if r.pending.as_deref() == Some(&digest) {
-                            r.pending = None;
-                        }
-                        if outcome == Some(true) {
-                            r.done = Some(digest);
-                        }
-                    }
+                    report(&shared, &target, &record).await;
+                    drop(permit);
+                    shared.notify.notify_one();
                 });
             }
         }

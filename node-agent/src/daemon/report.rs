@@ -125,9 +125,11 @@ pub fn status_entry(node: &str, record: &ServiceRecord) -> serde_json::Value {
 
 /// Applies this node's entry of `status.nodes` (server-side apply with the
 /// node's own field manager). Best effort: the API server may be away.
-/// Applies this node's status entry: `Some(true)` when the API server took
-/// it, `Some(false)` when it refused it, `None` when the call timed out (it
-/// may still be applied later).
+/// Returns `Some(true)` when the API server took it, `Some(false)` when it
+/// refused it, `None` when the call timed out (it may still be applied
+/// later). The outcome settles in the service's report bookkeeping
+/// ([`super::Reported::settle`]): a taken entry is not sent again, a
+/// failure delays the next routine report.
 pub(super) async fn report(
     shared: &Shared,
     target: &Target,
@@ -141,12 +143,21 @@ pub(super) async fn report(
         "status": { "nodes": [entry] },
     });
     let params = PatchParams::apply(&leases::agent_field_manager(&shared.config.node)).force();
-    match tokio::time::timeout(
+    let outcome = tokio::time::timeout(
         Duration::from_secs(2),
         api.patch_status(name, &params, &Patch::Apply(&patch)),
     )
-    .await
-    {
+    .await;
+    target
+        .reported
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .settle(
+            &report_digest(record),
+            matches!(outcome, Ok(Ok(_))),
+            Instant::now(),
+        );
+    match outcome {
         Ok(Ok(_)) => Some(true),
         Ok(Err(e)) => {
             tracing::warn!(service = name, error = %e, "status report failed");
