@@ -119,7 +119,8 @@ impl Lab {
                 &status.to_string(),
             ])?;
         }
-        // The chart's own RBAC, so an agent gets exactly what the chart gives it.
+        // The chart's own RBAC, so an agent gets exactly what the chart
+        // gives it, and its API priority level for the Leases.
         let chart = self.root.join("charts").join("kubeha");
         let out = Command::new(&bins.helm)
             .args([
@@ -134,6 +135,8 @@ impl Lab {
                 "crds.install=false",
                 "--show-only",
                 "templates/rbac.yaml",
+                "--show-only",
+                "templates/flowcontrol.yaml",
             ])
             .output()
             .context("running the lab's helm")?;
