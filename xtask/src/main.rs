@@ -408,10 +408,13 @@ fn bench(root: &Path, command: BenchCmd) -> anyhow::Result<()> {
                 "| lease change -> first GARP, p95 | {:.1} ms |",
                 report.lease_to_garp_ms.p95
             );
-            println!("| agent RSS | {:.1} MiB |", report.agent_rss_mb);
             println!(
-                "| agent idle CPU | {:.2} % of one core |",
-                report.agent_idle_cpu_pct
+                "| agent RSS, holding {} VIPs | {:.1} MiB |",
+                report.idle_vips, report.agent_rss_mb
+            );
+            println!(
+                "| agent idle CPU, holding {} VIPs | {:.2} % of one core |",
+                report.idle_vips, report.agent_idle_cpu_pct
             );
             if let Some(path) = json {
                 write_bench_json(
@@ -420,6 +423,7 @@ fn bench(root: &Path, command: BenchCmd) -> anyhow::Result<()> {
                         "lease_to_garp_ms": {"median": report.lease_to_garp_ms.median, "p95": report.lease_to_garp_ms.p95},
                         "agent_rss_mb": report.agent_rss_mb,
                         "agent_idle_cpu_pct": report.agent_idle_cpu_pct,
+                        "idle_vips": report.idle_vips,
                     }),
                 )?;
             }

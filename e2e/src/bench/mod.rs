@@ -54,8 +54,11 @@ pub struct AgentReport {
     pub lease_to_garp_ms: Summary,
     /// Resident memory of one agent, MiB.
     pub agent_rss_mb: f64,
-    /// CPU of one idle agent (holding one VIP, heartbeating), percent of one core.
+    /// CPU of one idle agent (holding [`AgentReport::idle_vips`] VIPs,
+    /// heartbeating), percent of one core.
     pub agent_idle_cpu_pct: f64,
+    /// VIPs the agent held while its idle CPU and RSS were measured.
+    pub idle_vips: usize,
     /// Transitions measured.
     pub transitions: usize,
 }
@@ -222,14 +225,31 @@ pub fn agent(lab: &Lab, transitions: usize, idle_secs: u64) -> anyhow::Result<Ag
         );
     }
     drop(capture);
-    // Idle: the last holder keeps its VIP and heartbeats.
+    // Idle: the last holder keeps its VIP, takes a second service with
+    // nine more (ten VIPs in all, each extended on every renew), and
+    // heartbeats.
     let holder = if transitions % 2 == 1 { 1 } else { 2 };
+    let idle = "bench-agent-idle";
+    let more: Vec<String> = (161..=169).map(|h| format!("198.18.0.{h}/24")).collect();
+    let refs: Vec<&str> = more.iter().map(String::as_str).collect();
+    ha::apply(lab, &ha::service(idle, name, &refs, None, (3, 100)))?;
+    writer.write(idle, &nodes::node_name(holder), 1, true)?;
+    let all_held = ha::wait_until(Duration::from_secs(15), || {
+        ha::vip_on_node(holder, vip)
+            && more
+                .iter()
+                .all(|v| ha::vip_on_node(holder, v.trim_end_matches("/24")))
+    });
+    if all_held.is_none() {
+        bail!("node-{holder} never held the ten VIPs of the idle measurement");
+    }
     let pid = lab.agent_pid(holder).context("agent pid")? as u32;
     std::thread::sleep(Duration::from_secs(2));
     let (cpu0, t0) = (cpu_seconds(pid)?, Instant::now());
     std::thread::sleep(Duration::from_secs(idle_secs));
     let cpu = (cpu_seconds(pid)? - cpu0) / t0.elapsed().as_secs_f64() * 100.0;
     let rss = rss_mb(pid)?;
+    ha::delete_service(lab, idle);
     ha::delete_service(lab, name);
     ha::wait_until(Duration::from_secs(15), || {
         !ha::vip_on_node(1, vip) && !ha::vip_on_node(2, vip)
@@ -239,6 +259,7 @@ pub fn agent(lab: &Lab, transitions: usize, idle_secs: u64) -> anyhow::Result<Ag
         lease_to_garp_ms: summarize(&samples),
         agent_rss_mb: rss,
         agent_idle_cpu_pct: cpu,
+        idle_vips: 1 + more.len(),
         transitions: samples.len(),
     })
 }
