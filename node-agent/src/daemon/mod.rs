@@ -107,23 +107,24 @@ struct Slot {
     /// held it) and could not mark it: its VIPs were dropped under it, so
     /// once the record is free it is marked as a fence does.
     fenced_while_busy: Arc<std::sync::Mutex<Option<String>>>,
-    /// The spec's checksum ([`spec_checksum`]) and the object generation it
-    /// was computed for: a pass hashes a spec only when it changed.
-    checksum: Option<(i64, String)>,
+    /// The spec's checksum ([`spec_checksum`]) and the object (UID and
+    /// generation) it was computed for: a pass hashes a spec only when it
+    /// changed, or when the service was deleted and created again.
+    checksum: Option<(String, i64, String)>,
 }
 
 impl Slot {
     /// [`spec_checksum`] of `svc`'s spec, computed again only when its
     /// generation changed.
     fn checksum(&mut self, svc: &HAService) -> String {
-        let Some(generation) = svc.metadata.generation else {
+        let (Some(uid), Some(generation)) = (&svc.metadata.uid, svc.metadata.generation) else {
             return spec_checksum(&svc.spec);
         };
         match &self.checksum {
-            Some((g, sum)) if *g == generation => sum.clone(),
+            Some((u, g, sum)) if u == uid && *g == generation => sum.clone(),
             _ => {
                 let sum = spec_checksum(&svc.spec);
-                self.checksum = Some((generation, sum.clone()));
+                self.checksum = Some((uid.clone(), generation, sum.clone()));
                 sum
             }
         }
@@ -513,7 +514,8 @@ const IDLE_PASS: Duration = Duration::from_secs(1);
 /// heartbeat reaching RD (the fence) or its lease end, a service's monitor,
 /// periodic hook or GARP refresh, and a status report to send again (after
 /// a timeout, or at the end of its backoff); at
-/// most [`IDLE_PASS`] (or half the shortest RD) after `now`. Instants
+/// most [`IDLE_PASS`] (or half the shortest RD; while a cluster is cut off,
+/// a quarter of the time a frozen VIP is extended for) after `now`. Instants
 /// already past are left out: what fell due ran in the pass just done, or
 /// waits for a task whose end wakes the loop.
 fn next_pass(
@@ -524,7 +526,20 @@ fn next_pass(
 ) -> Instant {
     let idle = beats
         .values()
-        .map(|b| b.guard().renew_deadline / 2)
+        .map(|b| {
+            let t = b.guard();
+            // Cut off (past RD): under `noQuorumPolicy: Freeze` each pass
+            // extends the VIPs for at most their lifetime from then, so the
+            // next pass must come well within it.
+            if b.last_success.is_some() && b.past_deadline(now) {
+                let life = t.vip_lifetime_seconds.map_or(t.expiry(), |s| {
+                    t.expiry().min(Duration::from_secs(s.into()))
+                });
+                (life / 4).min(t.renew_deadline / 2)
+            } else {
+                t.renew_deadline / 2
+            }
+        })
         .fold(IDLE_PASS, Duration::min);
     let beat_deadlines = beats.values().filter_map(|b| {
         let sent = b.last_success?;
@@ -666,12 +681,10 @@ mod tests {
             next_pass(now, &beats, &slots, &[now + ms(100)]),
             now + ms(100)
         );
-        // Past RD: the lease end (D + skew after the renew) is next.
-        let beats = HashMap::from([("c".to_owned(), beat(Some(now - ms(2500)), 2000))]);
-        assert_eq!(
-            next_pass(now, &beats, &BTreeMap::new(), &[]),
-            now + ms(1000)
-        );
+        // Past RD: the lease end (D + skew after the renew) is next, unless
+        // a cut-off node's shorter idle pass comes first.
+        let beats = HashMap::from([("c".to_owned(), beat(Some(now - ms(3000)), 2000))]);
+        assert_eq!(next_pass(now, &beats, &BTreeMap::new(), &[]), now + ms(500));
     }
 
     #[test]
@@ -707,6 +720,52 @@ mod tests {
             (r.done.as_deref(), r.failures, r.retry_at),
             (Some("d2"), 0, None)
         );
+    }
+
+    #[test]
+    fn a_cut_off_node_passes_often_enough_to_extend_frozen_vips_in_time() {
+        let ms = Duration::from_millis;
+        let now = Instant::now();
+        // RD 2 s passed 5 s ago: the fence and the lease end are behind.
+        let mut b = beat(Some(now - ms(7000)), 2000);
+        assert_eq!(
+            next_pass(
+                now,
+                &HashMap::from([("c".to_owned(), b)]),
+                &BTreeMap::new(),
+                &[]
+            ),
+            now + ms(875),
+            "a quarter of E (3.5 s)"
+        );
+        // A one-second VIP lifetime under Freeze: extended every 250 ms.
+        b.timing.vip_lifetime_seconds = Some(1);
+        assert_eq!(
+            next_pass(
+                now,
+                &HashMap::from([("c".to_owned(), b)]),
+                &BTreeMap::new(),
+                &[]
+            ),
+            now + ms(250)
+        );
+    }
+
+    #[test]
+    fn a_service_created_again_under_its_name_is_hashed_again() {
+        let spec = |vip: &str| kubeha_crds::testing::service_spec("c", &[vip]);
+        let svc = |uid: &str, vip: &str| {
+            let mut s = HAService::new("web", spec(vip));
+            s.metadata.uid = Some(uid.into());
+            s.metadata.generation = Some(1);
+            s
+        };
+        let mut slot = slot(Instant::now());
+        let first = slot.checksum(&svc("u1", "198.18.0.100/24"));
+        assert_eq!(first, spec_checksum(&spec("198.18.0.100/24")));
+        let again = slot.checksum(&svc("u2", "198.18.0.101/24"));
+        assert_eq!(again, spec_checksum(&spec("198.18.0.101/24")));
+        assert_ne!(first, again);
     }
 
     #[test]
