@@ -43,6 +43,16 @@ enum Cmd {
     /// with IPv4 and IPv6 VIPs) with a safety and a liveness detector; fails
     /// when either found a violation, printing the seed and the log.
     Chaos(ChaosArgs),
+    /// The container images kubeha/kubeha-operator and kubeha/kubeha-agent
+    /// (images/*.Dockerfile), built without Docker: release builds of the
+    /// binaries, then buildah (vfs, chroot) into OCI archives, tagged with
+    /// the chart's appVersion. Needs root; installs buildah, nftables and
+    /// busybox-static with apt-get when missing.
+    Images {
+        /// Folder of the archives kubeha-operator.tar and kubeha-agent.tar.
+        #[arg(long, default_value = "target/images")]
+        out: PathBuf,
+    },
     /// Benchmarks on the lab, with release builds of the binaries (built
     /// first, outside any timing); they print their figures (nothing is
     /// asserted).
@@ -276,6 +286,21 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Cmd::Bench { command } => bench(&root, command),
+        Cmd::Images { out } => {
+            let started = std::time::Instant::now();
+            for image in kubeha_e2e::images::build(&root, &root.join(out))? {
+                println!(
+                    "{}\n  archive {} ({:.1} MB; root file system {:.1} MB)\n  digest {}",
+                    image.reference,
+                    image.archive.display(),
+                    image.bytes as f64 / 1e6,
+                    image.rootfs_bytes as f64 / 1e6,
+                    image.digest
+                );
+            }
+            println!("built in {:.1} s", started.elapsed().as_secs_f64());
+            Ok(())
+        }
     }
 }
 
