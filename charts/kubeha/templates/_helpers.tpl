@@ -48,10 +48,22 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- end }}
 
 {{/*
-Image reference; the tag defaults to the chart's appVersion.
+Image reference of a component: include "kubeha.image" (list $ .Values.agent.image).
+[image.registry/]repository, then @digest when a digest is set, else :tag
+(default: the chart's appVersion).
 */}}
 {{- define "kubeha.image" -}}
-{{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) }}
+{{- $root := index . 0 }}
+{{- $image := index . 1 }}
+{{- $repository := $image.repository }}
+{{- with $root.Values.image.registry }}
+{{- $repository = printf "%s/%s" (trimSuffix "/" .) $repository }}
+{{- end }}
+{{- if $image.digest }}
+{{- printf "%s@%s" $repository $image.digest }}
+{{- else }}
+{{- printf "%s:%s" $repository (default $root.Chart.AppVersion $image.tag) }}
+{{- end }}
 {{- end }}
 
 {{/*
@@ -73,4 +85,37 @@ Log format, checked so a typo fails at render time instead of in the pod.
 {{- fail (printf "logFormat must be text or json, not %q" .) }}
 {{- end }}
 {{- . }}
+{{- end }}
+
+{{/*
+Environment shared by both containers: the log filter (RUST_LOG) and the
+user's extra variables. include "kubeha.env" .Values.agent
+*/}}
+{{- define "kubeha.env" -}}
+- name: RUST_LOG
+  value: {{ .logLevel | quote }}
+{{- with .extraEnv }}
+{{ toYaml . }}
+{{- end }}
+{{- end }}
+
+{{/*
+The metrics container port and the probes on it, shared by both containers.
+*/}}
+{{- define "kubeha.metricsPortAndProbes" -}}
+ports:
+  - name: metrics
+    containerPort: {{ . }}
+    protocol: TCP
+livenessProbe:
+  httpGet:
+    path: /healthz
+    port: metrics
+  initialDelaySeconds: 5
+  periodSeconds: 10
+readinessProbe:
+  httpGet:
+    path: /readyz
+    port: metrics
+  periodSeconds: 5
 {{- end }}
