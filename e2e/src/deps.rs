@@ -1,5 +1,6 @@
-//! The lab's binaries: kube-apiserver and kubectl from the `k8s.io/kubernetes`
-//! Go module, etcd from `go.etcd.io/etcd/server/v3`, and helm from
+//! The lab's binaries: kube-apiserver and kubectl (and, for the kubelet
+//! lab only, kubelet, kube-proxy, kube-scheduler and
+//! kube-controller-manager) from the `k8s.io/kubernetes` Go module, etcd from `go.etcd.io/etcd/server/v3`, and helm from
 //! `helm.sh/helm/v3`. Each comes from a consumer module under `e2e/go/` and
 //! is built with the machine's Go toolchain into an explicit output path
 //! carrying the name the lab runs.
@@ -168,6 +169,33 @@ impl Recipe {
                     &["version", "--client"],
                 ),
             ],
+        }
+    }
+
+    /// kubelet, kube-proxy, kube-scheduler and kube-controller-manager from
+    /// `e2e/go/kubernetes`, stamped as [`Recipe::kubernetes`] stamps: what
+    /// the kubelet lab ([`crate::lab::Lab::up_with_kubelets`]) adds, in an
+    /// entry of its own so the default lab never builds them.
+    pub fn kubernetes_node() -> Self {
+        let base = Self::kubernetes();
+        Self {
+            name: "kubernetes-node".into(),
+            binaries: [
+                "kubelet",
+                "kube-proxy",
+                "kube-scheduler",
+                "kube-controller-manager",
+            ]
+            .iter()
+            .map(|name| {
+                GoBinary::new(
+                    name,
+                    &format!("k8s.io/kubernetes/cmd/{name}"),
+                    &["--version"],
+                )
+            })
+            .collect(),
+            ..base
         }
     }
 
@@ -525,6 +553,34 @@ impl Binaries {
     }
 }
 
+/// Paths of the binaries the kubelet lab adds (the
+/// [`Recipe::kubernetes_node`] entry).
+#[derive(Debug, Clone)]
+pub struct NodeBinaries {
+    /// kubelet.
+    pub kubelet: PathBuf,
+    /// kube-proxy.
+    pub kube_proxy: PathBuf,
+    /// kube-scheduler.
+    pub kube_scheduler: PathBuf,
+    /// kube-controller-manager.
+    pub kube_controller_manager: PathBuf,
+}
+
+impl NodeBinaries {
+    /// Builds the entry when it is missing from the cache; returns the paths.
+    pub fn ensure() -> anyhow::Result<Self> {
+        require_go()?;
+        let (entry, _) = Recipe::kubernetes_node().ensure(&cache_dir())?;
+        Ok(Self {
+            kubelet: entry.join("kubelet"),
+            kube_proxy: entry.join("kube-proxy"),
+            kube_scheduler: entry.join("kube-scheduler"),
+            kube_controller_manager: entry.join("kube-controller-manager"),
+        })
+    }
+}
+
 fn require_go() -> anyhow::Result<()> {
     match Command::new("go").arg("version").output() {
         Ok(out) if out.status.success() => Ok(()),
@@ -603,7 +659,36 @@ mod tests {
         assert_eq!(outputs(Recipe::etcd()), ["etcd"]);
         assert_eq!(outputs(Recipe::kubernetes()), ["kube-apiserver", "kubectl"]);
         assert_eq!(outputs(Recipe::helm()), ["helm"]);
-        for r in [Recipe::etcd(), Recipe::kubernetes(), Recipe::helm()] {
+        assert_eq!(
+            outputs(Recipe::kubernetes_node()),
+            [
+                "kubelet",
+                "kube-proxy",
+                "kube-scheduler",
+                "kube-controller-manager"
+            ]
+        );
+        // Its own entry: building it never replaces the default lab's.
+        assert_ne!(Recipe::kubernetes_node().name, Recipe::kubernetes().name);
+        let tools =
+            std::fs::read_to_string(Recipe::kubernetes().module_dir.join("tools.go")).unwrap();
+        for bin in Recipe::kubernetes()
+            .binaries
+            .iter()
+            .chain(&Recipe::kubernetes_node().binaries)
+        {
+            assert!(
+                tools.contains(&format!("_ \"{}\"", bin.package)),
+                "tools.go pins {}",
+                bin.package
+            );
+        }
+        for r in [
+            Recipe::etcd(),
+            Recipe::kubernetes(),
+            Recipe::kubernetes_node(),
+            Recipe::helm(),
+        ] {
             let go_mod = std::fs::read_to_string(r.module_dir.join("go.mod")).unwrap();
             let module = r.binaries[0]
                 .package

@@ -202,6 +202,14 @@ enum LabCmd {
         /// a running lab has removes none.
         #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u8).range(0..=i64::from(kubeha_e2e::nodes::MAX_NODES)))]
         nodes: u8,
+        /// Real nodes: kube-controller-manager and kube-scheduler on the
+        /// host and, in every node namespace, containerd, a kubelet with its
+        /// own node certificate and kube-proxy (nftables), with a local
+        /// pause image and `target/images/*.tar` imported (build them with
+        /// `cargo xtask images`). Starts no agent processes: install the
+        /// chart to run the agents as pods.
+        #[arg(long)]
+        kubelet: bool,
     },
     /// Stop every lab process and agent, tear down the network segment (by
     /// name prefix) and remove the lab's files.
@@ -224,7 +232,19 @@ fn main() -> anyhow::Result<()> {
         Cmd::Lab { command } => {
             let lab = Lab::new(&root);
             match command {
-                LabCmd::Up { nodes } => {
+                LabCmd::Up {
+                    nodes,
+                    kubelet: true,
+                } => {
+                    lab.up_with_kubelets(nodes)?;
+                    println!("{}", lab.usage(nodes));
+                    println!(
+                        "kubelet nodes: kubectl get nodes -o wide; kubectl get pods -A -o wide \
+                         (no agent processes: helm install the chart to run them as pods)"
+                    );
+                    Ok(())
+                }
+                LabCmd::Up { nodes, .. } => {
                     if nodes > 0 {
                         build_binaries(&root, lab.profile())?;
                     }

@@ -49,7 +49,20 @@ impl Lab {
         .arg(format!("--tls-cert-file={}", p("apiserver.crt")))
         .arg(format!("--tls-private-key-file={}", p("apiserver.key")))
         .arg(format!("--client-ca-file={}", p("ca.crt")))
-        .arg("--authorization-mode=RBAC")
+        // As a real cluster: the Node authorizer and NodeRestriction
+        // confine each kubelet (a `system:node:NAME` certificate, in the
+        // kubelet lab) to its own node; nothing else is affected by them.
+        .arg("--authorization-mode=Node,RBAC")
+        .arg("--enable-admission-plugins=NodeRestriction")
+        .arg("--kubelet-preferred-address-types=InternalIP")
+        .arg(format!(
+            "--kubelet-client-certificate={}",
+            p("apiserver-kubelet-client.crt")
+        ))
+        .arg(format!(
+            "--kubelet-client-key={}",
+            p("apiserver-kubelet-client.key")
+        ))
         .arg(format!("--service-account-issuer={SA_ISSUER}"))
         .arg(format!("--api-audiences={SA_ISSUER}"))
         .arg(format!("--service-account-key-file={}", p("sa.pub")))
@@ -66,7 +79,7 @@ impl Lab {
 
     /// Starts a long-lived lab process in its own process group, output to
     /// `.lab/logs/NAME.log`, pid to `.lab/pids/NAME.pid`.
-    fn spawn(&self, name: &str, mut cmd: Command) -> anyhow::Result<()> {
+    pub(super) fn spawn(&self, name: &str, mut cmd: Command) -> anyhow::Result<()> {
         use std::os::unix::process::CommandExt;
         let log = File::options()
             .create(true)
@@ -131,7 +144,7 @@ impl Lab {
     }
 
     /// The pid of lab process `name` while it runs.
-    fn process_pid(&self, name: &str) -> Option<i32> {
+    pub(super) fn process_pid(&self, name: &str) -> Option<i32> {
         read_pid(&self.dir.join("pids").join(format!("{name}.pid")))
             .filter(|pid| !nodes::is_dead(*pid))
     }

@@ -18,6 +18,7 @@ mod agents;
 mod cgroups;
 mod control_plane;
 mod kubectl;
+mod kubelet;
 mod operator;
 mod pki;
 mod power;
@@ -38,6 +39,7 @@ use cgroups::remove_hook_cgroups;
 use control_plane::ports_free;
 
 pub use control_plane::http_get;
+pub use kubelet::{PAUSE_IMAGE, SERVICE_CIDR};
 
 /// Port of the lab's etcd client endpoint (loopback only).
 pub const ETCD_CLIENT_PORT: u16 = 23790;
@@ -333,17 +335,36 @@ impl Lab {
     /// Stops every agent and lab process, removes the network segment (by
     /// name prefix, also a killed run's leftovers) and the lab's files.
     pub fn down(&self) -> anyhow::Result<()> {
-        // Node namespaces first: their processes (agents, hooks) may still
+        // The kubelet lab's nodes first, at once: a kubelet left running
+        // would restart the pods being stopped.
+        let killed = self.kill_kubelet_nodes();
+        // Node namespaces next: their processes (agents, hooks) may still
         // talk to the API server while they shut down.
         let segment = Segment::down();
         let stopped = self.stop_processes();
         remove_hook_cgroups();
+        // Only now, with every process gone: the mounts the kubelets and
+        // containerd left under the lab folder, and the kubelets' cgroups.
+        let (mounts, cgroups) = self.remove_kubelet_leftovers();
+        let left = kubelet::mounts_under(&self.dir);
+        if !left.is_empty() {
+            bail!(
+                "lab down: mounts under {} would not go: {left:?}",
+                self.dir.display()
+            );
+        }
         if self.dir.exists() {
             fs::remove_dir_all(&self.dir)
                 .with_context(|| format!("removing {}", self.dir.display()))?;
         }
         let _ = fs::remove_file(self.root.join(".lab.lock"));
         let segment = segment.context("tearing down the lab's network segment")?;
+        if killed + mounts + cgroups > 0 {
+            println!(
+                "lab down: killed {killed} kubelet-node process(es) and pod(s), removed {mounts} mount(s) \
+                 and {cgroups} cgroup(s)"
+            );
+        }
         println!(
             "lab down: stopped {stopped} control-plane process(es) and {} in node namespaces, \
              removed namespaces [{}], links [{}] and {}",
@@ -433,6 +454,69 @@ impl Lab {
         let pids: Vec<i32> = self.lab_processes().into_iter().map(|(p, _)| p).collect();
         nodes::stop_pids(&pids, Duration::from_secs(10))
     }
+}
+
+/// Runs `cmd` with stdin closed and its output collected, killing it after
+/// `limit`; its output (a killed command's status is not success).
+pub fn output_within(cmd: &mut std::process::Command, limit: Duration) -> std::process::Output {
+    use std::process::Stdio;
+    let child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn();
+    let mut child = match child {
+        Ok(c) => c,
+        Err(e) => {
+            return std::process::Output {
+                status: std::os::unix::process::ExitStatusExt::from_raw(127 << 8),
+                stdout: Vec::new(),
+                stderr: format!("cannot run {:?}: {e}", cmd.get_program()).into_bytes(),
+            };
+        }
+    };
+    let deadline = std::time::Instant::now() + limit;
+    while matches!(child.try_wait(), Ok(None)) {
+        if std::time::Instant::now() >= deadline {
+            let _ = child.kill();
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    child
+        .wait_with_output()
+        .unwrap_or_else(|e| std::process::Output {
+            status: std::os::unix::process::ExitStatusExt::from_raw(127 << 8),
+            stdout: Vec::new(),
+            stderr: e.to_string().into_bytes(),
+        })
+}
+
+/// Installs Debian `packages` with `apt-get install -y` (after an
+/// `apt-get update` if the first try fails); `purpose` names who needs them
+/// in the messages.
+pub fn apt_install(packages: &[&str], purpose: &str) -> anyhow::Result<()> {
+    if packages.is_empty() {
+        return Ok(());
+    }
+    let apt = |args: &[&str]| {
+        eprintln!("{purpose} needs: apt-get {}", args.join(" "));
+        std::process::Command::new("apt-get")
+            .args(args)
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .stdin(std::process::Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    let install = [&["install", "-y"], packages].concat();
+    if !(apt(&install) || (apt(&["update"]) && apt(&install))) {
+        bail!(
+            "{purpose} needs {} and `apt-get install -y {}` failed; install them by hand",
+            packages.join(", "),
+            packages.join(" ")
+        );
+    }
+    Ok(())
 }
 
 /// SIGSTOP (`frozen`) or SIGCONT to `pid`.

@@ -33,6 +33,52 @@ impl Lab {
                 ),
             )?;
         }
+        // The API server's client certificate towards the kubelets (logs,
+        // exec); a lab folder from before the kubelet lab lacks it.
+        if !self.pki("apiserver-kubelet-client.crt").exists() {
+            self.sign(
+                "apiserver-kubelet-client",
+                "/O=system:masters/CN=kube-apiserver-kubelet-client",
+                "extendedKeyUsage=clientAuth\n",
+            )?;
+        }
+        Ok(())
+    }
+
+    /// The kubelet lab's credentials, each its own as in a real cluster:
+    /// kube-controller-manager, kube-scheduler and kube-proxy under the
+    /// users the API server's bootstrap RBAC names, and one client
+    /// certificate per node (`system:node:NAME` in group `system:nodes`),
+    /// which the Node authorizer and NodeRestriction confine to that node.
+    /// Each with a kubeconfig in `.lab/kubelet/NAME.kubeconfig`. Made once.
+    pub(super) fn write_kubelet_pki(&self, nodes: u8, ports: &Ports) -> anyhow::Result<()> {
+        let mut users: Vec<(String, String)> =
+            ["kube-controller-manager", "kube-scheduler", "kube-proxy"]
+                .iter()
+                .map(|name| (name.to_string(), format!("/CN=system:{name}")))
+                .collect();
+        for i in 1..=nodes {
+            let node = crate::nodes::node_name(i);
+            users.push((
+                node.clone(),
+                format!("/O=system:nodes/CN=system:node:{node}"),
+            ));
+        }
+        for (name, subject) in users {
+            if !self.pki(&format!("{name}.crt")).exists() {
+                self.sign(&name, &subject, "extendedKeyUsage=clientAuth\n")?;
+            }
+            let config = format!(
+                "apiVersion: v1\nkind: Config\nclusters:\n- name: kubeha-lab\n  cluster:\n    server: {url}\n    certificate-authority: {ca}\n\
+                 users:\n- name: {name}\n  user:\n    client-certificate: {crt}\n    client-key: {key}\n\
+                 contexts:\n- name: kubeha-lab\n  context:\n    cluster: kubeha-lab\n    user: {name}\ncurrent-context: kubeha-lab\n",
+                url = ports.apiserver_url(),
+                ca = self.pki("ca.crt").display(),
+                crt = self.pki(&format!("{name}.crt")).display(),
+                key = self.pki(&format!("{name}.key")).display(),
+            );
+            fs::write(self.kubelet_kubeconfig(&name), config)?;
+        }
         Ok(())
     }
 

@@ -40,13 +40,20 @@ impl Lab {
         self.check_node(i)?;
         let ns = nodes::node_ns(i);
         nodes::set_link(&nodes::node_link(i), false)?;
+        // A kubelet node: its kubelet, containerd, shims and pods (those
+        // with a network namespace of their own too) die with it.
+        let killed = if self.has_kubelet(i) {
+            self.kill_node_services(i)
+        } else {
+            0
+        };
         let pids = nodes::ns_pids(&ns);
         nodes::signal_pids(&pids, nix::sys::signal::Signal::SIGKILL);
         if !nodes::wait_dead(&pids, Duration::from_secs(5)) {
             bail!("processes in {ns} survived SIGKILL for 5 s");
         }
         let _ = fs::remove_file(self.agent_pid_file(i));
-        Ok(pids.len())
+        Ok(killed + pids.len())
     }
 
     /// Node `i` boots after [`Lab::power_off`]: like a machine after power
@@ -58,8 +65,10 @@ impl Lab {
     /// it held before the power loss reaches the wire again. The boot gets a
     /// new boot id (the next agent started gets it as `KUBEHA_BOOT_ID`),
     /// and the agent's state folder is emptied, as a reboot empties the
-    /// tmpfs `/run`. Starts nothing (no agent). A node that is on (its link
-    /// up) is left untouched.
+    /// tmpfs `/run`. Starts nothing (no agent), except on a kubelet node
+    /// ([`Lab::up_with_kubelets`]): there containerd, the kubelet and
+    /// kube-proxy start again, and the kubelet its pods. A node that is on
+    /// (its link up) is left untouched.
     pub fn power_on(&self, i: u8) -> anyhow::Result<()> {
         self.boot(i, false)
     }
@@ -157,7 +166,13 @@ impl Lab {
                 "nodad",
             ])?;
         }
-        nodes::set_link(&link, true)
+        nodes::set_link(&link, true)?;
+        if self.has_kubelet(i) {
+            // Its services start with the boot, as a machine's init starts
+            // them; the kubelet then runs the node's pods again.
+            self.boot_node_services(i)?;
+        }
+        Ok(())
     }
 }
 
