@@ -454,6 +454,39 @@ echo leaving the daemon running
     });
     let pid = pid.expect("the enter hook wrote no pid");
     assert!(alive(pid), "the daemon (pid {pid}) never ran");
+    // Issue 13: the hook ran in the host's mount, UTS and IPC namespaces
+    // (the lab's anchor stands for the host's init), not the agent's (`ip
+    // netns exec` gave the agent a mount namespace of its own), so the
+    // daemon is a host process; it stays in node-3's network namespace,
+    // which is how the lab tells the nodes' services apart.
+    let ns = |pid: i32, kind: &str| {
+        std::fs::read_link(format!("/proc/{pid}/ns/{kind}"))
+            .map(|l| l.display().to_string())
+            .unwrap_or_else(|e| format!("unreadable: {e}"))
+    };
+    let anchor = lab.host_anchor().unwrap();
+    let agent = lab.agent_pid(3).unwrap();
+    for kind in ["mnt", "uts", "ipc"] {
+        assert_eq!(
+            ns(pid, kind),
+            ns(anchor, kind),
+            "{kind} of the daemon: the host's"
+        );
+    }
+    assert_ne!(
+        ns(pid, "mnt"),
+        ns(agent, "mnt"),
+        "the daemon is in the agent's mount namespace"
+    );
+    assert_eq!(
+        ns(pid, "net"),
+        ns(agent, "net"),
+        "the daemon left node-3's network"
+    );
+    assert!(
+        nodes::pid_in_ns(pid, &nodes::node_ns(3)),
+        "the daemon is not in node-3's network namespace"
+    );
 
     lab.partition(3).unwrap();
     let gone = ha::wait_until(Duration::from_secs(10), || !alive(pid));

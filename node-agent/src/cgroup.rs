@@ -9,12 +9,15 @@
 //! host's `/sys/fs/cgroup`), so the services that hooks start outlive an
 //! agent restart, as they must (a restart is not a failover).
 
-use std::fs::{self, File, OpenOptions};
+use std::ffi::{CStr, CString};
+use std::fs;
 use std::io;
-use std::os::fd::{BorrowedFd, RawFd};
+use std::os::unix::ffi::OsStringExt;
 use std::path::{Path, PathBuf};
 
+use nix::fcntl::OFlag;
 use nix::sys::signal::{Signal, kill};
+use nix::sys::stat::Mode;
 use nix::unistd::Pid;
 
 /// The cgroup v2 directory the hooks run in: one child cgroup per cluster
@@ -60,13 +63,15 @@ impl HookCgroup {
     }
 
     /// `cgroup.procs` of `cluster`'s child cgroup (created when missing),
-    /// open for a child process to join with [`join`].
-    pub fn procs(&self, cluster: &str) -> io::Result<File> {
+    /// for a child process to join with [`join`]. A path, not an open
+    /// file: the kernel checks a migration against the cgroup namespace the
+    /// file was opened in, and a hook in the host's namespaces joins after
+    /// entering the host's cgroup namespace.
+    pub fn procs(&self, cluster: &str) -> io::Result<CString> {
         let dir = self.of(cluster);
         fs::create_dir_all(&dir)?;
-        OpenOptions::new()
-            .write(true)
-            .open(dir.join("cgroup.procs"))
+        CString::new(dir.join("cgroup.procs").into_os_string().into_vec())
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))
     }
 
     /// The processes in `cluster`'s child cgroup now.
@@ -93,15 +98,12 @@ impl HookCgroup {
     }
 }
 
-/// Moves the calling process into the cgroup whose `cgroup.procs` is open
-/// as `procs`. Made for a child between fork and exec: one write(2), which
-/// is async-signal-safe, and no allocation.
-pub fn join(procs: RawFd) -> io::Result<()> {
-    #[allow(unsafe_code)]
-    // SAFETY: `procs` was opened by the parent before the fork and stays
-    // open in the child until exec; it is only borrowed for this write.
-    let procs = unsafe { BorrowedFd::borrow_raw(procs) };
-    nix::unistd::write(procs, b"0")
+/// Moves the calling process into the cgroup whose `cgroup.procs` is
+/// `procs`. Made for a child between fork and exec: open(2), write(2) and
+/// close(2), which are async-signal-safe, and no allocation.
+pub fn join(procs: &CStr) -> io::Result<()> {
+    let file = nix::fcntl::open(procs, OFlag::O_WRONLY | OFlag::O_CLOEXEC, Mode::empty())?;
+    nix::unistd::write(&file, b"0")
         .map(drop)
         .map_err(io::Error::from)
 }

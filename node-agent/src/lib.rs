@@ -11,6 +11,7 @@ pub mod error;
 pub mod garp;
 pub mod heartbeat;
 pub mod hooks;
+pub mod host_namespaces;
 pub mod metrics;
 #[cfg(test)]
 pub(crate) mod netns_harness;
@@ -86,11 +87,32 @@ struct Paths {
     /// Unset: hooks are contained by their process groups only.
     #[arg(long, env = "KUBEHA_HOOK_CGROUP", global = true)]
     hook_cgroup: Option<PathBuf>,
+    /// Where hooks run: `host` enters the mount, UTS, IPC and cgroup
+    /// namespaces of `--host-pid` (needs the host's PID namespace, e.g.
+    /// `hostPID: true`, and the privilege to enter namespaces), so services
+    /// hooks start are host processes that outlive the agent; `container`
+    /// keeps them in the agent's own namespaces.
+    #[arg(long, env = "KUBEHA_HOOK_NAMESPACES", value_enum, default_value_t = host_namespaces::HookNamespaces::Host, global = true)]
+    hook_namespaces: host_namespaces::HookNamespaces,
+    /// The process whose namespaces are the host's, for `--hook-namespaces
+    /// host`.
+    #[arg(long, env = "KUBEHA_HOST_PID", default_value_t = 1, global = true)]
+    host_pid: i32,
     /// The boot id to record in the status file instead of the kernel's
     /// (/proc/sys/kernel/random/boot_id). Only for tests that emulate a
     /// reboot: a status file of another boot is never re-adopted.
     #[arg(long, env = "KUBEHA_BOOT_ID", global = true, hide = true)]
     boot_id: Option<String>,
+}
+
+impl Paths {
+    fn hook_placement(&self) -> hooks::HookPlacement {
+        hooks::HookPlacement {
+            cgroup: self.hook_cgroup.clone(),
+            namespaces: self.hook_namespaces,
+            host_pid: self.host_pid,
+        }
+    }
 }
 
 #[derive(Subcommand, Debug)]
@@ -166,7 +188,7 @@ fn daemon_config(paths: &Paths) -> Result<daemon::Config> {
         log_dir: paths.log_dir.clone(),
         state_dir: paths.state_dir.clone(),
         metrics_addr: paths.metrics_addr,
-        hook_cgroup: paths.hook_cgroup.clone(),
+        hooks: paths.hook_placement(),
         boot_id: statefile::boot_id(paths.boot_id.as_deref()),
         started: jiff::Timestamp::now().to_string(),
     })
@@ -251,7 +273,7 @@ async fn hooks_by_hand(
     let node = transitions::LocalNode {
         name: node_name,
         netlink: vip::RtNetlink::new()?,
-        runner: hooks::HookRunner::new(paths.log_dir.clone()),
+        runner: paths.hook_placement().runner(paths.log_dir.clone())?,
         hook_root: paths.hook_root.clone(),
         state_dir: paths.state_dir.clone(),
         metrics: metrics::Metrics::default(),

@@ -101,6 +101,13 @@ impl Lab {
             // Its own process group: a Ctrl-C meant for the test runner does
             // not reach it.
             .process_group(0);
+        // Hooks in the host's namespaces, as in a pod with hostPID: the
+        // lab's nodes share this machine, so "the host" is the lab's
+        // anchor (this machine's mount, UTS and IPC namespaces; the node's
+        // network namespace stays the agent's). Tests tell the nodes'
+        // services apart by their network namespace.
+        cmd.env("KUBEHA_HOOK_NAMESPACES", "host")
+            .env("KUBEHA_HOST_PID", self.host_anchor()?.to_string());
         // Hooks in a cgroup of the node's own, where this machine has
         // cgroup v2; else contained by their process groups only.
         if let Some(cgroup) = hook_cgroup(i) {
@@ -140,6 +147,35 @@ impl Lab {
             }
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+
+    /// The lab's stand-in for the host's init, started when not running: a
+    /// process in this machine's namespaces whose namespaces the agents'
+    /// hooks enter (`--host-pid`). PID 1 cannot serve: its namespaces are
+    /// not readable where the lab runs without every capability PID 1 has.
+    /// Its command line names the lab folder, so `lab down` stops it.
+    pub fn host_anchor(&self) -> anyhow::Result<i32> {
+        use std::os::unix::process::CommandExt as _;
+        let pid_file = self.dir.join("pids").join("host-anchor.pid");
+        let argv0 = self.dir.join("host-anchor");
+        if let Some(pid) = read_pid(&pid_file)
+            && fs::read(format!("/proc/{pid}/cmdline"))
+                .is_ok_and(|c| c.starts_with(argv0.as_os_str().as_encoded_bytes()))
+            && !nodes::is_dead(pid)
+        {
+            return Ok(pid);
+        }
+        fs::create_dir_all(self.dir.join("pids"))?;
+        let child = std::process::Command::new("sleep")
+            .arg0(&argv0)
+            .arg("infinity")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .process_group(0)
+            .spawn()
+            .context("starting the lab's host anchor (sleep infinity)")?;
+        record_and_reap(child, &pid_file)
     }
 
     /// Pid recorded for node `i`'s agent, whether or not it still runs.

@@ -31,7 +31,6 @@ use sha2::{Digest, Sha256};
 use tokio::sync::{Mutex, Notify, mpsc};
 
 use crate::heartbeat::{Heartbeats, Timing};
-use crate::hooks::HookRunner;
 use crate::metrics::Metrics;
 use crate::statefile::{self, NodeStatus, ServiceRecord};
 use crate::transitions::LocalNode;
@@ -58,9 +57,8 @@ pub struct Config {
     pub state_dir: PathBuf,
     /// Address of `/metrics`, `/healthz`, `/readyz`.
     pub metrics_addr: std::net::SocketAddr,
-    /// The cgroup v2 directory hooks run in (the fence kills all in it);
-    /// `None`: hooks are contained by their process groups only.
-    pub hook_cgroup: Option<PathBuf>,
+    /// Where hook processes run: their cgroup and namespaces.
+    pub hooks: crate::hooks::HookPlacement,
     /// The kernel's boot id ([`statefile::boot_id`]); `None` when unknown,
     /// and then no record of an earlier agent is re-adopted.
     pub boot_id: Option<String>,
@@ -262,22 +260,7 @@ pub async fn run(config: Config) -> crate::Result<()> {
     let netlink = RtNetlink::new()?;
     netlink.install_fence().await?;
     tracing::info!("packet fence installed (nftables tables kubeha)");
-    let mut runner = HookRunner::new(config.log_dir.clone());
-    match &config.hook_cgroup {
-        Some(dir) => {
-            let cgroup = crate::cgroup::HookCgroup::create(dir).map_err(|source| {
-                crate::Error::HookCgroup {
-                    path: dir.clone(),
-                    source,
-                }
-            })?;
-            tracing::info!(cgroup = %dir.display(), "hooks run in their own cgroup");
-            runner = runner.with_cgroup(cgroup);
-        }
-        None => tracing::warn!(
-            "no --hook-cgroup: a fence stops the hooks' process groups only, not daemons that left them"
-        ),
-    }
+    let runner = config.hooks.runner(config.log_dir.clone())?;
     let node = LocalNode {
         name: config.node.clone(),
         netlink,

@@ -29,6 +29,65 @@ pub use kubeha_crds::roles::Transition;
 pub use runner::HookRunner;
 pub use scripts::{HookLayout, HookSet, Script, check_script};
 
+/// Where hook processes run: the cgroup they join and the namespaces they
+/// enter (`--hook-cgroup`, `--hook-namespaces`, `--host-pid`). The daemon
+/// and `kubeha-agent hooks run` build their runner from it, so a hook run by
+/// hand runs where the daemon would run it.
+#[derive(Debug, Clone)]
+pub struct HookPlacement {
+    /// The cgroup v2 directory hooks run in (the fence kills all in it);
+    /// `None`: hooks are contained by their process groups only.
+    pub cgroup: Option<PathBuf>,
+    /// The host's namespaces, or the agent's own.
+    pub namespaces: crate::host_namespaces::HookNamespaces,
+    /// The process whose namespaces are the host's (host mode only).
+    pub host_pid: i32,
+}
+
+impl HookPlacement {
+    /// A runner logging under `log_dir` that runs hooks as placed here;
+    /// fails, naming the flag and the fix, when the cgroup or the host's
+    /// namespaces cannot be used.
+    pub fn runner(&self, log_dir: PathBuf) -> crate::Result<HookRunner> {
+        use crate::host_namespaces::{HookNamespaces, HostNamespaces};
+        let mut runner = HookRunner::new(log_dir);
+        match &self.cgroup {
+            Some(dir) => {
+                let cgroup = crate::cgroup::HookCgroup::create(dir).map_err(|source| {
+                    crate::Error::HookCgroup {
+                        path: dir.clone(),
+                        source,
+                    }
+                })?;
+                tracing::info!(cgroup = %dir.display(), "hooks run in their own cgroup");
+                runner = runner.with_cgroup(cgroup);
+            }
+            None => tracing::warn!(
+                "no --hook-cgroup: a fence stops the hooks' process groups only, not daemons that left them"
+            ),
+        }
+        match self.namespaces {
+            HookNamespaces::Host => {
+                let host = HostNamespaces::open(self.host_pid)
+                    .map_err(|e| crate::Error::Usage(format!("--hook-namespaces host: {e}")))?;
+                if host.differ() {
+                    tracing::info!(host_pid = host.pid(), entered = ?host.differing(), "hooks run in the host's namespaces");
+                    runner = runner.with_host_namespaces(host);
+                } else {
+                    tracing::info!(
+                        host_pid = host.pid(),
+                        "hooks run in the host's namespaces (the agent's own already)"
+                    );
+                }
+            }
+            HookNamespaces::Container => tracing::info!(
+                "--hook-namespaces container: hooks run in the agent's namespaces and end with its container"
+            ),
+        }
+        Ok(runner)
+    }
+}
+
 /// The `PATH` every hook script gets (the rest of the environment is cleared).
 pub const HOOK_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 

@@ -4,7 +4,6 @@
 
 use std::collections::BTreeMap;
 use std::io::{self, Write};
-use std::os::fd::AsRawFd;
 use std::os::unix::process::ExitStatusExt;
 use std::path::PathBuf;
 use std::process::{ExitStatus, Stdio};
@@ -27,6 +26,7 @@ use super::{
     Transition, outcome_for_code, role_str,
 };
 use crate::cgroup::HookCgroup;
+use crate::host_namespaces::HostNamespaces;
 
 /// Prefix of the lines the agent itself adds to a result's output tail.
 pub(super) const NOTE: &str = "kubeha:";
@@ -54,6 +54,8 @@ pub struct HookRunner {
     pub kill_grace: Duration,
     /// The cgroup every hook (and what it starts) runs in, if any.
     cgroup: Option<Arc<HookCgroup>>,
+    /// The host's namespaces every hook enters, if any.
+    host: Option<Arc<HostNamespaces>>,
     registry: Arc<Mutex<Registry>>,
 }
 
@@ -109,6 +111,7 @@ impl HookRunner {
             tail_lines: DEFAULT_TAIL_LINES,
             kill_grace: DEFAULT_KILL_GRACE,
             cgroup: None,
+            host: None,
             registry: Arc::default(),
         }
     }
@@ -117,6 +120,14 @@ impl HookRunner {
     /// what hooks started even outside their process groups.
     pub fn with_cgroup(mut self, cgroup: HookCgroup) -> Self {
         self.cgroup = Some(Arc::new(cgroup));
+        self
+    }
+
+    /// Runs every hook in the host's namespaces (entered between fork and
+    /// exec, before the script is looked up), so what hooks start are host
+    /// processes.
+    pub fn with_host_namespaces(mut self, host: HostNamespaces) -> Self {
+        self.host = Some(Arc::new(host));
         self
     }
 
@@ -312,24 +323,37 @@ impl HookRunner {
             .stderr(stderr)
             .process_group(0);
         // Into the cluster's hook cgroup between fork and exec, so nothing
-        // the script starts is ever outside it. When it cannot be opened the
+        // the script starts is ever outside it. When it cannot be created the
         // script still runs, contained by its process group only; when the
         // child cannot join it, the script is not started (refused).
         let procs = self.cgroup.as_ref().and_then(|c| match c.procs(&ctx.cluster) {
-            Ok(f) => Some(f),
+            Ok(path) => Some(path),
             Err(e) => {
                 tracing::warn!(cgroup = %c.dir().display(), error = %e, "hook cgroup unavailable: this hook runs outside it");
                 None
             }
         });
-        if let Some(procs) = &procs {
-            let fd = procs.as_raw_fd();
+        let host = self.host.clone();
+        if procs.is_some() || host.is_some() {
+            let root = c"/".to_owned();
             #[allow(unsafe_code)]
             // SAFETY: the closure runs in the child between fork and exec and
-            // makes one write(2) (async-signal-safe, no allocation, no lock)
-            // to a descriptor the parent keeps open until after the spawn.
+            // makes only async-signal-safe calls (setns, open, write, close,
+            // chdir) on values allocated before the fork; it allocates
+            // nothing and takes no lock.
             unsafe {
-                cmd.pre_exec(move || crate::cgroup::join(fd));
+                cmd.pre_exec(move || {
+                    if let Some(host) = &host {
+                        host.enter_cgroup()?;
+                    }
+                    if let Some(procs) = &procs {
+                        crate::cgroup::join(procs)?;
+                    }
+                    if let Some(host) = &host {
+                        host.enter_rest(&root)?;
+                    }
+                    Ok(())
+                });
             }
         }
 
@@ -360,7 +384,6 @@ impl HookRunner {
                 }
             }
         };
-        drop(procs);
         let (mut child, pid) = match spawned {
             Ok(c) => c,
             Err(reason) => {

@@ -805,3 +805,197 @@ async fn dropping_a_run_kills_its_process_group() {
     let pid = read_pid(&pidfile);
     assert!(dies(pid).await, "abandoned hook {pid} still runs");
 }
+
+/// A "host" for the test: a process in mount, UTS and IPC namespaces of its
+/// own (hostname `kubeha-host`), in this test's PID namespace, as the host's
+/// init is for an agent pod with `hostPID`. Killed on drop.
+struct FakeHost(std::process::Child);
+
+impl FakeHost {
+    fn start() -> Option<FakeHost> {
+        let child = std::process::Command::new("unshare")
+            .args(["--mount", "--uts", "--ipc", "--propagation", "private"])
+            .args(["sh", "-c", "hostname kubeha-host && exec sleep 60"])
+            .spawn()
+            .ok()?;
+        let host = FakeHost(child);
+        // Ready once `exec sleep` replaced the shell, after `hostname` ran.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            let cmd =
+                fs::read_to_string(format!("/proc/{}/cmdline", host.pid())).unwrap_or_default();
+            if cmd.starts_with("sleep") {
+                return Some(host);
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        None
+    }
+
+    fn pid(&self) -> i32 {
+        i32::try_from(self.0.id()).expect("pid")
+    }
+
+    fn ns(&self, kind: &str) -> String {
+        fs::read_link(format!("/proc/{}/ns/{kind}", self.pid()))
+            .expect("namespace link")
+            .display()
+            .to_string()
+    }
+}
+
+impl Drop for FakeHost {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Runs one enter script, whose body `body(out)` writes into the folder
+/// `out`, through a runner placed with `namespaces` and `host`; asserts it
+/// succeeded and returns `out`.
+async fn enter_placed(
+    namespaces: crate::host_namespaces::HookNamespaces,
+    host: &FakeHost,
+    body: impl Fn(&Path) -> String,
+) -> TempDir {
+    let placement = HookPlacement {
+        cgroup: None,
+        namespaces,
+        host_pid: host.pid(),
+    };
+    let logs = tempfile::tempdir().expect("tempdir");
+    let runner = placement
+        .runner(logs.path().join("logs"))
+        .expect("host namespaces open");
+    let hooks = tempfile::tempdir().expect("tempdir");
+    let out = tempfile::tempdir().expect("tempdir");
+    script(hooks.path(), "E01where", &body(out.path()), 0o755);
+    let results = runner
+        .run(
+            &dir_set(hooks.path()),
+            &ctx(Action::Enter),
+            Duration::from_secs(5),
+        )
+        .await;
+    assert_eq!(overall(&results), HookOutcome::Success, "{results:?}");
+    out
+}
+
+#[tokio::test]
+async fn hooks_run_in_the_host_namespaces_and_the_daemon_they_start_is_a_host_process() {
+    let host = FakeHost::start()
+        .expect("unshare (util-linux) starts a process in new namespaces; needs root");
+    // The script reports where it runs, and starts a daemon that leaves its
+    // process group, as an init script does.
+    let out = enter_placed(crate::host_namespaces::HookNamespaces::Host, &host, |o| {
+        let o = o.display();
+        format!(
+            "hostname > '{o}/hostname'\n\
+             for n in mnt uts ipc net pid; do echo \"$n $(readlink /proc/self/ns/$n)\"; done > '{o}/ns'\n\
+             pwd > '{o}/pwd'\n\
+             setsid sh -c 'echo $$ > {o}/daemon; exec sleep 60' </dev/null >/dev/null 2>&1 &\n\
+             while [ ! -s '{o}/daemon' ]; do sleep 0.01; done"
+        )
+    })
+    .await;
+
+    assert_eq!(
+        fs::read_to_string(out.path().join("hostname"))
+            .unwrap()
+            .trim(),
+        "kubeha-host"
+    );
+    assert_eq!(
+        fs::read_to_string(out.path().join("pwd")).unwrap().trim(),
+        "/"
+    );
+    let ns: HashMap<String, String> = fs::read_to_string(out.path().join("ns"))
+        .unwrap()
+        .lines()
+        .filter_map(|l| l.split_once(' '))
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .collect();
+    let own = |kind: &str| {
+        fs::read_link(format!("/proc/self/ns/{kind}"))
+            .unwrap()
+            .display()
+            .to_string()
+    };
+    for kind in ["mnt", "uts", "ipc"] {
+        assert_eq!(ns[kind], host.ns(kind), "{kind}: the host's");
+        assert_ne!(ns[kind], own(kind), "{kind}: not the agent's");
+    }
+    // The network namespace stays the agent's (hostNetwork: the host's).
+    assert_eq!(ns["net"], own("net"));
+    assert_eq!(ns["pid"], own("pid"));
+    // The daemon the hook started lives on in the host's namespaces after
+    // the hook ended.
+    let daemon = read_pid(&out.path().join("daemon"));
+    assert!(alive(daemon), "the daemon outlives its hook");
+    let daemon_mnt = fs::read_link(format!("/proc/{daemon}/ns/mnt"))
+        .unwrap()
+        .display()
+        .to_string();
+    assert_eq!(daemon_mnt, host.ns("mnt"));
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(daemon),
+        nix::sys::signal::Signal::SIGKILL,
+    );
+}
+
+#[tokio::test]
+async fn container_mode_keeps_hooks_in_the_agent_namespaces() {
+    let host = FakeHost::start().expect("unshare starts a process in new namespaces; needs root");
+    let out = enter_placed(
+        crate::host_namespaces::HookNamespaces::Container,
+        &host,
+        |o| format!("readlink /proc/self/ns/uts > '{}/uts'", o.display()),
+    )
+    .await;
+    let own = fs::read_link("/proc/self/ns/uts")
+        .unwrap()
+        .display()
+        .to_string();
+    assert_eq!(
+        fs::read_to_string(out.path().join("uts")).unwrap().trim(),
+        own
+    );
+}
+
+#[test]
+fn host_mode_without_the_host_pid_namespace_fails_naming_the_fix() {
+    // A process in a PID namespace of its own stands for a host the agent
+    // does not share PIDs with (no hostPID).
+    let mut child = std::process::Command::new("unshare")
+        .args(["--pid", "--fork", "sleep", "60"])
+        .spawn()
+        .expect("unshare");
+    // The forked `sleep` is the one in the new PID namespace.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut inner = None;
+    while inner.is_none() && Instant::now() < deadline {
+        inner = fs::read_to_string(format!("/proc/{}/task/{}/children", child.id(), child.id()))
+            .ok()
+            .and_then(|c| {
+                c.split_whitespace()
+                    .next()
+                    .and_then(|p| p.parse::<i32>().ok())
+            });
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let placement = HookPlacement {
+        cgroup: None,
+        namespaces: crate::host_namespaces::HookNamespaces::Host,
+        host_pid: inner.expect("the forked child of unshare"),
+    };
+    let err = placement
+        .runner("/tmp/kubeha-test-logs".into())
+        .unwrap_err()
+        .to_string();
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(err.contains("another PID namespace"), "{err}");
+    assert!(err.contains("hostPID"), "{err}");
+    assert!(err.contains("--hook-namespaces container"), "{err}");
+}
