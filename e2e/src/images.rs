@@ -133,6 +133,12 @@ fn tree_bytes(dir: &Path) -> u64 {
         .sum()
 }
 
+/// Cargo's target folder: `CARGO_TARGET_DIR` (relative to `root`) when set,
+/// else `root/target`.
+fn target_dir(root: &Path) -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| root.join("target"), |d| root.join(d))
+}
+
 /// Release-builds the binaries and builds every image of [`COMPONENTS`]
 /// into `out/kubeha-<component>.tar` (`oci-archive`). Needs root (buildah's
 /// chroot isolation); installs buildah, nftables and busybox-static with
@@ -186,7 +192,7 @@ pub fn build(root: &Path, out: &Path) -> anyhow::Result<Vec<Built>> {
             .arg(root.join("images/rootfs.sh"))
             .arg(&rootfs)
             .arg(component)
-            .arg(root.join("target/release"))
+            .arg(target_dir(root).join("release"))
             .current_dir(root))?;
         let reference = format!("{}:{tag}", repository(component));
         let dockerfile = root.join(format!("images/{component}.Dockerfile"));
