@@ -87,11 +87,43 @@ impl Lab {
         let started = Instant::now();
         for i in 1..=count {
             if !self.kubelet_running(i) {
+                // A node whose services died (or were killed with a run of
+                // ours) starts as after a reboot.
+                self.clear_node_state(i)?;
                 self.start_node_services(i, &bins, &images)?;
             }
         }
         self.wait_nodes_ready(count, started)?;
         Ok(())
+    }
+
+    /// Imports `target/images/*.tar` (as `cargo xtask images` writes them)
+    /// into the containerd of every kubelet node that runs, e.g. after the
+    /// images were built again; the archives imported.
+    pub fn import_built_images(&self) -> anyhow::Result<Vec<PathBuf>> {
+        let archives = self.built_images();
+        for i in (1..=nodes::MAX_NODES).filter(|i| self.kubelet_running(*i)) {
+            for archive in &archives {
+                self.import_image(i, archive)?;
+            }
+        }
+        Ok(archives)
+    }
+
+    /// The OCI archives under `target/images/` (or `$CARGO_TARGET_DIR/images`).
+    fn built_images(&self) -> Vec<PathBuf> {
+        let target = std::env::var_os("CARGO_TARGET_DIR")
+            .map(|t| self.root.join(t))
+            .unwrap_or_else(|| self.root.join("target"));
+        let mut built: Vec<PathBuf> = fs::read_dir(target.join("images"))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| p.extension().is_some_and(|e| e == "tar") && p.is_file())
+            .collect();
+        built.sort();
+        built
     }
 
     /// Node `i`'s folder of the kubelet lab: `.lab/nodes/node-i/k8s`.
@@ -228,17 +260,7 @@ impl Lab {
         )
         .context("writing the pause image's OCI archive")?;
         let mut archives = vec![archive];
-        let target = std::env::var_os("CARGO_TARGET_DIR")
-            .map(|t| self.root.join(t))
-            .unwrap_or_else(|| self.root.join("target"));
-        let mut built: Vec<PathBuf> = fs::read_dir(target.join("images"))
-            .into_iter()
-            .flatten()
-            .flatten()
-            .map(|e| e.path())
-            .filter(|p| p.extension().is_some_and(|e| e == "tar") && p.is_file())
-            .collect();
-        built.sort();
+        let built = self.built_images();
         archives.extend(built);
         Ok(archives)
     }
@@ -272,10 +294,7 @@ impl Lab {
             &HOST_IP.to_string(),
         ]))?;
         // Pods' traffic is routed through the node namespace.
-        run_ok(&mut nodes::exec_in(
-            &ns,
-            &["sysctl", "-qw", "net.ipv4.ip_forward=1"],
-        ))?;
+        enable_forwarding(&ns)?;
 
         let containerd = format!("{name}-containerd");
         let mut cmd = in_ns(&ns, "containerd");
@@ -573,14 +592,23 @@ conntrack:
     /// containerd), then containerd, the kubelet and kube-proxy start again
     /// with the images they had (containerd's root is the node's disk).
     pub(super) fn boot_node_services(&self, i: u8) -> anyhow::Result<()> {
+        self.clear_node_state(i)?;
+        let bins = NodeBinaries::ensure()?;
+        self.start_node_services(i, &bins, &[])
+    }
+
+    /// What a reboot of node `i` clears: its services and pods (killed if
+    /// any is left), the mounts under its folder, containerd's state (a
+    /// tmpfs on a real machine). Its disk (images, the kubelet's root
+    /// folder) stays.
+    fn clear_node_state(&self, i: u8) -> anyhow::Result<()> {
         self.kill_node_services(i);
         unmount_under(&self.k8s_dir(i));
         let state = self.k8s_dir(i).join("containerd/state");
         if state.exists() {
             fs::remove_dir_all(&state).with_context(|| format!("emptying {}", state.display()))?;
         }
-        let bins = NodeBinaries::ensure()?;
-        self.start_node_services(i, &bins, &[])
+        Ok(())
     }
 
     /// `down`'s part for the kubelet lab, before the segment goes: every
@@ -670,6 +698,19 @@ fn in_ns(ns: &str, program: &str) -> Command {
         .arg("--")
         .arg(program);
     cmd
+}
+
+/// `net.ipv4.ip_forward=1` in network namespace `ns` (written from a thread
+/// inside it: /proc/sys/net is the writer's namespace's).
+fn enable_forwarding(ns: &str) -> anyhow::Result<()> {
+    let ns = ns.to_owned();
+    std::thread::spawn(move || -> anyhow::Result<()> {
+        nodes::enter_ns(&ns)?;
+        fs::write("/proc/sys/net/ipv4/ip_forward", "1")
+            .with_context(|| format!("enabling IPv4 forwarding in {ns}"))
+    })
+    .join()
+    .map_err(|_| anyhow::anyhow!("the thread enabling IPv4 forwarding panicked"))?
 }
 
 /// Runs `cmd`; fails with its output unless it succeeds.

@@ -427,6 +427,20 @@ impl Lab {
             );
         }
         let _ = writeln!(s, "agents: {}", none_if_empty(&agents));
+        let kubelets: Vec<String> = (1..=nodes::MAX_NODES)
+            .filter(|i| self.has_kubelet(*i))
+            .map(|i| {
+                let state = if self.kubelet_running(i) {
+                    "running"
+                } else {
+                    "not running"
+                };
+                format!("{} {state}", nodes::node_name(i))
+            })
+            .collect();
+        if !kubelets.is_empty() {
+            let _ = writeln!(s, "kubelets: {}", kubelets.join(", "));
+        }
         s
     }
 
