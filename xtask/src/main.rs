@@ -238,10 +238,6 @@ fn main() -> anyhow::Result<()> {
                 } => {
                     lab.up_with_kubelets(nodes)?;
                     println!("{}", lab.usage(nodes));
-                    println!(
-                        "kubelet nodes: kubectl get nodes -o wide; kubectl get pods -A -o wide \
-                         (no agent processes: helm install the chart to run them as pods)"
-                    );
                     Ok(())
                 }
                 LabCmd::Up { nodes, .. } => {

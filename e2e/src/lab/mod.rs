@@ -240,9 +240,7 @@ impl Lab {
                  kubectl get nodes -o wide\n\
                  ip netns exec {cl} ping -c1 {first}\n\
                  ip netns exec {cl} ping -6 -c1 2001:db8::b\n\
-                 ip netns exec {n1} env KUBECONFIG={nkc} kubectl auth can-i create leases -n {SYSTEM_NAMESPACE}\n\
-                 kubeha-agent runs in each node namespace (logs in {logs}, \
-                 node-local status in .lab/nodes/node-N/run/status.json)\n",
+                 ip netns exec {n1} env KUBECONFIG={nkc} kubectl auth can-i create leases -n {SYSTEM_NAMESPACE}\n",
                 br = nodes::BRIDGE,
                 first = nodes::node_ip(1)
                     .map(|ip| ip.to_string())
@@ -251,8 +249,27 @@ impl Lab {
                 cl = nodes::CLIENT_NS,
                 n1 = nodes::node_ns(1),
                 nkc = self.node_kubeconfig(1).display(),
-                logs = self.dir.join("logs").display(),
             );
+            let logs = self.dir.join("logs");
+            if self.has_kubelet(1) {
+                let _ = write!(
+                    s,
+                    "kubelet nodes: containerd, kubelet and kube-proxy in each node namespace \
+                     (logs in {logs}/node-N-*.log); no agent processes: install the chart to run \
+                     the agents as pods\n\
+                     kubectl get nodes -o wide; kubectl get pods -A -o wide\n\
+                     ctr --address {ctr} -n k8s.io images ls -q\n",
+                    logs = logs.display(),
+                    ctr = self.containerd_socket(1).display(),
+                );
+            } else {
+                let _ = writeln!(
+                    s,
+                    "kubeha-agent runs in each node namespace (logs in {}, \
+                     node-local status in .lab/nodes/node-N/run/status.json)",
+                    logs.display()
+                );
+            }
         }
         s.push_str("cargo xtask lab status; cargo xtask lab down");
         s
