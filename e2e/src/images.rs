@@ -243,12 +243,40 @@ pub fn build(root: &Path, out: &Path) -> anyhow::Result<Vec<Built>> {
 mod tests {
     use super::*;
 
+    fn root() -> &'static Path {
+        Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap()
+    }
+
     #[test]
     fn tag_is_the_charts_app_version() {
-        let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
-        let chart = std::fs::read_to_string(root.join("charts/kubeha/Chart.yaml")).unwrap();
-        let tag = tag(root).unwrap();
+        let chart = std::fs::read_to_string(root().join("charts/kubeha/Chart.yaml")).unwrap();
+        let tag = tag(root()).unwrap();
         assert!(chart.contains(&format!("appVersion: \"{tag}\"")), "{tag}");
         assert_eq!(repository("agent"), "kubeha/kubeha-agent");
+    }
+
+    /// The chart's default images are the ones built here: the same
+    /// repositories, and the tag left to the appVersion.
+    #[test]
+    fn the_charts_default_images_are_these() {
+        let values: serde_yaml::Value = serde_yaml::from_str(
+            &std::fs::read_to_string(root().join("charts/kubeha/values.yaml")).unwrap(),
+        )
+        .unwrap();
+        for component in COMPONENTS {
+            let image = &values[component]["image"];
+            assert_eq!(
+                image["repository"].as_str(),
+                Some(repository(component).as_str())
+            );
+            assert_eq!(image["tag"].as_str(), Some(""), "{component}");
+            assert_eq!(image["digest"].as_str(), Some(""), "{component}");
+            assert!(
+                root()
+                    .join(format!("images/{component}.Dockerfile"))
+                    .is_file()
+            );
+        }
+        assert_eq!(values["image"]["registry"].as_str(), Some(""));
     }
 }
