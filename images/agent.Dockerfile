@@ -1,4 +1,3 @@
-# syntax=docker/dockerfile:1
 # The kubeha-agent image. Build from the repository root:
 #
 #   docker build -f images/agent.Dockerfile -t kubeha/kubeha-agent:0.1.0 .

@@ -1,4 +1,3 @@
-# syntax=docker/dockerfile:1
 # The kubeha-operator image. Build from the repository root:
 #
 #   docker build -f images/operator.Dockerfile -t kubeha/kubeha-operator:0.1.0 .
@@ -8,7 +7,7 @@
 # Two stages. `build` compiles the binary in a Debian 12 Rust image and runs
 # images/rootfs.sh, which puts the binary and the shared libraries it loads
 # (glibc, libgcc_s) in /rootfs. The image is that directory on an empty base:
-# about 10 MB, no shell, no package manager.
+# about 17 MB (a 7 MB compressed layer), no shell, no package manager.
 #
 # `cargo xtask images` builds this same file without Docker and without
 # compiling in a container: it builds the binary on the host (a Debian 12
