@@ -13,31 +13,14 @@ use std::path::{Path, PathBuf};
 use std::process::Output;
 use std::time::{Duration, Instant};
 
-use kubeha_e2e::lab::{Lab, PAUSE_IMAGE, output_within};
+use kubeha_e2e::lab::{Lab, PAUSE_IMAGE, output_within, wait_for};
 use kubeha_e2e::nodes;
 
 const NODES: u8 = 2;
 const NS: &str = "kubelet-test";
 
-/// Retries `check` every half second until it gives `Some` or `limit` passes.
-fn wait_for<T>(what: &str, limit: Duration, mut check: impl FnMut() -> Option<T>) -> T {
-    let deadline = Instant::now() + limit;
-    loop {
-        if let Some(v) = check() {
-            return v;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "timed out after {limit:?}: {what}"
-        );
-        std::thread::sleep(Duration::from_millis(500));
-    }
-}
-
 fn json(lab: &Lab, args: &[&str]) -> serde_json::Value {
-    let mut all = args.to_vec();
-    all.extend(["-o", "json"]);
-    serde_json::from_str(&lab.kubectl_ok(&all).unwrap()).unwrap()
+    lab.kubectl_json(args).unwrap()
 }
 
 /// The DaemonSet's pods: (node name, phase, pod IP, UID).
@@ -87,12 +70,14 @@ fn processes_naming(marker: &str) -> Vec<String> {
         .collect()
 }
 
-/// Processes named `comm` running in network namespace `ns`.
-fn in_ns_named(ns: &str, comm: &str) -> Vec<i32> {
+/// The processes of pod `uid` (its sandbox and its container, both
+/// `/pause`) in network namespace `ns`: those in the pod's cgroup.
+fn pod_processes(ns: &str, uid: &str) -> Vec<i32> {
+    let cgroup = format!("pod{uid}");
     nodes::ns_pids(ns)
         .into_iter()
         .filter(|p| {
-            std::fs::read_to_string(format!("/proc/{p}/comm")).is_ok_and(|c| c.trim() == comm)
+            std::fs::read_to_string(format!("/proc/{p}/cgroup")).is_ok_and(|c| c.contains(&cgroup))
         })
         .collect()
 }
@@ -286,11 +271,11 @@ fn kubelet_nodes_run_pods_with_their_own_credentials_and_leave_nothing_behind() 
                 .then_some(pods)
         },
     );
-    for (i, (node, _, ip, _)) in (1..=NODES).zip(&running) {
+    for (i, (node, _, ip, uid)) in (1..=NODES).zip(&running) {
         assert_eq!(node, &nodes::node_name(i));
         assert_eq!(ip, &nodes::node_ip(i).unwrap().to_string(), "pod on {node}");
         assert_eq!(
-            in_ns_named(&nodes::node_ns(i), "pause").len(),
+            pod_processes(&nodes::node_ns(i), uid).len(),
             2,
             "the sandbox and the container run /pause in {}",
             nodes::node_ns(i)
@@ -375,7 +360,7 @@ fn kubelet_nodes_run_pods_with_their_own_credentials_and_leave_nothing_behind() 
         nodes::ns_pids(&nodes::node_ns(2)).is_empty(),
         "processes left in node-2's namespace"
     );
-    assert_eq!(in_ns_named(&nodes::node_ns(1), "pause").len(), 2);
+    assert_eq!(pod_processes(&nodes::node_ns(1), &running[0].3).len(), 2);
     assert!(lab.kubelet_running(1) && !lab.kubelet_running(2));
 
     // Power-on: the node's services start with the boot, and the
@@ -385,7 +370,7 @@ fn kubelet_nodes_run_pods_with_their_own_credentials_and_leave_nothing_behind() 
     wait_for(
         "node-2's pause pod runs again",
         Duration::from_secs(90),
-        || (in_ns_named(&nodes::node_ns(2), "pause").len() == 2).then_some(()),
+        || (pod_processes(&nodes::node_ns(2), &running[1].3).len() == 2).then_some(()),
     );
     eprintln!(
         "node-2's pod ran again {:.1} s after power-on",

@@ -49,6 +49,14 @@ impl Lab {
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
 
+    /// [`Lab::kubectl_ok`] with `-o json` appended, parsed.
+    pub fn kubectl_json(&self, args: &[&str]) -> anyhow::Result<serde_json::Value> {
+        let mut all = args.to_vec();
+        all.extend(["-o", "json"]);
+        let text = self.kubectl_ok(&all)?;
+        serde_json::from_str(&text).with_context(|| format!("parsing kubectl {}", all.join(" ")))
+    }
+
     /// The `kubectl ha` plugin binary: `$KUBECTL_HA_BIN`, else
     /// `<profile>/kubectl-ha` (the lab's [`Profile`](super::Profile)) under
     /// the target folder.

@@ -71,7 +71,8 @@ impl Lab {
     /// starts kube-controller-manager and kube-scheduler, and on every node
     /// namespace containerd (with the pause image and `target/images/*.tar`
     /// imported), the kubelet and kube-proxy; returns once every node is
-    /// Ready. Idempotent: what runs is kept.
+    /// Ready. Idempotent: what runs is kept, and gets the images again
+    /// (rebuilt ones replace the old).
     pub fn up_with_kubelets(&self, count: u8) -> anyhow::Result<()> {
         if count == 0 {
             bail!("the kubelet lab needs at least one node");
@@ -86,7 +87,12 @@ impl Lab {
         let images = self.build_images()?;
         let started = Instant::now();
         for i in 1..=count {
-            if !self.kubelet_running(i) {
+            if self.kubelet_running(i) {
+                // Images built since the node started replace theirs.
+                for archive in &images {
+                    self.import_image(i, archive)?;
+                }
+            } else {
                 // A node whose services died (or were killed with a run of
                 // ours) starts as after a reboot.
                 self.clear_node_state(i)?;

@@ -523,6 +523,22 @@ pub fn output_within(cmd: &mut std::process::Command, limit: Duration) -> std::p
         })
 }
 
+/// Retries `check` every half second until it gives `Some`; panics naming
+/// `what` once `limit` has passed (for tests).
+pub fn wait_for<T>(what: &str, limit: Duration, mut check: impl FnMut() -> Option<T>) -> T {
+    let deadline = std::time::Instant::now() + limit;
+    loop {
+        if let Some(v) = check() {
+            return v;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out after {limit:?}: {what}"
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
+
 /// Installs Debian `packages` with `apt-get install -y` (after an
 /// `apt-get update` if the first try fails); `purpose` names who needs them
 /// in the messages.

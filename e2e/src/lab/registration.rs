@@ -156,6 +156,24 @@ impl Lab {
             "-f",
             s(&rbac),
         ])?;
+        // Owned as the release `kubeha` would own them, so that `helm
+        // install kubeha charts/kubeha -n kubeha-system` (the kubelet lab's
+        // way to run the agents as pods) adopts them instead of refusing.
+        self.kubectl_ok(&[
+            "annotate",
+            "--overwrite",
+            "-f",
+            s(&rbac),
+            "meta.helm.sh/release-name=kubeha",
+            &format!("meta.helm.sh/release-namespace={SYSTEM_NAMESPACE}"),
+        ])?;
+        self.kubectl_ok(&[
+            "label",
+            "--overwrite",
+            "-f",
+            s(&rbac),
+            "app.kubernetes.io/managed-by=Helm",
+        ])?;
         for i in 1..=count {
             let node_dir = self.node_dir(i);
             for sub in ["hooks", "logs", "run"] {
