@@ -51,6 +51,9 @@ pub struct Probed {
     pub windows: Vec<TwoMacs>,
     /// The longest time between two rounds of requests.
     pub max_gap: Duration,
+    /// Per VIP: the longest time between two replies heard for it (from any
+    /// MAC), counted from its first reply: the longest outage a client saw.
+    pub longest_silence: BTreeMap<Ipv4Addr, Duration>,
     /// Per VIP and answering MAC: the wall-clock times of the first and the
     /// last reply heard.
     pub answers: BTreeMap<(Ipv4Addr, String), (jiff::Timestamp, jiff::Timestamp)>,
@@ -131,6 +134,10 @@ impl ArpProbe {
                                 continue;
                             };
                             seen.replies += 1;
+                            if let Some((_, when)) = last.get(&vip) {
+                                let silence = seen.longest_silence.entry(vip).or_default();
+                                *silence = (*silence).max(at.saturating_sub(*when));
+                            }
                             let now = jiff::Timestamp::now();
                             seen.answers
                                 .entry((vip, garp::mac_string(from)))

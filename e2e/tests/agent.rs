@@ -396,21 +396,6 @@ fn a_partitioned_active_node_drops_its_vip_before_the_lease_ends_and_logs_the_fe
 }
 
 /// Whether process `pid` lives (exists and is not a zombie).
-fn alive(pid: i32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .ok()
-        .and_then(|stat| {
-            // pid (comm) STATE ...: the state follows the last ')'.
-            let state = stat
-                .rsplit_once(')')?
-                .1
-                .split_whitespace()
-                .next()?
-                .to_owned();
-            Some(state != "Z")
-        })
-        .unwrap_or(false)
-}
 
 #[test]
 fn a_fence_stops_the_daemon_a_hook_started_in_a_session_of_its_own() {
@@ -453,7 +438,7 @@ echo leaving the daemon running
         pid.is_some()
     });
     let pid = pid.expect("the enter hook wrote no pid");
-    assert!(alive(pid), "the daemon (pid {pid}) never ran");
+    assert!(nodes::is_alive(pid), "the daemon (pid {pid}) never ran");
     // Issue 13: the hook ran in the host's mount, UTS and IPC namespaces
     // (the lab's anchor stands for the host's init), not the agent's (`ip
     // netns exec` gave the agent a mount namespace of its own), so the
@@ -489,7 +474,7 @@ echo leaving the daemon running
     );
 
     lab.partition(3).unwrap();
-    let gone = ha::wait_until(Duration::from_secs(10), || !alive(pid));
+    let gone = ha::wait_until(Duration::from_secs(10), || !nodes::is_alive(pid));
     lab.heal(3).unwrap();
     if gone.is_none() {
         let _ = nix::sys::signal::kill(
@@ -940,16 +925,12 @@ fn a_hanging_hook_is_killed_with_its_children_and_an_unsafe_one_is_refused() {
     let entry = ha::node_entry(&lab, name, 1);
     assert!(entry["hooks"].to_string().contains("TimedOut"), "{entry}");
     // Killed (a zombie waiting for its reaper counts as dead).
-    let alive = |pid: &str| {
-        std::fs::read_to_string(format!("/proc/{}/status", pid.trim()))
-            .map(|s| {
-                !s.lines()
-                    .any(|l| l.starts_with("State:") && l.contains('Z'))
-            })
-            .unwrap_or(false)
-    };
     for pid in std::fs::read_to_string(&pids).unwrap().lines() {
-        assert!(!alive(pid), "process {pid} of the timed-out hook survived");
+        let pid: i32 = pid.trim().parse().expect("a pid per line");
+        assert!(
+            !nodes::is_alive(pid),
+            "process {pid} of the timed-out hook survived"
+        );
     }
     assert!(!ha::vip_on_node(1, vip), "a failed enter keeps no VIP");
 

@@ -141,6 +141,20 @@ impl HostNamespaces {
             .collect()
     }
 
+    /// Where the agent sees the host's file `path`: through the host
+    /// process's root (`/proc/<pid>/root/...`) when the mount namespaces
+    /// differ, else `path` itself.
+    pub fn host_path(&self, path: &Path) -> std::path::PathBuf {
+        if self.rest.iter().any(|(f, _)| *f == CloneFlags::CLONE_NEWNS) {
+            Path::new("/proc")
+                .join(self.pid.to_string())
+                .join("root")
+                .join(path.strip_prefix("/").unwrap_or(path))
+        } else {
+            path.to_owned()
+        }
+    }
+
     /// Enters the host's cgroup namespace. For a child between fork and
     /// exec: one setns(2), no allocation.
     pub fn enter_cgroup(&self) -> io::Result<()> {

@@ -30,7 +30,7 @@ pub use prerequisites::{
     check_lab_prerequisites, check_prerequisites, find_on_path, missing_lab_prerequisites,
     missing_prerequisites,
 };
-pub use processes::{is_dead, ns_pids, pid_in_ns, signal_pids, stop_pids, wait_dead};
+pub use processes::{is_alive, is_dead, ns_pids, pid_in_ns, signal_pids, stop_pids, wait_dead};
 pub use segment::{
     Segment, Teardown, ensure_bridge, lab_links, lab_namespaces, link_exists, set_link,
 };

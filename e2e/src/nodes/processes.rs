@@ -49,6 +49,11 @@ pub fn is_dead(pid: i32) -> bool {
         .unwrap_or(true)
 }
 
+/// Whether `pid` runs (exists and is not a zombie).
+pub fn is_alive(pid: i32) -> bool {
+    !is_dead(pid)
+}
+
 /// Sends `signal` to each of `pids`, ignoring those already gone.
 pub fn signal_pids(pids: &[i32], signal: nix::sys::signal::Signal) {
     for pid in pids {

@@ -18,6 +18,11 @@ use super::{Shared, Slot, Target, fenced_flag};
 use crate::statefile::{self};
 use crate::transitions::{TransitionCluster, TransitionService};
 
+/// How long the reset hook may run before its process group is killed:
+/// the long timeout the classic failover scripts give a stop (a reset that
+/// reboots the node never gets there).
+const RESET_HOOK_TIMEOUT: Duration = Duration::from_secs(60);
+
 /// After a successful renew: clear the fence mark and extend the lifetimes
 /// of the VIPs held for that cluster.
 pub(super) async fn on_renewed(shared: &Arc<Shared>, cluster: &str) {
@@ -146,10 +151,16 @@ pub(super) async fn fence_if_cut_off(
             && cluster.spec.fence.action == kubeha_crds::cluster::FenceAction::ResetHook
         {
             tracing::error!(%reset, "running the reset hook");
-            let _ = tokio::process::Command::new(reset)
-                .arg("fence")
-                .status()
+            let ended = shared
+                .node
+                .runner
+                .run_reset(
+                    std::path::Path::new(reset),
+                    &shared.config.log_dir.join("reset-hook.log"),
+                    RESET_HOOK_TIMEOUT,
+                )
                 .await;
+            tracing::error!(%reset, ended, "reset hook done");
         }
         tracing::error!(cluster = %name, killed, "fenced");
     }

@@ -3,9 +3,10 @@
 //! hooks started.
 
 use std::collections::BTreeMap;
+use std::ffi::CString;
 use std::io::{self, Write};
 use std::os::unix::process::ExitStatusExt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{ExitStatus, Stdio};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -199,6 +200,92 @@ impl HookRunner {
         killed
     }
 
+    /// Makes `cmd` run where hooks run: between fork and exec it enters the
+    /// host's cgroup namespace, joins the cgroup whose `cgroup.procs` is
+    /// `procs`, then enters the host's other namespaces (each step only
+    /// when configured). A step that fails fails the spawn.
+    fn place(&self, cmd: &mut Command, procs: Option<CString>) {
+        let host = self.host.clone();
+        if procs.is_none() && host.is_none() {
+            return;
+        }
+        let root = c"/".to_owned();
+        #[allow(unsafe_code)]
+        // SAFETY: the closure runs in the child between fork and exec and
+        // makes only async-signal-safe calls (setns, open, write, close,
+        // chdir) on values allocated before the fork; it allocates nothing
+        // and takes no lock.
+        unsafe {
+            cmd.pre_exec(move || {
+                if let Some(host) = &host {
+                    host.enter_cgroup()?;
+                }
+                if let Some(procs) = &procs {
+                    crate::cgroup::join(procs)?;
+                }
+                if let Some(host) = &host {
+                    host.enter_rest(&root)?;
+                }
+                Ok(())
+            });
+        }
+    }
+
+    /// The fence's reset hook (`fence.resetHook`, action `ResetHook`):
+    /// `path fence`, checked like every hook script ([`check_script`], on
+    /// the host's file), in
+    /// the host's namespaces like every hook (outside the hook cgroup, which
+    /// the fence has just emptied), with only `PATH` in its environment,
+    /// its output appended to `log`, and killed with its process group past
+    /// `timeout`. Returns how it ended, in words, for the fence log.
+    pub async fn run_reset(&self, path: &Path, log: &Path, timeout: Duration) -> String {
+        // The script is the host's file: checked where the agent sees it.
+        let seen = self
+            .host
+            .as_ref()
+            .map_or_else(|| path.to_owned(), |h| h.host_path(path));
+        if let Err(e) = check_script(&seen) {
+            return format!("refused, not run: {e}");
+        }
+        let out = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log);
+        let (stdout, stderr) = match out.as_ref().map(|f| (f.try_clone(), f.try_clone())) {
+            Ok((Ok(a), Ok(b))) => (Stdio::from(a), Stdio::from(b)),
+            _ => (Stdio::null(), Stdio::null()),
+        };
+        let mut cmd = Command::new(path);
+        cmd.arg("fence")
+            .env_clear()
+            .env("PATH", super::HOOK_PATH)
+            .current_dir("/")
+            .stdin(Stdio::null())
+            .stdout(stdout)
+            .stderr(stderr)
+            .process_group(0)
+            .kill_on_drop(true);
+        self.place(&mut cmd, None);
+        let mut child = match cmd.spawn() {
+            Ok(c) => c,
+            Err(e) => return format!("could not start: {e}"),
+        };
+        match tokio::time::timeout(timeout, child.wait()).await {
+            Ok(Ok(status)) => format!("ended: {status}"),
+            Ok(Err(e)) => format!("cannot collect its exit status: {e}"),
+            Err(_) => {
+                if let Some(pid) = child.id().and_then(|p| i32::try_from(p).ok()) {
+                    let _ = killpg(Pid::from_raw(pid), Signal::SIGKILL);
+                }
+                let _ = child.wait().await;
+                format!(
+                    "timed out after {} ms; its process group was killed",
+                    timeout.as_millis()
+                )
+            }
+        }
+    }
+
     /// Runs the action's scripts of a hook set in order, each with `timeout`.
     ///
     /// Enter and monitor stop at the first result that is not a success (the
@@ -333,29 +420,7 @@ impl HookRunner {
                 None
             }
         });
-        let host = self.host.clone();
-        if procs.is_some() || host.is_some() {
-            let root = c"/".to_owned();
-            #[allow(unsafe_code)]
-            // SAFETY: the closure runs in the child between fork and exec and
-            // makes only async-signal-safe calls (setns, open, write, close,
-            // chdir) on values allocated before the fork; it allocates
-            // nothing and takes no lock.
-            unsafe {
-                cmd.pre_exec(move || {
-                    if let Some(host) = &host {
-                        host.enter_cgroup()?;
-                    }
-                    if let Some(procs) = &procs {
-                        crate::cgroup::join(procs)?;
-                    }
-                    if let Some(host) = &host {
-                        host.enter_rest(&root)?;
-                    }
-                    Ok(())
-                });
-            }
-        }
+        self.place(&mut cmd, procs);
 
         // Spawn and register under the lock, so kill_all either sees this
         // group or has already fenced (and then nothing is started).

@@ -999,3 +999,54 @@ fn host_mode_without_the_host_pid_namespace_fails_naming_the_fix() {
     assert!(err.contains("hostPID"), "{err}");
     assert!(err.contains("--hook-namespaces container"), "{err}");
 }
+
+#[tokio::test]
+async fn the_reset_hook_is_checked_runs_in_the_host_namespaces_with_a_clean_environment_and_a_timeout()
+ {
+    let host = FakeHost::start().expect("unshare starts a process in new namespaces; needs root");
+    let placement = HookPlacement {
+        cgroup: None,
+        namespaces: crate::host_namespaces::HookNamespaces::Host,
+        host_pid: host.pid(),
+    };
+    let logs = tempfile::tempdir().expect("tempdir");
+    let runner = placement.runner(logs.path().join("logs")).expect("runner");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let log = logs.path().join("reset-hook.log");
+    let reset = script(
+        dir.path(),
+        "reset",
+        "echo \"args=$* uts=$(readlink /proc/self/ns/uts) vars=$(env | grep -cv '^PWD=\\|^SHLVL=\\|^_=')\"",
+        0o755,
+    );
+    let ended = runner.run_reset(&reset, &log, Duration::from_secs(5)).await;
+    assert!(ended.contains("exit status: 0"), "{ended}");
+    let out = fs::read_to_string(&log).unwrap();
+    assert!(out.contains("args=fence "), "{out}");
+    assert!(out.contains(&format!("uts={}", host.ns("uts"))), "{out}");
+    // PATH only (the shell adds PWD, SHLVL and _ itself).
+    assert!(out.trim_end().ends_with("vars=1"), "{out}");
+
+    let unsafe_reset = script(
+        dir.path(),
+        "reset-writable",
+        "touch /tmp/kubeha-reset-ran",
+        0o777,
+    );
+    let ended = runner
+        .run_reset(&unsafe_reset, &log, Duration::from_secs(5))
+        .await;
+    assert!(ended.starts_with("refused, not run"), "{ended}");
+
+    let hanging = script(dir.path(), "reset-hangs", "sleep 600", 0o755);
+    let started = Instant::now();
+    let ended = runner
+        .run_reset(&hanging, &log, Duration::from_millis(300))
+        .await;
+    assert!(ended.contains("timed out after 300 ms"), "{ended}");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+}
