@@ -1010,6 +1010,47 @@ mod tests {
     }
 
     #[test]
+    fn a_node_gets_its_own_cgroup_root_pod_range_and_nftables_proxy() {
+        let root = tempfile::tempdir().unwrap();
+        let lab = Lab::new(root.path());
+        fs::create_dir_all(lab.k8s_dir(2).join("cni/net.d")).unwrap();
+        lab.write_node_configs(2).unwrap();
+        let dir = lab.k8s_dir(2);
+        let yaml = |file: &str| -> serde_yaml::Value {
+            serde_yaml::from_str(&fs::read_to_string(dir.join(file)).unwrap()).unwrap()
+        };
+        let kubelet = yaml("kubelet.yaml");
+        assert_eq!(kubelet["cgroupRoot"], "/kubeha-lab-node-2");
+        assert_eq!(kubelet["failCgroupV1"], false);
+        assert_eq!(kubelet["address"], "198.18.0.12");
+        assert_eq!(kubelet["authorization"]["mode"], "Webhook");
+        assert_eq!(kubelet["authentication"]["anonymous"]["enabled"], false);
+        let proxy = yaml("kube-proxy.yaml");
+        assert_eq!(proxy["mode"], "nftables");
+        assert_eq!(proxy["hostnameOverride"], "node-2");
+        let cni: serde_json::Value = serde_json::from_str(
+            &fs::read_to_string(dir.join("cni/net.d/10-kubeha-lab.conflist")).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(
+            cni["plugins"][0]["ipam"]["ranges"][0][0]["subnet"],
+            "10.244.2.0/24"
+        );
+        let containerd = fs::read_to_string(dir.join("containerd.toml")).unwrap();
+        for line in [
+            "restrict_oom_score_adj = true",
+            "netns_mounts_under_state_dir = true",
+            &format!("sandbox_image = \"{PAUSE_IMAGE}\""),
+            &format!("address = \"{}\"", lab.containerd_socket(2).display()),
+        ] {
+            assert!(containerd.contains(line), "containerd.toml has {line}");
+        }
+        // Every path a node process names lies in its own folder, which is
+        // how `down` finds its processes after a killed run.
+        assert!(lab.containerd_socket(2).starts_with(&dir));
+    }
+
+    #[test]
     fn mountinfo_escapes_are_undone() {
         assert_eq!(unescape_mountinfo(r"/a\040b/c"), "/a b/c");
         assert_eq!(unescape_mountinfo(r"/plain"), "/plain");
