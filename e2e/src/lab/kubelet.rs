@@ -702,8 +702,17 @@ fn in_ns(ns: &str, program: &str) -> Command {
     let mut cmd = Command::new("nsenter");
     cmd.arg(format!("--net=/run/netns/{ns}"))
         .arg("--")
-        .arg(program);
+        .arg(program)
+        .env("PATH", sbin_path());
     cmd
+}
+
+/// `$PATH` with /usr/sbin and /sbin, where runc, iptables, conntrack and
+/// nft live and which a non-login root shell may lack.
+fn sbin_path() -> std::ffi::OsString {
+    let mut path = std::env::var_os("PATH").unwrap_or_default();
+    path.push(":/usr/sbin:/sbin");
+    path
 }
 
 /// `net.ipv4.ip_forward=1` in network namespace `ns` (written from a thread
@@ -742,10 +751,10 @@ fn run_ok(cmd: &mut Command) -> anyhow::Result<()> {
 /// packages, `apt-get install -y`, after an `apt-get update` if the first
 /// try fails).
 fn ensure_packages() -> anyhow::Result<()> {
-    let path = std::env::var_os("PATH");
+    let path = sbin_path();
     let mut missing: Vec<&str> = PACKAGES
         .iter()
-        .filter(|(cmd, _)| nodes::find_on_path(cmd, path.as_deref()).is_none())
+        .filter(|(cmd, _)| nodes::find_on_path(cmd, Some(&path)).is_none())
         .map(|(_, package)| *package)
         .collect();
     if !Path::new(CNI_BIN_DIR).join("bridge").is_file() {
