@@ -643,7 +643,11 @@ conntrack:
     pub(super) fn remove_kubelet_leftovers(&self) -> (usize, usize) {
         let mounts = unmount_under(&self.dir);
         let cgroups = remove_node_cgroups(CGROUP_PREFIX);
-        self.remove_host_files();
+        // Only after a kubelet lab (every kubelet node has cgroups): the
+        // host's own containerd or kubelet, if any, is left alone otherwise.
+        if cgroups > 0 {
+            self.remove_host_files();
+        }
         (mounts, cgroups)
     }
 
