@@ -10,7 +10,7 @@
 //! One test: it owns the lab from start to teardown.
 
 use std::path::{Path, PathBuf};
-use std::process::Output;
+use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
 use kubeha_e2e::lab::{Lab, PAUSE_IMAGE, output_within, wait_for};
@@ -76,10 +76,49 @@ fn pod_processes(ns: &str, uid: &str) -> Vec<i32> {
     let cgroup = format!("pod{uid}");
     nodes::ns_pids(ns)
         .into_iter()
+        // A zombie (killed, not yet reaped by init) runs no more.
+        .filter(|p| !nodes::is_dead(*p))
         .filter(|p| {
             std::fs::read_to_string(format!("/proc/{p}/cgroup")).is_ok_and(|c| c.contains(&cgroup))
         })
         .collect()
+}
+
+/// The processes of pod `uid`, wherever they run.
+fn pod_processes_anywhere(uid: &str) -> Vec<i32> {
+    let cgroup = format!("pod{uid}");
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| e.file_name().to_string_lossy().parse::<i32>().ok())
+        // A zombie (killed, not yet reaped by init) runs no more.
+        .filter(|p| !nodes::is_dead(*p))
+        .filter(|p| {
+            std::fs::read_to_string(format!("/proc/{p}/cgroup")).is_ok_and(|c| c.contains(&cgroup))
+        })
+        .collect()
+}
+
+/// What in-cluster config does, from the network namespace of process
+/// `pid`: the pod's token and CA, through the `kubernetes` Service
+/// (10.96.0.1:443), which kube-proxy's rules lead to the API server.
+fn lists_pods_through_the_service(pid: i32, token: &str, ca: &Path) {
+    let answer = output_within(
+        Command::new("nsenter")
+            .arg(format!("--net=/proc/{pid}/ns/net"))
+            .args(["curl", "-sS", "--max-time", "5", "--cacert"])
+            .arg(ca)
+            .arg("-H")
+            .arg(format!("Authorization: Bearer {}", token.trim()))
+            .arg(format!("https://10.96.0.1:443/api/v1/namespaces/{NS}/pods")),
+        Duration::from_secs(10),
+    );
+    let body = String::from_utf8_lossy(&answer.stdout);
+    assert!(
+        answer.status.success() && body.contains("\"kind\": \"PodList\""),
+        "a pod's service account lists pods through 10.96.0.1:443 (pid {pid}): {body} {}",
+        String::from_utf8_lossy(&answer.stderr)
+    );
 }
 
 /// The cgroup folders named `kubeha-lab-node-*` in every hierarchy.
@@ -221,6 +260,20 @@ spec:
       - name: secret
         secret:
           secretName: mounted
+---
+apiVersion: v1
+kind: Pod
+metadata:
+  name: podnet
+  namespace: {NS}
+spec:
+  serviceAccountName: reader
+  nodeName: node-2
+  terminationGracePeriodSeconds: 1
+  containers:
+  - name: pause
+    image: {image}
+    imagePullPolicy: Never
 "#,
         image = PAUSE_IMAGE.trim_start_matches("docker.io/"),
     )
@@ -296,29 +349,28 @@ fn kubelet_nodes_run_pods_with_their_own_credentials_and_leave_nothing_behind() 
         String::from_utf8_lossy(&rules.stderr)
     );
     let (token, ca) = pod_credentials(&lab, 1, &running[0].3);
-    let answer = output_within(
-        &mut nodes::exec_in(
-            &ns1,
-            &[
-                "curl",
-                "-sS",
-                "--max-time",
-                "5",
-                "--cacert",
-                ca.to_str().unwrap(),
-                "-H",
-                &format!("Authorization: Bearer {}", token.trim()),
-                &format!("https://10.96.0.1:443/api/v1/namespaces/{NS}/pods"),
-            ],
-        ),
-        Duration::from_secs(10),
-    );
-    let body = String::from_utf8_lossy(&answer.stdout);
+    let pid = pod_processes(&ns1, &running[0].3)[0];
+    lists_pods_through_the_service(pid, &token, &ca);
+
+    // A pod on the pod network (its own namespace on node-2's bridge, an
+    // address from node-2's range) reaches the API server the same way.
+    let pod = wait_for("the pod-network pod runs", Duration::from_secs(60), || {
+        let pod = json(&lab, &["get", "pod", "podnet", "-n", NS]);
+        (pod["status"]["phase"] == "Running").then_some(pod)
+    });
+    let ip = pod["status"]["podIP"].as_str().unwrap();
+    assert!(ip.starts_with("10.244.2."), "podnet's address {ip}");
+    let uid = pod["metadata"]["uid"].as_str().unwrap();
+    let (token, ca) = pod_credentials(&lab, 2, uid);
+    let pid = pod_processes_anywhere(uid)
+        .into_iter()
+        .next()
+        .expect("podnet's processes");
     assert!(
-        answer.status.success() && body.contains("\"kind\": \"PodList\""),
-        "the pod's service account lists pods through 10.96.0.1:443: {body} {}",
-        String::from_utf8_lossy(&answer.stderr)
+        !nodes::pid_in_ns(pid, &nodes::node_ns(2)),
+        "podnet has a network namespace of its own"
     );
+    lists_pods_through_the_service(pid, &token, &ca);
 
     // The Node authorizer: node-1's kubelet reads the Secret its pod
     // mounts, not one no pod of it uses; NodeRestriction: it cannot
@@ -356,6 +408,11 @@ fn kubelet_nodes_run_pods_with_their_own_credentials_and_leave_nothing_behind() 
     assert!(killed >= 5, "power_off killed {killed} process(es)");
     let left = processes_naming(node2.to_str().unwrap());
     assert!(left.is_empty(), "node-2's services still run: {left:?}");
+    let podnet_left = pod_processes_anywhere(uid);
+    assert!(
+        podnet_left.is_empty(),
+        "podnet (its own network namespace) still runs: {podnet_left:?}"
+    );
     assert!(
         nodes::ns_pids(&nodes::node_ns(2)).is_empty(),
         "processes left in node-2's namespace"
@@ -398,6 +455,7 @@ fn kubelet_nodes_run_pods_with_their_own_credentials_and_leave_nothing_behind() 
         .unwrap()
         .flatten()
         .filter_map(|e| e.file_name().to_string_lossy().parse::<i32>().ok())
+        .filter(|p| !nodes::is_dead(*p))
         .filter(|p| {
             std::fs::read_to_string(format!("/proc/{p}/comm")).is_ok_and(|c| c.trim() == "pause")
         })
