@@ -73,14 +73,9 @@ fn processes_naming(marker: &str) -> Vec<String> {
 /// The processes of pod `uid` (its sandbox and its container, both
 /// `/pause`) in network namespace `ns`: those in the pod's cgroup.
 fn pod_processes(ns: &str, uid: &str) -> Vec<i32> {
-    let cgroup = format!("pod{uid}");
-    nodes::ns_pids(ns)
+    pod_processes_anywhere(uid)
         .into_iter()
-        // A zombie (killed, not yet reaped by init) runs no more.
-        .filter(|p| !nodes::is_dead(*p))
-        .filter(|p| {
-            std::fs::read_to_string(format!("/proc/{p}/cgroup")).is_ok_and(|c| c.contains(&cgroup))
-        })
+        .filter(|p| nodes::pid_in_ns(*p, ns))
         .collect()
 }
 
