@@ -102,8 +102,13 @@ pub async fn run(cli: Cli) -> Result<()> {
     tokio::spawn(crate::gaps::run(ctx.clone()));
     {
         let (addr, m, ready) = (cli.metrics_addr, metrics.clone(), ctx.ready.clone());
+        let services = stores.services.clone();
         tokio::spawn(async move {
-            let probes = metrics::Probes { metrics: m, ready };
+            let probes = metrics::Probes {
+                metrics: m,
+                services,
+                ready,
+            };
             if let Err(e) = kubeha_runtime::http::serve(addr, probes).await {
                 tracing::error!(error = %e, "metrics endpoint failed");
             }

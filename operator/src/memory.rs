@@ -42,10 +42,10 @@ struct Written {
     reason: String,
 }
 
-/// A failover completed: the new master reported Running.
+/// A placement completed: the new master reported Running.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Completed {
-    /// Placement's reason for the move (`Failover`, `Failback`, `Initial`).
+    /// Why the master was written (`Initial`, `Failover`, `Failback`, `Move`).
     pub reason: String,
     /// From the Lease write to the Running report.
     pub duration: Duration,

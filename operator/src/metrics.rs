@@ -12,6 +12,9 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 
+use kube::runtime::reflector::Store;
+use kubeha_crds::HAService;
+use kubeha_crds::service::Phase;
 use kubeha_runtime::http::{RegistryBuilder, SharedRegistry};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -30,21 +33,55 @@ struct ControllerLabels {
     controller: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PhaseLabels {
+    phase: &'static str,
+}
+
+/// Every phase, each exported (0 when no service is in it), so that an
+/// alert on a phase has a series to compare.
+const PHASES: [Phase; 6] = [
+    Phase::Pending,
+    Phase::Starting,
+    Phase::Active,
+    Phase::Stopping,
+    Phase::Errored,
+    Phase::Suspended,
+];
+
+fn phase_name(phase: Phase) -> &'static str {
+    match phase {
+        Phase::Pending => "Pending",
+        Phase::Starting => "Starting",
+        Phase::Active => "Active",
+        Phase::Stopping => "Stopping",
+        Phase::Errored => "Errored",
+        Phase::Suspended => "Suspended",
+    }
+}
+
+/// The reasons of a new master in the service Lease: placement's
+/// (`Initial`, `Failover`, `Failback`), or `Move` when the new master is
+/// the node an admin's `kubeha.io/move-to` asks for.
+pub const MOVE: &str = "Move";
+
 type Histograms<L> = Family<L, Histogram, fn() -> Histogram>;
 
 /// The operator's metrics; cheap to clone.
 #[derive(Clone)]
 pub struct Metrics {
     registry: SharedRegistry,
-    failovers: Family<ReasonLabels, Counter>,
-    failover_duration: Histograms<ReasonLabels>,
+    placements: Family<ReasonLabels, Counter>,
+    failovers: Counter,
+    placement_duration: Histograms<ReasonLabels>,
+    services: Family<PhaseLabels, Gauge>,
     reconciles: Family<ReconcileLabels, Counter>,
     reconcile_duration: Histograms<ControllerLabels>,
     leader: Gauge,
     lease_writes: Counter,
 }
 
-fn failover_histogram() -> Histogram {
+fn placement_histogram() -> Histogram {
     // 50 ms .. ~7 min
     Histogram::new(exponential_buckets(0.05, 2.0, 14))
 }
@@ -58,24 +95,45 @@ impl Default for Metrics {
     fn default() -> Self {
         let m = Self {
             registry: Default::default(),
+            placements: Default::default(),
             failovers: Default::default(),
-            failover_duration: Family::new_with_constructor(failover_histogram),
+            placement_duration: Family::new_with_constructor(placement_histogram),
+            services: Default::default(),
             reconciles: Default::default(),
             reconcile_duration: Family::new_with_constructor(reconcile_histogram),
             leader: Default::default(),
             lease_writes: Default::default(),
         };
         let registry = RegistryBuilder::new("kubeha_operator")
+            .info(
+                "build",
+                "The operator's version",
+                &[("version", env!("CARGO_PKG_VERSION"))],
+            )
+            .metric(
+                "placements",
+                "New masters written into service Leases, by reason: Initial (the \
+                 service had none), Failover (its master was no longer eligible), \
+                 Failback (a better node came back), Move (kubeha.io/move-to)",
+                &m.placements,
+            )
             .metric(
                 "failovers",
-                "Masters assigned, by placement reason (Initial, Failover, Failback)",
+                "Failovers: new masters written because the old one was no longer \
+                 eligible (the same as placements_total{reason=\"Failover\"})",
                 &m.failovers,
             )
             .metric(
-                "failover_duration_seconds",
+                "placement_duration_seconds",
                 "From writing a new master into the service Lease to its status entry \
-                 reporting Running",
-                &m.failover_duration,
+                 reporting Running, by placement reason",
+                &m.placement_duration,
+            )
+            .metric(
+                "services",
+                "HAServices by phase, as this replica's cache has them (no phase yet \
+                 counts as Pending)",
+                &m.services,
             )
             .metric(
                 "reconciles",
@@ -103,18 +161,22 @@ impl Default for Metrics {
 }
 
 impl Metrics {
-    /// Counts a new master by placement reason.
-    pub fn failover(&self, reason: &str) {
-        self.failovers
+    /// Counts a new master by reason (placement's, or [`MOVE`]); a
+    /// `Failover` also counts as a failover.
+    pub fn placed(&self, reason: &str) {
+        self.placements
             .get_or_create(&ReasonLabels {
                 reason: reason.to_owned(),
             })
             .inc();
+        if reason == "Failover" {
+            self.failovers.inc();
+        }
     }
 
     /// Records the time from the Lease write to the new master running.
-    pub fn failover_completed(&self, reason: &str, took: Duration) {
-        self.failover_duration
+    pub fn placement_completed(&self, reason: &str, took: Duration) {
+        self.placement_duration
             .get_or_create(&ReasonLabels {
                 reason: reason.to_owned(),
             })
@@ -146,8 +208,34 @@ impl Metrics {
         self.lease_writes.inc();
     }
 
-    /// The text exposition.
-    pub fn encode(&self) -> String {
+    /// Sets the services-by-phase gauge from the phases of every service
+    /// (`None`: no phase yet, counted as Pending).
+    pub fn set_phases(&self, phases: impl IntoIterator<Item = Option<Phase>>) {
+        let mut counts = [0i64; PHASES.len()];
+        for phase in phases {
+            let phase = phase.unwrap_or(Phase::Pending);
+            if let Some(i) = PHASES.iter().position(|p| *p == phase) {
+                counts[i] += 1;
+            }
+        }
+        for (phase, n) in PHASES.iter().zip(counts) {
+            self.services
+                .get_or_create(&PhaseLabels {
+                    phase: phase_name(*phase),
+                })
+                .set(n);
+        }
+    }
+
+    /// The text exposition, with the services by phase counted from
+    /// `services` (the watch cache) now.
+    pub fn encode(&self, services: &Store<HAService>) -> String {
+        self.set_phases(
+            services
+                .state()
+                .iter()
+                .map(|s| s.status.as_ref().and_then(|st| st.phase)),
+        );
         self.registry.encode()
     }
 }
@@ -158,13 +246,15 @@ impl Metrics {
 pub struct Probes {
     /// The metrics `/metrics` encodes.
     pub metrics: Metrics,
+    /// The services watched, counted by phase on every scrape.
+    pub services: Store<HAService>,
     /// Set once every watch has listed.
     pub ready: Arc<AtomicBool>,
 }
 
 impl kubeha_runtime::http::Probes for Probes {
     fn metrics(&self) -> String {
-        self.metrics.encode()
+        self.metrics.encode(&self.services)
     }
 
     fn health(&self) -> Result<(), String> {
@@ -187,19 +277,96 @@ mod tests {
     #[test]
     fn exposition_names_every_metric() {
         let m = Metrics::default();
-        m.failover("Failover");
-        m.failover_completed("Failover", Duration::from_millis(800));
+        m.placed("Initial");
+        m.placed("Failover");
+        m.placed(MOVE);
+        m.placement_completed("Failover", Duration::from_millis(800));
         m.reconciled("haservice", true, Duration::from_millis(2));
         m.set_leader(true);
         m.lease_written();
-        let text = m.encode();
+        let text = m.encode(&empty_store());
         for line in [
-            "kubeha_operator_failovers_total{reason=\"Failover\"} 1",
-            "kubeha_operator_failover_duration_seconds_count{reason=\"Failover\"} 1",
+            "kubeha_operator_placements_total{reason=\"Initial\"} 1",
+            "kubeha_operator_placements_total{reason=\"Failover\"} 1",
+            "kubeha_operator_placements_total{reason=\"Move\"} 1",
+            "kubeha_operator_failovers_total 1\n",
+            "kubeha_operator_placement_duration_seconds_count{reason=\"Failover\"} 1",
             "kubeha_operator_reconciles_total{controller=\"haservice\",result=\"ok\"} 1",
             "kubeha_operator_reconcile_duration_seconds_count{controller=\"haservice\"} 1",
             "kubeha_operator_leader 1",
             "kubeha_operator_service_lease_writes_total 1",
+        ] {
+            assert!(text.contains(line), "missing {line} in\n{text}");
+        }
+        let build = format!(
+            "# TYPE kubeha_operator_build info\nkubeha_operator_build_info{{version=\"{}\"}} 1\n",
+            env!("CARGO_PKG_VERSION")
+        );
+        assert!(text.contains(&build), "missing {build} in\n{text}");
+        assert!(!text.contains("failover_duration"), "{text}");
+    }
+
+    fn empty_store() -> Store<HAService> {
+        kube::runtime::reflector::store::Writer::default().as_reader()
+    }
+
+    fn service(name: &str, phase: Option<Phase>) -> HAService {
+        let mut svc: HAService = serde_json::from_value(serde_json::json!({
+            "apiVersion": "kubeha.io/v1alpha1",
+            "kind": "HAService",
+            "metadata": {"name": name, "namespace": "ns"},
+            "spec": {
+                "clusterRef": "c",
+                "vips": [{"address": "198.18.0.100/24"}],
+                "hooks": {"source": {"hostPath": "svc"}},
+            },
+        }))
+        .unwrap();
+        svc.status = Some(kubeha_crds::service::HAServiceStatus {
+            phase,
+            ..Default::default()
+        });
+        svc
+    }
+
+    /// Every phase has its series, 0 included; each scrape counts the
+    /// cache as it is then, so a service deleted or moved on to another
+    /// phase is counted no more where it was.
+    #[test]
+    fn services_are_counted_by_phase_from_the_cache_on_every_scrape() {
+        use kube::runtime::watcher::Event;
+        let m = Metrics::default();
+        let mut writer = kube::runtime::reflector::store::Writer::<HAService>::default();
+        let store = writer.as_reader();
+        writer.apply_watcher_event(&Event::Init);
+        for (name, phase) in [
+            ("a", Some(Phase::Active)),
+            ("b", Some(Phase::Active)),
+            ("c", Some(Phase::Errored)),
+            ("d", None),
+        ] {
+            writer.apply_watcher_event(&Event::InitApply(service(name, phase)));
+        }
+        writer.apply_watcher_event(&Event::InitDone);
+        let text = m.encode(&store);
+        for line in [
+            "kubeha_operator_services{phase=\"Active\"} 2\n",
+            "kubeha_operator_services{phase=\"Errored\"} 1\n",
+            "kubeha_operator_services{phase=\"Pending\"} 1\n",
+            "kubeha_operator_services{phase=\"Starting\"} 0\n",
+            "kubeha_operator_services{phase=\"Stopping\"} 0\n",
+            "kubeha_operator_services{phase=\"Suspended\"} 0\n",
+        ] {
+            assert!(text.contains(line), "missing {line} in\n{text}");
+        }
+
+        writer.apply_watcher_event(&Event::Delete(service("c", Some(Phase::Errored))));
+        writer.apply_watcher_event(&Event::Apply(service("a", Some(Phase::Starting))));
+        let text = m.encode(&store);
+        for line in [
+            "kubeha_operator_services{phase=\"Active\"} 1\n",
+            "kubeha_operator_services{phase=\"Errored\"} 0\n",
+            "kubeha_operator_services{phase=\"Starting\"} 1\n",
         ] {
             assert!(text.contains(line), "missing {line} in\n{text}");
         }

@@ -1,4 +1,4 @@
-//! The HTTP endpoints of a binary: `/metrics` (Prometheus text), `/healthz`
+//! The HTTP endpoints of a binary: `/metrics` (OpenMetrics text), `/healthz`
 //! and `/readyz` (200 `ok`, or 503 with the reason), each answered by the
 //! binary's [`Probes`]; and the shared metrics registry they encode.
 
@@ -7,12 +7,20 @@ use std::sync::{Arc, Mutex};
 use axum::Router;
 use axum::extract::State;
 use axum::http::StatusCode;
+use axum::http::header::CONTENT_TYPE;
 use axum::routing::get;
+use prometheus_client::metrics::info::Info;
 use prometheus_client::registry::{Metric, Registry};
+
+/// The content type of `/metrics`: what the registry encodes is the
+/// OpenMetrics text format (`# EOF` at the end, `info` and `_total`), and
+/// Prometheus parses it as such only when told so.
+pub const OPENMETRICS_CONTENT_TYPE: &str =
+    "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
 /// What a binary answers on its HTTP port.
 pub trait Probes: Clone + Send + Sync + 'static {
-    /// The Prometheus text exposition for `/metrics`.
+    /// The OpenMetrics text exposition for `/metrics`.
     fn metrics(&self) -> String;
     /// `/healthz`: `Err(why)` answers 503 with `why` (the kubelet restarts
     /// a container that keeps failing it).
@@ -26,7 +34,9 @@ pub fn router<P: Probes>(probes: P) -> Router {
     Router::new()
         .route(
             "/metrics",
-            get(|State(p): State<P>| async move { p.metrics() }),
+            get(|State(p): State<P>| async move {
+                ([(CONTENT_TYPE, OPENMETRICS_CONTENT_TYPE)], p.metrics())
+            }),
         )
         .route(
             "/healthz",
@@ -101,6 +111,18 @@ impl RegistryBuilder {
         self
     }
 
+    /// Registers an OpenMetrics info metric `name` (after the prefix),
+    /// exposed as `<prefix>_<name>_info{labels} 1`: facts about the process
+    /// that do not change while it runs, such as its version.
+    pub fn info(mut self, name: &str, help: &str, labels: &[(&str, &str)]) -> Self {
+        let labels: Vec<(String, String)> = labels
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect();
+        self.0.register(name, help, Info::new(labels));
+        self
+    }
+
     /// The shared registry of every metric registered.
     pub fn build(self) -> SharedRegistry {
         SharedRegistry::new(self.0)
@@ -131,7 +153,7 @@ mod tests {
         }
     }
 
-    async fn get_text(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
+    async fn get_raw(addr: std::net::SocketAddr, path: &str) -> String {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
         s.write_all(format!("GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").as_bytes())
@@ -139,6 +161,11 @@ mod tests {
             .unwrap();
         let mut buf = String::new();
         s.read_to_string(&mut buf).await.unwrap();
+        buf
+    }
+
+    async fn get_text(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
+        let buf = get_raw(addr, path).await;
         let code = buf[9..12].parse().unwrap();
         let body = buf.split("\r\n\r\n").nth(1).unwrap_or_default().to_owned();
         (code, body)
@@ -151,6 +178,7 @@ mod tests {
         let fences = prometheus_client::metrics::counter::Counter::<u64>::default();
         let held = prometheus_client::metrics::gauge::Gauge::<i64>::default();
         let registry = RegistryBuilder::new("p")
+            .info("build", "Version", &[("version", "1.2.3")])
             .metric("fences", "Self-fences", &fences)
             .metric("held", "Held", &held)
             .build();
@@ -160,6 +188,11 @@ mod tests {
         assert!(text.contains("# HELP p_fences Self-fences.\n"), "{text}");
         assert!(text.contains("p_fences_total 1\n"), "{text}");
         assert!(text.contains("p_held 3\n"), "{text}");
+        assert!(
+            text.contains("# TYPE p_build info\np_build_info{version=\"1.2.3\"} 1\n"),
+            "{text}"
+        );
+        assert!(text.ends_with("# EOF\n"), "{text}");
     }
 
     /// The three routes answer over a real socket, 503 with the reason
@@ -172,6 +205,11 @@ mod tests {
         let app = router(flags.clone());
         tokio::spawn(async move { axum::serve(listener, app).await });
         assert_eq!(get_text(addr, "/metrics").await, (200, "m 1\n".to_owned()));
+        let head = get_raw(addr, "/metrics").await.to_ascii_lowercase();
+        assert!(
+            head.contains(&format!("content-type: {OPENMETRICS_CONTENT_TYPE}\r\n")),
+            "{head}"
+        );
         assert_eq!(get_text(addr, "/healthz").await, (200, "ok".to_owned()));
         assert_eq!(
             get_text(addr, "/readyz").await,

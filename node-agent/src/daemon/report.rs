@@ -186,7 +186,8 @@ pub(super) async fn report(
 /// Writes the status file when what it says changed since it was last
 /// written here ([`Shared::written`]). A record in a transition keeps what
 /// the file said of it (its intent, written by the transition under the
-/// same lock, which also forgets [`Shared::written`]).
+/// same lock, which also forgets [`Shared::written`]). Every pass, also
+/// what the metrics say of each service's role and fail count.
 pub(super) async fn write_status(shared: &Shared, slots: &BTreeMap<String, Slot>) {
     let mut status = NodeStatus {
         node: shared.config.node.clone(),
@@ -217,6 +218,14 @@ pub(super) async fn write_status(shared: &Shared, slots: &BTreeMap<String, Slot>
                 }
             }
         }
+        // The role and fail count of each service as the file says them; a
+        // service gone from this node loses its series.
+        for (key, record) in &status.services {
+            shared.metrics.service(key, record);
+        }
+        shared
+            .metrics
+            .retain_services(|key| slots.contains_key(key));
         let mut written = shared.written.lock().unwrap_or_else(|e| e.into_inner());
         if written.as_ref() == Some(&status) {
             return;

@@ -231,7 +231,7 @@ pub(super) fn spawn_adopt(
             shared.notify.notify_one();
             return;
         }
-        let ok = shared.node.adopt(&mut record, &view).await;
+        let ok = shared.node.adopt(&service.key, &mut record, &view).await;
         tracing::info!(
             epoch = record.epoch,
             ok,

@@ -23,10 +23,11 @@ impl<N: Netlink> LocalNode<N> {
             .collect()
     }
 
-    /// Adds (or re-adds, extending the lifetime) every VIP; returns the
-    /// interface used per VIP.
+    /// Adds (or re-adds, extending the lifetime) every VIP of `service`;
+    /// returns the interface used per VIP.
     pub(super) async fn add_vips(
         &self,
+        service: &str,
         vips: &[Vip],
         cluster: &TransitionCluster,
     ) -> Result<Vec<(String, Vip)>, EnterError> {
@@ -66,10 +67,12 @@ impl<N: Netlink> LocalNode<N> {
                 // extended.
                 for (_, v) in &placed {
                     self.held.release(v);
+                    self.metrics.vip_released(&v.to_string());
                 }
                 return Err(e);
             }
             self.held.hold(iface, v, &cluster.name);
+            self.metrics.vip_held(service, iface, v);
         }
         // The fence sets its flag before it deletes: a VIP added in the
         // meantime is caught here.
@@ -84,6 +87,7 @@ impl<N: Netlink> LocalNode<N> {
     /// succeeds; ordered after any extension in flight (see the gate).
     pub(super) async fn remove_vip(&self, iface: &str, v: &Vip) -> Result<(), vip::VipError> {
         self.held.release(v);
+        self.metrics.vip_released(&v.to_string());
         let _gate = self.held.gate.lock().await;
         self.netlink.del_vip(iface, v).await
     }
@@ -241,7 +245,6 @@ impl<N: Netlink> LocalNode<N> {
             };
             let _ = self.remove_vip(&iface, &v).await;
         }
-        self.metrics.set_vips_held(0);
     }
 
     /// Removes every VIP held for `cluster` at once, from the registry of

@@ -69,6 +69,7 @@ impl<N: Netlink> LocalNode<N> {
                 Ok(false) | Err(vip::VipError::PastLeaseEnd) => {
                     tracing::error!(vip = %addr, %iface, "a VIP expired before it was extended (missed renewals)");
                     self.held.expire(addr);
+                    self.metrics.vip_released(addr);
                 }
                 Err(e) => {
                     tracing::warn!(vip = %addr, %iface, error = %e, "extending a VIP lifetime failed")

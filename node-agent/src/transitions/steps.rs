@@ -102,7 +102,7 @@ impl<N: Netlink> LocalNode<N> {
         record.spec = svc.spec.clone();
         record.config_checksum = svc.checksum.clone();
         let vips = Self::vips(&svc.spec);
-        let placed = match self.add_vips(&vips, cluster).await {
+        let placed = match self.add_vips(&svc.key, &vips, cluster).await {
             Ok(p) => p,
             Err(EnterError::HeartbeatTooOld) => {
                 // Refused before any add: nothing started, and nothing
@@ -140,7 +140,6 @@ impl<N: Netlink> LocalNode<N> {
         record.interface = placed.first().map(|(i, _)| i.clone());
         record.vips = placed.iter().map(|(_, v)| v.to_string()).collect();
         record.role = Role::Master;
-        self.metrics.set_vips_held(placed.len());
         if let Some(route) = &svc.spec.default_route
             && let Ok(gw) = route.gateway.parse::<IpAddr>()
             && let Err(e) = self.netlink.add_default_route(gw).await
@@ -207,14 +206,13 @@ impl<N: Netlink> LocalNode<N> {
         // From here on the record names the new list: a leave (or a restart
         // that leaves first) removes every VIP the new spec names.
         record.spec.vips = svc.spec.vips.clone();
-        match self.add_vips(&new, cluster).await {
+        match self.add_vips(&svc.key, &new, cluster).await {
             Ok(placed) => {
                 self.garp(&placed, &svc.spec).await;
                 record.vips = wanted.iter().map(Vip::to_string).collect();
                 if record.interface.is_none() {
                     record.interface = placed.first().map(|(i, _)| i.clone());
                 }
-                self.metrics.set_vips_held(record.vips.len());
                 tracing::info!(
                     epoch = record.epoch,
                     removed = gone.len(),
@@ -263,7 +261,6 @@ impl<N: Netlink> LocalNode<N> {
         {
             let _ = self.netlink.del_default_route(gw).await;
         }
-        self.metrics.set_vips_held(0);
         record.vips.clear();
         let results = self
             .run_hooks(
@@ -299,13 +296,18 @@ impl<N: Netlink> LocalNode<N> {
     /// Re-adopts a service this node held before a restart and still holds:
     /// VIP lifetimes extended, one GARP burst, no enter hooks. When the VIPs
     /// cannot be held again, the master role is given up as a fence does.
-    pub async fn adopt(&self, record: &mut ServiceRecord, cluster: &TransitionCluster) -> bool {
+    /// `service` is the service's `namespace/name`.
+    pub async fn adopt(
+        &self,
+        service: &str,
+        record: &mut ServiceRecord,
+        cluster: &TransitionCluster,
+    ) -> bool {
         let vips = Self::vips(&record.spec);
-        match self.add_vips(&vips, cluster).await {
+        match self.add_vips(service, &vips, cluster).await {
             Ok(placed) => {
                 self.garp(&placed, &record.spec).await;
                 record.state = NodeServiceState::Running;
-                self.metrics.set_vips_held(placed.len());
                 self.metrics.transition("adopt");
                 true
             }

@@ -353,14 +353,14 @@ async fn a_failed_re_adoption_gives_the_role_up() {
     r.epoch = 6;
     r.spec.vips[0].address = "203.0.113.5/24".into();
     r.vips = vec!["203.0.113.5/24".into()];
-    assert!(!node.adopt(&mut r, cluster).await);
+    assert!(!node.adopt("ns/svc", &mut r, cluster).await);
     assert_eq!((r.role, r.state), (Role::None, NodeServiceState::Failed));
     assert_eq!((r.unclean_epoch, r.fenced), (Some(6), true));
 
     let mut ok = record(spec);
     ok.role = Role::Master;
     ok.state = NodeServiceState::Running;
-    assert!(node.adopt(&mut ok, cluster).await);
+    assert!(node.adopt("ns/svc", &mut ok, cluster).await);
     assert_eq!(
         (ok.role, ok.state),
         (Role::Master, NodeServiceState::Running)
@@ -459,4 +459,40 @@ async fn an_unclean_leave_keeps_the_record_from_moving_on() {
         (NodeServiceState::Failed, Some(5))
     );
     assert!(!r.observe_epoch(6));
+}
+
+/// The VIP's series follows the VIP: there once the enter added it, gone
+/// once the leave removed it, and gone when the kernel expired it before
+/// an extension.
+#[tokio::test]
+async fn the_vip_held_series_follows_enter_leave_and_expiry() {
+    let fx = fixture();
+    let (node, spec, svc, cluster) = (&fx.node, &fx.spec, &fx.svc, &fx.cluster);
+    let text = || {
+        node.metrics
+            .encode(&crate::heartbeat::Heartbeats::default())
+    };
+    let series = "kubeha_agent_vip_held{service=\"ns/svc\",address=\"198.18.0.100\",interface=";
+    let mut r = record(spec);
+    assert!(
+        node.step(Step::EnterMaster, &mut r, svc, cluster, master(2))
+            .await
+    );
+    assert!(text().contains(series), "{}", text());
+    assert!(text().contains("kubeha_agent_vips_held 1\n"), "{}", text());
+    assert!(
+        node.step(Step::LeaveMaster, &mut r, svc, cluster, Assignment::NONE)
+            .await
+    );
+    assert!(!text().contains(series), "{}", text());
+    assert!(text().contains("kubeha_agent_vips_held 0\n"), "{}", text());
+
+    assert!(
+        node.step(Step::EnterMaster, &mut r, svc, cluster, master(3))
+            .await
+    );
+    assert!(text().contains(series), "{}", text());
+    node.netlink.addrs.lock().unwrap().clear();
+    node.extend(cluster).await;
+    assert!(!text().contains(series), "an expired VIP kept its series");
 }

@@ -182,7 +182,8 @@ async fn apply(svc: &HAService, ctx: &Ctx, deleting: bool) -> Result<Action> {
                 if h.holder_changed
                     && let Some(holder) = &h.lease.holder
                 {
-                    ctx.metrics.failover(reason);
+                    let reason = placement_reason(svc, reason, holder);
+                    ctx.metrics.placed(reason);
                     ctx.with_service_memory(&key, |m| {
                         m.note_written(holder, h.lease.epoch, reason, now)
                     });
@@ -201,7 +202,7 @@ async fn apply(svc: &HAService, ctx: &Ctx, deleting: bool) -> Result<Action> {
     }
 
     if let Some(done) = &ev.seen.completed {
-        ctx.metrics.failover_completed(&done.reason, done.duration);
+        ctx.metrics.placement_completed(&done.reason, done.duration);
     }
     for t in &ev.seen.announcements {
         ctx.publish(&ev.reference, t.reason, t.warning, t.message.clone())
@@ -219,4 +220,60 @@ async fn apply(svc: &HAService, ctx: &Ctx, deleting: bool) -> Result<Action> {
         )));
     }
     Ok(requeue(&ev, Instant::now()))
+}
+
+/// The reason a new master `holder` was written for: placement's, except a
+/// `Failback` to the node the service's `kubeha.io/move-to` names, which an
+/// admin asked for ([`crate::metrics::MOVE`]).
+fn placement_reason<'a>(svc: &HAService, placement: &'a str, holder: &str) -> &'a str {
+    let asked = svc
+        .annotations()
+        .get(kubeha_crds::annotations::MOVE_TO)
+        .map(|n| n.trim());
+    if placement == "Failback" && asked == Some(holder) {
+        crate::metrics::MOVE
+    } else {
+        placement
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn svc(move_to: Option<&str>) -> HAService {
+        let mut svc: HAService = serde_json::from_value(serde_json::json!({
+            "apiVersion": "kubeha.io/v1alpha1",
+            "kind": "HAService",
+            "metadata": {"name": "s", "namespace": "ns"},
+            "spec": {
+                "clusterRef": "c",
+                "vips": [{"address": "198.18.0.100/24"}],
+                "hooks": {"source": {"hostPath": "svc"}},
+            },
+        }))
+        .unwrap();
+        if let Some(n) = move_to {
+            svc.annotations_mut()
+                .insert(kubeha_crds::annotations::MOVE_TO.into(), n.into());
+        }
+        svc
+    }
+
+    /// A failback to the node move-to names is a move; a failover there,
+    /// or a failback elsewhere, keeps placement's reason.
+    #[test]
+    fn a_failback_to_the_node_an_admin_asked_for_counts_as_a_move() {
+        assert_eq!(placement_reason(&svc(Some(" b ")), "Failback", "b"), "Move");
+        assert_eq!(
+            placement_reason(&svc(Some("b")), "Failover", "b"),
+            "Failover"
+        );
+        assert_eq!(
+            placement_reason(&svc(Some("b")), "Failback", "a"),
+            "Failback"
+        );
+        assert_eq!(placement_reason(&svc(None), "Failback", "b"), "Failback");
+        assert_eq!(placement_reason(&svc(None), "Initial", "b"), "Initial");
+    }
 }
