@@ -210,10 +210,21 @@ mod tests {
             let Some(arg) = line.trim().strip_prefix("- ") else {
                 break;
             };
-            args.push(arg.replace("{{ .Values.metrics.port }}", "9090").replace(
-                r#"{{ include "kubeha.logFormat" .Values.operator.logFormat }}"#,
-                "json",
-            ));
+            // The chart's defaults (values.yaml), in the template's words.
+            let filled = [
+                ("{{ .Values.metrics.operatorPort }}", "9464"),
+                (
+                    r#"{{ include "kubeha.logFormat" .Values.operator.logFormat }}"#,
+                    "json",
+                ),
+                ("{{ $le.enabled }}", "true"),
+                ("{{ $le.leaseSeconds }}", "15"),
+                ("{{ $le.graceSeconds }}", "10"),
+                ("{{ .Values.operator.concurrency }}", "16"),
+            ]
+            .iter()
+            .fold(arg.to_owned(), |a, (from, to)| a.replace(from, to));
+            args.push(filled);
         }
         args
     }
@@ -228,7 +239,7 @@ mod tests {
         );
         let cli =
             Cli::try_parse_from(std::iter::once("kubeha-operator".to_owned()).chain(args)).unwrap();
-        assert_eq!(cli.metrics_addr, "0.0.0.0:9090".parse().unwrap());
+        assert_eq!(cli.metrics_addr, "0.0.0.0:9464".parse().unwrap());
         assert_eq!(cli.log_format, LogFormat::Json);
         assert!(cli.leader_election);
     }
