@@ -502,7 +502,7 @@ fn an_agent_whose_main_loop_hangs_stops_its_heartbeat_and_its_vip() {
     let (name, vip) = ("stuckloop", "198.18.0.97");
     active_on_node_3(&lab, name, vip, None);
     let healthz = || {
-        kubeha_e2e::lab::http_get(&format!("{}:9090", nodes::node_ip(3).unwrap()), "/healthz")
+        kubeha_e2e::lab::http_get(&format!("{}:9465", nodes::node_ip(3).unwrap()), "/healthz")
             .map(|(code, _)| code)
             .unwrap_or(0)
     };

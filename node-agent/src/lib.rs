@@ -76,7 +76,7 @@ struct Paths {
     #[arg(
         long,
         env = "KUBEHA_METRICS_ADDR",
-        default_value = "0.0.0.0:9090",
+        default_value = "0.0.0.0:9465",
         global = true
     )]
     metrics_addr: std::net::SocketAddr,

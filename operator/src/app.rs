@@ -27,7 +27,7 @@ use crate::{cluster_controller, leader, service_controller, watch};
 )]
 pub struct Cli {
     /// Address of /metrics, /healthz and /readyz.
-    #[arg(long, env = "KUBEHA_METRICS_ADDR", default_value = "0.0.0.0:9090")]
+    #[arg(long, env = "KUBEHA_METRICS_ADDR", default_value = "0.0.0.0:9464")]
     pub metrics_addr: std::net::SocketAddr,
     /// Log format.
     #[arg(long, env = "KUBEHA_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
