@@ -22,9 +22,16 @@ use nix::unistd::Pid;
 
 /// The cgroup v2 directory the hooks run in: one child cgroup per cluster
 /// (`<dir>/<cluster>`), since a fence is per cluster.
+///
+/// On a hybrid host (cgroup v1 hierarchies beside the v2 one) the container
+/// runtime tracks a pod's processes by its v1 cgroups too, and kills
+/// everything in them when the pod stops; so a hook also leaves the
+/// agent's v1 cgroups, for the root of each v1 hierarchy mounted whole
+/// (`v1_roots`), or a service it starts would die with the agent's pod.
 #[derive(Debug)]
 pub struct HookCgroup {
     dir: PathBuf,
+    v1_roots: Vec<CString>,
 }
 
 impl HookCgroup {
@@ -47,7 +54,19 @@ impl HookCgroup {
                 ),
             ));
         }
-        Ok(HookCgroup { dir })
+        let v1_roots = fs::read_to_string("/proc/self/mountinfo")
+            .map(|m| v1_roots(&m))
+            .unwrap_or_default()
+            .into_iter()
+            .filter_map(|p| CString::new(p.into_os_string().into_vec()).ok())
+            .collect();
+        Ok(HookCgroup { dir, v1_roots })
+    }
+
+    /// `cgroup.procs` of the root of every cgroup v1 hierarchy a hook
+    /// joins besides its v2 cgroup (none on a cgroup v2 host).
+    pub fn v1_roots(&self) -> &[CString] {
+        &self.v1_roots
     }
 
     /// The directory.
@@ -98,6 +117,32 @@ impl HookCgroup {
     }
 }
 
+/// `cgroup.procs` at the root of every cgroup v1 hierarchy that
+/// `mountinfo` (the text of `/proc/self/mountinfo`) shows mounted whole
+/// (mount root `/`; a container's own view of a hierarchy is rooted at its
+/// cgroup and is left out), one mount per hierarchy.
+pub fn v1_roots(mountinfo: &str) -> Vec<PathBuf> {
+    let mut seen = Vec::new();
+    let mut roots = Vec::new();
+    for line in mountinfo.lines() {
+        let Some((left, right)) = line.split_once(" - ") else {
+            continue;
+        };
+        let left: Vec<&str> = left.split(' ').collect();
+        let fstype = right.split(' ').next();
+        let (Some(device), Some(root), Some(point)) = (left.get(2), left.get(3), left.get(4))
+        else {
+            continue;
+        };
+        if fstype != Some("cgroup") || *root != "/" || seen.contains(device) {
+            continue;
+        }
+        seen.push(*device);
+        roots.push(Path::new(point).join("cgroup.procs"));
+    }
+    roots
+}
+
 /// Moves the calling process into the cgroup whose `cgroup.procs` is
 /// `procs`. Made for a child between fork and exec: open(2), write(2) and
 /// close(2), which are async-signal-safe, and no allocation.
@@ -111,6 +156,29 @@ pub fn join(procs: &CStr) -> io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn v1_roots_are_whole_v1_hierarchies_once_each() {
+        let mountinfo = "\
+30 25 0:26 / /sys/fs/cgroup rw - tmpfs tmpfs rw,mode=755
+31 30 0:27 / /sys/fs/cgroup/unified rw - cgroup2 cgroup2 rw
+32 30 0:28 / /sys/fs/cgroup/memory rw shared:9 - cgroup cgroup rw,memory
+33 30 0:29 / /sys/fs/cgroup/pids rw - cgroup cgroup rw,pids
+40 39 0:28 /kubepods/pod1/c1 /sys/fs/cgroup/memory rw - cgroup cgroup rw,memory
+41 39 0:28 / /host/sys/fs/cgroup/memory rw - cgroup cgroup rw,memory
+42 39 0:30 / /host/sys/fs/cgroup/cpu rw - cgroup cgroup rw,cpu
+";
+        assert_eq!(
+            v1_roots(mountinfo),
+            [
+                "/sys/fs/cgroup/memory/cgroup.procs",
+                "/sys/fs/cgroup/pids/cgroup.procs",
+                "/host/sys/fs/cgroup/cpu/cgroup.procs",
+            ]
+            .map(PathBuf::from)
+        );
+        assert!(v1_roots("31 30 0:27 / /sys/fs/cgroup rw - cgroup2 cgroup2 rw\n").is_empty());
+    }
 
     #[test]
     fn a_directory_outside_cgroup2_is_refused_naming_the_fix() {

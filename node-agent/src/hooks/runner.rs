@@ -201,12 +201,12 @@ impl HookRunner {
     }
 
     /// Makes `cmd` run where hooks run: between fork and exec it enters the
-    /// host's cgroup namespace, joins the cgroup whose `cgroup.procs` is
-    /// `procs`, then enters the host's other namespaces (each step only
-    /// when configured). A step that fails fails the spawn.
-    fn place(&self, cmd: &mut Command, procs: Option<CString>) {
+    /// host's cgroup namespace, joins the cgroups whose `cgroup.procs` are
+    /// `procs` (in order), then enters the host's other namespaces (each
+    /// step only when configured). A step that fails fails the spawn.
+    fn place(&self, cmd: &mut Command, procs: Vec<CString>) {
         let host = self.host.clone();
-        if procs.is_none() && host.is_none() {
+        if procs.is_empty() && host.is_none() {
             return;
         }
         let root = c"/".to_owned();
@@ -220,7 +220,7 @@ impl HookRunner {
                 if let Some(host) = &host {
                     host.enter_cgroup()?;
                 }
-                if let Some(procs) = &procs {
+                for procs in &procs {
                     crate::cgroup::join(procs)?;
                 }
                 if let Some(host) = &host {
@@ -265,7 +265,7 @@ impl HookRunner {
             .stderr(stderr)
             .process_group(0)
             .kill_on_drop(true);
-        self.place(&mut cmd, None);
+        self.place(&mut cmd, Vec::new());
         let mut child = match cmd.spawn() {
             Ok(c) => c,
             Err(e) => return format!("could not start: {e}"),
@@ -413,13 +413,16 @@ impl HookRunner {
         // the script starts is ever outside it. When it cannot be created the
         // script still runs, contained by its process group only; when the
         // child cannot join it, the script is not started (refused).
-        let procs = self.cgroup.as_ref().and_then(|c| match c.procs(&ctx.cluster) {
-            Ok(path) => Some(path),
-            Err(e) => {
+        let procs = match self.cgroup.as_ref().map(|c| (c, c.procs(&ctx.cluster))) {
+            None => Vec::new(),
+            Some((c, Ok(path))) => std::iter::once(path)
+                .chain(c.v1_roots().iter().cloned())
+                .collect(),
+            Some((c, Err(e))) => {
                 tracing::warn!(cgroup = %c.dir().display(), error = %e, "hook cgroup unavailable: this hook runs outside it");
-                None
+                Vec::new()
             }
-        });
+        };
         self.place(&mut cmd, procs);
 
         // Spawn and register under the lock, so kill_all either sees this
