@@ -36,42 +36,99 @@ fn say(start: Instant, what: &str) {
     println!("[{:>6.2} s] {what}", start.elapsed().as_secs_f64());
 }
 
-/// Runs the demo; leaves the lab up for the user to explore.
-pub fn run(lab: &Lab) -> anyhow::Result<()> {
+/// How the demo runs kubeha.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// As pods: images built here, the kubelet lab (containerd, kubelet and
+    /// kube-proxy per node), `helm install` of the chart.
+    Pods,
+    /// As processes the lab starts in the node namespaces (no images, no
+    /// kubelets): quicker to start, lighter on the machine.
+    HostProcesses,
+}
+
+/// The demo's mode on this machine: pods unless asked otherwise or the
+/// machine does not fit the kubelet lab ([`crate::pods::unfit`]); with the
+/// reason, printed by the demo.
+pub fn mode(host_processes: bool) -> (Mode, String) {
+    if host_processes {
+        return (Mode::HostProcesses, "asked for (--host-processes)".into());
+    }
+    match crate::pods::unfit(3) {
+        Some(why) => (
+            Mode::HostProcesses,
+            format!("this machine does not fit the kubelet lab: {why}"),
+        ),
+        None => (
+            Mode::Pods,
+            "the machine fits the kubelet lab (cgroup v2, memory)".into(),
+        ),
+    }
+}
+
+/// The example hook scripts (examples/hooks/demo), as `(file name, body)`.
+fn example_hooks(lab: &Lab) -> anyhow::Result<Vec<(String, String)>> {
+    let dir = lab.root().join("examples/hooks/demo");
+    let mut scripts = Vec::new();
+    for entry in std::fs::read_dir(&dir).with_context(|| format!("reading {}", dir.display()))? {
+        let path = entry?.path();
+        let name = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or_default()
+            .to_owned();
+        scripts.push((name, std::fs::read_to_string(&path)?));
+    }
+    Ok(scripts)
+}
+
+/// Runs the demo in `mode`; leaves the lab up for the user to explore.
+pub fn run(lab: &Lab, mode: Mode) -> anyhow::Result<()> {
     let start = Instant::now();
-    lab.ensure_up_with_nodes(3)?;
-    for i in 1..=3 {
-        lab.power_on(i)?;
-        if !lab.agent_running(i) {
-            lab.start_agent(i, &[] as &[&str])?;
+    let scripts = example_hooks(lab)?;
+    let refs: Vec<(&str, &str)> = scripts
+        .iter()
+        .map(|(n, b)| (n.as_str(), b.as_str()))
+        .collect();
+    match mode {
+        Mode::Pods => {
+            // One hook folder per node (the chart's agent.perNodePaths),
+            // the example scripts in each, root-owned 0755.
+            let hooks = lab.dir().join("pods").join("hooks");
+            for i in 1..=3 {
+                ha::write_scripts(&hooks.join(nodes::node_name(i)).join(HOOK_DIR), &refs)?;
+            }
+            let installed = crate::pods::install(lab, 3, &hooks, &[])?;
+            say(
+                start,
+                &format!(
+                    "lab up: kube-apiserver, 3 kubelet nodes; helm install: operator and agents as pods ({:.0} s)",
+                    installed.took.as_secs_f64()
+                ),
+            );
+            println!(
+                "{}",
+                lab.kubectl_ok(&["get", "pods", "-n", crate::pods::SYSTEM, "-o", "wide"])?
+            );
         }
-        // The example hooks, as root-owned 0755 scripts under the node's hook root.
-        let dir = lab.root().join("examples/hooks/demo");
-        let mut scripts = Vec::new();
-        for entry in
-            std::fs::read_dir(&dir).with_context(|| format!("reading {}", dir.display()))?
-        {
-            let path = entry?.path();
-            let name = path
-                .file_name()
-                .and_then(|n| n.to_str())
-                .unwrap_or_default()
-                .to_owned();
-            scripts.push((name, std::fs::read_to_string(&path)?));
+        Mode::HostProcesses => {
+            lab.ensure_up_with_nodes(3)?;
+            for i in 1..=3 {
+                lab.power_on(i)?;
+                if !lab.agent_running(i) {
+                    lab.start_agent(i, &[] as &[&str])?;
+                }
+                ha::install_hooks(lab, i, HOOK_DIR, &refs)?;
+            }
+            if !lab.operator_running(0) {
+                lab.start_operator(0, &[])?;
+            }
+            say(
+                start,
+                "lab up: kube-apiserver, 3 node namespaces with an agent each, operator replica 0",
+            );
         }
-        let refs: Vec<(&str, &str)> = scripts
-            .iter()
-            .map(|(n, b)| (n.as_str(), b.as_str()))
-            .collect();
-        ha::install_hooks(lab, i, HOOK_DIR, &refs)?;
     }
-    if !lab.operator_running(0) {
-        lab.start_operator(0, &[])?;
-    }
-    say(
-        start,
-        "lab up: kube-apiserver, 3 node namespaces with an agent each, operator replica 0",
-    );
 
     let examples = lab.root().join("examples");
     lab.kubectl_ok(&[
@@ -195,11 +252,13 @@ pub fn run(lab: &Lab) -> anyhow::Result<()> {
     say(
         start,
         &format!(
-            "powering node-{victim} back on; its agent restarts (failback Never: the service stays)"
+            "powering node-{victim} back on; its agent starts again (failback Never: the service stays)"
         ),
     );
     lab.power_on(victim)?;
-    lab.start_agent(victim, &[] as &[&str])?;
+    if mode == Mode::HostProcesses {
+        lab.start_agent(victim, &[] as &[&str])?;
+    }
     println!("\n{}", lab.usage(3));
     println!(
         "try: kubectl ha status; kubectl ha move web --to node-{victim}; \

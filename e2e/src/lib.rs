@@ -12,4 +12,5 @@ pub mod images;
 pub mod keepalived;
 pub mod lab;
 pub mod nodes;
+pub mod pods;
 pub mod split_brain;

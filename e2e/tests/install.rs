@@ -17,73 +17,22 @@ use std::time::{Duration, Instant};
 
 use kubeha_e2e::arp_probe::{ArpProbe, Probed};
 use kubeha_e2e::ha::{self, Timing};
-use kubeha_e2e::lab::{Lab, StopSignal, wait_for};
+use kubeha_e2e::lab::{Lab, wait_for};
 use kubeha_e2e::nodes;
+use kubeha_e2e::pods::{self, RELEASE, SYSTEM};
 
 const NODES: u8 = 3;
-const RELEASE: &str = "kubeha";
-const SYSTEM: &str = "kubeha-system";
 const CLUSTER: &str = "pods";
 const SERVICE: &str = "web";
 const VIP: &str = "198.18.0.110";
 /// The longest a client may go unanswered while every agent restarts.
 const RESTART_GAP: Duration = Duration::from_millis(200);
 
-/// The chart's pods by component: (pod name, node, phase, ready).
-fn pods(lab: &Lab, component: &str) -> Vec<(String, String, String, bool)> {
-    let list = lab
-        .kubectl_json(&[
-            "get",
-            "pods",
-            "-n",
-            SYSTEM,
-            "-l",
-            &format!("app.kubernetes.io/component={component}"),
-        ])
-        .unwrap_or_default();
-    let mut pods: Vec<_> = list["items"]
-        .as_array()
-        .cloned()
-        .unwrap_or_default()
-        .iter()
-        .filter(|p| p["metadata"]["deletionTimestamp"].is_null())
-        .map(|p| {
-            let s = |v: &serde_json::Value| v.as_str().unwrap_or_default().to_owned();
-            let ready = p["status"]["conditions"].as_array().is_some_and(|c| {
-                c.iter()
-                    .any(|c| c["type"] == "Ready" && c["status"] == "True")
-            });
-            (
-                s(&p["metadata"]["name"]),
-                s(&p["spec"]["nodeName"]),
-                s(&p["status"]["phase"]),
-                ready,
-            )
-        })
-        .collect();
-    pods.sort();
-    pods
-}
-
-/// Whether every one of `want` pods of `component` runs and is ready, on
-/// as many distinct nodes as `nodes` says (the agent: one per node).
-fn all_ready(lab: &Lab, component: &str, want: usize, nodes: Option<usize>) -> bool {
-    let pods = pods(lab, component);
-    let spread: std::collections::BTreeSet<_> = pods.iter().map(|p| p.1.clone()).collect();
-    pods.len() == want
-        && pods.iter().all(|p| p.2 == "Running" && p.3)
-        && nodes.is_none_or(|n| spread.len() == n)
-}
-
 /// The service's hook scripts under `root`: the enter script starts a
 /// server in a session of its own (as an init script does) and records its
 /// pid in `run`, per node; the leave script stops it. Both append to
 /// `trace`.
 fn install_hooks(root: &Path, trace: &Path, run: &Path) {
-    use std::os::unix::fs::PermissionsExt;
-    let dir = root.join(SERVICE);
-    let _ = fs::remove_dir_all(&dir);
-    fs::create_dir_all(&dir).unwrap();
     fs::create_dir_all(run).unwrap();
     let enter = format!(
         "#!/bin/sh\n\
@@ -105,11 +54,11 @@ fn install_hooks(root: &Path, trace: &Path, run: &Path) {
         trace = trace.display(),
         run = run.display(),
     );
-    for (name, body) in [("E01server", enter), ("L01server", leave)] {
-        let file = dir.join(name);
-        fs::write(&file, body).unwrap();
-        fs::set_permissions(&file, fs::Permissions::from_mode(0o755)).unwrap();
-    }
+    ha::write_scripts(
+        &root.join(SERVICE),
+        &[("E01server", &enter), ("L01server", &leave)],
+    )
+    .unwrap();
 }
 
 fn server_pid(run: &Path, node: u8) -> Option<i32> {
@@ -168,100 +117,34 @@ fn assert_one_holder(what: &str, seen: &Probed) {
     assert!(seen.replies > 0, "{what}: nobody answered for {VIP}");
 }
 
-fn helm(lab: &Lab, args: &[&str]) -> String {
-    let out = std::process::Command::new(lab.dir().join("bin").join("helm"))
-        .args(args)
-        .env("KUBECONFIG", lab.kubeconfig())
-        .current_dir(lab.root())
-        .output()
-        .expect("running the lab's helm");
-    assert!(
-        out.status.success(),
-        "helm {args:?} failed: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
 #[test]
 fn helm_install_runs_kubeha_as_pods_that_survive_restarts_and_fail_over() {
     let lab = Lab::of_this_checkout();
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map(|t| lab.root().join(t))
-        .unwrap_or_else(|| lab.root().join("target"));
-    let started = Instant::now();
-    let built = kubeha_e2e::images::build(lab.root(), &target.join("images"))
-        .expect("cargo xtask images: release builds and buildah");
-    for b in &built {
-        println!("image {} {} ({} bytes)", b.reference, b.digest, b.bytes);
-    }
-    println!("images built in {:.0} s", started.elapsed().as_secs_f64());
-
-    // The pods are the agents and the operator: none of the lab's host
-    // processes may run beside them.
-    if lab.dir().exists() {
-        for i in 1..=nodes::MAX_NODES {
-            let _ = lab.stop_agent(i, StopSignal::Term);
-        }
-        for r in 0..=1 {
-            let _ = lab.stop_operator(r, StopSignal::Term);
-        }
-    }
-    let started = Instant::now();
-    lab.ensure_up_with_kubelets(NODES)
-        .expect("the kubelet lab with three nodes comes up");
-    lab.import_built_images().expect("images imported");
-    println!("kubelet lab up in {:.0} s", started.elapsed().as_secs_f64());
-
-    let pods_dir = lab.dir().join("pods");
-    let hook_root = pods_dir.join("hooks");
-    let trace = pods_dir.join("trace");
+    let files = lab.dir().join("pods");
+    let hook_root = files.join("hooks");
+    let trace = files.join("trace");
+    let run = files.join("run");
     let _ = fs::remove_file(&trace);
     // agent.perNodePaths: node-i's agent finds its hooks under
     // `<hook root>/node-i`, as each real node has its own files.
-    let run = pods_dir.join("run");
     for i in 1..=NODES {
         install_hooks(&hook_root.join(nodes::node_name(i)), &trace, &run);
     }
-    let anchor = lab.host_anchor().unwrap();
-    let set = [
-        "image.pullPolicy=Never".to_owned(),
-        "crds.install=false".to_owned(),
-        format!("agent.hookRoot={}", hook_root.display()),
-        format!("agent.logDir={}", pods_dir.join("logs").display()),
-        format!("agent.stateDir={}", pods_dir.join("state").display()),
-        "agent.perNodePaths=true".to_owned(),
-        format!("agent.hooks.hostPid={anchor}"),
-        "agent.hooks.cgroup=unified/kubeha-lab-node-hooks".to_owned(),
-        "operator.leaderElection.leaseSeconds=6".to_owned(),
-        "operator.leaderElection.graceSeconds=4".to_owned(),
-    ];
-    let mut args = vec![
-        "install",
-        RELEASE,
-        "charts/kubeha",
-        "-n",
-        SYSTEM,
-        "--create-namespace",
-        // The lab applied the chart's RBAC before (for its host-process
-        // agents); the release takes those objects over.
-        "--take-ownership",
-    ];
-    for s in &set {
-        args.extend(["--set", s]);
-    }
-    helm(&lab, &args);
-    wait_for(
-        "two operator pods Running and Ready",
-        Duration::from_secs(180),
-        || all_ready(&lab, "operator", 2, None).then_some(()),
+    let installed = pods::install(
+        &lab,
+        NODES,
+        &hook_root,
+        &[
+            "operator.leaderElection.leaseSeconds=6",
+            "operator.leaderElection.graceSeconds=4",
+        ],
+    )
+    .expect("images, the kubelet lab and helm install: every pod ready");
+    println!(
+        "images, kubelet lab and release ready in {:.0} s",
+        installed.took.as_secs_f64()
     );
-    wait_for(
-        "one agent pod Running and Ready on every node",
-        Duration::from_secs(180),
-        || all_ready(&lab, "agent", NODES.into(), Some(NODES.into())).then_some(()),
-    );
+    let anchor = installed.host_pid;
     println!(
         "{}",
         lab.kubectl_ok(&["get", "pods", "-n", SYSTEM, "-o", "wide"])
@@ -308,9 +191,9 @@ fn helm_install_runs_kubeha_as_pods_that_survive_restarts_and_fail_over() {
 
     // 1. Every agent pod restarts, one node at a time: no outage, no enter
     // hook again, the same server process.
-    let before: BTreeMap<_, _> = pods(&lab, "agent")
+    let before: BTreeMap<_, _> = pods::pods(&lab, "agent")
         .into_iter()
-        .map(|p| (p.0, p.1))
+        .map(|p| (p.name, p.node))
         .collect();
     let probe = ArpProbe::start(&[VIP]).unwrap();
     lab.kubectl_ok(&["rollout", "restart", "ds/kubeha-agent", "-n", SYSTEM])
@@ -326,9 +209,9 @@ fn helm_install_runs_kubeha_as_pods_that_survive_restarts_and_fail_over() {
     .expect("the agents' rolling restart completes");
     std::thread::sleep(Duration::from_secs(3));
     let seen = probe.stop();
-    let after: BTreeMap<_, _> = pods(&lab, "agent")
+    let after: BTreeMap<_, _> = pods::pods(&lab, "agent")
         .into_iter()
-        .map(|p| (p.0, p.1))
+        .map(|p| (p.name, p.node))
         .collect();
     assert!(
         before.keys().all(|p| !after.contains_key(p)),
@@ -415,17 +298,15 @@ fn helm_install_runs_kubeha_as_pods_that_survive_restarts_and_fail_over() {
     lab.power_on(moved).unwrap();
     ha::delete_service(&lab, SERVICE);
     ha::delete(&lab, "hacluster", CLUSTER, None);
-    helm(
-        &lab,
-        &[
-            "uninstall",
-            RELEASE,
-            "-n",
-            SYSTEM,
-            "--wait",
-            "--timeout",
-            "120s",
-        ],
-    );
+    lab.helm_ok(&[
+        "uninstall",
+        RELEASE,
+        "-n",
+        SYSTEM,
+        "--wait",
+        "--timeout",
+        "120s",
+    ])
+    .unwrap();
     lab.down().unwrap();
 }

@@ -38,7 +38,12 @@ enum Cmd {
     },
     /// The local demo: the lab with three nodes, the operator, the example
     /// cluster and service, and a failover you can watch. Leaves the lab up.
-    Demo,
+    Demo {
+        /// Run kubeha as processes the lab starts in its node namespaces,
+        /// not as pods of the kubelet lab (quicker; no images, no kubelets).
+        #[arg(long)]
+        host_processes: bool,
+    },
     /// A seeded, randomized run of faults over the lab (5 nodes, services
     /// with IPv4 and IPv6 VIPs) with a safety and a liveness detector; fails
     /// when either found a violation, printing the seed and the log.
@@ -261,9 +266,11 @@ fn main() -> anyhow::Result<()> {
             }
         }
         Cmd::Test { keep_lab } => test(&root, keep_lab),
-        Cmd::Demo => {
+        Cmd::Demo { host_processes } => {
             build_binaries(&root, Profile::Debug)?;
-            kubeha_e2e::demo::run(&Lab::new(&root))
+            let (mode, why) = kubeha_e2e::demo::mode(host_processes);
+            println!("demo: kubeha as {mode:?}: {why}");
+            kubeha_e2e::demo::run(&Lab::new(&root), mode)
         }
         Cmd::Chaos(args) => {
             let config = args.config()?;
@@ -685,6 +692,15 @@ fn test(root: &Path, keep_lab: bool) -> anyhow::Result<()> {
         bins.kube_apiserver.display(),
         bins.kubectl.display(),
         bins.helm.display()
+    );
+    // The kubelet lab's (kubelet, kube-proxy, kube-scheduler,
+    // kube-controller-manager), for the kubelet and install tests.
+    let started = std::time::Instant::now();
+    let node_bins = kubeha_e2e::deps::NodeBinaries::ensure()?;
+    println!(
+        "kubelet lab binaries ready in {:.0} s: {}",
+        started.elapsed().as_secs_f64(),
+        node_bins.kubelet.display()
     );
     // cargo test's own closing line belongs to the last crate's doc-tests;
     // read every `test result:` line and close with the workspace total.

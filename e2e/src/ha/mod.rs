@@ -206,24 +206,31 @@ pub fn hook_root(lab: &Lab, i: u8) -> PathBuf {
         .join("hooks")
 }
 
-/// Installs hook scripts `(file name, body)` into `<hook root of i>/<dir>`,
-/// root-owned, mode 0755 (as the agent requires). Replaces the folder.
+/// Installs hook scripts `(file name, body)` into `<hook root of i>/<dir>`
+/// ([`write_scripts`]).
 pub fn install_hooks(
     lab: &Lab,
     i: u8,
     dir: &str,
     scripts: &[(&str, &str)],
 ) -> anyhow::Result<PathBuf> {
-    use std::os::unix::fs::PermissionsExt;
     let path = hook_root(lab, i).join(dir);
-    let _ = std::fs::remove_dir_all(&path);
-    std::fs::create_dir_all(&path)?;
+    write_scripts(&path, scripts)?;
+    Ok(path)
+}
+
+/// Writes hook scripts `(file name, body)` into the folder `path`,
+/// root-owned, mode 0755 (as the agent requires), replacing the folder.
+pub fn write_scripts(path: &std::path::Path, scripts: &[(&str, &str)]) -> anyhow::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let _ = std::fs::remove_dir_all(path);
+    std::fs::create_dir_all(path)?;
     for (name, body) in scripts {
         let file = path.join(name);
         std::fs::write(&file, body)?;
         std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o755))?;
     }
-    Ok(path)
+    Ok(())
 }
 
 /// A hook script that appends `NAME ACTION ROLE transition=... epoch=...`

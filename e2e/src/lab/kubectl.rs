@@ -74,15 +74,33 @@ impl Lab {
 
     /// Runs `kubectl ha ARGS`; fails with its output unless it succeeds.
     pub fn kubectl_ha_ok(&self, args: &[&str]) -> anyhow::Result<String> {
-        let out = self.kubectl_ha()?.args(args).output()?;
-        if !out.status.success() {
-            bail!(
-                "kubectl ha {} failed: {}{}",
-                args.join(" "),
-                String::from_utf8_lossy(&out.stdout),
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+        stdout_if_ok("kubectl ha", args, self.kubectl_ha()?.args(args).output()?)
     }
+
+    /// Runs the lab's helm (`.lab/bin/helm`) with `args` in the checkout,
+    /// pointed at the lab as its admin; fails with its output unless it
+    /// succeeds.
+    pub fn helm_ok(&self, args: &[&str]) -> anyhow::Result<String> {
+        let out = Command::new(self.dir.join("bin").join("helm"))
+            .args(args)
+            .env("KUBECONFIG", self.kubeconfig())
+            .current_dir(&self.root)
+            .output()
+            .context("running the lab's helm")?;
+        stdout_if_ok("helm", args, out)
+    }
+}
+
+/// The stdout of `program args` that ended as `out`, or an error with all
+/// it printed.
+fn stdout_if_ok(program: &str, args: &[&str], out: Output) -> anyhow::Result<String> {
+    if !out.status.success() {
+        bail!(
+            "{program} {} failed: {}{}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
