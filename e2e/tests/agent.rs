@@ -294,6 +294,15 @@ fn hooks_run_in_order_with_their_environment_and_leave_before_enter() {
         leave < enter,
         "node-1 entered vicemaster before leaving master:\n{one}"
     );
+    // The primary node entering standby starts nothing: no takeback, an
+    // empty KUBEHA_TRANSITION (an IRIS-style script would start the
+    // service on takeback).
+    assert!(
+        one.lines()
+            .filter(|l| l.contains(" vicemaster "))
+            .all(|l| l.contains(" transition= epoch=")),
+        "{one}"
+    );
     assert!(
         ha::wait_until(Duration::from_secs(5), || read(2)
             .contains("E01backup enter master"))
@@ -310,6 +319,12 @@ fn hooks_run_in_order_with_their_environment_and_leave_before_enter() {
     assert!(
         leave < enter,
         "node-2 entered master before leaving vicemaster:\n{two}"
+    );
+    assert!(
+        two.lines()
+            .filter(|l| l.contains(" vicemaster "))
+            .all(|l| l.contains(" transition= epoch=")),
+        "{two}"
     );
 
     // An enter hook exiting 3 on node-3: it stops after E01server, leaves

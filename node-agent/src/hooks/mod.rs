@@ -172,11 +172,18 @@ impl FromStr for Action {
     }
 }
 
-/// The transition an action means on this node: entering on the primary node
-/// is a takeback, on a backup node a takeover; leaving on the primary node is a
-/// giveaway, on a backup node a giveback. Monitor and periodic runs are no
-/// transition.
-pub fn transition(action: Action, node_is_primary: bool) -> Option<Transition> {
+/// The transition an action of a role means on this node. Only the master
+/// role starts and stops the service: entering master on the primary node
+/// is a takeback, on a backup node a takeover; leaving master on the
+/// primary node is a giveaway, on a backup node a giveback. Entering or
+/// leaving standby (vicemaster, none) starts and stops nothing, so it is no
+/// transition (`KUBEHA_TRANSITION` empty): an IRIS-style script that starts
+/// the service on `takeback` must not start it on the primary node when it
+/// becomes the standby. Monitor and periodic runs are no transition either.
+pub fn transition(action: Action, role: Role, node_is_primary: bool) -> Option<Transition> {
+    if role != Role::Master {
+        return None;
+    }
     match action {
         Action::Enter => Some(Transition::of(true, node_is_primary)),
         Action::Leave => Some(Transition::of(false, node_is_primary)),

@@ -18,7 +18,7 @@ fn ctx(action: Action) -> HookContext {
     HookContext {
         action,
         role: Role::Master,
-        transition: transition(action, false),
+        transition: transition(action, Role::Master, false),
         service: "shop/nfs".into(),
         cluster: "prod".into(),
         node: "node-b".into(),
@@ -90,12 +90,34 @@ fn fixture() -> Fixture {
 
 #[test]
 fn transitions_follow_the_node_and_the_action() {
-    assert_eq!(transition(Action::Enter, true), Some(Transition::TakeBack));
-    assert_eq!(transition(Action::Enter, false), Some(Transition::TakeOver));
-    assert_eq!(transition(Action::Leave, true), Some(Transition::GiveAway));
-    assert_eq!(transition(Action::Leave, false), Some(Transition::GiveBack));
-    assert_eq!(transition(Action::Monitor, true), None);
-    assert_eq!(transition(Action::Periodic, false), None);
+    let master = Role::Master;
+    assert_eq!(
+        transition(Action::Enter, master, true),
+        Some(Transition::TakeBack)
+    );
+    assert_eq!(
+        transition(Action::Enter, master, false),
+        Some(Transition::TakeOver)
+    );
+    assert_eq!(
+        transition(Action::Leave, master, true),
+        Some(Transition::GiveAway)
+    );
+    assert_eq!(
+        transition(Action::Leave, master, false),
+        Some(Transition::GiveBack)
+    );
+    assert_eq!(transition(Action::Monitor, master, true), None);
+    assert_eq!(transition(Action::Periodic, master, false), None);
+    // Standby starts and stops nothing: the primary node entering standby
+    // is no takeback.
+    for role in [Role::Vicemaster, Role::None] {
+        for primary in [true, false] {
+            for action in Action::ALL {
+                assert_eq!(transition(action, role, primary), None, "{action} {role:?}");
+            }
+        }
+    }
     assert_eq!(Transition::TakeOver.as_str(), "takeover");
     assert_eq!(Transition::GiveBack.to_string(), "giveback");
 }

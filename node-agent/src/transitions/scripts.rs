@@ -75,7 +75,7 @@ impl<N: Netlink> LocalNode<N> {
         HookContext {
             action,
             role,
-            transition: hooks::transition(action, is_primary),
+            transition: hooks::transition(action, role, is_primary),
             service: svc.key.clone(),
             cluster: cluster.name.clone(),
             node: self.name.clone(),
