@@ -206,10 +206,18 @@ pub fn install(lab: &Lab, nodes: u8, hooks: &Path, extra: &[&str]) -> anyhow::Re
         && all_ready(lab, "agent", nodes.into(), Some(nodes.into())))
     {
         if Instant::now() > deadline {
+            // A taint (disk pressure, say) keeps the operator pods Pending.
             bail!(
-                "the release's pods are not all ready after 240 s:\n{}",
+                "the release's pods are not all ready after 240 s:\n{}\nnode taints:\n{}",
                 lab.kubectl_ok(&["get", "pods", "-n", SYSTEM, "-o", "wide"])
-                    .unwrap_or_default()
+                    .unwrap_or_default(),
+                lab.kubectl_ok(&[
+                    "get",
+                    "nodes",
+                    "-o",
+                    "custom-columns=NODE:.metadata.name,TAINTS:.spec.taints[*].key"
+                ])
+                .unwrap_or_default()
             );
         }
         std::thread::sleep(Duration::from_millis(500));
