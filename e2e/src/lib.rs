@@ -8,6 +8,7 @@ pub mod chaos;
 pub mod demo;
 pub mod deps;
 pub mod ha;
+pub mod hostile;
 pub mod images;
 pub mod keepalived;
 pub mod lab;
