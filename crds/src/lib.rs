@@ -15,6 +15,7 @@ pub mod service;
 #[cfg(feature = "testing")]
 pub mod testing;
 pub mod timing;
+pub mod validate;
 
 pub use cluster::{HACluster, HAClusterSpec, HAClusterStatus};
 pub use mode::Mode;
