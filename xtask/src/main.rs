@@ -1,6 +1,7 @@
 //! `cargo xtask`: project automation. `crdgen` writes the CRD YAML from the
 //! Rust types; `lab up|down|status` drives the local lab; `test` runs the
-//! whole test suite against the lab.
+//! whole test suite against the lab; `hostile` runs the hostile-input
+//! catalogue.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -35,6 +36,19 @@ enum Cmd {
         /// Leave the lab running after the tests.
         #[arg(long)]
         keep_lab: bool,
+    },
+    /// The hostile-input catalogue (issue 9): builds the debug binaries,
+    /// runs every case of `kubeha_e2e::hostile` against the lab
+    /// (`cargo test -p kubeha-e2e --test hostile`), prints the table case |
+    /// expected | outcome | passed and the figures; fails if any case failed.
+    Hostile {
+        /// Also write the report as JSON to this file: {"cases", "passed",
+        /// "failed", "results": [{"case", "expected", "outcome", "passed"}]}.
+        #[arg(long)]
+        json: Option<PathBuf>,
+        /// Run only the cases whose name contains this.
+        #[arg(long)]
+        filter: Option<String>,
     },
     /// The local demo: the lab with three nodes, the operator, the example
     /// cluster and service, and a failover you can watch. Leaves the lab up.
@@ -266,6 +280,7 @@ fn main() -> anyhow::Result<()> {
             }
         }
         Cmd::Test { keep_lab } => test(&root, keep_lab),
+        Cmd::Hostile { json, filter } => hostile(&root, json, filter),
         Cmd::Demo { host_processes } => {
             build_binaries(&root, Profile::Debug)?;
             let (mode, why) = kubeha_e2e::demo::mode(host_processes);
@@ -669,6 +684,48 @@ fn ci_chaos(root: &Path) -> anyhow::Result<()> {
         bail!(
             "chaos found safety violations, spurious moves or services down for good (seed {seed})"
         );
+    }
+    Ok(())
+}
+
+/// `cargo xtask hostile`: the catalogue's lab test with its report in
+/// `json` (else in target/hostile.json), then the figures from it.
+fn hostile(root: &Path, json: Option<PathBuf>, filter: Option<String>) -> anyhow::Result<()> {
+    build_binaries(root, Profile::Debug)?;
+    let cwd = std::env::current_dir()?;
+    let report = cwd.join(json.unwrap_or_else(|| root.join("target").join("hostile.json")));
+    let _ = std::fs::remove_file(&report);
+    let status = Command::new(env!("CARGO"))
+        .args([
+            "test",
+            "--locked",
+            "-p",
+            "kubeha-e2e",
+            "--test",
+            "hostile",
+            "--",
+            "--nocapture",
+        ])
+        .env("KUBEHA_HOSTILE_JSON", &report)
+        .env("KUBEHA_HOSTILE_FILTER", filter.unwrap_or_default())
+        .current_dir(root)
+        .status()
+        .context("running cargo test --test hostile")?;
+    let figures = std::fs::read_to_string(&report)
+        .ok()
+        .and_then(|text| serde_json::from_str::<serde_json::Value>(&text).ok());
+    match &figures {
+        Some(r) => println!(
+            "\nhostile: {} cases, {} passed, {} failed; report in {}",
+            r["cases"],
+            r["passed"],
+            r["failed"],
+            report.display()
+        ),
+        None => println!("\nhostile: no report written (the run stopped before its end)"),
+    }
+    if !status.success() {
+        bail!("hostile cases failed (or the run did not complete)");
     }
     Ok(())
 }
