@@ -1,6 +1,7 @@
 //! An in-memory [`Netlink`] for the tests of this crate: interfaces with a
-//! subnet each (by default `kh-fake0` holding 198.18.0.1/24), addresses
-//! created or replaced as the kernel does, no MAC address (so no GARP
+//! subnet each (by default `kh-fake0` holding 198.18.0.1/24, the host's
+//! own address, which no VIP may take over), addresses created or replaced
+//! as the kernel does, no MAC address (so no GARP
 //! leaves a test), and knobs for a kernel that refuses or is slow.
 
 use std::net::IpAddr;
@@ -54,6 +55,13 @@ impl Netlink for FakeNetlink {
         tokio::time::sleep(Duration::from_millis(delay)).await;
         if !self.interfaces.iter().any(|(n, _, _)| n == iface) {
             return Err(VipError::InterfaceMissing(iface.into()));
+        }
+        // The interfaces' own addresses are the host's, never a VIP's.
+        if let Some((name, _, _)) = self.interfaces.iter().find(|(_, a, _)| *a == vip.addr) {
+            return Err(VipError::ForeignAddress {
+                address: vip.addr,
+                interface: name.clone(),
+            });
         }
         let (lifetime, _) = kernel_lifetime_until(until)?;
         self.lifetimes

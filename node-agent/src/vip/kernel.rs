@@ -8,7 +8,8 @@ use std::time::{Duration, Instant};
 
 use futures::TryStreamExt;
 use netlink_packet_route::address::{
-    AddressAttribute, AddressFlags, AddressHeaderFlags, AddressMessage, AddressScope, CacheInfo,
+    AddressAttribute, AddressFlags, AddressHeaderFlags, AddressMessage, AddressProtocol,
+    AddressScope, CacheInfo,
 };
 use netlink_packet_route::link::{LinkAttribute, LinkLayerType, LinkMessage};
 use netlink_packet_route::route::{
@@ -18,7 +19,9 @@ use nix::errno::Errno;
 use rtnetlink::{AddressMessageBuilder, Handle, RouteMessageBuilder};
 
 use super::packet_fence::{HELD_SLACK, PacketFence};
-use super::{Netlink, Vip, VipError, kernel_lifetime_until, validate_ifname};
+use super::{
+    KUBEHA_ADDRESS_PROTOCOL, Netlink, Vip, VipError, kernel_lifetime_until, validate_ifname,
+};
 
 /// [`Netlink`] over an rtnetlink connection in the agent's network namespace.
 ///
@@ -66,6 +69,37 @@ pub(super) fn local_addr(msg: &AddressMessage) -> Option<IpAddr> {
         }
     }
     address
+}
+
+/// Whether an address message is one kubeha added: it carries
+/// [`KUBEHA_ADDRESS_PROTOCOL`].
+pub(super) fn is_kubeha_address(msg: &AddressMessage) -> bool {
+    msg.attributes.iter().any(
+        |a| matches!(a, AddressAttribute::Protocol(p) if u8::from(*p) == KUBEHA_ADDRESS_PROTOCOL),
+    )
+}
+
+/// Who holds an IP on the host, from one address dump.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub(super) struct Holders {
+    /// kubeha's addresses of the IP: (interface index, prefix length).
+    pub(super) ours: Vec<(u32, u8)>,
+    /// The interface index of the first address of the IP that kubeha
+    /// did not add.
+    pub(super) foreign: Option<u32>,
+}
+
+/// Who holds `addr` among `addrs` (every interface).
+pub(super) fn holders(addrs: &[AddressMessage], addr: IpAddr) -> Holders {
+    let mut out = Holders::default();
+    for m in addrs.iter().filter(|m| local_addr(m) == Some(addr)) {
+        if is_kubeha_address(m) {
+            out.ours.push((m.header.index, m.header.prefix_len));
+        } else if out.foreign.is_none() {
+            out.foreign = Some(m.header.index);
+        }
+    }
+    out
 }
 
 /// Whether an address message carries the permanent flag.
@@ -202,6 +236,10 @@ impl RtNetlink {
         cache_info.ifa_valid = secs;
         cache_info.ifa_preferred = secs;
         msg.attributes.push(AddressAttribute::CacheInfo(cache_info));
+        msg.attributes
+            .push(AddressAttribute::Protocol(AddressProtocol::from(
+                KUBEHA_ADDRESS_PROTOCOL,
+            )));
         if vip.addr.is_ipv6() {
             msg.header.flags |= AddressHeaderFlags::Nodad;
             msg.attributes
@@ -232,6 +270,26 @@ impl RtNetlink {
         self.replace_address(iface, vip, secs).await?;
         tracing::debug!(%vip, iface, fence_ms = fence.as_millis() as u64, valid_lft = secs, "VIP extended");
         Ok(true)
+    }
+
+    /// [`VipError::ForeignAddress`] when an address of the VIP's IP that
+    /// kubeha did not add is on the host (`addrs`, one dump of every
+    /// interface); nothing is changed either way.
+    async fn refuse_foreign(&self, addrs: &[AddressMessage], vip: &Vip) -> Result<(), VipError> {
+        match holders(addrs, vip.addr).foreign {
+            None => Ok(()),
+            Some(index) => {
+                let interface = self
+                    .name_of(index)
+                    .await
+                    .unwrap_or_else(|_| format!("#{index}"));
+                tracing::warn!(%vip, interface, "the VIP's address is the host's own; not taking it over");
+                Err(VipError::ForeignAddress {
+                    address: vip.addr,
+                    interface,
+                })
+            }
+        }
     }
 
     /// The link message of `iface`, `None` if there is no such interface.
@@ -320,6 +378,9 @@ impl RtNetlink {
 
 impl Netlink for RtNetlink {
     async fn add_vip(&self, iface: &str, vip: &Vip, until: Instant) -> Result<(), VipError> {
+        // Never the host's own address: checked before anything changes.
+        let addrs = self.addresses(None).await?;
+        self.refuse_foreign(&addrs, vip).await?;
         let (fence, secs) = kernel_lifetime_until(until)?;
         let held = Duration::from_secs(u64::from(secs)) + HELD_SLACK;
         // The fence opens first: the address answers from the moment it is
@@ -334,7 +395,13 @@ impl Netlink for RtNetlink {
     }
 
     async fn extend_vip(&self, iface: &str, vip: &Vip, until: Instant) -> Result<bool, VipError> {
-        if !self.vip_present(iface, vip).await? {
+        let index = self.index_of(iface).await?;
+        let addrs = self.addresses(None).await?;
+        self.refuse_foreign(&addrs, vip).await?;
+        if !holders(&addrs, vip.addr)
+            .ours
+            .contains(&(index, vip.prefix_len))
+        {
             return Ok(false);
         }
         self.extend_present(iface, vip, until).await
@@ -354,8 +421,10 @@ impl Netlink for RtNetlink {
             }
             return out;
         };
+        // kubeha's addresses only: the host's own are never extended.
         let present: std::collections::HashSet<(u32, IpAddr, u8)> = addrs
             .iter()
+            .filter(|m| is_kubeha_address(m))
             .filter_map(|m| Some((m.header.index, local_addr(m)?, m.header.prefix_len)))
             .collect();
         let mut index: std::collections::HashMap<&str, Option<u32>> = Default::default();
@@ -368,6 +437,10 @@ impl Netlink for RtNetlink {
                     i
                 }
             };
+            if let Err(e) = self.refuse_foreign(&addrs, vip).await {
+                out.push(Err(e));
+                continue;
+            }
             out.push(match i {
                 // The single call reports why (e.g. the interface is gone).
                 None => self.extend_vip(iface, vip, until).await,
@@ -379,6 +452,13 @@ impl Netlink for RtNetlink {
     }
 
     async fn del_vip(&self, iface: &str, vip: &Vip) -> Result<(), VipError> {
+        // The host's own address of that IP, and none of kubeha's: nothing
+        // of it is kubeha's to silence or remove.
+        let held = holders(&self.addresses(None).await?, vip.addr);
+        if held.ours.is_empty() && held.foreign.is_some() {
+            tracing::warn!(%vip, iface, "the VIP's address is the host's own, not kubeha's; left alone");
+            return Ok(());
+        }
         // Silent at once, even when removing the address fails.
         if let Err(e) = self.fence.close(vip.addr).await {
             tracing::warn!(%vip, iface, error = %e, "closing a VIP's packet fence failed");
@@ -397,6 +477,7 @@ impl Netlink for RtNetlink {
             m.header.index == index
                 && m.header.prefix_len == vip.prefix_len
                 && local_addr(m) == Some(vip.addr)
+                && is_kubeha_address(m)
         }))
     }
 

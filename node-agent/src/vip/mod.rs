@@ -22,6 +22,14 @@ use std::time::{Duration, Instant};
 pub use kernel::RtNetlink;
 pub use packet_fence::PacketFence;
 
+/// The address protocol (`IFA_PROTO`, `ip address ... proto 107`) every
+/// VIP is added with: how the agent tells its own addresses from the
+/// node's. An address of the VIP's IP that the kernel holds with another
+/// protocol (the node's own address, DHCP, another program) is never
+/// replaced, extended or deleted: [`VipError::ForeignAddress`]. 107 is `k`
+/// in ASCII; the kernel's own protocols are 1 to 3.
+pub const KUBEHA_ADDRESS_PROTOCOL: u8 = 107;
+
 /// Longest interface name the kernel accepts (IFNAMSIZ - 1).
 const IFNAME_MAX: usize = 15;
 
@@ -47,6 +55,18 @@ pub enum VipError {
          name the interface in spec.vips[].interface"
     )]
     NoInterface(String),
+    /// The VIP's address is already on the host and kubeha did not add it
+    /// (no [`KUBEHA_ADDRESS_PROTOCOL`]): taking it over would turn the
+    /// node's own address into a VIP that expires and is deleted on leave.
+    #[error(
+        "address {address} is already on interface {interface} and kubeha did not add it (the node's own address, or another program's); refusing to take it over: pick another VIP or remove the address from the node"
+    )]
+    ForeignAddress {
+        /// The address.
+        address: IpAddr,
+        /// The interface holding it.
+        interface: String,
+    },
     /// The interface has no usable Ethernet MAC address (loopback, tunnel, ...).
     #[error(
         "interface {0:?} has no Ethernet MAC address; VIPs with GARP need an Ethernet-like interface"
@@ -259,9 +279,12 @@ pub trait Netlink: Send + Sync {
     /// up in flight never sets a later end; [`VipError::PastLeaseEnd`] when
     /// it passed): its packet fence ([`packet_fence`]) is opened until then,
     /// and the address gets the matching whole-second lifetime
-    /// ([`kubeha_crds::timing::address_lifetime_secs`]). If the
-    /// address exists it is replaced (`NLM_F_REPLACE`), which extends its
-    /// lifetime. IPv6 VIPs are added with `IFA_F_NODAD`, usable at once.
+    /// ([`kubeha_crds::timing::address_lifetime_secs`]). The address is
+    /// marked with [`KUBEHA_ADDRESS_PROTOCOL`]; if kubeha's address exists
+    /// it is replaced (`NLM_F_REPLACE`), which extends its lifetime. If the
+    /// IP is on the host without that mark (any interface, any prefix),
+    /// nothing changes: [`VipError::ForeignAddress`]. IPv6 VIPs are added
+    /// with `IFA_F_NODAD`, usable at once.
     fn add_vip(
         &self,
         iface: &str,
@@ -312,10 +335,12 @@ pub trait Netlink: Send + Sync {
 
     /// Removes `vip` from `iface`, closing its packet fence first. A VIP
     /// that is not there counts as removed, and so does one whose interface
-    /// no longer exists.
+    /// no longer exists. An address of that IP kubeha did not add is left
+    /// alone, fence and all (it was never kubeha's to remove).
     fn del_vip(&self, iface: &str, vip: &Vip) -> impl Future<Output = Result<(), VipError>> + Send;
 
-    /// Whether `vip` (address and prefix length) is on `iface`.
+    /// Whether `vip` (address and prefix length) is on `iface` as kubeha's
+    /// address ([`KUBEHA_ADDRESS_PROTOCOL`]).
     fn vip_present(
         &self,
         iface: &str,

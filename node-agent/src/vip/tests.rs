@@ -1,6 +1,6 @@
 use super::*;
 use crate::netns_harness::{
-    Failure, NetNs, TestResult, addr_entry, check, child_entry, ip_json, test_path,
+    Failure, NetNs, TestResult, addr_entry, check, child_entry, ip_json, run, test_path,
 };
 use crate::vip::fake::FakeNetlink;
 
@@ -204,6 +204,22 @@ async fn netlink_trait_supports_fakes_and_spawned_tasks() {
     ));
 }
 
+#[tokio::test]
+async fn the_fake_refuses_the_hosts_own_address_like_the_kernel_does() {
+    let fake = FakeNetlink::default();
+    let own = Vip::parse("198.18.0.1/24", None).unwrap();
+    match fake
+        .add_vip("kh-fake0", &own, after(Duration::from_secs(3)))
+        .await
+    {
+        Err(VipError::ForeignAddress { address, interface }) => {
+            assert_eq!((address, interface.as_str()), (own.addr, "kh-fake0"));
+        }
+        other => panic!("expected ForeignAddress, got {other:?}"),
+    }
+    assert!(fake.addrs.lock().unwrap().is_empty());
+}
+
 // ---- real kernel, inside throwaway namespaces -------------------------
 
 /// Runs `case` of [`netns_child`] in a fresh namespace with the test links.
@@ -253,6 +269,11 @@ fn kernel_default_route_add_and_del_are_idempotent() -> TestResult {
 }
 
 #[test]
+fn kernel_never_takes_over_an_address_kubeha_did_not_add() -> TestResult {
+    kernel_case("foreign-address")
+}
+
+#[test]
 fn kernel_address_reads_over_one_connection_never_collide() -> TestResult {
     kernel_case("dump-under-churn")
 }
@@ -273,6 +294,7 @@ fn netns_child() {
             "mac-of" => case_mac_of().await,
             "default-route" => case_default_route().await,
             "dump-under-churn" => case_dump_under_churn().await,
+            "foreign-address" => case_foreign_address().await,
             other => Err(format!("unknown case {other}").into()),
         }
     });
@@ -952,4 +974,113 @@ async fn case_default_route() -> TestResult {
         crate::netns_harness::run("ip", &[family, "route", "del", "default", "via", &gw_s])?;
     }
     Ok(())
+}
+
+/// The host's own addresses (permanent, or dynamic but not kubeha's) are
+/// never replaced, extended or deleted: the add is refused naming the
+/// address and interface, and the kernel is unchanged. kubeha's own
+/// addresses (the protocol mark) are extended as before.
+async fn case_foreign_address() -> TestResult {
+    let nl = RtNetlink::new()?;
+    // Another program's address with a finite lifetime.
+    run(
+        "ip",
+        &[
+            "addr",
+            "add",
+            "198.18.0.60/24",
+            "dev",
+            "veth0",
+            "valid_lft",
+            "100",
+            "preferred_lft",
+            "100",
+        ],
+    )?;
+    for (cidr, iface, on) in [
+        ("198.18.0.1/24", None, "veth0"),
+        ("198.18.0.1/32", None, "veth0"),
+        ("198.18.0.1/24", Some("dummy0"), "veth0"),
+        ("2001:db8::1/64", None, "veth0"),
+        ("198.19.0.1/24", None, "dummy0"),
+        ("198.18.0.60/24", None, "veth0"),
+    ] {
+        let vip = Vip::parse(cidr, iface)?;
+        let before = addr_entry(on, vip.addr)?.ok_or(format!("{vip}: base address missing"))?;
+        let target = iface.unwrap_or(on);
+        match nl
+            .add_vip(target, &vip, after(Duration::from_secs(30)))
+            .await
+        {
+            Err(VipError::ForeignAddress { address, interface }) => {
+                check!(
+                    address == vip.addr && interface == on,
+                    "{vip}: named {address} on {interface}"
+                );
+                let message = VipError::ForeignAddress { address, interface }.to_string();
+                check!(
+                    message.contains(&vip.addr.to_string()) && message.contains(on),
+                    "{vip}: message {message}"
+                );
+            }
+            other => {
+                return Err(
+                    format!("{vip} on {target}: expected ForeignAddress, got {other:?}").into(),
+                );
+            }
+        }
+        check!(
+            !nl.vip_present(target, &vip).await?,
+            "{vip}: the host's address counts as kubeha's"
+        );
+        match nl
+            .extend_vip(target, &vip, after(Duration::from_secs(30)))
+            .await
+        {
+            Err(VipError::ForeignAddress { .. }) => {}
+            other => return Err(format!("{vip}: extend should be refused, got {other:?}").into()),
+        }
+        let results = nl
+            .extend_vips(
+                &[(target.to_owned(), vip.clone())],
+                after(Duration::from_secs(30)),
+            )
+            .await;
+        check!(
+            matches!(&results[..], [Err(VipError::ForeignAddress { .. })]),
+            "{vip}: extend_vips gave {results:?}"
+        );
+        nl.del_vip(target, &vip).await?;
+        let after_all = addr_entry(on, vip.addr)?.ok_or(format!("{vip}: deleted by del_vip"))?;
+        check!(
+            lifetimes(&after_all) == lifetimes(&before)
+                || (vip.addr.to_string() == "198.18.0.60" && lifetimes(&after_all).0 <= 100),
+            "{vip}: lifetimes changed from {before} to {after_all}"
+        );
+        check!(
+            vip.addr.to_string() == "198.18.0.60" || lifetimes(&after_all).0 == u64::from(u32::MAX),
+            "{vip}: the permanent address became temporary: {after_all}"
+        );
+    }
+    // kubeha's own: added, extended, found and deleted as before.
+    let vip = Vip::parse("198.18.0.100/24", None)?;
+    nl.add_vip("veth0", &vip, after(Duration::from_secs(30)))
+        .await?;
+    nl.add_vip("veth0", &vip, after(Duration::from_secs(20)))
+        .await?;
+    check!(
+        nl.vip_present("veth0", &vip).await?,
+        "{vip} not kubeha's after add"
+    );
+    check!(
+        nl.extend_vip("veth0", &vip, after(Duration::from_secs(30)))
+            .await?,
+        "{vip} not extended"
+    );
+    nl.del_vip("veth0", &vip).await?;
+    check!(
+        addr_entry("veth0", vip.addr)?.is_none(),
+        "{vip} left behind"
+    );
+    base_routes_intact()
 }
