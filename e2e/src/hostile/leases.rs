@@ -336,12 +336,14 @@ fn fake_heartbeat_for_dead_node(ctx: &Ctx) -> anyhow::Result<String> {
             for (ns, lease) in &fakes {
                 ha::apply(ctx.lab, &fake_heartbeat(ns, lease, name, &node))?;
             }
-            let state = member_heartbeat(ctx, name, &node).unwrap_or_default();
-            if state != "Alive" && lost_at.is_none() {
-                lost_at = Some(off.elapsed());
-            }
-            if lost_at.is_some() {
-                states.push(state);
+            // A failed read says nothing either way.
+            if let Some(state) = member_heartbeat(ctx, name, &node) {
+                if state != "Alive" && lost_at.is_none() {
+                    lost_at = Some(off.elapsed());
+                }
+                if lost_at.is_some() {
+                    states.push(state);
+                }
             }
             std::thread::sleep(Duration::from_millis(500));
         }
