@@ -1,6 +1,12 @@
 //! Names, labels and annotations of the Lease objects operator and agents
-//! share: one heartbeat Lease per (HACluster, member node) in the operator's
-//! namespace, and one leadership Lease per HAService in its namespace.
+//! share: one heartbeat Lease per (HACluster, member node) and one
+//! leadership Lease per HAService, all in the operator's namespace, where
+//! tenants cannot write (the operator writes service Leases, each agent
+//! only its own heartbeat: the chart's RBAC and admission policy).
+//!
+//! Names are built so that two different inputs never give one name:
+//! cluster and namespace names are DNS labels (no `.`), so the first `.`
+//! after the prefix always separates them from the node or service name.
 
 /// Label on every kubeha Lease saying which kind it is.
 pub const LEASE_KIND_LABEL: &str = "kubeha.io/lease";
@@ -12,8 +18,15 @@ pub const SERVICE: &str = "service";
 pub const CLUSTER_LABEL: &str = "kubeha.io/cluster";
 /// Label: the node a heartbeat Lease belongs to.
 pub const NODE_LABEL: &str = "kubeha.io/node";
-/// Label: the HAService a service Lease belongs to.
+/// Label: the name of the HAService a service Lease belongs to.
 pub const SERVICE_LABEL: &str = "kubeha.io/service";
+/// Label: the namespace of the HAService a service Lease belongs to.
+pub const SERVICE_NAMESPACE_LABEL: &str = "kubeha.io/service-namespace";
+/// Label: the UID of the HAService a service Lease was written for. An
+/// agent enters only when it equals the UID of the HAService it reads: a
+/// Lease left from an earlier service of the same name, or written for
+/// another one, assigns nothing.
+pub const SERVICE_UID_LABEL: &str = "kubeha.io/service-uid";
 
 /// Annotation on a service Lease: the node in the vicemaster role.
 pub const STANDBY_ANNOTATION: &str = "kubeha.io/standby";
@@ -83,14 +96,50 @@ pub fn heartbeat_expiry(
         .map(std::time::Duration::from_millis)
 }
 
-/// Name of the heartbeat Lease of `node` in `cluster`.
+/// Name of the heartbeat Lease of `node` in `cluster` (in the operator's
+/// namespace): `kubeha-hb-<cluster>.<node>`. The cluster name has no `.`
+/// (the HACluster CRD requires a DNS label), so `a-b`/`c` and `a`/`b-c`
+/// get different names.
 pub fn heartbeat_lease_name(cluster: &str, node: &str) -> String {
-    format!("kubeha-hb-{cluster}-{node}")
+    format!("kubeha-hb-{cluster}.{node}")
 }
 
-/// Name of the leadership Lease of the HAService `service` (same namespace).
-pub fn service_lease_name(service: &str) -> String {
-    format!("kubeha-svc-{service}")
+/// Name of the leadership Lease of the HAService `namespace/service` (in
+/// the operator's namespace): `kubeha-svc-<namespace>.<service>`; a
+/// namespace name has no `.`, so no two services share a name.
+pub fn service_lease_name(namespace: &str, service: &str) -> String {
+    format!("kubeha-svc-{namespace}.{service}")
+}
+
+/// The (cluster, node) of a heartbeat Lease: its labels, when its name is
+/// the one [`heartbeat_lease_name`] gives them. Any other Lease, a
+/// labelled copy under another name included, is nobody's heartbeat.
+pub fn heartbeat_of(lease: &k8s_openapi::api::coordination::v1::Lease) -> Option<(&str, &str)> {
+    let labels = lease.metadata.labels.as_ref()?;
+    let cluster = labels.get(CLUSTER_LABEL)?;
+    let node = labels.get(NODE_LABEL)?;
+    (labels.get(LEASE_KIND_LABEL).map(String::as_str) == Some(HEARTBEAT)
+        && lease.metadata.name.as_deref() == Some(heartbeat_lease_name(cluster, node).as_str()))
+    .then_some((cluster.as_str(), node.as_str()))
+}
+
+/// The HAService (`namespace`, `name`) a service Lease's labels name.
+pub fn service_of(lease: &k8s_openapi::api::coordination::v1::Lease) -> Option<(&str, &str)> {
+    let labels = lease.metadata.labels.as_ref()?;
+    Some((
+        labels.get(SERVICE_NAMESPACE_LABEL)?.as_str(),
+        labels.get(SERVICE_LABEL)?.as_str(),
+    ))
+}
+
+/// The HAService UID a service Lease was written for ([`SERVICE_UID_LABEL`]).
+pub fn service_uid(lease: &k8s_openapi::api::coordination::v1::Lease) -> Option<&str> {
+    lease
+        .metadata
+        .labels
+        .as_ref()?
+        .get(SERVICE_UID_LABEL)
+        .map(String::as_str)
 }
 
 /// Label selector for every service Lease.
@@ -177,6 +226,25 @@ mod tests {
                 ..Default::default()
             }),
         }
+    }
+
+    /// Names that used to collide (`kubeha-hb-a-b-c` twice) no longer do,
+    /// and a service's Lease name tells its namespace from its name.
+    #[test]
+    fn lease_names_never_collide() {
+        assert_ne!(
+            heartbeat_lease_name("a-b", "c"),
+            heartbeat_lease_name("a", "b-c")
+        );
+        assert_eq!(
+            heartbeat_lease_name("web", "node-1"),
+            "kubeha-hb-web.node-1"
+        );
+        assert_ne!(
+            service_lease_name("a-b", "c"),
+            service_lease_name("a", "b-c")
+        );
+        assert_eq!(service_lease_name("shop", "web"), "kubeha-svc-shop.web");
     }
 
     /// Chaos-found: an agent back from a fence remembered its first renew

@@ -594,7 +594,7 @@ fn unblock_fifo(fifo: &std::path::Path) {
 /// The `spec.renewTime` of node `i`'s heartbeat Lease in `cluster`, as
 /// the API server has it.
 fn heartbeat_renew_text(lab: &Lab, cluster: &str, i: u8) -> anyhow::Result<String> {
-    let lease = format!("kubeha-hb-{cluster}-{}", nodes::node_name(i));
+    let lease = format!("kubeha-hb-{cluster}.{}", nodes::node_name(i));
     lab.kubectl_ok(&[
         "get",
         "lease",
@@ -610,7 +610,7 @@ fn heartbeat_renew_text(lab: &Lab, cluster: &str, i: u8) -> anyhow::Result<Strin
 /// of node `i`, from the Lease's renewTime (same machine, same clock); fails
 /// saying why when there is none to read.
 fn heartbeat_renew_time(lab: &Lab, cluster: &str, i: u8) -> anyhow::Result<Instant> {
-    let lease = format!("kubeha-hb-{cluster}-{}", nodes::node_name(i));
+    let lease = format!("kubeha-hb-{cluster}.{}", nodes::node_name(i));
     let out = heartbeat_renew_text(lab, cluster, i)?;
     let renew: jiff::Timestamp = out.trim().parse().map_err(|e| {
         anyhow::anyhow!(
@@ -752,16 +752,12 @@ fn a_frozen_agent_stops_answering_for_its_vip_at_its_lease_end_while_the_address
             &serde_json::json!({
                 "apiVersion": "coordination.k8s.io/v1",
                 "kind": "Lease",
-                "metadata": {
-                    "name": format!("kubeha-svc-{name}"),
-                    "namespace": ha::SERVICE_NAMESPACE,
-                    "labels": {"kubeha.io/lease": "service", "kubeha.io/service": name},
-                    "annotations": {
-                        "kubeha.io/enter-epoch": epoch.to_string(),
-                        "kubeha.io/standby": "",
-                        "kubeha.io/holder-renew-time": renew.trim(),
-                    }
-                },
+                "metadata": ha::service_lease_metadata(&lab, name, serde_json::json!({
+                    "kubeha.io/enter-epoch": epoch.to_string(),
+                    "kubeha.io/standby": "",
+                    "kubeha.io/holder-renew-time": renew.trim(),
+                }))
+                .unwrap(),
                 "spec": {"holderIdentity": "node-3", "leaseTransitions": epoch}
             }),
         )

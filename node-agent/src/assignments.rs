@@ -5,9 +5,10 @@
 use std::collections::BTreeMap;
 
 use k8s_openapi::api::coordination::v1::Lease;
+use kube::ResourceExt;
 use kubeha_crds::members::member_mode;
 use kubeha_crds::service::Role;
-use kubeha_crds::{HACluster, Mode, leases};
+use kubeha_crds::{HACluster, HAService, Mode, leases, validate};
 
 /// What the Lease asks of this node for one service.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -106,6 +107,100 @@ pub fn assignment(node: &str, lease: Option<&Lease>, mode: Option<Mode>) -> Assi
         epoch,
         may_enter: false,
     }
+}
+
+/// Why this node takes no role in a service although its Lease names it:
+/// the agent re-checks what the operator checked before it wrote the
+/// Lease, so a forged or stale assignment runs nothing here even if it got
+/// past the operator (defence in depth).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Refusal {
+    /// The Lease was written for another HAService (its labels name
+    /// another namespace, name or UID, e.g. one deleted and created again).
+    LeaseNotForService {
+        /// What the Lease's labels name: `namespace/name (uid)`.
+        lease_for: String,
+    },
+    /// The service breaks a rule of its cluster
+    /// ([`kubeha_crds::validate`]: namespace not allowed, VIP outside the
+    /// pool or claimed by an older service, hook source not allowed, ...).
+    Invalid(Vec<validate::Problem>),
+}
+
+impl std::fmt::Display for Refusal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Refusal::LeaseNotForService { lease_for } => write!(
+                f,
+                "the service Lease names {lease_for}, not this HAService: it assigns nothing here until the operator writes it for this one"
+            ),
+            Refusal::Invalid(problems) => {
+                let problems: Vec<String> = problems.iter().map(ToString::to_string).collect();
+                write!(f, "{}", problems.join("; "))
+            }
+        }
+    }
+}
+
+/// Checks a service and its Lease before this node takes any role in it:
+/// the Lease's labels name this HAService (namespace, name and UID), and
+/// the service passes the operator's own validation against `cluster` and
+/// the VIP `claims` of every service this agent sees. Node addresses are
+/// not passed here: the VIP layer refuses an address the host already has
+/// that kubeha did not add. Who wrote the Lease is the API server's to
+/// enforce (only the operator's account may write service Leases in the
+/// operator's namespace: the chart's RBAC and admission policy); a Lease's
+/// own fields cannot prove it, field managers are chosen by the client.
+pub fn vet(
+    svc: &HAService,
+    lease: &Lease,
+    cluster: &HACluster,
+    claims: &[validate::Claim],
+) -> Result<(), Refusal> {
+    let namespace = svc.namespace().unwrap_or_default();
+    let name = svc.name_any();
+    let uid = svc.uid().unwrap_or_default();
+    let named = leases::service_of(lease);
+    let lease_uid = leases::service_uid(lease);
+    if named != Some((namespace.as_str(), name.as_str())) || lease_uid != Some(uid.as_str()) {
+        let (ns, n) = named.unwrap_or(("?", "?"));
+        return Err(Refusal::LeaseNotForService {
+            lease_for: format!("{ns}/{n} ({})", lease_uid.unwrap_or("no uid")),
+        });
+    }
+    let key = format!("{namespace}/{name}");
+    let created = svc.metadata.creation_timestamp.as_ref().map(|t| t.0);
+    let problems = validate::validate(
+        validate::Subject {
+            namespace: &namespace,
+            key: &key,
+            created,
+            spec: &svc.spec,
+        },
+        &cluster.name_any(),
+        &cluster.spec,
+        &[],
+        claims,
+    );
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        Err(Refusal::Invalid(problems))
+    }
+}
+
+/// The VIP claims of `services`, for [`vet`].
+pub fn claims_of<'a>(services: impl IntoIterator<Item = &'a HAService>) -> Vec<validate::Claim> {
+    services
+        .into_iter()
+        .map(|s| {
+            validate::Claim::of(
+                format!("{}/{}", s.namespace().unwrap_or_default(), s.name_any()),
+                s.metadata.creation_timestamp.as_ref().map(|t| t.0),
+                &s.spec,
+            )
+        })
+        .collect()
 }
 
 /// A master assignment this node would enter at an epoch older than the

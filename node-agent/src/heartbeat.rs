@@ -458,6 +458,6 @@ mod tests {
         t.lease_duration = Duration::from_millis(1500);
         let lease = heartbeat_lease("c", "node-1", &t);
         assert_eq!(lease.spec.unwrap().lease_duration_seconds, Some(2));
-        assert_eq!(lease.metadata.name.as_deref(), Some("kubeha-hb-c-node-1"));
+        assert_eq!(lease.metadata.name.as_deref(), Some("kubeha-hb-c.node-1"));
     }
 }

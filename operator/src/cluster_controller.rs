@@ -12,7 +12,6 @@ use std::time::{Duration, Instant};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::api::{DeleteParams, Patch, PatchParams};
 use kube::runtime::controller::Action;
-use kube::runtime::reflector::ObjectRef;
 use kube::{Api, Resource, ResourceExt};
 use kubeha_crds::cluster::HeartbeatState;
 use kubeha_crds::{HACluster, Mode, leases};
@@ -121,10 +120,7 @@ async fn reconcile_inner(cluster: &HACluster, ctx: &Ctx) -> Result<Action> {
         .iter()
         .filter(|s| s.spec.cluster_ref == name)
         .map(|s| {
-            let lease = ctx.stores.service_leases.get(
-                &ObjectRef::new(&leases::service_lease_name(&s.name_any()))
-                    .within(&s.namespace().unwrap_or_default()),
-            );
+            let lease = ctx.stores.service_lease(s);
             let state = lease.as_deref().map(LeaseState::from_lease);
             ServiceSummary {
                 key: service_key(s),

@@ -462,6 +462,7 @@ pub(crate) mod testing {
                 service_leases,
                 heartbeat_leases,
                 nodes,
+                namespace: "kubeha-system".into(),
             },
             Writers {
                 services: ws,

@@ -19,8 +19,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::coordination::v1::Lease;
+use kube::Api;
 use kube::api::ListParams;
-use kube::{Api, ResourceExt};
 use kubeha_crds::leases;
 
 use crate::context::Ctx;
@@ -66,12 +66,8 @@ pub async fn run(ctx: Arc<Ctx>) {
                     let observed: Vec<(String, String, Fingerprint)> = leases
                         .iter()
                         .filter_map(|l| {
-                            let labels = l.labels();
-                            Some((
-                                labels.get(leases::CLUSTER_LABEL)?.clone(),
-                                labels.get(leases::NODE_LABEL)?.clone(),
-                                Fingerprint::of(l),
-                            ))
+                            let (cluster, node) = leases::heartbeat_of(l)?;
+                            Some((cluster.to_owned(), node.to_owned(), Fingerprint::of(l)))
                         })
                         .collect();
                     if ctx.close_gaps(generation, observed, now) {

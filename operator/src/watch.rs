@@ -42,15 +42,25 @@ pub struct Stores {
     pub services: Store<HAService>,
     /// Every HACluster.
     pub clusters: Store<HACluster>,
-    /// Service Leases (every namespace).
+    /// Service Leases (operator namespace).
     pub service_leases: Store<Lease>,
     /// Heartbeat Leases (operator namespace).
     pub heartbeat_leases: Store<Lease>,
     /// Nodes, as much of them as the operator reads.
     pub nodes: Store<WatchedNode>,
+    /// The operator's namespace, where the Leases are.
+    pub namespace: String,
 }
 
 impl Stores {
+    /// The service Lease of `svc`, as the watch shows it.
+    pub fn service_lease(&self, svc: &HAService) -> Option<std::sync::Arc<Lease>> {
+        let name =
+            leases::service_lease_name(&svc.namespace().unwrap_or_default(), &svc.name_any());
+        self.service_leases
+            .get(&ObjectRef::new(&name).within(&self.namespace))
+    }
+
     /// What every Node says, by name.
     pub fn node_infos(&self) -> BTreeMap<String, NodeInfo> {
         self.nodes
@@ -80,7 +90,7 @@ pub fn start(client: &Client, namespace: &str) -> (Stores, Streams) {
         kubeha_runtime::watch::reflect::<HACluster>(client, None, watcher::Config::default());
     let (service_leases, s3) = kubeha_runtime::watch::reflect::<Lease>(
         client,
-        None,
+        Some(namespace),
         watcher::Config::default().labels(&leases::service_lease_selector()),
     );
     let (heartbeat_leases, s4) = kubeha_runtime::watch::reflect::<Lease>(
@@ -97,6 +107,7 @@ pub fn start(client: &Client, namespace: &str) -> (Stores, Streams) {
             service_leases,
             heartbeat_leases,
             nodes,
+            namespace: namespace.to_owned(),
         },
         Streams {
             services: s1.boxed(),
@@ -267,11 +278,8 @@ pub async fn dispatch(ctx: Arc<Ctx>, streams: Streams) {
         async move {
             match ev {
                 Ok(ev) => {
-                    if let Some(lease) = object(&ev)
-                        && let (Some(ns), Some(svc)) =
-                            (lease.namespace(), lease.labels().get(leases::SERVICE_LABEL))
-                    {
-                        c.trigger_service(ObjectRef::new(svc).within(&ns));
+                    if let Some((ns, svc)) = object(&ev).and_then(leases::service_of) {
+                        c.trigger_service(ObjectRef::new(svc).within(ns));
                     }
                 }
                 Err(e) => tracing::warn!(error = %e, "service Lease watch error (retrying)"),
@@ -295,11 +303,7 @@ pub async fn dispatch(ctx: Arc<Ctx>, streams: Streams) {
                         c.open_gap(now, "heartbeat watch listing again");
                     }
                     let Some(lease) = object(&ev) else { return };
-                    let labels = lease.labels();
-                    let (Some(cluster), Some(node)) = (
-                        labels.get(leases::CLUSTER_LABEL),
-                        labels.get(leases::NODE_LABEL),
-                    ) else {
+                    let Some((cluster, node)) = leases::heartbeat_of(lease) else {
                         return;
                     };
                     match ev {

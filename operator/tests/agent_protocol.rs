@@ -17,6 +17,8 @@ use kubeha_operator::heartbeat_view::Fingerprint;
 use kubeha_operator::service_controller::service_lease;
 
 const NS: &str = "apps";
+/// The operator's namespace, where it writes the service Leases.
+const OPERATOR_NS: &str = "kubeha-system";
 
 fn service() -> HAService {
     let mut svc: HAService = serde_json::from_value(serde_json::json!({
@@ -47,6 +49,7 @@ fn decide(
     assert!(h.write, "the decision changes the Lease");
     let lease = service_lease(
         current,
+        OPERATOR_NS,
         &service(),
         &h.lease,
         h.holder_changed,
@@ -78,8 +81,8 @@ fn entry(
 #[test]
 fn the_agent_finds_the_service_lease_where_the_operator_writes_it() {
     let (lease, _) = decide(None, Some("a"), Some("b"), &BTreeMap::new());
-    // The agent watches every namespace with this selector and looks the
-    // Lease up by (service namespace, service_lease_name(service)).
+    // The agent watches the operator's namespace with this selector and
+    // looks the Lease up by service_lease_name(service namespace, name).
     let (key, value) = leases::service_lease_selector()
         .split_once('=')
         .map(|(k, v)| (k.to_owned(), v.to_owned()))
@@ -89,22 +92,28 @@ fn the_agent_finds_the_service_lease_where_the_operator_writes_it() {
         Some(&value)
     );
     assert_eq!(
-        lease
-            .metadata
-            .labels
-            .as_ref()
-            .unwrap()
-            .get(leases::SERVICE_LABEL),
-        Some(&"web".to_owned())
+        lease.metadata.name,
+        Some(leases::service_lease_name(NS, "web"))
     );
-    assert_eq!(lease.metadata.name.as_deref(), Some("kubeha-svc-web"));
-    assert_eq!(lease.metadata.namespace.as_deref(), Some(NS));
-    let owner = &lease.metadata.owner_references.as_ref().unwrap()[0];
-    assert_eq!(
-        (owner.kind.as_str(), owner.uid.as_str()),
-        ("HAService", "uid-web")
+    assert_eq!(lease.metadata.namespace.as_deref(), Some(OPERATOR_NS));
+    assert_eq!(leases::service_of(&lease), Some((NS, "web")));
+    assert_eq!(leases::service_uid(&lease), Some("uid-web"));
+    // The agent's own check accepts what the operator wrote for this
+    // service, and refuses it for the same name created again.
+    let cluster = kubeha_crds::HACluster::new(
+        "c1",
+        kubeha_crds::testing::cluster_spec(kubeha_crds::cluster::Members::default()),
     );
-    assert_eq!(owner.controller, Some(true));
+    let mut cluster = cluster;
+    cluster.spec.vip_pool = vec!["198.18.0.0/24".into()];
+    cluster.spec.allowed_namespaces = vec![NS.into()];
+    assert_eq!(assignments::vet(&service(), &lease, &cluster, &[]), Ok(()));
+    let mut again = service();
+    again.metadata.uid = Some("uid-web-2".into());
+    assert!(matches!(
+        assignments::vet(&again, &lease, &cluster, &[]),
+        Err(assignments::Refusal::LeaseNotForService { .. })
+    ));
 }
 
 #[test]

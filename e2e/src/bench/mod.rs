@@ -68,6 +68,8 @@ pub struct AgentReport {
 struct LeaseWriter {
     runtime: tokio::runtime::Runtime,
     api: kube::Api<k8s_openapi::api::coordination::v1::Lease>,
+    /// Each service's Lease metadata (with its HAService's UID), read once.
+    metadata: std::sync::Mutex<std::collections::HashMap<String, serde_json::Value>>,
 }
 
 impl LeaseWriter {
@@ -84,30 +86,51 @@ impl LeaseWriter {
             .await?;
             anyhow::Ok(kube::Api::namespaced(
                 kube::Client::try_from(config)?,
-                ha::SERVICE_NAMESPACE,
+                ha::OPERATOR_NAMESPACE,
             ))
         })?;
-        Ok(Self { runtime, api })
+        Ok(Self {
+            runtime,
+            api,
+            metadata: Default::default(),
+        })
     }
 
     /// Applies the service Lease; returns the wall-clock instant the request
     /// was sent, in seconds since the epoch (tcpdump's time base).
-    fn write(&self, service: &str, holder: &str, epoch: i32, cleared: bool) -> anyhow::Result<f64> {
+    fn write(
+        &self,
+        lab: &Lab,
+        service: &str,
+        holder: &str,
+        epoch: i32,
+        cleared: bool,
+    ) -> anyhow::Result<f64> {
+        let mut metadata = {
+            let mut known = self.metadata.lock().unwrap_or_else(|e| e.into_inner());
+            match known.get(service) {
+                Some(m) => m.clone(),
+                None => {
+                    let m = ha::service_lease_metadata(lab, service, json!({}))?;
+                    known.insert(service.to_owned(), m.clone());
+                    m
+                }
+            }
+        };
+        metadata["annotations"] = json!({
+            "kubeha.io/enter-epoch": if cleared { epoch.to_string() } else { "-1".into() }
+        });
         let lease = json!({
             "apiVersion": "coordination.k8s.io/v1",
             "kind": "Lease",
-            "metadata": {
-                "name": format!("kubeha-svc-{service}"),
-                "labels": {"kubeha.io/lease": "service", "kubeha.io/service": service},
-                "annotations": {"kubeha.io/enter-epoch": if cleared { epoch.to_string() } else { "-1".into() }}
-            },
+            "metadata": metadata,
             "spec": {"holderIdentity": holder, "leaseTransitions": epoch}
         });
         let params = kube::api::PatchParams::apply("kubeha-e2e").force();
         let sent = now_epoch_secs();
         self.runtime
             .block_on(self.api.patch(
-                &format!("kubeha-svc-{service}"),
+                &ha::service_lease_name(service),
                 &params,
                 &kube::api::Patch::Apply(&lease),
             ))
@@ -183,7 +206,7 @@ pub fn agent(lab: &Lab, transitions: usize, idle_secs: u64) -> anyhow::Result<Ag
     std::thread::sleep(Duration::from_secs(3));
     for k in 1..=transitions as i32 {
         let (new, old) = if k % 2 == 1 { (1u8, 2u8) } else { (2, 1) };
-        writer.write(name, &nodes::node_name(new), k, false)?;
+        writer.write(lab, name, &nodes::node_name(new), k, false)?;
         if ha::wait_until(Duration::from_secs(15), || !ha::vip_on_node(old, vip)).is_none() {
             bail!("transition {k}: node-{old} never gave the VIP away");
         }
@@ -201,7 +224,7 @@ pub fn agent(lab: &Lab, transitions: usize, idle_secs: u64) -> anyhow::Result<Ag
                 ha::node_entry(lab, name, old)
             );
         }
-        let sent = writer.write(name, &nodes::node_name(new), k, true)?;
+        let sent = writer.write(lab, name, &nodes::node_name(new), k, true)?;
         let mac = &macs[usize::from(new) - 1];
         let seen = ha::wait_until(Duration::from_secs(15), || {
             capture
@@ -233,7 +256,7 @@ pub fn agent(lab: &Lab, transitions: usize, idle_secs: u64) -> anyhow::Result<Ag
     let more: Vec<String> = (161..=169).map(|h| format!("198.18.0.{h}/24")).collect();
     let refs: Vec<&str> = more.iter().map(String::as_str).collect();
     ha::apply(lab, &ha::service(idle, name, &refs, None, (3, 100)))?;
-    writer.write(idle, &nodes::node_name(holder), 1, true)?;
+    writer.write(lab, idle, &nodes::node_name(holder), 1, true)?;
     let all_held = ha::wait_until(Duration::from_secs(15), || {
         ha::vip_on_node(holder, vip)
             && more

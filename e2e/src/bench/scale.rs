@@ -298,14 +298,17 @@ pub fn remove_services(lab: &Lab, cluster: &str) -> anyhow::Result<()> {
         "get",
         "leases",
         "-n",
-        ha::SERVICE_NAMESPACE,
+        ha::OPERATOR_NAMESPACE,
         "-l",
         "kubeha.io/lease=service",
         "-o",
         "name",
     ])?;
-    let ours = format!("lease.coordination.k8s.io/kubeha-svc-{cluster}-");
-    let mut args = vec!["delete", "-n", ha::SERVICE_NAMESPACE, "--wait=false"];
+    let ours = format!(
+        "lease.coordination.k8s.io/{}",
+        ha::service_lease_name(&format!("{cluster}-"))
+    );
+    let mut args = vec!["delete", "-n", ha::OPERATOR_NAMESPACE, "--wait=false"];
     args.extend(leases.lines().filter(|l| l.starts_with(&ours)));
     if args.len() > 4 {
         lab.kubectl_ok(&args)?;

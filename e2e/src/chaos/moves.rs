@@ -207,7 +207,7 @@ impl Sampler {
                     "get",
                     "leases",
                     "-n",
-                    ha::SERVICE_NAMESPACE,
+                    ha::OPERATOR_NAMESPACE,
                     "-l",
                     &selector,
                     "-o",

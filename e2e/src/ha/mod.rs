@@ -69,15 +69,46 @@ pub fn delete(lab: &Lab, kind: &str, name: &str, namespace: Option<&str>) {
 }
 
 /// Deletes HAService `name` in [`SERVICE_NAMESPACE`] and its leadership
-/// Lease (the lab has no garbage collector to remove the Lease).
+/// Lease (the operator deletes it when it releases the finalizer, but a
+/// test may run without the operator).
 pub fn delete_service(lab: &Lab, name: &str) {
     delete(lab, "haservice", name, Some(SERVICE_NAMESPACE));
     delete(
         lab,
         "lease",
-        &format!("kubeha-svc-{name}"),
-        Some(SERVICE_NAMESPACE),
+        &service_lease_name(name),
+        Some(OPERATOR_NAMESPACE),
     );
+}
+
+/// Name of the leadership Lease (in [`OPERATOR_NAMESPACE`]) of HAService
+/// `service` in [`SERVICE_NAMESPACE`].
+pub fn service_lease_name(service: &str) -> String {
+    format!("kubeha-svc-{SERVICE_NAMESPACE}.{service}")
+}
+
+/// The metadata the operator gives `service`'s Lease (name, namespace and
+/// labels, the HAService's UID read from the API server), for tests that
+/// write the Lease in its place; `annotations` are added.
+pub fn service_lease_metadata(
+    lab: &Lab,
+    service: &str,
+    annotations: Value,
+) -> anyhow::Result<Value> {
+    let svc = lab.kubectl_json(&["get", "haservice", service, "-n", SERVICE_NAMESPACE])?;
+    let (uid, cluster) = (&svc["metadata"]["uid"], &svc["spec"]["clusterRef"]);
+    Ok(json!({
+        "name": service_lease_name(service),
+        "namespace": OPERATOR_NAMESPACE,
+        "labels": {
+            "kubeha.io/lease": "service",
+            "kubeha.io/cluster": cluster,
+            "kubeha.io/service-namespace": SERVICE_NAMESPACE,
+            "kubeha.io/service": service,
+            "kubeha.io/service-uid": uid,
+        },
+        "annotations": annotations,
+    }))
 }
 
 /// Heartbeat timing in milliseconds: D, R, RD, skew.
@@ -119,7 +150,8 @@ pub fn cluster(name: &str, members: &[u8], timing: Timing) -> Value {
     cluster_with_modes(name, &members, timing)
 }
 
-/// An HACluster of lab nodes with their modes, `(node, mode)`.
+/// An HACluster of lab nodes with their modes, `(node, mode)`; services of
+/// [`SERVICE_NAMESPACE`] may bind and use any hook directory.
 pub fn cluster_with_modes(name: &str, members: &[(u8, &str)], timing: Timing) -> Value {
     json!({
         "apiVersion": "kubeha.io/v1alpha1",
@@ -136,7 +168,10 @@ pub fn cluster_with_modes(name: &str, members: &[(u8, &str)], timing: Timing) ->
             },
             "startupGraceSeconds": 0,
             "vipPool": ["198.18.0.96/27", "2001:db8::100/120"],
-            "allowedNamespaces": [SERVICE_NAMESPACE]
+            "allowedNamespaces": [SERVICE_NAMESPACE],
+            // The tests' namespace may use every hook directory of the lab
+            // nodes (each test installs its own).
+            "allowedHookSources": {"namespaces": [{"namespace": SERVICE_NAMESPACE, "hostPaths": ["*"]}]}
         }
     })
 }
@@ -187,12 +222,7 @@ pub fn set_service_lease(
         &json!({
             "apiVersion": "coordination.k8s.io/v1",
             "kind": "Lease",
-            "metadata": {
-                "name": format!("kubeha-svc-{service}"),
-                "namespace": SERVICE_NAMESPACE,
-                "labels": {"kubeha.io/lease": "service", "kubeha.io/service": service},
-                "annotations": annotations
-            },
+            "metadata": service_lease_metadata(lab, service, Value::Object(annotations))?,
             "spec": {"holderIdentity": holder.unwrap_or(""), "leaseTransitions": epoch}
         }),
     )

@@ -101,6 +101,9 @@ struct Slot {
     recover: bool,
     /// The stale epoch last warned about (see [`assignments::not_older`]).
     stale_warned: Option<i64>,
+    /// Why this node last refused the service's assignment
+    /// ([`assignments::vet`]), once told in an Event.
+    refused: Option<String>,
     /// The cluster of a fence that found this record busy (a transition
     /// held it) and could not mark it: its VIPs were dropped under it, so
     /// once the record is free it is marked as a fence does.
@@ -306,9 +309,9 @@ pub async fn run(config: Config) -> crate::Result<()> {
         }
     });
 
-    let clusters = watch::<HACluster>(&client, watcher::Config::default(), &shared, |_| {});
+    let clusters = watch::<HACluster>(&client, None, watcher::Config::default(), &shared, |_| {});
     // Of a service's status, the agent reads its own node's entry only.
-    let services = watch::<HAService>(&client, watcher::Config::default(), &shared, {
+    let services = watch::<HAService>(&client, None, watcher::Config::default(), &shared, {
         let node = config.node.clone();
         move |svc: &mut HAService| {
             if let Some(status) = svc.status.as_mut() {
@@ -316,8 +319,11 @@ pub async fn run(config: Config) -> crate::Result<()> {
             }
         }
     });
+    // In the operator's namespace (where only the operator may write
+    // them), never in a tenant's.
     let service_leases = watch::<Lease>(
         &client,
+        Some(&config.namespace),
         watcher::Config::default().labels(&leases::service_lease_selector()),
         &shared,
         |_| {},
@@ -326,6 +332,7 @@ pub async fn run(config: Config) -> crate::Result<()> {
     // that pick members with `spec.members.selector`.
     let own_node = watch::<KubeNode>(
         &client,
+        None,
         watcher::Config::default().fields(&format!("metadata.name={}", config.node)),
         &shared,
         |_| {},
@@ -562,6 +569,7 @@ fn new_slot(record: ServiceRecord, adopt: bool) -> Slot {
         reported: Arc::default(),
         recover: false,
         stale_warned: None,
+        refused: None,
         fenced_while_busy: Arc::default(),
         checksum: None,
     }
@@ -573,6 +581,7 @@ fn new_slot(record: ServiceRecord, adopt: bool) -> Slot {
 /// and retried with backoff: the watch goes on.
 fn watch<K>(
     client: &Client,
+    namespace: Option<&str>,
     config: watcher::Config,
     shared: &Arc<Shared>,
     trim: impl Fn(&mut K) + Send + Sync + 'static,
@@ -586,7 +595,7 @@ where
         + Sync
         + 'static,
 {
-    let (reader, stream) = kubeha_runtime::watch::reflect_trimmed(client, None, config, trim);
+    let (reader, stream) = kubeha_runtime::watch::reflect_trimmed(client, namespace, config, trim);
     let shared = shared.clone();
     tokio::spawn(async move {
         let mut stream = std::pin::pin!(stream);

@@ -37,19 +37,23 @@ pub(super) async fn reconcile(
     let node = shared.config.node.clone();
     let by_name: HashMap<String, &Arc<HACluster>> =
         clusters.iter().map(|c| (c.name_any(), c)).collect();
-    let lease_of: HashMap<(String, String), Arc<Lease>> = service_leases
+    // Every service Lease is in the operator's namespace: by name.
+    let lease_of: HashMap<String, Arc<Lease>> = service_leases
         .state()
         .into_iter()
-        .map(|l| ((l.namespace().unwrap_or_default(), l.name_any()), l))
+        .map(|l| (l.name_any(), l))
         .collect();
+    let all_services = services.state();
+    let claims = assignments::claims_of(all_services.iter().map(|s| s.as_ref()));
     let mut seen = std::collections::HashSet::new();
     let pass = Pass {
         node: &node,
         by_name: &by_name,
         lease_of: &lease_of,
+        claims: &claims,
         me,
     };
-    for svc in services.state() {
+    for svc in all_services {
         let key = format!("{}/{}", svc.namespace().unwrap_or_default(), svc.name_any());
         let span = tracing::info_span!("service", service = %key);
         reconcile_service(shared, &pass, &svc, key, slots, &mut seen)
@@ -111,7 +115,9 @@ pub(super) async fn reconcile(
 struct Pass<'a> {
     node: &'a str,
     by_name: &'a HashMap<String, &'a Arc<HACluster>>,
-    lease_of: &'a HashMap<(String, String), Arc<Lease>>,
+    lease_of: &'a HashMap<String, Arc<Lease>>,
+    /// Every service's VIP claims, for [`assignments::vet`].
+    claims: &'a [kubeha_crds::validate::Claim],
     me: &'a OwnNode,
 }
 
@@ -130,6 +136,7 @@ async fn reconcile_service(
         node,
         by_name,
         lease_of,
+        claims,
         me,
     } = *pass;
     let Some(cluster) = by_name.get(&svc.spec.cluster_ref) else {
@@ -146,11 +153,19 @@ async fn reconcile_service(
         }
     };
     seen.insert(key.clone());
-    let lease = lease_of.get(&(
-        svc.namespace().unwrap_or_default(),
-        leases::service_lease_name(&svc.name_any()),
+    let lease = lease_of.get(&leases::service_lease_name(
+        &svc.namespace().unwrap_or_default(),
+        &svc.name_any(),
     ));
-    let wanted = assignments::assignment(node, lease.map(|l| l.as_ref()), Some(mode));
+    let mut wanted = assignments::assignment(node, lease.map(|l| l.as_ref()), Some(mode));
+    // Before taking any role, the same checks the operator made before it
+    // wrote the Lease: a forged or stale assignment runs nothing here.
+    let refusal = match lease {
+        Some(l) if wanted.role != Role::None => assignments::vet(svc, l, cluster, claims)
+            .err()
+            .map(|r| r.to_string()),
+        _ => None,
+    };
     // A clearance the operator wrote before it saw this node renew
     // again after its last fence.
     let cleared_before_return = shared
@@ -261,6 +276,23 @@ async fn reconcile_service(
         reported: slot.reported.clone(),
     };
 
+    if let Some(why) = &refusal {
+        wanted = Assignment {
+            role: Role::None,
+            may_enter: false,
+            ..wanted
+        };
+        if slot.refused.as_ref() != Some(why) {
+            tracing::warn!(reason = %why, "refusing the assignment the service Lease gives this node");
+            let (shared, target, note) = (shared.clone(), target.clone(), why.clone());
+            tokio::spawn(async move {
+                event(&shared, &target, true, "AssignmentRefused", note).await;
+            });
+        }
+    } else if slot.refused.is_some() {
+        tracing::info!("the service passes the checks again: its assignment is taken");
+    }
+    slot.refused = refusal;
     let fresh = assignments::not_older(wanted, guard.role, guard.epoch);
     if fresh != wanted && slot.stale_warned != Some(wanted.epoch) {
         slot.stale_warned = Some(wanted.epoch);

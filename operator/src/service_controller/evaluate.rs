@@ -12,7 +12,7 @@ use kube::runtime::controller::Action;
 use kube::runtime::reflector::ObjectRef;
 use kube::{Resource, ResourceExt};
 use kubeha_crds::cluster::{HeartbeatState, NoQuorumPolicy};
-use kubeha_crds::{HACluster, HAService, Mode, annotations, leases};
+use kubeha_crds::{HACluster, HAService, Mode, annotations};
 
 use super::EXPIRY_MARGIN;
 use crate::conditions;
@@ -152,7 +152,6 @@ pub(super) fn refusal_for(
 
 pub(super) fn evaluate(svc: &HAService, ctx: &Ctx, deleting: bool, now: Instant) -> Evaluation {
     let key = service_key(svc);
-    let ns = svc.namespace().unwrap_or_default();
     let cluster_name = svc.spec.cluster_ref.clone();
     let cluster = ctx.stores.clusters.get(&ObjectRef::new(&cluster_name));
     let infos = ctx.stores.node_infos();
@@ -161,10 +160,7 @@ pub(super) fn evaluate(svc: &HAService, ctx: &Ctx, deleting: bool, now: Instant)
         .map(|c| members::resolve(&c.spec, &infos))
         .unwrap_or_default();
     let refusal = refusal_for(svc, ctx, cluster.as_deref(), &infos);
-    let lease = ctx
-        .stores
-        .service_leases
-        .get(&ObjectRef::new(&leases::service_lease_name(&svc.name_any())).within(&ns));
+    let lease = ctx.stores.service_lease(svc);
     let lease_state = match lease.as_deref() {
         Some(l) => Some(LeaseState::from_lease(l)),
         // Gone although the service was placed before: assume the worst.

@@ -7,7 +7,7 @@ use std::time::Instant;
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta};
 use kube::api::{Patch, PatchParams, PostParams};
-use kube::{Api, Resource, ResourceExt};
+use kube::{Api, ResourceExt};
 use kubeha_crds::{HAService, leases};
 use serde_json::json;
 
@@ -62,14 +62,15 @@ pub(super) enum Written {
     Conflict,
 }
 
-/// The service Lease as the operator writes it: `current` (or a new one)
-/// with the kubeha labels, the annotations of `state`, the HAService as
-/// controlling owner, `holderIdentity` = master and `leaseTransitions` =
-/// epoch; `acquireTime` moves to `now` when the holder changes. Other fields
+/// The service Lease as the operator writes it, in the operator's
+/// `namespace`: `current` (or a new one) with the kubeha labels (the
+/// HAService's namespace, name and UID), the annotations of `state`,
+/// `holderIdentity` = master and `leaseTransitions` = epoch; `acquireTime` moves to `now` when the holder changes. Other fields
 /// of `current` (resourceVersion, foreign labels and annotations) are kept.
 /// Pure: this is exactly what the agents read (see `tests/agent_protocol.rs`).
 pub fn service_lease(
     current: Option<&Lease>,
+    namespace: &str,
     svc: &HAService,
     state: &LeaseState,
     holder_changed: bool,
@@ -77,16 +78,20 @@ pub fn service_lease(
 ) -> Lease {
     let mut lease = current.cloned().unwrap_or_else(|| Lease {
         metadata: ObjectMeta {
-            name: Some(leases::service_lease_name(&svc.name_any())),
-            namespace: svc.namespace(),
+            name: Some(leases::service_lease_name(
+                &svc.namespace().unwrap_or_default(),
+                &svc.name_any(),
+            )),
+            namespace: Some(namespace.to_owned()),
             ..Default::default()
         },
         spec: None,
     });
-    let labels = lease.metadata.labels.get_or_insert_with(Default::default);
-    labels.insert(leases::LEASE_KIND_LABEL.into(), leases::SERVICE.into());
-    labels.insert(leases::SERVICE_LABEL.into(), svc.name_any());
-    labels.insert(leases::CLUSTER_LABEL.into(), svc.spec.cluster_ref.clone());
+    lease
+        .metadata
+        .labels
+        .get_or_insert_with(Default::default)
+        .extend(service_lease_labels(svc));
     let annotations = lease
         .metadata
         .annotations
@@ -95,20 +100,6 @@ pub fn service_lease(
         annotations.remove(CLEARED_NODE_ANNOTATION);
     }
     annotations.extend(state.annotations());
-    if let Some(owner) = svc.controller_owner_ref(&())
-        && !lease
-            .metadata
-            .owner_references
-            .iter()
-            .flatten()
-            .any(|o| o.uid == owner.uid)
-    {
-        lease
-            .metadata
-            .owner_references
-            .get_or_insert_with(Vec::new)
-            .push(owner);
-    }
     let spec = lease.spec.get_or_insert_with(LeaseSpec::default);
     spec.holder_identity = state.holder.clone();
     spec.lease_transitions = Some(state.lease_transitions());
@@ -127,9 +118,16 @@ pub(super) async fn write_lease(
     holder_renew: Option<String>,
 ) -> Result<Written> {
     let ns = svc.namespace().ok_or(Error::Unnamed("namespace"))?;
-    let name = leases::service_lease_name(&svc.name_any());
-    let api: Api<Lease> = Api::namespaced(ctx.client.clone(), &ns);
-    let mut lease = service_lease(current, svc, state, holder_changed, jiff::Timestamp::now());
+    let name = leases::service_lease_name(&ns, &svc.name_any());
+    let api: Api<Lease> = Api::namespaced(ctx.client.clone(), &ctx.namespace);
+    let mut lease = service_lease(
+        current,
+        &ctx.namespace,
+        svc,
+        state,
+        holder_changed,
+        jiff::Timestamp::now(),
+    );
     // The holder's heartbeat as seen now (as just read, else as the view
     // shows it): an agent back from a fence enters only on a Lease written
     // after its return.
@@ -171,6 +169,43 @@ pub(super) async fn write_lease(
     }
 }
 
+/// The labels of `svc`'s Lease: its kind, cluster, and the HAService's
+/// namespace, name and UID.
+fn service_lease_labels(svc: &HAService) -> std::collections::BTreeMap<String, String> {
+    [
+        (leases::LEASE_KIND_LABEL, leases::SERVICE.to_owned()),
+        (leases::CLUSTER_LABEL, svc.spec.cluster_ref.clone()),
+        (
+            leases::SERVICE_NAMESPACE_LABEL,
+            svc.namespace().unwrap_or_default(),
+        ),
+        (leases::SERVICE_LABEL, svc.name_any()),
+        (leases::SERVICE_UID_LABEL, svc.uid().unwrap_or_default()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v))
+    .collect()
+}
+
+/// Deletes `svc`'s Lease once the service is stopped everywhere and its
+/// finalizer is about to go: a Lease in another namespace cannot be owned
+/// by the HAService, so garbage collection would never remove it.
+pub(super) async fn delete_lease(ctx: &Ctx, svc: &HAService) -> Result<()> {
+    let ns = svc.namespace().ok_or(Error::Unnamed("namespace"))?;
+    let api: Api<Lease> = Api::namespaced(ctx.client.clone(), &ctx.namespace);
+    match api
+        .delete(
+            &leases::service_lease_name(&ns, &svc.name_any()),
+            &Default::default(),
+        )
+        .await
+    {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(s)) if s.code == 404 => Ok(()),
+        Err(e) => Err(e.into()),
+    }
+}
+
 /// A Lease of that name exists but the watch (by label) does not show it:
 /// label it (nothing else) so the next reconcile sees it and decides on
 /// what it says.
@@ -179,15 +214,7 @@ pub(super) async fn adopt_unlabelled_lease(
     name: &str,
     svc: &HAService,
 ) -> Result<()> {
-    let patch = json!({
-        "metadata": {
-            "labels": {
-                leases::LEASE_KIND_LABEL: leases::SERVICE,
-                leases::SERVICE_LABEL: svc.name_any(),
-                leases::CLUSTER_LABEL: svc.spec.cluster_ref,
-            }
-        }
-    });
+    let patch = json!({ "metadata": { "labels": service_lease_labels(svc) } });
     tracing::warn!(
         lease = name,
         "a service Lease exists without the kubeha labels: labelling it"

@@ -211,7 +211,8 @@ async fn apply(svc: &HAService, ctx: &Ctx, deleting: bool) -> Result<Action> {
 
     if deleting {
         if ev.plan.stopped() {
-            tracing::info!("stopped everywhere: releasing");
+            tracing::info!("stopped everywhere: deleting its Lease and releasing");
+            lease::delete_lease(ctx, svc).await?;
             return Ok(Action::await_change());
         }
         return Err(Error::WaitingForRelease(format!(
