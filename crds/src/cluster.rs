@@ -63,8 +63,10 @@ pub struct HAClusterSpec {
     #[schemars(length(max = 256), extend("items" = {"type": "string", "maxLength": 63, "pattern": "^(\\*|[a-z0-9]([-a-z0-9]*[a-z0-9])?)$"}))]
     pub allowed_namespaces: Vec<String>,
 
-    /// Which hook sources services of this cluster may use. Hooks run as root
-    /// on the member nodes, so the cluster admin decides.
+    /// Which hook directories (under `/etc/kubeha/hooks`) and ConfigMaps
+    /// each namespace's services may take hook scripts from. Hooks run as
+    /// root on the member nodes, so the cluster admin decides; the default
+    /// grants nothing.
     #[serde(default)]
     pub allowed_hook_sources: AllowedHookSources,
 
@@ -225,33 +227,23 @@ impl Default for HeartbeatTiming {
     }
 }
 
-/// Which hook sources services may use.
-#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+/// Which hook sources services may use, per namespace: hooks run as root on
+/// every member, so the cluster admin grants each hook directory and
+/// ConfigMap to the namespaces that own it ([`crate::hook_policy`]). The
+/// default grants nothing: a service with hooks is refused until its
+/// namespace is given its source.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct AllowedHookSources {
-    /// Scripts from a directory under the agent's fixed hook root
-    /// (`/etc/kubeha/hooks`) on each member node.
-    #[serde(default = "default_true")]
-    pub host_path: bool,
-
-    /// Scripts from a ConfigMap in the operator's namespace.
-    #[serde(default = "default_true")]
-    pub config_map: bool,
-
-    /// Also allow ConfigMaps in the HAService's own namespace. Off by default:
-    /// it lets that namespace's users run code as root on the members.
-    #[serde(default)]
-    pub config_map_in_service_namespace: bool,
-}
-
-impl Default for AllowedHookSources {
-    fn default() -> Self {
-        Self {
-            host_path: true,
-            config_map: true,
-            config_map_in_service_namespace: false,
-        }
-    }
+    /// One entry per namespace (or `*` for every allowed namespace): the
+    /// directories under the hook root (`hostPaths`) and the ConfigMaps
+    /// (`configMaps`) its HAServices may take scripts from, e.g.
+    /// `{namespace: team-a, hostPaths: [team-a], configMaps: [team-a/hooks]}`.
+    /// A namespace gets the union of its entries and the `*` entries; a
+    /// namespace no entry names gets no hooks.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 256))]
+    pub namespaces: Vec<crate::hook_policy::NamespaceHookSources>,
 }
 
 /// Failback: what happens when a better node returns.
@@ -411,7 +403,4 @@ fn default_renew_deadline_ms() -> i32 {
 }
 fn default_clock_skew_ms() -> i32 {
     500
-}
-fn default_true() -> bool {
-    true
 }

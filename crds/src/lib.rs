@@ -5,6 +5,7 @@
 pub mod annotations;
 pub mod cidr;
 pub mod cluster;
+pub mod hook_policy;
 pub mod leases;
 #[cfg(feature = "manifests")]
 pub mod manifests;

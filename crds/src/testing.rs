@@ -37,12 +37,14 @@ pub fn members(listed: &[(&str, Mode)], selector: Option<&[(&str, &str)]>) -> Me
 }
 
 /// A cluster spec with these members, VIP pool 198.18.0.0/16 and
-/// 2001:db8::/32, every namespace allowed, the rest defaulted.
+/// 2001:db8::/32, every namespace allowed and given every hook directory
+/// (`allowedHookSources`: `*` may use hostPath `*`), the rest defaulted.
 pub fn cluster_spec(members: Members) -> HAClusterSpec {
     let mut spec: HAClusterSpec = serde_json::from_value(serde_json::json!({
         "members": {"nodes": [{"name": "seed"}]},
         "vipPool": ["198.18.0.0/16", "2001:db8::/32"],
         "allowedNamespaces": ["*"],
+        "allowedHookSources": {"namespaces": [{"namespace": "*", "hostPaths": ["*"]}]},
     }))
     .expect("a minimal HACluster spec parses");
     spec.members = members;

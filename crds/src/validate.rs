@@ -63,16 +63,11 @@ pub enum Problem {
         /// The older service, `namespace/name`.
         by: String,
     },
-    /// A hook source the cluster does not allow.
-    #[error(
-        "spec.hooks.source: {kind} hooks are not allowed by HACluster {cluster} (spec.allowedHookSources)"
-    )]
-    HookSourceNotAllowed {
-        /// `hostPath` or `configMap`.
-        kind: &'static str,
-        /// The cluster.
-        cluster: String,
-    },
+    /// A hook source the cluster's `spec.allowedHookSources` does not give
+    /// the service's namespace ([`crate::hook_policy`]); the message names
+    /// the field and the fix.
+    #[error("{0}")]
+    HookSourceNotAllowed(crate::hook_policy::HookSourceRefused),
     /// The cluster's timing lets no agent enter (a cluster stored before
     /// the API server checked it): placing the service would only make
     /// every member refuse it.
@@ -210,23 +205,15 @@ pub fn validate(
         }
     }
 
-    if let Some(source) = subject.spec.hooks.as_ref().map(|h| &h.source) {
-        let sources = &cluster.allowed_hook_sources;
-        if source.host_path.is_some() && !sources.host_path {
-            problems.push(Problem::HookSourceNotAllowed {
-                kind: "hostPath",
-                cluster: cluster_name.to_owned(),
-            });
-        }
-        if source.config_map.is_some()
-            && !sources.config_map
-            && !sources.config_map_in_service_namespace
-        {
-            problems.push(Problem::HookSourceNotAllowed {
-                kind: "configMap",
-                cluster: cluster_name.to_owned(),
-            });
-        }
+    if let Some(source) = subject.spec.hooks.as_ref().map(|h| &h.source)
+        && let Err(refused) = crate::hook_policy::check(
+            &cluster.allowed_hook_sources,
+            cluster_name,
+            subject.namespace,
+            source,
+        )
+    {
+        problems.push(Problem::HookSourceNotAllowed(refused));
     }
     problems
 }
@@ -364,17 +351,20 @@ mod tests {
     }
 
     #[test]
-    fn hook_sources_must_be_allowed() {
+    fn hook_sources_must_be_granted_to_the_services_namespace() {
+        use crate::hook_policy::{HookSourceRefused, NamespaceHookSources};
         let mut c = cluster(&["198.18.0.0/24"], &["*"]);
         c.allowed_hook_sources = AllowedHookSources {
-            host_path: false,
-            config_map: false,
-            config_map_in_service_namespace: false,
+            namespaces: vec![NamespaceHookSources {
+                namespace: "a".into(),
+                host_paths: vec!["a".into()],
+                config_maps: vec!["a/hooks".into()],
+            }],
         };
         let mut s = spec(&["198.18.0.5/24"]);
         s.hooks = Some(Hooks {
             source: HookSource {
-                host_path: Some("nfs".into()),
+                host_path: Some("b/nfs".into()),
                 config_map: None,
             },
             script: None,
@@ -382,27 +372,38 @@ mod tests {
             monitor: None,
             periodic: None,
         });
+        // Another team's directory.
         let p = validate(subject(&s, "a/x", 1), "c", &c, &[], &[]);
-        assert!(matches!(
-            &p[..],
-            [Problem::HookSourceNotAllowed {
-                kind: "hostPath",
-                ..
-            }]
-        ));
+        assert!(
+            matches!(
+                &p[..],
+                [Problem::HookSourceNotAllowed(
+                    HookSourceRefused::HostPathNotGranted { .. }
+                )]
+            ),
+            "{p:?}"
+        );
+        assert!(p[0].to_string().contains("spec.hooks.source.hostPath"));
+        s.hooks.as_mut().unwrap().source.host_path = Some("a/nfs".into());
+        assert_eq!(validate(subject(&s, "a/x", 1), "c", &c, &[], &[]), vec![]);
+        // Its own ConfigMap, granted; the same name from namespace b is not.
         s.hooks.as_mut().unwrap().source = HookSource {
             host_path: None,
             config_map: Some("hooks".into()),
         };
-        let p = validate(subject(&s, "a/x", 1), "c", &c, &[], &[]);
-        assert!(matches!(
-            &p[..],
-            [Problem::HookSourceNotAllowed {
-                kind: "configMap",
-                ..
-            }]
-        ));
-        c.allowed_hook_sources.config_map_in_service_namespace = true;
         assert_eq!(validate(subject(&s, "a/x", 1), "c", &c, &[], &[]), vec![]);
+        let p = validate(subject(&s, "b/x", 1), "c", &c, &[], &[]);
+        assert!(
+            matches!(
+                &p[..],
+                [Problem::HookSourceNotAllowed(
+                    HookSourceRefused::ConfigMapNotGranted { .. }
+                )]
+            ),
+            "{p:?}"
+        );
+        // The default policy grants nothing.
+        c.allowed_hook_sources = AllowedHookSources::default();
+        assert_eq!(validate(subject(&s, "a/x", 1), "c", &c, &[], &[]).len(), 1);
     }
 }

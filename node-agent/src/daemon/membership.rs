@@ -116,6 +116,17 @@ pub(super) fn sync_heartbeats(
 
 pub(super) fn cluster_view(shared: &Shared, cluster: &HACluster) -> TransitionCluster {
     let name = cluster.name_any();
+    // The hook runner checks every run against the cluster's policy and
+    // fetches ConfigMap sources itself (hooks::sources).
+    let runner = &shared.node.runner;
+    runner.configure_sources(crate::hooks::SourceRoots {
+        hook_root: shared.config.hook_root.clone(),
+        state_dir: shared.config.state_dir.clone(),
+        operator_namespace: shared.config.namespace.clone(),
+        client: Some(shared.client.clone()),
+    });
+    let policy = &cluster.spec.allowed_hook_sources;
+    runner.set_hook_policy(&name, policy);
     TransitionCluster {
         members: cluster
             .spec
@@ -126,10 +137,10 @@ pub(super) fn cluster_view(shared: &Shared, cluster: &HACluster) -> TransitionCl
             .collect(),
         beat: shared.beats.get(&name),
         fenced: fenced_flag(shared, &name),
-        config_maps_in_service_namespace: cluster
-            .spec
-            .allowed_hook_sources
-            .config_map_in_service_namespace,
+        config_maps_in_service_namespace: policy
+            .namespaces
+            .iter()
+            .any(|e| e.config_maps.iter().any(|c| c.contains('/'))),
         name,
     }
 }

@@ -15,17 +15,57 @@ use super::tasks::with_state_file;
 use super::{Shared, Slot, Target, fenced_flag};
 use crate::statefile::{self, ClusterRecord, NodeStatus, ServiceRecord};
 
+/// Hook results a status entry carries: the latest ones.
+pub const REPORTED_HOOKS: usize = 3;
+
+/// Output lines a reported hook result keeps: its last ones.
+pub const REPORTED_TAIL_LINES: usize = 3;
+
+/// Bytes a reported output line keeps (escaped, cut on a character
+/// boundary, see [`crate::hooks::clip_to`]).
+pub const REPORTED_LINE_BYTES: usize = 120;
+
+/// Bytes a reported script name keeps.
+pub const REPORTED_SCRIPT_BYTES: usize = 96;
+
+/// The hook results of a record as its status entry reports them: the last
+/// [`REPORTED_HOOKS`], each with its last [`REPORTED_TAIL_LINES`] output
+/// lines of at most [`REPORTED_LINE_BYTES`] and its script name cut to
+/// [`REPORTED_SCRIPT_BYTES`], so that no entry exceeds 4 KiB of JSON
+/// (the full results stay in the node's status file and the hook logs).
+pub fn reported_hooks(record: &ServiceRecord) -> Vec<kubeha_crds::service::HookResult> {
+    let hooks = &record.last_hooks;
+    hooks
+        .get(hooks.len().saturating_sub(REPORTED_HOOKS)..)
+        .unwrap_or_default()
+        .iter()
+        .map(|h| {
+            let tail = &h.output_tail;
+            kubeha_crds::service::HookResult {
+                script: crate::hooks::clip_to(&h.script, REPORTED_SCRIPT_BYTES),
+                action: crate::hooks::clip_to(&h.action, 16),
+                output_tail: tail
+                    .get(tail.len().saturating_sub(REPORTED_TAIL_LINES)..)
+                    .unwrap_or_default()
+                    .iter()
+                    .map(|l| crate::hooks::clip_to(l, REPORTED_LINE_BYTES))
+                    .collect(),
+                ..h.clone()
+            }
+        })
+        .collect()
+}
+
 /// What the API server's status entry is compared with: a report is due
 /// when it differs.
 pub(super) fn report_digest(record: &ServiceRecord) -> String {
-    let hooks = &record.last_hooks[record.last_hooks.len().saturating_sub(8)..];
     entry_digest(
         record.role,
         record.state,
         Some(record.epoch),
         record.acked_epoch,
         record.fail_count,
-        hooks,
+        &reported_hooks(record),
     )
 }
 
@@ -99,7 +139,7 @@ pub(super) async fn event(
 }
 
 /// This node's entry of `status.nodes` for a record, as the agent applies
-/// it. `epoch` is the record's: the epoch of the role taken or, for a node
+/// it, at most 4 KiB of JSON ([`reported_hooks`]). `epoch` is the record's: the epoch of the role taken or, for a node
 /// idle here, the latest epoch observed ([`ServiceRecord::observe_epoch`]).
 pub fn status_entry(node: &str, record: &ServiceRecord) -> serde_json::Value {
     let mut entry = serde_json::json!({
@@ -108,7 +148,7 @@ pub fn status_entry(node: &str, record: &ServiceRecord) -> serde_json::Value {
         "state": record.state,
         "epoch": record.epoch,
         "failCount": record.fail_count,
-        "hooks": record.last_hooks.iter().rev().take(8).rev().collect::<Vec<_>>(),
+        "hooks": reported_hooks(record),
     });
     // Only fields with a value: in an apply, a null would ask to remove one.
     if let Some(acked) = record.acked_epoch {
@@ -248,10 +288,68 @@ mod tests {
     }
     use kubeha_crds::HAServiceSpec;
 
+    /// The most a status entry this agent applies takes as JSON, whatever
+    /// its hook results hold.
+    const MAX_ENTRY_BYTES: usize = 4 * 1024;
+
+    /// Nodes a service's `status.nodes` may list for the object to stay
+    /// under etcd's request limit (1.5 MiB) with room for the rest of the
+    /// object (spec, metadata, conditions): 256 entries of
+    /// [`MAX_ENTRY_BYTES`] take 1 MiB.
+    const MAX_STATUS_NODES: usize = 256;
+    const _: () = assert!(MAX_ENTRY_BYTES * MAX_STATUS_NODES <= 1024 * 1024);
+
+    /// The worst case of an entry: the longest node name, every number at
+    /// its widest, and 32 hook results whose script names and 20 output
+    /// lines of 1 KiB are all characters JSON doubles (`"` and `\\`).
+    #[test]
+    fn an_entry_never_exceeds_its_bound_and_a_full_status_stays_under_etcds_limit() {
+        use kubeha_crds::service::{HookOutcome, HookResult};
+        let mut record = ServiceRecord::fresh("c", &spec("198.18.0.100/24"), "x".into(), None);
+        record.role = Role::Vicemaster;
+        record.state = NodeServiceState::Stopping;
+        record.epoch = i64::MAX;
+        record.acked_epoch = Some(i64::MIN);
+        record.unclean_epoch = Some(i64::MIN);
+        record.fail_count = i32::MIN;
+        record.last_failure = Some("9999-01-01T00:00:00Z".into());
+        let doubled = |n: usize| "\"\\".repeat(n / 2);
+        let result = HookResult {
+            script: doubled(255),
+            action: "periodic".into(),
+            exit_code: Some(i32::MIN),
+            outcome: HookOutcome::IllegalCall,
+            duration_ms: i64::MAX,
+            finished_at: Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+                "9999-01-01T00:00:00.999999999Z".parse().unwrap(),
+            )),
+            output_tail: vec![doubled(1024); 20],
+        };
+        record.last_hooks = vec![result; 32];
+        let node = "n".repeat(253);
+        let entry = serde_json::to_vec(&status_entry(&node, &record)).unwrap();
+        eprintln!(
+            "worst-case entry: {} bytes (bound {MAX_ENTRY_BYTES}); {MAX_STATUS_NODES} of them: {} bytes",
+            entry.len(),
+            entry.len() * MAX_STATUS_NODES
+        );
+        assert!(entry.len() <= MAX_ENTRY_BYTES, "{} bytes", entry.len());
+        // It still parses as an entry, with the bounded results.
+        let parsed: kubeha_crds::service::ServiceNodeStatus =
+            serde_json::from_slice(&entry).unwrap();
+        assert_eq!(parsed.hooks.len(), REPORTED_HOOKS);
+        assert!(
+            parsed
+                .hooks
+                .iter()
+                .all(|h| h.output_tail.len() == REPORTED_TAIL_LINES
+                    && h.output_tail.iter().all(|l| l.len() <= REPORTED_LINE_BYTES))
+        );
+    }
+
     /// The API server's copy of an entry the agent applied reads back with
     /// the record's digest, so a report is sent again only when the copy
     /// really differs (a late, older report applied over it).
-
     #[test]
     fn an_applied_entry_reads_back_with_the_records_digest() {
         let mut record = ServiceRecord::fresh("c", &spec("198.18.0.100/24"), "x".into(), None);

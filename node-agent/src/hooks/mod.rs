@@ -14,6 +14,7 @@ mod context;
 mod runlog;
 mod runner;
 mod scripts;
+mod sources;
 
 use std::fmt;
 use std::io;
@@ -26,8 +27,13 @@ use serde::{Deserialize, Serialize};
 
 pub use context::HookContext;
 pub use kubeha_crds::roles::Transition;
+pub use runlog::clip_to;
 pub use runner::HookRunner;
-pub use scripts::{HookLayout, HookSet, Script, check_script};
+pub use scripts::{HookLayout, HookSet, Script, check_script, check_script_at};
+pub use sources::{
+    CONFIG_MAP_FETCH_TIMEOUT, MAX_CONFIG_MAP_SCRIPT_BYTES, SourceRoots, refuse_content,
+    write_config_map,
+};
 
 /// Where hook processes run: the cgroup they join and the namespaces they
 /// enter (`--hook-cgroup`, `--hook-namespaces`, `--host-pid`). The daemon
@@ -91,7 +97,9 @@ impl HookPlacement {
 /// The `PATH` every hook script gets (the rest of the environment is cleared).
 pub const HOOK_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
-/// Default size at which a script's log file is rotated (1 MiB).
+/// Default log cap (1 MiB): the most output one run writes to its script's
+/// log (the rest is read and discarded), and the size at which the log is
+/// rotated to `.log.1` before a run.
 pub const DEFAULT_LOG_CAP_BYTES: u64 = 1024 * 1024;
 
 /// Default number of output lines kept in a [`HookResult`].
@@ -103,9 +111,10 @@ pub const DEFAULT_KILL_GRACE: Duration = Duration::from_secs(2);
 /// Most output lines a [`HookResult`] may carry (the API schema's limit).
 pub const MAX_TAIL_LINES: usize = 20;
 
-/// Longest output line (in characters) kept in a [`HookResult`]; longer lines
-/// are cut and end in `…`.
-pub const MAX_LINE_CHARS: usize = 1024;
+/// Longest output line (in bytes, after escaping control characters) kept
+/// in a [`HookResult`]; longer lines are cut on a character boundary and
+/// end in `…`.
+pub const MAX_LINE_BYTES: usize = 1024;
 
 /// What a hook script is asked to do.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]

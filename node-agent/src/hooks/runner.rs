@@ -20,14 +20,19 @@ use nix::unistd::Pid;
 use tokio::process::Command;
 
 use super::context::HookContext;
-use super::runlog::{clip, open_log, read_tail};
-use super::scripts::{HookLayout, HookSet, Script, check_script};
+use super::runlog::{Capture, clip, open_log};
+use super::scripts::{HookLayout, HookSet, Script, check_script_at};
+use super::sources::Sources;
 use super::{
     Action, DEFAULT_KILL_GRACE, DEFAULT_LOG_CAP_BYTES, DEFAULT_TAIL_LINES, MAX_TAIL_LINES,
     Transition, outcome_for_code, role_str,
 };
 use crate::cgroup::HookCgroup;
 use crate::host_namespaces::HostNamespaces;
+
+/// How long a run waits, once its script has ended, for the rest of its
+/// output: daemons it started may hold its pipes open for good.
+pub(super) const OUTPUT_DRAIN: Duration = Duration::from_millis(500);
 
 /// Prefix of the lines the agent itself adds to a result's output tail.
 pub(super) const NOTE: &str = "kubeha:";
@@ -58,6 +63,8 @@ pub struct HookRunner {
     /// The host's namespaces every hook enters, if any.
     host: Option<Arc<HostNamespaces>>,
     registry: Arc<Mutex<Registry>>,
+    /// The hook-source gate ([`super::sources`]).
+    pub(super) sources: Arc<Mutex<Sources>>,
 }
 
 /// Removes a hook's process group from the registry when the run finishes;
@@ -89,8 +96,8 @@ impl Drop for GroupGuard {
     }
 }
 
-pub(super) fn lock(registry: &Mutex<Registry>) -> MutexGuard<'_, Registry> {
-    registry.lock().unwrap_or_else(|e| e.into_inner())
+pub(super) fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// How the process ended, before mapping to an outcome.
@@ -114,6 +121,7 @@ impl HookRunner {
             cgroup: None,
             host: None,
             registry: Arc::default(),
+            sources: Arc::default(),
         }
     }
 
@@ -239,12 +247,13 @@ impl HookRunner {
     /// its output appended to `log`, and killed with its process group past
     /// `timeout`. Returns how it ended, in words, for the fence log.
     pub async fn run_reset(&self, path: &Path, log: &Path, timeout: Duration) -> String {
-        // The script is the host's file: checked where the agent sees it.
-        let seen = self
+        // The script is the host's file: checked where the agent sees it,
+        // every directory from the host's `/` down to it.
+        let base = self
             .host
             .as_ref()
-            .map_or_else(|| path.to_owned(), |h| h.host_path(path));
-        if let Err(e) = check_script(&seen) {
+            .map_or_else(|| PathBuf::from("/"), |h| h.host_path(Path::new("/")));
+        if let Err(e) = check_script_at(&base, path, None) {
             return format!("refused, not run: {e}");
         }
         let out = std::fs::OpenOptions::new()
@@ -301,15 +310,25 @@ impl HookRunner {
         timeout: Duration,
     ) -> Vec<HookResult> {
         let generation = lock(&self.registry).generation;
+        let admitted = match self.admit(set, ctx).await {
+            Ok(a) => a,
+            Err(reason) => {
+                tracing::warn!(action = %ctx.action, reason, "hook source refused; nothing run");
+                return vec![refused(&set_name(set), ctx.action, Instant::now(), reason)];
+            }
+        };
+        let set = &admitted.set;
+        let root = admitted.root.as_deref();
         let scripts = match set.scripts(ctx.action) {
             Ok(s) => s,
             Err(e) => {
                 tracing::warn!(action = %ctx.action, error = %e, "hook scripts cannot be listed");
-                let name = match &set.layout {
-                    HookLayout::SingleScript(n) => n.clone(),
-                    HookLayout::Directory => set.dir.display().to_string(),
-                };
-                return vec![refused(&name, ctx.action, Instant::now(), e.to_string())];
+                return vec![refused(
+                    &set_name(set),
+                    ctx.action,
+                    Instant::now(),
+                    e.to_string(),
+                )];
             }
         };
         let stop_on_failure = matches!(ctx.action, Action::Enter | Action::Monitor);
@@ -324,7 +343,9 @@ impl HookRunner {
                 ));
                 continue;
             }
-            let result = self.run_script_in(script, ctx, timeout, generation).await;
+            let result = self
+                .run_script_in(script, ctx, timeout, generation, root)
+                .await;
             let failed = result.outcome != HookOutcome::Success;
             results.push(result);
             if failed && stop_on_failure {
@@ -354,15 +375,19 @@ impl HookRunner {
         timeout: Duration,
     ) -> HookResult {
         let generation = lock(&self.registry).generation;
-        self.run_script_in(script, ctx, timeout, generation).await
+        self.run_script_in(script, ctx, timeout, generation, None)
+            .await
     }
 
+    /// [`HookRunner::run_script`], the script checked to stay inside
+    /// `root` when set.
     async fn run_script_in(
         &self,
         script: &Script,
         ctx: &HookContext,
         timeout: Duration,
         generation: u64,
+        root: Option<&Path>,
     ) -> HookResult {
         let started = Instant::now();
         let action = script.action;
@@ -383,7 +408,7 @@ impl HookRunner {
             }
         };
 
-        if let Err(e) = check_script(&script.path) {
+        if let Err(e) = check_script_at(Path::new("/"), &script.path, root) {
             let reason = e.to_string();
             tracing::warn!(script = %script.path.display(), reason, "hook script refused");
             if let Some(l) = &mut log {
@@ -392,13 +417,13 @@ impl HookRunner {
             return refused(&script.name, action, started, reason);
         }
 
-        let (stdout, stderr) = match &log {
-            Some(l) => match (l.file.try_clone(), l.file.try_clone()) {
-                (Ok(a), Ok(b)) => (Stdio::from(a), Stdio::from(b)),
-                _ => (Stdio::null(), Stdio::null()),
-            },
-            None => (Stdio::null(), Stdio::null()),
-        };
+        // Output goes through pipes the agent reads (hooks::runlog::Capture):
+        // at most the log cap per run reaches the disk, the rest is read
+        // and dropped, so neither the disk nor the script's writes fill up.
+        let capture = Capture::new(
+            log.as_ref().and_then(|l| l.file.try_clone().ok()),
+            self.log_cap_bytes,
+        );
         // argv[0] is the path itself (Command sets it from the program).
         let mut cmd = Command::new(&script.path);
         cmd.args(script.argv(ctx.role).into_iter().skip(1))
@@ -406,8 +431,8 @@ impl HookRunner {
             .envs(ctx.env())
             .current_dir("/")
             .stdin(Stdio::null())
-            .stdout(stdout)
-            .stderr(stderr)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
             .process_group(0);
         // Into the cluster's hook cgroup between fork and exec, so nothing
         // the script starts is ever outside it. When it cannot be created the
@@ -452,6 +477,9 @@ impl HookRunner {
                 }
             }
         };
+        // The parent's copies of the pipes' write ends close with the
+        // command, so the relays see the end of the output.
+        drop(cmd);
         let (mut child, pid) = match spawned {
             Ok(c) => c,
             Err(reason) => {
@@ -468,6 +496,19 @@ impl HookRunner {
             done: false,
         };
         tracing::info!(script = %script.path.display(), %action, role, pid, "hook started");
+        let relays: Vec<_> = [
+            child
+                .stdout
+                .take()
+                .map(|o| tokio::spawn(super::runlog::relay(o, capture.clone()))),
+            child
+                .stderr
+                .take()
+                .map(|e| tokio::spawn(super::runlog::relay(e, capture.clone()))),
+        ]
+        .into_iter()
+        .flatten()
+        .collect();
 
         let mut exited = LeaderExit::watch(Pid::from_raw(pid));
         let mut notes = Vec::new();
@@ -535,16 +576,34 @@ impl HookRunner {
         }
         let elapsed = started.elapsed();
 
-        let keep = self.tail_lines.min(MAX_TAIL_LINES);
-        let mut tail = match &log {
-            Some(l) => read_tail(&l.file, l.start, keep.saturating_sub(notes.len()))
-                .unwrap_or_else(|e| vec![format!("{NOTE} cannot read {}: {e}", l.path.display())]),
-            None => vec![format!(
-                "{NOTE} log file {} unavailable; output discarded",
-                log_path.display()
-            )],
+        // The output still in the pipes; daemons the script started keep
+        // them open (their output is relayed on, within this run's cap).
+        let _ = tokio::time::timeout(OUTPUT_DRAIN, futures::future::join_all(relays)).await;
+        let (tail_text, (logged, discarded)) = {
+            let c = lock(&capture);
+            let keep = self.tail_lines.min(MAX_TAIL_LINES);
+            (c.tail_lines(keep), c.counts())
         };
-        tail.extend(notes.iter().cloned());
+        if discarded > 0 {
+            notes.push(format!(
+                "{NOTE} output past the log cap of {} bytes: {logged} bytes logged, {discarded} more read and discarded",
+                self.log_cap_bytes
+            ));
+        }
+        if log.is_none() {
+            notes.push(format!(
+                "{NOTE} log file {} unavailable; output not logged",
+                log_path.display()
+            ));
+        }
+        let keep = self.tail_lines.min(MAX_TAIL_LINES);
+        let mut tail: Vec<String> = tail_text
+            .into_iter()
+            .rev()
+            .take(keep.saturating_sub(notes.len()))
+            .rev()
+            .collect();
+        tail.extend(notes.iter().map(|n| clip(n)));
         let skip = tail.len().saturating_sub(keep);
         let output_tail: Vec<String> = tail.into_iter().skip(skip).collect();
 
@@ -574,6 +633,15 @@ impl HookRunner {
             finished_at: Some(Time(jiff::Timestamp::now())),
             output_tail,
         }
+    }
+}
+
+/// What a result names a hook set by when no script of it was listed: its
+/// single script, or its directory.
+fn set_name(set: &HookSet) -> String {
+    match &set.layout {
+        HookLayout::SingleScript(n) => n.clone(),
+        HookLayout::Directory => set.dir.display().to_string(),
     }
 }
 

@@ -126,14 +126,28 @@ pub(super) fn matches_script_name(name: &str, letter: char) -> bool {
     !(LEFTOVERS.iter().any(|s| name.ends_with(s)) || name.contains(".dpkg-"))
 }
 
-/// Checks that a script is safe to run as root: the file (after following
-/// symlinks) is a regular file, owned by root, not writable by group or
-/// others, and executable; and the directory holding it is owned by root and
-/// not writable by group or others (unless sticky), so that nobody else can
-/// replace it. Every problem found is reported with the command that fixes it.
+/// Checks that a script is safe to run as root, like keepalived's script
+/// security: [`check_script_at`] from `/`, with no root to stay inside.
 pub fn check_script(path: &Path) -> Result<(), HookError> {
-    let meta = match fs::metadata(path) {
-        Ok(m) => m,
+    check_script_at(Path::new("/"), path, None)
+}
+
+/// Checks that the script at `path` is safe to run as root. `path` (and
+/// `root`) are absolute paths as the host sees them, read through `base`
+/// (`/`, or `/proc/<pid>/root` for the host's files seen from a container;
+/// symlinks resolve inside `base`).
+///
+/// The script, after following symlinks, must be a regular executable file
+/// owned by root and writable by nobody else; every directory from `/` down
+/// to it must be owned by root and not writable by group or others (a
+/// sticky directory, such as `/tmp`, may be), so that nobody but root can
+/// replace the script or any directory on its way. With `root` (the hook
+/// root), the script must resolve inside it: a symlink that leads out of
+/// the root is refused. Every problem found is reported with the command
+/// that fixes it.
+pub fn check_script_at(base: &Path, path: &Path, root: Option<&Path>) -> Result<(), HookError> {
+    let resolved = match resolve(base, path) {
+        Ok(r) => r,
         Err(e) if e.kind() == io::ErrorKind::NotFound => {
             return Err(HookError::NotFound {
                 path: path.to_owned(),
@@ -146,16 +160,33 @@ pub fn check_script(path: &Path) -> Result<(), HookError> {
             });
         }
     };
-    let target = fs::canonicalize(path).map_err(|source| HookError::Io {
+    let real = |p: &Path| base.join(p.strip_prefix("/").unwrap_or(p));
+    let shown = if resolved == path {
+        path.display().to_string()
+    } else {
+        format!("{} (-> {})", path.display(), resolved.display())
+    };
+    let unsafe_because = |reasons: Vec<String>| HookError::Unsafe {
+        path: path.to_owned(),
+        reasons,
+    };
+    if let Some(root) = root {
+        let inside = resolve(base, root).map_err(|source| HookError::Io {
+            path: root.to_owned(),
+            source,
+        })?;
+        if !resolved.starts_with(&inside) {
+            return Err(unsafe_because(vec![format!(
+                "{shown} leads out of the hook root {}: a symlink on its way points outside; put the script itself under the root",
+                inside.display()
+            )]));
+        }
+    }
+    let meta = fs::metadata(real(&resolved)).map_err(|source| HookError::Io {
         path: path.to_owned(),
         source,
     })?;
-    let shown = if target == path {
-        path.display().to_string()
-    } else {
-        format!("{} (-> {})", path.display(), target.display())
-    };
-    let fixed = target.display();
+    let fixed = resolved.display();
     let mut reasons = Vec::new();
 
     if !meta.is_file() {
@@ -167,10 +198,7 @@ pub fn check_script(path: &Path) -> Result<(), HookError> {
         reasons.push(format!(
             "{shown} is {kind}; a hook must be a regular executable file"
         ));
-        return Err(HookError::Unsafe {
-            path: path.to_owned(),
-            reasons,
-        });
+        return Err(unsafe_because(reasons));
     }
     if meta.uid() != 0 {
         reasons.push(format!(
@@ -184,42 +212,84 @@ pub fn check_script(path: &Path) -> Result<(), HookError> {
     if meta.mode() & 0o111 == 0 {
         reasons.push(format!("{shown} is not executable; run chmod u+x {fixed}"));
     }
-    if let Some(dir) = target.parent() {
-        match fs::metadata(dir) {
-            Ok(d) => {
-                if d.uid() != 0 {
-                    reasons.push(format!(
-                        "directory {} holding {shown} is owned by uid {}, not root; run chown root {}",
-                        dir.display(),
-                        d.uid(),
-                        dir.display()
-                    ));
-                }
-                let sticky = d.mode() & 0o1000 != 0;
-                if let (false, Some(who)) = (sticky, writable_by(d.mode())) {
-                    reasons.push(format!(
-                        "directory {} holding {shown} is {who}; run chmod g-w,o-w {}",
-                        dir.display(),
-                        dir.display()
-                    ));
-                }
-            }
-            Err(source) => {
-                return Err(HookError::Io {
-                    path: dir.to_owned(),
-                    source,
-                });
-            }
+    // Every directory on the way, the nearest first.
+    for dir in resolved.ancestors().skip(1) {
+        let d = fs::metadata(real(dir)).map_err(|source| HookError::Io {
+            path: dir.to_owned(),
+            source,
+        })?;
+        if d.uid() != 0 {
+            reasons.push(format!(
+                "directory {} on the way to {shown} is owned by uid {}, not root; run chown root {}",
+                dir.display(),
+                d.uid(),
+                dir.display()
+            ));
+        }
+        let sticky = d.mode() & 0o1000 != 0;
+        if let (false, Some(who)) = (sticky, writable_by(d.mode())) {
+            reasons.push(format!(
+                "directory {} on the way to {shown} is {who}; run chmod g-w,o-w {}",
+                dir.display(),
+                dir.display()
+            ));
         }
     }
     if reasons.is_empty() {
         Ok(())
     } else {
-        Err(HookError::Unsafe {
-            path: path.to_owned(),
-            reasons,
-        })
+        Err(unsafe_because(reasons))
     }
+}
+
+/// Most symlinks followed while resolving one path (as the kernel's 40).
+const MAX_SYMLINKS: usize = 40;
+
+/// `path` (absolute) with every symlink resolved, as seen through `base`:
+/// an absolute link target starts again at `base`, `..` never climbs above
+/// it. The result is absolute and names no symlink.
+pub(super) fn resolve(base: &Path, path: &Path) -> io::Result<PathBuf> {
+    use std::collections::VecDeque;
+    use std::path::Component;
+    fn parts(p: &Path) -> VecDeque<OsString> {
+        p.components()
+            .filter_map(|c| match c {
+                Component::Normal(n) => Some(n.to_owned()),
+                Component::ParentDir => Some(OsString::from("..")),
+                Component::RootDir | Component::CurDir | Component::Prefix(_) => None,
+            })
+            .collect()
+    }
+    let mut resolved = PathBuf::from("/");
+    let mut pending = parts(path);
+    let mut links = 0;
+    while let Some(part) = pending.pop_front() {
+        if part == ".." {
+            resolved.pop();
+            continue;
+        }
+        let candidate = resolved.join(&part);
+        let real = base.join(candidate.strip_prefix("/").unwrap_or(&candidate));
+        if fs::symlink_metadata(&real)?.file_type().is_symlink() {
+            links += 1;
+            if links > MAX_SYMLINKS {
+                return Err(io::Error::other(format!(
+                    "more than {MAX_SYMLINKS} symlinks on the way to {}",
+                    path.display()
+                )));
+            }
+            let target = fs::read_link(&real)?;
+            if target.is_absolute() {
+                resolved = PathBuf::from("/");
+            }
+            let mut next = parts(&target);
+            next.extend(pending);
+            pending = next;
+        } else {
+            resolved = candidate;
+        }
+    }
+    Ok(resolved)
 }
 
 /// "group-writable", "writable by others", both, or nothing.

@@ -88,6 +88,18 @@ fn fixture() -> Fixture {
     }
 }
 
+/// Writes enter script `name` with `body` into the fixture's hook folder
+/// and runs it once within `timeout`.
+async fn run_enter(f: &Fixture, name: &str, body: &str, timeout: Duration) -> HookResult {
+    let path = script(f.hooks.path(), name, body, 0o755);
+    let s = Script {
+        path,
+        name: name.into(),
+        action: Action::Enter,
+    };
+    f.runner.run_script(&s, &ctx(Action::Enter), timeout).await
+}
+
 #[test]
 fn transitions_follow_the_node_and_the_action() {
     let master = Role::Master;
@@ -388,23 +400,15 @@ async fn log_has_header_and_output_and_is_rotated_at_the_cap() {
 #[tokio::test]
 async fn tail_keeps_the_last_lines_and_at_most_the_schema_limit() {
     let f = fixture();
-    let path = script(f.hooks.path(), "E01many", "seq 1 30", 0o755);
-    let s = Script {
-        path,
-        name: "E01many".into(),
-        action: Action::Enter,
-    };
-    let r = f
-        .runner
-        .run_script(&s, &ctx(Action::Enter), Duration::from_secs(5))
-        .await;
+    let r = run_enter(&f, "E01many", "seq 1 30", Duration::from_secs(5)).await;
     let want: Vec<String> = (21..=30).map(|n| n.to_string()).collect();
     assert_eq!(r.output_tail, want);
 
-    let wide = f.runner.clone().with_tail_lines(100);
-    let r = wide
-        .run_script(&s, &ctx(Action::Enter), Duration::from_secs(5))
-        .await;
+    let wide = Fixture {
+        runner: f.runner.clone().with_tail_lines(100),
+        ..f
+    };
+    let r = run_enter(&wide, "E01many", "seq 1 30", Duration::from_secs(5)).await;
     assert_eq!(r.output_tail.len(), MAX_TAIL_LINES);
     assert_eq!(r.output_tail.last().map(String::as_str), Some("30"));
 }
@@ -439,16 +443,7 @@ async fn exit_codes_map_onto_outcomes() {
         );
         assert_eq!(r.action, action.as_str());
     }
-    let path = script(f.hooks.path(), "E01signal", "kill -KILL $$", 0o755);
-    let s = Script {
-        path,
-        name: "E01signal".into(),
-        action: Action::Enter,
-    };
-    let r = f
-        .runner
-        .run_script(&s, &ctx(Action::Enter), Duration::from_secs(5))
-        .await;
+    let r = run_enter(&f, "E01signal", "kill -KILL $$", Duration::from_secs(5)).await;
     assert_eq!((r.outcome, r.exit_code), (HookOutcome::Failed, None));
     assert!(r.output_tail.iter().any(|l| l.contains("SIGKILL")), "{r:?}");
 }
@@ -1071,4 +1066,299 @@ async fn the_reset_hook_is_checked_runs_in_the_host_namespaces_with_a_clean_envi
         "{:?}",
         started.elapsed()
     );
+}
+
+// ---- Trust boundaries (issue 9): the path walk, the source gate, the
+// ---- output cap, ConfigMap scripts per namespace/name.
+
+#[test]
+fn the_check_walks_every_directory_from_the_root_and_refuses_symlinks_out_of_it() {
+    let top = tempfile::tempdir().expect("tempdir");
+    let root = top.path().join("hooks");
+    let team = root.join("team-a").join("nfs");
+    fs::create_dir_all(&team).expect("mkdir");
+    let good = script(&team, "E01start", "true", 0o755);
+    check_script_at(Path::new("/"), &good, Some(&root)).expect("a clean path is fine");
+
+    // A group-writable directory two levels up is named with its fix.
+    let team_a = root.join("team-a");
+    fs::set_permissions(&team_a, fs::Permissions::from_mode(0o775)).expect("chmod");
+    let e = check_script_at(Path::new("/"), &good, Some(&root))
+        .expect_err("refused")
+        .to_string();
+    assert!(
+        e.contains(&format!("directory {} on the way", team_a.display()))
+            && e.contains("group-writable")
+            && e.contains("chmod g-w,o-w"),
+        "{e}"
+    );
+    fs::set_permissions(&team_a, fs::Permissions::from_mode(0o755)).expect("chmod");
+
+    // The hook root itself owned by someone else.
+    std::os::unix::fs::chown(&root, Some(1000), None).expect("chown");
+    let e = check_script_at(Path::new("/"), &good, Some(&root))
+        .expect_err("refused")
+        .to_string();
+    assert!(e.contains("uid 1000") && e.contains("chown root"), "{e}");
+    std::os::unix::fs::chown(&root, Some(0), None).expect("chown");
+
+    // A symlink out of the root, to a script that is fine in itself.
+    let outside = top.path().join("elsewhere");
+    fs::create_dir(&outside).expect("mkdir");
+    let foreign = script(&outside, "E01x", "true", 0o755);
+    let link = team.join("E02link");
+    symlink(&foreign, &link).expect("symlink");
+    let e = check_script_at(Path::new("/"), &link, Some(&root))
+        .expect_err("refused")
+        .to_string();
+    assert!(e.contains("leads out of the hook root"), "{e}");
+    // A directory symlink out of the root is caught the same way.
+    let dir_link = root.join("team-b");
+    symlink(&outside, &dir_link).expect("symlink");
+    assert!(
+        check_script_at(Path::new("/"), &dir_link.join("E01x"), Some(&root)).is_err(),
+        "a directory link out of the root"
+    );
+    // A symlink that stays inside the root is fine.
+    let inside = team.join("E03inside");
+    symlink("E01start", &inside).expect("symlink");
+    check_script_at(Path::new("/"), &inside, Some(&root)).expect("inside the root");
+}
+
+#[test]
+fn the_check_reads_the_hosts_files_through_a_base_and_resolves_links_inside_it() {
+    // `base` stands for /proc/<pid>/root: an absolute link target starts
+    // again at base, not at the agent's own `/`.
+    let base = tempfile::tempdir().expect("tempdir");
+    let b = base.path();
+    fs::create_dir_all(b.join("usr/sbin")).expect("mkdir");
+    script(&b.join("usr/sbin"), "reset", "true", 0o755);
+    symlink("/usr/sbin", b.join("sbin")).expect("symlink");
+    check_script_at(b, Path::new("/sbin/reset"), None).expect("through the base");
+    fs::set_permissions(b.join("usr"), fs::Permissions::from_mode(0o757)).expect("chmod");
+    let e = check_script_at(b, Path::new("/sbin/reset"), None)
+        .expect_err("refused")
+        .to_string();
+    assert!(e.contains("directory /usr on the way"), "{e}");
+    assert!(matches!(
+        check_script_at(b, Path::new("/sbin/absent"), None),
+        Err(HookError::NotFound { .. })
+    ));
+}
+
+#[tokio::test]
+async fn a_hook_printing_without_end_logs_only_the_cap_and_is_not_blocked() {
+    let mut f = fixture();
+    f.runner.log_cap_bytes = 64 * 1024;
+    // 50 MB, then a last line: the script must get through all of it.
+    let body = "head -c 50000000 /dev/zero | tr '\\0' y\necho; echo last-line";
+    let started = Instant::now();
+    let r = run_enter(&f, "E01loud", body, Duration::from_secs(60)).await;
+    assert_eq!(r.outcome, HookOutcome::Success, "{r:?}");
+    let log = f.runner.log_path("shop/nfs", "E01loud");
+    let size = fs::metadata(&log).expect("log").len();
+    assert!(
+        size <= 64 * 1024 + 1024,
+        "log is {size} bytes, over the 64 KiB cap (+ header and footer)"
+    );
+    let note = r
+        .output_tail
+        .iter()
+        .find(|l| l.contains("past the log cap"))
+        .unwrap_or_else(|| panic!("no cap note in {:?}", r.output_tail));
+    assert!(note.contains("65536 bytes logged"), "{note}");
+    // The tail is the end of the output, not of the log.
+    assert!(
+        r.output_tail.iter().any(|l| l == "last-line"),
+        "{:?}",
+        r.output_tail
+    );
+    for line in &r.output_tail {
+        assert!(line.len() <= MAX_LINE_BYTES, "{} bytes", line.len());
+    }
+    eprintln!(
+        "50 MB of output: {size} bytes logged, run took {:?}",
+        started.elapsed()
+    );
+}
+
+#[tokio::test]
+async fn tails_are_cut_by_bytes_on_character_boundaries_and_escaped() {
+    let f = fixture();
+    let body = "i=0; while [ $i -lt 1500 ]; do printf 'é'; i=$((i+1)); done; echo\nprintf 'red:\\033[31m bell:\\007 bidi:\\342\\200\\256 end\\n'";
+    let r = run_enter(&f, "E01odd", body, Duration::from_secs(10)).await;
+    assert_eq!(r.output_tail.len(), 2, "{:?}", r.output_tail);
+    let long = &r.output_tail[0];
+    assert!(long.len() <= MAX_LINE_BYTES && long.len() > MAX_LINE_BYTES - 8);
+    assert!(long.ends_with('…') && long.starts_with("éé"), "{long}");
+    assert_eq!(
+        r.output_tail[1],
+        "red:\\x1b[31m bell:\\x07 bidi:\\u{202e} end"
+    );
+    // Clipping never splits a character, however small the limit.
+    for max in 0..12 {
+        let c = runlog::clip_to("ééééé\u{7}é", max);
+        assert!(c.len() <= max.max(3), "{max}: {c:?}");
+    }
+}
+
+/// A runner whose gate is on: hook root `root`, ConfigMaps under `state`,
+/// no API client, cluster `prod` granting namespace `shop` the directory
+/// `shop` and ConfigMap `shop/hooks`.
+fn gated(f: &Fixture, state: &Path) -> HookRunner {
+    use kubeha_crds::cluster::AllowedHookSources;
+    use kubeha_crds::hook_policy::NamespaceHookSources;
+    let runner = f.runner.clone();
+    runner.configure_sources(SourceRoots {
+        hook_root: f.hooks.path().to_owned(),
+        state_dir: state.to_owned(),
+        operator_namespace: "kubeha-system".into(),
+        client: None,
+    });
+    runner.set_hook_policy(
+        "prod",
+        &AllowedHookSources {
+            namespaces: vec![NamespaceHookSources {
+                namespace: "shop".into(),
+                host_paths: vec!["shop".into()],
+                config_maps: vec!["shop/hooks".into()],
+            }],
+        },
+    );
+    runner
+}
+
+#[tokio::test]
+async fn the_gate_runs_nothing_from_a_directory_or_configmap_the_policy_did_not_give() {
+    let f = fixture();
+    let state = tempfile::tempdir().expect("tempdir");
+    let runner = gated(&f, state.path());
+    let ran = f.out.path().join("ran");
+    let body = format!("echo \"$0\" >> '{}'", ran.display());
+    for dir in ["shop", "other-team"] {
+        let d = f.hooks.path().join(dir);
+        fs::create_dir(&d).expect("mkdir");
+        script(&d, "E01mark", &body, 0o755);
+    }
+    let t = Duration::from_secs(5);
+
+    let other = runner
+        .run(
+            &dir_set(&f.hooks.path().join("other-team")),
+            &ctx(Action::Enter),
+            t,
+        )
+        .await;
+    assert_eq!(other.len(), 1);
+    assert_eq!(other[0].outcome, HookOutcome::Refused, "{other:?}");
+    assert!(
+        other[0].output_tail[0].contains("does not give that directory to namespace shop"),
+        "{other:?}"
+    );
+    assert!(!ran.exists(), "a refused source ran a script");
+
+    // Another cluster's service: no policy known, nothing runs.
+    let mut c = ctx(Action::Enter);
+    c.cluster = "unknown".into();
+    let r = runner
+        .run(&dir_set(&f.hooks.path().join("shop")), &c, t)
+        .await;
+    assert_eq!(r[0].outcome, HookOutcome::Refused);
+    assert!(r[0].output_tail[0].contains("not known"), "{r:?}");
+    assert!(!ran.exists());
+
+    // A ConfigMap the policy does not give, and one it gives that cannot
+    // be fetched (no client): nothing runs either way.
+    let named = state.path().join("configmap-hooks");
+    let r = runner
+        .run(
+            &dir_set(&named.join("team-b-hooks")),
+            &ctx(Action::Enter),
+            t,
+        )
+        .await;
+    assert!(
+        r[0].output_tail[0].contains("does not give that ConfigMap"),
+        "{r:?}"
+    );
+    let r = runner
+        .run(&dir_set(&named.join("hooks")), &ctx(Action::Enter), t)
+        .await;
+    assert_eq!(r[0].outcome, HookOutcome::Refused);
+    assert!(r[0].output_tail[0].contains("cannot be fetched"), "{r:?}");
+    assert!(!ran.exists());
+
+    // The granted directory runs.
+    let ok = runner
+        .run(
+            &dir_set(&f.hooks.path().join("shop")),
+            &ctx(Action::Enter),
+            t,
+        )
+        .await;
+    assert_eq!(ok[0].outcome, HookOutcome::Success, "{ok:?}");
+    assert!(ran.exists());
+}
+
+fn config_map(data: &[(&str, &str)]) -> k8s_openapi::api::core::v1::ConfigMap {
+    k8s_openapi::api::core::v1::ConfigMap {
+        data: Some(
+            data.iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        ),
+        ..Default::default()
+    }
+}
+
+#[test]
+fn configmap_scripts_get_a_directory_per_namespace_and_name_replaced_whole() {
+    let state = tempfile::tempdir().expect("tempdir");
+    let root = state.path().join("hook-configmaps");
+    let a = write_config_map(&root, "team-a", "hooks", &config_map(&[("E01a", "echo a")]))
+        .expect("written");
+    let b = write_config_map(&root, "team-b", "hooks", &config_map(&[("E01b", "echo b")]))
+        .expect("written");
+    assert_ne!(a, b);
+    assert_eq!(fs::read_to_string(a.join("E01a")).unwrap(), "echo a");
+    assert_eq!(fs::read_to_string(b.join("E01b")).unwrap(), "echo b");
+    assert!(
+        !a.join("E01b").exists(),
+        "one namespace's scripts in another's"
+    );
+    check_script_at(Path::new("/"), &a.join("E01a"), Some(&root)).expect("written safe");
+
+    // A new version replaces the whole directory: a key gone is gone.
+    let a2 = write_config_map(
+        &root,
+        "team-a",
+        "hooks",
+        &config_map(&[("E02new", "echo 2")]),
+    )
+    .expect("written");
+    assert_eq!(a2, a);
+    assert!(!a.join("E01a").exists() && a.join("E02new").exists());
+    let leftovers: Vec<_> = fs::read_dir(root.join("team-a"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(leftovers, vec![std::ffi::OsString::from("hooks")]);
+
+    // Refused whole, nothing written: binaryData, odd keys, big scripts.
+    let mut binary = config_map(&[("E01a", "echo a")]);
+    binary.binary_data = Some(
+        [("E02bin".to_string(), k8s_openapi::ByteString(vec![0, 1, 2]))]
+            .into_iter()
+            .collect(),
+    );
+    let e = write_config_map(&root, "team-c", "hooks", &binary).expect_err("refused");
+    assert!(e.contains("binaryData") && e.contains("E02bin"), "{e}");
+    let big = "#".repeat(MAX_CONFIG_MAP_SCRIPT_BYTES + 1);
+    let e = write_config_map(&root, "team-c", "hooks", &config_map(&[("E01big", &big)]))
+        .expect_err("refused");
+    assert!(e.contains("E01big") && e.contains("bytes"), "{e}");
+    let e = write_config_map(&root, "team-c", "hooks", &config_map(&[(".hidden", "x")]))
+        .expect_err("refused");
+    assert!(e.contains(".hidden"), "{e}");
+    assert!(!root.join("team-c").join("hooks").exists());
 }

@@ -1,0 +1,366 @@
+//! The hook-source policy of an HACluster (`spec.allowedHookSources`): which
+//! directories under the hook root and which ConfigMaps each namespace's
+//! HAServices may take their hook scripts from. Hooks run as root on every
+//! member, so the cluster admin grants each source to the namespaces that
+//! own it; a namespace never reaches a directory or ConfigMap nobody gave
+//! it.
+//!
+//! The check is pure and shared: the operator refuses a service whose
+//! source is not granted (condition and Event), and the agent checks the
+//! same again before it runs any script, so a forged assignment alone does
+//! not get a script run.
+
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use crate::cluster::AllowedHookSources;
+use crate::service::HookSource;
+
+/// What one namespace (or every namespace, `*`) may use as hook sources. A
+/// namespace gets the union of the entries naming it and the `*` entries.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-validations" = [
+    {
+        "rule": "!has(self.configMaps) || self.configMaps.all(c, !c.contains('/') || (self.namespace != '*' && c.startsWith(self.namespace + '/')))",
+        "message": "spec.allowedHookSources.namespaces[].configMaps: an entry namespace/name must name a ConfigMap of the entry's own namespace (the service's namespace); write a bare name for a ConfigMap of the operator's namespace, and grant a namespace's own ConfigMaps in an entry naming that namespace, not in '*'"
+    }
+]))]
+pub struct NamespaceHookSources {
+    /// The namespace whose HAServices this entry is for, or `*` for every
+    /// namespace that `spec.allowedNamespaces` allows.
+    #[schemars(
+        length(min = 1, max = 63),
+        regex(pattern = r"^(\*|[a-z0-9]([-a-z0-9]*[a-z0-9])?)$")
+    )]
+    pub namespace: String,
+
+    /// Directories relative to the hook root (`/etc/kubeha/hooks`) that the
+    /// namespace may name in `spec.hooks.source.hostPath`: the directory
+    /// itself or any directory beneath it, e.g. `team-a` grants `team-a`
+    /// and `team-a/nfs`. `*` grants every directory under the root (only
+    /// for a namespace trusted with all of them).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 64), extend("items" = {
+        "type": "string",
+        "minLength": 1,
+        "maxLength": 253,
+        "pattern": "^(\\*|[A-Za-z0-9_][A-Za-z0-9._-]*(/[A-Za-z0-9_][A-Za-z0-9._-]*)*)$"
+    }))]
+    pub host_paths: Vec<String>,
+
+    /// ConfigMaps the namespace may name in `spec.hooks.source.configMap`:
+    /// `name` for a ConfigMap in the operator's namespace, `namespace/name`
+    /// for one in the service's own namespace (only in an entry naming that
+    /// namespace). Scripts from the service's own namespace run as root on
+    /// the members: grant them only to a namespace trusted with that.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 64), extend("items" = {
+        "type": "string",
+        "minLength": 1,
+        "maxLength": 317,
+        "pattern": "^([a-z0-9]([-a-z0-9]*[a-z0-9])?/)?[a-z0-9]([-a-z0-9]*[a-z0-9])?(\\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
+    }))]
+    pub config_maps: Vec<String>,
+}
+
+/// Where a ConfigMap hook source is read from.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum ConfigMapHome {
+    /// The operator's namespace (a bare name in the policy).
+    OperatorNamespace,
+    /// The HAService's own namespace (`namespace/name` in the policy).
+    ServiceNamespace,
+}
+
+/// Why a service's hook source is refused by the policy. Every message
+/// names the field and the fix.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum HookSourceRefused {
+    /// A hostPath that does not stay inside the hook root.
+    #[error(
+        "spec.hooks.source.hostPath {path:?} is not a directory inside the hook root {root}: give a relative path without '..' or empty parts, e.g. nfs",
+        root = crate::HOOK_ROOT
+    )]
+    HostPathOutsideRoot {
+        /// The hostPath as written.
+        path: String,
+    },
+    /// A hostPath directory not granted to the namespace.
+    #[error(
+        "spec.hooks.source.hostPath {path:?}: HACluster {cluster} does not give that directory to namespace {namespace} (granted: {granted:?}); use a granted directory, or the cluster admin adds {path:?} to hostPaths of the spec.allowedHookSources.namespaces entry for {namespace}"
+    )]
+    HostPathNotGranted {
+        /// The cluster.
+        cluster: String,
+        /// The service's namespace.
+        namespace: String,
+        /// The hostPath as written.
+        path: String,
+        /// What the namespace is granted.
+        granted: Vec<String>,
+    },
+    /// A ConfigMap not granted to the namespace.
+    #[error(
+        "spec.hooks.source.configMap {name:?}: HACluster {cluster} does not give that ConfigMap to namespace {namespace} (granted: {granted:?}); use a granted one, or the cluster admin adds {name:?} (the operator's namespace) or \"{namespace}/{name}\" (the service's namespace) to configMaps of the spec.allowedHookSources.namespaces entry for {namespace}"
+    )]
+    ConfigMapNotGranted {
+        /// The cluster.
+        cluster: String,
+        /// The service's namespace.
+        namespace: String,
+        /// The ConfigMap name as written.
+        name: String,
+        /// What the namespace is granted.
+        granted: Vec<String>,
+    },
+}
+
+/// The parts of a relative path under the hook root (`.` and empty parts
+/// dropped); `None` when a part is `..` or the path is absolute.
+pub fn host_path_parts(path: &str) -> Option<Vec<&str>> {
+    if path.starts_with('/') || path.contains('\0') {
+        return None;
+    }
+    let mut parts = Vec::new();
+    for part in path.split('/') {
+        match part {
+            "" | "." => {}
+            ".." => return None,
+            p => parts.push(p),
+        }
+    }
+    Some(parts)
+}
+
+/// The entries of the policy that apply to `namespace` (its own and `*`).
+fn entries<'a>(
+    policy: &'a AllowedHookSources,
+    namespace: &'a str,
+) -> impl Iterator<Item = &'a NamespaceHookSources> + 'a {
+    policy
+        .namespaces
+        .iter()
+        .filter(move |e| e.namespace == "*" || e.namespace == namespace)
+}
+
+/// Whether `namespace` may use host-path directory `path` (relative to the
+/// hook root): granted when an entry for it lists `*`, the directory itself
+/// or a directory above it.
+pub fn check_host_path(
+    policy: &AllowedHookSources,
+    cluster: &str,
+    namespace: &str,
+    path: &str,
+) -> Result<(), HookSourceRefused> {
+    let Some(wanted) = host_path_parts(path) else {
+        return Err(HookSourceRefused::HostPathOutsideRoot {
+            path: path.to_owned(),
+        });
+    };
+    let granted: Vec<&String> = entries(policy, namespace)
+        .flat_map(|e| &e.host_paths)
+        .collect();
+    let ok = granted.iter().any(|g| {
+        if g.as_str() == "*" {
+            return true;
+        }
+        match host_path_parts(g) {
+            // A grant of the root itself (".") is not a grant: `*` says it.
+            Some(parts) if !parts.is_empty() => wanted.starts_with(&parts),
+            _ => false,
+        }
+    });
+    if ok {
+        Ok(())
+    } else {
+        Err(HookSourceRefused::HostPathNotGranted {
+            cluster: cluster.to_owned(),
+            namespace: namespace.to_owned(),
+            path: path.to_owned(),
+            granted: granted.into_iter().cloned().collect(),
+        })
+    }
+}
+
+/// Where ConfigMap `name` may be read from for a service of `namespace`, in
+/// the order the agent looks: the operator's namespace (granted as `name`),
+/// then the service's own (granted as `namespace/name`). Refused when
+/// neither is granted.
+pub fn config_map_homes(
+    policy: &AllowedHookSources,
+    cluster: &str,
+    namespace: &str,
+    name: &str,
+) -> Result<Vec<ConfigMapHome>, HookSourceRefused> {
+    let own = format!("{namespace}/{name}");
+    let granted: Vec<&String> = entries(policy, namespace)
+        .flat_map(|e| &e.config_maps)
+        .collect();
+    let mut homes = Vec::new();
+    if granted.iter().any(|g| g.as_str() == name) {
+        homes.push(ConfigMapHome::OperatorNamespace);
+    }
+    // In a `*` entry a `namespace/name` is refused by the API server; the
+    // check does not count it either.
+    let own_granted = policy
+        .namespaces
+        .iter()
+        .filter(|e| e.namespace == namespace)
+        .any(|e| e.config_maps.contains(&own));
+    if own_granted {
+        homes.push(ConfigMapHome::ServiceNamespace);
+    }
+    if homes.is_empty() {
+        return Err(HookSourceRefused::ConfigMapNotGranted {
+            cluster: cluster.to_owned(),
+            namespace: namespace.to_owned(),
+            name: name.to_owned(),
+            granted: granted.into_iter().cloned().collect(),
+        });
+    }
+    Ok(homes)
+}
+
+/// Whether a service of `namespace` may take its hooks from `source`
+/// under the policy of HACluster `cluster`.
+pub fn check(
+    policy: &AllowedHookSources,
+    cluster: &str,
+    namespace: &str,
+    source: &HookSource,
+) -> Result<(), HookSourceRefused> {
+    if let Some(path) = &source.host_path {
+        check_host_path(policy, cluster, namespace, path)?;
+    }
+    if let Some(name) = &source.config_map {
+        config_map_homes(policy, cluster, namespace, name)?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(ns: &str, paths: &[&str], cms: &[&str]) -> NamespaceHookSources {
+        NamespaceHookSources {
+            namespace: ns.into(),
+            host_paths: paths.iter().map(|s| s.to_string()).collect(),
+            config_maps: cms.iter().map(|s| s.to_string()).collect(),
+        }
+    }
+
+    fn policy(entries: Vec<NamespaceHookSources>) -> AllowedHookSources {
+        AllowedHookSources {
+            namespaces: entries,
+        }
+    }
+
+    #[test]
+    fn a_namespace_reaches_only_its_granted_directories_and_below() {
+        let p = policy(vec![
+            entry("team-a", &["team-a", "shared/tools"], &[]),
+            entry("team-b", &["team-b"], &[]),
+        ]);
+        for ok in ["team-a", "team-a/nfs", "./team-a//nfs/", "shared/tools/x"] {
+            assert_eq!(check_host_path(&p, "c", "team-a", ok), Ok(()), "{ok}");
+        }
+        for refused in ["team-b", "team-ab", "shared", "", ".", "team-b/../team-a"] {
+            assert!(
+                check_host_path(&p, "c", "team-a", refused).is_err(),
+                "{refused} must be refused"
+            );
+        }
+        let e = check_host_path(&p, "c", "team-a", "team-b").unwrap_err();
+        let text = e.to_string();
+        assert!(text.contains("spec.hooks.source.hostPath"), "{text}");
+        assert!(
+            text.contains("spec.allowedHookSources.namespaces"),
+            "{text}"
+        );
+        assert!(text.contains("team-a"), "{text}");
+        assert!(matches!(
+            check_host_path(&p, "c", "team-a", "../etc"),
+            Err(HookSourceRefused::HostPathOutsideRoot { .. })
+        ));
+        assert!(matches!(
+            check_host_path(&p, "c", "team-a", "/etc/kubeha/hooks/team-a"),
+            Err(HookSourceRefused::HostPathOutsideRoot { .. })
+        ));
+        // Unknown namespaces get nothing, and the default policy gives
+        // nothing to anyone.
+        assert!(check_host_path(&p, "c", "team-c", "team-a").is_err());
+        assert!(check_host_path(&AllowedHookSources::default(), "c", "x", "x").is_err());
+    }
+
+    #[test]
+    fn star_entries_apply_to_every_namespace_and_star_paths_grant_the_whole_root() {
+        let p = policy(vec![entry("*", &["common"], &["hooks"])]);
+        assert_eq!(check_host_path(&p, "c", "any", "common/x"), Ok(()));
+        assert!(check_host_path(&p, "c", "any", "other").is_err());
+        let all = policy(vec![entry("trusted", &["*"], &[])]);
+        assert_eq!(
+            check_host_path(&all, "c", "trusted", "anything/deep"),
+            Ok(())
+        );
+        assert!(check_host_path(&all, "c", "other", "anything").is_err());
+        // A grant of "." is no grant of the root.
+        let dot = policy(vec![entry("a", &["."], &[])]);
+        assert!(check_host_path(&dot, "c", "a", "x").is_err());
+    }
+
+    #[test]
+    fn config_maps_come_from_the_operator_namespace_or_the_services_own_as_granted() {
+        let p = policy(vec![
+            entry("*", &[], &["common"]),
+            entry("team-a", &[], &["team-a/hooks", "a-hooks"]),
+        ]);
+        assert_eq!(
+            config_map_homes(&p, "c", "team-a", "hooks"),
+            Ok(vec![ConfigMapHome::ServiceNamespace])
+        );
+        assert_eq!(
+            config_map_homes(&p, "c", "team-a", "a-hooks"),
+            Ok(vec![ConfigMapHome::OperatorNamespace])
+        );
+        assert_eq!(
+            config_map_homes(&p, "c", "team-b", "common"),
+            Ok(vec![ConfigMapHome::OperatorNamespace])
+        );
+        let e = config_map_homes(&p, "c", "team-b", "a-hooks").unwrap_err();
+        assert!(e.to_string().contains("spec.hooks.source.configMap"), "{e}");
+        assert!(e.to_string().contains("team-b/a-hooks"), "{e}");
+        // Another namespace's own ConfigMap is never reachable, even named
+        // in full in a `*` entry (which the API server refuses anyway).
+        let star = policy(vec![entry("*", &[], &["team-a/hooks"])]);
+        assert!(config_map_homes(&star, "c", "team-a", "hooks").is_err());
+        assert!(config_map_homes(&star, "c", "team-b", "hooks").is_err());
+        // Both granted: the operator's namespace first.
+        let both = policy(vec![entry("x", &[], &["x/h", "h"])]);
+        assert_eq!(
+            config_map_homes(&both, "c", "x", "h"),
+            Ok(vec![
+                ConfigMapHome::OperatorNamespace,
+                ConfigMapHome::ServiceNamespace
+            ])
+        );
+    }
+
+    #[test]
+    fn check_covers_both_kinds_of_source() {
+        let p = policy(vec![entry("a", &["a"], &["h"])]);
+        let host = |p: &str| HookSource {
+            host_path: Some(p.into()),
+            config_map: None,
+        };
+        let cm = |n: &str| HookSource {
+            host_path: None,
+            config_map: Some(n.into()),
+        };
+        assert_eq!(check(&p, "c", "a", &host("a")), Ok(()));
+        assert_eq!(check(&p, "c", "a", &cm("h")), Ok(()));
+        assert!(check(&p, "c", "a", &host("b")).is_err());
+        assert!(check(&p, "c", "a", &cm("g")).is_err());
+    }
+}
