@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use serde_json::{Value, json};
 
-use super::{ACTIVE_WITHIN, Case, Ctx, Scenario, condition, events_about};
+use super::{ACTIVE_WITHIN, Case, Ctx, Scenario, clip, condition, events_about};
 use crate::ha;
 use crate::nodes;
 
@@ -196,14 +196,6 @@ fn move_refusal(ctx: &Ctx, scenario: &Scenario<'_>) -> Option<String> {
         false
     });
     found
-}
-
-/// `s` cut to 160 characters for the table.
-fn clip(s: &str) -> String {
-    match s.char_indices().nth(160) {
-        Some((at, _)) => format!("{}...", &s[..at]),
-        None => s.to_owned(),
-    }
 }
 
 /// A move request naming a node that is not an eligible member must be

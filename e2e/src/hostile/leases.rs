@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use serde_json::{Value, json};
 
-use super::{ACTIVE_WITHIN, Case, Ctx, ServiceLease, patch_lease, service_lease};
+use super::{ACTIVE_WITHIN, Case, Ctx, ServiceLease, clip, patch_lease, service_lease};
 use crate::ha;
 use crate::nodes;
 
@@ -180,10 +180,12 @@ fn tamper(
     }
     let before = service_lease(ctx.lab, name)?;
     let patch = forge(&before);
-    let ((forged_held, active), seen) =
+    let (((forged_held, active), denied), seen) =
         super::single_holder_through(vip, "the Lease edit and the recovery", || {
-            patch_lease(ctx.lab, &before, &patch)?;
-            watch_recovery(&scenario, forged)
+            // An admission policy may deny the edit: then nothing was
+            // forged, and the service must still be where it was.
+            let denied = patch_lease(ctx.lab, &before, &patch).err();
+            watch_recovery(&scenario, forged).map(|seen| (seen, denied))
         })?;
     let after = service_lease(ctx.lab, name).ok();
     super::processes_running(ctx.lab).map_err(anyhow::Error::msg)?;
@@ -199,8 +201,15 @@ fn tamper(
         bail!("the service ended Active on node-{node}, the node the hand edit named");
     }
     scenario.finish()?;
+    let edit = match denied {
+        Some(e) => format!(
+            "edit {patch} denied by the API server ({})",
+            clip(&format!("{e:#}"))
+        ),
+        None => format!("edit {patch} accepted"),
+    };
     Ok(format!(
-        "edit {patch}: never two holders ({} checks), {}Active on node-{active} again; Lease then holder {:?}, epoch {}",
+        "{edit}: never two holders ({} checks), {}Active on node-{active} again; Lease then holder {:?}, epoch {}",
         seen.samples,
         forged.map_or(String::new(), |n| format!("node-{n} held nothing, ")),
         after.as_ref().and_then(|l| l.holder().map(str::to_owned)),
@@ -249,19 +258,23 @@ fn deleted_mid_handover(ctx: &Ctx) -> anyhow::Result<String> {
     let (name, vip) = ("hostile-lease-deleted", "198.18.0.109");
     let scenario = ctx.active_service(name, vip, &[1, 2, 3])?;
     let lease = service_lease(ctx.lab, name)?;
-    let ((), seen) = super::single_holder_through(vip, "the move and the Lease deletion", || {
-        ha::request_move(ctx.lab, name, 2)?;
-        ctx.lab.kubectl_ok(&[
-            "delete",
-            "lease",
-            &lease.name,
-            "-n",
-            &lease.namespace,
-            "--wait=false",
-        ])?;
-        std::thread::sleep(WATCH_AFTER_TAMPERING);
-        Ok(())
-    })?;
+    let (denied, seen) =
+        super::single_holder_through(vip, "the move and the Lease deletion", || {
+            ha::request_move(ctx.lab, name, 2)?;
+            let denied = ctx
+                .lab
+                .kubectl_ok(&[
+                    "delete",
+                    "lease",
+                    &lease.name,
+                    "-n",
+                    &lease.namespace,
+                    "--wait=false",
+                ])
+                .err();
+            std::thread::sleep(WATCH_AFTER_TAMPERING);
+            Ok(denied)
+        })?;
     let ((active, took), more) = super::single_holder_through(vip, "the recovery", || {
         let start = Instant::now();
         let active = scenario.wait_active(ACTIVE_WITHIN)?;
@@ -272,7 +285,11 @@ fn deleted_mid_handover(ctx: &Ctx) -> anyhow::Result<String> {
     super::processes_running(ctx.lab).map_err(anyhow::Error::msg)?;
     scenario.finish()?;
     Ok(format!(
-        "never two holders ({} checks); Active on node-{active} {:.1} s after the watch window; Lease rewritten at epoch {}",
+        "deletion {}; never two holders ({} checks); Active on node-{active} {:.1} s after the watch window; Lease then at epoch {}",
+        denied.map_or("accepted".to_owned(), |e| format!(
+            "denied ({})",
+            clip(&format!("{e:#}"))
+        )),
         seen.samples + more.samples,
         took.as_secs_f64(),
         recreated.epoch()
@@ -332,9 +349,13 @@ fn fake_heartbeat_for_dead_node(ctx: &Ctx) -> anyhow::Result<String> {
         // The forgery starts at once and keeps renewing, as an agent would.
         let mut states = Vec::new();
         let mut lost_at = None;
+        let mut denials = std::collections::BTreeSet::new();
         while off.elapsed() < Duration::from_secs(20) {
             for (ns, lease) in &fakes {
-                ha::apply(ctx.lab, &fake_heartbeat(ns, lease, name, &node))?;
+                // An admission policy may deny a forgery: that is a pass too.
+                if let Err(e) = ha::apply(ctx.lab, &fake_heartbeat(ns, lease, name, &node)) {
+                    denials.insert(format!("{ns}/{lease}: {}", clip(&format!("{e:#}"))));
+                }
             }
             // A failed read says nothing either way.
             if let Some(state) = member_heartbeat(ctx, name, &node) {
@@ -366,11 +387,12 @@ fn fake_heartbeat_for_dead_node(ctx: &Ctx) -> anyhow::Result<String> {
             bail!("HACluster {name} reports ready {ready:?} with node-3 off, want 2/3");
         }
         Ok(format!(
-            "{node} {} {:.1} s after its power-off and stayed so ({} polls) while forged Leases renewed; ready {}",
+            "{node} {} {:.1} s after its power-off and stayed so ({} polls) while forged Leases renewed; ready {}; forgeries denied: [{}]",
             states.last().map_or("not Alive", String::as_str),
             lost_at.as_secs_f64(),
             states.len(),
-            ready.trim()
+            ready.trim(),
+            denials.into_iter().collect::<Vec<_>>().join("; ")
         ))
     })();
     for (ns, lease) in &fakes {

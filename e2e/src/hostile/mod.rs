@@ -561,6 +561,14 @@ pub fn events_about(lab: &Lab, namespace: &str, name: &str) -> Vec<(String, Stri
     .collect()
 }
 
+/// `s` cut to 160 characters (with `...` when cut), for a table cell.
+pub fn clip(s: &str) -> String {
+    match s.char_indices().nth(160) {
+        Some((at, _)) => format!("{}...", &s[..at]),
+        None => s.to_owned(),
+    }
+}
+
 /// The condition of type `kind` in `status` (an object's `status`), if any.
 pub fn condition<'v>(status: &'v Value, kind: &str) -> Option<&'v Value> {
     status["conditions"]
