@@ -21,6 +21,7 @@ use crate::mode::Mode;
     shortname = "hac",
     category = "kubeha",
     status = "HAClusterStatus",
+    validation = kube::core::Rule::new("size(self.metadata.name) <= 63 && self.metadata.name.matches('^[a-z0-9]([-a-z0-9]*[a-z0-9])?$')").message("metadata.name: an HACluster name must be a DNS label (lowercase letters, digits and '-', at most 63 characters, no dots), because it is the value of the kubeha.io/cluster label and part of the heartbeat Lease names; pick a name such as nfs-cluster"),
     printcolumn = r#"{"name":"Ready","type":"string","jsonPath":".status.ready","description":"Members whose heartbeat is Alive / all members"}"#,
     printcolumn = r#"{"name":"State","type":"string","jsonPath":".status.state","description":"Cluster state: the members' modes in member order, e.g. default-locked"}"#,
     printcolumn = r#"{"name":"Active","type":"integer","jsonPath":".status.servicesActive","description":"Services of this cluster that are Active"}"#,
@@ -53,8 +54,10 @@ pub struct HAClusterSpec {
 
     /// CIDRs (IPv4 or IPv6) that the virtual IPs of this cluster's services
     /// must fall inside, e.g. `198.18.0.96/28`. A VIP outside every range is
-    /// refused.
-    #[schemars(length(min = 1, max = 64), extend("items" = {"type": "string", "format": "cidr", "maxLength": 64}))]
+    /// refused. Each range has a prefix of at least /8 (IPv4) or /16 (IPv6)
+    /// and is not loopback, link-local, multicast or unspecified; a VIP's
+    /// prefix may not be shorter than that of the range holding it.
+    #[schemars(length(min = 1, max = 64), extend("items" = {"type": "string", "format": "cidr", "maxLength": 64, "x-kubernetes-validations": crate::cidr::pool_range_rules()}))]
     pub vip_pool: Vec<String>,
 
     /// Namespaces whose HAServices may bind to this cluster. `*` allows every
@@ -118,9 +121,10 @@ pub struct Members {
 #[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct MemberNode {
-    /// Name of the Kubernetes Node.
+    /// Name of the Kubernetes Node, at most 63 characters: it is the value
+    /// of the `kubeha.io/node` label.
     #[schemars(
-        length(min = 1, max = 253),
+        length(min = 1, max = 63),
         regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
     )]
     pub name: String,

@@ -22,6 +22,7 @@ use crate::cluster::Failback;
     category = "kubeha",
     namespaced,
     status = "HAServiceStatus",
+    validation = kube::core::Rule::new("size(self.metadata.name) <= 63").message("metadata.name: an HAService name may be at most 63 characters, because it is the value of the kubeha.io/service label; pick a shorter name"),
     printcolumn = r#"{"name":"Cluster","type":"string","jsonPath":".spec.clusterRef"}"#,
     printcolumn = r#"{"name":"Phase","type":"string","jsonPath":".status.phase"}"#,
     printcolumn = r#"{"name":"Active","type":"string","jsonPath":".status.activeNode","description":"Node in the master role"}"#,
@@ -57,8 +58,10 @@ pub struct HAServiceSpec {
     pub hooks: Option<Hooks>,
 
     /// Nodes to prefer, best first, before the cluster's placement order.
+    /// At most 63 characters each, like member names (a node name is the
+    /// value of the `kubeha.io/node` label).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    #[schemars(length(max = 64), extend("items" = {"type": "string", "maxLength": 253}))]
+    #[schemars(length(max = 64), extend("items" = {"type": "string", "maxLength": 63}))]
     pub preferred_nodes: Vec<String>,
 
     /// Overrides the cluster's failback policy for this service.
@@ -89,8 +92,11 @@ pub struct HAServiceSpec {
 #[serde(rename_all = "camelCase")]
 pub struct Vip {
     /// The address with its prefix length, IPv4 or IPv6, in CIDR notation:
-    /// `198.18.0.100/24`.
-    #[schemars(length(min = 1, max = 64), extend("format" = "cidr"))]
+    /// `198.18.0.100/24`. Not loopback, link-local (the metadata address
+    /// included), multicast, broadcast or unspecified; a prefix of at least
+    /// /8 (IPv4) or /16 (IPv6); for IPv4 up to /30 neither the network nor
+    /// the broadcast address of that prefix.
+    #[schemars(length(min = 1, max = 64), extend("format" = "cidr", "x-kubernetes-validations" = crate::cidr::vip_address_rules()))]
     pub address: String,
 
     /// Interface to add the VIP to. Unset: the interface whose subnet holds
@@ -104,13 +110,9 @@ pub struct Vip {
 #[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct DefaultRoute {
-    /// Gateway address (IPv4 or IPv6).
-    #[schemars(length(min = 2, max = 64), extend("x-kubernetes-validations" = [
-        {
-            "rule": "isIP(self)",
-            "message": "spec.defaultRoute.gateway must be an IP address such as 198.18.0.1, without a prefix length"
-        }
-    ]))]
+    /// Gateway address (IPv4 or IPv6): a unicast router address, not
+    /// unspecified, loopback, multicast or broadcast.
+    #[schemars(length(min = 2, max = 64), extend("x-kubernetes-validations" = crate::cidr::gateway_rules()))]
     pub gateway: String,
 }
 

@@ -128,7 +128,7 @@ pub(super) fn refusal_for(
             )
         })
         .collect();
-    let problems = validate::validate(
+    let mut problems = validate::validate(
         Subject {
             namespace: &namespace,
             key: &key,
@@ -140,6 +140,12 @@ pub(super) fn refusal_for(
         &addresses,
         &claims,
     );
+    // Selected members whose names no label can carry (issue 9 bounds).
+    let members = members::resolve(&cluster.spec, infos);
+    problems.extend(validate::member_problems(
+        &cluster.name_any(),
+        members.iter().map(|m| m.name.as_str()),
+    ));
     (!problems.is_empty()).then(|| Refusal {
         reason: "InvalidSpec",
         message: problems
