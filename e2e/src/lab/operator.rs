@@ -60,14 +60,10 @@ impl Lab {
         }
         let bin = self.operator_binary()?;
         let kubeconfig = self.dir.join(format!("operator-{r}.kubeconfig"));
-        let token = self.kubectl_ok(&[
-            "create",
-            "token",
+        let token = self.service_account_token(
             OPERATOR_SERVICE_ACCOUNT,
-            "-n",
-            SYSTEM_NAMESPACE,
-            &format!("--duration={NODE_TOKEN_DURATION}"),
-        ])?;
+            &[&format!("--duration={NODE_TOKEN_DURATION}")],
+        )?;
         let ports = Ports::from_env().unwrap_or_default();
         write_private(
             &kubeconfig,
@@ -78,7 +74,6 @@ impl Lab {
                  current-context: kubeha-lab\n",
                 url = ports.apiserver_url(),
                 ca = self.pki("ca.crt").display(),
-                token = token.trim(),
             ),
         )?;
         fs::create_dir_all(self.dir.join("logs"))?;

@@ -83,22 +83,7 @@ impl Lab {
                 },
             }));
         }
-        let objects = dir.join("objects.json");
-        fs::write(
-            &objects,
-            serde_json::to_string_pretty(&serde_json::json!({
-                "apiVersion": "v1",
-                "kind": "List",
-                "items": items,
-            }))?,
-        )?;
-        self.kubectl_ok(&[
-            "apply",
-            "--server-side",
-            "--field-manager=kubeha-lab",
-            "-f",
-            s(&objects),
-        ])?;
+        self.apply_list(&dir.join("objects.json"), items)?;
         for i in 1..=count {
             // No kubelet reports addresses here; the lab does, as a kubelet
             // would: both families' InternalIP and the hostname.
@@ -120,7 +105,8 @@ impl Lab {
             ])?;
         }
         // The chart's own RBAC, so an agent gets exactly what the chart
-        // gives it, and its API priority level for the Leases.
+        // gives it, its API priority level for the Leases and the admission
+        // policy that holds each agent to its own node.
         let chart = self.root.join("charts").join("kubeha");
         let out = Command::new(&bins.helm)
             .args([
@@ -137,6 +123,8 @@ impl Lab {
                 "templates/rbac.yaml",
                 "--show-only",
                 "templates/flowcontrol.yaml",
+                "--show-only",
+                "templates/admission-policy.yaml",
             ])
             .output()
             .context("running the lab's helm")?;
@@ -174,28 +162,15 @@ impl Lab {
             s(&rbac),
             "app.kubernetes.io/managed-by=Helm",
         ])?;
+        self.apply_identity_pods(count, &dir)?;
         for i in 1..=count {
             let node_dir = self.node_dir(i);
             for sub in ["hooks", "logs", "run"] {
                 fs::create_dir_all(node_dir.join(sub))?;
             }
             // A fresh token on every `up`: valid whatever happened since
-            // (signing key or service account recreated).
-            let token = self.kubectl_ok(&[
-                "create",
-                "token",
-                AGENT_SERVICE_ACCOUNT,
-                "-n",
-                SYSTEM_NAMESPACE,
-                &format!("--duration={NODE_TOKEN_DURATION}"),
-            ])?;
-            let token = token.trim();
-            if token.is_empty() || token.contains(char::is_whitespace) {
-                bail!(
-                    "kubectl create token returned no usable token for {}",
-                    nodes::node_name(i)
-                );
-            }
+            // (signing key, service account or identity Pod recreated).
+            let token = self.node_bound_agent_token(i)?;
             let user = format!("{AGENT_SERVICE_ACCOUNT}-{}", nodes::node_name(i));
             let config = format!(
                 "apiVersion: v1\nkind: Config\nclusters:\n- name: kubeha-lab\n  cluster:\n    server: {url}\n    certificate-authority: {ca}\n\
@@ -208,5 +183,112 @@ impl Lab {
             write_private(&self.node_kubeconfig(i), &config)?;
         }
         Ok(())
+    }
+
+    /// Name of the Pod the token of lab node `i`'s agent is bound to
+    /// ([`Lab::node_bound_agent_token`]), in [`SYSTEM_NAMESPACE`].
+    pub fn identity_pod_name(i: u8) -> String {
+        format!("{AGENT_SERVICE_ACCOUNT}-identity-{}", nodes::node_name(i))
+    }
+
+    /// One Pod of the agent's service account per node, bound to it
+    /// (`spec.nodeName`): what a kubelet-run agent's token is bound to, so
+    /// that the lab's agents get tokens that name their node. The
+    /// host-process lab has no kubelet, so they never run; in the kubelet
+    /// lab their node selector matches no node, so the kubelet refuses them
+    /// (phase Failed, reason NodeAffinity) and they never run either. A Pod
+    /// that exists keeps the tokens bound to it valid whatever its phase.
+    fn apply_identity_pods(&self, count: u8, dir: &std::path::Path) -> anyhow::Result<()> {
+        let items: Vec<_> = (1..=count)
+            .map(|i| {
+                serde_json::json!({
+                    "apiVersion": "v1",
+                    "kind": "Pod",
+                    "metadata": {
+                        "name": Self::identity_pod_name(i),
+                        "namespace": SYSTEM_NAMESPACE,
+                        "labels": {
+                            "app.kubernetes.io/name": "kubeha-lab",
+                            "app.kubernetes.io/component": "node-identity",
+                        },
+                    },
+                    "spec": {
+                        "nodeName": nodes::node_name(i),
+                        "serviceAccountName": AGENT_SERVICE_ACCOUNT,
+                        "automountServiceAccountToken": false,
+                        "restartPolicy": "Never",
+                        "nodeSelector": { "kubeha.io/lab-identity-pod": "never-runs" },
+                        "containers": [{
+                            "name": "identity",
+                            "image": "kubeha-lab/identity-never-runs",
+                        }],
+                    },
+                })
+            })
+            .collect();
+        self.apply_list(&dir.join("identity-pods.json"), items)
+    }
+
+    /// Writes `items` as a v1 List to `file` and applies it (server-side,
+    /// field manager `kubeha-lab`).
+    fn apply_list(
+        &self,
+        file: &std::path::Path,
+        items: Vec<serde_json::Value>,
+    ) -> anyhow::Result<()> {
+        fs::write(
+            file,
+            serde_json::to_string_pretty(&serde_json::json!({
+                "apiVersion": "v1",
+                "kind": "List",
+                "items": items,
+            }))?,
+        )?;
+        self.kubectl_ok(&[
+            "apply",
+            "--server-side",
+            "--field-manager=kubeha-lab",
+            "-f",
+            s(file),
+        ])?;
+        Ok(())
+    }
+
+    /// A token of the agent's service account bound to lab node `i`'s
+    /// identity Pod ([`Lab::identity_pod_name`]), so the API server puts
+    /// `authentication.kubernetes.io/node-name: node-i` in its user extra,
+    /// as for the token the kubelet mounts into an agent pod on node-i.
+    pub fn node_bound_agent_token(&self, i: u8) -> anyhow::Result<String> {
+        self.service_account_token(
+            AGENT_SERVICE_ACCOUNT,
+            &[
+                "--bound-object-kind=Pod",
+                &format!("--bound-object-name={}", Self::identity_pod_name(i)),
+                &format!("--duration={NODE_TOKEN_DURATION}"),
+            ],
+        )
+    }
+
+    /// A token of the agent's service account bound to nothing, so naming
+    /// no node: what the admission policy refuses.
+    pub fn unbound_agent_token(&self) -> anyhow::Result<String> {
+        self.service_account_token(AGENT_SERVICE_ACCOUNT, &["--duration=10m"])
+    }
+
+    /// A token of service account `account` of [`SYSTEM_NAMESPACE`]
+    /// (`kubectl create token` with `args`), checked to be one.
+    pub(super) fn service_account_token(
+        &self,
+        account: &str,
+        args: &[&str],
+    ) -> anyhow::Result<String> {
+        let mut argv = vec!["create", "token", account, "-n", SYSTEM_NAMESPACE];
+        argv.extend_from_slice(args);
+        let out = self.kubectl_ok(&argv)?;
+        let token = out.trim();
+        if token.is_empty() || token.contains(char::is_whitespace) {
+            bail!("kubectl {} returned no usable token", argv.join(" "));
+        }
+        Ok(token.to_owned())
     }
 }
