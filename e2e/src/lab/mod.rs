@@ -159,6 +159,7 @@ pub struct Lab {
 impl Lab {
     /// The lab of the repository at `root`, running the debug binaries.
     pub fn new(root: &Path) -> Self {
+        keep_inherited_fds_from_children();
         Self {
             root: root.to_path_buf(),
             dir: root.join(".lab"),
@@ -666,6 +667,37 @@ fn link(target: &Path, link: &Path) -> anyhow::Result<()> {
 
 fn s(p: &Path) -> &str {
     p.to_str().expect("lab paths are UTF-8")
+}
+
+/// Marks every file descriptor this process inherited (beyond stdin,
+/// stdout and stderr) close-on-exec, once: the lab's daemons (etcd, the API
+/// server, agents) outlive the test or command that started them, and one
+/// that inherited, say, the lock of a `flock` wrapped around that command
+/// would hold it for as long as the lab runs.
+#[allow(unsafe_code)]
+fn keep_inherited_fds_from_children() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let Ok(entries) = std::fs::read_dir("/proc/self/fd") else {
+            return;
+        };
+        let fds: Vec<i32> = entries
+            .flatten()
+            .filter_map(|e| e.file_name().to_str()?.parse().ok())
+            .filter(|fd| *fd > 2)
+            .collect();
+        for fd in fds {
+            // SAFETY: F_GETFD/F_SETFD only change the descriptor's flags; a
+            // descriptor closed meanwhile (the directory's own) fails
+            // harmlessly with EBADF.
+            unsafe {
+                let flags = libc::fcntl(fd, libc::F_GETFD);
+                if flags >= 0 {
+                    libc::fcntl(fd, libc::F_SETFD, flags | libc::FD_CLOEXEC);
+                }
+            }
+        }
+    });
 }
 
 #[cfg(test)]
