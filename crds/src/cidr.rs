@@ -194,22 +194,28 @@ pub fn vip_address_rules() -> serde_json::Value {
     let field = "spec.vips[].address";
     let fix = "write a unicast host address of the service's subnet with that subnet's prefix, inside the cluster's spec.vipPool, e.g. 198.18.0.100/24";
     let mut rules = common_rules(field, fix);
+    // No IP arithmetic and no cel.bind in the API server's CEL: the dotted
+    // quad in integers, modulo 2^(32 - prefix) from a list.
     let small_v4 =
         "!isCIDR(self) || cidr(self).ip().family() != 4 || cidr(self).prefixLength() > 30";
+    let octet = |i: usize| format!("int(self.split('/')[0].split('.')[{i}])");
+    let value = format!(
+        "({} * 16777216 + {} * 65536 + {} * 256 + {})",
+        octet(0),
+        octet(1),
+        octet(2),
+        octet(3)
+    );
+    let powers: Vec<String> = (0..=32).map(|i| (1u64 << i).to_string()).collect();
+    let hosts = format!("[{}][32 - cidr(self).prefixLength()]", powers.join(", "));
     rules.push(rule(
-        format!("{small_v4} || cidr(self).ip() != cidr(self).masked().ip()"),
+        format!("{small_v4} || {value} % {hosts} != 0"),
         format!(
             "{field}: an IPv4 VIP may not be the network address of its own prefix (host bits all zero, e.g. 198.18.0.0/24); pick a host address of the subnet"
         ),
     ));
-    // No IP arithmetic in CEL: the host part of the dotted quad, in
-    // integers, against 2^(32 - prefix).
-    let powers: Vec<String> = (0..=32).map(|i| (1u64 << i).to_string()).collect();
     rules.push(rule(
-        format!(
-            "{small_v4} || cel.bind(o, self.split('/')[0].split('.'), cel.bind(h, [{}][32 - cidr(self).prefixLength()], (int(o[0]) * 16777216 + int(o[1]) * 65536 + int(o[2]) * 256 + int(o[3])) % h != h - 1))",
-            powers.join(", ")
-        ),
+        format!("{small_v4} || {value} % {hosts} != {hosts} - 1"),
         format!(
             "{field}: an IPv4 VIP may not be the broadcast address of its own prefix (host bits all one, e.g. 198.18.0.255/24); pick a host address of the subnet"
         ),
