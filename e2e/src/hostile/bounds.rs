@@ -192,60 +192,28 @@ fn vip_rejected(ctx: &Ctx, case: &str, vip: &str, words: &str) -> anyhow::Result
     )
 }
 
-fn vip_prefix_zero(ctx: &Ctx) -> anyhow::Result<String> {
-    vip_rejected(
-        ctx,
-        "vip-prefix-zero",
-        "198.18.0.100/0",
-        "at least /8 for IPv4",
-    )
+/// One case function per rejected VIP: `fn NAME(ctx)` applies a service
+/// (named after `case`) with VIP `vip` and expects `words` in the rejection.
+macro_rules! vip_rejected_case {
+    ($($fn_name:ident: $case:literal, $vip:literal, $words:literal;)*) => {
+        $(
+            fn $fn_name(ctx: &Ctx) -> anyhow::Result<String> {
+                vip_rejected(ctx, $case, $vip, $words)
+            }
+        )*
+    };
 }
 
-fn vip_ipv6_prefix_too_short(ctx: &Ctx) -> anyhow::Result<String> {
-    vip_rejected(ctx, "vip-ipv6-short", "2001:db8::100/12", "/16 for IPv6")
-}
-
-fn vip_link_local(ctx: &Ctx) -> anyhow::Result<String> {
-    vip_rejected(ctx, "vip-link-local", "169.254.10.1/16", "link-local")
-}
-
-fn vip_metadata_address(ctx: &Ctx) -> anyhow::Result<String> {
-    vip_rejected(
-        ctx,
-        "vip-metadata",
-        "169.254.169.254/32",
-        "metadata address 169.254.169.254",
-    )
-}
-
-fn vip_ipv6_link_local(ctx: &Ctx) -> anyhow::Result<String> {
-    vip_rejected(ctx, "vip-ipv6-link-local", "fe80::10/64", "fe80::/10")
-}
-
-fn vip_loopback(ctx: &Ctx) -> anyhow::Result<String> {
-    vip_rejected(ctx, "vip-loopback", "127.0.0.2/8", "loopback")
-}
-
-fn vip_multicast(ctx: &Ctx) -> anyhow::Result<String> {
-    vip_rejected(ctx, "vip-multicast", "224.0.0.18/24", "multicast")
-}
-
-fn vip_network_address(ctx: &Ctx) -> anyhow::Result<String> {
-    vip_rejected(
-        ctx,
-        "vip-network",
-        "198.18.0.96/27",
-        "network address of its own prefix",
-    )
-}
-
-fn vip_broadcast_address(ctx: &Ctx) -> anyhow::Result<String> {
-    vip_rejected(
-        ctx,
-        "vip-broadcast",
-        "198.18.0.127/27",
-        "broadcast address of its own prefix",
-    )
+vip_rejected_case! {
+    vip_prefix_zero: "vip-prefix-zero", "198.18.0.100/0", "at least /8 for IPv4";
+    vip_ipv6_prefix_too_short: "vip-ipv6-short", "2001:db8::100/12", "/16 for IPv6";
+    vip_link_local: "vip-link-local", "169.254.10.1/16", "link-local";
+    vip_metadata_address: "vip-metadata", "169.254.169.254/32", "metadata address 169.254.169.254";
+    vip_ipv6_link_local: "vip-ipv6-link-local", "fe80::10/64", "fe80::/10";
+    vip_loopback: "vip-loopback", "127.0.0.2/8", "loopback";
+    vip_multicast: "vip-multicast", "224.0.0.18/24", "multicast";
+    vip_network_address: "vip-network", "198.18.0.96/27", "network address of its own prefix";
+    vip_broadcast_address: "vip-broadcast", "198.18.0.127/27", "broadcast address of its own prefix";
 }
 
 fn gateway_multicast(ctx: &Ctx) -> anyhow::Result<String> {
