@@ -105,6 +105,11 @@ pub fn cases() -> Vec<Case> {
             run: vip_is_node_address,
         },
         Case {
+            name: "bounds-vip-already-on-host",
+            expected: "a VIP that node-1 already has as a permanent address of its own (not in its Node status, so the operator places it there) is refused by node-1's agent, naming the address and eth0; the address stays permanent through the entry and the service's deletion",
+            run: vip_already_on_host,
+        },
+        Case {
             name: "bounds-selected-member-name-64",
             expected: "a Node with a 64-character name picked by the cluster's selector makes the operator refuse the cluster's service (Stalled, InvalidSpec, naming the node and spec.members.selector); no address appears",
             run: selected_member_name_64,
@@ -479,6 +484,88 @@ fn prefix_related_cluster_names(ctx: &Ctx) -> anyhow::Result<String> {
         Ok(format!(
             "both accepted, 3/3 Ready in each; six separate heartbeat Leases: {}",
             want.join(", ")
+        ))
+    })();
+    cleanup();
+    result
+}
+
+fn vip_already_on_host(ctx: &Ctx) -> anyhow::Result<String> {
+    let lab = ctx.lab;
+    let name = "hostile-vip-already-on-host";
+    let own = "198.18.0.98";
+    let ns = nodes::node_ns(1);
+    let forever = u64::from(u32::MAX);
+    let ip = |args: &[&str]| {
+        std::process::Command::new("ip")
+            .args(["-n", &ns])
+            .args(args)
+            .output()
+    };
+    let cleanup = || {
+        ha::delete_service(lab, name);
+        ha::delete(lab, "hacluster", name, None);
+        let _ = ha::wait_every(Duration::from_secs(30), Duration::from_millis(200), || {
+            !stored(lab, &service(name, name, "198.18.0.98/24"))
+        });
+        let _ = ip(&["addr", "del", &format!("{own}/24"), "dev", "eth0"]);
+    };
+    cleanup();
+    let result = (|| {
+        let out = ip(&["addr", "add", &format!("{own}/24"), "dev", "eth0"])?;
+        if !out.status.success() {
+            bail!(
+                "could not give node-1 its own {own}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        ha::apply(lab, &ha::cluster(name, &[1, 2], ha::Timing::DEFAULT))?;
+        if ha::wait_until(Duration::from_secs(30), || ha::members_ready(lab, name, 2)).is_none() {
+            bail!("cluster {name} never had 2/2 members ready");
+        }
+        ha::apply(lab, &service(name, name, &format!("{own}/24")))?;
+        let mut refusal = String::new();
+        let seen = ha::wait_every(Duration::from_secs(30), Duration::from_millis(200), || {
+            let entry = ha::node_entry(lab, name, 1);
+            refusal = entry["hooks"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .flat_map(|h| h["outputTail"].as_array().cloned().unwrap_or_default())
+                .filter_map(|l| l.as_str().map(str::to_owned))
+                .find(|l| l.contains("kubeha did not add it"))
+                .unwrap_or_default();
+            !refusal.is_empty()
+        });
+        if seen.is_none() {
+            bail!(
+                "node-1 never reported refusing {own} within 30 s: its entry {}",
+                ha::node_entry(lab, name, 1)
+            );
+        }
+        if !refusal.contains(own) || !refusal.contains("eth0") {
+            bail!("the refusal does not name {own} and eth0: {refusal}");
+        }
+        let during = valid_lifetime(1, own);
+        ha::delete_service(lab, name);
+        let gone = ha::wait_every(Duration::from_secs(30), Duration::from_millis(200), || {
+            ha::vip_holders(own) == [1]
+        });
+        let after = valid_lifetime(1, own);
+        if during != Some(forever) || after != Some(forever) {
+            bail!(
+                "node-1's own {own} lost its permanence: valid_lft {during:?} while refused, {after:?} after the service's deletion"
+            );
+        }
+        if gone.is_none() {
+            bail!(
+                "{own} still held by {:?} 30 s after the service's deletion",
+                ha::vip_holders(own)
+            );
+        }
+        Ok(format!(
+            "refused by node-1's agent: \"{}\"; node-1's {own} permanent during and after",
+            clip(&refusal)
         ))
     })();
     cleanup();
