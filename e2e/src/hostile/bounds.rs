@@ -110,6 +110,11 @@ pub fn cases() -> Vec<Case> {
             run: vip_already_on_host,
         },
         Case {
+            name: "bounds-vip-claimed-by-older-service",
+            expected: "a second HAService claiming the VIP an Active older one holds is refused by the operator (Stalled, InvalidSpec, naming the older service); the older stays Active with the VIP on its node alone",
+            run: vip_claimed_by_older_service,
+        },
+        Case {
             name: "bounds-selected-member-name-64",
             expected: "a Node with a 64-character name picked by the cluster's selector makes the operator refuse the cluster's service (Stalled, InvalidSpec, naming the node and spec.members.selector); no address appears",
             run: selected_member_name_64,
@@ -570,4 +575,51 @@ fn vip_already_on_host(ctx: &Ctx) -> anyhow::Result<String> {
     })();
     cleanup();
     result
+}
+
+fn vip_claimed_by_older_service(ctx: &Ctx) -> anyhow::Result<String> {
+    let lab = ctx.lab;
+    let vip = "198.18.0.121";
+    let older = ctx.active_service("hostile-vip-claimed", vip, &[1, 2])?;
+    let newer = "hostile-vip-claimed-newer";
+    ha::delete_service(lab, newer);
+    let result = (|| {
+        ha::apply(lab, &service(newer, &older.name, &format!("{vip}/24")))?;
+        let mut stalled = Value::Null;
+        let by = format!("{}/{}", ha::SERVICE_NAMESPACE, older.name);
+        let seen = ha::wait_every(Duration::from_secs(30), Duration::from_millis(200), || {
+            stalled = condition(&ha::service_status(lab, newer), "Stalled")
+                .cloned()
+                .unwrap_or_default();
+            stalled["reason"] == "InvalidSpec"
+                && stalled["message"].as_str().is_some_and(|m| {
+                    m.contains(&format!("already claimed by the older HAService {by}"))
+                })
+        });
+        if seen.is_none() {
+            bail!("{newer} was not refused for claiming {vip} within 30 s; Stalled is {stalled}");
+        }
+        std::thread::sleep(Duration::from_secs(3));
+        let status = ha::service_status(lab, newer);
+        if status["activeNode"].is_string() {
+            bail!("{newer} was refused, yet placed: {status}");
+        }
+        let still = older.wait_active(Duration::from_secs(5))?;
+        if still != older.active {
+            bail!(
+                "the older service moved from node-{} to node-{still}",
+                older.active
+            );
+        }
+        Ok(format!(
+            "refused by the operator: Stalled/InvalidSpec \"{}\"; {} still Active on node-{still}, {vip} on that node alone",
+            clip(stalled["message"].as_str().unwrap_or_default()),
+            older.name
+        ))
+    })();
+    ha::delete_service(lab, newer);
+    let finished = older.finish();
+    let outcome = result?;
+    finished?;
+    Ok(outcome)
 }
