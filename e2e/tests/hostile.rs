@@ -8,7 +8,7 @@
 //! outcome | passed and fails if any case failed.
 //!
 //! Environment: `KUBEHA_HOSTILE_FILTER` runs only the cases whose name
-//! contains it; `KUBEHA_HOSTILE_JSON` names the file the JSON report goes
+//! contains it (or one of its comma-separated parts); `KUBEHA_HOSTILE_JSON` names the file the JSON report goes
 //! to; `KUBEHA_HOSTILE_CASE_SECONDS` changes the time limit of one case.
 //! `cargo xtask hostile [--json PATH] [--filter S]` sets them.
 

@@ -46,7 +46,8 @@ enum Cmd {
         /// "failed", "results": [{"case", "expected", "outcome", "passed"}]}.
         #[arg(long)]
         json: Option<PathBuf>,
-        /// Run only the cases whose name contains this.
+        /// Run only the cases whose name contains this (or one of its
+        /// comma-separated parts).
         #[arg(long)]
         filter: Option<String>,
     },

@@ -93,11 +93,13 @@ pub fn duplicate_names(cases: &[Case]) -> Vec<&'static str> {
     twice.into_iter().collect()
 }
 
-/// The cases whose name contains `filter` (every case when it is empty).
+/// The cases whose name contains `filter`, or one of its comma-separated
+/// parts (every case when it is empty).
 pub fn filtered(cases: Vec<Case>, filter: &str) -> Vec<Case> {
+    let parts: Vec<&str> = filter.split(',').map(str::trim).collect();
     cases
         .into_iter()
-        .filter(|c| c.name.contains(filter))
+        .filter(|c| parts.iter().any(|p| c.name.contains(p)))
         .collect()
 }
 
@@ -690,8 +692,26 @@ mod tests {
             case("lease-a", fails),
         ];
         assert_eq!(duplicate_names(&cases), ["lease-a"]);
-        let kept = filtered(cases, "move");
-        assert_eq!(kept.iter().map(|c| c.name).collect::<Vec<_>>(), ["move-b"]);
+        let names = |kept: Vec<Case>| kept.iter().map(|c| c.name).collect::<Vec<_>>();
+        assert_eq!(
+            names(filtered(
+                vec![case("lease-a", passes), case("move-b", passes)],
+                ""
+            )),
+            ["lease-a", "move-b"]
+        );
+        assert_eq!(names(filtered(cases, "move")), ["move-b"]);
+        assert_eq!(
+            names(filtered(
+                vec![
+                    case("lease-a", passes),
+                    case("move-b", passes),
+                    case("c", passes)
+                ],
+                "move, lease"
+            )),
+            ["lease-a", "move-b"]
+        );
     }
 
     #[test]
