@@ -63,7 +63,7 @@ pub fn cases() -> Vec<Case> {
         },
         Case {
             name: "identity-heartbeat-renamed",
-            expected: "node-3's token writes a Lease labelled as node-3's heartbeat under node-1's heartbeat name: denied by the admission policy (\"only under the name kubeha-hb-<cluster>.<node>\"), node-1's Lease unchanged",
+            expected: "node-3's token writes a Lease labelled as node-3's heartbeat under node-1's heartbeat name (denied by the admission policy: the Lease is node-1's), and under the old colliding name kubeha-hb-<cluster>-node-3 (denied: \"only under the name kubeha-hb-<cluster>.<node>\"): node-1's Lease unchanged, no Lease of the old name",
             run: heartbeat_renamed,
         },
         Case {
@@ -284,10 +284,11 @@ impl Drop for Cluster<'_> {
     }
 }
 
-/// An Active service on nodes 1..=3 whose status has an entry of node-1
-/// and of [`NODE`], both written by their agents.
+/// An Active service on nodes 1, [`NODE`] and 2 in this order (node-1
+/// master, node-3 vicemaster: only those two have a status entry), both
+/// entries written by their agents.
 fn service_with_entries<'a>(ctx: &'a Ctx, name: &str, vip: &str) -> anyhow::Result<Scenario<'a>> {
-    let scenario = ctx.active_service(name, vip, &[1, 2, 3])?;
+    let scenario = ctx.active_service(name, vip, &[1, NODE, 2])?;
     if ha::wait_until(Duration::from_secs(20), || {
         !ha::node_entry(ctx.lab, name, 1).is_null()
             && !ha::node_entry(ctx.lab, name, NODE).is_null()
@@ -356,7 +357,7 @@ fn status_other_node_entry(ctx: &Ctx) -> anyhow::Result<String> {
 
 fn status_phase(ctx: &Ctx) -> anyhow::Result<String> {
     let name = "hostile-identity-phase";
-    let scenario = service_with_entries(ctx, name, "198.18.0.98")?;
+    let scenario = service_with_entries(ctx, name, "198.18.0.110")?;
     let before = scenario.status();
     let own = ha::node_entry(ctx.lab, name, NODE);
     let out = apply_status_as_node(
@@ -405,7 +406,7 @@ fn status_own_entry(ctx: &Ctx) -> anyhow::Result<String> {
 
 fn service_lease_write(ctx: &Ctx) -> anyhow::Result<String> {
     let name = "hostile-identity-service-lease";
-    let scenario = ctx.active_service(name, "198.18.0.100", &[1, 2, 3])?;
+    let scenario = ctx.active_service(name, "198.18.0.113", &[1, 2, 3])?;
     let before = service_lease(ctx.lab, name)?;
     let out = apply_lease_as_node(
         ctx.lab,
@@ -481,7 +482,7 @@ fn heartbeat_renamed(ctx: &Ctx) -> anyhow::Result<String> {
         ctx.lab,
         &heartbeat(&name, &cluster.name, &nodes::node_name(NODE), &forged_time),
     )?;
-    let text = refused_by_policy(&out, "only under the name kubeha-hb-<cluster>.<node>")?;
+    let over_node_1 = refused_by_policy(&out, "may write only its own heartbeat Leases")?;
     let after = cluster.heartbeat(1)?;
     let labels = &after["metadata"]["labels"];
     if labels["kubeha.io/node"] != "node-1"
@@ -490,8 +491,24 @@ fn heartbeat_renamed(ctx: &Ctx) -> anyhow::Result<String> {
     {
         bail!("node-1's heartbeat Lease was rewritten: {after}");
     }
+    // The name heartbeats had before, under which clusters `a-b`/node `c`
+    // and `a`/`b-c` shared one Lease.
+    let dashed = format!("kubeha-hb-{}-{}", cluster.name, nodes::node_name(NODE));
+    let out = apply_lease_as_node(
+        ctx.lab,
+        &heartbeat(
+            &dashed,
+            &cluster.name,
+            &nodes::node_name(NODE),
+            &forged_time,
+        ),
+    )?;
+    let dashed_text = refused_by_policy(&out, "only under the name kubeha-hb-<cluster>.<node>")?;
+    if let Some(l) = lease(ctx.lab, &dashed)? {
+        bail!("a Lease of the old name exists: {l}");
+    }
     Ok(format!(
-        "{text}; {name} still node-1's (label, holder, renewTime)"
+        "{over_node_1}; {name} still node-1's (label, holder, renewTime); {dashed_text}; no Lease {dashed}"
     ))
 }
 
