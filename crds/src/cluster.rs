@@ -241,8 +241,9 @@ impl Default for HeartbeatTiming {
 pub struct AllowedHookSources {
     /// One entry per namespace (or `*` for every allowed namespace): the
     /// directories under the hook root (`hostPaths`) and the ConfigMaps
-    /// (`configMaps`) its HAServices may take scripts from, e.g.
-    /// `{namespace: team-a, hostPaths: [team-a], configMaps: [team-a/hooks]}`.
+    /// (`configMaps` of the operator's namespace, `ownConfigMaps` of its
+    /// own) its HAServices may take scripts from, e.g.
+    /// `{namespace: team-a, hostPaths: [team-a], ownConfigMaps: [hooks]}`.
     /// A namespace gets the union of its entries and the `*` entries; a
     /// namespace no entry names gets no hooks.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]

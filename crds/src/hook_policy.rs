@@ -20,12 +20,6 @@ use crate::service::HookSource;
 /// namespace gets the union of the entries naming it and the `*` entries.
 #[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
-#[schemars(extend("x-kubernetes-validations" = [
-    {
-        "rule": "!has(self.configMaps) || self.configMaps.all(c, !c.contains('/') || (self.namespace != '*' && c.startsWith(self.namespace + '/')))",
-        "message": "spec.allowedHookSources.namespaces[].configMaps: an entry namespace/name must name a ConfigMap of the entry's own namespace (the service's namespace); write a bare name for a ConfigMap of the operator's namespace, and grant a namespace's own ConfigMaps in an entry naming that namespace, not in '*'"
-    }
-]))]
 pub struct NamespaceHookSources {
     /// The namespace whose HAServices this entry is for, or `*` for every
     /// namespace that `spec.allowedNamespaces` allows.
@@ -49,27 +43,40 @@ pub struct NamespaceHookSources {
     }))]
     pub host_paths: Vec<String>,
 
-    /// ConfigMaps the namespace may name in `spec.hooks.source.configMap`:
-    /// `name` for a ConfigMap in the operator's namespace, `namespace/name`
-    /// for one in the service's own namespace (only in an entry naming that
-    /// namespace). Scripts from the service's own namespace run as root on
-    /// the members: grant them only to a namespace trusted with that.
+    /// ConfigMaps of the operator's namespace that the namespace may name
+    /// in `spec.hooks.source.configMap`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    #[schemars(length(max = 64), extend("items" = {
+    #[schemars(length(max = 64), extend("items" = config_map_name()))]
+    pub config_maps: Vec<String>,
+
+    /// ConfigMaps of the service's own namespace that it may name in
+    /// `spec.hooks.source.configMap` (in a `*` entry: every allowed
+    /// namespace its own ConfigMap of that name). Whoever can write
+    /// ConfigMaps in that namespace then runs code as root on the members:
+    /// grant them only to a namespace trusted with that. The agents must
+    /// be able to read them (the chart's `rbac.configMapsAllNamespaces`, or
+    /// a Role in that namespace).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 64), extend("items" = config_map_name()))]
+    pub own_config_maps: Vec<String>,
+}
+
+/// The schema of a ConfigMap name in the policy (a DNS subdomain).
+fn config_map_name() -> serde_json::Value {
+    serde_json::json!({
         "type": "string",
         "minLength": 1,
-        "maxLength": 317,
-        "pattern": "^([a-z0-9]([-a-z0-9]*[a-z0-9])?/)?[a-z0-9]([-a-z0-9]*[a-z0-9])?(\\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
-    }))]
-    pub config_maps: Vec<String>,
+        "maxLength": 253,
+        "pattern": "^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
+    })
 }
 
 /// Where a ConfigMap hook source is read from.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub enum ConfigMapHome {
-    /// The operator's namespace (a bare name in the policy).
+    /// The operator's namespace (`configMaps` in the policy).
     OperatorNamespace,
-    /// The HAService's own namespace (`namespace/name` in the policy).
+    /// The HAService's own namespace (`ownConfigMaps` in the policy).
     ServiceNamespace,
 }
 
@@ -102,7 +109,7 @@ pub enum HookSourceRefused {
     },
     /// A ConfigMap not granted to the namespace.
     #[error(
-        "spec.hooks.source.configMap {name:?}: HACluster {cluster} does not give that ConfigMap to namespace {namespace} (granted: {granted:?}); use a granted one, or the cluster admin adds {name:?} (the operator's namespace) or \"{namespace}/{name}\" (the service's namespace) to configMaps of the spec.allowedHookSources.namespaces entry for {namespace}"
+        "spec.hooks.source.configMap {name:?}: HACluster {cluster} does not give that ConfigMap to namespace {namespace} (granted: {granted:?}); use a granted one, or the cluster admin adds {name:?} to configMaps (a ConfigMap of the operator's namespace) or ownConfigMaps (one of {namespace} itself) of the spec.allowedHookSources.namespaces entry for {namespace}"
     )]
     ConfigMapNotGranted {
         /// The cluster.
@@ -111,7 +118,7 @@ pub enum HookSourceRefused {
         namespace: String,
         /// The ConfigMap name as written.
         name: String,
-        /// What the namespace is granted.
+        /// What the namespace is granted (`namespace/name` for its own).
         granted: Vec<String>,
     },
 }
@@ -184,39 +191,36 @@ pub fn check_host_path(
 }
 
 /// Where ConfigMap `name` may be read from for a service of `namespace`, in
-/// the order the agent looks: the operator's namespace (granted as `name`),
-/// then the service's own (granted as `namespace/name`). Refused when
-/// neither is granted.
+/// the order the agent looks: the operator's namespace (granted in
+/// `configMaps`), then the service's own (granted in `ownConfigMaps`).
+/// Refused when neither is granted.
 pub fn config_map_homes(
     policy: &AllowedHookSources,
     cluster: &str,
     namespace: &str,
     name: &str,
 ) -> Result<Vec<ConfigMapHome>, HookSourceRefused> {
-    let own = format!("{namespace}/{name}");
-    let granted: Vec<&String> = entries(policy, namespace)
-        .flat_map(|e| &e.config_maps)
-        .collect();
     let mut homes = Vec::new();
-    if granted.iter().any(|g| g.as_str() == name) {
+    if entries(policy, namespace).any(|e| e.config_maps.iter().any(|c| c == name)) {
         homes.push(ConfigMapHome::OperatorNamespace);
     }
-    // In a `*` entry a `namespace/name` is refused by the API server; the
-    // check does not count it either.
-    let own_granted = policy
-        .namespaces
-        .iter()
-        .filter(|e| e.namespace == namespace)
-        .any(|e| e.config_maps.contains(&own));
-    if own_granted {
+    if entries(policy, namespace).any(|e| e.own_config_maps.iter().any(|c| c == name)) {
         homes.push(ConfigMapHome::ServiceNamespace);
     }
     if homes.is_empty() {
+        let granted = entries(policy, namespace)
+            .flat_map(|e| {
+                e.config_maps
+                    .iter()
+                    .cloned()
+                    .chain(e.own_config_maps.iter().map(|c| format!("{namespace}/{c}")))
+            })
+            .collect();
         return Err(HookSourceRefused::ConfigMapNotGranted {
             cluster: cluster.to_owned(),
             namespace: namespace.to_owned(),
             name: name.to_owned(),
-            granted: granted.into_iter().cloned().collect(),
+            granted,
         });
     }
     Ok(homes)
@@ -244,10 +248,15 @@ mod tests {
     use super::*;
 
     fn entry(ns: &str, paths: &[&str], cms: &[&str]) -> NamespaceHookSources {
+        let list = |l: &[&str]| l.iter().map(|s| s.to_string()).collect();
+        let (own, operator): (Vec<&str>, Vec<&str>) =
+            cms.iter().partition(|c| c.starts_with("own:"));
+        let own: Vec<&str> = own.iter().map(|c| c.trim_start_matches("own:")).collect();
         NamespaceHookSources {
             namespace: ns.into(),
-            host_paths: paths.iter().map(|s| s.to_string()).collect(),
-            config_maps: cms.iter().map(|s| s.to_string()).collect(),
+            host_paths: list(paths),
+            config_maps: list(&operator),
+            own_config_maps: list(&own),
         }
     }
 
@@ -312,9 +321,10 @@ mod tests {
 
     #[test]
     fn config_maps_come_from_the_operator_namespace_or_the_services_own_as_granted() {
+        // "own:x" in these tests is x in ownConfigMaps.
         let p = policy(vec![
             entry("*", &[], &["common"]),
-            entry("team-a", &[], &["team-a/hooks", "a-hooks"]),
+            entry("team-a", &[], &["own:hooks", "a-hooks"]),
         ]);
         assert_eq!(
             config_map_homes(&p, "c", "team-a", "hooks"),
@@ -330,14 +340,17 @@ mod tests {
         );
         let e = config_map_homes(&p, "c", "team-b", "a-hooks").unwrap_err();
         assert!(e.to_string().contains("spec.hooks.source.configMap"), "{e}");
-        assert!(e.to_string().contains("team-b/a-hooks"), "{e}");
-        // Another namespace's own ConfigMap is never reachable, even named
-        // in full in a `*` entry (which the API server refuses anyway).
-        let star = policy(vec![entry("*", &[], &["team-a/hooks"])]);
-        assert!(config_map_homes(&star, "c", "team-a", "hooks").is_err());
-        assert!(config_map_homes(&star, "c", "team-b", "hooks").is_err());
+        assert!(e.to_string().contains("ownConfigMaps"), "{e}");
+        // team-a's own ConfigMap is not team-b's: team-b gets no `hooks`.
+        assert!(config_map_homes(&p, "c", "team-b", "hooks").is_err());
+        // A `*` entry gives every namespace its own ConfigMap of that name.
+        let star = policy(vec![entry("*", &[], &["own:hooks"])]);
+        assert_eq!(
+            config_map_homes(&star, "c", "team-b", "hooks"),
+            Ok(vec![ConfigMapHome::ServiceNamespace])
+        );
         // Both granted: the operator's namespace first.
-        let both = policy(vec![entry("x", &[], &["x/h", "h"])]);
+        let both = policy(vec![entry("x", &[], &["own:h", "h"])]);
         assert_eq!(
             config_map_homes(&both, "c", "x", "h"),
             Ok(vec![

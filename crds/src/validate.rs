@@ -486,7 +486,8 @@ mod tests {
             namespaces: vec![NamespaceHookSources {
                 namespace: "a".into(),
                 host_paths: vec!["a".into()],
-                config_maps: vec!["a/hooks".into()],
+                config_maps: Vec::new(),
+                own_config_maps: vec!["hooks".into()],
             }],
         };
         let mut s = spec(&["198.18.0.5/24"]);

@@ -140,7 +140,7 @@ pub(super) fn cluster_view(shared: &Shared, cluster: &HACluster) -> TransitionCl
         config_maps_in_service_namespace: policy
             .namespaces
             .iter()
-            .any(|e| e.config_maps.iter().any(|c| c.contains('/'))),
+            .any(|e| !e.own_config_maps.is_empty()),
         name,
     }
 }

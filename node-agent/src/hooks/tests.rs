@@ -1204,7 +1204,7 @@ async fn tails_are_cut_by_bytes_on_character_boundaries_and_escaped() {
 
 /// A runner whose gate is on: hook root `root`, ConfigMaps under `state`,
 /// no API client, cluster `prod` granting namespace `shop` the directory
-/// `shop` and ConfigMap `shop/hooks`.
+/// `shop` and its own ConfigMap `hooks`.
 fn gated(f: &Fixture, state: &Path) -> HookRunner {
     use kubeha_crds::cluster::AllowedHookSources;
     use kubeha_crds::hook_policy::NamespaceHookSources;
@@ -1221,7 +1221,8 @@ fn gated(f: &Fixture, state: &Path) -> HookRunner {
             namespaces: vec![NamespaceHookSources {
                 namespace: "shop".into(),
                 host_paths: vec!["shop".into()],
-                config_maps: vec!["shop/hooks".into()],
+                config_maps: Vec::new(),
+                own_config_maps: vec!["hooks".into()],
             }],
         },
     );
