@@ -290,7 +290,6 @@ async fn hooks_by_hand(
         members,
         beat: None,
         fenced: Default::default(),
-        config_maps_in_service_namespace: false,
     };
     let epoch = epoch.or(saved.map(|r| r.epoch)).unwrap_or(0);
     let results = node

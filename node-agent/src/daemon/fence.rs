@@ -43,7 +43,6 @@ pub(super) async fn on_renewed(shared: &Arc<Shared>, cluster: &str) {
         members: Vec::new(),
         beat: shared.beats.get(cluster),
         fenced: flag,
-        config_maps_in_service_namespace: false,
     };
     shared.node.extend(&view).await;
 }
@@ -178,7 +177,6 @@ pub(super) async fn freeze(shared: &Arc<Shared>, cluster: &str) {
         members: Vec::new(),
         beat: Some(beat),
         fenced: Arc::default(),
-        config_maps_in_service_namespace: false,
     };
     shared.node.extend(&view).await;
 }

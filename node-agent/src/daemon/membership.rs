@@ -125,8 +125,7 @@ pub(super) fn cluster_view(shared: &Shared, cluster: &HACluster) -> TransitionCl
         operator_namespace: shared.config.namespace.clone(),
         client: Some(shared.client.clone()),
     });
-    let policy = &cluster.spec.allowed_hook_sources;
-    runner.set_hook_policy(&name, policy);
+    runner.set_hook_policy(&name, &cluster.spec.allowed_hook_sources);
     TransitionCluster {
         members: cluster
             .spec
@@ -137,10 +136,6 @@ pub(super) fn cluster_view(shared: &Shared, cluster: &HACluster) -> TransitionCl
             .collect(),
         beat: shared.beats.get(&name),
         fenced: fenced_flag(shared, &name),
-        config_maps_in_service_namespace: policy
-            .namespaces
-            .iter()
-            .any(|e| !e.own_config_maps.is_empty()),
         name,
     }
 }

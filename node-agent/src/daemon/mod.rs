@@ -4,7 +4,6 @@
 //! lifetimes on every renew, fences itself when a heartbeat passes RD, and
 //! keeps the node-local status file.
 
-mod configmap;
 mod fence;
 mod membership;
 mod reconcile;

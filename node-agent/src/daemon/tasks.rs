@@ -12,7 +12,6 @@ use tracing::Instrument;
 
 use kubeha_crds::roles::Transition;
 
-use super::configmap::materialize_config_map;
 use super::fence::escalate;
 use super::report::{event, report};
 use super::{Shared, Target};
@@ -33,23 +32,6 @@ pub(super) fn spawn_steps(
     let span = task_span(&service.key, wanted.epoch, "steps");
     let task = async move {
         tracing::info!(?steps, "transition");
-        if let Some(cm) = service
-            .spec
-            .hooks
-            .as_ref()
-            .and_then(|h| h.source.config_map.clone())
-        {
-            let mut namespaces = vec![shared.config.namespace.clone()];
-            if view.config_maps_in_service_namespace
-                && let Some((ns, _)) = service.key.split_once('/')
-            {
-                namespaces.push(ns.to_owned());
-            }
-            let dir = shared.config.state_dir.join("configmap-hooks").join(&cm);
-            if let Err(e) = materialize_config_map(&shared.client, &namespaces, &cm, &dir).await {
-                tracing::warn!(error = %e, "hook ConfigMap not written out");
-            }
-        }
         let primary = shared.node.is_primary(&service, &view);
         let last = steps.last().copied();
         for step in steps {

@@ -122,8 +122,6 @@ pub struct TransitionCluster {
     pub beat: Option<Beat>,
     /// Set when this node fenced itself for the cluster and has not renewed since.
     pub fenced: Arc<AtomicBool>,
-    /// Whether hook ConfigMaps may also come from the service's namespace.
-    pub config_maps_in_service_namespace: bool,
 }
 
 /// A service as one transition sees it.

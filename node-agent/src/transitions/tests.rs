@@ -121,7 +121,6 @@ fn fixture() -> Fixture {
         members: vec!["n1".into()],
         beat: Some(b),
         fenced: Arc::default(),
-        config_maps_in_service_namespace: false,
     };
     Fixture {
         node,
