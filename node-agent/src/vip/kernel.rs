@@ -71,9 +71,50 @@ pub(super) fn local_addr(msg: &AddressMessage) -> Option<IpAddr> {
     address
 }
 
+/// Whether a kernel of release `release` (`uname -r`, e.g.
+/// `6.1.0-18-amd64`) keeps an address's protocol (`IFA_PROTO`, Linux 5.18):
+/// older ones drop the attribute without an error. An unreadable release
+/// counts as a recent kernel.
+pub(super) fn release_keeps_address_protocol(release: &str) -> bool {
+    let mut parts = release
+        .split(|c: char| !c.is_ascii_digit())
+        .map(|p| p.parse::<u32>().ok());
+    match (parts.next().flatten(), parts.next().flatten()) {
+        (Some(major), Some(minor)) => (major, minor) >= (5, 18),
+        _ => true,
+    }
+}
+
+/// [`release_keeps_address_protocol`] for the running kernel, read once.
+fn kernel_keeps_address_protocol() -> bool {
+    static KEEPS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *KEEPS.get_or_init(|| {
+        let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+        let keeps = release_keeps_address_protocol(release.trim());
+        if !keeps {
+            tracing::warn!(
+                release = release.trim(),
+                "this kernel drops address protocols (before Linux 5.18): only permanent addresses count as the host's own; another program's address with a lifetime is not told from a VIP"
+            );
+        }
+        keeps
+    })
+}
+
 /// Whether an address message is one kubeha added: it carries
-/// [`KUBEHA_ADDRESS_PROTOCOL`].
+/// [`KUBEHA_ADDRESS_PROTOCOL`]; on a kernel that drops address protocols,
+/// whether it has a finite lifetime (every VIP has one; the node's own
+/// permanent addresses never do).
 pub(super) fn is_kubeha_address(msg: &AddressMessage) -> bool {
+    is_kubeha_address_on(msg, kernel_keeps_address_protocol())
+}
+
+/// [`is_kubeha_address`] on a kernel that keeps address protocols (`marks`)
+/// or not.
+pub(super) fn is_kubeha_address_on(msg: &AddressMessage, marks: bool) -> bool {
+    if !marks {
+        return !is_permanent(msg);
+    }
     msg.attributes.iter().any(
         |a| matches!(a, AddressAttribute::Protocol(p) if u8::from(*p) == KUBEHA_ADDRESS_PROTOCOL),
     )

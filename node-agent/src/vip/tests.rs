@@ -204,6 +204,52 @@ async fn netlink_trait_supports_fakes_and_spawned_tasks() {
     ));
 }
 
+#[test]
+fn address_protocols_are_kept_from_linux_5_18() {
+    use super::kernel::release_keeps_address_protocol as keeps;
+    for release in [
+        "5.18.0",
+        "6.1.0-18-amd64",
+        "6.18.44-fc-v1300",
+        "10.0",
+        "",
+        "weird",
+    ] {
+        assert!(keeps(release), "{release}");
+    }
+    for release in [
+        "5.15.0-91-generic",
+        "5.14.0-362.el9.x86_64",
+        "4.18.0-513.el8.x86_64",
+    ] {
+        assert!(!keeps(release), "{release}");
+    }
+}
+
+#[test]
+fn without_address_protocols_only_permanent_addresses_are_the_hosts() {
+    use super::kernel::is_kubeha_address_on;
+    use netlink_packet_route::address::{AddressAttribute, AddressFlags, AddressProtocol};
+    let vip = Vip::parse("198.18.0.100/24", None).unwrap();
+    let mut plain = kernel::address_message(1, &vip);
+    let mut permanent = plain.clone();
+    permanent
+        .attributes
+        .push(AddressAttribute::Flags(AddressFlags::Permanent));
+    // A recent kernel: only the protocol mark makes an address kubeha's.
+    assert!(!is_kubeha_address_on(&plain, true));
+    assert!(!is_kubeha_address_on(&permanent, true));
+    // An old one: any address with a lifetime counts as kubeha's.
+    assert!(is_kubeha_address_on(&plain, false));
+    assert!(!is_kubeha_address_on(&permanent, false));
+    plain
+        .attributes
+        .push(AddressAttribute::Protocol(AddressProtocol::from(
+            KUBEHA_ADDRESS_PROTOCOL,
+        )));
+    assert!(is_kubeha_address_on(&plain, true));
+}
+
 #[tokio::test]
 async fn the_fake_refuses_the_hosts_own_address_like_the_kernel_does() {
     let fake = FakeNetlink::default();
