@@ -348,6 +348,14 @@ pub struct ServiceNodeStatus {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 32))]
     pub hooks: Vec<HookResult>,
+    /// Why this node takes no role although the service Lease gives it one:
+    /// its agent re-checks what the operator checks (the namespace allowed,
+    /// the VIPs in the pool and claimed by no older service, the hook
+    /// source allowed, the Lease written for this HAService) and refuses a
+    /// forged or stale assignment. Unset when it takes the role.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 1024))]
+    pub refused: Option<String>,
 }
 
 /// What a node is doing with a service.

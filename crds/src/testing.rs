@@ -86,6 +86,7 @@ pub fn status_entry(
         last_failure_time: None,
         unclean_epoch: None,
         hooks: Vec::new(),
+        refused: None,
     }
 }
 

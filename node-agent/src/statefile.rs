@@ -126,6 +126,11 @@ pub struct ServiceRecord {
     /// whatever its outcome.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub fenced: bool,
+    /// Why this node refuses the role the service Lease gives it
+    /// ([`crate::assignments::vet`]), for its status entry; `None` when it
+    /// takes it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub refused: Option<String>,
 }
 
 /// What applying an admin's clear request reset on a record.
@@ -174,6 +179,7 @@ impl ServiceRecord {
             clear_token,
             unclean_epoch: None,
             fenced: false,
+            refused: None,
         }
     }
 
@@ -192,6 +198,7 @@ impl ServiceRecord {
             && self.failed_epoch.is_none()
             && self.unclean_epoch.is_none()
             && !self.fenced
+            && self.refused.is_none()
     }
 
     /// Counts one failure here, now.

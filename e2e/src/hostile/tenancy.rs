@@ -221,6 +221,26 @@ impl<'a> Tenant<'a> {
         self.forge(1, 1, uid, false)?;
         self.nothing_runs()?;
         let why = self.refusal()?;
+        // The refusal is in node-1's status entry too.
+        let mut entry = Value::Null;
+        ha::wait_every(Duration::from_secs(10), Duration::from_millis(250), || {
+            entry = self
+                .lab
+                .kubectl_json(&["get", "haservice", &self.name, "-n", &self.namespace])
+                .ok()
+                .and_then(|v| {
+                    v["status"]["nodes"]
+                        .as_array()?
+                        .iter()
+                        .find(|e| e["node"] == "node-1")
+                        .cloned()
+                })
+                .unwrap_or(Value::Null);
+            entry["refused"]
+                .as_str()
+                .is_some_and(|r| r.contains(must_name))
+        })
+        .with_context(|| format!("node-1's status entry never carried the refusal: {entry}"))?;
         if !why.contains(must_name) {
             bail!("the refusal does not name {must_name}: {why}");
         }

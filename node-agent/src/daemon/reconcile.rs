@@ -292,7 +292,8 @@ async fn reconcile_service(
     } else if slot.refused.is_some() {
         tracing::info!("the service passes the checks again: its assignment is taken");
     }
-    slot.refused = refusal;
+    slot.refused = refusal.clone();
+    guard.refused = refusal;
     let fresh = assignments::not_older(wanted, guard.role, guard.epoch);
     if fresh != wanted && slot.stale_warned != Some(wanted.epoch) {
         slot.stale_warned = Some(wanted.epoch);

@@ -25,13 +25,16 @@ pub const REPORTED_TAIL_LINES: usize = 3;
 /// boundary, see [`crate::hooks::clip_to`]).
 pub const REPORTED_LINE_BYTES: usize = 120;
 
+/// Bytes a reported refusal ([`ServiceRecord::refused`]) keeps.
+pub const REPORTED_REFUSAL_BYTES: usize = 512;
+
 /// Bytes a reported script name keeps.
 pub const REPORTED_SCRIPT_BYTES: usize = 96;
 
 /// The hook results of a record as its status entry reports them: the last
 /// [`REPORTED_HOOKS`], each with its last [`REPORTED_TAIL_LINES`] output
 /// lines of at most [`REPORTED_LINE_BYTES`] and its script name cut to
-/// [`REPORTED_SCRIPT_BYTES`], so that no entry exceeds 4 KiB of JSON
+/// [`REPORTED_SCRIPT_BYTES`], so that no entry exceeds 5 KiB of JSON
 /// (the full results stay in the node's status file and the hook logs).
 pub fn reported_hooks(record: &ServiceRecord) -> Vec<kubeha_crds::service::HookResult> {
     let hooks = &record.last_hooks;
@@ -66,6 +69,7 @@ pub(super) fn report_digest(record: &ServiceRecord) -> String {
         record.acked_epoch,
         record.fail_count,
         &reported_hooks(record),
+        record.refused.as_deref(),
     )
 }
 
@@ -78,6 +82,7 @@ pub(super) fn applied_digest(e: &kubeha_crds::service::ServiceNodeStatus) -> Str
         e.acked_epoch,
         e.fail_count,
         &e.hooks,
+        e.refused.as_deref(),
     )
 }
 
@@ -90,12 +95,13 @@ pub(super) fn entry_digest(
     acked: Option<i64>,
     fail_count: i32,
     hooks: &[kubeha_crds::service::HookResult],
+    refused: Option<&str>,
 ) -> String {
     let last = hooks
         .last()
         .map(|h| (h.script.as_str(), h.action.as_str(), h.outcome));
     format!(
-        "{role:?} {state:?} {epoch:?} {acked:?} {fail_count} {} {last:?}",
+        "{role:?} {state:?} {epoch:?} {acked:?} {fail_count} {} {last:?} {refused:?}",
         hooks.len()
     )
 }
@@ -139,7 +145,7 @@ pub(super) async fn event(
 }
 
 /// This node's entry of `status.nodes` for a record, as the agent applies
-/// it, at most 4 KiB of JSON ([`reported_hooks`]). `epoch` is the record's: the epoch of the role taken or, for a node
+/// it, at most 5 KiB of JSON ([`reported_hooks`]). `epoch` is the record's: the epoch of the role taken or, for a node
 /// idle here, the latest epoch observed ([`ServiceRecord::observe_epoch`]).
 pub fn status_entry(node: &str, record: &ServiceRecord) -> serde_json::Value {
     let mut entry = serde_json::json!({
@@ -159,6 +165,9 @@ pub fn status_entry(node: &str, record: &ServiceRecord) -> serde_json::Value {
     }
     if let Some(epoch) = record.unclean_epoch {
         entry["uncleanEpoch"] = epoch.into();
+    }
+    if let Some(why) = &record.refused {
+        entry["refused"] = crate::hooks::clip_to(why, REPORTED_REFUSAL_BYTES).into();
     }
     entry
 }
@@ -290,13 +299,13 @@ mod tests {
 
     /// The most a status entry this agent applies takes as JSON, whatever
     /// its hook results hold.
-    const MAX_ENTRY_BYTES: usize = 4 * 1024;
+    const MAX_ENTRY_BYTES: usize = 5 * 1024;
 
     /// Nodes a service's `status.nodes` may list for the object to stay
     /// under etcd's request limit (1.5 MiB) with room for the rest of the
-    /// object (spec, metadata, conditions): 256 entries of
-    /// [`MAX_ENTRY_BYTES`] take 1 MiB.
-    const MAX_STATUS_NODES: usize = 256;
+    /// object (spec, metadata, conditions): 200 entries of
+    /// [`MAX_ENTRY_BYTES`] take 1,000 KiB.
+    const MAX_STATUS_NODES: usize = 200;
     const _: () = assert!(MAX_ENTRY_BYTES * MAX_STATUS_NODES <= 1024 * 1024);
 
     /// The worst case of an entry: the longest node name, every number at
@@ -314,6 +323,7 @@ mod tests {
         record.fail_count = i32::MIN;
         record.last_failure = Some("9999-01-01T00:00:00Z".into());
         let doubled = |n: usize| "\"\\".repeat(n / 2);
+        record.refused = Some(doubled(4096));
         let result = HookResult {
             script: doubled(255),
             action: "periodic".into(),

@@ -39,6 +39,7 @@ fn record() -> ServiceRecord {
         clear_token: None,
         unclean_epoch: None,
         fenced: false,
+        refused: None,
     }
 }
 

@@ -423,6 +423,7 @@ impl Agent {
             last_failure_time: None,
             unclean_epoch: None,
             hooks: Vec::new(),
+            refused: None,
         }
     }
 
