@@ -281,6 +281,7 @@ pub fn validate(
     {
         problems.push(Problem::HookSourceNotAllowed(refused));
     }
+    problems.extend(vip_prefix_problems(cluster_name, cluster, subject.spec));
     problems
 }
 
@@ -288,11 +289,6 @@ pub fn validate(
 /// specific range of the cluster's pool holding them (`cluster_name`,
 /// `cluster`): such a VIP's on-link route reaches outside the pool. VIPs
 /// that do not parse or lie outside every range are [`validate`]'s.
-///
-/// Not yet part of [`validate`]: the lab's clusters (`e2e::ha::cluster`,
-/// pool 198.18.0.96/27), the hostile catalogue's scenarios and the
-/// examples (pool 198.18.0.96/28) give their services /24 VIPs, which
-/// this refuses; it joins [`validate`] in the change that moves them.
 pub fn vip_prefix_problems(
     cluster_name: &str,
     cluster: &HAClusterSpec,

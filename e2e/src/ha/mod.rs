@@ -167,7 +167,7 @@ pub fn cluster_with_modes(name: &str, members: &[(u8, &str)], timing: Timing) ->
                 "clockSkewMs": timing.skew_ms
             },
             "startupGraceSeconds": 0,
-            "vipPool": ["198.18.0.96/27", "2001:db8::100/120"],
+            "vipPool": ["198.18.0.0/24", "2001:db8::/64"],
             "allowedNamespaces": [SERVICE_NAMESPACE],
             // The tests' namespace may use every hook directory of the lab
             // nodes (each test installs its own).

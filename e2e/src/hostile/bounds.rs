@@ -100,6 +100,11 @@ pub fn cases() -> Vec<Case> {
             run: member_name_64,
         },
         Case {
+            name: "bounds-vip-prefix-shorter-than-pool",
+            expected: "a VIP 198.18.0.100/24 in a cluster whose pool is 198.18.0.96/27 (its on-link route would reach outside the pool) is refused by the operator (Stalled, InvalidSpec, naming the range and /27); no address appears",
+            run: vip_prefix_shorter_than_pool,
+        },
+        Case {
             name: "bounds-vip-is-node-address",
             expected: "a VIP equal to node-2's own address (in the pool) is refused by the operator (Stalled, InvalidSpec, naming node-2); node-2's address stays permanent, no address appears anywhere",
             run: vip_is_node_address,
@@ -383,6 +388,18 @@ fn valid_lifetime(i: u8, address: &str) -> Option<u64> {
         .flatten()
         .find(|a| a["local"] == address)
         .and_then(|a| a["valid_life_time"].as_u64())
+}
+
+fn vip_prefix_shorter_than_pool(ctx: &Ctx) -> anyhow::Result<String> {
+    let name = "hostile-vip-prefix-pool";
+    refused_by_operator(
+        ctx,
+        &cluster(name, &["198.18.0.96/27"]),
+        &service(name, name, "198.18.0.100/24"),
+        "2/2",
+        "198.18.0.100",
+        &["198.18.0.96/27", "/27"],
+    )
 }
 
 fn vip_is_node_address(ctx: &Ctx) -> anyhow::Result<String> {

@@ -282,7 +282,7 @@ pub const ACTIVE_WITHIN: Duration = Duration::from_secs(45);
 
 impl Ctx<'_> {
     /// [`Scenario`] `name` on `members` with `vip` (from the lab clusters'
-    /// pool, 198.18.0.96/27), after removing what an earlier run left;
+    /// pool, 198.18.0.0/24), after removing what an earlier run left;
     /// ordered placement makes the first member active.
     pub fn active_service(
         &self,

@@ -462,13 +462,12 @@ fn vip_claimed_operator_down(ctx: &Ctx) -> anyhow::Result<String> {
 
 fn vip_outside_pool_operator_down(ctx: &Ctx) -> anyhow::Result<String> {
     let lab = ctx.lab;
-    // The lab clusters' pool is 198.18.0.96/27: .200 is outside it, on the
-    // lab segment's /24.
+    // The lab clusters' pool is 198.18.0.0/24: 198.19.0.200 is outside it.
     with_tenant(
         lab,
         "hostile-tenancy-pool",
         ha::SERVICE_NAMESPACE,
-        "198.18.0.200",
+        "198.19.0.200",
         |t| t.refused(&OperatorStopped::new(lab)?, &t.uid()?, "spec.vipPool"),
     )
 }
