@@ -114,6 +114,17 @@ pub enum Problem {
         /// The cluster.
         cluster: String,
     },
+    /// More members than a service's `status.nodes` can list under etcd's
+    /// object size limit (each agent reports an entry of at most 5 KiB).
+    #[error(
+        "HACluster {cluster}: {count} member nodes, at most {MAX_MEMBERS}; every member reports into each service's status, which must stay under etcd's object size: narrow spec.members.selector or split the nodes into several HAClusters"
+    )]
+    TooManyMembers {
+        /// The number of members.
+        count: usize,
+        /// The cluster.
+        cluster: String,
+    },
     /// A hook source the cluster's `spec.allowedHookSources` does not give
     /// the service's namespace ([`crate::hook_policy`]); the message names
     /// the field and the fix.
@@ -319,6 +330,11 @@ pub fn vip_prefix_problems(
         .collect()
 }
 
+/// The most members a cluster may have: 200 status entries of at most
+/// 5 KiB each (the agent's bound) keep a service's status under 1 MiB,
+/// within etcd's object size with room for the rest of the object.
+pub const MAX_MEMBERS: usize = 200;
+
 /// The longest a node name may be: the value of the `kubeha.io/node`
 /// label (a label value takes at most 63 characters).
 pub const MAX_NODE_NAME_LEN: usize = 63;
@@ -331,15 +347,23 @@ pub fn member_problems<'a>(
     cluster_name: &str,
     members: impl IntoIterator<Item = &'a str>,
 ) -> Vec<Problem> {
-    members
-        .into_iter()
+    let members: Vec<&str> = members.into_iter().collect();
+    let mut problems: Vec<Problem> = members
+        .iter()
         .filter(|n| n.len() > MAX_NODE_NAME_LEN)
         .map(|n| Problem::MemberNameTooLong {
-            node: n.to_owned(),
+            node: (*n).to_owned(),
             len: n.chars().count(),
             cluster: cluster_name.to_owned(),
         })
-        .collect()
+        .collect();
+    if members.len() > MAX_MEMBERS {
+        problems.push(Problem::TooManyMembers {
+            count: members.len(),
+            cluster: cluster_name.to_owned(),
+        });
+    }
+    problems
 }
 
 #[cfg(test)]
@@ -625,6 +649,25 @@ mod tests {
                 node: long.clone(),
                 len: 64,
                 cluster: "c".into(),
+            }]
+        );
+        assert!(
+            p[0].to_string().contains("spec.members.selector"),
+            "{}",
+            p[0]
+        );
+    }
+
+    #[test]
+    fn more_members_than_the_status_can_list_are_a_problem() {
+        let names: Vec<String> = (0..=MAX_MEMBERS).map(|i| format!("node-{i}")).collect();
+        assert!(member_problems("c", names[..MAX_MEMBERS].iter().map(String::as_str)).is_empty());
+        let p = member_problems("c", names.iter().map(String::as_str));
+        assert_eq!(
+            p,
+            vec![Problem::TooManyMembers {
+                count: MAX_MEMBERS + 1,
+                cluster: "c".into()
             }]
         );
         assert!(

@@ -365,8 +365,13 @@ fn refused_by_operator(
         if let Some(left) = Residue::of(lab).left_since(&before) {
             bail!("refused, but {left}");
         }
+        // Told once as a Warning Event too.
+        let events = super::events_about(lab, ha::SERVICE_NAMESPACE, &name);
+        if !events.iter().any(|(reason, _)| reason == "InvalidSpec") {
+            bail!("refused, but no InvalidSpec Event about the service: {events:?}");
+        }
         Ok(format!(
-            "refused by the operator: Stalled/InvalidSpec \"{}\"; {vip} held by {holders:?} as before, no new address or process",
+            "refused by the operator: Stalled/InvalidSpec \"{}\" and an InvalidSpec Event; {vip} held by {holders:?} as before, no new address or process",
             clip(stalled["message"].as_str().unwrap_or_default())
         ))
     })();

@@ -301,11 +301,11 @@ mod tests {
     /// its hook results hold.
     const MAX_ENTRY_BYTES: usize = 5 * 1024;
 
-    /// Nodes a service's `status.nodes` may list for the object to stay
-    /// under etcd's request limit (1.5 MiB) with room for the rest of the
-    /// object (spec, metadata, conditions): 200 entries of
-    /// [`MAX_ENTRY_BYTES`] take 1,000 KiB.
-    const MAX_STATUS_NODES: usize = 200;
+    /// Nodes a service's `status.nodes` may list: a cluster has at most
+    /// this many members (the operator refuses more). For the object to
+    /// stay under etcd's request limit (1.5 MiB) with room for the rest of
+    /// the object, their entries of [`MAX_ENTRY_BYTES`] take at most 1 MiB.
+    const MAX_STATUS_NODES: usize = kubeha_crds::validate::MAX_MEMBERS;
     const _: () = assert!(MAX_ENTRY_BYTES * MAX_STATUS_NODES <= 1024 * 1024);
 
     /// The worst case of an entry: the longest node name, every number at

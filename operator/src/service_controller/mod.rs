@@ -29,7 +29,7 @@ use crate::error::{Error, Result};
 use evaluate::{evaluate, requeue};
 pub use lease::service_lease;
 use lease::{Written, heartbeat_moved, refresh_heartbeat, write_lease};
-use status::{move_blocked_is_new, publish_status};
+use status::{move_blocked_is_new, publish_status, stall_is_new};
 
 /// The finalizer the operator puts on every HAService.
 pub const FINALIZER: &str = "kubeha.io/release";
@@ -193,6 +193,16 @@ async fn apply(svc: &HAService, ctx: &Ctx, deleting: bool) -> Result<Action> {
     }
 
     publish_status(ctx, svc, &ev.plan.status).await?;
+
+    if let Some(stalled) = stall_is_new(svc, &ev.plan) {
+        ctx.publish(
+            &ev.reference,
+            &stalled.reason,
+            true,
+            stalled.message.clone(),
+        )
+        .await;
+    }
 
     if let Some(why) = &ev.plan.move_blocked
         && move_blocked_is_new(svc, why)

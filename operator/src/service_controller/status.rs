@@ -7,9 +7,10 @@ use kube::{Api, Resource, ResourceExt};
 use kubeha_crds::HAService;
 use serde_json::json;
 
-use crate::conditions;
+use crate::conditions::{self, Cond};
 use crate::context::{Ctx, FIELD_MANAGER};
 use crate::error::{Error, Result};
+use crate::service_plan::Plan;
 use crate::service_plan::StatusFields;
 
 /// The status apply patch (operator-owned fields only).
@@ -83,6 +84,24 @@ pub(super) fn move_blocked_is_new(svc: &HAService, why: &str) -> bool {
         .iter()
         .flat_map(|s| &s.conditions)
         .any(|c| c.type_ == conditions::MOVED && c.status == "False" && c.message == why)
+}
+
+/// The `Stalled` condition `plan` sets that the service's status does
+/// not show yet (a new refusal, or a new reason for it): announced once as
+/// a Warning Event, not on every reconcile.
+pub(super) fn stall_is_new<'p>(svc: &HAService, plan: &'p Plan) -> Option<&'p Cond> {
+    let stalled = plan
+        .status
+        .conditions
+        .iter()
+        .find(|c| c.type_ == conditions::STALLED && c.status)?;
+    let shown = svc.status.iter().flat_map(|s| &s.conditions).any(|c| {
+        c.type_ == conditions::STALLED
+            && c.status == "True"
+            && c.reason == stalled.reason
+            && c.message == stalled.message
+    });
+    (!shown).then_some(stalled)
 }
 
 #[cfg(test)]
