@@ -78,6 +78,10 @@ pub enum Command {
         /// The mode.
         #[arg(value_parser = parse_mode)]
         mode: Mode,
+        /// With mode peerdown: set it even though the node's heartbeat is
+        /// Alive (see `peerdown --force`).
+        #[arg(long)]
+        force: bool,
         /// The HACluster.
         #[arg(long)]
         cluster: String,
@@ -90,6 +94,11 @@ pub enum Command {
         /// The HACluster.
         #[arg(long)]
         cluster: String,
+        /// Certify it even though the operator sees the node's heartbeat
+        /// Alive (only when you know the heartbeat is stale: the node is
+        /// off and the status not yet updated).
+        #[arg(long)]
+        force: bool,
     },
     /// Withdraw a peerdown: NODE returns to mode default.
     Peerup {
@@ -184,8 +193,21 @@ async fn run_async(cli: Cli) -> anyhow::Result<()> {
             node,
             mode,
             cluster,
-        } => set_mode(&client, &cluster, &node, mode, None, wait).await,
-        Command::Peerdown { node, cluster } => {
+            force,
+        } => {
+            if mode == Mode::Peerdown && !force {
+                refuse_peerdown_of_alive(&client, &cluster, &node).await?;
+            }
+            set_mode(&client, &cluster, &node, mode, None, wait).await
+        }
+        Command::Peerdown {
+            node,
+            cluster,
+            force,
+        } => {
+            if !force {
+                refuse_peerdown_of_alive(&client, &cluster, &node).await?;
+            }
             eprintln!(
                 "warning: peerdown certifies that {node} is powered off; its services start elsewhere at once. If {node} still runs, two nodes may run the same service."
             );
@@ -343,6 +365,64 @@ async fn clear_service(
         );
     }
     print_after(client, last, &svc.spec.cluster_ref).await
+}
+
+/// Fails, saying why, when `node` still renews its heartbeat in `cluster`:
+/// its heartbeat Lease is watched for two renew intervals (and half a
+/// second), and a renew in that time proves its agent runs. Certifying a
+/// running node powered off would start its services elsewhere while it
+/// still runs them. A node that never heartbeated passes.
+async fn refuse_peerdown_of_alive(
+    client: &Client,
+    cluster: &str,
+    node: &str,
+) -> anyhow::Result<()> {
+    use k8s_openapi::api::coordination::v1::Lease;
+    use kubeha_crds::leases;
+    let what = format!("HACluster {cluster}");
+    let c = Api::<HACluster>::all(client.clone())
+        .get(cluster)
+        .await
+        .map_err(|e| api_error(e, &what, "read"))?;
+    let renew =
+        Duration::from_millis(u64::try_from(c.spec.heartbeat.renew_interval_ms).unwrap_or(0));
+    let name = leases::heartbeat_lease_name(cluster, node);
+    let params = ListParams::default().labels(&format!(
+        "{}={},{}={cluster},{}={node}",
+        leases::LEASE_KIND_LABEL,
+        leases::HEARTBEAT,
+        leases::CLUSTER_LABEL,
+        leases::NODE_LABEL
+    ));
+    let api: Api<Lease> = Api::all(client.clone());
+    let renewed = || async {
+        let list = api
+            .list(&params)
+            .await
+            .map_err(|e| api_error(e, &format!("the heartbeat Lease {name}"), "read"))?;
+        anyhow::Ok(
+            list.items
+                .into_iter()
+                .find(|l| l.name_any() == name)
+                .and_then(|l| l.spec?.renew_time)
+                .map(|t| t.0),
+        )
+    };
+    let Some(first) = renewed().await? else {
+        return Ok(());
+    };
+    let until = Instant::now() + 2 * renew + Duration::from_millis(500);
+    while Instant::now() < until {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        if let Some(again) = renewed().await?
+            && again != first
+        {
+            anyhow::bail!(
+                "{node} is alive: it renewed its heartbeat in {what} just now ({again}), so its agent runs. peerdown certifies a node that is powered off, and would start its services elsewhere while it still runs them. Power it off (or stop its agent) first, or pass --force"
+            );
+        }
+    }
+    Ok(())
 }
 
 async fn set_mode(

@@ -139,3 +139,15 @@ pub(super) fn cluster_view(shared: &Shared, cluster: &HACluster) -> TransitionCl
         name,
     }
 }
+
+/// The view of cluster `name` after its HACluster was deleted, for leaving
+/// the services this node still runs for it: no members; the hook runner
+/// keeps the cluster's last hook policy, so the leave scripts still run.
+pub(super) fn deleted_cluster_view(shared: &Shared, name: &str) -> TransitionCluster {
+    TransitionCluster {
+        members: Vec::new(),
+        beat: shared.beats.get(name),
+        fenced: fenced_flag(shared, name),
+        name: name.to_owned(),
+    }
+}

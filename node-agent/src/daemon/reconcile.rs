@@ -16,7 +16,7 @@ use kube::{Resource, ResourceExt};
 use kubeha_crds::service::{NodeServiceState, Role};
 use kubeha_crds::{HACluster, HAService, annotations, leases};
 
-use super::membership::{OwnNode, cluster_view};
+use super::membership::{OwnNode, cluster_view, deleted_cluster_view};
 use super::report::{applied_digest, event, report, report_digest};
 use super::tasks::{spawn_adopt, spawn_monitor, spawn_periodic, spawn_revip, spawn_steps};
 use super::{REPORT_RECHECK, Shared, Slot, Target, new_slot, spec_checksum};
@@ -76,10 +76,12 @@ pub(super) async fn reconcile(
             slots.remove(&key);
             continue;
         }
-        let Some(cluster) = by_name.get(&guard.cluster) else {
-            continue;
+        // A deleted HACluster: its services are left all the same (leave
+        // scripts, VIPs), as a node that stopped being a member leaves.
+        let view = match by_name.get(&guard.cluster) {
+            Some(cluster) => cluster_view(shared, cluster),
+            None => deleted_cluster_view(shared, &guard.cluster),
         };
-        let view = cluster_view(shared, cluster);
         let (ns, name) = key.split_once('/').unwrap_or(("", &key));
         let service = TransitionService {
             key: key.clone(),
