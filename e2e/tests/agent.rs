@@ -743,11 +743,12 @@ fn a_frozen_agent_stops_answering_for_its_vip_at_its_lease_end_while_the_address
     let expiry = jiff::SignedDuration::from_millis(i64::from(timing.lease_ms + timing.skew_ms));
     setup(&lab, name, &[&format!("{vip}/24")], None, timing);
     // Clears node-3 at `epoch` as the operator does once it saw node-3's
-    // latest renew (an agent back from a fence refuses older clearances).
+    // latest renew (an agent back from a fence refuses older clearances),
+    // as the operator's identity (the chart's service Lease policy).
     let clear = |epoch: i32| {
         std::thread::sleep(Duration::from_millis(700));
         let renew = heartbeat_renew_text(&lab, name, 3).unwrap();
-        ha::apply(
+        ha::apply_as_operator(
             &lab,
             &serde_json::json!({
                 "apiVersion": "coordination.k8s.io/v1",

@@ -131,19 +131,136 @@ fn sorted(verbs: &[&str]) -> Vec<String> {
 }
 
 /// Every CEL expression (match conditions, variables, validations) of the
-/// rendered policy, one a line.
+/// rendered node identity policy, one a line.
 fn policy_expressions(objects: &[serde_yaml::Value]) -> String {
-    let spec = &object(
-        objects,
-        "ValidatingAdmissionPolicy",
-        "kubeha-agent-node-identity",
-    )["spec"];
+    expressions_of(objects, "kubeha-agent-node-identity")
+}
+
+/// Every CEL expression (match conditions, variables, validations and
+/// message expressions) of the rendered ValidatingAdmissionPolicy `name`,
+/// one a line.
+fn expressions_of(objects: &[serde_yaml::Value], name: &str) -> String {
+    let spec = &object(objects, "ValidatingAdmissionPolicy", name)["spec"];
     ["matchConditions", "variables", "validations"]
         .iter()
         .flat_map(|k| spec[*k].as_sequence().cloned().unwrap_or_default())
-        .filter_map(|e| e["expression"].as_str().map(str::to_owned))
+        .flat_map(|e| {
+            ["expression", "messageExpression"]
+                .iter()
+                .filter_map(|k| e[*k].as_str().map(str::to_owned))
+                .collect::<Vec<_>>()
+        })
         .collect::<Vec<_>>()
         .join("\n")
+}
+
+/// The chart rendered without CRDs, with value `set` (`key=value`).
+fn rendered_with(lab: &Lab, set: &str) -> Vec<serde_yaml::Value> {
+    rendered_objects(lab, &["--set", "crds.install=false", "--set", set])
+}
+
+/// Rendered in release namespace ha-ops with account value `account`
+/// (`serviceAccount.<which>=<name>`), policy `policy` matches that
+/// namespace and has `expected_user`, and names kubeha-system nowhere.
+fn assert_keyed_on_elsewhere(lab: &Lab, policy: &str, account: &str, expected_user: &str) {
+    let elsewhere = rendered_objects(
+        lab,
+        &[
+            "--set",
+            "crds.install=false",
+            "--namespace",
+            "ha-ops",
+            "--set",
+            account,
+        ],
+    );
+    let text = expressions_of(&elsewhere, policy);
+    assert!(
+        text.contains(expected_user),
+        "no {expected_user:?} in:\n{text}"
+    );
+    assert!(text.contains("request.namespace == 'ha-ops'"), "{text}");
+    assert!(!text.contains("kubeha-system"), "{text}");
+}
+
+/// Whether a ValidatingAdmissionPolicy or its binding named `name` is
+/// rendered.
+fn renders_policy(objects: &[serde_yaml::Value], name: &str) -> bool {
+    objects.iter().any(|o| {
+        o["kind"]
+            .as_str()
+            .is_some_and(|k| k.starts_with("ValidatingAdmissionPolicy"))
+            && o["metadata"]["name"].as_str() == Some(name)
+    })
+}
+
+/// The service Lease policy: on by default, it matches Lease creates and
+/// updates (never deletes) in the release namespace of a Lease labelled
+/// or named as a service Lease, old or new object, and lets only the
+/// operator's account through, with a message that says what to do.
+#[test]
+fn the_service_lease_policy_is_on_by_default_and_lets_only_the_operator_write() {
+    let lab = Lab::of_this_checkout();
+    let objects = rendered_objects(&lab, &["--set", "crds.install=false"]);
+    let name = "kubeha-service-lease-writer";
+    let policy = object(&objects, "ValidatingAdmissionPolicy", name);
+    let binding = object(&objects, "ValidatingAdmissionPolicyBinding", name);
+    assert_eq!(policy["spec"]["failurePolicy"].as_str(), Some("Fail"));
+    assert_eq!(binding["spec"]["policyName"].as_str(), Some(name));
+    assert_eq!(
+        binding["spec"]["validationActions"][0].as_str(),
+        Some("Deny")
+    );
+    let rules = policy["spec"]["matchConstraints"]["resourceRules"]
+        .as_sequence()
+        .unwrap();
+    assert_eq!(rules.len(), 1, "{rules:?}");
+    assert_eq!(rules[0]["resources"][0].as_str(), Some("leases"));
+    let operations: Vec<&str> = rules[0]["operations"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .filter_map(|o| o.as_str())
+        .collect();
+    assert_eq!(
+        operations,
+        ["CREATE", "UPDATE"],
+        "a delete must stay allowed (namespace controller)"
+    );
+    let text = expressions_of(&objects, name);
+    for expected in [
+        "request.namespace == 'kubeha-system'",
+        "object.metadata.?labels[?'kubeha.io/lease'].orValue('') == 'service'",
+        "oldObject.metadata.?labels[?'kubeha.io/lease'].orValue('') == 'service'",
+        "request.name.startsWith('kubeha-svc-')",
+        "request.userInfo.username == 'system:serviceaccount:kubeha-system:kubeha-operator'",
+        "service Leases are written only by the kubeha operator (system:serviceaccount:kubeha-system:kubeha-operator)",
+        "kubectl ha move / the kubeha.io/move-to annotation",
+        // The agent is left to the node identity policy's own refusal.
+        "request.userInfo.username != 'system:serviceaccount:kubeha-system:kubeha-agent'",
+    ] {
+        assert!(text.contains(expected), "no {expected:?} in:\n{text}");
+    }
+
+    assert_keyed_on_elsewhere(
+        &lab,
+        name,
+        "serviceAccount.operator=ha-op",
+        "request.userInfo.username == 'system:serviceaccount:ha-ops:ha-op'",
+    );
+
+    // Without the node identity policy the agent is refused here too.
+    let alone = rendered_with(&lab, "rbac.nodeIdentityPolicy=false");
+    assert!(!renders_policy(&alone, "kubeha-agent-node-identity"));
+    let text = expressions_of(&alone, name);
+    assert!(!text.contains("kubeha-agent"), "{text}");
+
+    let off = rendered_with(&lab, "rbac.serviceLeasePolicy=false");
+    assert!(
+        !renders_policy(&off, name),
+        "rbac.serviceLeasePolicy=false must render no service Lease policy"
+    );
+    assert!(renders_policy(&off, "kubeha-agent-node-identity"));
 }
 
 #[test]
@@ -184,39 +301,17 @@ fn the_node_identity_policy_is_on_by_default_and_keyed_on_the_agent_account() {
     );
 
     // Another release namespace and agent account name are the ones matched.
-    let elsewhere = rendered_objects(
+    assert_keyed_on_elsewhere(
         &lab,
-        &[
-            "--set",
-            "crds.install=false",
-            "--namespace",
-            "ha-ops",
-            "--set",
-            "serviceAccount.agent=ha-node",
-        ],
+        "kubeha-agent-node-identity",
+        "serviceAccount.agent=ha-node",
+        "system:serviceaccount:ha-ops:ha-node",
     );
-    let text = policy_expressions(&elsewhere);
-    assert!(
-        text.contains("system:serviceaccount:ha-ops:ha-node"),
-        "{text}"
-    );
-    assert!(text.contains("request.namespace == 'ha-ops'"), "{text}");
-    assert!(!text.contains("kubeha-system"), "{text}");
 
-    let off = rendered_objects(
-        &lab,
-        &[
-            "--set",
-            "crds.install=false",
-            "--set",
-            "rbac.nodeIdentityPolicy=false",
-        ],
-    );
+    let off = rendered_with(&lab, "rbac.nodeIdentityPolicy=false");
     assert!(
-        !off.iter().any(|o| o["kind"]
-            .as_str()
-            .is_some_and(|k| k.starts_with("ValidatingAdmissionPolicy"))),
-        "rbac.nodeIdentityPolicy=false must render no policy"
+        !renders_policy(&off, "kubeha-agent-node-identity"),
+        "rbac.nodeIdentityPolicy=false must render no node identity policy"
     );
 }
 

@@ -64,7 +64,9 @@ pub struct AgentReport {
 }
 
 /// Writes service Leases straight through the API (not kubectl), so the
-/// instant a write is sent is known to the millisecond.
+/// instant a write is sent is known to the millisecond; as the operator's
+/// service account, the only identity the chart's admission policy
+/// (rbac.serviceLeasePolicy) lets write them.
 struct LeaseWriter {
     runtime: tokio::runtime::Runtime,
     api: kube::Api<k8s_openapi::api::coordination::v1::Lease>,
@@ -78,7 +80,7 @@ impl LeaseWriter {
             .enable_all()
             .build()?;
         let api = runtime.block_on(async {
-            let kubeconfig = kube::config::Kubeconfig::read_from(lab.kubeconfig())?;
+            let kubeconfig = kube::config::Kubeconfig::read_from(lab.operator_kubeconfig()?)?;
             let config = kube::Config::from_custom_kubeconfig(
                 kubeconfig,
                 &kube::config::KubeConfigOptions::default(),

@@ -30,8 +30,19 @@ pub const OPERATOR_NAMESPACE: &str = "kubeha-system";
 
 /// Applies a JSON object with server-side apply (field manager `kubeha-e2e`).
 pub fn apply(lab: &Lab, object: &Value) -> anyhow::Result<()> {
-    let mut child = lab
-        .kubectl()
+    apply_with(lab.kubectl(), object)
+}
+
+/// Like [`apply`], as the operator's service account: the only identity
+/// the chart's admission policy (rbac.serviceLeasePolicy) lets create or
+/// update a service Lease.
+pub fn apply_as_operator(lab: &Lab, object: &Value) -> anyhow::Result<()> {
+    apply_with(lab.kubectl_as_operator()?, object)
+}
+
+/// Server-side apply of `object` with the kubectl command `kubectl`.
+fn apply_with(mut kubectl: std::process::Command, object: &Value) -> anyhow::Result<()> {
+    let mut child = kubectl
         .args([
             "apply",
             "--server-side",
@@ -217,7 +228,7 @@ pub fn set_service_lease(
         annotations.insert("kubeha.io/enter-epoch".into(), json!("-1"));
     }
     annotations.insert("kubeha.io/standby".into(), json!(standby.unwrap_or("")));
-    apply(
+    apply_as_operator(
         lab,
         &json!({
             "apiVersion": "coordination.k8s.io/v1",

@@ -28,6 +28,10 @@ const NODE: u8 = 3;
 /// What the API server says when the admission policy refuses a request.
 const POLICY_DENIED: &str = "ValidatingAdmissionPolicy 'kubeha-agent-node-identity' with binding 'kubeha-agent-node-identity' denied request";
 
+/// What the API server says when the service Lease policy
+/// (rbac.serviceLeasePolicy) refuses a request.
+const SERVICE_LEASE_POLICY_DENIED: &str = "ValidatingAdmissionPolicy 'kubeha-service-lease-writer' with binding 'kubeha-service-lease-writer' denied request";
+
 /// This module's cases.
 pub fn cases() -> Vec<Case> {
     vec![
@@ -50,6 +54,11 @@ pub fn cases() -> Vec<Case> {
             name: "identity-service-lease",
             expected: "node-3's token makes itself holder of a service's leadership Lease: denied by the admission policy (\"may write only heartbeat Leases\"), holder unchanged",
             run: service_lease_write,
+        },
+        Case {
+            name: "identity-admin-service-lease",
+            expected: "the cluster admin's kubectl patch makes node-2 holder of the active service's Lease with a matching kubeha.io/enter-epoch: denied by the service Lease policy (\"written only by the kubeha operator\"), the Lease unchanged, the VIP still on the active node alone",
+            run: admin_service_lease_patch,
         },
         Case {
             name: "identity-heartbeat-other-node",
@@ -430,6 +439,75 @@ fn service_lease_write(ctx: &Ctx) -> anyhow::Result<String> {
     Ok(format!(
         "{text}; holder still {}",
         after.holder().unwrap_or("(none)")
+    ))
+}
+
+/// A hand edit of a service Lease by the cluster admin would move the
+/// service around the operator's handover; the chart's service Lease
+/// policy lets only the operator's account write one.
+fn admin_service_lease_patch(ctx: &Ctx) -> anyhow::Result<String> {
+    let name = "hostile-identity-admin-service-lease";
+    let scenario = ctx.active_service(name, "198.18.0.131", &[1, 2, 3])?;
+    let before = service_lease(ctx.lab, name)?;
+    let epoch = before.epoch() + 1;
+    let patch = json!({
+        "metadata": {"annotations": {"kubeha.io/enter-epoch": epoch.to_string()}},
+        "spec": {"holderIdentity": nodes::node_name(2), "leaseTransitions": epoch},
+    });
+    let out = ctx
+        .lab
+        .kubectl()
+        .args([
+            "patch",
+            "lease",
+            &before.name,
+            "-n",
+            &before.namespace,
+            "--type",
+            "merge",
+            "-p",
+            &patch.to_string(),
+        ])
+        .output()?;
+    let text = refused(
+        &out,
+        &[
+            SERVICE_LEASE_POLICY_DENIED,
+            "service Leases are written only by the kubeha operator (system:serviceaccount:kubeha-system:kubeha-operator)",
+            "kubectl ha move",
+        ],
+    )?;
+    let after = service_lease(ctx.lab, name)?;
+    let enter_epoch = |l: &super::ServiceLease| {
+        l.object["metadata"]["annotations"]["kubeha.io/enter-epoch"].clone()
+    };
+    if after.holder() != before.holder()
+        || after.epoch() != before.epoch()
+        || enter_epoch(&after) != enter_epoch(&before)
+    {
+        bail!(
+            "the service Lease changed: holder {:?} -> {:?}, epoch {} -> {}, enter-epoch {} -> {}",
+            before.holder(),
+            after.holder(),
+            before.epoch(),
+            after.epoch(),
+            enter_epoch(&before),
+            enter_epoch(&after)
+        );
+    }
+    let holders = ha::vip_holders(&scenario.vip);
+    if holders != [scenario.active] {
+        bail!(
+            "after the refused patch {} is held by {holders:?}, not node-{} alone",
+            scenario.vip,
+            scenario.active
+        );
+    }
+    scenario.finish()?;
+    Ok(format!(
+        "{text}; holder still {}, epoch {}",
+        after.holder().unwrap_or("(none)"),
+        after.epoch()
     ))
 }
 

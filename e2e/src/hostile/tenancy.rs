@@ -132,10 +132,13 @@ impl<'a> Tenant<'a> {
         Ok(uid.trim().to_owned())
     }
 
-    /// Writes, as the cluster admin, the service Lease the operator would
-    /// write to clear lab node `node` at `epoch`, in the operator's
-    /// namespace (labelled with `uid`), or at the old place in the
-    /// service's own namespace when `in_tenant_namespace`.
+    /// Writes the service Lease the operator would write to clear lab node
+    /// `node` at `epoch`: in the operator's namespace (labelled with `uid`)
+    /// as the operator's own identity, the only one the chart's service
+    /// Lease policy lets write there (a compromised or buggy operator: the
+    /// agent's own checks must refuse it); or, when `in_tenant_namespace`,
+    /// at the old place in the service's own namespace as the cluster admin
+    /// (the operator has no Lease access there).
     fn forge(
         &self,
         node: u8,
@@ -151,7 +154,12 @@ impl<'a> Tenant<'a> {
                 ha::OPERATOR_NAMESPACE.to_owned(),
             )
         };
-        ha::apply(
+        let write = if in_tenant_namespace {
+            ha::apply
+        } else {
+            ha::apply_as_operator
+        };
+        write(
             self.lab,
             &json!({
                 "apiVersion": "coordination.k8s.io/v1",

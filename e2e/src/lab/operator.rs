@@ -2,7 +2,7 @@
 //! chart's service-account token and stopped.
 
 use std::fs;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -49,6 +49,46 @@ impl Lab {
         self.operator_pid(r).is_some_and(|pid| !nodes::is_dead(pid))
     }
 
+    /// Writes a kubeconfig at `path` that authenticates as the operator's
+    /// service account (a fresh token), user `user`, namespace
+    /// kubeha-system.
+    fn write_operator_kubeconfig(&self, path: &Path, user: &str) -> anyhow::Result<()> {
+        let token = self.service_account_token(
+            OPERATOR_SERVICE_ACCOUNT,
+            &[&format!("--duration={NODE_TOKEN_DURATION}")],
+        )?;
+        let ports = Ports::from_env().unwrap_or_default();
+        write_private(
+            path,
+            &format!(
+                "apiVersion: v1\nkind: Config\nclusters:\n- name: kubeha-lab\n  cluster:\n    server: {url}\n    certificate-authority: {ca}\n\
+                 users:\n- name: {user}\n  user:\n    token: {token}\n\
+                 contexts:\n- name: kubeha-lab\n  context:\n    cluster: kubeha-lab\n    user: {user}\n    namespace: {SYSTEM_NAMESPACE}\n\
+                 current-context: kubeha-lab\n",
+                url = ports.apiserver_url(),
+                ca = self.pki("ca.crt").display(),
+            ),
+        )
+    }
+
+    /// A kubeconfig (`.lab/operator-e2e.kubeconfig`, with a freshly minted
+    /// token) that authenticates as the operator's service account: what
+    /// tests use to write service Leases, which the chart's admission policy
+    /// (rbac.serviceLeasePolicy) allows the operator's identity only.
+    pub fn operator_kubeconfig(&self) -> anyhow::Result<PathBuf> {
+        let path = self.dir.join("operator-e2e.kubeconfig");
+        self.write_operator_kubeconfig(&path, "operator-e2e")?;
+        Ok(path)
+    }
+
+    /// kubectl as the operator's service account (see
+    /// [`Lab::operator_kubeconfig`]).
+    pub fn kubectl_as_operator(&self) -> anyhow::Result<Command> {
+        let mut cmd = self.kubectl();
+        cmd.env("KUBECONFIG", self.operator_kubeconfig()?);
+        Ok(cmd)
+    }
+
     /// Starts operator replica `r` with `extra_args` (the lab uses a short
     /// leader lock, 4 s renewed 2 s before expiry, unless overridden) and
     /// waits until its `/readyz` answers 200 (30 s).
@@ -60,22 +100,7 @@ impl Lab {
         }
         let bin = self.operator_binary()?;
         let kubeconfig = self.dir.join(format!("operator-{r}.kubeconfig"));
-        let token = self.service_account_token(
-            OPERATOR_SERVICE_ACCOUNT,
-            &[&format!("--duration={NODE_TOKEN_DURATION}")],
-        )?;
-        let ports = Ports::from_env().unwrap_or_default();
-        write_private(
-            &kubeconfig,
-            &format!(
-                "apiVersion: v1\nkind: Config\nclusters:\n- name: kubeha-lab\n  cluster:\n    server: {url}\n    certificate-authority: {ca}\n\
-                 users:\n- name: operator-{r}\n  user:\n    token: {token}\n\
-                 contexts:\n- name: kubeha-lab\n  context:\n    cluster: kubeha-lab\n    user: operator-{r}\n    namespace: {SYSTEM_NAMESPACE}\n\
-                 current-context: kubeha-lab\n",
-                url = ports.apiserver_url(),
-                ca = self.pki("ca.crt").display(),
-            ),
-        )?;
+        self.write_operator_kubeconfig(&kubeconfig, &format!("operator-{r}"))?;
         fs::create_dir_all(self.dir.join("logs"))?;
         fs::create_dir_all(self.dir.join("pids"))?;
         let log_path = self.operator_log(r);
