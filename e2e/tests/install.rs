@@ -120,6 +120,11 @@ fn assert_one_holder(what: &str, seen: &Probed) {
 #[test]
 fn helm_install_runs_kubeha_as_pods_that_survive_restarts_and_fail_over() {
     let lab = Lab::of_this_checkout();
+    // From a clean lab: what the tests before it left in the API server
+    // (the hostile catalogue's objects, the host-process lab's identity
+    // Pods) is not part of a fresh install. In CI, after the catalogue,
+    // the service never became Active; from a clean lab it does.
+    lab.down().unwrap();
     let files = lab.dir().join("pods");
     let hook_root = files.join("hooks");
     let trace = files.join("trace");
