@@ -117,19 +117,10 @@ fn wait_active(lab: &Lab, name: &str, vip: &str, timeout: Duration) -> u8 {
 
 /// Reasons of the Events about object `name` in `namespace`.
 fn event_reasons(lab: &Lab, namespace: &str, name: &str) -> Vec<String> {
-    let out = lab
-        .kubectl_ok(&[
-            "get",
-            "events",
-            "-n",
-            namespace,
-            "--field-selector",
-            &format!("involvedObject.name={name}"),
-            "-o",
-            "jsonpath={range .items[*]}{.reason}{\"\\n\"}{end}",
-        ])
-        .unwrap_or_default();
-    out.lines().map(str::to_owned).collect()
+    ha::events_about(lab, namespace, name)
+        .into_iter()
+        .map(|(reason, _)| reason)
+        .collect()
 }
 
 /// Installs, on nodes 1..=3, an enter and a leave hook for service `name`

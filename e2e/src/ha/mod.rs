@@ -396,3 +396,26 @@ pub fn operator_metric(r: u8, metric: &str) -> f64 {
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum()
 }
+
+/// `(reason, message)` of every Event about object `name` in `namespace`.
+pub fn events_about(lab: &Lab, namespace: &str, name: &str) -> Vec<(String, String)> {
+    lab.kubectl_json(&[
+        "get",
+        "events",
+        "-n",
+        namespace,
+        "--field-selector",
+        &format!("involvedObject.name={name}"),
+    ])
+    .ok()
+    .and_then(|v| v["items"].as_array().cloned())
+    .unwrap_or_default()
+    .iter()
+    .map(|e| {
+        (
+            e["reason"].as_str().unwrap_or_default().to_owned(),
+            e["message"].as_str().unwrap_or_default().to_owned(),
+        )
+    })
+    .collect()
+}

@@ -16,6 +16,7 @@ use anyhow::bail;
 use serde_json::Value;
 
 use crate::ha;
+pub use crate::ha::events_about;
 use crate::lab::Lab;
 
 pub mod api;
@@ -538,29 +539,6 @@ pub fn patch_lease(lab: &Lab, lease: &ServiceLease, patch: &Value) -> anyhow::Re
         &patch.to_string(),
     ])?;
     Ok(())
-}
-
-/// `(reason, message)` of every Event about object `name` in `namespace`.
-pub fn events_about(lab: &Lab, namespace: &str, name: &str) -> Vec<(String, String)> {
-    lab.kubectl_json(&[
-        "get",
-        "events",
-        "-n",
-        namespace,
-        "--field-selector",
-        &format!("involvedObject.name={name}"),
-    ])
-    .ok()
-    .and_then(|v| v["items"].as_array().cloned())
-    .unwrap_or_default()
-    .iter()
-    .map(|e| {
-        (
-            e["reason"].as_str().unwrap_or_default().to_owned(),
-            e["message"].as_str().unwrap_or_default().to_owned(),
-        )
-    })
-    .collect()
 }
 
 /// `s` cut to 160 characters (with `...` when cut), for a table cell.

@@ -607,6 +607,20 @@ fn tail(file: &Path, n: usize) -> String {
 }
 
 /// Writes `contents` readable by the owner only, replacing `path` atomically.
+impl Lab {
+    /// A kubeconfig for this lab's API server at `url` (its CA, namespace
+    /// [`SYSTEM_NAMESPACE`]) that authenticates as `user` with `token`.
+    fn token_kubeconfig(&self, url: &str, user: &str, token: &str) -> String {
+        format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: kubeha-lab\n  cluster:\n    server: {url}\n    certificate-authority: {ca}\n\
+             users:\n- name: {user}\n  user:\n    token: {token}\n\
+             contexts:\n- name: kubeha-lab\n  context:\n    cluster: kubeha-lab\n    user: {user}\n    namespace: {SYSTEM_NAMESPACE}\n\
+             current-context: kubeha-lab\n",
+            ca = self.pki("ca.crt").display(),
+        )
+    }
+}
+
 fn write_private(path: &Path, contents: &str) -> anyhow::Result<()> {
     use std::io::Write as _;
     use std::os::unix::fs::OpenOptionsExt as _;

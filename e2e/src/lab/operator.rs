@@ -57,18 +57,8 @@ impl Lab {
             OPERATOR_SERVICE_ACCOUNT,
             &[&format!("--duration={NODE_TOKEN_DURATION}")],
         )?;
-        let ports = Ports::from_env().unwrap_or_default();
-        write_private(
-            path,
-            &format!(
-                "apiVersion: v1\nkind: Config\nclusters:\n- name: kubeha-lab\n  cluster:\n    server: {url}\n    certificate-authority: {ca}\n\
-                 users:\n- name: {user}\n  user:\n    token: {token}\n\
-                 contexts:\n- name: kubeha-lab\n  context:\n    cluster: kubeha-lab\n    user: {user}\n    namespace: {SYSTEM_NAMESPACE}\n\
-                 current-context: kubeha-lab\n",
-                url = ports.apiserver_url(),
-                ca = self.pki("ca.crt").display(),
-            ),
-        )
+        let url = Ports::from_env().unwrap_or_default().apiserver_url();
+        write_private(path, &self.token_kubeconfig(&url, user, &token))
     }
 
     /// A kubeconfig (`.lab/operator-e2e.kubeconfig`, with a freshly minted

@@ -172,15 +172,10 @@ impl Lab {
             // (signing key, service account or identity Pod recreated).
             let token = self.node_bound_agent_token(i)?;
             let user = format!("{AGENT_SERVICE_ACCOUNT}-{}", nodes::node_name(i));
-            let config = format!(
-                "apiVersion: v1\nkind: Config\nclusters:\n- name: kubeha-lab\n  cluster:\n    server: {url}\n    certificate-authority: {ca}\n\
-                 users:\n- name: {user}\n  user:\n    token: {token}\n\
-                 contexts:\n- name: kubeha-lab\n  context:\n    cluster: kubeha-lab\n    user: {user}\n    namespace: {SYSTEM_NAMESPACE}\n\
-                 current-context: kubeha-lab\n",
-                url = ports.apiserver_url(),
-                ca = self.pki("ca.crt").display(),
-            );
-            write_private(&self.node_kubeconfig(i), &config)?;
+            write_private(
+                &self.node_kubeconfig(i),
+                &self.token_kubeconfig(&ports.apiserver_url(), &user, &token),
+            )?;
         }
         Ok(())
     }
