@@ -192,7 +192,13 @@ pub struct HeartbeatTiming {
     pub renew_deadline_ms: i32,
 
     /// Clock-skew and scheduling allowance in milliseconds added to D before
-    /// an observer declares a heartbeat Lost.
+    /// an observer declares a heartbeat Lost. Observers judge expiry by
+    /// their own monotonic clock from the instant they saw a renew, and an
+    /// agent counts its fences from the instant it sent it, so this covers
+    /// scheduling delays (the fence action killing the hooks' process
+    /// groups after D), not clock offsets; the default, 100 ms, is what
+    /// the tight timings use too. Raise it for nodes whose agent may be
+    /// descheduled longer than that.
     #[serde(default = "default_clock_skew_ms")]
     #[schemars(range(min = 0, max = 10000))]
     pub clock_skew_ms: i32,
@@ -407,5 +413,5 @@ fn default_renew_deadline_ms() -> i32 {
     2000
 }
 fn default_clock_skew_ms() -> i32 {
-    500
+    100
 }

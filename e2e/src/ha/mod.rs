@@ -136,12 +136,12 @@ pub struct Timing {
 }
 
 impl Timing {
-    /// The defaults: D = 3 s, R = 1 s, RD = 2 s, skew 0.5 s.
+    /// The defaults: D = 3 s, R = 1 s, RD = 2 s, skew 0.1 s.
     pub const DEFAULT: Timing = Timing {
         lease_ms: 3000,
         renew_ms: 1000,
         deadline_ms: 2000,
-        skew_ms: 500,
+        skew_ms: 100,
     };
     /// The sub-second timing the project recommends: D = 600 ms, R = 150
     /// ms, RD = 400 ms, skew 50 ms (E = 650 ms; about 6.7 heartbeat writes
