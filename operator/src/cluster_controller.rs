@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::api::{DeleteParams, Patch, PatchParams};
 use kube::runtime::controller::Action;
+use kube::runtime::reflector::ObjectRef;
 use kube::{Api, Resource, ResourceExt};
 use kubeha_crds::cluster::HeartbeatState;
 use kubeha_crds::{HACluster, Mode, leases};
@@ -142,6 +143,18 @@ async fn reconcile_inner(cluster: &HACluster, ctx: &Ctx) -> Result<Action> {
     let mode_events = ctx.with_cluster_memory(&name, |m| {
         m.observe(&modes, plan.prohibited.as_deref(), now)
     });
+
+    // A former member whose Lease is gone already (deleted by the leader,
+    // or by an admin) has nothing left to wait for: every replica forgets
+    // it, followers included, which never delete Leases themselves.
+    let (orphans, gone): (Vec<String>, Vec<String>) = orphans.into_iter().partition(|node| {
+        let lease =
+            ObjectRef::new(&leases::heartbeat_lease_name(&name, node)).within(&ctx.namespace);
+        ctx.stores.heartbeat_leases.get(&lease).is_some()
+    });
+    if !gone.is_empty() {
+        ctx.with_view(&name, |v| gone.iter().for_each(|node| v.forget(node)));
+    }
 
     let requeue = match next_expiry {
         Some(t) => Action::requeue(t.saturating_duration_since(now) + EXPIRY_MARGIN),

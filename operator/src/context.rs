@@ -72,17 +72,26 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+/// The per-object maps of [`Ctx`], as the `map` label of
+/// `kubeha_operator_memory_entries` names them.
+const SERVICE_MAP: &str = "service";
+const CLUSTER_MAP: &str = "cluster";
+const VIEW_MAP: &str = "heartbeat_view";
+const FIRST_SEEN_MAP: &str = "first_seen";
+
 /// Runs `f` on the entry `key` of a per-object map, first creating it
-/// with `make` if `wanted` says the object is one to remember; for any
-/// other key `f` runs on a fresh value that is not kept. Deciding under the
-/// map's lock is what makes [`Ctx::forget_deleted`] certain: an entry is
-/// either created before the object left its store (and the sweep after
-/// that removal frees it) or never.
+/// with `make` if `wanted` says the object is one to remember (then
+/// `counted` learns the map's new size); for any other key `f` runs on a
+/// fresh value that is not kept. Deciding under the map's lock is what
+/// makes [`Ctx::forget_deleted`] certain: an entry is either created before
+/// the object left its store (and the sweep after that removal frees it)
+/// or never.
 fn with_entry<V, R>(
     map: &mut HashMap<String, V>,
     key: &str,
     wanted: impl FnOnce() -> bool,
     make: impl FnOnce() -> V,
+    counted: impl FnOnce(usize),
     f: impl FnOnce(&mut V) -> R,
 ) -> R {
     if let Some(v) = map.get_mut(key) {
@@ -90,6 +99,8 @@ fn with_entry<V, R>(
     }
     let mut fresh = make();
     if wanted() {
+        // `key` is not in the map (looked up above, under the same lock).
+        counted(map.len() + 1);
         f(map.entry(key.to_owned()).or_insert(fresh))
     } else {
         f(&mut fresh)
@@ -186,7 +197,15 @@ impl Ctx {
                 .unwrap_or_default();
             HeartbeatView::new(timing, Instant::now())
         };
-        with_entry(views, cluster, || self.cluster_wanted(cluster), make, f)
+        let counted = |n| self.metrics.set_memory_entries(VIEW_MAP, n);
+        with_entry(
+            views,
+            cluster,
+            || self.cluster_wanted(cluster),
+            make,
+            counted,
+            f,
+        )
     }
 
     /// Whether the per-cluster maps keep an entry for `cluster`: the
@@ -236,6 +255,17 @@ impl Ctx {
         lock(&self.views).retain(|name, _| kept(name));
         lock(&self.clusters).retain(|name, _| kept(name));
         lock(&self.first_seen).retain(|name, _| kept(name));
+        self.count_entries();
+    }
+
+    /// Publishes the size of every per-object map
+    /// (`kubeha_operator_memory_entries`).
+    fn count_entries(&self) {
+        let m = &self.metrics;
+        m.set_memory_entries(SERVICE_MAP, lock(&self.services).len());
+        m.set_memory_entries(CLUSTER_MAP, lock(&self.clusters).len());
+        m.set_memory_entries(VIEW_MAP, lock(&self.views).len());
+        m.set_memory_entries(FIRST_SEEN_MAP, lock(&self.first_seen).len());
     }
 
     /// Refreshes the pulse at `now`; a pulse older than
@@ -344,20 +374,26 @@ impl Ctx {
     /// once the service is gone from the store).
     pub fn with_service_memory<R>(&self, key: &str, f: impl FnOnce(&mut ServiceMemory) -> R) -> R {
         let wanted = || self.service_wanted(key);
-        with_entry(&mut lock(&self.services), key, wanted, Default::default, f)
+        let counted = |n| self.metrics.set_memory_entries(SERVICE_MAP, n);
+        let mut services = lock(&self.services);
+        with_entry(&mut services, key, wanted, Default::default, counted, f)
     }
 
     /// Runs `f` on the memory of the cluster `name` (see
     /// [`Ctx::with_view`] for which clusters are remembered).
     pub fn with_cluster_memory<R>(&self, name: &str, f: impl FnOnce(&mut ClusterMemory) -> R) -> R {
         let wanted = || self.cluster_wanted(name);
-        with_entry(&mut lock(&self.clusters), name, wanted, Default::default, f)
+        let counted = |n| self.metrics.set_memory_entries(CLUSTER_MAP, n);
+        let mut clusters = lock(&self.clusters);
+        with_entry(&mut clusters, name, wanted, Default::default, counted, f)
     }
 
     /// When this operator first saw `cluster`.
     pub fn first_seen(&self, cluster: &str, now: Instant) -> Instant {
         let wanted = || self.cluster_wanted(cluster);
-        with_entry(&mut lock(&self.first_seen), cluster, wanted, || now, |t| *t)
+        let counted = |n| self.metrics.set_memory_entries(FIRST_SEEN_MAP, n);
+        let mut first_seen = lock(&self.first_seen);
+        with_entry(&mut first_seen, cluster, wanted, || now, counted, |t| *t)
     }
 
     /// Asks for a reconcile of one service.
@@ -596,6 +632,55 @@ mod tests {
         ctx.touch_cluster("demo");
         ctx.observe_heartbeat("demo", "node-1", Default::default(), Instant::now());
         assert_eq!(ctx.keeps_cluster("demo"), 0, "nothing new is kept for it");
+    }
+
+    /// The value of `kubeha_operator_memory_entries{map}` on a scrape.
+    fn entries_gauge(ctx: &Ctx, map: &str) -> i64 {
+        let text = ctx.metrics.encode(&ctx.stores.services);
+        let series = format!("kubeha_operator_memory_entries{{map=\"{map}\"}} ");
+        text.lines()
+            .find_map(|l| l.strip_prefix(&series))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no {series} in\n{text}"))
+    }
+
+    #[tokio::test]
+    async fn the_memory_gauge_grows_with_objects_and_falls_back_when_they_go() {
+        let (stores, mut w) = stores();
+        let ctx = ctx(stores);
+        let cl = cluster("demo");
+        let services: Vec<HAService> = (0..50)
+            .map(|i| service("app", &format!("web-{i}"), "demo"))
+            .collect();
+        apply(&mut w.clusters, Event::Apply(cl.clone()));
+        for svc in &services {
+            apply(&mut w.services, Event::Apply(svc.clone()));
+        }
+        ctx.ready.store(true, Ordering::SeqCst);
+        for svc in &services {
+            ctx.with_service_memory(&service_key(svc), |_| ());
+        }
+        ctx.touch_cluster("demo");
+        assert_eq!(entries_gauge(&ctx, SERVICE_MAP), 50);
+        for map in [CLUSTER_MAP, VIEW_MAP, FIRST_SEEN_MAP] {
+            assert_eq!(entries_gauge(&ctx, map), 1, "{map}");
+        }
+
+        for svc in &services[..20] {
+            apply(&mut w.services, Event::Delete(svc.clone()));
+            ctx.forget_deleted();
+        }
+        assert_eq!(entries_gauge(&ctx, SERVICE_MAP), 30);
+        for svc in &services[20..] {
+            apply(&mut w.services, Event::Delete(svc.clone()));
+        }
+        apply(&mut w.clusters, Event::Delete(cl));
+        ctx.forget_deleted();
+        for map in [SERVICE_MAP, CLUSTER_MAP, VIEW_MAP, FIRST_SEEN_MAP] {
+            assert_eq!(entries_gauge(&ctx, map), 0, "{map}");
+        }
+        assert!(services.iter().all(|s| !ctx.keeps_service(&service_key(s))));
+        assert_eq!(ctx.keeps_cluster("demo"), 0);
     }
 
     #[tokio::test]

@@ -34,6 +34,16 @@ struct ControllerLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct MapLabels {
+    map: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct KindLabels {
+    kind: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct PhaseLabels {
     phase: &'static str,
 }
@@ -79,6 +89,8 @@ pub struct Metrics {
     reconcile_duration: Histograms<ControllerLabels>,
     leader: Gauge,
     lease_writes: Counter,
+    memory_entries: Family<MapLabels, Gauge>,
+    watched_objects: Family<KindLabels, Gauge>,
 }
 
 fn placement_histogram() -> Histogram {
@@ -103,6 +115,8 @@ impl Default for Metrics {
             reconcile_duration: Family::new_with_constructor(reconcile_histogram),
             leader: Default::default(),
             lease_writes: Default::default(),
+            memory_entries: Default::default(),
+            watched_objects: Default::default(),
         };
         let registry = RegistryBuilder::new("kubeha_operator")
             .info(
@@ -155,6 +169,19 @@ impl Default for Metrics {
                 "Writes of service Leases (assignment changes)",
                 &m.lease_writes,
             )
+            .metric(
+                "memory_entries",
+                "Entries of the operator's per-object memory, by map: service (one per \
+                 HAService), cluster, heartbeat_view and first_seen (one per HACluster \
+                 or cluster an HAService refers to); entries go with their objects",
+                &m.memory_entries,
+            )
+            .metric(
+                "watched_objects",
+                "Objects in this replica's watch caches, by kind: HAService, HACluster, \
+                 ServiceLease, HeartbeatLease, Node",
+                &m.watched_objects,
+            )
             .build();
         Self { registry, ..m }
     }
@@ -206,6 +233,21 @@ impl Metrics {
     /// Counts a service Lease write.
     pub fn lease_written(&self) {
         self.lease_writes.inc();
+    }
+
+    /// Sets how many entries the per-object memory `map` keeps (see
+    /// [`crate::context::Ctx::forget_deleted`] for when they go).
+    pub fn set_memory_entries(&self, map: &'static str, entries: usize) {
+        self.memory_entries
+            .get_or_create(&MapLabels { map })
+            .set(i64::try_from(entries).unwrap_or(i64::MAX));
+    }
+
+    /// Sets how many objects of `kind` the watch cache holds.
+    pub fn set_watched_objects(&self, kind: &'static str, objects: usize) {
+        self.watched_objects
+            .get_or_create(&KindLabels { kind })
+            .set(i64::try_from(objects).unwrap_or(i64::MAX));
     }
 
     /// Sets the services-by-phase gauge from the phases of every service
@@ -284,6 +326,8 @@ mod tests {
         m.reconciled("haservice", true, Duration::from_millis(2));
         m.set_leader(true);
         m.lease_written();
+        m.set_memory_entries("service", 3);
+        m.set_watched_objects("Node", 2);
         let text = m.encode(&empty_store());
         for line in [
             "kubeha_operator_placements_total{reason=\"Initial\"} 1",
@@ -295,6 +339,8 @@ mod tests {
             "kubeha_operator_reconcile_duration_seconds_count{controller=\"haservice\"} 1",
             "kubeha_operator_leader 1",
             "kubeha_operator_service_lease_writes_total 1",
+            "kubeha_operator_memory_entries{map=\"service\"} 3\n",
+            "kubeha_operator_watched_objects{kind=\"Node\"} 2\n",
         ] {
             assert!(text.contains(line), "missing {line} in\n{text}");
         }

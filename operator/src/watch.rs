@@ -201,6 +201,8 @@ pub async fn dispatch(ctx: Arc<Ctx>, streams: Streams) {
 
     let (c, sy) = (ctx.clone(), synced.clone());
     let services = services.for_each(move |ev| {
+        c.metrics
+            .set_watched_objects("HAService", c.stores.services.len());
         if sy.note(0, &ev) {
             became_ready(&c);
         }
@@ -224,6 +226,8 @@ pub async fn dispatch(ctx: Arc<Ctx>, streams: Streams) {
     let (c, sy) = (ctx.clone(), synced.clone());
     let mut generations: HashMap<String, Option<i64>> = HashMap::new();
     let clusters = clusters.for_each(move |ev| {
+        c.metrics
+            .set_watched_objects("HACluster", c.stores.clusters.len());
         if sy.note(1, &ev) {
             became_ready(&c);
         }
@@ -271,6 +275,8 @@ pub async fn dispatch(ctx: Arc<Ctx>, streams: Streams) {
 
     let (c, sy) = (ctx.clone(), synced.clone());
     let service_leases = service_leases.for_each(move |ev| {
+        c.metrics
+            .set_watched_objects("ServiceLease", c.stores.service_leases.len());
         if sy.note(2, &ev) {
             became_ready(&c);
         }
@@ -289,6 +295,8 @@ pub async fn dispatch(ctx: Arc<Ctx>, streams: Streams) {
 
     let (c, sy) = (ctx.clone(), synced.clone());
     let heartbeat_leases = heartbeat_leases.for_each(move |ev| {
+        c.metrics
+            .set_watched_objects("HeartbeatLease", c.stores.heartbeat_leases.len());
         if sy.note(3, &ev) {
             became_ready(&c);
         }
@@ -335,6 +343,7 @@ pub async fn dispatch(ctx: Arc<Ctx>, streams: Streams) {
     let (c, sy) = (ctx.clone(), synced.clone());
     let mut seen: HashMap<String, NodeInfo> = HashMap::new();
     let nodes = nodes.for_each(move |ev| {
+        c.metrics.set_watched_objects("Node", c.stores.nodes.len());
         if sy.note(4, &ev) {
             became_ready(&c);
         }
@@ -480,6 +489,17 @@ mod tests {
         assert_eq!(ctx.keeps_cluster("demo"), 3, "demo still exists");
         list(&clusters, vec![]);
         eventually("demo forgotten", || ctx.keeps_cluster("demo") == 0).await;
+        let text = ctx.metrics.encode(&ctx.stores.services);
+        for line in [
+            "kubeha_operator_watched_objects{kind=\"HAService\"} 0\n",
+            "kubeha_operator_watched_objects{kind=\"HACluster\"} 0\n",
+            "kubeha_operator_memory_entries{map=\"service\"} 0\n",
+            "kubeha_operator_memory_entries{map=\"cluster\"} 0\n",
+            "kubeha_operator_memory_entries{map=\"heartbeat_view\"} 0\n",
+            "kubeha_operator_memory_entries{map=\"first_seen\"} 0\n",
+        ] {
+            assert!(text.contains(line), "missing {line} in\n{text}");
+        }
 
         drop((services, clusters, service_leases, heartbeat_leases, nodes));
         task.await.unwrap();
