@@ -163,6 +163,10 @@ enum BenchCmd {
         /// Run no keepalived beside kubeha.
         #[arg(long, conflicts_with = "keepalived")]
         no_keepalived: bool,
+        /// Measure the planned switchover only: no power-off, no
+        /// keepalived, no steady write rate.
+        #[arg(long, conflicts_with_all = ["timings", "keepalived"])]
+        switchover_only: bool,
         /// HAServices for the steady-state write rate.
         #[arg(long, default_value_t = 100)]
         services: usize,
@@ -367,12 +371,14 @@ fn bench(root: &Path, command: BenchCmd) -> anyhow::Result<()> {
             timings,
             keepalived,
             no_keepalived,
+            switchover_only,
             services,
             steady_seconds,
             json,
         } => {
             let keepalived = match (no_keepalived, keepalived.is_empty(), timings.is_empty()) {
                 (true, _, _) => Vec::new(),
+                _ if switchover_only => Vec::new(),
                 (false, true, true) => vec![1.0, 0.1],
                 (false, _, _) => keepalived,
             };
@@ -385,6 +391,7 @@ fn bench(root: &Path, command: BenchCmd) -> anyhow::Result<()> {
                 keepalived,
                 services,
                 steady_secs: steady_seconds,
+                switchover_only,
             };
             if !plan.keepalived.is_empty() {
                 kubeha_e2e::keepalived::Keepalived::ensure_installed()?;

@@ -370,6 +370,9 @@ pub struct FailoverPlan {
     pub services: usize,
     /// Seconds over which the steady write rate is measured.
     pub steady_secs: u64,
+    /// Only the planned switchovers: no unplanned failover, no keepalived,
+    /// no steady write rate.
+    pub switchover_only: bool,
 }
 
 impl Timing {
@@ -829,6 +832,11 @@ pub fn failover(lab: &Lab, plan: &FailoverPlan) -> anyhow::Result<FailoverReport
             .split_brain_max_gap_ms
             .max(seen.max_gap.as_secs_f64() * 1000.0);
     };
+    let timings = if plan.switchover_only {
+        Vec::new()
+    } else {
+        timings
+    };
     for (n, timing) in timings.iter().enumerate() {
         let name = format!("bench-fo-{n}");
         let keepalived = plan.keepalived.get(n).map(|a| ("198.18.0.123", *a));
@@ -850,6 +858,9 @@ pub fn failover(lab: &Lab, plan: &FailoverPlan) -> anyhow::Result<FailoverReport
         let (switch, seen) = switchover(lab, "bench-move", "198.18.0.122", runs)?;
         absorb(&mut report, &seen);
         report.switchover_ms = Some(summarize(&switch));
+        if plan.switchover_only {
+            return Ok(report);
+        }
         report.steady_writes_per_s = Some(steady(lab, plan.services, plan.steady_secs)?);
     }
     Ok(report)
