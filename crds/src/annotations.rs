@@ -3,6 +3,9 @@
 //! the spec: they are requests to the operator and the agents, not part of
 //! the application team's desired state, and setting one never bumps the
 //! generation.
+//!
+//! Also the node-scope labels the operator keeps on each HAService
+//! ([`node_scope_label`]): which nodes' agents see it at all.
 
 /// Annotation on an HAService: the node the service should run on, like
 /// Pacemaker's `crm resource move`. A location preference that stays until
@@ -31,3 +34,76 @@ pub const MOVE_TO: &str = "kubeha.io/move-to";
 /// proved that it stopped, so the service still waits for that node's
 /// acknowledgement, its heartbeat expiring, or an admin's `peerdown`.
 pub const CLEAR: &str = "kubeha.io/clear";
+
+/// Prefix of the node-scope labels: the operator puts
+/// `node.kubeha.io/<node key>` ([`node_scope_label`]) on an HAService for
+/// every node whose agent needs to see it (the Lease's holder and standby,
+/// the node last cleared to enter, and every node whose status entry does
+/// not yet show that it left), and each agent watches HAServices with its
+/// own node's label only, so a status write reaches the operator and those
+/// few agents instead of every node. A service the agent does not see is
+/// one it has no role in: it leaves it if it held it.
+pub const NODE_SCOPE_LABEL_PREFIX: &str = "node.kubeha.io/";
+
+/// The value of every node-scope label (only the key is selected on).
+pub const NODE_SCOPE_LABEL_VALUE: &str = "true";
+
+/// The node-scope label key of `node`: `node.kubeha.io/<node>` when the
+/// node name is a valid label name (at most 63 characters, alphanumerics,
+/// `-`, `_` and `.`, alphanumeric at both ends), else
+/// `node.kubeha.io/h-<FNV-1a 64 of the name, 16 hex digits>`. The hash
+/// is fixed (not the standard library's hasher, whose output may change
+/// between Rust versions): operator and agent builds of different versions
+/// agree. Two names sharing a key only make an agent see more services.
+pub fn node_scope_label(node: &str) -> String {
+    let valid_name = !node.is_empty()
+        && node.len() <= 63
+        && node
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+        && node.as_bytes()[0].is_ascii_alphanumeric()
+        && node.as_bytes()[node.len() - 1].is_ascii_alphanumeric();
+    if valid_name {
+        format!("{NODE_SCOPE_LABEL_PREFIX}{node}")
+    } else {
+        let hash = node.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
+            (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
+        });
+        format!("{NODE_SCOPE_LABEL_PREFIX}h-{hash:016x}")
+    }
+}
+
+/// Label selector of the HAServices `node`'s agent watches: those with its
+/// node-scope label.
+pub fn node_scope_selector(node: &str) -> String {
+    node_scope_label(node)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn node_scope_labels_are_valid_label_keys() {
+        assert_eq!(node_scope_label("node-1"), "node.kubeha.io/node-1");
+        assert_eq!(
+            node_scope_label("worker.example.com"),
+            "node.kubeha.io/worker.example.com"
+        );
+        let long = "n".repeat(64);
+        let hashed = node_scope_label(&long);
+        assert!(hashed.starts_with("node.kubeha.io/h-"), "{hashed}");
+        assert_eq!(hashed.len(), "node.kubeha.io/h-".len() + 16);
+        assert_eq!(hashed, node_scope_label(&long), "stable");
+        assert_ne!(hashed, node_scope_label(&"m".repeat(64)));
+        for odd in ["", "-a", "a-", "UPPER.case-but ok?", "é"] {
+            let key = node_scope_label(odd);
+            let name = key.strip_prefix(NODE_SCOPE_LABEL_PREFIX).unwrap();
+            assert!(
+                name.len() <= 63 && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-'),
+                "{odd:?} gave {key}"
+            );
+        }
+        assert_eq!(node_scope_selector("node-1"), "node.kubeha.io/node-1");
+    }
+}

@@ -57,6 +57,51 @@ pub const EXPIRY_MS_ANNOTATION: &str = "kubeha.io/expiry-ms";
 /// have been given away meanwhile by a write its stale watch has not shown.
 pub const HOLDER_RENEW_ANNOTATION: &str = "kubeha.io/holder-renew-time";
 
+/// Annotation of a service Lease: the service's VIP addresses, comma
+/// separated, as the operator read them from its spec when it wrote the
+/// Lease. With [`SERVICE_CREATED_ANNOTATION`] it is the service's VIP claim
+/// ([`claim_of`]): agents check an assignment against the claims of every
+/// service Lease, since they watch only the HAServices of their own node.
+pub const VIPS_ANNOTATION: &str = "kubeha.io/vips";
+
+/// Annotation of a service Lease: the HAService's `creationTimestamp` (the
+/// older claim of a VIP wins).
+pub const SERVICE_CREATED_ANNOTATION: &str = "kubeha.io/service-created";
+
+/// The annotations carrying `claim` on a service Lease
+/// ([`VIPS_ANNOTATION`], and [`SERVICE_CREATED_ANNOTATION`] when the
+/// creation time is known).
+pub fn claim_annotations(claim: &crate::validate::Claim) -> Vec<(String, String)> {
+    let vips: Vec<String> = claim.addresses.iter().map(ToString::to_string).collect();
+    let mut annotations = vec![(VIPS_ANNOTATION.to_owned(), vips.join(","))];
+    if let Some(created) = claim.created {
+        annotations.push((SERVICE_CREATED_ANNOTATION.to_owned(), created.to_string()));
+    }
+    annotations
+}
+
+/// The VIP claim a service Lease carries: keyed `namespace/name` by its
+/// labels, its addresses and creation time from [`claim_annotations`].
+/// `None` for a Lease without the labels or the VIPs annotation (written
+/// by an older operator); addresses that do not parse are skipped.
+pub fn claim_of(
+    lease: &k8s_openapi::api::coordination::v1::Lease,
+) -> Option<crate::validate::Claim> {
+    let (namespace, name) = service_of(lease)?;
+    let annotations = lease.metadata.annotations.as_ref()?;
+    let vips = annotations.get(VIPS_ANNOTATION)?;
+    Some(crate::validate::Claim {
+        key: format!("{namespace}/{name}"),
+        created: annotations
+            .get(SERVICE_CREATED_ANNOTATION)
+            .and_then(|t| t.parse().ok()),
+        addresses: vips
+            .split(',')
+            .filter_map(|a| a.trim().parse().ok())
+            .collect(),
+    })
+}
+
 /// The value of [`HOLDER_RENEW_ANNOTATION`], if the Lease has a valid one.
 pub fn holder_renew_time(
     lease: &k8s_openapi::api::coordination::v1::Lease,
@@ -268,6 +313,32 @@ mod tests {
         let earlier: k8s_openapi::jiff::Timestamp =
             "2026-11-30T01:03:44.118752999Z".parse().unwrap();
         assert!(seen_before(earlier, renewed));
+    }
+
+    /// A claim written on a Lease reads back as the same claim, keyed by
+    /// the Lease's service labels; a Lease without it claims nothing.
+    #[test]
+    fn a_claim_round_trips_through_a_lease() {
+        let claim = crate::validate::Claim {
+            key: "shop/web".into(),
+            created: Some("2026-12-07T09:00:00Z".parse().unwrap()),
+            addresses: vec!["10.0.0.5".parse().unwrap(), "fd00::5".parse().unwrap()],
+        };
+        let mut l = lease("n1", Some(1), &[]);
+        assert!(claim_of(&l).is_none(), "no labels");
+        l.metadata.labels = Some(
+            [(SERVICE_NAMESPACE_LABEL, "shop"), (SERVICE_LABEL, "web")]
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        );
+        assert!(claim_of(&l).is_none(), "no VIPs annotation");
+        l.metadata.annotations = Some(claim_annotations(&claim).into_iter().collect());
+        let read = claim_of(&l).unwrap();
+        assert_eq!(
+            (read.key, read.created, read.addresses),
+            (claim.key, claim.created, claim.addresses)
+        );
     }
 
     #[test]

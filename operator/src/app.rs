@@ -100,6 +100,8 @@ pub async fn run(cli: Cli) -> Result<()> {
     tokio::spawn(watch::dispatch(ctx.clone(), streams));
     tokio::spawn(crate::gaps::pulse(ctx.clone()));
     tokio::spawn(crate::gaps::run(ctx.clone()));
+    // Which nodes' agents see each HAService (node-scope labels).
+    tokio::spawn(crate::scope::run(ctx.clone()));
     {
         let (addr, m, ready) = (cli.metrics_addr, metrics.clone(), ctx.ready.clone());
         let services = stores.services.clone();

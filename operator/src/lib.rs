@@ -32,6 +32,7 @@ pub mod members;
 pub mod memory;
 pub mod metrics;
 pub mod placement;
+pub mod scope;
 pub mod service_controller;
 pub mod service_plan;
 pub mod validate;

@@ -8,6 +8,8 @@ use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta};
 use kube::api::{Patch, PatchParams, PostParams};
 use kube::{Api, ResourceExt};
+use kubeha_crds::annotations::node_scope_label;
+use kubeha_crds::validate::Claim;
 use kubeha_crds::{HAService, leases};
 use serde_json::json;
 
@@ -100,6 +102,13 @@ pub fn service_lease(
         annotations.remove(CLEARED_NODE_ANNOTATION);
     }
     annotations.extend(state.annotations());
+    // The service's VIP claim, for the agents' re-check (they do not see
+    // every HAService, but every service Lease).
+    annotations.extend(leases::claim_annotations(&Claim::of(
+        String::new(),
+        svc.metadata.creation_timestamp.as_ref().map(|t| t.0),
+        &svc.spec,
+    )));
     let spec = lease.spec.get_or_insert_with(LeaseSpec::default);
     spec.holder_identity = state.holder.clone();
     spec.lease_transitions = Some(state.lease_transitions());
@@ -144,6 +153,28 @@ pub(super) async fn write_lease(
             .get_or_insert_with(Default::default)
             .insert(leases::HOLDER_RENEW_ANNOTATION.to_owned(), renewed);
     }
+    // A new holder's agent must see the service (its node-scope label)
+    // no later than the Lease that names it: label it first. A standby
+    // not labelled yet is labelled right after the write (it is not on
+    // the failover path; until then it just takes no role). Hiding or
+    // showing a service never makes a node enter: only the Lease does.
+    let fields = leases::ServiceLeaseFields::read(&lease);
+    let scope = crate::scope::scope_labels(svc);
+    let unlabelled = |n: &Option<String>| {
+        n.as_deref()
+            .filter(|n| !scope.contains(&node_scope_label(n)))
+            .map(str::to_owned)
+    };
+    let (holder_unlabelled, standby_unlabelled) =
+        (unlabelled(&fields.holder), unlabelled(&fields.standby));
+    if holder_unlabelled.is_some() {
+        let nodes: Vec<&str> = [&holder_unlabelled, &standby_unlabelled]
+            .into_iter()
+            .flatten()
+            .map(String::as_str)
+            .collect();
+        crate::scope::label_nodes(ctx, svc, &nodes).await?;
+    }
     let params = PostParams {
         field_manager: Some(FIELD_MANAGER.to_owned()),
         ..Default::default()
@@ -157,6 +188,13 @@ pub(super) async fn write_lease(
     match result {
         Ok(_) => {
             ctx.metrics.lease_written();
+            if holder_unlabelled.is_none()
+                && let Some(standby) = &standby_unlabelled
+                && let Err(e) = crate::scope::label_nodes(ctx, svc, &[standby]).await
+            {
+                // The scope pass labels it within a second.
+                tracing::debug!(%standby, error = %e, "could not label the standby");
+            }
             Ok(Written::Done)
         }
         Err(kube::Error::Api(s)) if s.code == 409 => {
