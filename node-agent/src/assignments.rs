@@ -189,8 +189,16 @@ pub fn vet(
     }
 }
 
-/// The VIP claims of `services`, for [`vet`].
-pub fn claims_of<'a>(services: impl IntoIterator<Item = &'a HAService>) -> Vec<validate::Claim> {
+/// The VIP claims for [`vet`]: those of the `services` this agent sees
+/// (only its own node's, by the node-scope label) and those every service
+/// Lease carries ([`leases::claim_of`]; the agent sees every service Lease,
+/// written by the operator only), so a VIP claimed by an older service
+/// this node does not see is still refused. A service seen both ways
+/// claims twice, which changes nothing.
+pub fn claims_of<'a>(
+    services: impl IntoIterator<Item = &'a HAService>,
+    service_leases: impl IntoIterator<Item = &'a Lease>,
+) -> Vec<validate::Claim> {
     services
         .into_iter()
         .map(|s| {
@@ -200,6 +208,7 @@ pub fn claims_of<'a>(services: impl IntoIterator<Item = &'a HAService>) -> Vec<v
                 &s.spec,
             )
         })
+        .chain(service_leases.into_iter().filter_map(leases::claim_of))
         .collect()
 }
 

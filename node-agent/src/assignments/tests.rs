@@ -232,3 +232,67 @@ fn a_failed_epoch_is_not_retried_but_a_new_one_is() {
         vec![Step::EnterMaster]
     );
 }
+
+/// The agent sees only its own node's HAServices: a VIP an older service
+/// it does not see claims on its service Lease is still refused, and the
+/// service's own Lease claim is no contender.
+#[test]
+fn a_vip_claimed_on_an_older_service_s_lease_is_refused() {
+    let c = cluster(&[("node-1", Mode::Default)], None);
+    let at = |t: &str| {
+        Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+            t.parse().unwrap(),
+        ))
+    };
+    let service_lease_for = |svc: &HAService| {
+        let mut l = lease("node-1", 1, Some(1), None);
+        l.metadata.labels = Some(
+            [
+                (leases::SERVICE_NAMESPACE_LABEL, "shop"),
+                (leases::SERVICE_LABEL, svc.name_any().as_str()),
+                (leases::SERVICE_UID_LABEL, "uid-1"),
+            ]
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+        );
+        let claim = validate::Claim::of(
+            String::new(),
+            svc.metadata.creation_timestamp.as_ref().map(|t| t.0),
+            &svc.spec,
+        );
+        l.metadata
+            .annotations
+            .get_or_insert_with(Default::default)
+            .extend(leases::claim_annotations(&claim));
+        l
+    };
+    let service = |name: &str, created: &str| {
+        let mut s = HAService::new(
+            name,
+            kubeha_crds::testing::service_spec("c", &["198.18.0.10/24"]),
+        );
+        s.metadata.namespace = Some("shop".into());
+        s.metadata.uid = Some("uid-1".into());
+        s.metadata.creation_timestamp = at(created);
+        s
+    };
+    let older = service("old", "2026-12-01T00:00:00Z");
+    let newer = service("new", "2026-12-02T00:00:00Z");
+    let (older_lease, newer_lease) = (service_lease_for(&older), service_lease_for(&newer));
+    // This node sees only `newer`, and every service Lease.
+    let claims = claims_of([&newer], [&older_lease, &newer_lease]);
+    match vet(&newer, &newer_lease, &c, &claims) {
+        Err(Refusal::Invalid(problems)) => assert_eq!(
+            problems,
+            vec![validate::Problem::VipClaimed {
+                address: "198.18.0.10".into(),
+                by: "shop/old".into(),
+            }]
+        ),
+        other => panic!("expected the older Lease's claim to win: {other:?}"),
+    }
+    // Without the older service's Lease, nothing contends.
+    let claims = claims_of([&newer], [&newer_lease]);
+    assert_eq!(vet(&newer, &newer_lease, &c, &claims), Ok(()));
+}

@@ -44,7 +44,10 @@ pub(super) async fn reconcile(
         .map(|l| (l.name_any(), l))
         .collect();
     let all_services = services.state();
-    let claims = assignments::claims_of(all_services.iter().map(|s| s.as_ref()));
+    let claims = assignments::claims_of(
+        all_services.iter().map(|s| s.as_ref()),
+        lease_of.values().map(|l| l.as_ref()),
+    );
     let mut seen = std::collections::HashSet::new();
     let pass = Pass {
         node: &node,
