@@ -24,6 +24,7 @@ use kube::api::Api;
 use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::reflector::Store;
 use kube::runtime::watcher;
+use kubeha_crds::annotations::node_scope_selector;
 use kubeha_crds::service::{NodeServiceState, Role};
 use kubeha_crds::{HACluster, HAService, HAServiceSpec, leases};
 use sha2::{Digest, Sha256};
@@ -309,8 +310,12 @@ pub async fn run(config: Config) -> crate::Result<()> {
     });
 
     let clusters = watch::<HACluster>(&client, None, watcher::Config::default(), &shared, |_| {});
-    // Of a service's status, the agent reads its own node's entry only.
-    let services = watch::<HAService>(&client, None, watcher::Config::default(), &shared, {
+    // Only the services that carry this node's node-scope label (the
+    // operator labels the nodes a service needs; one that leaves the
+    // selection is one this node has no role in), and of a service's
+    // status, the agent reads its own node's entry only.
+    let scope = watcher::Config::default().labels(&node_scope_selector(&config.node));
+    let services = watch::<HAService>(&client, None, scope, &shared, {
         let node = config.node.clone();
         move |svc: &mut HAService| {
             if let Some(status) = svc.status.as_mut() {
