@@ -764,6 +764,7 @@ fn a_frozen_agent_stops_answering_for_its_vip_at_its_lease_end_while_the_address
         )
         .unwrap();
     };
+    ha::show_service_to(&lab, ha::SERVICE_NAMESPACE, name, &["node-3"]).unwrap();
     clear(1);
     assert!(
         ha::wait_until(Duration::from_secs(15), || ha::vip_holders(vip) == [3]).is_some(),

@@ -128,6 +128,9 @@ impl LeaseWriter {
             "metadata": metadata,
             "spec": {"holderIdentity": holder, "leaseTransitions": epoch}
         });
+        // The holder's agent sees only services labelled for its node
+        // (before the timed write; a no-op once labelled).
+        ha::show_service_to(lab, ha::SERVICE_NAMESPACE, service, &[holder])?;
         let params = kube::api::PatchParams::apply("kubeha-e2e").force();
         let sent = now_epoch_secs();
         self.runtime

@@ -122,6 +122,37 @@ pub fn service_lease_metadata(
     }))
 }
 
+/// Shows HAService `namespace/service` to the agents of `nodes` as the
+/// operator does, by their node-scope labels `node.kubeha.io/<node>`
+/// (each agent watches only the HAServices labelled for its node): for
+/// tests and benches that write service Leases by hand. Adds only.
+pub fn show_service_to(
+    lab: &Lab,
+    namespace: &str,
+    service: &str,
+    nodes: &[&str],
+) -> anyhow::Result<()> {
+    let labels: Vec<String> = nodes
+        .iter()
+        .filter(|n| !n.is_empty())
+        .map(|n| format!("node.kubeha.io/{n}=true"))
+        .collect();
+    if labels.is_empty() {
+        return Ok(());
+    }
+    let mut args = vec![
+        "label",
+        "--overwrite",
+        "haservice",
+        service,
+        "-n",
+        namespace,
+    ];
+    args.extend(labels.iter().map(String::as_str));
+    lab.kubectl_ok(&args)?;
+    Ok(())
+}
+
 /// Heartbeat timing in milliseconds: D, R, RD, skew.
 #[derive(Debug, Clone, Copy)]
 pub struct Timing {
@@ -230,6 +261,12 @@ pub fn set_service_lease(
         annotations.insert("kubeha.io/enter-epoch".into(), json!("-1"));
     }
     annotations.insert("kubeha.io/standby".into(), json!(standby.unwrap_or("")));
+    show_service_to(
+        lab,
+        SERVICE_NAMESPACE,
+        service,
+        &[holder.unwrap_or(""), standby.unwrap_or("")],
+    )?;
     apply_as_operator(
         lab,
         &json!({

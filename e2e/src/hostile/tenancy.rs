@@ -138,7 +138,8 @@ impl<'a> Tenant<'a> {
     /// Lease policy lets write there (a compromised or buggy operator: the
     /// agent's own checks must refuse it); or, when `in_tenant_namespace`,
     /// at the old place in the service's own namespace as the cluster admin
-    /// (the operator has no Lease access there).
+    /// (the operator has no Lease access there). Either way the service is
+    /// labelled for `node`'s agent first, so that agent sees it.
     fn forge(
         &self,
         node: u8,
@@ -159,6 +160,15 @@ impl<'a> Tenant<'a> {
         } else {
             ha::apply_as_operator
         };
+        // Show the service to the node's agent as the operator would (its
+        // node-scope label; a compromised operator writes that too): the
+        // agent's own checks, not its watch selection, must refuse.
+        ha::show_service_to(
+            self.lab,
+            &self.namespace,
+            &self.name,
+            &[&crate::nodes::node_name(node)],
+        )?;
         write(
             self.lab,
             &json!({
