@@ -1443,3 +1443,186 @@ fn every_timing_at_the_edge_of_what_the_api_accepts_enters_and_fails_over() {
     );
     cleanup(&lab, name, vip);
 }
+
+/// The value of every series of replica 0's `/metrics` named `metric`
+/// with label `label="value"`, by that label's value.
+fn operator_series(metric: &str, label: &str) -> std::collections::BTreeMap<String, f64> {
+    let (_, body) =
+        kubeha_e2e::lab::http_get(&Lab::operator_metrics_addr(0), "/metrics").unwrap_or_default();
+    let prefix = format!("{metric}{{{label}=\"");
+    body.lines()
+        .filter_map(|l| l.strip_prefix(&prefix))
+        .filter_map(|rest| {
+            let (value_of_label, rest) = rest.split_once('"')?;
+            let value = rest.rsplit(' ').next()?.parse().ok()?;
+            Some((value_of_label.to_owned(), value))
+        })
+        .collect()
+}
+
+/// The operator's memory entries by map and its cached HAServices.
+fn operator_memory() -> (std::collections::BTreeMap<String, f64>, f64) {
+    let entries = operator_series("kubeha_operator_memory_entries", "map");
+    let watched = operator_series("kubeha_operator_watched_objects", "kind");
+    (entries, watched.get("HAService").copied().unwrap_or(-1.0))
+}
+
+/// Resident set size of operator replica 0, MiB (for the log).
+fn operator_rss(lab: &Lab) -> String {
+    lab.operator_pid(0)
+        .and_then(|pid| kubeha_e2e::bench::rss_mb(pid as u32).ok())
+        .map_or("?".to_owned(), |mb| format!("{mb:.1} MiB"))
+}
+
+#[test]
+fn fifty_services_created_then_deleted_leave_nothing_in_the_operators_memory() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let lab = lab();
+    let name = "op-memory";
+    let selector = format!("kubeha-e2e/test={name}");
+    let vip = |i: usize| format!("198.18.0.{}", 140 + i);
+    let _ = lab.kubectl_output(&[
+        "delete",
+        "haservice",
+        "-n",
+        ha::SERVICE_NAMESPACE,
+        "-l",
+        &selector,
+        "--wait=false",
+    ]);
+    let listed = || {
+        lab.kubectl_output(&[
+            "get",
+            "haservice",
+            "-n",
+            ha::SERVICE_NAMESPACE,
+            "-l",
+            &selector,
+            "-o",
+            "name",
+        ])
+        .map(|o| String::from_utf8_lossy(&o.stdout).lines().count())
+        .unwrap_or(usize::MAX)
+    };
+    assert!(
+        ha::wait_every(
+            Duration::from_secs(60),
+            Duration::from_millis(500),
+            || listed() == 0
+        )
+        .is_some(),
+        "services of an earlier run never went"
+    );
+    ha::apply(&lab, &ha::cluster(name, &[1, 2, 3], Timing::DEFAULT)).unwrap();
+    assert!(
+        all_ready(&lab, name, Duration::from_secs(20)),
+        "cluster {name} never had 3/3 members ready"
+    );
+
+    // What the operator keeps with no service of this test: one entry per
+    // service, and this cluster in each per-cluster map.
+    let mut before = (Default::default(), 0.0);
+    let settled = ha::wait_every(Duration::from_secs(20), Duration::from_millis(200), || {
+        before = operator_memory();
+        let (entries, services) = &before;
+        entries.get("service") == Some(services)
+            && ["cluster", "heartbeat_view", "first_seen"]
+                .iter()
+                .all(|m| entries.get(*m).is_some_and(|n| *n >= 1.0))
+    });
+    assert!(
+        settled.is_some(),
+        "the operator's memory never matched its objects: {before:?}"
+    );
+    let rss_before = operator_rss(&lab);
+    let active = || {
+        operator_series("kubeha_operator_services", "phase")
+            .get("Active")
+            .copied()
+            .unwrap_or(0.0)
+    };
+    let active_before = active();
+
+    let services: Vec<serde_json::Value> = (0..50)
+        .map(|i| {
+            let mut svc = ha::service(
+                &format!("{name}-{i}"),
+                name,
+                &[&format!("{}/24", vip(i))],
+                None,
+                (1, 100),
+            );
+            svc["metadata"]["labels"] = serde_json::json!({"kubeha-e2e/test": name});
+            svc
+        })
+        .collect();
+    ha::apply(
+        &lab,
+        &serde_json::json!({"apiVersion": "v1", "kind": "List", "items": services}),
+    )
+    .unwrap();
+    let mut during = (Default::default(), 0.0);
+    let grown = ha::wait_every(Duration::from_secs(180), Duration::from_millis(500), || {
+        during = operator_memory();
+        during.1 >= before.1 + 50.0
+            && during.0.get("service") == Some(&during.1)
+            && active() >= active_before + 50.0
+    });
+    assert!(
+        grown.is_some(),
+        "the 50 services were never all remembered and Active: {during:?}, phases {:?}",
+        operator_series("kubeha_operator_services", "phase")
+    );
+    let rss_during = operator_rss(&lab);
+
+    let _ = lab.kubectl_output(&[
+        "delete",
+        "haservice",
+        "-n",
+        ha::SERVICE_NAMESPACE,
+        "-l",
+        &selector,
+        "--wait=false",
+    ]);
+    assert!(
+        ha::wait_every(
+            Duration::from_secs(120),
+            Duration::from_millis(500),
+            || listed() == 0
+        )
+        .is_some(),
+        "the finalizers never let the 50 services go"
+    );
+    assert!(
+        ha::wait_until(Duration::from_secs(20), || (0..50)
+            .all(|i| ha::vip_holders(&vip(i)).is_empty()))
+        .is_some(),
+        "a VIP was still held after its service was deleted"
+    );
+    let mut after = (Default::default(), 0.0);
+    let shrunk = ha::wait_until(Duration::from_secs(10), || {
+        after = operator_memory();
+        after == before
+    });
+    assert!(
+        shrunk.is_some(),
+        "the operator still keeps entries of deleted services: before {before:?}, after {after:?}"
+    );
+
+    ha::delete(&lab, "hacluster", name, None);
+    let cluster_gone = ha::wait_until(Duration::from_secs(20), || {
+        let (entries, _) = operator_memory();
+        ["cluster", "heartbeat_view", "first_seen"]
+            .iter()
+            .all(|m| entries.get(*m).copied() == before.0.get(*m).map(|n| n - 1.0))
+    });
+    assert!(
+        cluster_gone.is_some(),
+        "the operator still keeps the deleted cluster: before {before:?}, now {:?}",
+        operator_memory()
+    );
+    eprintln!(
+        "operator RSS: {rss_before} before, {rss_during} with 50 more services Active, {} after they and their cluster were deleted",
+        operator_rss(&lab)
+    );
+}
