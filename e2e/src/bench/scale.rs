@@ -83,6 +83,10 @@ pub struct Steady {
     pub operator_cpu_pct: f64,
     /// Resident memory of the agents, MiB, over the nodes.
     pub agent_rss_mb: MedianMax,
+    /// HAService watch events the API server sent (to the operator and
+    /// the agents) from this step's first apply to the end of its steady
+    /// window, per service added in the step: the fan-out of each write.
+    pub haservice_watch_events_per_service: f64,
     /// CPU of the agents, percent of one core, over the nodes.
     pub agent_cpu_pct: MedianMax,
 }
@@ -201,6 +205,21 @@ pub fn apply_services(
             .into_iter()
             .try_for_each(|a| a.join().expect("an apply thread panicked"))
     })
+}
+
+/// HAService watch events the API server has sent so far, from its own
+/// `apiserver_watch_events_total` (labelled by kind or by resource,
+/// depending on the version).
+pub fn haservice_watch_events(lab: &Lab) -> anyhow::Result<f64> {
+    let text = lab
+        .kubectl_ok(&["get", "--raw", "/metrics"])
+        .context("reading the API server's metrics")?;
+    Ok(text
+        .lines()
+        .filter(|l| l.starts_with("apiserver_watch_events_total{"))
+        .filter(|l| l.contains("\"HAService\"") || l.contains("\"haservices\""))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum())
 }
 
 /// Phase and active node of every service of `cluster`, by name.
@@ -391,6 +410,7 @@ fn measure(
     };
     for &services in &plan.services {
         let started = Instant::now();
+        let (events0, created0) = (haservice_watch_events(lab)?, created);
         eprintln!("scale: {services} services on {count} nodes: applying {wave} at a time");
         while created < services {
             let to = services.min(created + wave);
@@ -403,13 +423,14 @@ fn measure(
         }
         let settle_s = started.elapsed().as_secs_f64();
         eprintln!("scale: {services} services Active after {settle_s:.0} s; steady window");
-        steady.push(measure_steady(
-            lab,
-            count,
-            services,
-            settle_s,
-            plan.steady_secs,
-        )?);
+        let mut step = measure_steady(lab, count, services, settle_s, plan.steady_secs)?;
+        step.haservice_watch_events_per_service =
+            (haservice_watch_events(lab)? - events0) / (services - created0).max(1) as f64;
+        eprintln!(
+            "scale: {services} services: {:.1} writes/s, {:.0} HAService watch events per service added",
+            step.writes_per_s, step.haservice_watch_events_per_service
+        );
+        steady.push(step);
     }
     power_off_busiest(lab, name, &active)
 }
@@ -463,6 +484,7 @@ fn measure_steady(
         operator_rss_mb: rss_mb(operator)?,
         operator_cpu_pct: pct(op0, op1),
         agent_rss_mb: MedianMax::of(&agent_rss),
+        haservice_watch_events_per_service: f64::NAN,
         agent_cpu_pct: MedianMax::of(&agent_cpu),
     })
 }
