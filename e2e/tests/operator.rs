@@ -1481,15 +1481,18 @@ fn fifty_services_created_then_deleted_leave_nothing_in_the_operators_memory() {
     let name = "op-memory";
     let selector = format!("kubeha-e2e/test={name}");
     let vip = |i: usize| format!("198.18.0.{}", 140 + i);
-    let _ = lab.kubectl_output(&[
-        "delete",
-        "haservice",
-        "-n",
-        ha::SERVICE_NAMESPACE,
-        "-l",
-        &selector,
-        "--wait=false",
-    ]);
+    let delete_all = || {
+        let _ = lab.kubectl_output(&[
+            "delete",
+            "haservice",
+            "-n",
+            ha::SERVICE_NAMESPACE,
+            "-l",
+            &selector,
+            "--wait=false",
+        ]);
+    };
+    delete_all();
     let listed = || {
         lab.kubectl_output(&[
             "get",
@@ -1575,15 +1578,7 @@ fn fifty_services_created_then_deleted_leave_nothing_in_the_operators_memory() {
     );
     let rss_during = operator_rss(&lab);
 
-    let _ = lab.kubectl_output(&[
-        "delete",
-        "haservice",
-        "-n",
-        ha::SERVICE_NAMESPACE,
-        "-l",
-        &selector,
-        "--wait=false",
-    ]);
+    delete_all();
     assert!(
         ha::wait_every(
             Duration::from_secs(120),
