@@ -275,6 +275,22 @@ pub fn is_permanent(outcome: HookOutcome) -> bool {
     matches!(outcome, HookOutcome::IllegalCall | HookOutcome::ConfigError)
 }
 
+/// The fail count to report after a failure whose outcome is `outcome`,
+/// `count` already including that failure. A permanent outcome (exit 1,
+/// an illegal call, or exit 2, a wrong or changed configuration) means no
+/// retry on this node: the count is raised to at least the service's
+/// `migration_threshold`, so the operator no longer places the service here
+/// until an admin clears it (`kubectl ha clear`) or, when the service sets
+/// `failureTimeoutSeconds`, the failure expires. Any other outcome keeps
+/// `count`.
+pub fn fail_count_after(outcome: HookOutcome, count: i32, migration_threshold: i32) -> i32 {
+    if is_permanent(outcome) {
+        count.max(migration_threshold)
+    } else {
+        count
+    }
+}
+
 /// Maps an exit code onto the contract's outcomes.
 fn outcome_for_code(action: Action, code: i32) -> HookOutcome {
     match (code, action) {

@@ -187,6 +187,26 @@ fn overall_and_permanence() {
 }
 
 #[test]
+fn a_permanent_outcome_raises_the_fail_count_to_the_migration_threshold() {
+    // Exit 1 or 2: no retry on this node, whatever the threshold.
+    for o in [HookOutcome::IllegalCall, HookOutcome::ConfigError] {
+        assert_eq!(fail_count_after(o, 1, 3), 3, "{o:?}");
+        assert_eq!(fail_count_after(o, 1, 1), 1, "{o:?}");
+        assert_eq!(fail_count_after(o, 5, 3), 5, "{o:?}");
+    }
+    // Any other failure counts once: the operator may retry here until
+    // the threshold is reached.
+    for o in [
+        HookOutcome::Failed,
+        HookOutcome::TimedOut,
+        HookOutcome::Refused,
+        HookOutcome::NotRunning,
+    ] {
+        assert_eq!(fail_count_after(o, 1, 3), 1, "{o:?}");
+    }
+}
+
+#[test]
 fn log_paths_replace_slashes_and_stay_inside() {
     let runner = HookRunner::new("/var/log/kubeha");
     assert_eq!(
