@@ -964,3 +964,80 @@ fn a_hanging_hook_is_killed_with_its_children_and_an_unsafe_one_is_refused() {
     assert!(!ha::vip_on_node(2, vip));
     cleanup(&lab, name, vip);
 }
+
+/// Applies a fresh cluster and service `name` (one IPv4 VIP `vip`/24, hooks
+/// from folder `name`) with `extra` merged into the service's spec.
+fn setup_with_spec(lab: &Lab, name: &str, vip: &str, extra: serde_json::Value) {
+    setup(
+        lab,
+        name,
+        &[&format!("{vip}/24")],
+        Some(name),
+        Timing::DEFAULT,
+    );
+    let mut svc = ha::service(name, name, &[&format!("{vip}/24")], Some(name), (3, 200));
+    if let (Some(spec), Some(extra)) = (svc["spec"].as_object_mut(), extra.as_object()) {
+        for (k, v) in extra {
+            spec.insert(k.clone(), v.clone());
+        }
+    }
+    ha::apply(lab, &svc).unwrap();
+}
+
+#[test]
+fn an_enter_hook_exiting_1_or_2_fails_for_good_on_that_node() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let lab = lab();
+    let (name, vip) = ("permanent", "198.18.0.128");
+    let trace = lab.dir().join("trace-permanent");
+    // node-1's enter is an illegal call (1), node-2's finds its
+    // configuration wrong (2), node-3's fails (3): only the last may be
+    // retried on its node.
+    for (i, code) in [(1, 1), (2, 2), (3, 3)] {
+        ha::install_hooks(
+            &lab,
+            i,
+            name,
+            &[
+                ("E01server", &ha::tracing_script(&trace, code)),
+                ("L01server", &ha::tracing_script(&trace, 0)),
+            ],
+        )
+        .unwrap();
+    }
+    setup_with_spec(
+        &lab,
+        name,
+        vip,
+        serde_json::json!({"migrationThreshold": 3}),
+    );
+    let _ = std::fs::remove_file(&trace);
+    for (i, outcome, fail_count) in [
+        (1, "IllegalCall", 3),
+        (2, "ConfigError", 3),
+        (3, "Failed", 1),
+    ] {
+        let node = format!("node-{i}");
+        ha::set_service_lease(&lab, name, Some(&node), i32::from(i), true, None).unwrap();
+        wait_failed(&lab, name, i);
+        let entry = ha::node_entry(&lab, name, i);
+        assert_eq!(
+            entry["failCount"], fail_count,
+            "{node}: an enter ending {outcome} under migrationThreshold 3: {entry}"
+        );
+        assert!(
+            entry["hooks"]
+                .to_string()
+                .contains(&format!("\"{outcome}\"")),
+            "{entry}"
+        );
+        assert!(!ha::vip_on_node(i, vip), "a failed enter keeps no VIP");
+        assert!(
+            std::fs::read_to_string(&trace)
+                .unwrap_or_default()
+                .contains("L01server leave master transition="),
+            "a failed enter leaves again"
+        );
+    }
+    cleanup(&lab, name, vip);
+}
