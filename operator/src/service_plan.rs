@@ -315,10 +315,17 @@ pub fn plan(f: &Facts<'_>) -> Plan {
             ),
         ),
         other => {
-            let why = match (&decision, &f.refusal) {
-                (_, Some(r)) => r.message.clone(),
-                (Some(d), None) => format!("placement: {}", d.reason),
-                (None, None) => "being deleted".to_owned(),
+            // A holder being entered is told by holder and epoch, not by
+            // placement's reason: that reason says why this very evaluation
+            // changed the holder (Failback, Failover, ...) and reads
+            // Unchanged on the next one, and a message that flips costs a
+            // status write between the Lease write and the old master's
+            // acknowledgement, on the way of every switchover.
+            let why = match (&decision, &f.refusal, &holder) {
+                (_, Some(r), _) => r.message.clone(),
+                (Some(_), None, Some(hn)) => format!("{hn} enters at epoch {epoch}"),
+                (Some(d), None, None) => format!("placement: {}", d.reason),
+                (None, None, _) => "being deleted".to_owned(),
             };
             Cond::no(READY, format!("{other:?}"), why)
         }
@@ -392,6 +399,17 @@ pub fn plan(f: &Facts<'_>) -> Plan {
                     "runs on {target} as {} asks; the request stays until it is removed (kubectl annotate haservice {} {}-)",
                     annotations::MOVE_TO,
                     kubectl_target(f.key),
+                    annotations::MOVE_TO
+                ),
+            )
+        } else if holder.as_deref() == Some(target) {
+            // Stable from the Lease write to the report of Running (see
+            // Ready above).
+            Cond::no(
+                MOVED,
+                "Moving",
+                format!(
+                    "moving to {target} as {} asks: it enters there at epoch {epoch}",
                     annotations::MOVE_TO
                 ),
             )

@@ -35,8 +35,11 @@ use status::{move_blocked_is_new, publish_status, stall_is_new};
 pub const FINALIZER: &str = "kubeha.io/release";
 
 /// A little past an expiry instant, so the state has flipped when the
-/// reconcile runs.
-const EXPIRY_MARGIN: Duration = Duration::from_millis(5);
+/// reconcile runs: the view judges a heartbeat expired from the instant its
+/// expiry is reached, and a requeue never fires early, so one millisecond
+/// (the timer's granularity) is enough; each millisecond more is added to
+/// every failover.
+const EXPIRY_MARGIN: Duration = Duration::from_millis(1);
 
 /// Reconciles one HAService (the controller's reconcile function), in a
 /// span that names it.
@@ -127,13 +130,28 @@ async fn apply(svc: &HAService, ctx: &Ctx, deleting: bool) -> Result<Action> {
         if h.holder_changed {
             confirm.extend(ev.lost.iter().cloned());
         }
-        let holder = h.lease.holder.clone().filter(|_| h.cleared_now);
-        let mut moved = false;
-        for node in &confirm {
-            moved |= heartbeat_moved(ctx, &ev.cluster, node).await?;
-        }
-        if let Some(holder) = holder.filter(|h| !confirm.contains(h)) {
-            let (changed, renewed) = refresh_heartbeat(ctx, &ev.cluster, &holder).await?;
+        let holder = h
+            .lease
+            .holder
+            .clone()
+            .filter(|holder| h.cleared_now && !confirm.contains(holder));
+        // All the reads at once: each one is a round trip to the API
+        // server on the way to the Lease write (after a power-off, the
+        // lost master's confirmation and the new holder's renew).
+        let confirmations = futures::future::try_join_all(
+            confirm
+                .iter()
+                .map(|node| heartbeat_moved(ctx, &ev.cluster, node)),
+        );
+        let refresh = async {
+            match &holder {
+                Some(holder) => refresh_heartbeat(ctx, &ev.cluster, holder).await.map(Some),
+                None => Ok(None),
+            }
+        };
+        let (confirmed, refreshed) = futures::try_join!(confirmations, refresh)?;
+        let mut moved = confirmed.into_iter().any(|moved| moved);
+        if let (Some(holder), Some((changed, renewed))) = (holder, refreshed) {
             moved |= changed;
             holder_renew = renewed.map(|r| (holder, r));
         }

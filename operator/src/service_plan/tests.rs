@@ -621,3 +621,29 @@ fn a_node_that_may_not_have_left_cleanly_is_no_candidate_after_its_failure_expir
     assert_eq!(p.handover.lease.holder, None);
     assert_ne!(p.requeue_after, Some(Duration::ZERO));
 }
+
+/// The status an evaluation publishes when it writes a new holder is the
+/// one the next evaluation (which reads that Lease back, placement's
+/// reason now Unchanged) publishes too, up to the old master's
+/// acknowledgement: no second status write between the Lease write and the
+/// acknowledgement, for a move as for a failover.
+#[test]
+fn the_status_written_with_a_new_holder_stands_until_the_acknowledgement() {
+    for (a_heartbeat, move_to) in [(Alive, Some("b")), (Lost, None)] {
+        let mut c = Case::new(&[("a", a_heartbeat), ("b", Alive)]);
+        c.lease = Some(LeaseState {
+            standby: Some("b".into()),
+            ..cleared("a", 1)
+        });
+        c.status = Some(status(vec![running("a", 1)]));
+        c.move_to = move_to.map(str::to_owned);
+        let written = c.plan();
+        assert!(written.handover.holder_changed, "{a_heartbeat:?}");
+        assert_ne!(written.decision.as_ref().unwrap().reason, Reason::Unchanged);
+
+        c.lease = Some(written.handover.lease.clone());
+        let next = c.plan();
+        assert_eq!(next.decision.as_ref().unwrap().reason, Reason::Unchanged);
+        assert_eq!(next.status, written.status, "{a_heartbeat:?}");
+    }
+}
