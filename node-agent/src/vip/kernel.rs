@@ -267,6 +267,18 @@ impl RtNetlink {
     /// Replaces (adds or extends) the address of `vip` with lifetime `secs`.
     async fn replace_address(&self, iface: &str, vip: &Vip, secs: u32) -> Result<(), VipError> {
         let index = self.index_of(iface).await?;
+        self.replace_address_at(index, iface, vip, secs).await
+    }
+
+    /// [`Self::replace_address`] on the interface with index `index`
+    /// (named `iface` in errors).
+    async fn replace_address_at(
+        &self,
+        index: u32,
+        iface: &str,
+        vip: &Vip,
+        secs: u32,
+    ) -> Result<(), VipError> {
         let mut req = self
             .handle
             .address()
@@ -469,6 +481,9 @@ impl Netlink for RtNetlink {
             .filter_map(|m| Some((m.header.index, local_addr(m)?, m.header.prefix_len)))
             .collect();
         let mut index: std::collections::HashMap<&str, Option<u32>> = Default::default();
+        // Per VIP: its result now, or the interface index of a present VIP
+        // still to extend.
+        let mut pending: Vec<Result<u32, Result<bool, VipError>>> = Vec::with_capacity(vips.len());
         for (iface, vip) in vips {
             let i = match index.get(iface.as_str()) {
                 Some(i) => *i,
@@ -479,14 +494,42 @@ impl Netlink for RtNetlink {
                 }
             };
             if let Err(e) = self.refuse_foreign(&addrs, vip).await {
-                out.push(Err(e));
+                pending.push(Err(Err(e)));
                 continue;
             }
-            out.push(match i {
+            pending.push(match i {
                 // The single call reports why (e.g. the interface is gone).
-                None => self.extend_vip(iface, vip, until).await,
-                Some(i) if !present.contains(&(i, vip.addr, vip.prefix_len)) => Ok(false),
-                Some(_) => self.extend_present(iface, vip, until).await,
+                None => Err(self.extend_vip(iface, vip, until).await),
+                Some(i) if !present.contains(&(i, vip.addr, vip.prefix_len)) => Err(Ok(false)),
+                Some(i) => Ok(i),
+            });
+        }
+        // The present VIPs' fences in one batch; when one of them ended
+        // (the batch fails whole, nothing extended), one at a time.
+        let present_addrs: Vec<IpAddr> = vips
+            .iter()
+            .zip(&pending)
+            .filter(|(_, p)| p.is_ok())
+            .map(|((_, v), _)| v.addr)
+            .collect();
+        let together = match kernel_lifetime_until(until) {
+            Ok((_, secs)) if !present_addrs.is_empty() => {
+                let held = Duration::from_secs(u64::from(secs)) + HELD_SLACK;
+                match self.fence.extend_all(&present_addrs, until, held).await {
+                    Ok(true) => Some(secs),
+                    _ => None,
+                }
+            }
+            _ => None,
+        };
+        for ((iface, vip), p) in vips.iter().zip(pending) {
+            out.push(match (p, together) {
+                (Err(done), _) => done,
+                (Ok(i), Some(secs)) => self
+                    .replace_address_at(i, iface, vip, secs)
+                    .await
+                    .map(|()| true),
+                (Ok(_), None) => self.extend_present(iface, vip, until).await,
             });
         }
         out

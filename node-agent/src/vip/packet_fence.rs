@@ -172,6 +172,8 @@ pub fn forget_batch(addr: IpAddr) -> Vec<Op> {
 #[derive(Debug, Default)]
 pub struct PacketFence {
     installed: OnceCell<()>,
+    /// The nf_tables socket every element change goes through.
+    netlink: nf_netlink::Connection,
 }
 
 impl PacketFence {
@@ -188,7 +190,7 @@ impl PacketFence {
     pub async fn open(&self, addr: IpAddr, until: Instant, held: Duration) -> Result<(), VipError> {
         self.install().await?;
         let op = format!("open the packet fence of {addr}");
-        match apply(&op, open_batch(addr, left(until)?, held))? {
+        match apply(&self.netlink, &op, open_batch(addr, left(until)?, held))? {
             Outcome::Applied => Ok(()),
             Outcome::Missing => Err(missing(&op)),
         }
@@ -204,13 +206,34 @@ impl PacketFence {
     ) -> Result<bool, VipError> {
         self.install().await?;
         let op = format!("extend the packet fence of {addr}");
-        Ok(apply(&op, extend_batch(addr, left(until)?, held))? == Outcome::Applied)
+        Ok(apply(&self.netlink, &op, extend_batch(addr, left(until)?, held))? == Outcome::Applied)
+    }
+
+    /// Extends the fences of every address of `addrs` until `until` in one
+    /// batch: `true` when all were extended; `false`, changing nothing,
+    /// when any of them had expired (then extend them one by one with
+    /// [`PacketFence::extend`] to learn which).
+    pub async fn extend_all(
+        &self,
+        addrs: &[IpAddr],
+        until: Instant,
+        held: Duration,
+    ) -> Result<bool, VipError> {
+        self.install().await?;
+        let live = left(until)?;
+        let ops = addrs
+            .iter()
+            .flat_map(|a| extend_batch(*a, live, held))
+            .collect();
+        let op = format!("extend the packet fences of {} VIPs", addrs.len());
+        Ok(apply(&self.netlink, &op, ops)? == Outcome::Applied)
     }
 
     /// Closes the fence of `addr`: it stops answering at once.
     pub async fn close(&self, addr: IpAddr) -> Result<(), VipError> {
         self.install().await?;
         apply(
+            &self.netlink,
             &format!("close the packet fence of {addr}"),
             close_batch(addr),
         )
@@ -221,6 +244,7 @@ impl PacketFence {
     pub async fn forget(&self, addr: IpAddr) -> Result<(), VipError> {
         self.install().await?;
         apply(
+            &self.netlink,
             &format!("forget {addr} in the packet fence"),
             forget_batch(addr),
         )
@@ -228,9 +252,9 @@ impl PacketFence {
     }
 }
 
-/// Sends one batch of element changes (see [`nf_netlink`]).
-fn apply(op: &str, ops: Vec<Op>) -> Result<Outcome, VipError> {
-    nf_netlink::apply(&ops).map_err(|e| VipError::Fence {
+/// Sends one batch of element changes on `netlink` (see [`nf_netlink`]).
+fn apply(netlink: &nf_netlink::Connection, op: &str, ops: Vec<Op>) -> Result<Outcome, VipError> {
+    netlink.apply(&ops).map_err(|e| VipError::Fence {
         op: op.to_owned(),
         reason: if e.raw_os_error() == Some(nix::libc::EPERM) {
             "operation not permitted (the agent needs CAP_NET_ADMIN)".into()
