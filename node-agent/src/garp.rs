@@ -259,8 +259,8 @@ pub fn send_burst(
         write_timeout: Some(WRITE_TIMEOUT),
         ..Config::default()
     };
-    let mut tx = match datalink::channel(&interface, config) {
-        Ok(Channel::Ethernet(tx, _rx)) => tx,
+    let (mut tx, rx) = match datalink::channel(&interface, config) {
+        Ok(Channel::Ethernet(tx, rx)) => (tx, rx),
         Ok(_) => return Err(GarpError::UnsupportedChannel(iface.to_string())),
         Err(source) => {
             return Err(GarpError::Channel {
@@ -269,12 +269,27 @@ pub fn send_burst(
             });
         }
     };
+    let result = send_rounds(&mut *tx, iface, &frames, burst);
+    close_in_background(tx, rx);
+    let sent = result?;
+    tracing::debug!(iface, vips = vips.len(), sent, "GARP burst sent");
+    Ok(sent)
+}
+
+/// The rounds of [`send_burst`] on an open channel; the number of frames
+/// sent.
+fn send_rounds(
+    tx: &mut dyn datalink::DataLinkSender,
+    iface: &str,
+    frames: &[Vec<u8>],
+    burst: &GarpBurst,
+) -> Result<usize, GarpError> {
     let mut sent = 0usize;
     for round in 0..burst.count {
         if round > 0 && !burst.interval.is_zero() {
             std::thread::sleep(burst.interval);
         }
-        for frame in &frames {
+        for frame in frames {
             let result = tx.send_to(frame, None).unwrap_or_else(|| {
                 Err(std::io::Error::other(
                     "pnet had no buffer space for the frame",
@@ -290,8 +305,23 @@ pub fn send_burst(
             sent += 1;
         }
     }
-    tracing::debug!(iface, vips = vips.len(), sent, "GARP burst sent");
     Ok(sent)
+}
+
+/// Closes a packet channel on a thread of its own: closing a packet socket
+/// waits for an RCU grace period (about 10 ms measured here), which the
+/// caller (a probe or a GARP round on an entry's latency path) must not.
+fn close_in_background(
+    tx: Box<dyn datalink::DataLinkSender>,
+    rx: Box<dyn datalink::DataLinkReceiver>,
+) {
+    let spawned = std::thread::Builder::new()
+        .name("packet-close".into())
+        .spawn(move || drop((tx, rx)));
+    // No thread to spare: closed here, late but closed.
+    if let Err(e) = spawned {
+        tracing::debug!(error = %e, "closing a packet socket in place");
+    }
 }
 
 /// An ARP probe for `v4` from `mac` (RFC 5227 § 2.1.1: sender protocol
@@ -341,7 +371,8 @@ pub fn still_answered(
     let config = Config {
         promiscuous: false,
         read_buffer_size: 65536,
-        read_timeout: Some(Duration::from_millis(5)),
+        // Short, so the window ends on time.
+        read_timeout: Some(Duration::from_millis(1)),
         write_timeout: Some(WRITE_TIMEOUT),
         ..Config::default()
     };
@@ -356,6 +387,21 @@ pub fn still_answered(
         }
     };
     let probes: Vec<Vec<u8>> = vips.iter().map(|v| arp_probe(mac, *v)).collect();
+    let found = listen_for_claims(&mut *tx, &mut *rx, iface, mac, vips, &probes, window);
+    close_in_background(tx, rx);
+    found
+}
+
+/// The probe rounds and the listening of [`still_answered`].
+fn listen_for_claims(
+    tx: &mut dyn datalink::DataLinkSender,
+    rx: &mut dyn datalink::DataLinkReceiver,
+    iface: &str,
+    mac: [u8; 6],
+    vips: &[Ipv4Addr],
+    probes: &[Vec<u8>],
+    window: Duration,
+) -> Result<Vec<(Ipv4Addr, [u8; 6])>, GarpError> {
     let started = std::time::Instant::now();
     let mut found: Vec<(Ipv4Addr, [u8; 6])> = Vec::new();
     let mut sent_rounds = 0;

@@ -177,38 +177,68 @@ impl<N: Netlink> LocalNode<N> {
         placed
     }
 
-    /// One GARP burst for the VIPs placed, on their interfaces.
+    /// One GARP burst for the VIPs placed, on their interfaces, sent whole
+    /// before this returns (the periodic refresh).
     pub async fn garp(&self, placed: &[(String, Vip)], spec: &HAServiceSpec) -> usize {
-        let burst = GarpBurst {
-            count: spec.garp.count.max(1) as u32,
-            interval: Duration::from_millis(spec.garp.interval_ms.max(1) as u64),
-        };
-        let mut by_iface: std::collections::BTreeMap<String, Vec<IpAddr>> = Default::default();
-        for (iface, v) in placed {
-            by_iface.entry(iface.clone()).or_default().push(v.addr);
-        }
+        let burst = burst_of(spec);
         let mut sent = 0;
-        for (iface, addrs) in by_iface {
-            let mac = match self.netlink.mac_of(&iface).await {
-                Ok(m) => m,
-                Err(e) => {
-                    tracing::warn!(%iface, error = %e, "no MAC for GARP");
-                    continue;
-                }
+        for (iface, addrs) in by_interface(placed) {
+            let Some(mac) = self.mac_for_garp(&iface).await else {
+                continue;
             };
-            let iface2 = iface.clone();
-            match tokio::task::spawn_blocking(move || {
-                garp::send_burst(&iface2, mac, &addrs, &burst)
-            })
-            .await
-            {
-                Ok(Ok(n)) => sent += n,
-                Ok(Err(e)) => tracing::warn!(%iface, error = %e, "GARP failed"),
-                Err(e) => tracing::warn!(%iface, error = %e, "GARP task failed"),
-            }
+            let addrs = addrs.into_iter().map(|v| v.addr).collect();
+            sent += send_burst(iface, mac, addrs, burst).await;
         }
         self.metrics.garps_sent(sent);
         sent
+    }
+
+    /// Announces VIPs just added: the first round of the spec's GARP burst
+    /// is sent when this returns, the other rounds follow in the background
+    /// (the enter hooks do not wait for them), each for the VIPs still held
+    /// when it is due: a VIP removed since (a leave, a fence) is not
+    /// announced again.
+    pub async fn announce(&self, placed: &[(String, Vip)], spec: &HAServiceSpec) {
+        let burst = burst_of(spec);
+        let first = GarpBurst { count: 1, ..burst };
+        for (iface, vips) in by_interface(placed) {
+            let Some(mac) = self.mac_for_garp(&iface).await else {
+                continue;
+            };
+            let addrs = vips.iter().map(|v| v.addr).collect();
+            let sent = send_burst(iface.clone(), mac, addrs, first).await;
+            self.metrics.garps_sent(sent);
+            if burst.count <= 1 {
+                continue;
+            }
+            let (held, metrics) = (self.held.clone(), self.metrics.clone());
+            tokio::spawn(async move {
+                for _ in 1..burst.count {
+                    tokio::time::sleep(burst.interval).await;
+                    let still: Vec<IpAddr> = vips
+                        .iter()
+                        .filter(|v| held.is_held(&v.to_string()))
+                        .map(|v| v.addr)
+                        .collect();
+                    if still.is_empty() {
+                        break;
+                    }
+                    metrics.garps_sent(send_burst(iface.clone(), mac, still, first).await);
+                }
+            });
+        }
+    }
+
+    /// The MAC of `iface` to announce VIPs from; `None` (logged) when it
+    /// cannot be read.
+    async fn mac_for_garp(&self, iface: &str) -> Option<[u8; 6]> {
+        match self.netlink.mac_of(iface).await {
+            Ok(m) => Some(m),
+            Err(e) => {
+                tracing::warn!(%iface, error = %e, "no MAC for GARP");
+                None
+            }
+        }
     }
 
     /// Whether any of `vips` (`address/prefix`) is on this node, as far as
@@ -262,5 +292,39 @@ impl<N: Netlink> LocalNode<N> {
             }
         }
         held.len()
+    }
+}
+
+/// The GARP burst a spec asks for (at least one round, 1 ms apart).
+fn burst_of(spec: &HAServiceSpec) -> GarpBurst {
+    GarpBurst {
+        count: spec.garp.count.max(1) as u32,
+        interval: Duration::from_millis(spec.garp.interval_ms.max(1) as u64),
+    }
+}
+
+/// The VIPs placed, by interface.
+fn by_interface(placed: &[(String, Vip)]) -> std::collections::BTreeMap<String, Vec<Vip>> {
+    let mut by_iface: std::collections::BTreeMap<String, Vec<Vip>> = Default::default();
+    for (iface, v) in placed {
+        by_iface.entry(iface.clone()).or_default().push(v.clone());
+    }
+    by_iface
+}
+
+/// Sends `burst` for `addrs` on `iface` from `mac` on a blocking thread;
+/// the number of frames sent (failures are logged).
+async fn send_burst(iface: String, mac: [u8; 6], addrs: Vec<IpAddr>, burst: GarpBurst) -> usize {
+    let name = iface.clone();
+    match tokio::task::spawn_blocking(move || garp::send_burst(&name, mac, &addrs, &burst)).await {
+        Ok(Ok(n)) => n,
+        Ok(Err(e)) => {
+            tracing::warn!(%iface, error = %e, "GARP failed");
+            0
+        }
+        Err(e) => {
+            tracing::warn!(%iface, error = %e, "GARP task failed");
+            0
+        }
     }
 }

@@ -1,6 +1,7 @@
 //! Transitions of one service on this node: leave the old role, enter the new
 //! one; enter master = add VIPs (with a lifetime bounded by the heartbeat),
-//! run the enter scripts, send the GARP burst; leave master = remove the VIPs,
+//! announce them (the GARP burst's first round at once, the rest while the
+//! enter scripts run); leave master = remove the VIPs,
 //! run the leave scripts. Also re-adoption after a restart, VIP lifetime
 //! extension, monitor and periodic hooks, and the self-fence of one cluster.
 
@@ -40,8 +41,9 @@ pub struct LocalNode<N: Netlink> {
     pub state_dir: PathBuf,
     /// Metrics.
     pub metrics: Metrics,
-    /// The VIPs this agent holds, extended after every renew.
-    pub held: HeldVips,
+    /// The VIPs this agent holds, extended after every renew (shared with
+    /// the GARP rounds an entry leaves running, [`LocalNode::announce`]).
+    pub held: Arc<HeldVips>,
 }
 
 /// The VIPs this agent added and has not removed, by address
@@ -180,8 +182,14 @@ pub enum EnterError {
 /// after any address change).
 pub const CONFLICT_WAIT: Duration = Duration::from_secs(2);
 
-/// How long one round of ARP probes listens for answers.
-const PROBE_WINDOW: Duration = Duration::from_millis(30);
+/// How long one round of ARP probes listens for answers (a probe at its
+/// start and one halfway). It is on the latency path of every entry. A
+/// host on the segment that holds the VIP answers a probe within a
+/// millisecond (the kernel answers ARP in its receive path); the window
+/// leaves room for a loaded host and for one lost probe. A kubeha node
+/// whose lease ended answers no ARP for the VIP (its packet fence drops
+/// it), so what this window waits for is a host outside kubeha.
+const PROBE_WINDOW: Duration = Duration::from_millis(10);
 
 /// Kept between the end of a VIP's packet fence and the end of E (D + skew)
 /// after the renew it was extended from ([`kubeha_crds::timing`], where the

@@ -142,6 +142,13 @@ impl<N: Netlink> LocalNode<N> {
                 return false;
             }
         };
+        // Announced first, before anything else of the entry: the VIPs
+        // answer ARP from the moment they are added anyway, so the hooks
+        // gain nothing by running before the announcement, and the clients
+        // lose the time they take. An entry that fails after this leaves
+        // (the VIPs removed, the rest of the burst stops) and the next
+        // holder announces itself.
+        self.announce(&placed, &svc.spec).await;
         record.interface = placed.first().map(|(i, _)| i.clone());
         record.vips = placed.iter().map(|(_, v)| v.to_string()).collect();
         record.role = Role::Master;
@@ -176,7 +183,6 @@ impl<N: Netlink> LocalNode<N> {
                 hooks::fail_count_after(outcome, record.fail_count, svc.spec.migration_threshold);
             return false;
         }
-        self.garp(&placed, &svc.spec).await;
         record.state = NodeServiceState::Running;
         self.metrics
             .transition(Transition::of(true, self.is_primary(svc, cluster)).as_str());
@@ -216,7 +222,7 @@ impl<N: Netlink> LocalNode<N> {
         record.spec.vips = svc.spec.vips.clone();
         match self.add_vips(&svc.key, &new, cluster).await {
             Ok(placed) => {
-                self.garp(&placed, &svc.spec).await;
+                self.announce(&placed, &svc.spec).await;
                 record.vips = wanted.iter().map(Vip::to_string).collect();
                 if record.interface.is_none() {
                     record.interface = placed.first().map(|(i, _)| i.clone());
@@ -314,7 +320,7 @@ impl<N: Netlink> LocalNode<N> {
         let vips = Self::vips(&record.spec);
         match self.add_vips(service, &vips, cluster).await {
             Ok(placed) => {
-                self.garp(&placed, &record.spec).await;
+                self.announce(&placed, &record.spec).await;
                 record.state = NodeServiceState::Running;
                 self.metrics.transition("adopt");
                 true

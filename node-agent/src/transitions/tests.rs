@@ -102,7 +102,7 @@ fn fixture() -> Fixture {
         hook_root: hook_root.path().to_owned(),
         state_dir: state.path().to_owned(),
         metrics: Metrics::default(),
-        held: HeldVips::default(),
+        held: Default::default(),
     };
     let spec: HAServiceSpec = serde_json::from_value(serde_json::json!({
         "clusterRef": "c",
