@@ -351,13 +351,37 @@ pub fn read(state_dir: &Path) -> Option<NodeStatus> {
 /// rename, then fsync of the folder (without it, a power loss can keep the
 /// old name and so an older record).
 pub fn write(state_dir: &Path, status: &NodeStatus) -> std::io::Result<()> {
+    write_with(state_dir, status, true)
+}
+
+/// Writes the status file atomically (a temporary file, then a rename) but
+/// without waiting for the disk: whatever reads it after this returns, an
+/// agent restarted after a crash or a kill included, reads the new content;
+/// only a power loss or a kernel crash can lose it. Meant for a transition's
+/// intent, written on the latency path just before a VIP is added: what it
+/// guards (a VIP added or a service half started by an agent that died
+/// before writing the outcome) lives in the running kernel only, and a
+/// power loss or kernel crash ends both along with the page cache, so the
+/// file after a reboot counts every service as stopped whatever it says
+/// ([`ServiceRecord::forget_after_reboot`]). The outcome that follows is
+/// written with [`write`].
+pub fn write_unsynced(state_dir: &Path, status: &NodeStatus) -> std::io::Result<()> {
+    write_with(state_dir, status, false)
+}
+
+fn write_with(state_dir: &Path, status: &NodeStatus, sync: bool) -> std::io::Result<()> {
     std::fs::create_dir_all(state_dir)?;
     let tmp = state_dir.join(format!(".{STATUS_FILE}.tmp"));
     let mut f = std::fs::File::create(&tmp)?;
     f.write_all(&serde_json::to_vec_pretty(status).map_err(std::io::Error::other)?)?;
-    f.sync_all()?;
+    if sync {
+        f.sync_all()?;
+    }
     std::fs::rename(&tmp, path(state_dir))?;
-    std::fs::File::open(state_dir)?.sync_all()
+    if sync {
+        std::fs::File::open(state_dir)?.sync_all()?;
+    }
+    Ok(())
 }
 
 /// Appends one line to a log and fsyncs it before returning: the fence log

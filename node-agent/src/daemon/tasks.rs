@@ -35,8 +35,13 @@ pub(super) fn spawn_steps(
         let primary = shared.node.is_primary(&service, &view);
         let last = steps.last().copied();
         for step in steps {
+            // The intent without an fsync (statefile::write_unsynced): it
+            // is on the latency path of every entry, and what it guards
+            // does not outlive the page cache.
             if let Some(intent) = intent(step, &record, &service.spec, wanted)
-                && let Err(e) = persist(&shared, &service.key, &intent)
+                && let Err(e) = with_state_file(&shared, || {
+                    persist_locked(&shared, &service.key, &intent, Durability::Unsynced)
+                })
                 && step == assignments::Step::EnterMaster
             {
                 // Without the intent on disk, an agent that dies while
@@ -131,7 +136,18 @@ pub(super) fn persist(
     key: &str,
     record: &ServiceRecord,
 ) -> Result<(), std::io::Error> {
-    with_state_file(shared, || persist_locked(shared, key, record))
+    with_state_file(shared, || {
+        persist_locked(shared, key, record, Durability::Synced)
+    })
+}
+
+/// How [`persist_locked`] writes the status file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Durability {
+    /// On disk before it returns ([`statefile::write`]).
+    Synced,
+    /// Atomic, in the page cache only ([`statefile::write_unsynced`]).
+    Unsynced,
 }
 
 /// Runs `f` holding the status-file lock, with this worker thread handed
@@ -149,6 +165,7 @@ pub(super) fn persist_locked(
     shared: &Shared,
     key: &str,
     record: &ServiceRecord,
+    durability: Durability,
 ) -> Result<(), std::io::Error> {
     let mut status = statefile::read(&shared.config.state_dir).unwrap_or_default();
     if status.node.is_empty() {
@@ -156,7 +173,11 @@ pub(super) fn persist_locked(
     }
     status.services.insert(key.to_owned(), record.clone());
     *shared.written.lock().unwrap_or_else(|e| e.into_inner()) = None;
-    statefile::write(&shared.config.state_dir, &status).inspect_err(|e| {
+    let written = match durability {
+        Durability::Synced => statefile::write(&shared.config.state_dir, &status),
+        Durability::Unsynced => statefile::write_unsynced(&shared.config.state_dir, &status),
+    };
+    written.inspect_err(|e| {
         tracing::error!(service = key, error = %e, "writing the status file failed");
     })
 }

@@ -21,6 +21,20 @@ fn round_trip_and_atomic_replace() {
     assert!(!dir.path().join(".status.json.tmp").exists());
 }
 
+#[test]
+fn an_unsynced_write_replaces_the_file_as_a_synced_one_does() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut status = NodeStatus {
+        node: "node-1".into(),
+        ..Default::default()
+    };
+    write(dir.path(), &status).unwrap();
+    status.services.insert("ns/web".into(), record());
+    write_unsynced(dir.path(), &status).unwrap();
+    assert_eq!(read(dir.path()), Some(status));
+    assert!(!dir.path().join(".status.json.tmp").exists());
+}
+
 fn record() -> ServiceRecord {
     ServiceRecord {
         cluster: "c".into(),
