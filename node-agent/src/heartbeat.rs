@@ -445,7 +445,11 @@ mod tests {
 
     #[test]
     fn the_lease_announces_the_expiry_of_its_timing() {
-        let lease = heartbeat_lease("c", "node-1", &timing());
+        // E = D + skew allowance, whatever the defaults are.
+        let mut t = timing();
+        (t.lease_duration, t.clock_skew) =
+            (Duration::from_millis(3000), Duration::from_millis(500));
+        let lease = heartbeat_lease("c", "node-1", &t);
         assert_eq!(
             leases::heartbeat_expiry(&lease),
             Some(Duration::from_millis(3500))
