@@ -364,9 +364,16 @@ pub fn write(state_dir: &Path, status: &NodeStatus) -> std::io::Result<()> {
 /// power loss or kernel crash ends both along with the page cache, so the
 /// file after a reboot counts every service as stopped whatever it says
 /// ([`ServiceRecord::forget_after_reboot`]). The outcome that follows is
-/// written with [`write`].
+/// flushed ([`sync`]).
 pub fn write_unsynced(state_dir: &Path, status: &NodeStatus) -> std::io::Result<()> {
     write_with(state_dir, status, false)
+}
+
+/// Flushes the status file as it is now, and its folder's entry of it, to
+/// the disk: after [`write_unsynced`], what [`write`] does, minus the write.
+pub fn sync(state_dir: &Path) -> std::io::Result<()> {
+    std::fs::File::open(path(state_dir))?.sync_all()?;
+    std::fs::File::open(state_dir)?.sync_all()
 }
 
 fn write_with(state_dir: &Path, status: &NodeStatus, sync: bool) -> std::io::Result<()> {

@@ -39,9 +39,7 @@ pub(super) fn spawn_steps(
             // is on the latency path of every entry, and what it guards
             // does not outlive the page cache.
             if let Some(intent) = intent(step, &record, &service.spec, wanted)
-                && let Err(e) = with_state_file(&shared, || {
-                    persist_locked(&shared, &service.key, &intent, Durability::Unsynced)
-                })
+                && let Err(e) = persist_unsynced(&shared, &service.key, &intent)
                 && step == assignments::Step::EnterMaster
             {
                 // Without the intent on disk, an agent that dies while
@@ -129,25 +127,38 @@ pub(super) fn intent(
     Some(intent)
 }
 
-/// Writes `record` for service `key` into the status file at once (fsync'd).
+/// Writes `record` for service `key` into the status file at once, on disk
+/// when this returns. The fsync runs after the status-file lock is let go:
+/// other writers (another service's intent on its way to a VIP) do not
+/// wait for this disk flush, and a flush that finds a newer file flushes
+/// that one, which holds this record or a later one.
 /// Returns the write error, if any.
 pub(super) fn persist(
     shared: &Shared,
     key: &str,
     record: &ServiceRecord,
 ) -> Result<(), std::io::Error> {
-    with_state_file(shared, || {
-        persist_locked(shared, key, record, Durability::Synced)
+    tokio::task::block_in_place(|| {
+        {
+            let _file = shared.state_file.lock().unwrap_or_else(|e| e.into_inner());
+            persist_locked(shared, key, record)?;
+        }
+        statefile::sync(&shared.config.state_dir).inspect_err(|e| {
+            tracing::error!(service = key, error = %e, "flushing the status file failed");
+        })
     })
 }
 
-/// How [`persist_locked`] writes the status file.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) enum Durability {
-    /// On disk before it returns ([`statefile::write`]).
-    Synced,
-    /// Atomic, in the page cache only ([`statefile::write_unsynced`]).
-    Unsynced,
+/// Writes `record` for service `key` into the status file at once without
+/// waiting for the disk ([`statefile::write_unsynced`]): a transition's
+/// intent, on the latency path of every entry, guarding what does not
+/// outlive the page cache. Returns the write error, if any.
+pub(super) fn persist_unsynced(
+    shared: &Shared,
+    key: &str,
+    record: &ServiceRecord,
+) -> Result<(), std::io::Error> {
+    with_state_file(shared, || persist_locked(shared, key, record))
 }
 
 /// Runs `f` holding the status-file lock, with this worker thread handed
@@ -161,11 +172,12 @@ pub(super) fn with_state_file<R>(shared: &Shared, f: impl FnOnce() -> R) -> R {
     })
 }
 
-pub(super) fn persist_locked(
+/// Puts `record` into the status file (read, changed, replaced atomically,
+/// not flushed); the caller holds the status-file lock.
+fn persist_locked(
     shared: &Shared,
     key: &str,
     record: &ServiceRecord,
-    durability: Durability,
 ) -> Result<(), std::io::Error> {
     let mut status = statefile::read(&shared.config.state_dir).unwrap_or_default();
     if status.node.is_empty() {
@@ -173,11 +185,7 @@ pub(super) fn persist_locked(
     }
     status.services.insert(key.to_owned(), record.clone());
     *shared.written.lock().unwrap_or_else(|e| e.into_inner()) = None;
-    let written = match durability {
-        Durability::Synced => statefile::write(&shared.config.state_dir, &status),
-        Durability::Unsynced => statefile::write_unsynced(&shared.config.state_dir, &status),
-    };
-    written.inspect_err(|e| {
+    statefile::write_unsynced(&shared.config.state_dir, &status).inspect_err(|e| {
         tracing::error!(service = key, error = %e, "writing the status file failed");
     })
 }

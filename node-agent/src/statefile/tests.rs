@@ -31,6 +31,7 @@ fn an_unsynced_write_replaces_the_file_as_a_synced_one_does() {
     write(dir.path(), &status).unwrap();
     status.services.insert("ns/web".into(), record());
     write_unsynced(dir.path(), &status).unwrap();
+    sync(dir.path()).unwrap();
     assert_eq!(read(dir.path()), Some(status));
     assert!(!dir.path().join(".status.json.tmp").exists());
 }
