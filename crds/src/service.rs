@@ -144,6 +144,198 @@ pub struct Hooks {
     /// Periodic scripts, run on every member with its current role.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub periodic: Option<Periodic>,
+
+    /// Service parameters every script gets as environment variables, next
+    /// to `PATH` and the `KUBEHA_*` variables (IRIS passes its scripts the
+    /// service's parameters the same way). At most 32; each name once.
+    /// Values are data: scripts run as root, so quote them (`"$DB_PORT"`)
+    /// and never `eval` them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 32), extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["name"]))]
+    pub env: Vec<HookEnvVar>,
+}
+
+/// Most `spec.hooks.env` entries.
+pub const MAX_HOOK_ENV: usize = 32;
+/// Longest `spec.hooks.env[].name`, in bytes.
+pub const MAX_HOOK_ENV_NAME_BYTES: usize = 128;
+/// Longest `spec.hooks.env[].value`, in bytes.
+pub const MAX_HOOK_ENV_VALUE_BYTES: usize = 4096;
+
+/// Name prefixes no `spec.hooks.env` entry may start with: the agent's own
+/// variables, and those that make the dynamic loader, the C library or the
+/// shell of a root script load or run code of the writer's choosing.
+pub const RESERVED_HOOK_ENV_PREFIXES: [&str; 6] =
+    ["KUBEHA_", "LD_", "DYLD_", "GLIBC_", "MALLOC_", "BASH_"];
+
+/// Names no `spec.hooks.env` entry may have: `PATH` (the agent sets it) and
+/// the variables that make a shell, the C library or a script interpreter
+/// read files or run code of the writer's choosing as root.
+pub const RESERVED_HOOK_ENV_NAMES: [&str; 33] = [
+    "PATH",
+    "IFS",
+    "ENV",
+    "SHELLOPTS",
+    "BASHOPTS",
+    "PS4",
+    "CDPATH",
+    "GLOBIGNORE",
+    "GCONV_PATH",
+    "GETCONF_DIR",
+    "HOSTALIASES",
+    "LOCALDOMAIN",
+    "LOCPATH",
+    "NIS_PATH",
+    "NLSPATH",
+    "RESOLV_HOST_CONF",
+    "RES_OPTIONS",
+    "TMPDIR",
+    "TZDIR",
+    "PYTHONPATH",
+    "PYTHONHOME",
+    "PYTHONSTARTUP",
+    "PERL5LIB",
+    "PERL5OPT",
+    "PERLLIB",
+    "RUBYOPT",
+    "RUBYLIB",
+    "NODE_OPTIONS",
+    "NODE_PATH",
+    "LUA_INIT",
+    "LUA_PATH",
+    "JAVA_TOOL_OPTIONS",
+    "_JAVA_OPTIONS",
+];
+
+/// One service parameter passed to every hook script as an environment
+/// variable.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct HookEnvVar {
+    /// The variable's name: a letter or `_`, then letters, digits or `_`;
+    /// not `PATH`, not starting with `KUBEHA_` (the agent's own), `LD_`,
+    /// `DYLD_`, `GLIBC_`, `MALLOC_` or `BASH_`, nor another variable that
+    /// makes the loader, a shell or an interpreter of a root script load
+    /// code (`IFS`, `ENV`, `PYTHONPATH`, `NODE_OPTIONS`, ...).
+    #[schemars(length(min = 1, max = 128), extend("x-kubernetes-validations" = hook_env_name_rules()))]
+    pub name: String,
+
+    /// The variable's value, at most 4096 bytes, no NUL character.
+    #[serde(default)]
+    #[schemars(length(max = 4096))]
+    pub value: String,
+}
+
+/// Why `name` may not be a `spec.hooks.env` name, with the fix; `None` when
+/// it may. The Rust twin of [`hook_env_name_rules`], so the agent refuses
+/// what an API server without the rules stored.
+pub fn hook_env_name_problem(name: &str) -> Option<String> {
+    let field = "spec.hooks.env[].name";
+    let mut chars = name.chars();
+    let well_formed = matches!(chars.next(), Some(c) if c.is_ascii_alphabetic() || c == '_')
+        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_');
+    if name.len() > MAX_HOOK_ENV_NAME_BYTES {
+        return Some(format!(
+            "{field}: {} bytes, at most {MAX_HOOK_ENV_NAME_BYTES}; pick a shorter name",
+            name.len()
+        ));
+    }
+    if !well_formed {
+        return Some(format!(
+            "{field}: {name:?} is no variable name; {HOOK_ENV_NAME_FIX}"
+        ));
+    }
+    if name.starts_with("KUBEHA_") {
+        return Some(format!("{field}: {name}: {HOOK_ENV_KUBEHA_FIX}"));
+    }
+    if RESERVED_HOOK_ENV_PREFIXES
+        .iter()
+        .any(|p| name.starts_with(p))
+        || RESERVED_HOOK_ENV_NAMES.contains(&name)
+    {
+        return Some(format!("{field}: {name}: {HOOK_ENV_RESERVED_FIX}"));
+    }
+    None
+}
+
+const HOOK_ENV_NAME_FIX: &str =
+    "a name is a letter or '_' followed by letters, digits or '_'; write e.g. DB_PORT";
+const HOOK_ENV_KUBEHA_FIX: &str = "names starting with KUBEHA_ are the agent's own (KUBEHA_NODE, KUBEHA_EPOCH, ...); pick another name, e.g. APP_NODE";
+const HOOK_ENV_RESERVED_FIX: &str = "PATH and the variables that make the loader, the shell or an interpreter of a root script load code (LD_*, BASH_*, IFS, ENV, PYTHONPATH, ...) may not be set; pick a name of your own, e.g. APP_CONFIG";
+
+/// The CEL rules of `spec.hooks.env[].name` ([`hook_env_name_problem`] in
+/// Rust).
+pub fn hook_env_name_rules() -> serde_json::Value {
+    let field = "spec.hooks.env[].name";
+    let quoted = |names: &[&str]| {
+        names
+            .iter()
+            .map(|n| format!("'{n}'"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let reserved_prefixes: Vec<&str> = RESERVED_HOOK_ENV_PREFIXES
+        .iter()
+        .copied()
+        .filter(|p| *p != "KUBEHA_")
+        .collect();
+    serde_json::json!([
+        {
+            "rule": "self.matches('^[A-Za-z_][A-Za-z0-9_]*$')",
+            "message": format!("{field}: {HOOK_ENV_NAME_FIX}"),
+        },
+        {
+            "rule": "!self.startsWith('KUBEHA_')",
+            "message": format!("{field}: {HOOK_ENV_KUBEHA_FIX}"),
+        },
+        {
+            "rule": format!(
+                "![{}].exists(p, self.startsWith(p)) && !(self in [{}])",
+                quoted(&reserved_prefixes),
+                quoted(&RESERVED_HOOK_ENV_NAMES)
+            ),
+            "message": format!("{field}: {HOOK_ENV_RESERVED_FIX}"),
+        },
+    ])
+}
+
+/// Why `spec.hooks.env` may not be used, one sentence per problem naming
+/// the field and the fix: too many entries, a bad or reserved name
+/// ([`hook_env_name_problem`]), a name given twice, a value too long or
+/// holding a NUL character. Empty when every entry may be passed.
+pub fn hook_env_problems(env: &[HookEnvVar]) -> Vec<String> {
+    let mut problems = Vec::new();
+    if env.len() > MAX_HOOK_ENV {
+        problems.push(format!(
+            "spec.hooks.env: {} entries, at most {MAX_HOOK_ENV}; pass fewer parameters (a script may read a file of its own for more)",
+            env.len()
+        ));
+    }
+    for (i, var) in env.iter().enumerate() {
+        if let Some(p) = hook_env_name_problem(&var.name) {
+            problems.push(p);
+        }
+        if env[..i].iter().any(|v| v.name == var.name) {
+            problems.push(format!(
+                "spec.hooks.env[].name: {} is given twice; keep one entry",
+                var.name
+            ));
+        }
+        if var.value.len() > MAX_HOOK_ENV_VALUE_BYTES {
+            problems.push(format!(
+                "spec.hooks.env[{}].value: {} bytes, at most {MAX_HOOK_ENV_VALUE_BYTES}; put longer data in a file the script reads",
+                var.name,
+                var.value.len()
+            ));
+        }
+        if var.value.contains('\0') {
+            problems.push(format!(
+                "spec.hooks.env[{}].value: holds a NUL character, which no environment variable can carry; remove it",
+                var.name
+            ));
+        }
+    }
+    problems
 }
 
 /// Where hook scripts come from. Set exactly one field.

@@ -130,6 +130,11 @@ pub enum Problem {
     /// the field and the fix.
     #[error("{0}")]
     HookSourceNotAllowed(crate::hook_policy::HookSourceRefused),
+    /// A `spec.hooks.env` entry the agent may not pass to the scripts
+    /// ([`crate::service::hook_env_problems`]): a service stored before the
+    /// API server checked it. The message names the field and the fix.
+    #[error("{0}")]
+    BadHookEnv(String),
     /// The cluster's timing lets no agent enter (a cluster stored before
     /// the API server checked it): placing the service would only make
     /// every member refuse it.
@@ -291,6 +296,13 @@ pub fn validate(
         )
     {
         problems.push(Problem::HookSourceNotAllowed(refused));
+    }
+    if let Some(hooks) = &subject.spec.hooks {
+        problems.extend(
+            crate::service::hook_env_problems(&hooks.env)
+                .into_iter()
+                .map(Problem::BadHookEnv),
+        );
     }
     problems.extend(vip_prefix_problems(cluster_name, cluster, subject.spec));
     problems
@@ -498,6 +510,98 @@ mod tests {
         assert!(p.iter().any(|p| matches!(p, Problem::BadVip(_))));
     }
 
+    /// Hooks from the host directory `path`, with the defaults.
+    fn host_path_hooks(path: &str) -> Hooks {
+        Hooks {
+            source: HookSource {
+                host_path: Some(path.into()),
+                config_map: None,
+            },
+            script: None,
+            timeout_seconds: 60,
+            monitor: None,
+            periodic: None,
+            env: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn hook_env_names_values_and_counts_are_checked() {
+        use crate::service::HookEnvVar;
+        let c = cluster(&["198.18.0.0/24"], &["*"]);
+        let mut s = spec(&["198.18.0.5/24"]);
+        let var = |name: &str, value: &str| HookEnvVar {
+            name: name.into(),
+            value: value.into(),
+        };
+        s.hooks = Some(Hooks {
+            env: vec![
+                var("DB_PORT", "5432"),
+                var("_x1", ""),
+                var("a", "$(rm -rf /)"),
+            ],
+            ..host_path_hooks("nfs")
+        });
+        let mut c = c;
+        c.allowed_hook_sources.namespaces = vec![crate::hook_policy::NamespaceHookSources {
+            namespace: "*".into(),
+            host_paths: vec!["*".into()],
+            ..Default::default()
+        }];
+        assert_eq!(validate(subject(&s, "a/x", 1), "c", &c, &[], &[]), vec![]);
+        let refused = |env: Vec<HookEnvVar>| {
+            let mut s = s.clone();
+            s.hooks.as_mut().unwrap().env = env;
+            validate(subject(&s, "a/x", 1), "c", &c, &[], &[])
+                .into_iter()
+                .map(|p| match p {
+                    Problem::BadHookEnv(why) => why,
+                    other => panic!("not a hook env problem: {other}"),
+                })
+                .collect::<Vec<_>>()
+        };
+        for (name, says) in [
+            ("1ABC", "DB_PORT"),
+            ("DB-PORT", "DB_PORT"),
+            ("", "DB_PORT"),
+            ("KUBEHA_NODE", "agent's own"),
+            ("PATH", "may not be set"),
+            ("LD_PRELOAD", "may not be set"),
+            ("BASH_ENV", "may not be set"),
+            ("IFS", "may not be set"),
+            ("GLIBC_TUNABLES", "may not be set"),
+        ] {
+            let p = refused(vec![var(name, "v")]);
+            assert!(
+                p.len() == 1 && p[0].starts_with("spec.hooks.env[].name: ") && p[0].contains(says),
+                "{name:?}: {p:?}"
+            );
+        }
+        let p = refused(vec![var("A", "1"), var("A", "2")]);
+        assert!(p.len() == 1 && p[0].contains("A is given twice"), "{p:?}");
+        let p = refused(vec![var("A", "a\0b")]);
+        assert!(p.len() == 1 && p[0].contains("NUL"), "{p:?}");
+        let long = "x".repeat(crate::service::MAX_HOOK_ENV_VALUE_BYTES + 1);
+        let p = refused(vec![var("A", &long)]);
+        assert!(
+            p.len() == 1 && p[0].starts_with("spec.hooks.env[A].value: 4097 bytes"),
+            "{p:?}"
+        );
+        let p = refused(vec![var(&"N".repeat(129), "")]);
+        assert!(
+            p.len() == 1 && p[0].contains("129 bytes, at most 128"),
+            "{p:?}"
+        );
+        let many = (0..=crate::service::MAX_HOOK_ENV)
+            .map(|i| var(&format!("P{i}"), ""))
+            .collect();
+        let p = refused(many);
+        assert!(
+            p.len() == 1 && p[0].contains("33 entries, at most 32"),
+            "{p:?}"
+        );
+    }
+
     #[test]
     fn hook_sources_must_be_granted_to_the_services_namespace() {
         use crate::hook_policy::{HookSourceRefused, NamespaceHookSources};
@@ -511,16 +615,7 @@ mod tests {
             }],
         };
         let mut s = spec(&["198.18.0.5/24"]);
-        s.hooks = Some(Hooks {
-            source: HookSource {
-                host_path: Some("b/nfs".into()),
-                config_map: None,
-            },
-            script: None,
-            timeout_seconds: 60,
-            monitor: None,
-            periodic: None,
-        });
+        s.hooks = Some(host_path_hooks("b/nfs"));
         // Another team's directory.
         let p = validate(subject(&s, "a/x", 1), "c", &c, &[], &[]);
         assert!(

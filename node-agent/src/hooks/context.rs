@@ -1,6 +1,6 @@
 //! What a hook is told: the `KUBEHA_*` environment of one transition.
 
-use kubeha_crds::service::Role;
+use kubeha_crds::service::{HAServiceSpec, HookEnvVar, Role};
 
 use super::{Action, HOOK_PATH, Transition};
 
@@ -31,13 +31,31 @@ pub struct HookContext {
     pub epoch: i64,
     /// Hash of the spec acted on (`KUBEHA_CONFIG_CHECKSUM`).
     pub config_checksum: String,
+    /// The service's parameters (`spec.hooks.env`), passed as they are
+    /// ([`params_of`]).
+    pub params: Vec<HookEnvVar>,
+}
+
+/// The service parameters of `spec` (`spec.hooks.env`) for a
+/// [`HookContext`]: none without hooks.
+pub fn params_of(spec: &HAServiceSpec) -> Vec<HookEnvVar> {
+    spec.hooks
+        .as_ref()
+        .map(|h| h.env.clone())
+        .unwrap_or_default()
 }
 
 impl HookContext {
-    /// The whole environment a script gets: `PATH` and the `KUBEHA_*`
-    /// variables, nothing else.
-    pub fn env(&self) -> Vec<(&'static str, String)> {
-        vec![
+    /// The whole environment a script gets: the service's parameters,
+    /// then `PATH` and the `KUBEHA_*` variables (set last, so they win even
+    /// over a parameter the API server and [`kubeha_crds::validate`] should
+    /// have refused), nothing else.
+    pub fn env(&self) -> Vec<(String, String)> {
+        let params = self
+            .params
+            .iter()
+            .map(|p| (p.name.clone(), p.value.clone()));
+        let ours = [
             ("PATH", HOOK_PATH.to_owned()),
             (
                 "KUBEHA_TRANSITION",
@@ -54,6 +72,9 @@ impl HookContext {
             ("KUBEHA_INTERFACE", self.interface.clone()),
             ("KUBEHA_EPOCH", self.epoch.to_string()),
             ("KUBEHA_CONFIG_CHECKSUM", self.config_checksum.clone()),
-        ]
+        ];
+        params
+            .chain(ours.into_iter().map(|(k, v)| (k.to_owned(), v)))
+            .collect()
     }
 }

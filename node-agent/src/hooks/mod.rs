@@ -25,7 +25,7 @@ use std::time::Duration;
 use kubeha_crds::service::{HookOutcome, HookResult, Role};
 use serde::{Deserialize, Serialize};
 
-pub use context::HookContext;
+pub use context::{HookContext, params_of};
 pub use kubeha_crds::roles::Transition;
 pub use runlog::clip_to;
 pub use runner::HookRunner;

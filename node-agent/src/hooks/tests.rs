@@ -28,6 +28,16 @@ fn ctx(action: Action) -> HookContext {
         interface: "eth0".into(),
         epoch: 7,
         config_checksum: "sha256:abc $(touch /tmp/kubeha-pwned) ;x".into(),
+        params: vec![
+            kubeha_crds::service::HookEnvVar {
+                name: "DB_PORT".into(),
+                value: "5432".into(),
+            },
+            kubeha_crds::service::HookEnvVar {
+                name: "APP_ARGS".into(),
+                value: "-v 'two words' $(touch /tmp/kubeha-pwned) ;x".into(),
+            },
+        ],
     }
 }
 
@@ -280,7 +290,7 @@ async fn directory_scripts_run_in_lexical_order_and_others_are_ignored() {
 }
 
 #[tokio::test]
-async fn scripts_get_argv_and_only_the_kubeha_environment() {
+async fn scripts_get_argv_the_kubeha_environment_and_the_services_parameters_only() {
     let f = fixture();
     let out = f.out.path();
     let path = script(
@@ -326,6 +336,9 @@ async fn scripts_get_argv_and_only_the_kubeha_environment() {
             "KUBEHA_CONFIG_CHECKSUM",
             "sha256:abc $(touch /tmp/kubeha-pwned) ;x",
         ),
+        // The service's parameters (spec.hooks.env), as given.
+        ("DB_PORT", "5432"),
+        ("APP_ARGS", "-v 'two words' $(touch /tmp/kubeha-pwned) ;x"),
     ];
     for (k, v) in want {
         assert_eq!(env.get(k).map(String::as_str), Some(v), "{k}");

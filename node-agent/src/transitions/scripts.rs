@@ -95,6 +95,7 @@ impl<N: Netlink> LocalNode<N> {
                 .unwrap_or_default(),
             epoch,
             config_checksum: svc.checksum.clone(),
+            params: hooks::params_of(&svc.spec),
         }
     }
 
