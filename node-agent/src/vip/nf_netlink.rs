@@ -247,12 +247,11 @@ fn connect() -> std::io::Result<Socket> {
 /// are skipped).
 fn exchange(socket: &mut Socket, ops: &[Op], seq: u32) -> std::io::Result<Outcome> {
     socket.send(&batch(ops, seq), 0)?;
-    let ours = |s: u32| {
-        let i = s.wrapping_sub(seq);
-        i >= 1 && i <= ops.len() as u32
-    };
+    // This batch's messages: the begin (`seq`), the elements, the end.
+    let ours = |s: u32| s.wrapping_sub(seq) <= ops.len() as u32 + 1;
     // One answer per element message; a failure answers for the message
-    // that failed (and the batch was aborted).
+    // that failed (and the batch was aborted), the begin included (EPERM
+    // without CAP_NET_ADMIN).
     let mut answered = 0;
     let mut buf = vec![0u8; 65536];
     while answered < ops.len() {
