@@ -290,6 +290,42 @@ async fn directory_scripts_run_in_lexical_order_and_others_are_ignored() {
 }
 
 #[tokio::test]
+async fn a_parameter_named_like_ours_cannot_replace_path_or_a_kubeha_variable() {
+    // The API server and validate refuse these names; a spec stored before
+    // the rules still must not change what the agent tells the scripts.
+    let f = fixture();
+    let out = f.out.path();
+    script(
+        f.hooks.path(),
+        "E01env",
+        &format!("env > '{}/env'", out.display()),
+        0o755,
+    );
+    let mut c = ctx(Action::Enter);
+    for (name, value) in [("PATH", "/tmp"), ("KUBEHA_NODE", "forged")] {
+        c.params.push(kubeha_crds::service::HookEnvVar {
+            name: name.into(),
+            value: value.into(),
+        });
+    }
+    let results = f
+        .runner
+        .run(&dir_set(f.hooks.path()), &c, Duration::from_secs(5))
+        .await;
+    assert_eq!(overall(&results), HookOutcome::Success, "{results:?}");
+    let env = fs::read_to_string(out.join("env")).expect("env");
+    assert!(
+        env.lines().any(|l| l == format!("PATH={HOOK_PATH}")),
+        "{env}"
+    );
+    assert!(env.lines().any(|l| l == "KUBEHA_NODE=node-b"), "{env}");
+    assert!(
+        !env.contains("forged") && !env.contains("PATH=/tmp"),
+        "{env}"
+    );
+}
+
+#[tokio::test]
 async fn scripts_get_argv_the_kubeha_environment_and_the_services_parameters_only() {
     let f = fixture();
     let out = f.out.path();
