@@ -814,6 +814,34 @@ async fn case_packet_fence() -> TestResult {
         !answered(&nl, &vip).await?,
         "{vip} answered after a late renew"
     );
+    // One renew round over an expired VIP and a live one: the batch that
+    // extends both fences at once fails whole, then each is tried on its
+    // own: the live one is extended, the expired one stays closed.
+    let live = Vip::parse("198.18.0.104/24", None)?;
+    nl.add_vip("veth0", &live, after(Duration::from_secs(3)))
+        .await?;
+    let round = vec![
+        ("veth0".to_owned(), vip.clone()),
+        ("veth0".to_owned(), live.clone()),
+    ];
+    let results = nl.extend_vips(&round, after(Duration::from_secs(3))).await;
+    check!(
+        matches!(results.as_slice(), [Ok(false), Ok(true)]),
+        "a round over an expired and a live VIP: {results:?}"
+    );
+    check!(
+        !answered(&nl, &vip).await? && answered(&nl, &live).await?,
+        "after the mixed round: {vip} must stay silent, {live} answer"
+    );
+    // A round over live VIPs only: one batch, both extended.
+    nl.add_vip("veth0", &vip, after(Duration::from_secs(3)))
+        .await?;
+    let results = nl.extend_vips(&round, after(Duration::from_secs(3))).await;
+    check!(
+        matches!(results.as_slice(), [Ok(true), Ok(true)]),
+        "a round over two live VIPs: {results:?}"
+    );
+    nl.del_vip("veth0", &live).await?;
     // Entered again: answered again, until it is removed.
     nl.add_vip("veth0", &vip, after(Duration::from_secs(3)))
         .await?;
