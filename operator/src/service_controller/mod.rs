@@ -35,11 +35,8 @@ use status::{move_blocked_is_new, publish_status, stall_is_new};
 pub const FINALIZER: &str = "kubeha.io/release";
 
 /// A little past an expiry instant, so the state has flipped when the
-/// reconcile runs: the view judges a heartbeat expired from the instant its
-/// expiry is reached, and a requeue never fires early, so one millisecond
-/// (the timer's granularity) is enough; each millisecond more is added to
-/// every failover.
-const EXPIRY_MARGIN: Duration = Duration::from_millis(1);
+/// reconcile runs.
+const EXPIRY_MARGIN: Duration = Duration::from_millis(5);
 
 /// Reconciles one HAService (the controller's reconcile function), in a
 /// span that names it.
