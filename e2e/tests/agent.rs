@@ -1041,3 +1041,77 @@ fn an_enter_hook_exiting_1_or_2_fails_for_good_on_that_node() {
     }
     cleanup(&lab, name, vip);
 }
+
+#[test]
+fn service_parameters_reach_every_script_and_bad_names_are_refused() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let lab = lab();
+    let (name, vip) = ("params", "198.18.0.129");
+    let out = lab.dir().join("env-params");
+    // Prints the parameters, one per line, as the script sees them.
+    let script = format!(
+        "#!/bin/sh\nprintf '%s %s DB_PORT=%s APP_ARGS=%s PATH=%s\\n' \"$1\" \"$2\" \"$DB_PORT\" \"$APP_ARGS\" \"$PATH\" >> {}\n",
+        out.display()
+    );
+    for i in 1..=3 {
+        ha::install_hooks(
+            &lab,
+            i,
+            name,
+            &[("E01server", &script), ("L01server", &script)],
+        )
+        .unwrap();
+    }
+    let args = "-v 'two words' $(touch /tmp/kubeha-params-pwned) ;x";
+    let env = serde_json::json!([
+        {"name": "DB_PORT", "value": "5432"},
+        {"name": "APP_ARGS", "value": args},
+    ]);
+    setup_with_spec(&lab, name, vip, serde_json::json!({}));
+    // The API server refuses a bad name, naming the field and the fix.
+    for (bad, says) in [
+        ("KUBEHA_NODE", "agent's own"),
+        ("LD_PRELOAD", "may not be set"),
+        ("PATH", "may not be set"),
+        ("2FAST", "write e.g. DB_PORT"),
+    ] {
+        let mut svc = ha::service(name, name, &[&format!("{vip}/24")], Some(name), (3, 200));
+        svc["spec"]["hooks"]["env"] = serde_json::json!([{"name": bad, "value": "x"}]);
+        let err = ha::apply(&lab, &svc).expect_err(bad).to_string();
+        assert!(
+            err.contains("spec.hooks.env[].name") && err.contains(says),
+            "{bad}: {err}"
+        );
+    }
+    let mut svc = ha::service(name, name, &[&format!("{vip}/24")], Some(name), (3, 200));
+    svc["spec"]["hooks"]["env"] = env;
+    ha::apply(&lab, &svc).unwrap();
+    let _ = std::fs::remove_file(&out);
+    let _ = std::fs::remove_file("/tmp/kubeha-params-pwned");
+    ha::set_service_lease(&lab, name, Some("node-1"), 1, true, Some("node-2")).unwrap();
+    let read = || std::fs::read_to_string(&out).unwrap_or_default();
+    assert!(
+        ha::wait_until(Duration::from_secs(15), || {
+            let r = read();
+            r.contains("enter master") && r.contains("enter vicemaster")
+        })
+        .is_some(),
+        "both roles entered: {}",
+        read()
+    );
+    let want = format!("DB_PORT=5432 APP_ARGS={args} PATH=/usr/local/sbin:");
+    for role in ["enter master", "enter vicemaster"] {
+        assert!(
+            read()
+                .lines()
+                .any(|l| l.starts_with(role) && l.contains(&want)),
+            "{role}: {}",
+            read()
+        );
+    }
+    assert!(
+        !std::path::Path::new("/tmp/kubeha-params-pwned").exists(),
+        "a parameter went through a shell"
+    );
+    cleanup(&lab, name, vip);
+}
