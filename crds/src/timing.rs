@@ -30,11 +30,15 @@
 
 /// Kept between the end of a VIP's packet fence and the end of E after the
 /// renew it was extended from: nftables timeouts count in jiffies (4 ms at
-/// 250 Hz), and `nft` applies a batch a few milliseconds after it was
-/// written (an agent sets a timeout again when that took longer than this
+/// 250 Hz), and the kernel takes a batch a little after its timeout was
+/// computed (an agent sets a timeout again when that took longer than this
 /// margin). A renew is stamped when it is sent, before the API server (and
-/// so any observer) sees it.
-pub const FENCE_MARGIN_MS: i64 = 30;
+/// so any observer) sees it. 100 ms (30 ms until the agent's entry got
+/// fast): once a new holder enters within a few tens of milliseconds of
+/// E, this margin is most of what separates the old holder's fence from
+/// the new holder's first packet, and it costs no failover time (E alone
+/// decides when the next holder may enter).
+pub const FENCE_MARGIN_MS: i64 = 100;
 
 /// Kept between a VIP's address lifetime and the end of its packet fence
 /// when the lifetime is longer than its one-second minimum: the kernel
@@ -49,10 +53,10 @@ pub const RENEW_LATENCY_MS: i64 = 100;
 
 /// The CEL rule on `spec.heartbeat` ([`lets_agents_enter`] in CEL's integer
 /// arithmetic); the CRD carries exactly this text.
-pub const ENTRY_RULE: &str = "self.leaseDurationMs + self.clockSkewMs - 130 > self.renewIntervalMs + 100 && (!has(self.vipLifetimeSeconds) || self.vipLifetimeSeconds * 1000 > self.renewIntervalMs + 100)";
+pub const ENTRY_RULE: &str = "self.leaseDurationMs + self.clockSkewMs - 200 > self.renewIntervalMs + 100 && (!has(self.vipLifetimeSeconds) || self.vipLifetimeSeconds * 1000 > self.renewIntervalMs + 100)";
 
 /// The message of [`ENTRY_RULE`]: the fields, and the fix.
-pub const ENTRY_RULE_MESSAGE: &str = "spec.heartbeat: no agent could ever enter under this timing: right after a renew it may hold a VIP for leaseDurationMs + clockSkewMs - 130 ms (and at most vipLifetimeSeconds), and that must outlast the next renew (renewIntervalMs + 100 ms); raise leaseDurationMs or clockSkewMs, or lower renewIntervalMs";
+pub const ENTRY_RULE_MESSAGE: &str = "spec.heartbeat: no agent could ever enter under this timing: right after a renew it may hold a VIP for leaseDurationMs + clockSkewMs - 200 ms (and at most vipLifetimeSeconds), and that must outlast the next renew (renewIntervalMs + 100 ms); raise leaseDurationMs or clockSkewMs, or lower renewIntervalMs";
 
 /// The entry fence in milliseconds for lease duration `d_ms`, clock skew
 /// `skew_ms` and the configured VIP lifetime, if any.
@@ -86,20 +90,23 @@ mod tests {
 
     #[test]
     fn the_rule_in_numbers() {
-        // Defaults: 3.37 s of packet fence after a renew, renewed every second.
-        assert_eq!(entry_fence_ms(3000, 500, None), 3370);
+        // Defaults: 2.9 s of packet fence after a renew, renewed every second.
+        assert_eq!(entry_fence_ms(3000, 100, None), 2900);
+        assert!(lets_agents_enter(3000, 1000, 100, None));
+        // The old default skew: 3.3 s.
+        assert_eq!(entry_fence_ms(3000, 500, None), 3300);
         assert!(lets_agents_enter(3000, 1000, 500, None));
         // The bench's old tight timing: one second, renewed every 300 ms.
         assert!(lets_agents_enter(1000, 300, 500, None));
-        // D = 1 s with 100 ms of skew leaves 970 ms: enough for R = 300 ms,
+        // D = 1 s with 100 ms of skew leaves 900 ms: enough for R = 300 ms,
         // no longer refused for want of a whole second.
-        assert_eq!(entry_fence_ms(1000, 100, None), 970);
+        assert_eq!(entry_fence_ms(1000, 100, None), 900);
         assert!(lets_agents_enter(1000, 300, 100, None));
         assert!(lets_agents_enter(1000, 300, 0, None));
         // A renew every 900 ms cannot be outlasted by D = 1 s without skew.
         assert!(!lets_agents_enter(1000, 900, 0, None));
-        assert!(lets_agents_enter(1000, 900, 200, None));
-        assert!(!lets_agents_enter(1000, 900, 130, None));
+        assert!(lets_agents_enter(1000, 900, 300, None));
+        assert!(!lets_agents_enter(1000, 900, 200, None));
         // A configured lifetime caps it.
         assert!(!lets_agents_enter(5000, 1000, 500, Some(1)));
         assert!(lets_agents_enter(5000, 1000, 500, Some(2)));
@@ -107,9 +114,11 @@ mod tests {
 
     #[test]
     fn the_address_lifetime_is_the_coarse_backstop() {
-        // Defaults: 3 s of address after a fresh renew, as before the
-        // packet fence: the address itself never outlives the lease.
-        assert_eq!(address_lifetime_secs(3370), 3);
+        // The old default skew (3.3 s of fence): 3 s of address after a
+        // fresh renew, so the address itself never outlives the lease; the
+        // default (2.9 s of fence) gets 2 s.
+        assert_eq!(address_lifetime_secs(3300), 3);
+        assert_eq!(address_lifetime_secs(2900), 2);
         assert_eq!(address_lifetime_secs(3299), 2);
         assert_eq!(address_lifetime_secs(1300), 1);
         // Below 1.3 s of fence: the fence rounded up, outliving it, silent.
@@ -127,7 +136,7 @@ mod tests {
     #[test]
     fn the_cel_rule_is_the_same_rule() {
         let cel = |d: i64, r: i64, skew: i64, lifetime: Option<i64>| {
-            d + skew - 130 > r + 100 && lifetime.is_none_or(|l| l * 1000 > r + 100)
+            d + skew - 200 > r + 100 && lifetime.is_none_or(|l| l * 1000 > r + 100)
         };
         assert!(ENTRY_RULE.contains(&format!(
             "self.leaseDurationMs + self.clockSkewMs - {} > self.renewIntervalMs + {}",
