@@ -941,9 +941,28 @@ fn a_restarted_agent_with_a_refused_epoch_leaves_again_and_moves_on() {
     fresh(&lab, name, vip, None, Timing::DEFAULT);
     assert_eq!(wait_active(&lab, name, vip, Duration::from_secs(30)), 1);
     let epoch = ha::service_status(&lab, name)["epoch"].as_i64().unwrap();
-    // node-3 (idle) stops; its record says it refused the current epoch.
-    lab.stop_agent(3, StopSignal::Term).unwrap();
+    // node-3 is idle: the operator shows the service only to its holder
+    // and standby (node-scope labels). A node that refused an epoch has a
+    // status entry saying so, which keeps the service shown to it; the
+    // test forges the record in node-3's file only, so it shows the
+    // service to node-3 by hand, as that entry would.
     let file = lab.node_dir(3).join("run").join("status.json");
+    let show_to_node_3 =
+        || ha::show_service_to(&lab, ha::SERVICE_NAMESPACE, name, &["node-3"]).unwrap();
+    show_to_node_3();
+    let key = format!("{}/{name}", ha::SERVICE_NAMESPACE);
+    let recorded = ha::wait_until(Duration::from_secs(15), || {
+        std::fs::read_to_string(&file)
+            .ok()
+            .and_then(|text| serde_json::from_str::<serde_json::Value>(&text).ok())
+            .is_some_and(|status| status["services"][key.as_str()].is_object())
+    });
+    assert!(
+        recorded.is_some(),
+        "node-3 never recorded {name} once shown it"
+    );
+    // node-3 stops; its record says it refused the current epoch.
+    lab.stop_agent(3, StopSignal::Term).unwrap();
     let mut status: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&file).unwrap()).unwrap();
     let record = &mut status["services"][format!("{}/{name}", ha::SERVICE_NAMESPACE)];
@@ -965,6 +984,7 @@ fn a_restarted_agent_with_a_refused_epoch_leaves_again_and_moves_on() {
     wait_active_on(&lab, name, vip, 2, Duration::from_secs(30));
     let later = ha::service_status(&lab, name)["epoch"].as_i64().unwrap();
     assert!(later > epoch);
+    show_to_node_3();
     lab.start_agent(3, &[] as &[&str]).unwrap();
     let moved_on = ha::wait_until(Duration::from_secs(20), || {
         let entry = ha::node_entry(&lab, name, 3);
