@@ -241,6 +241,20 @@ pub enum Step {
     EnterVicemaster,
 }
 
+/// Whether a service this node no longer sees (out of its node-scope label
+/// selection) but whose service Lease still exists keeps its record, and
+/// the role it holds: always with role none (its record keeps the epochs
+/// it left, so an epoch left is never entered again when the service
+/// shows up again, and a fenced or unclean record still runs its recovery
+/// then), and with a role while the Lease still gives this node that role
+/// at that epoch (a label missing for a moment, such as a tenant's
+/// `kubectl replace` without it or a lagging operator store, is not a
+/// reason to leave; a Lease that moves on still is). A deleted service's
+/// Lease goes with it, and then everything it held is left.
+pub fn kept_out_of_view(held: Role, held_epoch: i64, wanted: Assignment) -> bool {
+    held == Role::None || (wanted.role == held && wanted.epoch == held_epoch)
+}
+
 /// The steps from the role held to the role wanted: always leave the old
 /// role before entering the new one. A master assignment not yet cleared for
 /// entry, or whose epoch already failed here, is not entered (the old role

@@ -296,3 +296,48 @@ fn a_vip_claimed_on_an_older_service_s_lease_is_refused() {
     let claims = claims_of([&newer], [&newer_lease]);
     assert_eq!(vet(&newer, &newer_lease, &c, &claims), Ok(()));
 }
+
+#[test]
+fn a_service_out_of_view_keeps_its_record_and_the_role_its_lease_still_gives() {
+    let ms = Some(Mode::Default);
+    let l = lease("node-1", 4, Some(4), Some("node-2"));
+    // Role none: the record stays (its epochs) whatever the Lease says.
+    assert!(kept_out_of_view(
+        Role::None,
+        3,
+        assignment("node-3", Some(&l), ms)
+    ));
+    // The holder and the standby named at that epoch keep their roles.
+    assert!(kept_out_of_view(
+        Role::Master,
+        4,
+        assignment("node-1", Some(&l), ms)
+    ));
+    assert!(kept_out_of_view(
+        Role::Vicemaster,
+        4,
+        assignment("node-2", Some(&l), ms)
+    ));
+    // A Lease that moved on (another epoch, another role) is left.
+    assert!(!kept_out_of_view(
+        Role::Master,
+        3,
+        assignment("node-1", Some(&l), ms)
+    ));
+    assert!(!kept_out_of_view(
+        Role::Master,
+        4,
+        assignment("node-2", Some(&l), ms)
+    ));
+    // A mode without services, or no Lease at all: left.
+    assert!(!kept_out_of_view(
+        Role::Master,
+        4,
+        assignment("node-1", Some(&l), Some(Mode::Locked))
+    ));
+    assert!(!kept_out_of_view(
+        Role::Master,
+        4,
+        assignment("node-1", None, ms)
+    ));
+}

@@ -74,6 +74,18 @@ pub(super) async fn reconcile(
         let Ok(guard) = slot.record.clone().try_lock_owned() else {
             continue;
         };
+        let (ns, name) = key.split_once('/').unwrap_or(("", &key));
+        // Not deleted (its Lease is still there), only out of this node's
+        // view: keep the record, and what the Lease still gives.
+        if let Some(lease) = lease_of.get(&leases::service_lease_name(ns, name)) {
+            let mode = by_name
+                .get(&guard.cluster)
+                .and_then(|c| me.membership(c).mode());
+            let wanted = assignments::assignment(&node, Some(lease.as_ref()), mode);
+            if assignments::kept_out_of_view(guard.role, guard.epoch, wanted) {
+                continue;
+            }
+        }
         if guard.role == Role::None {
             drop(guard);
             slots.remove(&key);
@@ -85,7 +97,6 @@ pub(super) async fn reconcile(
             Some(cluster) => cluster_view(shared, cluster),
             None => deleted_cluster_view(shared, &guard.cluster),
         };
-        let (ns, name) = key.split_once('/').unwrap_or(("", &key));
         let service = TransitionService {
             key: key.clone(),
             spec: guard.spec.clone(),
