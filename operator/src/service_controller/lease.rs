@@ -118,6 +118,44 @@ pub fn service_lease(
     lease
 }
 
+/// The annotations that bring `current`'s VIP claim up to `svc`'s spec,
+/// when they differ: a service Lease is written again only when its
+/// assignment changes, and a claim left stale by a VIP edit (the holder
+/// kept) would make every agent refuse a newer service that takes the
+/// address the older one gave up.
+pub(super) fn stale_claim(current: &Lease, svc: &HAService) -> Option<serde_json::Value> {
+    let want = leases::claim_annotations(&Claim::of(
+        String::new(),
+        svc.metadata.creation_timestamp.as_ref().map(|t| t.0),
+        &svc.spec,
+    ));
+    let have = current.metadata.annotations.as_ref();
+    let stale = want
+        .iter()
+        .any(|(k, v)| have.and_then(|a| a.get(k)) != Some(v));
+    stale.then(|| {
+        let annotations: serde_json::Map<String, serde_json::Value> = want
+            .into_iter()
+            .map(|(k, v)| (k, serde_json::Value::String(v)))
+            .collect();
+        json!({"metadata": {"annotations": annotations}})
+    })
+}
+
+/// Writes the VIP claim annotations of [`stale_claim`] onto the service
+/// Lease `name` (a merge patch of those annotations only: the assignment
+/// and the holder's renew mark stay as they are).
+pub(super) async fn refresh_claim(ctx: &Ctx, name: &str, patch: &serde_json::Value) -> Result<()> {
+    let api: Api<Lease> = Api::namespaced(ctx.client.clone(), &ctx.namespace);
+    let params = PatchParams {
+        field_manager: Some(FIELD_MANAGER.to_owned()),
+        ..Default::default()
+    };
+    api.patch(name, &params, &Patch::Merge(patch)).await?;
+    ctx.metrics.lease_written();
+    Ok(())
+}
+
 pub(super) async fn write_lease(
     ctx: &Ctx,
     svc: &HAService,
@@ -263,4 +301,38 @@ pub(super) async fn adopt_unlabelled_lease(
     };
     api.patch(name, &params, &Patch::Merge(&patch)).await?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kubeha_crds::testing::service_spec;
+
+    fn svc(vips: &[&str]) -> HAService {
+        let mut svc = HAService::new("web", service_spec("c", vips));
+        svc.metadata.namespace = Some("default".into());
+        svc
+    }
+
+    #[test]
+    fn a_claim_left_stale_by_a_vip_edit_is_refreshed_and_a_current_one_is_not() {
+        let lease = service_lease(
+            None,
+            "kubeha-system",
+            &svc(&["198.18.0.10/24"]),
+            &LeaseState::default(),
+            false,
+            jiff::Timestamp::UNIX_EPOCH,
+        );
+        assert_eq!(stale_claim(&lease, &svc(&["198.18.0.10/24"])), None);
+        let patch = stale_claim(&lease, &svc(&["198.18.0.11/24"])).expect("stale");
+        assert_eq!(
+            patch["metadata"]["annotations"][leases::VIPS_ANNOTATION],
+            "198.18.0.11"
+        );
+        // A Lease from an operator that wrote no claim gets one.
+        let mut bare = lease.clone();
+        bare.metadata.annotations = None;
+        assert!(stale_claim(&bare, &svc(&["198.18.0.10/24"])).is_some());
+    }
 }

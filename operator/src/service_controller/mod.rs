@@ -207,6 +207,14 @@ async fn apply(svc: &HAService, ctx: &Ctx, deleting: bool) -> Result<Action> {
         }
     }
 
+    if !h.write
+        && !deleting
+        && let Some(current) = ev.lease.as_deref()
+        && let Some(patch) = lease::stale_claim(current, svc)
+    {
+        lease::refresh_claim(ctx, &current.name_any(), &patch).await?;
+    }
+
     publish_status(ctx, svc, &ev.plan.status).await?;
 
     if let Some(stalled) = stall_is_new(svc, &ev.plan) {
