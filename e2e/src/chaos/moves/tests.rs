@@ -122,8 +122,9 @@ fn the_grace_is_twice_the_largest_expiry_plus_five_seconds() {
         lease_ms: 2000,
         ..Timing::DEFAULT
     };
-    assert_eq!(grace(&[Timing::DEFAULT, lowered]), s(12.0));
-    assert_eq!(grace(&[lowered]), s(10.0));
+    // E = D + skew: 3.1 s at the defaults, 2.1 s lowered.
+    assert_eq!(grace(&[Timing::DEFAULT, lowered]), s(11.2));
+    assert_eq!(grace(&[lowered]), s(9.2));
 }
 
 fn fault(kind: Kind, node: u8, service: Option<usize>, start: f64, end: f64) -> Fault {
