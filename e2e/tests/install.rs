@@ -85,11 +85,54 @@ fn enters(trace: &Path) -> usize {
 
 /// The active node, once the service is Active there and only there.
 fn wait_active(lab: &Lab, limit: Duration, not: Option<u8>) -> u8 {
-    wait_for(
-        &format!("{SERVICE} Active on one node (not {not:?})"),
-        limit,
-        || ha::active_node(lab, SERVICE, VIP).filter(|n| Some(*n) != not),
-    )
+    let active = || ha::active_node(lab, SERVICE, VIP).filter(|n| Some(*n) != not);
+    let deadline = Instant::now() + limit;
+    while Instant::now() < deadline {
+        if let Some(n) = active() {
+            return n;
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    // Not Active in time: what the API server, the operator and the
+    // agents say, so a failure in CI can be read afterwards.
+    let show = |args: &[&str]| {
+        let out = lab.kubectl_ok(args).unwrap_or_else(|e| e.to_string());
+        println!("$ kubectl {}\n{out}", args.join(" "));
+    };
+    show(&[
+        "get",
+        "haservice",
+        SERVICE,
+        "-n",
+        ha::SERVICE_NAMESPACE,
+        "-o",
+        "yaml",
+    ]);
+    show(&["get", "hacluster", CLUSTER, "-o", "yaml"]);
+    show(&["get", "leases", "-n", SYSTEM, "-o", "wide"]);
+    show(&["get", "events", "-A", "--sort-by=.lastTimestamp"]);
+    show(&["get", "pods", "-n", SYSTEM, "-o", "wide"]);
+    show(&[
+        "logs",
+        "-n",
+        SYSTEM,
+        "-l",
+        "app.kubernetes.io/component=operator",
+        "--tail=60",
+        "--prefix",
+    ]);
+    show(&[
+        "logs",
+        "-n",
+        SYSTEM,
+        "-l",
+        "app.kubernetes.io/component=agent",
+        "--tail=40",
+        "--prefix",
+    ]);
+    active().unwrap_or_else(|| {
+        panic!("timed out after {limit:?}: {SERVICE} Active on one node (not {not:?})")
+    })
 }
 
 /// The holder of the operator's leader Lease: a pod name.
