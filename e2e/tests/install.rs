@@ -212,7 +212,7 @@ fn helm_install_runs_kubeha_as_pods_that_survive_restarts_and_fail_over() {
         ),
     )
     .unwrap();
-    let first = wait_active(&lab, Duration::from_secs(60), None);
+    let first = wait_active(&lab, Duration::from_secs(120), None);
     let server = wait_for(
         "the enter hook's server pid",
         Duration::from_secs(10),
