@@ -606,7 +606,6 @@ fn tail(file: &Path, n: usize) -> String {
     lines[lines.len().saturating_sub(n)..].join("\n")
 }
 
-/// Writes `contents` readable by the owner only, replacing `path` atomically.
 impl Lab {
     /// A kubeconfig for this lab's API server at `url` (its CA, namespace
     /// [`SYSTEM_NAMESPACE`]) that authenticates as `user` with `token`.
@@ -621,6 +620,7 @@ impl Lab {
     }
 }
 
+/// Writes `contents` readable by the owner only, replacing `path` atomically.
 fn write_private(path: &Path, contents: &str) -> anyhow::Result<()> {
     use std::io::Write as _;
     use std::os::unix::fs::OpenOptionsExt as _;
