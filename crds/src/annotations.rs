@@ -35,6 +35,62 @@ pub const MOVE_TO: &str = "kubeha.io/move-to";
 /// acknowledgement, its heartbeat expiring, or an admin's `peerdown`.
 pub const CLEAR: &str = "kubeha.io/clear";
 
+/// Annotation on an HAService: start the service on the node it names even
+/// though its failures there would keep placement off it, like FreeHA's
+/// `kill -USR1` (force start) and StorNext's manual start: the emergency
+/// when every node has failed and the admin knows which one to trust. It
+/// overrides only this service's failures (fail count at the migration
+/// threshold, the `Errored` phase) on that one node, and nothing else: the
+/// node must still be a member whose mode allows services, heartbeat
+/// Alive, not cordoned, and a node that may not have left the service
+/// cleanly (`uncleanEpoch`) is not forced (clear it first). The start goes
+/// through the ordinary handover, so the old holder leaves (or is fenced)
+/// before the node enters at the next epoch; the agent enters an epoch
+/// once, so a forced start whose enter fails is not retried. A tenant who
+/// may write HAServices gains nothing from it: only its own service's
+/// failures are overridden, on a node the cluster admin already lets run
+/// services. While it stands the service carries the `ForceStarted`
+/// condition and the operator announces a `ForceStarted` Warning Event;
+/// `kubectl ha clear` removes it (with the failures).
+pub const FORCE_START: &str = "kubeha.io/force-start";
+
+/// Annotation on an HACluster (cluster-admin only: tenants cannot write
+/// HAClusters): release the node it names, like FreeHA's `kill -HUP`. Every
+/// service of the cluster that runs there leaves it through the ordinary
+/// handover and is placed on the first other eligible node; the node's
+/// agent keeps heartbeating. While the annotation stands the node counts as
+/// cordoned for this cluster's services; the operator removes it (a JSON
+/// patch that tests the value first) once no service of the cluster has
+/// the node as its holder, and then the node is eligible again: a service
+/// with nowhere else to go was stopped and starts again on it, as FreeHA
+/// restarts on the first node still visible, and failback `Automatic`
+/// brings services back after its delay.
+pub const RELEASE_NODE: &str = "kubeha.io/release-node";
+
+/// Annotation on an HACluster (cluster-admin only): reset a node now, like
+/// StorNext's `force smith`. The value is `NODE/REQUEST-ID` ([`reset_request`]);
+/// the request id is any string and a new one is a new request. That node's
+/// agent acts once per request id (it keeps the last id it acted on in its
+/// state directory, written before it acts, so a restart does not fence
+/// again): it writes a fence-log line naming the request, withholds its
+/// heartbeat for the cluster for D + skew + R + 500 ms, and runs the
+/// cluster's fence action at once, as it does at the renew deadline (VIPs
+/// dropped, leave scripts within what is left of D, hook process groups
+/// and the hook cgroup killed, then the reset hook with action
+/// `ResetHook`). The operator then sees the heartbeat Lost and fails the
+/// services over; the agent reports the reset as a `Reset` Warning Event on
+/// the HACluster. With action `KillHooks` the node heartbeats again after
+/// the hold and is a member like any other (failback decides whether
+/// services return).
+pub const RESET_NODE: &str = "kubeha.io/reset-node";
+
+/// Splits a [`RESET_NODE`] value `NODE/REQUEST-ID` into the node and the
+/// request id; `None` when either part is empty or the `/` is missing.
+pub fn reset_request(value: &str) -> Option<(&str, &str)> {
+    let (node, id) = value.trim().split_once('/')?;
+    (!node.is_empty() && !id.is_empty()).then_some((node, id))
+}
+
 /// Prefix of the node-scope labels: the operator puts
 /// `node.kubeha.io/<node key>` ([`node_scope_label`]) on an HAService for
 /// every node whose agent needs to see it (the Lease's holder and standby,
@@ -105,5 +161,17 @@ mod tests {
             );
         }
         assert_eq!(node_scope_selector("node-1"), "node.kubeha.io/node-1");
+    }
+
+    #[test]
+    fn reset_requests_name_a_node_and_an_id() {
+        assert_eq!(reset_request("node-1/42"), Some(("node-1", "42")));
+        assert_eq!(
+            reset_request(" node-1/2026-12-07T12:00:00Z/x "),
+            Some(("node-1", "2026-12-07T12:00:00Z/x"))
+        );
+        for bad in ["node-1", "node-1/", "/42", "", " "] {
+            assert_eq!(reset_request(bad), None, "{bad:?}");
+        }
     }
 }

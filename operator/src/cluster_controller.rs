@@ -15,7 +15,7 @@ use kube::runtime::controller::Action;
 use kube::runtime::reflector::ObjectRef;
 use kube::{Api, Resource, ResourceExt};
 use kubeha_crds::cluster::HeartbeatState;
-use kubeha_crds::{HACluster, Mode, leases};
+use kubeha_crds::{HACluster, Mode, annotations, leases};
 use serde_json::json;
 
 use crate::cluster_plan::{self, Facts, ServiceSummary, StatusFields};
@@ -249,6 +249,28 @@ async fn reconcile_inner(cluster: &HACluster, ctx: &Ctx) -> Result<Action> {
         }
     }
 
+    // A release (FreeHA's HUP) ends once no service of the cluster has the
+    // node as its holder: the services moved (or, with nowhere else to go,
+    // stopped), and the node is eligible again.
+    if let Some(node) = cluster.annotations().get(annotations::RELEASE_NODE)
+        && !services
+            .iter()
+            .any(|s| s.master.as_deref() == Some(node.trim()))
+        && end_release(&api, &name, node).await?
+    {
+        tracing::info!(%node, "release done: no service runs there");
+        ctx.publish(
+            &reference,
+            "Released",
+            false,
+            format!(
+                "{node} released: no service of this cluster has it as its holder any more ({} removed); it is eligible again",
+                annotations::RELEASE_NODE
+            ),
+        )
+        .await;
+    }
+
     // Heartbeat Leases of nodes that are no longer members, once Fenced.
     let leases_api: Api<k8s_openapi::api::coordination::v1::Lease> =
         Api::namespaced(ctx.client.clone(), &ctx.namespace);
@@ -270,6 +292,38 @@ async fn reconcile_inner(cluster: &HACluster, ctx: &Ctx) -> Result<Action> {
     }
 
     Ok(requeue)
+}
+
+/// Removes the release annotation of cluster `name` if it still names
+/// `node` (a JSON patch that tests the value first, so an admin's newer
+/// request is not lost); whether it removed it.
+async fn end_release(api: &Api<HACluster>, name: &str, node: &str) -> Result<bool> {
+    let path = format!(
+        "/metadata/annotations/{}",
+        annotations::RELEASE_NODE
+            .replace('~', "~0")
+            .replace('/', "~1")
+    );
+    let patch: json_patch::Patch = serde_json::from_value(json!([
+        {"op": "test", "path": path, "value": node},
+        {"op": "remove", "path": path},
+    ]))?;
+    match api
+        .patch(
+            name,
+            &PatchParams {
+                field_manager: Some(FIELD_MANAGER.to_owned()),
+                ..Default::default()
+            },
+            &Patch::Json::<()>(patch),
+        )
+        .await
+    {
+        Ok(_) => Ok(true),
+        // Changed or removed meanwhile: the next reconcile sees the new one.
+        Err(kube::Error::Api(s)) if s.code == 409 || s.code == 422 => Ok(false),
+        Err(e) => Err(e.into()),
+    }
 }
 
 #[cfg(test)]

@@ -1,5 +1,6 @@
 //! Status conditions (`Ready`, `Degraded`, `Reconciling`, `Stalled`, the
-//! kstatus set, and `Moved` while an admin's move request stands) with
+//! kstatus set, `Moved` while an admin's move request stands and
+//! `ForceStarted` while a force start does) with
 //! `observedGeneration`, and the rule that a condition's
 //! `lastTransitionTime` changes only when its status does. Pure: the time
 //! is passed in.
@@ -18,6 +19,12 @@ pub const STALLED: &str = "Stalled";
 /// `kubeha.io/move-to` annotation; True once the service runs on the node
 /// it names.
 pub const MOVED: &str = "Moved";
+/// `ForceStarted`: present only while an HAService carries the
+/// `kubeha.io/force-start` annotation (until `kubectl ha clear`); True
+/// once the service runs by force on the node it names, False with the
+/// reason while it is starting there, blocked (`TargetNotEligible`) or
+/// failed there (`ForcedStartFailed`).
+pub const FORCE_STARTED: &str = "ForceStarted";
 
 /// A condition as computed, before its transition time is settled.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -9,6 +9,23 @@
 //! `Automatic` with no delay, so placement moves the service there at once
 //! (a `Failback` through the ordinary handover). While it is not eligible
 //! nothing changes and the `Moved` condition says why.
+//!
+//! A force start (annotation [`annotations::FORCE_START`], FreeHA's USR1)
+//! is applied here too, and this is the one place where the `Errored` state
+//! (FreeHA's ERRORED, the classic managers' failed-everywhere latch) is
+//! overridden: for the node it names only, this service's failures there
+//! are left out of placement's view, and the node goes first as with a
+//! move. Nothing else is overridden: the node must be a member whose mode
+//! allows services, Alive and not cordoned, and not unclean (it may still
+//! run the service from an earlier epoch); the start goes through the
+//! ordinary handover at a new epoch. The failures stay counted in the
+//! status; `kubectl ha clear` resets them and withdraws the request. While
+//! it stands the `ForceStarted` condition says where it stands.
+//!
+//! A release of a node (HACluster annotation
+//! [`annotations::RELEASE_NODE`], FreeHA's HUP) counts that node as
+//! cordoned for placement while it stands, so every service it runs moves
+//! to the first other eligible node through the handover.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
@@ -19,7 +36,7 @@ use kubeha_crds::service::{
     HAServiceSpec, HAServiceStatus, NodeServiceState, Phase, ServiceNodeStatus,
 };
 
-use crate::conditions::{Cond, DEGRADED, MOVED, READY, RECONCILING, STALLED};
+use crate::conditions::{Cond, DEGRADED, FORCE_STARTED, MOVED, READY, RECONCILING, STALLED};
 use crate::handover::{self, Fence, Handover, LeaseState, NodeFacts, Progress};
 use crate::placement::{self, ClusterView, Decision, Failures, Reason, ServiceView};
 
@@ -62,6 +79,12 @@ pub struct Facts<'a> {
     /// The node an admin asked the service to run on (annotation
     /// [`annotations::MOVE_TO`]); `None` or blank: no request.
     pub move_to: Option<&'a str>,
+    /// The node an admin asked to start the service on by force
+    /// (annotation [`annotations::FORCE_START`]); `None` or blank: none.
+    pub force_start: Option<&'a str>,
+    /// The node the cluster's admin asked to release (HACluster annotation
+    /// [`annotations::RELEASE_NODE`]); `None` or blank: none.
+    pub released: Option<&'a str>,
 }
 
 /// The operator-owned part of an HAService status.
@@ -98,6 +121,14 @@ pub struct Plan {
     /// the fix (also the `Moved` condition's message; announce it as an
     /// Event when it is new).
     pub move_blocked: Option<String>,
+    /// Set when a force start cannot be carried out on the node it names:
+    /// why, and the fix (the `ForceStarted` condition's message; announce
+    /// it as a `ForceStartNotPossible` Event when it is new).
+    pub force_blocked: Option<String>,
+    /// Set while a force start is in effect (its node's failures are
+    /// overridden): the loud warning to announce as a `ForceStarted`
+    /// Warning Event the first time.
+    pub forced: Option<String>,
 }
 
 impl Plan {
@@ -166,6 +197,49 @@ pub fn move_blocker(
     cluster_name: &str,
     target: &str,
 ) -> Option<String> {
+    blocker(annotations::MOVE_TO, cluster, svc, cluster_name, target)
+}
+
+/// Why the service cannot be started by force on `target` now (see
+/// [`annotations::FORCE_START`]), naming the annotation and the fix; `None`
+/// when it can: `target` is eligible once this service's failures there
+/// are left out, and it is not `unclean` (its status entry reports an
+/// `uncleanEpoch`: a node that may still run the service from an earlier
+/// epoch is never forced, as that could make two holders).
+pub fn force_blocker(
+    cluster: &ClusterView,
+    svc: &ServiceView,
+    cluster_name: &str,
+    target: &str,
+    unclean: bool,
+) -> Option<String> {
+    let svc_args = kubectl_target(&svc.key);
+    if unclean {
+        return Some(format!(
+            "{} asks for {target}, but {target} may not have left the service cleanly (uncleanEpoch), so it is not forced: a leave must succeed there first (or clear it: kubectl ha clear {svc_args}, which also withdraws the request), or withdraw the request (kubectl annotate haservice {svc_args} {}-)",
+            annotations::FORCE_START,
+            annotations::FORCE_START
+        ));
+    }
+    let mut forced = svc.clone();
+    forced.failures.remove(target);
+    blocker(
+        annotations::FORCE_START,
+        cluster,
+        &forced,
+        cluster_name,
+        target,
+    )
+}
+
+/// [`move_blocker`] for the request in annotation `annotation`.
+fn blocker(
+    annotation: &str,
+    cluster: &ClusterView,
+    svc: &ServiceView,
+    cluster_name: &str,
+    target: &str,
+) -> Option<String> {
     let svc_args = kubectl_target(&svc.key);
     let (why, fix) = match cluster.members.iter().find(|n| n.name == target) {
         None => (
@@ -199,14 +273,28 @@ pub fn move_blocker(
         ),
     };
     Some(format!(
-        "{} asks for {target}, but {why}, so the service stays where it is; {fix}, or withdraw the request (kubectl annotate haservice {svc_args} {}-)",
-        annotations::MOVE_TO,
-        annotations::MOVE_TO
+        "{annotation} asks for {target}, but {why}, so the service stays where it is; {fix}, or withdraw the request (kubectl annotate haservice {svc_args} {annotation}-)"
     ))
+}
+
+/// `cluster` with `released` (if a member) counted as cordoned: no service
+/// is kept or placed there while the release stands.
+fn with_release(cluster: &ClusterView, released: Option<&str>) -> Option<ClusterView> {
+    let node = released.map(str::trim).filter(|n| !n.is_empty())?;
+    let mut view = cluster.clone();
+    view.members
+        .iter_mut()
+        .filter(|m| m.name == node)
+        .for_each(|m| m.cordoned = true);
+    Some(view)
 }
 
 /// Decides placement, handover and status for one service.
 pub fn plan(f: &Facts<'_>) -> Plan {
+    let released_view = with_release(f.cluster, f.released);
+    let cluster = released_view.as_ref().unwrap_or(f.cluster);
+    let force_start = f.force_start.map(str::trim).filter(|n| !n.is_empty());
+    let mut force_blocked = None;
     let facts = node_facts(f.fences, f.status, f.started_nothing);
     let entries = f.status.map(|s| s.nodes.as_slice()).unwrap_or_default();
     let entry = |n: &str| entries.iter().find(|e| e.node == n);
@@ -234,7 +322,7 @@ pub fn plan(f: &Facts<'_>) -> Plan {
         };
         let mut view = view;
         if let Some(target) = move_to {
-            move_blocked = move_blocker(f.cluster, &view, &f.spec.cluster_ref, target);
+            move_blocked = move_blocker(cluster, &view, &f.spec.cluster_ref, target);
             if move_blocked.is_none() {
                 // First choice, and moved there at once whatever the
                 // failback policy: only toward this node, since it now
@@ -247,7 +335,24 @@ pub fn plan(f: &Facts<'_>) -> Plan {
                 });
             }
         }
-        placement::place(f.cluster, std::slice::from_ref(&view))
+        if let Some(target) = force_start {
+            let unclean = entry(target).is_some_and(|e| e.unclean_epoch.is_some());
+            force_blocked = force_blocker(cluster, &view, &f.spec.cluster_ref, target, unclean);
+            if force_blocked.is_none() {
+                // The override of the Errored state: this node's failures
+                // for this service do not count, and it goes first, as
+                // with a move (a force start wins over a move request).
+                view.failures.remove(target);
+                view.errored = false;
+                view.preferred_nodes.retain(|n| n != target);
+                view.preferred_nodes.insert(0, target.to_owned());
+                view.failback = Some(Failback {
+                    policy: FailbackPolicy::Automatic,
+                    delay_seconds: 0,
+                });
+            }
+        }
+        placement::place(cluster, std::slice::from_ref(&view))
             .into_iter()
             .next()
     };
@@ -427,6 +532,55 @@ pub fn plan(f: &Facts<'_>) -> Plan {
         conditions.push(moved);
     }
 
+    // ForceStarted: only while a force start request stands.
+    let mut forced = None;
+    if let (Some(target), Some(_)) = (force_start, &decision) {
+        let target_entry = entry(target);
+        let cond = if let Some(why) = &force_blocked {
+            Cond::no(FORCE_STARTED, "TargetNotEligible", why.clone())
+        } else if holder.as_deref() == Some(target)
+            && target_entry
+                .is_some_and(|e| e.state == NodeServiceState::Failed && e.epoch == Some(epoch))
+        {
+            Cond::no(
+                FORCE_STARTED,
+                "ForcedStartFailed",
+                format!(
+                    "the forced start on {target} failed at epoch {epoch} and is not retried; fix the service there and clear it (kubectl ha clear {}), then force again",
+                    kubectl_target(f.key)
+                ),
+            )
+        } else if holder.as_deref() == Some(target) && phase == Phase::Active {
+            Cond::yes(
+                FORCE_STARTED,
+                "ForceStarted",
+                format!(
+                    "started by force on {target} at epoch {epoch} ({}), its failures there overridden; this stays until kubectl ha clear {}",
+                    annotations::FORCE_START,
+                    kubectl_target(f.key)
+                ),
+            )
+        } else {
+            Cond::no(
+                FORCE_STARTED,
+                "Starting",
+                format!(
+                    "starting by force on {target} ({}): the current holder leaves (or is fenced) first, then {target} enters at a new epoch",
+                    annotations::FORCE_START
+                ),
+            )
+        };
+        if force_blocked.is_none() {
+            forced = Some(format!(
+                "FORCE START of {} on {target} ({}): its failures there are overridden and it starts there through the handover even though placement would not choose it; make sure {target} can run it. Withdraw with kubectl ha clear {}",
+                f.key,
+                annotations::FORCE_START,
+                kubectl_target(f.key)
+            ));
+        }
+        conditions.push(cond);
+    }
+
     let has_lease = f.lease.is_some() || h.write;
     Plan {
         requeue_after: decision.as_ref().and_then(|d| d.requeue_after),
@@ -447,6 +601,8 @@ pub fn plan(f: &Facts<'_>) -> Plan {
         decision,
         handover: h,
         move_blocked,
+        force_blocked,
+        forced,
     }
 }
 

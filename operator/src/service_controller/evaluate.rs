@@ -316,6 +316,14 @@ pub(super) fn evaluate(svc: &HAService, ctx: &Ctx, deleting: bool, now: Instant)
             .annotations()
             .get(annotations::MOVE_TO)
             .map(String::as_str),
+        force_start: svc
+            .annotations()
+            .get(annotations::FORCE_START)
+            .map(String::as_str),
+        released: cluster
+            .as_ref()
+            .and_then(|c| c.annotations().get(annotations::RELEASE_NODE))
+            .map(String::as_str),
     });
     let lost = states
         .iter()

@@ -29,7 +29,7 @@ use crate::error::{Error, Result};
 use evaluate::{evaluate, requeue};
 pub use lease::service_lease;
 use lease::{Written, heartbeat_moved, refresh_heartbeat, write_lease};
-use status::{move_blocked_is_new, publish_status, stall_is_new};
+use status::{condition_is_new, move_blocked_is_new, publish_status, stall_is_new};
 
 /// The finalizer the operator puts on every HAService.
 pub const FINALIZER: &str = "kubeha.io/release";
@@ -231,6 +231,22 @@ async fn apply(svc: &HAService, ctx: &Ctx, deleting: bool) -> Result<Action> {
         && move_blocked_is_new(svc, why)
     {
         ctx.publish(&ev.reference, "MoveNotPossible", true, why.clone())
+            .await;
+    }
+
+    if let Some(why) = &ev.plan.force_blocked
+        && condition_is_new(svc, crate::conditions::FORCE_STARTED, Some(why))
+    {
+        ctx.publish(&ev.reference, "ForceStartNotPossible", true, why.clone())
+            .await;
+    }
+    // Announced once per request: when the status shows no ForceStarted
+    // condition yet, or only a blocked one.
+    if let Some(warning) = &ev.plan.forced
+        && condition_is_new(svc, crate::conditions::FORCE_STARTED, None)
+    {
+        tracing::warn!(%warning, "force start");
+        ctx.publish(&ev.reference, "ForceStarted", true, warning.clone())
             .await;
     }
 

@@ -80,10 +80,21 @@ pub(super) async fn publish_status(
 /// Whether the status does not yet say that the move request is blocked
 /// for this reason (so the Event is published once per reason).
 pub(super) fn move_blocked_is_new(svc: &HAService, why: &str) -> bool {
+    condition_is_new(svc, conditions::MOVED, Some(why))
+}
+
+/// Whether the status does not yet show condition `type_` as `plan` sets
+/// it: with `blocked`, a False condition with that message; without, a
+/// condition that is not blocked (reason other than `TargetNotEligible`).
+pub(super) fn condition_is_new(svc: &HAService, type_: &str, blocked: Option<&str>) -> bool {
     !svc.status
         .iter()
         .flat_map(|s| &s.conditions)
-        .any(|c| c.type_ == conditions::MOVED && c.status == "False" && c.message == why)
+        .filter(|c| c.type_ == type_)
+        .any(|c| match blocked {
+            Some(why) => c.status == "False" && c.message == why,
+            None => c.reason != "TargetNotEligible",
+        })
 }
 
 /// The `Stalled` condition `plan` sets that the service's status does

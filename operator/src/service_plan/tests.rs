@@ -56,6 +56,8 @@ struct Case {
     deleting: bool,
     failures: BTreeMap<String, Failures>,
     move_to: Option<String>,
+    force_start: Option<String>,
+    released: Option<String>,
 }
 
 impl Case {
@@ -80,6 +82,8 @@ impl Case {
             deleting: false,
             failures: BTreeMap::new(),
             move_to: None,
+            force_start: None,
+            released: None,
         }
     }
     fn plan(&self) -> Plan {
@@ -96,6 +100,8 @@ impl Case {
             failures: self.failures.clone(),
             started_nothing: &BTreeSet::new(),
             move_to: self.move_to.as_deref(),
+            force_start: self.force_start.as_deref(),
+            released: self.released.as_deref(),
         })
     }
 }
@@ -199,6 +205,8 @@ fn failed_monitor_moves_after_the_ack() {
         failures,
         started_nothing: &BTreeSet::new(),
         move_to: None,
+        force_start: None,
+        released: None,
     });
     assert_eq!(p.handover.lease.holder.as_deref(), Some("b"));
     assert!(p.handover.cleared_now, "a acknowledged epoch 1");
@@ -315,6 +323,8 @@ fn all_failed_is_errored_and_stalled() {
         failures,
         started_nothing: &BTreeSet::new(),
         move_to: None,
+        force_start: None,
+        released: None,
     });
     assert_eq!(p.status.phase, Phase::Errored);
     assert_eq!(cond(&p, STALLED).reason, "AllFailed");
@@ -359,6 +369,8 @@ fn a_refused_enter_moves_once_its_vips_expired() {
             failures: failures.clone(),
             started_nothing: started,
             move_to: None,
+            force_start: None,
+            released: None,
         })
     };
     let p = run(&BTreeSet::new());
@@ -646,4 +658,176 @@ fn the_status_written_with_a_new_holder_stands_until_the_acknowledgement() {
         assert_eq!(next.decision.as_ref().unwrap().reason, Reason::Unchanged);
         assert_eq!(next.status, written.status, "{a_heartbeat:?}");
     }
+}
+
+fn forced_cond(p: &Plan) -> Option<&Cond> {
+    p.status
+        .conditions
+        .iter()
+        .find(|c| c.type_ == FORCE_STARTED)
+}
+
+fn failed_once(unclean: bool) -> Failures {
+    Failures {
+        count: 1,
+        last_failure_ago: Duration::ZERO,
+        unclean,
+    }
+}
+
+/// FreeHA's USR1: an Errored service (failed on every node) starts on the
+/// node an admin forces, at a new epoch through the handover, and the
+/// ForceStarted condition follows it to Active; the other node's failures
+/// still count.
+#[test]
+fn a_force_start_overrides_the_failures_on_its_node_only() {
+    let mut c = Case::new(&[("a", Alive), ("b", Alive)]);
+    c.lease = Some(LeaseState {
+        holder: None,
+        ..cleared("a", 3)
+    });
+    c.status = Some(status(vec![
+        entry("a", Role::None, NodeServiceState::Failed, 3, Some(3)),
+        entry("b", Role::None, NodeServiceState::Failed, 2, Some(2)),
+    ]));
+    c.failures.insert("a".into(), failed_once(false));
+    c.failures.insert("b".into(), failed_once(false));
+    let p = c.plan();
+    assert_eq!(p.status.phase, Phase::Errored);
+    assert!(forced_cond(&p).is_none(), "no request, no condition");
+    assert_eq!(p.forced, None);
+
+    c.force_start = Some("b".into());
+    let p = c.plan();
+    let d = p.decision.as_ref().unwrap();
+    assert_eq!(d.master.as_deref(), Some("b"));
+    assert_eq!(d.standby, None, "a's failures still count");
+    assert!(p.handover.write);
+    assert_eq!(p.handover.lease.epoch, 4, "a new epoch");
+    assert_eq!(p.force_blocked, None);
+    assert!(
+        p.forced
+            .as_deref()
+            .unwrap()
+            .starts_with("FORCE START of ns/svc on b")
+    );
+    let fc = forced_cond(&p).unwrap();
+    assert_eq!((fc.status, fc.reason.as_str()), (false, "Starting"));
+    assert!(!cond(&p, STALLED).status);
+
+    // b runs at epoch 4: ForceStarted True, until the request is removed.
+    c.lease = Some(p.handover.lease.clone());
+    c.status = Some(status(vec![
+        entry("a", Role::None, NodeServiceState::Failed, 3, Some(3)),
+        running("b", 4),
+    ]));
+    let p = c.plan();
+    assert_eq!(p.status.phase, Phase::Active);
+    let fc = forced_cond(&p).unwrap();
+    assert!(fc.status, "{fc:?}");
+    assert!(fc.message.contains("kubectl ha clear svc -n ns"), "{fc:?}");
+}
+
+/// A forced start keeps the handover: the running holder leaves and
+/// acknowledges before the forced node is cleared to enter.
+#[test]
+fn a_force_start_away_from_a_running_holder_waits_for_its_leave() {
+    let mut c = Case::new(&[("a", Alive), ("b", Alive)]);
+    c.lease = Some(cleared("a", 1));
+    c.status = Some(status(vec![running("a", 1)]));
+    c.failures.insert("b".into(), failed_once(false));
+    c.force_start = Some("b".into());
+    let p = c.plan();
+    assert_eq!(p.handover.lease.holder.as_deref(), Some("b"));
+    assert_eq!(p.handover.lease.epoch, 2);
+    assert!(!p.handover.cleared_now, "b waits until a left epoch 1");
+    assert!(!p.handover.lease.holder_may_enter());
+}
+
+/// What a tenant cannot get from a force start: a node that is not a
+/// member, not Alive, in a mode that runs no services, cordoned, or that
+/// may not have left the service cleanly.
+#[test]
+fn a_force_start_never_overrides_membership_heartbeat_mode_cordon_or_unclean() {
+    let base = || {
+        let mut c = Case::new(&[("a", Alive), ("b", Alive)]);
+        c.lease = Some(cleared("a", 1));
+        c.status = Some(status(vec![running("a", 1)]));
+        c.failures.insert("b".into(), failed_once(false));
+        c.force_start = Some("b".into());
+        c
+    };
+    let blocked = |c: &Case, expect: &str| {
+        let p = c.plan();
+        assert!(!p.handover.holder_changed, "{:?}", p.handover);
+        assert_eq!(p.status.active_node.as_deref(), Some("a"));
+        let why = p.force_blocked.clone().expect("blocked");
+        assert!(why.starts_with("kubeha.io/force-start asks for "), "{why}");
+        assert!(why.contains(expect), "{why} lacks {expect}");
+        assert_eq!(p.forced, None);
+        let fc = forced_cond(&p).unwrap();
+        assert_eq!(
+            (fc.status, fc.reason.as_str()),
+            (false, "TargetNotEligible")
+        );
+    };
+    let mut c = base();
+    c.force_start = Some("z".into());
+    blocked(&c, "z is not a member of HACluster c");
+    let mut c = base();
+    c.cluster.members[1].heartbeat = Lost;
+    blocked(&c, "heartbeat is Lost");
+    let mut c = base();
+    c.cluster.members[1].mode = Mode::Locked;
+    blocked(&c, "mode locked");
+    let mut c = base();
+    c.cluster.members[1].cordoned = true;
+    blocked(&c, "b is cordoned");
+    let mut c = base();
+    c.failures.insert("b".into(), failed_once(true));
+    let mut unclean = entry("b", Role::None, NodeServiceState::Failed, 1, None);
+    unclean.unclean_epoch = Some(1);
+    c.status = Some(status(vec![running("a", 1), unclean]));
+    blocked(&c, "may not have left the service cleanly");
+}
+
+/// FreeHA's HUP: while the cluster's release names a node, the service it
+/// runs moves to the first other eligible node through the handover; a
+/// service with nowhere else to go is stopped.
+#[test]
+fn a_released_node_gives_its_service_to_the_next_node() {
+    let mut c = Case::new(&[("a", Alive), ("b", Alive)]);
+    c.lease = Some(LeaseState {
+        standby: Some("b".into()),
+        ..cleared("a", 1)
+    });
+    c.status = Some(status(vec![running("a", 1)]));
+    c.released = Some("a".into());
+    let p = c.plan();
+    assert_eq!(p.handover.lease.holder.as_deref(), Some("b"));
+    assert_eq!(p.handover.lease.standby, None, "a stands by for nothing");
+    assert_eq!(p.handover.lease.epoch, 2);
+    assert!(!p.handover.cleared_now, "b waits for a's leave");
+
+    let mut c = Case::new(&[("a", Alive)]);
+    c.lease = Some(cleared("a", 1));
+    c.status = Some(status(vec![running("a", 1)]));
+    c.released = Some("a".into());
+    let p = c.plan();
+    assert_eq!(p.handover.lease.holder, None, "stopped on a");
+    // Released: placed again on a.
+    c.released = None;
+    c.lease = Some(LeaseState {
+        holder: None,
+        ..cleared("a", 1)
+    });
+    c.status = Some(status(vec![entry(
+        "a",
+        Role::None,
+        NodeServiceState::Stopped,
+        1,
+        Some(1),
+    )]));
+    let p = c.plan();
+    assert_eq!(p.handover.lease.holder.as_deref(), Some("a"));
 }
