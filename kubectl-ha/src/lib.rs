@@ -10,36 +10,142 @@
 //! - `mode NODE MODE --cluster C`, `peerdown NODE`, `peerup NODE`: the mode
 //!   of a member in `spec.members.nodes`; the API server's CEL rules reject
 //!   prohibited combinations.
-//! - `status`: clusters, members, services.
+//! - `status`: clusters, members, services (`--watch`: again on each
+//!   change).
+//!
+//! Conventions every command follows (kubectl's): the global options
+//! ([`GlobalArgs`]: `--kubeconfig`, `--context`, `-n`, `-A`, `-o json|yaml`,
+//! `--wait`) go before or after the command; a command is an
+//! `async fn(ctx: &Ctx, ..) -> anyhow::Result<Outcome>`: it says what it
+//! wrote with [`Ctx::say`], waits with `ctx.wait`, reports a wait that ran
+//! out with [`Ctx::not_reached`], and prints objects with
+//! [`print_objects`] (text, or a kubectl List as JSON/YAML). The exit code
+//! is the [`Outcome`]'s, 1 on an error ([`exit`] lists them).
 
 pub mod patches;
 pub mod render;
 
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, anyhow};
-use clap::{Parser, Subcommand};
+use clap::{Args, Parser, Subcommand, ValueEnum};
 use k8s_openapi::serde::de::DeserializeOwned;
 use kube::api::{ListParams, Patch, PatchParams};
-use kube::{Api, Client, ResourceExt};
+use kube::config::{KubeConfigOptions, Kubeconfig};
+use kube::{Api, Client, Config, ResourceExt};
 use kubeha_crds::service::NodeServiceState;
 use kubeha_crds::{HACluster, HAService, Mode, annotations};
 
 /// Field manager of the plugin's writes.
 pub const FIELD_MANAGER: &str = "kubectl-ha";
 
+/// The exit codes, as `kubectl ha --help` lists them.
+pub mod exit {
+    /// The command did what was asked; `status`: every service shown is
+    /// healthy.
+    pub const OK: u8 = 0;
+    /// An error: the API server refused or could not be reached, an object
+    /// was not found, the command refused the request (the message says
+    /// why and what to run).
+    pub const ERROR: u8 = 1;
+    /// The command line is wrong (unknown flag, missing argument, bad
+    /// value); clap's own code.
+    pub const USAGE: u8 = 2;
+    /// `status`: a service shown is Errored (phase) or Degraded (condition
+    /// Degraded=True).
+    pub const ATTENTION: u8 = 3;
+    /// The change was written but the operator and agents did not reach
+    /// the requested state within `--wait` (`move`: the service is not
+    /// Active on the target, or the target is not eligible).
+    pub const NOT_REACHED: u8 = 4;
+}
+
+const EXIT_CODES_HELP: &str = "\
+Exit codes:
+  0  done; status: every service shown is healthy
+  1  error: API server refused or unreachable, object not found, request refused (the message says why)
+  2  usage: unknown flag, missing argument or bad value
+  3  status: a service shown is Errored (phase) or Degraded (condition Degraded=True)
+  4  written, but the requested state was not reached within --wait (move: not Active on the target, or the target is not eligible); --wait 0 never waits, so never 4";
+
+/// What a command that ran to its end found; errors are the `Err` of its
+/// result and exit with [`exit::ERROR`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Outcome {
+    /// Done, nothing needs attention.
+    Done,
+    /// `status`: a service is Errored or Degraded ([`exit::ATTENTION`]).
+    Attention,
+    /// Written, but not reached within `--wait` ([`exit::NOT_REACHED`]).
+    NotReached,
+}
+
+impl Outcome {
+    /// The process exit code of this outcome.
+    pub fn code(self) -> u8 {
+        match self {
+            Outcome::Done => exit::OK,
+            Outcome::Attention => exit::ATTENTION,
+            Outcome::NotReached => exit::NOT_REACHED,
+        }
+    }
+}
+
+/// `-o`: the machine-readable formats; without it the plugin prints text.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Output {
+    /// A kubectl `List` (apiVersion v1, kind List) of the objects shown, as
+    /// JSON.
+    Json,
+    /// The same `List` as YAML.
+    Yaml,
+}
+
+/// The options every command takes, spelled as kubectl spells them.
+#[derive(Args, Debug, Clone, Default)]
+pub struct GlobalArgs {
+    /// Path to the kubeconfig file (default: $KUBECONFIG, then
+    /// ~/.kube/config, then the in-cluster service account).
+    #[arg(long, global = true, value_name = "PATH")]
+    pub kubeconfig: Option<PathBuf>,
+
+    /// The kubeconfig context to use (default: its current-context).
+    #[arg(long, global = true, value_name = "NAME")]
+    pub context: Option<String>,
+
+    /// Namespace of the HAServices (default: the context's namespace).
+    #[arg(short, long, global = true, value_name = "NS")]
+    pub namespace: Option<String>,
+
+    /// `status`: HAServices in every namespace.
+    #[arg(short = 'A', long, global = true, conflicts_with = "namespace")]
+    pub all_namespaces: bool,
+
+    /// Output format: json or yaml (a kubectl List of the objects shown;
+    /// messages go to stderr). Default: text.
+    #[arg(short, long, global = true, value_enum, value_name = "FORMAT")]
+    pub output: Option<Output>,
+
+    /// Seconds to wait for the operator and agents to act before printing
+    /// the resulting status (0: print at once).
+    #[arg(long, global = true, default_value_t = 10, value_name = "SECONDS")]
+    pub wait: u64,
+}
+
 /// Command line of `kubectl-ha`.
 #[derive(Parser, Debug)]
 #[command(
     name = "kubectl-ha",
+    bin_name = "kubectl ha",
     version,
-    about = "kubectl ha: kubeha admin commands (move, clear, modes, status)"
+    about = "kubectl ha: kubeha admin commands (move, clear, modes, status)",
+    after_help = EXIT_CODES_HELP
 )]
 pub struct Cli {
-    /// Seconds to wait for the operator and agents to act before printing
-    /// the resulting status (0: print at once).
-    #[arg(long, global = true, default_value_t = 10)]
-    pub wait: u64,
+    /// The options every command takes.
+    #[command(flatten)]
+    pub global: GlobalArgs,
 
     /// The command.
     #[command(subcommand)]
@@ -51,24 +157,19 @@ pub struct Cli {
 pub enum Command {
     /// Planned switchover: run SERVICE on NODE (annotation
     /// kubeha.io/move-to). The preference stays until `kubectl ha clear`.
+    /// Exits 4 when SERVICE is not Active on NODE within --wait.
     Move {
-        /// The HAService.
+        /// The HAService (in -n, default the context's namespace).
         service: String,
         /// The member node to run it on.
         #[arg(long)]
         to: String,
-        /// Namespace of the HAService (default: the kubeconfig's).
-        #[arg(short, long)]
-        namespace: Option<String>,
     },
     /// Clear SERVICE's failures (annotation kubeha.io/clear) and withdraw a
     /// move request (removes kubeha.io/move-to).
     Clear {
-        /// The HAService.
+        /// The HAService (in -n, default the context's namespace).
         service: String,
-        /// Namespace of the HAService (default: the kubeconfig's).
-        #[arg(short, long)]
-        namespace: Option<String>,
     },
     /// Set the administrative mode of a member: default, single, config,
     /// locked or peerdown.
@@ -109,15 +210,122 @@ pub enum Command {
         cluster: String,
     },
     /// Clusters (members' modes and heartbeats) and services (phase, active,
-    /// standby, epoch).
+    /// standby, epoch) of the namespace (-n, default the context's; -A: all).
+    /// Exits 3 when a service shown is Errored or Degraded.
     Status {
         /// Only this HACluster and its services.
         #[arg(long)]
         cluster: Option<String>,
-        /// Only services in this namespace (default: all namespaces).
+        /// Keep printing: the whole status again each time a cluster or
+        /// service changes (until interrupted).
         #[arg(short, long)]
-        namespace: Option<String>,
+        watch: bool,
     },
+}
+
+/// What every command receives: the client and the global options,
+/// resolved.
+#[derive(Clone)]
+pub struct Ctx {
+    /// Client for the kubeconfig and context chosen.
+    pub client: Client,
+    /// `-o`; `None`: text.
+    pub output: Option<Output>,
+    /// `-n`, else the context's namespace.
+    pub namespace: String,
+    /// `-A`.
+    pub all_namespaces: bool,
+    /// `--wait`.
+    pub wait: Duration,
+}
+
+impl Ctx {
+    /// Connects as `args` say: `--kubeconfig` and `--context` as kubectl
+    /// reads them.
+    pub async fn connect(args: &GlobalArgs) -> anyhow::Result<Self> {
+        let config = load_config(args).await?;
+        let namespace = args
+            .namespace
+            .clone()
+            .unwrap_or_else(|| config.default_namespace.clone());
+        let client = Client::try_from(config)
+            .map_err(|e| anyhow!("cannot build a client from the kubeconfig: {e}"))?;
+        Ok(Ctx {
+            client,
+            output: args.output,
+            namespace,
+            all_namespaces: args.all_namespaces,
+            wait: Duration::from_secs(args.wait),
+        })
+    }
+
+    /// The namespace a list of HAServices covers: `None` with `-A`.
+    pub fn list_namespace(&self) -> Option<&str> {
+        (!self.all_namespaces).then_some(self.namespace.as_str())
+    }
+
+    /// After a wait that did not see `what_failed` come true: says so
+    /// (stderr) and returns [`Outcome::NotReached`], exit 4; with
+    /// `--wait 0` nothing was awaited, so [`Outcome::Done`].
+    pub fn not_reached(&self, what_failed: &str) -> Outcome {
+        if self.wait.is_zero() {
+            return Outcome::Done;
+        }
+        eprintln!(
+            "note: {what_failed} within {} s; the status below is the latest",
+            self.wait.as_secs()
+        );
+        Outcome::NotReached
+    }
+
+    /// Prints a line saying what a command did: to stdout in text, to
+    /// stderr with `-o json|yaml` so that stdout stays one document.
+    pub fn say(&self, line: &str) {
+        if self.output.is_some() {
+            eprintln!("{line}");
+        } else {
+            println!("{line}");
+        }
+    }
+}
+
+/// The client configuration `--kubeconfig` and `--context` select, else
+/// kube's inference (KUBECONFIG, ~/.kube/config, in-cluster).
+async fn load_config(args: &GlobalArgs) -> anyhow::Result<Config> {
+    let options = KubeConfigOptions {
+        context: args.context.clone(),
+        ..Default::default()
+    };
+    match (&args.kubeconfig, &args.context) {
+        (Some(path), _) => {
+            let file = Kubeconfig::read_from(path).map_err(|e| {
+                anyhow!(
+                    "--kubeconfig {}: cannot read it: {e}; pass the path of a kubeconfig file",
+                    path.display()
+                )
+            })?;
+            Config::from_custom_kubeconfig(file, &options)
+                .await
+                .map_err(|e| {
+                    anyhow!(
+                        "--kubeconfig {}{}: {e}; check the file and the context name (kubectl config get-contexts)",
+                        path.display(),
+                        args.context
+                            .as_deref()
+                            .map(|c| format!(" --context {c}"))
+                            .unwrap_or_default()
+                    )
+                })
+        }
+        (None, Some(context)) => Config::from_kubeconfig(&options).await.map_err(|e| {
+            anyhow!(
+                "--context {context}: {e}; list the contexts with kubectl config get-contexts"
+            )
+        }),
+        (None, None) => Config::infer().await.map_err(|e| {
+            anyhow!("cannot load a kubeconfig or in-cluster configuration: {e}; set KUBECONFIG, pass --kubeconfig, or set the current context")
+        }),
+    }
 }
 
 fn params() -> PatchParams {
@@ -162,8 +370,8 @@ fn api_error(e: kube::Error, what: &str, verb: &str) -> anyhow::Error {
     }
 }
 
-/// Runs the plugin.
-pub fn run(cli: Cli) -> anyhow::Result<()> {
+/// Runs the plugin; the outcome gives the exit code ([`Outcome::code`]).
+pub fn run(cli: Cli) -> anyhow::Result<Outcome> {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -171,24 +379,11 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
     rt.block_on(run_async(cli))
 }
 
-async fn run_async(cli: Cli) -> anyhow::Result<()> {
-    let client = Client::try_default().await.map_err(|e| {
-        anyhow!("cannot load a kubeconfig or in-cluster configuration: {e}; set KUBECONFIG or the current context")
-    })?;
-    let wait = Duration::from_secs(cli.wait);
+async fn run_async(cli: Cli) -> anyhow::Result<Outcome> {
+    let ctx = Ctx::connect(&cli.global).await?;
     match cli.command {
-        Command::Move {
-            service,
-            to,
-            namespace,
-        } => {
-            let ns = namespace.unwrap_or_else(|| client.default_namespace().to_owned());
-            move_service(&client, &ns, &service, &to, wait).await
-        }
-        Command::Clear { service, namespace } => {
-            let ns = namespace.unwrap_or_else(|| client.default_namespace().to_owned());
-            clear_service(&client, &ns, &service, wait).await
-        }
+        Command::Move { service, to } => move_service(&ctx, &service, &to).await,
+        Command::Clear { service } => clear_service(&ctx, &service).await,
         Command::Mode {
             node,
             mode,
@@ -196,9 +391,9 @@ async fn run_async(cli: Cli) -> anyhow::Result<()> {
             force,
         } => {
             if mode == Mode::Peerdown && !force {
-                refuse_peerdown_of_alive(&client, &cluster, &node).await?;
+                refuse_peerdown_of_alive(&ctx.client, &cluster, &node).await?;
             }
-            set_mode(&client, &cluster, &node, mode, None, wait).await
+            set_mode(&ctx, &cluster, &node, mode, None).await
         }
         Command::Peerdown {
             node,
@@ -206,26 +401,22 @@ async fn run_async(cli: Cli) -> anyhow::Result<()> {
             force,
         } => {
             if !force {
-                refuse_peerdown_of_alive(&client, &cluster, &node).await?;
+                refuse_peerdown_of_alive(&ctx.client, &cluster, &node).await?;
             }
             eprintln!(
                 "warning: peerdown certifies that {node} is powered off; its services start elsewhere at once. If {node} still runs, two nodes may run the same service."
             );
-            set_mode(&client, &cluster, &node, Mode::Peerdown, None, wait).await
+            set_mode(&ctx, &cluster, &node, Mode::Peerdown, None).await
         }
         Command::Peerup { node, cluster } => {
-            set_mode(
-                &client,
-                &cluster,
-                &node,
-                Mode::Default,
-                Some(Mode::Peerdown),
-                wait,
-            )
-            .await
+            set_mode(&ctx, &cluster, &node, Mode::Default, Some(Mode::Peerdown)).await
         }
-        Command::Status { cluster, namespace } => {
-            print_status(&client, cluster.as_deref(), namespace.as_deref()).await
+        Command::Status { cluster, watch } => {
+            if watch {
+                watch_status(&ctx, cluster.as_deref()).await
+            } else {
+                print_status(&ctx, cluster.as_deref()).await
+            }
         }
     }
 }
@@ -278,18 +469,28 @@ fn moved_condition(s: &HAService) -> Option<(String, String, String)> {
         .map(|c| (c.status.clone(), c.reason.clone(), c.message.clone()))
 }
 
-async fn move_service(
-    client: &Client,
-    ns: &str,
-    name: &str,
-    to: &str,
-    wait: Duration,
-) -> anyhow::Result<()> {
-    let (what, api, svc) = read_service(client, ns, name).await?;
+/// Whether `s` runs on `to` as a move request asked: Active there, with
+/// condition Moved True.
+fn moved_to(s: &HAService, to: &str) -> bool {
+    s.status.as_ref().is_some_and(|st| {
+        st.active_node.as_deref() == Some(to)
+            && st.phase == Some(kubeha_crds::service::Phase::Active)
+    }) && moved_condition(s).is_some_and(|(status, _, _)| status == "True")
+}
+
+/// Whether the operator judged `to` not eligible for `s`'s move request.
+fn move_refused(s: &HAService, to: &str) -> bool {
+    moved_condition(s).is_some_and(|(status, reason, message)| {
+        status == "False" && reason == "TargetNotEligible" && message.contains(to)
+    })
+}
+
+async fn move_service(ctx: &Ctx, name: &str, to: &str) -> anyhow::Result<Outcome> {
+    let (what, api, svc) = read_service(&ctx.client, &ctx.namespace, name).await?;
     // A node that is certainly no member is refused here; members picked by
     // a selector (or a cluster this user may not read) are judged by the
     // operator, which reports in the Moved condition.
-    let clusters: Api<HACluster> = Api::all(client.clone());
+    let clusters: Api<HACluster> = Api::all(ctx.client.clone());
     if let Some(c) = clusters.get_opt(&svc.spec.cluster_ref).await.ok().flatten()
         && c.spec.members.selector.is_none()
         && !c.spec.members.nodes.iter().any(|m| m.name == to)
@@ -310,33 +511,29 @@ async fn move_service(
     api.patch(name, &params(), &Patch::Merge(&patches::move_patch(to)))
         .await
         .map_err(|e| api_error(e, &what, "patch"))?;
-    println!("{what}: {}={to} set", annotations::MOVE_TO);
-    let (last, done) = poll(&api, name, wait, |s: &HAService| {
-        moved_condition(s)
-            .is_some_and(|(status, reason, _)| status == "True" || reason == "TargetNotEligible")
+    ctx.say(&format!("{what}: {}={to} set", annotations::MOVE_TO));
+    let (last, _) = poll(&api, name, ctx.wait, |s: &HAService| {
+        moved_to(s, to) || move_refused(s, to)
     })
     .await;
-    if let Some((status, reason, message)) = last.as_ref().and_then(moved_condition)
-        && status == "False"
-        && reason == "TargetNotEligible"
-    {
+    let refused = last
+        .as_ref()
+        .filter(|s| move_refused(s, to))
+        .and_then(moved_condition);
+    let outcome = if let Some((_, _, message)) = refused {
         eprintln!("warning: {message}");
-    } else if !done && !wait.is_zero() {
-        eprintln!(
-            "note: {what} has not reached {to} within {} s; the status below is the latest",
-            wait.as_secs()
-        );
-    }
-    print_after(client, last, &svc.spec.cluster_ref).await
+        ctx.not_reached(&format!("{what} cannot move to {to}"))
+    } else if last.as_ref().is_some_and(|s| moved_to(s, to)) {
+        Outcome::Done
+    } else {
+        ctx.not_reached(&format!("{what} has not reached {to}"))
+    };
+    print_after(ctx, last, &svc.spec.cluster_ref).await?;
+    Ok(outcome)
 }
 
-async fn clear_service(
-    client: &Client,
-    ns: &str,
-    name: &str,
-    wait: Duration,
-) -> anyhow::Result<()> {
-    let (what, api, svc) = read_service(client, ns, name).await?;
+async fn clear_service(ctx: &Ctx, name: &str) -> anyhow::Result<Outcome> {
+    let (what, api, svc) = read_service(&ctx.client, &ctx.namespace, name).await?;
     let token = patches::clear_token(jiff::Timestamp::now());
     api.patch(
         name,
@@ -345,12 +542,12 @@ async fn clear_service(
     )
     .await
     .map_err(|e| api_error(e, &what, "patch"))?;
-    println!(
+    ctx.say(&format!(
         "{what}: {}={token} set, {} removed",
         annotations::CLEAR,
         annotations::MOVE_TO
-    );
-    let (last, done) = poll(&api, name, wait, |s: &HAService| {
+    ));
+    let (last, done) = poll(&api, name, ctx.wait, |s: &HAService| {
         s.status.as_ref().is_none_or(|st| {
             st.nodes
                 .iter()
@@ -358,13 +555,15 @@ async fn clear_service(
         })
     })
     .await;
-    if !done && !wait.is_zero() {
-        eprintln!(
-            "note: not every agent has reported its failures cleared within {} s (an agent that is down clears when it returns); the status below is the latest",
-            wait.as_secs()
-        );
-    }
-    print_after(client, last, &svc.spec.cluster_ref).await
+    let outcome = if done {
+        Outcome::Done
+    } else {
+        ctx.not_reached(
+            "not every agent has reported its failures cleared (an agent that is down clears when it returns)",
+        )
+    };
+    print_after(ctx, last, &svc.spec.cluster_ref).await?;
+    Ok(outcome)
 }
 
 /// Fails, saying why, when `node` still renews its heartbeat in `cluster`:
@@ -426,15 +625,14 @@ async fn refuse_peerdown_of_alive(
 }
 
 async fn set_mode(
-    client: &Client,
+    ctx: &Ctx,
     cluster: &str,
     node: &str,
     mode: Mode,
     only_from: Option<Mode>,
-    wait: Duration,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<Outcome> {
     let what = format!("HACluster {cluster}");
-    let api: Api<HACluster> = Api::all(client.clone());
+    let api: Api<HACluster> = Api::all(ctx.client.clone());
     let c = api
         .get(cluster)
         .await
@@ -470,49 +668,103 @@ async fn set_mode(
         ),
         Err(e) => return Err(api_error(e, &what, "patch")),
     }
-    println!("{what}: {node} set to mode {mode}");
-    let (_, done) = poll(&api, cluster, wait, |c: &HACluster| {
+    ctx.say(&format!("{what}: {node} set to mode {mode}"));
+    let (_, done) = poll(&api, cluster, ctx.wait, |c: &HACluster| {
         c.status
             .as_ref()
             .is_some_and(|s| s.members.iter().any(|m| m.node == node && m.mode == mode))
     })
     .await;
-    if !done && !wait.is_zero() {
-        eprintln!(
-            "note: the operator has not reported {node} in mode {mode} within {} s; the status below is the latest",
-            wait.as_secs()
-        );
-    }
-    print_status(client, Some(cluster), None).await
+    let outcome = if done {
+        Outcome::Done
+    } else {
+        ctx.not_reached(&format!(
+            "the operator has not reported {node} in mode {mode}"
+        ))
+    };
+    print_cluster_after(ctx, cluster).await?;
+    Ok(outcome)
 }
 
-/// Prints the cluster of a service and that service as last read.
-async fn print_after(client: &Client, svc: Option<HAService>, cluster: &str) -> anyhow::Result<()> {
-    let clusters: Api<HACluster> = Api::all(client.clone());
-    let mut out = String::new();
-    match clusters.get_opt(cluster).await {
-        Ok(Some(c)) => out.push_str(&render::cluster(&c)),
-        Ok(None) => out.push_str(&format!(
-            "HACluster {cluster} does not exist; create it or fix spec.clusterRef\n"
-        )),
-        Err(e) => out.push_str(&format!(
-            "HACluster {cluster}: {:#}\n",
-            api_error(e, &format!("HACluster {cluster}"), "read")
-        )),
+/// Prints `clusters` and `services` as `-o` asks: text (the status), or a
+/// kubectl List as JSON or YAML.
+pub fn print_objects(
+    ctx: &Ctx,
+    clusters: &[HACluster],
+    services: &[HAService],
+) -> anyhow::Result<()> {
+    print!("{}", format_objects(ctx.output, clusters, services)?);
+    Ok(())
+}
+
+/// `clusters` and `services` in format `output` (`None`: text).
+fn format_objects(
+    output: Option<Output>,
+    clusters: &[HACluster],
+    services: &[HAService],
+) -> anyhow::Result<String> {
+    Ok(match output {
+        None => render::status(clusters, services),
+        Some(Output::Json) => {
+            let mut text = serde_json::to_string_pretty(&render::list(clusters, services))
+                .context("writing JSON")?;
+            text.push('\n');
+            text
+        }
+        Some(Output::Yaml) => {
+            serde_yaml::to_string(&render::list(clusters, services)).context("writing YAML")?
+        }
+    })
+}
+
+/// Prints the cluster of a service and that service as last read (text:
+/// a missing cluster is said; JSON/YAML: it is left out of the List).
+async fn print_after(ctx: &Ctx, svc: Option<HAService>, cluster: &str) -> anyhow::Result<()> {
+    let clusters: Api<HACluster> = Api::all(ctx.client.clone());
+    let what = format!("HACluster {cluster}");
+    let (found, missing) = match clusters.get_opt(cluster).await {
+        Ok(Some(c)) => (vec![c], None),
+        Ok(None) => (
+            vec![],
+            Some(format!(
+                "{what} does not exist; create it or fix spec.clusterRef"
+            )),
+        ),
+        Err(e) => (
+            vec![],
+            Some(format!("{what}: {:#}", api_error(e, &what, "read"))),
+        ),
+    };
+    let services: Vec<HAService> = svc.into_iter().collect();
+    if ctx.output.is_some() {
+        if let Some(m) = missing {
+            eprintln!("{m}");
+        }
+        return print_objects(ctx, &found, &services);
     }
-    if let Some(s) = svc {
-        out.push_str(&render::service(&s));
+    let mut out = String::new();
+    for c in &found {
+        out.push_str(&render::cluster(c));
+    }
+    if let Some(m) = missing {
+        out.push_str(&m);
+        out.push('\n');
+    }
+    for s in &services {
+        out.push_str(&render::service(s));
     }
     print!("{out}");
     Ok(())
 }
 
-async fn print_status(
-    client: &Client,
+/// Reads the clusters (one with `cluster`) and the services `ctx` lists
+/// (`-n`/`-A`), of that cluster only with `cluster`, sorted.
+async fn read_status(
+    ctx: &Ctx,
     cluster: Option<&str>,
     namespace: Option<&str>,
-) -> anyhow::Result<()> {
-    let clusters_api: Api<HACluster> = Api::all(client.clone());
+) -> anyhow::Result<(Vec<HACluster>, Vec<HAService>)> {
+    let clusters_api: Api<HACluster> = Api::all(ctx.client.clone());
     let clusters: Vec<HACluster> = match cluster {
         Some(name) => vec![
             clusters_api
@@ -521,16 +773,18 @@ async fn print_status(
                 .map_err(|e| api_error(e, &format!("HACluster {name}"), "read"))?,
         ],
         None => {
-            clusters_api
+            let mut all = clusters_api
                 .list(&ListParams::default())
                 .await
                 .map_err(|e| api_error(e, "HAClusters", "list"))?
-                .items
+                .items;
+            all.sort_by_key(ResourceExt::name_any);
+            all
         }
     };
     let services_api: Api<HAService> = match namespace {
-        Some(ns) => Api::namespaced(client.clone(), ns),
-        None => Api::all(client.clone()),
+        Some(ns) => Api::namespaced(ctx.client.clone(), ns),
+        None => Api::all(ctx.client.clone()),
     };
     let mut services: Vec<HAService> = services_api
         .list(&ListParams::default())
@@ -541,8 +795,91 @@ async fn print_status(
         .filter(|s| cluster.is_none_or(|c| s.spec.cluster_ref == c))
         .collect();
     services.sort_by_key(|s| (s.namespace(), s.name_any()));
-    print!("{}", render::status(&clusters, &services));
-    Ok(())
+    Ok((clusters, services))
+}
+
+/// After a mode change: the cluster and its services in every namespace
+/// (the status of the cluster the command changed).
+async fn print_cluster_after(ctx: &Ctx, cluster: &str) -> anyhow::Result<()> {
+    let (clusters, services) = read_status(ctx, Some(cluster), None).await?;
+    print_objects(ctx, &clusters, &services)
+}
+
+/// `kubectl ha status`: prints once; [`Outcome::Attention`] when a
+/// service shown needs it ([`render::needs_attention`]).
+async fn print_status(ctx: &Ctx, cluster: Option<&str>) -> anyhow::Result<Outcome> {
+    let (clusters, services) = read_status(ctx, cluster, ctx.list_namespace()).await?;
+    print_objects(ctx, &clusters, &services)?;
+    if services.is_empty() && !ctx.all_namespaces && ctx.output.is_none() {
+        eprintln!(
+            "note: HAServices were listed in namespace {} only; -A lists every namespace",
+            ctx.namespace
+        );
+    }
+    Ok(status_outcome(&services))
+}
+
+/// [`Outcome::Attention`] when one of `services` is Errored or Degraded.
+fn status_outcome(services: &[HAService]) -> Outcome {
+    if services.iter().any(render::needs_attention) {
+        Outcome::Attention
+    } else {
+        Outcome::Done
+    }
+}
+
+/// `kubectl ha status --watch`: prints the status, then again each time a
+/// watched HACluster or HAService changes it (what is printed, not any
+/// write: a status heartbeat that changes nothing shown prints nothing).
+/// Runs until interrupted; a watch that cannot be re-established is an
+/// error.
+async fn watch_status(ctx: &Ctx, cluster: Option<&str>) -> anyhow::Result<Outcome> {
+    use futures::StreamExt;
+    use kube::runtime::{WatchStreamExt, watcher};
+    let clusters = watcher(
+        Api::<HACluster>::all(ctx.client.clone()),
+        watcher::Config::default(),
+    )
+    .default_backoff()
+    .map(|e| e.map(|_| ()));
+    let services_api: Api<HAService> = match ctx.list_namespace() {
+        Some(ns) => Api::namespaced(ctx.client.clone(), ns),
+        None => Api::all(ctx.client.clone()),
+    };
+    let services = watcher(services_api, watcher::Config::default())
+        .default_backoff()
+        .map(|e| e.map(|_| ()));
+    let mut changes = std::pin::pin!(futures::stream::select(clusters, services));
+    let mut last = String::new();
+    loop {
+        let (clusters, services) = read_status(ctx, cluster, ctx.list_namespace()).await?;
+        let now = format_objects(ctx.output, &clusters, &services)?;
+        if now != last {
+            if !last.is_empty() {
+                println!(
+                    "{}",
+                    if ctx.output == Some(Output::Yaml) {
+                        "---"
+                    } else {
+                        ""
+                    }
+                );
+            }
+            print!("{now}");
+            last = now;
+        }
+        // Wait for a change, then let a burst of them settle (a transition
+        // writes the Lease and several statuses within milliseconds).
+        match changes.next().await {
+            Some(Ok(())) => {}
+            Some(Err(e)) => {
+                eprintln!("note: the watch broke ({e}); it is re-established");
+            }
+            None => anyhow::bail!("the watch of HAClusters and HAServices ended"),
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        while let Some(Some(_)) = futures::FutureExt::now_or_never(changes.next()) {}
+    }
 }
 
 #[cfg(test)]
@@ -556,9 +893,11 @@ mod tests {
         let cli = Cli::parse_from(["kubectl-ha", "move", "svc", "--to", "node-2", "-n", "ns"]);
         assert_eq!(
             format!("{:?}", cli.command),
-            r#"Move { service: "svc", to: "node-2", namespace: Some("ns") }"#
+            r#"Move { service: "svc", to: "node-2" }"#
         );
-        assert_eq!(cli.wait, 10);
+        assert_eq!(cli.global.namespace.as_deref(), Some("ns"));
+        assert_eq!(cli.global.wait, 10);
+        assert_eq!(cli.global.output, None);
         let cli = Cli::parse_from(["kubectl-ha", "mode", "node-1", "locked", "--cluster", "c"]);
         assert!(matches!(
             cli.command,
@@ -568,7 +907,7 @@ mod tests {
             }
         ));
         let cli = Cli::parse_from(["kubectl-ha", "status", "--wait", "0"]);
-        assert_eq!(cli.wait, 0);
+        assert_eq!(cli.global.wait, 0);
         assert!(
             Cli::try_parse_from(["kubectl-ha", "mode", "n", "sideways", "--cluster", "c"]).is_err()
         );
@@ -576,6 +915,67 @@ mod tests {
             Cli::try_parse_from(["kubectl-ha", "peerdown", "n"]).is_err(),
             "--cluster is required"
         );
+    }
+
+    #[test]
+    fn global_options_are_spelled_as_kubectl_spells_them_before_or_after_the_command() {
+        let cli = Cli::parse_from([
+            "kubectl-ha",
+            "--kubeconfig",
+            "/tmp/k",
+            "--context",
+            "lab",
+            "status",
+            "-A",
+            "-o",
+            "yaml",
+            "-w",
+        ]);
+        assert_eq!(cli.global.kubeconfig, Some(PathBuf::from("/tmp/k")));
+        assert_eq!(cli.global.context.as_deref(), Some("lab"));
+        assert!(cli.global.all_namespaces);
+        assert_eq!(cli.global.output, Some(Output::Yaml));
+        assert!(matches!(cli.command, Command::Status { watch: true, .. }));
+        let cli = Cli::parse_from([
+            "kubectl-ha",
+            "-o",
+            "json",
+            "clear",
+            "svc",
+            "--namespace",
+            "x",
+        ]);
+        assert_eq!(cli.global.output, Some(Output::Json));
+        assert_eq!(cli.global.namespace.as_deref(), Some("x"));
+        let e = Cli::try_parse_from(["kubectl-ha", "status", "-o", "wide"]).unwrap_err();
+        assert_eq!(e.exit_code(), i32::from(exit::USAGE));
+        assert!(e.to_string().contains("json"), "{e}");
+        let e = Cli::try_parse_from(["kubectl-ha", "status", "-A", "-n", "x"]).unwrap_err();
+        assert_eq!(
+            e.exit_code(),
+            i32::from(exit::USAGE),
+            "-A conflicts with -n"
+        );
+    }
+
+    #[test]
+    fn help_lists_every_exit_code() {
+        let help = Cli::command().render_long_help().to_string();
+        for code in [
+            exit::OK,
+            exit::ERROR,
+            exit::USAGE,
+            exit::ATTENTION,
+            exit::NOT_REACHED,
+        ] {
+            assert!(
+                help.contains(&format!("\n  {code}  ")),
+                "{code} in:\n{help}"
+            );
+        }
+        assert_eq!(Outcome::Done.code(), 0);
+        assert_eq!(Outcome::Attention.code(), 3);
+        assert_eq!(Outcome::NotReached.code(), 4);
     }
 
     #[test]

@@ -217,6 +217,42 @@ pub fn status(clusters: &[HACluster], services: &[HAService]) -> String {
     out
 }
 
+/// Whether `s` needs attention, which makes `kubectl ha status` exit 3:
+/// phase Errored, or condition Degraded True.
+pub fn needs_attention(s: &HAService) -> bool {
+    s.status.as_ref().is_some_and(|st| {
+        st.phase == Some(kubeha_crds::service::Phase::Errored)
+            || st
+                .conditions
+                .iter()
+                .any(|c| c.type_ == "Degraded" && c.status == "True")
+    })
+}
+
+/// The objects as `kubectl get -o json` prints several: a `v1` `List`
+/// whose items are the clusters then the services, without
+/// `metadata.managedFields` (kubectl hides them too).
+pub fn list(clusters: &[HACluster], services: &[HAService]) -> serde_json::Value {
+    fn item(obj: impl serde::Serialize) -> serde_json::Value {
+        let mut v = serde_json::to_value(obj).unwrap_or(serde_json::Value::Null);
+        if let Some(meta) = v.get_mut("metadata").and_then(|m| m.as_object_mut()) {
+            meta.remove("managedFields");
+        }
+        v
+    }
+    let items: Vec<serde_json::Value> = clusters
+        .iter()
+        .map(item)
+        .chain(services.iter().map(item))
+        .collect();
+    serde_json::json!({
+        "apiVersion": "v1",
+        "kind": "List",
+        "metadata": {"resourceVersion": ""},
+        "items": items,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
