@@ -81,6 +81,17 @@ pub struct HAClusterSpec {
     /// What a node does to itself when it loses the API server.
     #[serde(default)]
     pub fence: Fence,
+
+    /// The whole cluster is stopped on purpose (`kubectl ha stop`; StorNext's
+    /// `snhamgr stop`): the operator places no service of this cluster on
+    /// any node, every node leaves what it holds through the ordinary
+    /// handover (leave hooks, VIPs removed, each leave acknowledged with its
+    /// epoch), nothing fails over and nothing is fenced; services show phase
+    /// `Suspended`. Members keep heartbeating; the field changes no mode
+    /// (`kubectl ha stop` also sets every member but peerdown ones back to
+    /// `default`). `kubectl ha start` removes it and placement runs again.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub stopped: bool,
 }
 
 /// The member nodes of a cluster.

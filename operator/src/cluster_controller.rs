@@ -2,7 +2,8 @@
 //! modes, roles, the cluster state string and conditions into the status
 //! (server-side apply by `kubeha-operator`); prohibited mode combinations
 //! reported (condition, Event `ProhibitedState`); `peerdown` marks of nodes
-//! that heartbeat again erased (Event `PeerReturned`); `ModeChanged` Events;
+//! that heartbeat again erased (Event `PeerReturned`), prohibited states
+//! moved to valid ones ([`cluster_plan`]); `ModeChanged` Events;
 //! heartbeat Leases of former members removed once they are Fenced.
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -138,6 +139,7 @@ async fn reconcile_inner(cluster: &HACluster, ctx: &Ctx) -> Result<Action> {
         services: &services,
         returned: &returned,
         timing_lets_agents_enter: cluster.spec.heartbeat.lets_agents_enter(),
+        stopped: cluster.spec.stopped,
     });
     let modes: Vec<(String, Mode)> = members.iter().map(|m| (m.name.clone(), m.mode)).collect();
     let mode_events = ctx.with_cluster_memory(&name, |m| {
@@ -192,6 +194,32 @@ async fn reconcile_inner(cluster: &HACluster, ctx: &Ctx) -> Result<Action> {
                         format!(
                             "{node} was marked peerdown but heartbeats again: the mark is erased (mode default) and members in single or config return to default"
                         ),
+                    )
+                    .await;
+                }
+                if plan.returned.is_empty() && !plan.reset.is_empty() {
+                    let msg = format!(
+                        "{}; moved to a valid state: {} set to mode default{}",
+                        plan.prohibited.as_deref().unwrap_or("prohibited modes"),
+                        plan.reset
+                            .iter()
+                            .map(|(n, m)| format!("{n} (was {m})"))
+                            .collect::<Vec<_>>()
+                            .join(", "),
+                        if plan.stops {
+                            ", services stopped (spec.stopped); start them with kubectl ha start"
+                        } else {
+                            ""
+                        }
+                    );
+                    tracing::warn!(%msg, "prohibited mode combination repaired");
+                    ctx.publish(&reference, "ProhibitedState", true, msg).await;
+                } else if plan.stops {
+                    ctx.publish(
+                        &reference,
+                        "ClusterStopped",
+                        true,
+                        "a returning peer reset a member in single or config to default: the services are stopped (spec.stopped); start them with kubectl ha start".to_owned(),
                     )
                     .await;
                 }

@@ -13,7 +13,24 @@
 //! (those modes require every other member to be locked or peerdown, so
 //! leaving them would create a prohibited state); `locked` members stay
 //! locked, since an admin put them there. Placement then carries on: the
-//! returned node is eligible once Alive.
+//! returned node is eligible once Alive. When that reset an exclusive
+//! member, the patch also stops the cluster (`spec.stopped`): StorNext
+//! shuts its services down when a peerdown peer returns, and returning from
+//! `config` to `default` needs the services stopped first. An admin starts
+//! it again with `kubectl ha start`.
+//!
+//! # Prohibited states are moved, not frozen
+//!
+//! A `locked` member whose heartbeat expired (Lost or Fenced) counts as
+//! `default`, as StorNext's peer assumes of a locked node it cannot reach:
+//! beside a member in `single` or `config` that is a prohibited state. So is
+//! an exclusive member beside a `default` member picked by the selector
+//! (the API server's CEL rules see only the listed ones). Either way the
+//! operator resets every listed exclusive member to `default` (monitoring
+//! on again) in the same kind of tested JSON patch, and a `config` member
+//! also stops the cluster. That is safe: nothing is moved or entered by the
+//! repair itself (the locked member is not eligible, and a Lost one has
+//! fenced itself), and stopping never gives a VIP to a second node.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -55,6 +72,8 @@ pub struct Facts<'a> {
     /// ([`kubeha_crds::timing`]); false only for a cluster stored before
     /// the API server checked it.
     pub timing_lets_agents_enter: bool,
+    /// `spec.stopped`: the cluster is stopped on purpose.
+    pub stopped: bool,
 }
 
 /// The operator-owned part of an HACluster status.
@@ -84,6 +103,20 @@ pub struct Plan {
     pub mode_patch: Option<serde_json::Value>,
     /// Members whose mark the patch erases.
     pub returned: Vec<String>,
+    /// Listed members in `single` or `config` the patch resets to
+    /// `default`, with the mode they had.
+    pub reset: Vec<(String, Mode)>,
+    /// Whether the patch also stops the cluster (`spec.stopped`).
+    pub stops: bool,
+}
+
+/// The modes as the rules judge them: a `locked` member whose heartbeat
+/// expired counts as `default` (it cannot be asked whether it is stopped).
+pub fn effective_mode(mode: Mode, heartbeat: Option<HeartbeatState>) -> Mode {
+    match (mode, heartbeat) {
+        (Mode::Locked, Some(HeartbeatState::Lost | HeartbeatState::Fenced)) => Mode::Default,
+        (mode, _) => mode,
+    }
 }
 
 /// Decides the status and mode repairs of one cluster.
@@ -143,11 +176,34 @@ pub fn plan(f: &Facts<'_>) -> Plan {
         .iter()
         .filter(|m| m.listed && m.mode == Mode::Peerdown && f.returned.contains(&m.name))
         .collect();
-    let mode_patch = (!returned.is_empty()).then(|| {
+    let effective = check_modes(f.members.iter().map(|m| {
+        (
+            m.name.as_str(),
+            effective_mode(m.mode, f.heartbeats.get(&m.name).copied()),
+        )
+    }))
+    .err()
+    .map(|e| e.to_string());
+    let prohibited = prohibited.or(effective);
+    let repair = !returned.is_empty() || prohibited.is_some();
+    let reset: Vec<(String, Mode)> = f
+        .members
+        .iter()
+        .filter(|m| repair && m.listed && m.index.is_some() && m.mode.is_exclusive())
+        .map(|m| (m.name.clone(), m.mode))
+        .collect();
+    let stops = !f.stopped
+        && reset
+            .iter()
+            .any(|(_, mode)| *mode == Mode::Config || !returned.is_empty());
+    let mode_patch = (!returned.is_empty() || !reset.is_empty()).then(|| {
         let mut ops = Vec::new();
         let targets = f.members.iter().filter(|m| {
             m.listed && (returned.iter().any(|r| r.name == m.name) || m.mode.is_exclusive())
         });
+        if stops {
+            ops.push(json!({"op": "add", "path": "/spec/stopped", "value": true}));
+        }
         for m in targets {
             let Some(i) = m.index else { continue };
             let base = format!("/spec/members/nodes/{i}");
@@ -178,7 +234,13 @@ pub fn plan(f: &Facts<'_>) -> Plan {
     let can_run = members
         .iter()
         .any(|m| m.heartbeat == HeartbeatState::Alive && m.mode.allows_services());
-    conditions.push(if can_run && prohibited.is_none() {
+    conditions.push(if f.stopped {
+        Cond::no(
+            READY,
+            "ClusterStopped",
+            "the cluster is stopped (spec.stopped): no service runs; start it with kubectl ha start",
+        )
+    } else if can_run && prohibited.is_none() {
         Cond::yes(
             READY,
             "MembersAlive",
@@ -229,6 +291,8 @@ pub fn plan(f: &Facts<'_>) -> Plan {
         prohibited,
         mode_patch,
         returned: returned.iter().map(|m| m.name.clone()).collect(),
+        reset,
+        stops,
     }
 }
 
@@ -280,6 +344,7 @@ mod tests {
             services: &services,
             returned: &BTreeSet::new(),
             timing_lets_agents_enter: true,
+            stopped: false,
         });
         assert_eq!(p.status.ready, "2/2");
         assert_eq!(p.status.state, "default-locked");
@@ -302,6 +367,7 @@ mod tests {
             services: &[],
             returned: &BTreeSet::new(),
             timing_lets_agents_enter: false,
+            stopped: false,
         });
         let stalled = cond(&p, STALLED);
         assert!(stalled.status);
@@ -325,6 +391,7 @@ mod tests {
             services: &[],
             returned: &BTreeSet::new(),
             timing_lets_agents_enter: true,
+            stopped: false,
         });
         assert_eq!(p.status.members[1].heartbeat, Fenced, "peerdown certifies");
         assert_eq!(p.status.members[2].heartbeat, Stopping, "never seen");
@@ -354,15 +421,20 @@ mod tests {
             services: &[],
             returned: &BTreeSet::from(["b".to_owned()]),
             timing_lets_agents_enter: true,
+            stopped: false,
         });
         assert_eq!(p.returned, vec!["b".to_owned()]);
         let patch = p.mode_patch.clone().unwrap();
         let ops = patch.as_array().unwrap();
-        assert_eq!(ops.len(), 6, "{patch}");
-        assert_eq!(ops[0]["path"], "/spec/members/nodes/0/name");
-        assert_eq!(ops[1]["value"], "single");
-        assert_eq!(ops[5]["path"], "/spec/members/nodes/1/mode");
-        assert_eq!(ops[5]["value"], "default");
+        assert_eq!(ops.len(), 7, "{patch}");
+        assert_eq!(ops[0]["path"], "/spec/stopped", "the services stop");
+        assert_eq!(ops[0]["value"], true);
+        assert_eq!(ops[1]["path"], "/spec/members/nodes/0/name");
+        assert_eq!(ops[2]["value"], "single");
+        assert_eq!(ops[6]["path"], "/spec/members/nodes/1/mode");
+        assert_eq!(ops[6]["value"], "default");
+        assert!(p.stops);
+        assert_eq!(p.reset, vec![("a".to_owned(), Mode::Single)]);
         assert!(
             !patch.to_string().contains("nodes/2"),
             "locked stays locked"
@@ -385,6 +457,79 @@ mod tests {
     }
 
     #[test]
+    fn a_lost_locked_peer_counts_as_default_and_the_exclusive_member_is_reset() {
+        for (mode, stops) in [(Mode::Single, false), (Mode::Config, true)] {
+            let members = [
+                member("a", mode, Some(0)),
+                member("b", Mode::Locked, Some(1)),
+            ];
+            let facts = |b: HeartbeatState, stopped: bool| {
+                plan(&Facts {
+                    members: &members,
+                    heartbeats: &beats(&[("a", Alive), ("b", b)]),
+                    services: &[],
+                    returned: &BTreeSet::new(),
+                    timing_lets_agents_enter: true,
+                    stopped,
+                })
+            };
+            let alive = facts(Alive, false);
+            assert_eq!(alive.mode_patch, None, "{mode}-locked is allowed");
+            assert_eq!(alive.prohibited, None);
+            let p = facts(Lost, false);
+            let msg = p.prohibited.as_deref().unwrap();
+            assert!(
+                msg.contains('a') && msg.contains("locked or peerdown"),
+                "{msg}"
+            );
+            assert_eq!(p.reset, vec![("a".to_owned(), mode)]);
+            assert_eq!(p.stops, stops, "{mode}: only config must stop first");
+            let patch = p.mode_patch.unwrap().to_string();
+            assert!(patch.contains("/spec/members/nodes/0/mode"), "{patch}");
+            assert!(!patch.contains("nodes/1"), "locked stays locked: {patch}");
+            assert_eq!(patch.contains("/spec/stopped"), stops, "{patch}");
+            // Already stopped: no second stop in the patch.
+            assert!(!facts(Lost, true).stops);
+        }
+    }
+
+    #[test]
+    fn an_exclusive_member_beside_a_selected_default_member_is_reset() {
+        let members = [
+            member("a", Mode::Single, Some(0)),
+            member("c", Mode::Default, None),
+        ];
+        let p = plan(&Facts {
+            members: &members,
+            heartbeats: &beats(&[("a", Alive), ("c", Alive)]),
+            services: &[],
+            returned: &BTreeSet::new(),
+            timing_lets_agents_enter: true,
+            stopped: false,
+        });
+        assert_eq!(p.reset, vec![("a".to_owned(), Mode::Single)]);
+        assert!(!p.stops, "single returns to default without a stop");
+        assert!(p.mode_patch.is_some());
+    }
+
+    #[test]
+    fn a_stopped_cluster_is_not_ready_and_says_how_to_start() {
+        let members = [member("a", Mode::Default, Some(0))];
+        let p = plan(&Facts {
+            members: &members,
+            heartbeats: &beats(&[("a", Alive)]),
+            services: &[],
+            returned: &BTreeSet::new(),
+            timing_lets_agents_enter: true,
+            stopped: true,
+        });
+        let ready = cond(&p, READY);
+        assert!(!ready.status);
+        assert_eq!(ready.reason, "ClusterStopped");
+        assert!(ready.message.contains("kubectl ha start"));
+    }
+
+    #[test]
     fn no_members_is_stalled() {
         let p = plan(&Facts {
             members: &[],
@@ -392,6 +537,7 @@ mod tests {
             services: &[],
             returned: &BTreeSet::new(),
             timing_lets_agents_enter: true,
+            stopped: false,
         });
         assert_eq!(p.status.ready, "0/0");
         assert_eq!(cond(&p, STALLED).reason, "NoMembers");

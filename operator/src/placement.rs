@@ -13,6 +13,9 @@
 //! 1. **Latched error**: a service an admin has not cleared since it was
 //!    `Errored` stays stopped ([`Reason::ErrorLatched`]). This is checked
 //!    before the mode rules because stopping never risks two active nodes.
+//!    **Cluster stopped** (`spec.stopped`, `kubectl ha stop`): no master, no
+//!    standby, phase `Suspended` ([`Reason::ClusterStopped`]); the holder
+//!    leaves through the ordinary handover, so nothing is fenced.
 //! 2. **Prohibited modes** ([`check_modes`]): the assignment is frozen as it
 //!    is (master, standby and phase unchanged) and the reason is
 //!    [`Reason::ProhibitedModes`], so the operator reports the state and
@@ -84,6 +87,8 @@ pub struct ClusterView {
     /// Time since the operator started or the cluster was created,
     /// whichever is later.
     pub since_start: Duration,
+    /// The cluster is stopped on purpose (`spec.stopped`): nothing is placed.
+    pub stopped: bool,
 }
 
 /// Failures counted against one node for one service.
@@ -170,6 +175,9 @@ pub enum Reason {
     AllFailed,
     /// The service is latched `Errored` until an admin clears it.
     ErrorLatched,
+    /// The whole cluster is stopped (`spec.stopped`): the service is
+    /// `Suspended` on every node until `kubectl ha start`.
+    ClusterStopped,
 }
 
 impl Reason {
@@ -187,6 +195,7 @@ impl Reason {
             Reason::Locked => "Locked",
             Reason::AllFailed => "AllFailed",
             Reason::ErrorLatched => "ErrorLatched",
+            Reason::ClusterStopped => "ClusterStopped",
         }
     }
 }
@@ -365,6 +374,11 @@ fn place_one(cluster: &ClusterView, svc: &ServiceView, modes_valid: bool) -> Dec
     // 1. A latched error keeps the service stopped until an admin clears it.
     if svc.errored {
         return decide(None, None, Phase::Errored, Reason::ErrorLatched, None);
+    }
+
+    // 1b. A stopped cluster places nothing (stopping never risks two holders).
+    if cluster.stopped {
+        return decide(None, None, Phase::Suspended, Reason::ClusterStopped, None);
     }
 
     // 2. Prohibited modes: freeze the assignment as it is.

@@ -61,6 +61,7 @@ fn nodes(names: &[&str]) -> C {
         failback: never(),
         startup_grace: secs(30),
         since_start: HOUR,
+        stopped: false,
     })
 }
 
@@ -1257,4 +1258,24 @@ fn invariants_hold_for_every_mode_and_heartbeat_combination() {
         }
     }
     assert_eq!(checked, per_node.pow(3) * 5);
+}
+
+#[test]
+fn cluster_stopped_places_nothing_even_on_an_eligible_master() {
+    let mut c = nodes(&["a", "b"]);
+    c.0.stopped = true;
+    check1(
+        c,
+        web().on("a").standby("b"),
+        want(None, None, Suspended, Reason::ClusterStopped),
+    );
+    let mut c = nodes(&["a", "b"])
+        .mode("a", Mode::Single)
+        .mode("b", Mode::Default);
+    c.0.stopped = true;
+    check1(
+        c,
+        web().on("a"),
+        want(None, None, Suspended, Reason::ClusterStopped),
+    );
 }

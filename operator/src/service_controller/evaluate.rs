@@ -254,6 +254,7 @@ pub(super) fn evaluate(svc: &HAService, ctx: &Ctx, deleting: bool, now: Instant)
                 .unwrap_or(0),
         ),
         since_start: now.saturating_duration_since(first_seen),
+        stopped: cluster.as_ref().is_some_and(|c| c.spec.stopped),
     };
 
     let lost: BTreeSet<String> = lease_state

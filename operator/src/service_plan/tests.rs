@@ -24,6 +24,7 @@ fn cluster(nodes: &[(&str, HeartbeatState)]) -> ClusterView {
         failback: Failback::default(),
         startup_grace: Duration::from_secs(30),
         since_start: HOUR,
+        stopped: false,
     }
 }
 
