@@ -22,6 +22,7 @@
 //! [`print_objects`] (text, or a kubectl List as JSON/YAML). The exit code
 //! is the [`Outcome`]'s, 1 on an error ([`exit`] lists them).
 
+pub mod cluster_ops;
 pub mod patches;
 pub mod render;
 
@@ -36,6 +37,8 @@ use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::{Api, Client, Config, ResourceExt};
 use kubeha_crds::service::NodeServiceState;
 use kubeha_crds::{HACluster, HAService, Mode, annotations};
+
+pub mod node_ops;
 
 /// Field manager of the plugin's writes.
 pub const FIELD_MANAGER: &str = "kubectl-ha";
@@ -171,6 +174,48 @@ pub enum Command {
         /// The HAService (in -n, default the context's namespace).
         service: String,
     },
+    /// Release NODE (FreeHA's HUP): every service of the cluster that runs
+    /// there moves to the next eligible node through the handover; its
+    /// agent keeps running (HACluster annotation kubeha.io/release-node,
+    /// which the operator removes when done). Exits 4 when not done within
+    /// --wait.
+    Release {
+        /// The member node.
+        node: String,
+        /// The HACluster.
+        #[arg(long)]
+        cluster: String,
+    },
+    /// Reset NODE now (StorNext's force smith): its agent fences itself
+    /// (VIPs dropped, leave scripts, hooks killed, the fence action) and
+    /// withholds its heartbeat, so its services fail over (HACluster
+    /// annotation kubeha.io/reset-node, acted on once). Only a member in
+    /// mode default; confirm with the two words `force smith` after NODE.
+    /// Exits 4 when the operator has not seen the heartbeat stop within
+    /// --wait.
+    Reset {
+        /// The member node.
+        node: String,
+        /// The two words of confirmation: force smith.
+        #[arg(num_args = 0..)]
+        confirm: Vec<String>,
+        /// The HACluster.
+        #[arg(long)]
+        cluster: String,
+    },
+    /// Emergency (FreeHA's USR1): start SERVICE on NODE even though its
+    /// failures there (Errored) keep placement off it; the old holder still
+    /// leaves first. NODE must be a member in a mode that runs services,
+    /// heartbeat Alive. Prints a loud warning; the ForceStarted condition
+    /// and Event stay until `kubectl ha clear`. Exits 4 when it is not
+    /// running there within --wait.
+    ForceStart {
+        /// The HAService (in -n, default the context's namespace).
+        service: String,
+        /// The member node to start it on.
+        #[arg(long)]
+        on: String,
+    },
     /// Set the administrative mode of a member: default, single, config,
     /// locked or peerdown.
     Mode {
@@ -208,6 +253,31 @@ pub enum Command {
         /// The HACluster.
         #[arg(long)]
         cluster: String,
+    },
+    /// Stop the whole cluster safely: no service placed anywhere, every
+    /// node leaves (no failover, no fence), every member back to default
+    /// but peerdown ones. Returns once every leave returned (exit 4 when
+    /// not within --wait).
+    Stop {
+        /// The HACluster (default: the only one).
+        #[arg(long)]
+        cluster: Option<String>,
+    },
+    /// Start a stopped cluster: placement picks the nodes again. Exit 4
+    /// when a service is not Active within --wait.
+    Start {
+        /// The HACluster (default: the only one).
+        #[arg(long)]
+        cluster: Option<String>,
+    },
+    /// Put NODE in mode config (monitoring off, for reconfiguration), after
+    /// checking that every other member is locked or peerdown.
+    Config {
+        /// The member node.
+        node: String,
+        /// The HACluster (default: the only one that has NODE as member).
+        #[arg(long)]
+        cluster: Option<String>,
     },
     /// Clusters (members' modes and heartbeats) and services (phase, active,
     /// standby, epoch) of the namespace (-n, default the context's; -A: all).
@@ -384,6 +454,13 @@ async fn run_async(cli: Cli) -> anyhow::Result<Outcome> {
     match cli.command {
         Command::Move { service, to } => move_service(&ctx, &service, &to).await,
         Command::Clear { service } => clear_service(&ctx, &service).await,
+        Command::Release { node, cluster } => node_ops::release(&ctx, &cluster, &node).await,
+        Command::Reset {
+            node,
+            confirm,
+            cluster,
+        } => node_ops::reset(&ctx, &cluster, &node, &confirm).await,
+        Command::ForceStart { service, on } => node_ops::force_start(&ctx, &service, &on).await,
         Command::Mode {
             node,
             mode,
@@ -393,6 +470,7 @@ async fn run_async(cli: Cli) -> anyhow::Result<Outcome> {
             if mode == Mode::Peerdown && !force {
                 refuse_peerdown_of_alive(&ctx.client, &cluster, &node).await?;
             }
+            cluster_ops::check_mode_change(&ctx, &cluster, &node, mode).await?;
             set_mode(&ctx, &cluster, &node, mode, None).await
         }
         Command::Peerdown {
@@ -410,6 +488,19 @@ async fn run_async(cli: Cli) -> anyhow::Result<Outcome> {
         }
         Command::Peerup { node, cluster } => {
             set_mode(&ctx, &cluster, &node, Mode::Default, Some(Mode::Peerdown)).await
+        }
+        Command::Stop { cluster } => {
+            let cluster = cluster_ops::resolve_cluster(&ctx, cluster.as_deref(), None).await?;
+            cluster_ops::stop(&ctx, &cluster).await
+        }
+        Command::Start { cluster } => {
+            let cluster = cluster_ops::resolve_cluster(&ctx, cluster.as_deref(), None).await?;
+            cluster_ops::start(&ctx, &cluster).await
+        }
+        Command::Config { node, cluster } => {
+            let cluster =
+                cluster_ops::resolve_cluster(&ctx, cluster.as_deref(), Some(&node)).await?;
+            cluster_ops::config(&ctx, &cluster, &node).await
         }
         Command::Status { cluster, watch } => {
             if watch {
@@ -492,21 +583,9 @@ async fn move_service(ctx: &Ctx, name: &str, to: &str) -> anyhow::Result<Outcome
     // operator, which reports in the Moved condition.
     let clusters: Api<HACluster> = Api::all(ctx.client.clone());
     if let Some(c) = clusters.get_opt(&svc.spec.cluster_ref).await.ok().flatten()
-        && c.spec.members.selector.is_none()
-        && !c.spec.members.nodes.iter().any(|m| m.name == to)
+        && let Some(why) = node_ops::member_problem(&c, to, "move it to", false)
     {
-        let listed: Vec<&str> = c
-            .spec
-            .members
-            .nodes
-            .iter()
-            .map(|m| m.name.as_str())
-            .collect();
-        anyhow::bail!(
-            "{to} is not a member of HACluster {} that {what} runs on (members: {}); move it to one of them",
-            svc.spec.cluster_ref,
-            listed.join(", ")
-        );
+        anyhow::bail!("{what}: {why}");
     }
     api.patch(name, &params(), &Patch::Merge(&patches::move_patch(to)))
         .await
@@ -543,9 +622,10 @@ async fn clear_service(ctx: &Ctx, name: &str) -> anyhow::Result<Outcome> {
     .await
     .map_err(|e| api_error(e, &what, "patch"))?;
     ctx.say(&format!(
-        "{what}: {}={token} set, {} removed",
+        "{what}: {}={token} set, {} and {} removed",
         annotations::CLEAR,
-        annotations::MOVE_TO
+        annotations::MOVE_TO,
+        annotations::FORCE_START
     ));
     let (last, done) = poll(&api, name, ctx.wait, |s: &HAService| {
         s.status.as_ref().is_none_or(|st| {
