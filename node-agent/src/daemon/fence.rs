@@ -7,13 +7,13 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use kube::ResourceExt;
+use kube::{Resource, ResourceExt};
 use kubeha_crds::HACluster;
 use kubeha_crds::cluster::NoQuorumPolicy;
 use kubeha_crds::service::Role;
 
 use super::membership::{OwnNode, cluster_view, member_of};
-use super::report::event;
+use super::report::{event, event_about};
 use super::{Shared, Slot, Target, fenced_flag};
 use crate::statefile::{self};
 use crate::transitions::{TransitionCluster, TransitionService};
@@ -47,14 +47,20 @@ pub(super) async fn on_renewed(shared: &Arc<Shared>, cluster: &str) {
     shared.node.extend(&view).await;
 }
 
-/// The self-fence: for every cluster whose heartbeat passed RD, write the
-/// fence log line, drop the VIPs at once, run the leave scripts in the time
-/// left before D, then kill the hooks (and run the reset hook).
+/// The self-fence: for every cluster whose heartbeat passed RD, and every
+/// cluster in `resets` (an admin's reset of this node: cluster -> request
+/// id, [`super::reset`]), write the fence log line, drop the VIPs at once,
+/// run the leave scripts in the time left before D, then kill the hooks
+/// (and run the reset hook). A reset fences whatever the heartbeat and the
+/// `noQuorumPolicy`, and first withholds the heartbeat for E + R + 500 ms
+/// (as [`escalate`] does), so the operator sees the node Lost and moves its
+/// services; the agent reports it as a `Reset` Event on the HACluster.
 pub(super) async fn fence_if_cut_off(
     shared: &Arc<Shared>,
     clusters: &[Arc<HACluster>],
     me: &OwnNode,
     slots: &BTreeMap<String, Slot>,
+    resets: &BTreeMap<String, String>,
 ) {
     let now = Instant::now();
     for (cluster, _) in member_of(clusters, me, true) {
@@ -62,33 +68,61 @@ pub(super) async fn fence_if_cut_off(
         let Some(beat) = shared.beats.get(&name) else {
             continue;
         };
-        // Never renewed since start: nothing can be held but adopted records,
-        // whose VIP lifetime runs out by itself.
-        if beat.last_success.is_none() || !beat.past_deadline(now) {
-            continue;
-        }
+        let reset = resets.get(&name);
         let flag = fenced_flag(shared, &name);
-        if flag.load(Ordering::SeqCst) {
-            continue;
-        }
-        if cluster.spec.fence.no_quorum_policy == NoQuorumPolicy::Freeze {
-            freeze(shared, &name).await;
-            continue;
-        }
+        let line = if let Some(id) = reset {
+            let timing = beat.guard();
+            let hold = timing.expiry() + timing.renew_interval + Duration::from_millis(500);
+            shared.beats.suspend(&name, now + hold);
+            let note = format!(
+                "reset requested ({} request {id}): fenced now (fence action {:?}), heartbeat withheld for {} ms",
+                kubeha_crds::annotations::RESET_NODE,
+                cluster.spec.fence.action,
+                hold.as_millis()
+            );
+            event_about(
+                shared,
+                &cluster.object_ref(&()),
+                true,
+                "Reset",
+                note.clone(),
+            )
+            .await;
+            format!(
+                "{} node={} cluster={} fence: {note}",
+                jiff::Timestamp::now(),
+                shared.config.node,
+                name,
+            )
+        } else {
+            // Never renewed since start: nothing can be held but adopted
+            // records, whose VIP lifetime runs out by itself.
+            if beat.last_success.is_none() || !beat.past_deadline(now) {
+                continue;
+            }
+            if flag.load(Ordering::SeqCst) {
+                continue;
+            }
+            if cluster.spec.fence.no_quorum_policy == NoQuorumPolicy::Freeze {
+                freeze(shared, &name).await;
+                continue;
+            }
+            let age = beat.age(now).unwrap_or_default();
+            format!(
+                "{} node={} cluster={} fence: no heartbeat renew for {} ms (renew deadline {} ms)",
+                jiff::Timestamp::now(),
+                shared.config.node,
+                name,
+                age.as_millis(),
+                beat.timing.renew_deadline.as_millis()
+            )
+        };
         flag.store(true, Ordering::SeqCst);
         let age = beat.age(now).unwrap_or_default();
-        let line = format!(
-            "{} node={} cluster={} fence: no heartbeat renew for {} ms (renew deadline {} ms)",
-            jiff::Timestamp::now(),
-            shared.config.node,
-            name,
-            age.as_millis(),
-            beat.timing.renew_deadline.as_millis()
-        );
         if let Err(e) = statefile::append_synced(&shared.config.fence_log(), &line) {
             tracing::error!(error = %e, "writing the fence log failed");
         }
-        tracing::error!(cluster = %name, age_ms = age.as_millis() as u64, "heartbeat past its deadline: fencing");
+        tracing::error!(cluster = %name, age_ms = age.as_millis() as u64, reset = ?reset, "fencing");
         shared.metrics.fenced();
         // 1. Drop every VIP of this cluster at once, without waiting for a
         //    transition's lock.

@@ -8,6 +8,7 @@ mod fence;
 mod membership;
 mod reconcile;
 mod report;
+mod reset;
 mod tasks;
 
 use std::collections::{BTreeMap, HashMap};
@@ -472,7 +473,8 @@ pub async fn run(config: Config) -> crate::Result<()> {
             &renewed_tx,
             &client,
         );
-        fence_if_cut_off(&shared, &clusters_now, &me, &slots).await;
+        let resets = reset::take_requests(&shared, &clusters_now, &me);
+        fence_if_cut_off(&shared, &clusters_now, &me, &slots, &resets).await;
         if synced.load(Ordering::SeqCst) {
             reconcile(
                 &shared,

@@ -114,6 +114,17 @@ pub(super) async fn event(
     reason: &str,
     note: String,
 ) {
+    event_about(shared, &target.reference, warning, reason, note).await;
+}
+
+/// [`event`] about any object (an HACluster: a reset).
+pub(super) async fn event_about(
+    shared: &Shared,
+    reference: &k8s_openapi::api::core::v1::ObjectReference,
+    warning: bool,
+    reason: &str,
+    note: String,
+) {
     let ev = Event {
         type_: if warning {
             EventType::Warning
@@ -134,7 +145,7 @@ pub(super) async fn event(
     // anything (a publish to a stalled API server has no timeout of its own).
     match tokio::time::timeout(
         Duration::from_secs(2),
-        shared.recorder.publish(&ev, &target.reference),
+        shared.recorder.publish(&ev, reference),
     )
     .await
     {
