@@ -66,9 +66,10 @@ pub(super) fn fault_marker(lab: &Lab, i: u8, service: &str, fault: &str) -> std:
 }
 
 /// The chaos services' hook scripts `(file name, body)`:
-/// - `E01server` starts, unless it runs, a TCP server on the first VIP
-///   (IPv4) and port [`SERVER_PORT`] that answers every connection with the
-///   node's name and closes it;
+/// - `E01server`, on `enter master` only, starts, unless it runs, a TCP
+///   server on the first VIP (IPv4) and port [`SERVER_PORT`] that answers
+///   every connection with the node's name and closes it (entering
+///   vicemaster or none starts nothing; any other call exits 1);
 /// - `L01server` stops it;
 /// - `M01server` checks it (0 running, 7 not), unless a fault marker makes
 ///   it fail (exit 3), hang, or sleep first.
@@ -107,8 +108,21 @@ running() {{
          except OSError:pass\n \
          c.close()\n"
     );
+    // Only entering master starts the server: entering the standby role
+    // (vicemaster, none) starts nothing, as examples/hooks/demo/E01server.
     let enter = format!(
-        r#"{prelude}mkdir -p "$state"
+        r#"{prelude}case "${{1-}} ${{2-}}" in
+    "enter master") ;;
+    "enter vicemaster" | "enter none")
+        echo "standby: nothing to start"
+        exit 0
+        ;;
+    *)
+        echo "called as '$0 ${{1-}} ${{2-}}', expected 'enter master|vicemaster|none'" >&2
+        exit 1
+        ;;
+esac
+mkdir -p "$state"
 if running; then
     echo "already running"
     exit 0
