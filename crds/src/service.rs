@@ -536,6 +536,13 @@ pub struct ServiceNodeStatus {
     /// whatever `failureTimeoutSeconds` says.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub unclean_epoch: Option<i64>,
+    /// A hook exited 1 (illegal call) or 2 (wrong or changed configuration)
+    /// here: no retry on this node. The service is not placed here again
+    /// until an admin clears it (`kubectl ha clear`), whatever
+    /// `failureTimeoutSeconds` says (that timeout ends only ordinary
+    /// failures).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub permanent_failure: bool,
     /// The last hook runs.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 32))]

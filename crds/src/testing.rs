@@ -85,6 +85,7 @@ pub fn status_entry(
         fail_count: 0,
         last_failure_time: None,
         unclean_epoch: None,
+        permanent_failure: false,
         hooks: Vec::new(),
         refused: None,
     }

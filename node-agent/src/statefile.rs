@@ -126,6 +126,12 @@ pub struct ServiceRecord {
     /// whatever its outcome.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub fenced: bool,
+    /// A hook exited 1 or 2 here ([`crate::hooks::is_permanent`]): the
+    /// status entry's `permanentFailure`, which keeps the service off this
+    /// node past `failureTimeoutSeconds`. Ended only by an admin's clear
+    /// ([`ServiceRecord::apply_clear`]).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub permanent_failure: bool,
     /// Why this node refuses the role the service Lease gives it
     /// ([`crate::assignments::vet`]), for its status entry; `None` when it
     /// takes it.
@@ -179,6 +185,7 @@ impl ServiceRecord {
             clear_token,
             unclean_epoch: None,
             fenced: false,
+            permanent_failure: false,
             refused: None,
         }
     }
@@ -199,6 +206,21 @@ impl ServiceRecord {
             && self.unclean_epoch.is_none()
             && !self.fenced
             && self.refused.is_none()
+    }
+
+    /// Counts one failure of hooks whose overall outcome is `outcome`,
+    /// here, now: a permanent outcome (exit 1 or 2) raises the count to at
+    /// least `migration_threshold` ([`crate::hooks::fail_count_after`]) and
+    /// marks the record [`ServiceRecord::permanent_failure`].
+    pub fn count_hook_failure(
+        &mut self,
+        outcome: kubeha_crds::service::HookOutcome,
+        migration_threshold: i32,
+    ) {
+        self.count_failure();
+        self.fail_count =
+            crate::hooks::fail_count_after(outcome, self.fail_count, migration_threshold);
+        self.permanent_failure |= crate::hooks::is_permanent(outcome);
     }
 
     /// Counts one failure here, now.
@@ -235,6 +257,7 @@ impl ServiceRecord {
         self.fail_count = 0;
         self.last_failure = None;
         self.failed_epoch = None;
+        self.permanent_failure = false;
         // A leave that failed stays Failed: only a leave that succeeds (the
         // daemon runs it again on a clear) or a fence ends it.
         if cleared.was_failed && self.unclean_epoch.is_none() {

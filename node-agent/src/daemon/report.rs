@@ -177,6 +177,9 @@ pub fn status_entry(node: &str, record: &ServiceRecord) -> serde_json::Value {
     if let Some(epoch) = record.unclean_epoch {
         entry["uncleanEpoch"] = epoch.into();
     }
+    if record.permanent_failure {
+        entry["permanentFailure"] = true.into();
+    }
     if let Some(why) = &record.refused {
         entry["refused"] = crate::hooks::clip_to(why, REPORTED_REFUSAL_BYTES).into();
     }

@@ -280,14 +280,27 @@ pub(super) fn spawn_monitor(
         };
         let counter = failures_counter.clone();
         counter.store(failures, Ordering::SeqCst);
-        if failures >= threshold.max(1) {
+        // Exit 1 or 2 of a monitor script is permanent at once: no waiting
+        // for the failure threshold, no retry on this node.
+        let outcome = crate::hooks::overall(&record.last_hooks);
+        let permanent = !ok && crate::hooks::is_permanent(outcome);
+        if permanent || failures >= threshold.max(1) {
             counter.store(0, Ordering::SeqCst);
-            tracing::warn!(failures, "monitor failed past its threshold: leaving");
+            tracing::warn!(
+                failures,
+                ?outcome,
+                "monitor failed for good or past its threshold: leaving"
+            );
             let epoch = record.epoch;
+            let monitor_results = record.last_hooks.clone();
             shared.node.leave_master(&mut record, &service, &view).await;
             record.state = NodeServiceState::Failed;
             record.failed_epoch = Some(epoch);
-            record.count_failure();
+            // The monitor's results first, so the status shows why.
+            let mut all = monitor_results;
+            all.append(&mut record.last_hooks);
+            record.last_hooks = all;
+            record.count_hook_failure(outcome, service.spec.migration_threshold);
             report(&shared, &target, &record).await;
             if record.unclean_epoch.is_some() {
                 escalate(&shared, &target, &view).await;

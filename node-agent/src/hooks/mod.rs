@@ -279,10 +279,11 @@ pub fn is_permanent(outcome: HookOutcome) -> bool {
 /// `count` already including that failure. A permanent outcome (exit 1,
 /// an illegal call, or exit 2, a wrong or changed configuration) means no
 /// retry on this node: the count is raised to at least the service's
-/// `migration_threshold`, so the operator no longer places the service here
-/// until an admin clears it (`kubectl ha clear`) or, when the service sets
-/// `failureTimeoutSeconds`, the failure expires. Any other outcome keeps
-/// `count`.
+/// `migration_threshold`, and the record reports `permanentFailure`
+/// ([`crate::statefile::ServiceRecord::count_hook_failure`]), so the
+/// operator no longer places the service here until an admin clears it
+/// (`kubectl ha clear`); `failureTimeoutSeconds` does not end it. Any
+/// other outcome keeps `count` (and such a failure expires).
 pub fn fail_count_after(outcome: HookOutcome, count: i32, migration_threshold: i32) -> i32 {
     if is_permanent(outcome) {
         count.max(migration_threshold)

@@ -54,6 +54,7 @@ fn record() -> ServiceRecord {
         clear_token: None,
         unclean_epoch: None,
         fenced: false,
+        permanent_failure: false,
         refused: None,
     }
 }
@@ -302,4 +303,26 @@ fn after_a_reboot_nothing_is_held_and_failures_are_kept() {
     assert!(fenced.forget_after_reboot());
     assert_eq!(fenced.state, NodeServiceState::Stopped);
     assert!(!fenced.fenced);
+}
+
+#[test]
+fn exit_1_or_2_is_a_permanent_failure_until_a_clear() {
+    use kubeha_crds::service::HookOutcome;
+    let mut r = ServiceRecord {
+        fail_count: 0,
+        ..record()
+    };
+    // An ordinary failure counts one and is not permanent.
+    r.count_hook_failure(HookOutcome::Failed, 3);
+    assert_eq!((r.fail_count, r.permanent_failure), (1, false));
+    // Exit 2: at least the migration threshold, and permanent.
+    r.count_hook_failure(HookOutcome::ConfigError, 3);
+    assert_eq!((r.fail_count, r.permanent_failure), (3, true));
+    assert!(r.last_failure.is_some());
+    // A later ordinary failure does not end it.
+    r.count_hook_failure(HookOutcome::NotRunning, 3);
+    assert!(r.permanent_failure);
+    // Only an admin's clear does.
+    r.apply_clear(Some("t1"));
+    assert_eq!((r.fail_count, r.permanent_failure), (0, false));
 }

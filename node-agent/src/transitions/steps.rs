@@ -83,10 +83,8 @@ impl<N: Netlink> LocalNode<N> {
                     record.state = NodeServiceState::Stopped;
                 } else {
                     record.state = NodeServiceState::Failed;
-                    record.count_failure();
-                    record.fail_count = hooks::fail_count_after(
+                    record.count_hook_failure(
                         hooks::overall(&record.last_hooks),
-                        record.fail_count,
                         svc.spec.migration_threshold,
                     );
                 }
@@ -177,10 +175,8 @@ impl<N: Netlink> LocalNode<N> {
             record.last_hooks = all;
             record.state = NodeServiceState::Failed;
             record.failed_epoch = Some(epoch);
-            record.count_failure();
             // Exit 1 or 2 of an enter script: no retry on this node.
-            record.fail_count =
-                hooks::fail_count_after(outcome, record.fail_count, svc.spec.migration_threshold);
+            record.count_hook_failure(outcome, svc.spec.migration_threshold);
             return false;
         }
         record.state = NodeServiceState::Running;

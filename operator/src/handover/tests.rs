@@ -422,6 +422,7 @@ impl Agent {
             fail_count: 0,
             last_failure_time: None,
             unclean_epoch: None,
+            permanent_failure: false,
             hooks: Vec::new(),
             refused: None,
         }

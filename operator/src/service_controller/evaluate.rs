@@ -294,8 +294,13 @@ pub(super) fn evaluate(svc: &HAService, ctx: &Ctx, deleting: bool, now: Instant)
             .min();
         let mut failures = m.failures(now);
         // A node that may not have left cleanly enters nothing: never a
-        // candidate until it has (or an admin cleared it).
-        for e in entries.iter().filter(|e| e.unclean_epoch.is_some()) {
+        // candidate until it has (or an admin cleared it). Nor is a node
+        // where a hook exited 1 or 2 (`permanentFailure`): that failure
+        // does not expire with `failureTimeoutSeconds`, only a clear ends it.
+        for e in entries
+            .iter()
+            .filter(|e| e.unclean_epoch.is_some() || e.permanent_failure)
+        {
             failures.entry(e.node.clone()).or_default().unclean = true;
         }
         (failures, seen, started_nothing, refusal_wait)
