@@ -248,14 +248,7 @@ async fn hooks_by_hand(
     .await;
     let (spec, members, cluster_name) = match (from_api, &saved) {
         (Some((spec, cluster)), _) => {
-            let members = cluster.as_ref().map(|c| {
-                c.spec
-                    .members
-                    .nodes
-                    .iter()
-                    .map(|m| m.name.clone())
-                    .collect()
-            });
+            let members = cluster.as_ref().map(kubeha_crds::roles::known_members);
             let name = spec.cluster_ref.clone();
             (spec, members.unwrap_or_default(), name)
         }

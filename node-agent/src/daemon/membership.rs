@@ -127,13 +127,7 @@ pub(super) fn cluster_view(shared: &Shared, cluster: &HACluster) -> TransitionCl
     });
     runner.set_hook_policy(&name, &cluster.spec.allowed_hook_sources);
     TransitionCluster {
-        members: cluster
-            .spec
-            .members
-            .nodes
-            .iter()
-            .map(|m| m.name.clone())
-            .collect(),
+        members: kubeha_crds::roles::known_members(cluster),
         beat: shared.beats.get(&name),
         fenced: fenced_flag(shared, &name),
         name,

@@ -118,7 +118,9 @@ fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 pub struct TransitionCluster {
     /// Cluster name.
     pub name: String,
-    /// Members in order.
+    /// The actual members, listed and selected, in placement order
+    /// ([`kubeha_crds::roles::known_members`]): the first is the primary
+    /// node of a service that prefers no member.
     pub members: Vec<String>,
     /// The heartbeat of this node in that cluster.
     pub beat: Option<Beat>,

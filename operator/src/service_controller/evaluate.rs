@@ -73,13 +73,20 @@ pub(super) fn requeue(ev: &Evaluation, now: Instant) -> Action {
     }
 }
 
-/// The primary node of a service: its first preferred node, else the
-/// cluster's first listed member (as the agents judge takeover/takeback).
-pub(super) fn primary(svc: &HAService, cluster: Option<&HACluster>) -> Option<String> {
-    let members = cluster
-        .into_iter()
-        .flat_map(|c| c.spec.members.nodes.iter().map(|m| m.name.as_str()));
-    kubeha_crds::roles::primary_node(&svc.spec, members).map(str::to_owned)
+/// The primary node of a service: its first preferred node among the
+/// actual `members` (listed and selected), else the first of them in the
+/// cluster's placement order (as the agents judge takeover/takeback).
+pub(super) fn primary(
+    svc: &HAService,
+    cluster: Option<&HACluster>,
+    members: &[Member],
+) -> Option<String> {
+    let cluster = cluster?;
+    let order = kubeha_crds::roles::placement_order(
+        cluster.spec.placement,
+        members.iter().map(|m| m.name.as_str()),
+    );
+    kubeha_crds::roles::primary_node(&svc.spec, order).map(str::to_owned)
 }
 
 pub(super) fn refusal_for(
@@ -263,7 +270,7 @@ pub(super) fn evaluate(svc: &HAService, ctx: &Ctx, deleting: bool, now: Instant)
         .flatten()
         .filter(|n| fences.get(n) == Some(&Fence::Heartbeat))
         .collect();
-    let primary = primary(svc, cluster.as_deref());
+    let primary = primary(svc, cluster.as_deref(), &members);
     let expiry = cluster
         .as_ref()
         .map(|c| Timing::from(&c.spec.heartbeat))
