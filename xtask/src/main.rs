@@ -530,6 +530,17 @@ fn print_scale(r: &kubeha_e2e::bench::ScaleReport, steady_seconds: u64) {
             s.agent_cpu_pct.max
         );
     }
+    for s in &r.steady {
+        println!(
+            "writes/s at {} services by resource and verb: {}",
+            s.services,
+            s.writes_by
+                .iter()
+                .map(|(k, r)| format!("{k} {r:.2}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+    }
     let Some(f) = &r.failover else {
         println!(
             "\nno further figure: {}",

@@ -740,7 +740,7 @@ fn switchover(
 
 /// Requests the API server has served so far, from its own
 /// `apiserver_request_total`.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct ApiRequests {
     /// Every request, reads and watches included.
     pub all: f64,
@@ -748,9 +748,37 @@ pub struct ApiRequests {
     pub writes: f64,
     /// Requests refused for overload (429) or timed out (504).
     pub overloaded: f64,
+    /// Write requests by `resource verb` (`leases APPLY`), to tell which
+    /// writers a steady rate is made of.
+    pub writes_by: std::collections::BTreeMap<String, f64>,
+}
+
+/// The value of label `name` in one Prometheus text line.
+fn label_value<'a>(line: &'a str, name: &str) -> Option<&'a str> {
+    let start = line.find(&format!("{name}=\""))? + name.len() + 2;
+    let len = line[start..].find('"')?;
+    Some(&line[start..start + len])
 }
 
 impl ApiRequests {
+    /// Writes per second by `resource verb` between `self` and a later
+    /// reading, over `secs`, the busiest first; rates under 0.05/s left out.
+    pub fn write_rates_since(&self, later: &ApiRequests, secs: f64) -> Vec<(String, f64)> {
+        let mut rates: Vec<(String, f64)> = later
+            .writes_by
+            .iter()
+            .map(|(k, v)| {
+                (
+                    k.clone(),
+                    (v - self.writes_by.get(k).unwrap_or(&0.0)) / secs,
+                )
+            })
+            .filter(|(_, r)| *r >= 0.05)
+            .collect();
+        rates.sort_by(|a, b| b.1.total_cmp(&a.1));
+        rates
+    }
+
     /// The API server's counters now.
     pub fn now(lab: &Lab) -> anyhow::Result<ApiRequests> {
         let text = lab
@@ -760,6 +788,7 @@ impl ApiRequests {
             all: 0.0,
             writes: 0.0,
             overloaded: 0.0,
+            writes_by: Default::default(),
         };
         for line in text
             .lines()
@@ -769,11 +798,19 @@ impl ApiRequests {
                 continue;
             };
             counted.all += n;
-            if ["POST", "PUT", "PATCH", "APPLY", "DELETE"]
-                .iter()
-                .any(|v| line.contains(&format!("verb=\"{v}\"")))
+            if let Some(verb) = ["POST", "PUT", "PATCH", "APPLY", "DELETE"]
+                .into_iter()
+                .find(|v| line.contains(&format!("verb=\"{v}\"")))
             {
                 counted.writes += n;
+                let resource = label_value(line, "resource").unwrap_or("?");
+                let subresource = label_value(line, "subresource")
+                    .filter(|s| !s.is_empty())
+                    .map_or(String::new(), |s| format!("/{s}"));
+                *counted
+                    .writes_by
+                    .entry(format!("{resource}{subresource} {verb}"))
+                    .or_default() += n;
             }
             if line.contains("code=\"429\"") || line.contains("code=\"504\"") {
                 counted.overloaded += n;

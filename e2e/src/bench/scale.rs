@@ -77,6 +77,8 @@ pub struct Steady {
     pub writes_per_s: f64,
     /// All requests per second, reads and watches included.
     pub requests_per_s: f64,
+    /// `writes_per_s` by `resource verb`, the busiest first.
+    pub writes_by: Vec<(String, f64)>,
     /// Resident memory of the operator, MiB.
     pub operator_rss_mb: f64,
     /// CPU of the operator, percent of one core.
@@ -427,8 +429,14 @@ fn measure(
         step.haservice_watch_events_per_service =
             (haservice_watch_events(lab)? - events0) / (services - created0).max(1) as f64;
         eprintln!(
-            "scale: {services} services: {:.1} writes/s, {:.0} HAService watch events per service added",
-            step.writes_per_s, step.haservice_watch_events_per_service
+            "scale: {services} services: {:.1} writes/s ({}), {:.0} HAService watch events per service added",
+            step.writes_per_s,
+            step.writes_by
+                .iter()
+                .map(|(k, r)| format!("{k} {r:.2}"))
+                .collect::<Vec<_>>()
+                .join(", "),
+            step.haservice_watch_events_per_service
         );
         steady.push(step);
     }
@@ -481,6 +489,7 @@ fn measure_steady(
         settle_s,
         writes_per_s: (api1.writes - api0.writes) / elapsed,
         requests_per_s: (api1.all - api0.all) / elapsed,
+        writes_by: api0.write_rates_since(&api1, elapsed),
         operator_rss_mb: rss_mb(operator)?,
         operator_cpu_pct: pct(op0, op1),
         agent_rss_mb: MedianMax::of(&agent_rss),
