@@ -182,9 +182,9 @@ pub enum Command {
     Release {
         /// The member node.
         node: String,
-        /// The HACluster.
+        /// The HACluster (default: the only one that has NODE as member).
         #[arg(long)]
-        cluster: String,
+        cluster: Option<String>,
     },
     /// Reset NODE now (StorNext's force smith): its agent fences itself
     /// (VIPs dropped, leave scripts, hooks killed, the fence action) and
@@ -199,9 +199,9 @@ pub enum Command {
         /// The two words of confirmation: force smith.
         #[arg(num_args = 0..)]
         confirm: Vec<String>,
-        /// The HACluster.
+        /// The HACluster (default: the only one that has NODE as member).
         #[arg(long)]
-        cluster: String,
+        cluster: Option<String>,
     },
     /// Emergency (FreeHA's USR1): start SERVICE on NODE even though its
     /// failures there (Errored) keep placement off it; the old holder still
@@ -454,12 +454,20 @@ async fn run_async(cli: Cli) -> anyhow::Result<Outcome> {
     match cli.command {
         Command::Move { service, to } => move_service(&ctx, &service, &to).await,
         Command::Clear { service } => clear_service(&ctx, &service).await,
-        Command::Release { node, cluster } => node_ops::release(&ctx, &cluster, &node).await,
+        Command::Release { node, cluster } => {
+            let cluster =
+                cluster_ops::resolve_cluster(&ctx, cluster.as_deref(), Some(&node)).await?;
+            node_ops::release(&ctx, &cluster, &node).await
+        }
         Command::Reset {
             node,
             confirm,
             cluster,
-        } => node_ops::reset(&ctx, &cluster, &node, &confirm).await,
+        } => {
+            let cluster =
+                cluster_ops::resolve_cluster(&ctx, cluster.as_deref(), Some(&node)).await?;
+            node_ops::reset(&ctx, &cluster, &node, &confirm).await
+        }
         Command::ForceStart { service, on } => node_ops::force_start(&ctx, &service, &on).await,
         Command::Mode {
             node,

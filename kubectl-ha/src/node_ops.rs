@@ -152,7 +152,7 @@ pub async fn reset(
         || confirm.iter().zip(RESET_CONFIRMATION).any(|(a, b)| a != b)
     {
         return Err(anyhow!(
-            "a reset fences {node} at once: its VIPs are dropped, its hooks killed and the fence action run, and its services fail over. To confirm, add the two words {}: kubectl ha reset {node} {} --cluster {cluster}",
+            "a reset fences {node} at once: its VIPs are dropped, its hooks killed and the fence action run, and its services fail over. To confirm, add the two words {}: kubectl ha reset {node} {}",
             RESET_CONFIRMATION.join(" "),
             RESET_CONFIRMATION.join(" ")
         ));
