@@ -5,6 +5,7 @@
 
 mod capture;
 mod network;
+mod operated;
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -21,6 +22,9 @@ pub use crate::split_brain::{DoubleHolder, MAX_SAMPLE_GAP, Sampled, SplitBrain};
 pub use capture::{Capture, Frame, parse_tcpdump};
 pub use network::{
     client_reaches, client_tcp_reply, mac_of, node_addresses, vip_holders, vip_on_node,
+};
+pub use operated::{
+    ServiceLease, operator_lab, remove_services_and_cluster, service_lease, wait_active_on,
 };
 
 /// Namespace of the test HAServices.
