@@ -181,9 +181,9 @@ fn ordered_placement_follows_the_member_list_and_alphabetical_the_node_names() {
     lab.power_on(2).unwrap();
     sampler.set_off(&[]);
     lab.start_agent(2, &[] as &[&str]).unwrap();
-    sampler
-        .stop()
-        .assert_single_holder(vip_o, "node-2's power-off");
+    let sampled = sampler.stop();
+    sampled.assert_single_holder(vip_o, "node-2's power-off");
+    sampled.assert_single_holder(vip_a, "node-2's power-off");
 
     ha::remove_services_and_cluster(&lab, &[ordered], ordered, &[vip_o]).unwrap();
     ha::remove_services_and_cluster(&lab, &[alpha], alpha, &[vip_a]).unwrap();
