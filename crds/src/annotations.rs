@@ -1,8 +1,10 @@
-//! Annotations an admin (or `kubectl ha`) puts on an HAService to ask for
-//! the actions of the classic HA managers. They live in the metadata, not
-//! the spec: they are requests to the operator and the agents, not part of
-//! the application team's desired state, and setting one never bumps the
-//! generation.
+//! Annotations an admin (or `kubectl ha`) puts on an HAService ([`MOVE_TO`],
+//! [`CLEAR`], [`FORCE_START`]) or, for what only the cluster admin may ask
+//! (tenants cannot write HAClusters), on an HACluster ([`RELEASE_NODE`],
+//! [`RESET_NODE`]) to ask for the actions of the classic HA managers. They
+//! live in the metadata, not the spec: they are requests to the operator
+//! and the agents, not part of the desired state, and setting one never
+//! bumps the generation.
 //!
 //! Also the node-scope labels the operator keeps on each HAService
 //! ([`node_scope_label`]): which nodes' agents see it at all.
