@@ -940,8 +940,18 @@ async fn watch_status(ctx: &Ctx, cluster: Option<&str>) -> anyhow::Result<Outcom
     let mut changes = std::pin::pin!(futures::stream::select(clusters, services));
     let mut last = String::new();
     loop {
-        let (clusters, services) = read_status(ctx, cluster, ctx.list_namespace()).await?;
-        let now = format_objects(ctx.output, &clusters, &services)?;
+        // A later read that fails (the API server restarting, say) is
+        // said and the watch goes on; the next change reads again.
+        let now = match read_status(ctx, cluster, ctx.list_namespace()).await {
+            Ok((clusters, services)) => format_objects(ctx.output, &clusters, &services)?,
+            // The first read fails as `status` without --watch does (a
+            // wrong --cluster, no RBAC).
+            Err(e) if last.is_empty() => return Err(e),
+            Err(e) => {
+                eprintln!("note: {e:#}; the status is read again on the next change");
+                last.clone()
+            }
+        };
         if now != last {
             if !last.is_empty() {
                 println!(
