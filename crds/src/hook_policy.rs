@@ -14,7 +14,7 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use crate::cluster::AllowedHookSources;
-use crate::service::HookSource;
+use crate::service::{HookSource, Hooks};
 
 /// What one namespace (or every namespace, `*`) may use as hook sources. A
 /// namespace gets the union of the entries naming it and the `*` entries.
@@ -59,6 +59,18 @@ pub struct NamespaceHookSources {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 64), extend("items" = config_map_name()))]
     pub own_config_maps: Vec<String>,
+
+    /// User ids the namespace's HAServices may run their hooks as
+    /// (`spec.hooks.runAsUser`): one id (`1000`) or an inclusive range
+    /// (`1000-1999`) per item. Empty: hooks run as root only.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 64), extend("items" = {
+        "type": "string",
+        "minLength": 1,
+        "maxLength": 21,
+        "pattern": "^[1-9][0-9]{0,9}(-[1-9][0-9]{0,9})?$"
+    }))]
+    pub run_as_users: Vec<String>,
 }
 
 /// The schema of a ConfigMap name in the policy (a DNS subdomain).
@@ -80,8 +92,8 @@ pub enum ConfigMapHome {
     ServiceNamespace,
 }
 
-/// Why a service's hook source is refused by the policy. Every message
-/// names the field and the fix.
+/// Why a service's hook source (or the user its hooks run as) is refused
+/// by the policy. Every message names the field and the fix.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum HookSourceRefused {
     /// A hostPath that does not stay inside the hook root.
@@ -121,6 +133,56 @@ pub enum HookSourceRefused {
         /// What the namespace is granted (`namespace/name` for its own).
         granted: Vec<String>,
     },
+    /// A user id the namespace may not run hooks as.
+    #[error(
+        "spec.hooks.runAsUser {uid}: HACluster {cluster} does not allow namespace {namespace} to run hooks as that user id (allowed: {granted:?}); use an allowed id, or the cluster admin adds \"{uid}\" (or a range holding it, e.g. \"{uid}-{uid}\") to runAsUsers of the spec.allowedHookSources.namespaces entry for {namespace}"
+    )]
+    RunAsUserNotAllowed {
+        /// The cluster.
+        cluster: String,
+        /// The service's namespace.
+        namespace: String,
+        /// The user id asked for.
+        uid: i64,
+        /// What the namespace is allowed.
+        granted: Vec<String>,
+    },
+}
+
+/// The inclusive range of user ids of one `runAsUsers` item (`1000` or
+/// `1000-1999`); `None` when it is not one.
+pub fn uid_range(item: &str) -> Option<(i64, i64)> {
+    let (low, high) = item.split_once('-').unwrap_or((item, item));
+    let (low, high) = (low.parse().ok()?, high.parse().ok()?);
+    (0 < low && low <= high).then_some((low, high))
+}
+
+/// Whether a service of `namespace` may run its hooks as user `uid`:
+/// allowed when an entry for the namespace (its own or `*`) lists the id
+/// or a range holding it.
+pub fn check_run_as_user(
+    policy: &AllowedHookSources,
+    cluster: &str,
+    namespace: &str,
+    uid: i64,
+) -> Result<(), HookSourceRefused> {
+    let granted: Vec<&String> = entries(policy, namespace)
+        .flat_map(|e| &e.run_as_users)
+        .collect();
+    let ok = granted
+        .iter()
+        .filter_map(|g| uid_range(g))
+        .any(|(low, high)| (low..=high).contains(&uid));
+    if ok {
+        Ok(())
+    } else {
+        Err(HookSourceRefused::RunAsUserNotAllowed {
+            cluster: cluster.to_owned(),
+            namespace: namespace.to_owned(),
+            uid,
+            granted: granted.into_iter().cloned().collect(),
+        })
+    }
 }
 
 /// The parts of a relative path under the hook root (`.` and empty parts
@@ -226,9 +288,24 @@ pub fn config_map_homes(
     Ok(homes)
 }
 
-/// Whether a service of `namespace` may take its hooks from `source`
-/// under the policy of HACluster `cluster`.
+/// Whether a service of `namespace` may take its hooks from their source
+/// and run them as their user (`spec.hooks.runAsUser`) under the policy of
+/// HACluster `cluster`.
 pub fn check(
+    policy: &AllowedHookSources,
+    cluster: &str,
+    namespace: &str,
+    hooks: &Hooks,
+) -> Result<(), HookSourceRefused> {
+    check_source(policy, cluster, namespace, &hooks.source)?;
+    if let Some(uid) = hooks.run_as_user {
+        check_run_as_user(policy, cluster, namespace, uid)?;
+    }
+    Ok(())
+}
+
+/// Whether a service of `namespace` may take its hooks from `source`.
+pub fn check_source(
     policy: &AllowedHookSources,
     cluster: &str,
     namespace: &str,
@@ -257,6 +334,7 @@ mod tests {
             host_paths: list(paths),
             config_maps: list(&operator),
             own_config_maps: list(&own),
+            run_as_users: Vec::new(),
         }
     }
 
@@ -371,9 +449,49 @@ mod tests {
             host_path: None,
             config_map: Some(n.into()),
         };
-        assert_eq!(check(&p, "c", "a", &host("a")), Ok(()));
-        assert_eq!(check(&p, "c", "a", &cm("h")), Ok(()));
-        assert!(check(&p, "c", "a", &host("b")).is_err());
-        assert!(check(&p, "c", "a", &cm("g")).is_err());
+        assert_eq!(check_source(&p, "c", "a", &host("a")), Ok(()));
+        assert_eq!(check_source(&p, "c", "a", &cm("h")), Ok(()));
+        assert!(check_source(&p, "c", "a", &host("b")).is_err());
+        assert!(check_source(&p, "c", "a", &cm("g")).is_err());
+    }
+
+    #[test]
+    fn run_as_user_ids_are_allowed_per_namespace_by_id_or_range() {
+        assert_eq!(uid_range("1000"), Some((1000, 1000)));
+        assert_eq!(uid_range("1000-1999"), Some((1000, 1999)));
+        for bad in ["0", "2000-1000", "x", "1000-", "-5", ""] {
+            assert_eq!(uid_range(bad), None, "{bad}");
+        }
+        let mut a = entry("a", &["a"], &[]);
+        a.run_as_users = vec!["1000-1999".into(), "65534".into()];
+        let mut star = entry("*", &[], &[]);
+        star.run_as_users = vec!["3000".into()];
+        let p = policy(vec![a, star]);
+        for uid in [1000, 1500, 1999, 65534, 3000] {
+            assert_eq!(check_run_as_user(&p, "c", "a", uid), Ok(()), "{uid}");
+        }
+        for uid in [999, 2000, 0] {
+            assert!(check_run_as_user(&p, "c", "a", uid).is_err(), "{uid}");
+        }
+        // Namespace b has only the `*` grant.
+        assert_eq!(check_run_as_user(&p, "c", "b", 3000), Ok(()));
+        let err = check_run_as_user(&p, "c", "b", 1000)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("spec.hooks.runAsUser 1000")
+                && err.contains("runAsUsers of the spec.allowedHookSources.namespaces entry for b")
+                && err.contains("[\"3000\"]"),
+            "{err}"
+        );
+        // check covers the user as well as the source.
+        let hooks: Hooks = serde_json::from_value(serde_json::json!({
+            "source": {"hostPath": "a"},
+            "runAsUser": 1000
+        }))
+        .expect("hooks parse");
+        let h = &hooks;
+        assert_eq!(check(&p, "c", "a", h), Ok(()));
+        assert!(check(&p, "c", "b", h).is_err());
     }
 }

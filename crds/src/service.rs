@@ -153,6 +153,19 @@ pub struct Hooks {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 32), extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["name"]))]
     pub env: Vec<HookEnvVar>,
+
+    /// Run every script of the service as this user id instead of root:
+    /// with the user's primary group from the node's user database (the
+    /// uid itself when the node has no such user), no supplementary
+    /// groups, and `HOME` the user's home directory (`/` when it has
+    /// none). The HACluster must allow the id for the service's namespace
+    /// (`spec.allowedHookSources.namespaces[].runAsUsers`); otherwise the
+    /// agent runs nothing and says so in the node's status entry. The
+    /// scripts must then be readable and executable by that user
+    /// (`chmod o+rx`), and the files they write theirs to write.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 2147483647))]
+    pub run_as_user: Option<i64>,
 }
 
 /// Most `spec.hooks.env` entries.

@@ -287,12 +287,12 @@ pub fn validate(
         }
     }
 
-    if let Some(source) = subject.spec.hooks.as_ref().map(|h| &h.source)
+    if let Some(hooks) = subject.spec.hooks.as_ref()
         && let Err(refused) = crate::hook_policy::check(
             &cluster.allowed_hook_sources,
             cluster_name,
             subject.namespace,
-            source,
+            hooks,
         )
     {
         problems.push(Problem::HookSourceNotAllowed(refused));
@@ -522,6 +522,7 @@ mod tests {
             monitor: None,
             periodic: None,
             env: Vec::new(),
+            run_as_user: None,
         }
     }
 
@@ -612,6 +613,7 @@ mod tests {
                 host_paths: vec!["a".into()],
                 config_maps: Vec::new(),
                 own_config_maps: vec!["hooks".into()],
+                run_as_users: Vec::new(),
             }],
         };
         let mut s = spec(&["198.18.0.5/24"]);

@@ -1135,3 +1135,70 @@ fn service_parameters_reach_every_script_and_bad_names_are_refused() {
     );
     cleanup(&lab, name, vip);
 }
+
+/// Issue 10: `spec.hooks.runAsUser` runs every script of the service as
+/// that user (its primary group alone, `HOME` its home) when the HACluster
+/// allows the id for the namespace (`runAsUsers`); an id it does not allow
+/// runs nothing, and the node's status entry names the field and the fix.
+#[test]
+fn hooks_run_as_the_user_the_cluster_allows_and_no_other() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let lab = lab();
+    let (name, vip) = ("runas", "198.18.0.138");
+    let script = "#!/bin/sh\necho \"$1 $2 uid=$(id -u) gid=$(id -g) groups=$(id -G) home=$HOME\"\n";
+    for i in 1..=3 {
+        ha::install_hooks(&lab, i, name, &[("E01id", script), ("L01id", script)]).unwrap();
+    }
+    setup(
+        &lab,
+        name,
+        &[&format!("{vip}/24")],
+        Some(name),
+        Timing::DEFAULT,
+    );
+    let mut cluster = ha::cluster(name, &[1, 2, 3], Timing::DEFAULT);
+    cluster["spec"]["allowedHookSources"]["namespaces"][0]["runAsUsers"] =
+        serde_json::json!(["65534", "70000-70010"]);
+    ha::apply(&lab, &cluster).unwrap();
+    let with_user = |uid: i64| {
+        let mut svc = ha::service(name, name, &[&format!("{vip}/24")], Some(name), (3, 200));
+        svc["spec"]["hooks"]["runAsUser"] = serde_json::json!(uid);
+        svc
+    };
+    ha::apply(&lab, &with_user(65534)).unwrap();
+    ha::set_service_lease(&lab, name, Some("node-1"), 1, true, None).unwrap();
+    let want = "enter master uid=65534 gid=65534 groups=65534 home=/nonexistent";
+    let ran = ha::wait_until(Duration::from_secs(15), || {
+        ha::node_entry(&lab, name, 1)["hooks"]
+            .to_string()
+            .contains(want)
+    });
+    assert!(
+        ran.is_some(),
+        "node-1 never ran its enter script as nobody: {}",
+        ha::node_entry(&lab, name, 1)
+    );
+    assert!(
+        ha::wait_until(Duration::from_secs(10), || ha::vip_on_node(1, vip)).is_some(),
+        "node-1 entered without its VIP"
+    );
+
+    // An id the cluster does not allow: node-2 runs nothing at all.
+    ha::apply(&lab, &with_user(1000)).unwrap();
+    ha::set_service_lease(&lab, name, Some("node-2"), 2, true, None).unwrap();
+    let refused = ha::wait_until(Duration::from_secs(15), || {
+        let e = ha::node_entry(&lab, name, 2).to_string();
+        e.contains("spec.hooks.runAsUser 1000") && e.contains("runAsUsers")
+    });
+    assert!(
+        refused.is_some(),
+        "node-2 does not name the refused user: {}",
+        ha::node_entry(&lab, name, 2)
+    );
+    assert!(
+        !ha::node_entry(&lab, name, 2).to_string().contains("uid="),
+        "a script ran as a user the cluster does not allow"
+    );
+    assert!(!ha::vip_on_node(2, vip), "node-2 took the VIP");
+    cleanup(&lab, name, vip);
+}

@@ -34,6 +34,15 @@ pub struct HookContext {
     /// The service's parameters (`spec.hooks.env`), passed as they are
     /// ([`params_of`]).
     pub params: Vec<HookEnvVar>,
+    /// The user the scripts run as (`spec.hooks.runAsUser`,
+    /// [`run_as_user_of`]); `None`: root.
+    pub run_as_user: Option<i64>,
+}
+
+/// The user `spec` asks its hooks to run as (`spec.hooks.runAsUser`), if
+/// any.
+pub fn run_as_user_of(spec: &HAServiceSpec) -> Option<i64> {
+    spec.hooks.as_ref().and_then(|h| h.run_as_user)
 }
 
 /// The service parameters of `spec` (`spec.hooks.env`) for a

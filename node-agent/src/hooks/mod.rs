@@ -15,6 +15,7 @@ mod runlog;
 mod runner;
 mod scripts;
 mod sources;
+mod user;
 
 use std::fmt;
 use std::io;
@@ -25,7 +26,7 @@ use std::time::Duration;
 use kubeha_crds::service::{HookOutcome, HookResult, Role};
 use serde::{Deserialize, Serialize};
 
-pub use context::{HookContext, params_of};
+pub use context::{HookContext, params_of, run_as_user_of};
 pub use kubeha_crds::roles::Transition;
 pub use runlog::clip_to;
 pub use runner::HookRunner;
@@ -34,6 +35,7 @@ pub use sources::{
     CONFIG_MAP_FETCH_TIMEOUT, MAX_CONFIG_MAP_SCRIPT_BYTES, SourceRoots, refuse_content,
     write_config_map,
 };
+pub use user::RunAs;
 
 /// Where hook processes run: the cgroup they join and the namespaces they
 /// enter (`--hook-cgroup`, `--hook-namespaces`, `--host-pid`). The daemon

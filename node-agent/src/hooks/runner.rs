@@ -449,6 +449,27 @@ impl HookRunner {
             }
         };
         self.place(&mut cmd, procs);
+        // A non-root user (spec.hooks.runAsUser, allowed by the policy in
+        // admit): its credentials are taken last, after the steps above.
+        if let Some(uid) = ctx.run_as_user {
+            let run_as = match u32::try_from(uid) {
+                Ok(uid) => super::RunAs::of(uid),
+                Err(_) => {
+                    let reason = format!(
+                        "{NOTE} refused, not run: spec.hooks.runAsUser {uid} is no user id; give one from 1 to 2147483647"
+                    );
+                    return refused(&script.name, action, started, reason);
+                }
+            };
+            if let Err(why) = run_as.check_script(&script.path) {
+                tracing::warn!(script = %script.path.display(), why, "hook script refused");
+                if let Some(l) = &mut log {
+                    let _ = writeln!(l.file, "{NOTE} refused, not run: {why}");
+                }
+                return refused(&script.name, action, started, why);
+            }
+            run_as.apply(&mut cmd);
+        }
 
         // Spawn and register under the lock, so kill_all either sees this
         // group or has already fenced (and then nothing is started).

@@ -143,6 +143,10 @@ impl HookRunner {
             ));
         };
         let namespace = ctx.service.split_once('/').map_or("", |(ns, _)| ns);
+        if let Some(uid) = ctx.run_as_user {
+            hook_policy::check_run_as_user(&policy, &ctx.cluster, namespace, uid)
+                .map_err(|e| format!("{NOTE} not run: {e}"))?;
+        }
         if let Ok(rel) = set.dir.strip_prefix(&roots.hook_root) {
             let rel = rel.to_string_lossy();
             hook_policy::check_host_path(&policy, &ctx.cluster, namespace, &rel)

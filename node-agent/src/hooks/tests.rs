@@ -38,6 +38,7 @@ fn ctx(action: Action) -> HookContext {
                 value: "-v 'two words' $(touch /tmp/kubeha-pwned) ;x".into(),
             },
         ],
+        run_as_user: None,
     }
 }
 
@@ -1292,6 +1293,7 @@ fn gated(f: &Fixture, state: &Path) -> HookRunner {
                 host_paths: vec!["shop".into()],
                 config_maps: Vec::new(),
                 own_config_maps: vec!["hooks".into()],
+                run_as_users: vec!["65534".into()],
             }],
         },
     );
@@ -1431,4 +1433,70 @@ fn configmap_scripts_get_a_directory_per_namespace_and_name_replaced_whole() {
         .expect_err("refused");
     assert!(e.contains(".hidden"), "{e}");
     assert!(!root.join("team-c").join("hooks").exists());
+}
+
+/// `spec.hooks.runAsUser`: the script runs with the user's id, its primary
+/// group alone (no supplementary groups) and `HOME` its home; a script the
+/// user cannot read and execute is refused naming the field and the fix;
+/// an id the policy does not allow runs nothing. The agent keeps writing
+/// the log (it reads the script's output through pipes).
+#[tokio::test]
+async fn scripts_run_as_the_allowed_user_with_its_group_alone_and_its_home() {
+    if !nix::unistd::Uid::effective().is_root() {
+        eprintln!("skipped: switching users needs root");
+        return;
+    }
+    let f = fixture();
+    let state = tempfile::tempdir().expect("tempdir");
+    let runner = gated(&f, state.path());
+    // The user must reach the script: the folders are 0755 (a tempdir is 0700).
+    let shop = f.hooks.path().join("shop");
+    fs::create_dir(&shop).expect("mkdir");
+    for d in [f.hooks.path(), shop.as_path()] {
+        fs::set_permissions(d, fs::Permissions::from_mode(0o755)).expect("chmod");
+    }
+    script(
+        &shop,
+        "E01id",
+        "echo \"uid=$(id -u) gid=$(id -g) groups=$(id -G) home=$HOME\"",
+        0o755,
+    );
+    let mut c = ctx(Action::Enter);
+    c.run_as_user = Some(65534);
+    let want = RunAs::of(65534);
+    let t = Duration::from_secs(5);
+    let r = runner.run(&dir_set(&shop), &c, t).await;
+    assert_eq!(r[0].outcome, HookOutcome::Success, "{r:?}");
+    assert_eq!(
+        r[0].output_tail,
+        [format!(
+            "uid=65534 gid={} groups={} home={}",
+            want.gid,
+            want.gid,
+            want.home.display()
+        )]
+    );
+    let log = fs::read_to_string(runner.log_path(&c.service, "E01id")).expect("log");
+    assert!(log.contains("uid=65534"), "{log}");
+
+    // Not readable and executable by the user: refused, not run.
+    script(&shop, "E01id", "echo ran", 0o750);
+    let r = runner.run(&dir_set(&shop), &c, t).await;
+    assert_eq!(r[0].outcome, HookOutcome::Refused, "{r:?}");
+    assert!(
+        r[0].output_tail[0].contains("spec.hooks.runAsUser")
+            && r[0].output_tail[0].contains("chmod o+rx"),
+        "{r:?}"
+    );
+
+    // An id the policy does not give namespace shop: nothing runs.
+    script(&shop, "E01id", "echo ran", 0o755);
+    c.run_as_user = Some(1000);
+    let r = runner.run(&dir_set(&shop), &c, t).await;
+    assert_eq!(r[0].outcome, HookOutcome::Refused, "{r:?}");
+    assert!(
+        r[0].output_tail[0].contains("spec.hooks.runAsUser 1000")
+            && r[0].output_tail[0].contains("runAsUsers"),
+        "{r:?}"
+    );
 }

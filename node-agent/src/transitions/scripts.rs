@@ -96,6 +96,7 @@ impl<N: Netlink> LocalNode<N> {
             epoch,
             config_checksum: svc.checksum.clone(),
             params: hooks::params_of(&svc.spec),
+            run_as_user: hooks::run_as_user_of(&svc.spec),
         }
     }
 
