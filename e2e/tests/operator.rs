@@ -1712,3 +1712,249 @@ fn a_thousand_services_created_then_deleted_leave_nothing_in_the_operators_memor
     }
     .run(&lab);
 }
+
+/// Issue 10: a monitor script exiting 2 (configuration error) fails the
+/// service on that node at once, without waiting for `failureThreshold`,
+/// and for good: the node reports `permanentFailure`, its fail count is
+/// raised to `migrationThreshold`, and it is not placed again when
+/// `failureTimeoutSeconds` has passed, only after `kubectl ha clear`.
+#[test]
+fn a_monitor_exiting_2_fails_for_good_at_once_and_outlives_the_failure_timeout() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let lab = lab();
+    let (name, vip) = ("op-monperm", "198.18.0.135");
+    let trace = lab.dir().join(format!("trace-{name}"));
+    let install = |node_1_monitor: i32| {
+        for i in 1..=3 {
+            let code = if i == 1 { node_1_monitor } else { 0 };
+            ha::install_hooks(
+                &lab,
+                i,
+                name,
+                &[
+                    ("E01server", &ha::tracing_script(&trace, 0)),
+                    ("L01server", &ha::tracing_script(&trace, 0)),
+                    ("M01server", &ha::tracing_script(&trace, code)),
+                ],
+            )
+            .unwrap();
+        }
+    };
+    install(2);
+    ha::delete_service(&lab, name);
+    ha::apply(&lab, &ha::cluster(name, &[1, 2, 3], Timing::DEFAULT)).unwrap();
+    assert!(all_ready(&lab, name, Duration::from_secs(20)));
+    let mut spec = ha::service(name, name, &[&format!("{vip}/24")], Some(name), (3, 100));
+    spec["spec"]["hooks"]["monitor"] =
+        serde_json::json!({"intervalSeconds": 1, "timeoutSeconds": 3, "failureThreshold": 5});
+    spec["spec"]["migrationThreshold"] = serde_json::json!(3);
+    spec["spec"]["failureTimeoutSeconds"] = serde_json::json!(4);
+    ha::apply(&lab, &spec).unwrap();
+    // Node-1 enters first (Ordered), its first monitor run exits 2: the
+    // service moves on without four more runs.
+    wait_active_on(&lab, name, vip, 2, Duration::from_secs(30));
+    let entry = ha::node_entry(&lab, name, 1);
+    assert_eq!(entry["permanentFailure"], true, "node-1: {entry}");
+    assert_eq!(
+        entry["failCount"], 3,
+        "one monitor exit 2 counts as migrationThreshold failures: {entry}"
+    );
+    assert!(
+        entry["hooks"].to_string().contains("\"ConfigError\""),
+        "{entry}"
+    );
+    let monitor_runs_on_node_1 = std::fs::read_to_string(&trace)
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| l.starts_with("M01server monitor") && l.contains("node=node-1 "))
+        .count();
+    assert_eq!(
+        monitor_runs_on_node_1, 1,
+        "node-1 left after its first monitor run, not after failureThreshold (5)"
+    );
+
+    // The failure timeout passes; node-2 loses power: node-3 takes over,
+    // node-1 (failed for good) does not.
+    std::thread::sleep(Duration::from_secs(6));
+    assert_eq!(
+        ha::node_entry(&lab, name, 1)["permanentFailure"],
+        true,
+        "the failure timeout ended a permanent failure"
+    );
+    lab.power_off(2).unwrap();
+    wait_active_on(&lab, name, vip, 3, Duration::from_secs(30));
+    assert!(!ha::vip_on_node(1, vip), "node-1 took the service again");
+    lab.power_on(2).unwrap();
+    lab.start_agent(2, &[] as &[&str]).unwrap();
+    assert!(all_ready(&lab, name, Duration::from_secs(30)));
+
+    // Fixed and cleared: node-1 may run it again.
+    install(0);
+    lab.kubectl_ha_ok(&["--wait", "0", "clear", name, "-n", ha::SERVICE_NAMESPACE])
+        .unwrap();
+    let cleared = ha::wait_until(Duration::from_secs(20), || {
+        let e = ha::node_entry(&lab, name, 1);
+        e["permanentFailure"].is_null() && e["failCount"] == 0
+    });
+    assert!(
+        cleared.is_some(),
+        "the clear did not end node-1's failure: {}",
+        ha::node_entry(&lab, name, 1)
+    );
+    ha::request_move(&lab, name, 1).unwrap();
+    wait_active_on(&lab, name, vip, 1, Duration::from_secs(30));
+    cleanup(&lab, name, vip);
+}
+
+/// Issue 10: enter scripts exiting 1 or 2 on every node make the service
+/// `Errored`: stopped, no VIP anywhere, also once `failureTimeoutSeconds`
+/// has passed; fixed and cleared (`kubectl ha clear`), it runs again.
+#[test]
+fn enter_scripts_exiting_1_or_2_everywhere_keep_the_service_errored_until_cleared() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let lab = lab();
+    let (name, vip) = ("op-errored", "198.18.0.136");
+    let trace = lab.dir().join(format!("trace-{name}"));
+    let install = |codes: [i32; 3]| {
+        for i in 1..=3u8 {
+            ha::install_hooks(
+                &lab,
+                i,
+                name,
+                &[
+                    (
+                        "E01server",
+                        &ha::tracing_script(&trace, codes[usize::from(i) - 1]),
+                    ),
+                    ("L01server", &ha::tracing_script(&trace, 0)),
+                ],
+            )
+            .unwrap();
+        }
+    };
+    install([1, 2, 2]);
+    ha::delete_service(&lab, name);
+    ha::apply(&lab, &ha::cluster(name, &[1, 2, 3], Timing::DEFAULT)).unwrap();
+    assert!(all_ready(&lab, name, Duration::from_secs(20)));
+    let mut spec = ha::service(name, name, &[&format!("{vip}/24")], Some(name), (3, 100));
+    spec["spec"]["migrationThreshold"] = serde_json::json!(2);
+    spec["spec"]["failureTimeoutSeconds"] = serde_json::json!(3);
+    ha::apply(&lab, &spec).unwrap();
+    let errored = ha::wait_until(Duration::from_secs(60), || {
+        ha::service_status(&lab, name)["phase"] == "Errored"
+    });
+    assert!(
+        errored.is_some(),
+        "never Errored: {}",
+        ha::service_status(&lab, name)
+    );
+    assert!(
+        ha::vip_holders(vip).is_empty(),
+        "an Errored service holds its VIP"
+    );
+    for i in 1..=3 {
+        let entry = ha::node_entry(&lab, name, i);
+        assert_eq!(entry["permanentFailure"], true, "node-{i}: {entry}");
+        assert!(entry["failCount"].as_i64() >= Some(2), "node-{i}: {entry}");
+    }
+    // Past the failure timeout: still stopped, nothing entered again.
+    let entries = || {
+        std::fs::read_to_string(&trace)
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| l.starts_with("E01server enter"))
+            .count()
+    };
+    let before = entries();
+    std::thread::sleep(Duration::from_secs(6));
+    assert_eq!(ha::service_status(&lab, name)["phase"], "Errored");
+    assert!(ha::vip_holders(vip).is_empty());
+    assert_eq!(
+        entries(),
+        before,
+        "a node entered again after the failure timeout"
+    );
+
+    // Fixed and cleared: it runs again.
+    install([0, 0, 0]);
+    lab.kubectl_ha_ok(&["--wait", "0", "clear", name, "-n", ha::SERVICE_NAMESPACE])
+        .unwrap();
+    wait_active(&lab, name, vip, Duration::from_secs(40));
+    cleanup(&lab, name, vip);
+}
+
+/// Issue 10: the primary node (`KUBEHA_PRIMARY_NODE`, takeback/giveaway on
+/// it, takeover/giveback elsewhere) is the node placement puts first among
+/// the actual members, and `KUBEHA_PEERS` the other members in that order:
+/// under `Alphabetical` with members listed as node-3, node-1, node-2 it
+/// is node-1, and it stays node-1 when the members come from a selector.
+#[test]
+fn the_primary_node_is_the_first_in_placement_order_for_listed_and_selected_members() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let lab = lab();
+    let (name, vip) = ("op-primary", "198.18.0.137");
+    let trace = lab.dir().join(format!("trace-{name}"));
+    let script = format!(
+        "#!/bin/sh\necho \"$(basename \"$0\") $1 $2 node=$KUBEHA_NODE primary=$KUBEHA_PRIMARY_NODE \
+         peers=$KUBEHA_PEERS transition=$KUBEHA_TRANSITION\" >> {}\n",
+        trace.display()
+    );
+    for i in 1..=3 {
+        ha::install_hooks(&lab, i, name, &[("E01env", &script), ("L01env", &script)]).unwrap();
+    }
+    let _ = std::fs::remove_file(&trace);
+    ha::delete_service(&lab, name);
+    let mut cluster = ha::cluster(name, &[3, 1, 2], Timing::DEFAULT);
+    cluster["spec"]["placement"] = serde_json::json!("Alphabetical");
+    ha::apply(&lab, &cluster).unwrap();
+    assert!(all_ready(&lab, name, Duration::from_secs(20)));
+    ha::apply(
+        &lab,
+        &ha::service(name, name, &[&format!("{vip}/24")], Some(name), (3, 100)),
+    )
+    .unwrap();
+    wait_active_on(&lab, name, vip, 1, Duration::from_secs(30));
+    let read = || std::fs::read_to_string(&trace).unwrap_or_default();
+    let seen = |line: &str| {
+        ha::wait_until(Duration::from_secs(10), || {
+            read().lines().any(|l| l == line)
+        })
+        .is_some()
+    };
+    for line in [
+        "E01env enter master node=node-1 primary=node-1 peers=node-2,node-3 transition=takeback",
+        "E01env enter vicemaster node=node-2 primary=node-1 peers=node-1,node-3 transition=",
+    ] {
+        assert!(seen(line), "listed members: no {line:?} in:\n{}", read());
+    }
+
+    // The same nodes as selected members (no list).
+    cluster["spec"]["members"] =
+        serde_json::json!({"selector": {"matchLabels": {"kubeha.io/lab": "true"}}});
+    ha::apply(&lab, &cluster).unwrap();
+    let selected = ha::wait_until(Duration::from_secs(20), || {
+        lab.kubectl_ok(&[
+            "get",
+            "hacluster",
+            name,
+            "-o",
+            "jsonpath={.spec.members.nodes}",
+        ])
+        .is_ok_and(|n| n.trim().is_empty())
+            && ha::members_ready(&lab, name, 3)
+    });
+    assert!(
+        selected.is_some(),
+        "the selected members never all heartbeat"
+    );
+    let _ = std::fs::remove_file(&trace);
+    ha::request_move(&lab, name, 2).unwrap();
+    wait_active_on(&lab, name, vip, 2, Duration::from_secs(30));
+    for line in [
+        "L01env leave master node=node-1 primary=node-1 peers=node-2,node-3 transition=giveaway",
+        "E01env enter master node=node-2 primary=node-1 peers=node-1,node-3 transition=takeover",
+    ] {
+        assert!(seen(line), "selected members: no {line:?} in:\n{}", read());
+    }
+    cleanup(&lab, name, vip);
+}
