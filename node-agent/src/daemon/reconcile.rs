@@ -377,7 +377,14 @@ async fn reconcile_service(
             cleared_before_return,
             cut_off,
             vip_expired: shared.node.held.any_expired(&guard.vips),
-            monitor_due: hooks.is_some_and(|h| h.monitor.is_some()) && now >= slot.next_monitor,
+            // In single and config HA monitoring is off (StorNext): no
+            // monitor runs, so no monitor failure moves the service. The
+            // self-fence on API loss stays in every mode (see the agent's
+            // heartbeat): a partitioned node cannot learn that an admin
+            // has since made a peer eligible.
+            monitor_due: !mode.is_exclusive()
+                && hooks.is_some_and(|h| h.monitor.is_some())
+                && now >= slot.next_monitor,
             periodic_due: hooks.is_some_and(|h| h.periodic.is_some()) && now >= slot.next_periodic,
             refresh_due: svc.spec.garp.refresh_seconds > 0 && now >= slot.next_refresh,
             report_due,
