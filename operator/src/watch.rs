@@ -10,7 +10,7 @@
 //! | watch | selector | feeds |
 //! |---|---|---|
 //! | HAService, all namespaces | - | the service itself, its cluster |
-//! | HACluster | - | the cluster; its services when the spec changed |
+//! | HACluster | - | the cluster; its services when the spec or the release annotation changed |
 //! | Lease, all namespaces | `kubeha.io/lease=service` | the service named by `kubeha.io/service` |
 //! | Lease, operator namespace | `kubeha.io/lease=heartbeat` | heartbeat view; cluster and services when a member's state changed |
 //! | Node | - | every cluster and service when cordon, labels or addresses changed |
@@ -224,7 +224,9 @@ pub async fn dispatch(ctx: Arc<Ctx>, streams: Streams) {
     });
 
     let (c, sy) = (ctx.clone(), synced.clone());
-    let mut generations: HashMap<String, Option<i64>> = HashMap::new();
+    // Per cluster, what its services depend on: the generation (the spec)
+    // and the release annotation (kubeha.io/release-node, metadata only).
+    let mut generations: HashMap<String, (Option<i64>, Option<String>)> = HashMap::new();
     let clusters = clusters.for_each(move |ev| {
         c.metrics
             .set_watched_objects("HACluster", c.stores.clusters.len());
@@ -235,11 +237,17 @@ pub async fn dispatch(ctx: Arc<Ctx>, streams: Streams) {
         let changed = match &ev {
             Ok(ev) => object(ev).is_some_and(|cl| {
                 let deleted = matches!(ev, watcher::Event::Delete(_));
-                let before = generations.insert(cl.name_any(), cl.metadata.generation);
+                let now = (
+                    cl.metadata.generation,
+                    cl.annotations()
+                        .get(kubeha_crds::annotations::RELEASE_NODE)
+                        .cloned(),
+                );
+                let before = generations.insert(cl.name_any(), now.clone());
                 if deleted {
                     generations.remove(&cl.name_any());
                 }
-                deleted || before != Some(cl.metadata.generation)
+                deleted || before != Some(now)
             }),
             Err(_) => false,
         };
