@@ -411,3 +411,64 @@ fn no_monitor_runs_in_single_and_it_runs_again_in_default() {
     );
     ha::remove_services_and_cluster(&lab, &[svc], name, &[vip]).unwrap();
 }
+
+/// A peerdown peer that starts heartbeating: its mark is erased, the
+/// member in single goes to default, and the services stop (StorNext shuts
+/// them down); `kubectl ha start` brings them back.
+#[test]
+fn a_returning_peerdown_peer_beside_single_resets_it_and_stops_the_services() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let lab = lab();
+    let name = "md-return";
+    let (svc, vip) = ("md-return", "198.18.0.126");
+    ha::remove_services_and_cluster(&lab, &[svc], name, &[vip]).unwrap();
+    lab.power_off(2).unwrap();
+    let sampler = ha::SplitBrain::start(vip, &[2]);
+    ha::apply(
+        &lab,
+        &ha::cluster_with_modes(name, &[(1, "single"), (2, "peerdown")], Timing::DEFAULT),
+    )
+    .unwrap();
+    ha::apply(
+        &lab,
+        &ha::service(svc, name, &[&format!("{vip}/24")], None, (3, 100)),
+    )
+    .unwrap();
+    ha::wait_active_on(&lab, svc, vip, 1, Duration::from_secs(30)).unwrap();
+
+    lab.power_on(2).unwrap();
+    sampler.set_off(&[]);
+    lab.start_agent(2, &[] as &[&str]).unwrap();
+    let reset = ha::wait_until(Duration::from_secs(20), || {
+        spec_field(&lab, name, "{.spec.members.nodes[*].mode}") == "default default"
+    });
+    assert!(
+        reset.is_some(),
+        "modes after node-2 returned: {}",
+        spec_field(&lab, name, "{.spec.members.nodes[*].mode}")
+    );
+    assert_eq!(spec_field(&lab, name, "{.spec.stopped}"), "true");
+    let left = ha::wait_until(Duration::from_secs(30), || {
+        every_entry_stopped(&lab, svc) && ha::vip_holders(vip).is_empty()
+    });
+    assert!(
+        left.is_some(),
+        "still running: {}",
+        ha::service_status(&lab, svc)
+    );
+    let r = reasons(&lab, "", name);
+    assert!(
+        r.iter().any(|r| r == "PeerReturned") && r.iter().any(|r| r == "ClusterStopped"),
+        "{r:?}"
+    );
+    lab.kubectl_ha_ok(&["--wait", "30", "start", "--cluster", name])
+        .unwrap();
+    let active = ha::wait_until(Duration::from_secs(30), || {
+        ha::active_node(&lab, svc, vip).is_some()
+    });
+    assert!(active.is_some(), "{}", ha::service_status(&lab, svc));
+    sampler
+        .stop()
+        .assert_single_holder(vip, "a peerdown peer returning beside single");
+    ha::remove_services_and_cluster(&lab, &[svc], name, &[vip]).unwrap();
+}
