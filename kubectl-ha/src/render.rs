@@ -117,13 +117,16 @@ pub fn cluster(c: &HACluster) -> String {
             (None, Some(f)) => format!("{f} (selected)"),
             (None, None) => "-".to_owned(),
         };
+        // Sorted: the operator lists them in the order it learned them.
         let roles = seen
             .map(|m| {
-                m.roles
+                let mut roles: Vec<String> = m
+                    .roles
                     .iter()
                     .map(|r| format!("{}={}", r.service, role_name(r.role)))
-                    .collect::<Vec<_>>()
-                    .join(",")
+                    .collect();
+                roles.sort();
+                roles.join(",")
             })
             .filter(|s| !s.is_empty())
             .unwrap_or_else(|| "-".to_owned());
@@ -175,7 +178,11 @@ pub fn service(s: &HAService) -> String {
             "ACKED".to_owned(),
             "FAILS".to_owned(),
         ]];
-        for e in &status.nodes {
+        // By node name: the entries stand in the order the agents first
+        // reported.
+        let mut entries: Vec<_> = status.nodes.iter().collect();
+        entries.sort_by(|a, b| a.node.cmp(&b.node));
+        for e in entries {
             rows.push(vec![
                 e.node.clone(),
                 role_name(e.role).to_owned(),
@@ -276,7 +283,8 @@ mod tests {
                 "servicesActive": 1,
                 "members": [
                     {"node": "node-1", "heartbeat": "Alive", "mode": "default",
-                     "roles": [{"service": "ns/svc", "role": "master"}]},
+                     "roles": [{"service": "ns/zz", "role": "vicemaster"},
+                               {"service": "ns/svc", "role": "master"}]},
                     {"node": "node-2", "heartbeat": "Lost", "mode": "default"},
                 ],
             },
@@ -297,8 +305,8 @@ mod tests {
                 "epoch": 4,
                 "vips": "198.18.0.100/24",
                 "nodes": [
-                    {"node": "node-1", "role": "master", "state": "Running", "epoch": 4, "failCount": 0},
                     {"node": "node-2", "role": "none", "state": "Failed", "epoch": 3, "ackedEpoch": 2, "failCount": 1},
+                    {"node": "node-1", "role": "master", "state": "Running", "epoch": 4, "failCount": 0},
                 ],
                 "conditions": [
                     {"type": "Ready", "status": "True", "reason": "Active", "message": "running",
@@ -326,7 +334,10 @@ mod tests {
                 .unwrap()
         };
         assert!(line("node-1").contains("Alive"));
-        assert!(line("node-1").contains("ns/svc=master"));
+        assert!(
+            line("node-1").ends_with("ns/svc=master,ns/zz=vicemaster"),
+            "roles sorted:\n{text}"
+        );
         assert!(line("node-2").contains("locked (in force: default)"));
         assert!(line("node-2").contains("Lost"));
     }
@@ -342,6 +353,12 @@ mod tests {
                 .find(|l| l.trim_start().starts_with(n))
                 .unwrap()
         };
+        let order: Vec<&str> = text
+            .lines()
+            .filter_map(|l| l.trim_start().strip_prefix("node-"))
+            .collect();
+        assert_eq!(order.len(), 2, "{text}");
+        assert!(order[0] < order[1], "node entries sorted by name:\n{text}");
         let cells: Vec<&str> = line("node-2").split_whitespace().collect();
         assert_eq!(cells, ["node-2", "none", "Failed", "3", "2", "1"]);
         assert!(
