@@ -630,10 +630,9 @@ async fn clear_service(ctx: &Ctx, name: &str) -> anyhow::Result<Outcome> {
     .await
     .map_err(|e| api_error(e, &what, "patch"))?;
     ctx.say(&format!(
-        "{what}: {}={token} set, {} and {} removed",
+        "{what}: {}={token} set, {} removed",
         annotations::CLEAR,
-        annotations::MOVE_TO,
-        annotations::FORCE_START
+        annotations::MOVE_TO
     ));
     let (last, done) = poll(&api, name, ctx.wait, |s: &HAService| {
         s.status.as_ref().is_none_or(|st| {
@@ -643,6 +642,7 @@ async fn clear_service(ctx: &Ctx, name: &str) -> anyhow::Result<Outcome> {
         })
     })
     .await;
+    node_ops::end_force_start(ctx, &api, &svc, done).await?;
     let outcome = if done {
         Outcome::Done
     } else {

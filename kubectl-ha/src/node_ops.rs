@@ -238,6 +238,39 @@ pub async fn force_start(ctx: &Ctx, name: &str, node: &str) -> anyhow::Result<Ou
     Ok(outcome)
 }
 
+/// The last step of `kubectl ha clear` on a service started by force:
+/// removes [`annotations::FORCE_START`] only once every agent reported its
+/// failures cleared (`cleared`). Removed together with the clear request,
+/// the operator could see the request gone while the forced node still
+/// reports its old failures, and fail the running service over.
+pub async fn end_force_start(
+    ctx: &Ctx,
+    api: &Api<HAService>,
+    svc: &HAService,
+    cleared: bool,
+) -> anyhow::Result<()> {
+    let name = kube::ResourceExt::name_any(svc);
+    if !kube::ResourceExt::annotations(svc).contains_key(annotations::FORCE_START) {
+        return Ok(());
+    }
+    if !cleared {
+        eprintln!(
+            "note: {} kept: the failures are not all reported cleared yet (removing it now could move the service off the node it was forced on); run kubectl ha clear {name} again",
+            annotations::FORCE_START
+        );
+        return Ok(());
+    }
+    api.patch(
+        &name,
+        &params(),
+        &Patch::Merge(&annotation_patch(annotations::FORCE_START, None)),
+    )
+    .await
+    .map_err(|e| api_error(e, &format!("HAService {name}"), "patch"))?;
+    ctx.say(&format!("{}: removed", annotations::FORCE_START));
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

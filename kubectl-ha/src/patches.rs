@@ -13,15 +13,15 @@ pub fn move_patch(node: &str) -> Value {
 
 /// JSON merge patch for `kubectl ha clear`: sets the HAService annotation
 /// [`annotations::CLEAR`] to `token` (a new value means "clear now") and
-/// removes [`annotations::MOVE_TO`] and [`annotations::FORCE_START`] (a
-/// null in a merge patch deletes).
+/// removes [`annotations::MOVE_TO`] (a null in a merge patch deletes).
+/// [`annotations::FORCE_START`] is removed after the failures are cleared
+/// (`node_ops::end_force_start`).
 pub fn clear_patch(token: &str) -> Value {
     json!({
         "metadata": {
             "annotations": {
                 annotations::CLEAR: token,
                 annotations::MOVE_TO: null,
-                annotations::FORCE_START: null,
             }
         }
     })
@@ -144,7 +144,6 @@ mod tests {
         let p = clear_patch(&token);
         let mut obj = json!({"metadata": {"annotations": {
             "kubeha.io/move-to": "node-2",
-            "kubeha.io/force-start": "node-3",
             "kubeha.io/clear": "older",
             "other": "x",
         }}});
