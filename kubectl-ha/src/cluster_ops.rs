@@ -28,7 +28,7 @@ use kubeha_crds::service::{NodeServiceState, Phase};
 use kubeha_crds::{HACluster, HAService, Mode};
 use serde_json::{Value, json};
 
-use crate::{Ctx, Outcome, api_error, params, print_cluster_after, set_mode};
+use crate::{Ctx, Outcome, api_error, params, print_cluster_after, read_cluster, set_mode};
 
 /// The cluster a command acts on: `cluster` when given, else the only
 /// HACluster (the only one listing `node`, when a node is named).
@@ -241,15 +241,6 @@ async fn wait_services(
         }
         tokio::time::sleep(std::time::Duration::from_millis(500)).await;
     }
-}
-
-async fn read_cluster(ctx: &Ctx, cluster: &str) -> anyhow::Result<(Api<HACluster>, HACluster)> {
-    let api: Api<HACluster> = Api::all(ctx.client.clone());
-    let c = api
-        .get(cluster)
-        .await
-        .map_err(|e| api_error(e, &format!("HACluster {cluster}"), "read"))?;
-    Ok((api, c))
 }
 
 /// `kubectl ha stop`: see the module documentation.

@@ -142,7 +142,7 @@ pub struct GlobalArgs {
     name = "kubectl-ha",
     bin_name = "kubectl ha",
     version,
-    about = "kubectl ha: kubeha admin commands (move, clear, modes, status)",
+    about = "kubectl ha: kubeha admin commands (status, move, clear, modes, release, reset, force-start, stop, start, config)",
     after_help = EXIT_CODES_HELP
 )]
 pub struct Cli {
@@ -542,6 +542,17 @@ where
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
+}
+
+/// Reads HACluster `cluster` before a command writes it: its API and the
+/// object (a missing or forbidden one named with the fix).
+async fn read_cluster(ctx: &Ctx, cluster: &str) -> anyhow::Result<(Api<HACluster>, HACluster)> {
+    let api: Api<HACluster> = Api::all(ctx.client.clone());
+    let c = api
+        .get(cluster)
+        .await
+        .map_err(|e| api_error(e, &format!("HACluster {cluster}"), "read"))?;
+    Ok((api, c))
 }
 
 /// Reads HAService `ns/name` before a command writes it: how messages name

@@ -22,7 +22,9 @@ use kubeha_crds::cluster::HeartbeatState;
 use kubeha_crds::{HACluster, HAService, Mode, annotations};
 use serde_json::{Value, json};
 
-use crate::{Ctx, Outcome, api_error, params, poll, print_after, print_status, read_service};
+use crate::{
+    Ctx, Outcome, api_error, params, poll, print_after, print_status, read_cluster, read_service,
+};
 
 /// The two words `kubectl ha reset NODE` wants after the node, as
 /// StorNext's `force smith`: a reset is never fired by accident.
@@ -70,15 +72,6 @@ pub fn member_problem(
         )),
         _ => None,
     }
-}
-
-async fn read_cluster(ctx: &Ctx, cluster: &str) -> anyhow::Result<(Api<HACluster>, HACluster)> {
-    let api: Api<HACluster> = Api::all(ctx.client.clone());
-    let c = api
-        .get(cluster)
-        .await
-        .map_err(|e| api_error(e, &format!("HACluster {cluster}"), "read"))?;
-    Ok((api, c))
 }
 
 /// The heartbeat the operator reports for `node` in `c`'s status.
