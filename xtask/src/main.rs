@@ -534,11 +534,7 @@ fn print_scale(r: &kubeha_e2e::bench::ScaleReport, steady_seconds: u64) {
         println!(
             "writes/s at {} services by resource and verb: {}",
             s.services,
-            s.writes_by
-                .iter()
-                .map(|(k, r)| format!("{k} {r:.2}"))
-                .collect::<Vec<_>>()
-                .join(", ")
+            s.writes_by_text()
         );
     }
     let Some(f) = &r.failover else {

@@ -93,6 +93,17 @@ pub struct Steady {
     pub agent_cpu_pct: MedianMax,
 }
 
+impl Steady {
+    /// [`Steady::writes_by`] as one line: `leases APPLY 20.00, ...`.
+    pub fn writes_by_text(&self) -> String {
+        self.writes_by
+            .iter()
+            .map(|(k, r)| format!("{k} {r:.2}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+}
+
 /// The power-off of the node holding the most services.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct Failover {
@@ -431,11 +442,7 @@ fn measure(
         eprintln!(
             "scale: {services} services: {:.1} writes/s ({}), {:.0} HAService watch events per service added",
             step.writes_per_s,
-            step.writes_by
-                .iter()
-                .map(|(k, r)| format!("{k} {r:.2}"))
-                .collect::<Vec<_>>()
-                .join(", "),
+            step.writes_by_text(),
             step.haservice_watch_events_per_service
         );
         steady.push(step);
