@@ -28,6 +28,12 @@ use crate::mode::Mode;
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
 )]
 #[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-validations" = [
+    {
+        "rule": CONFIG_TO_DEFAULT_RULE,
+        "message": "spec.members.nodes: a member goes from mode config back to default only with the cluster stopped (StorNext: the services stop first); run kubectl ha stop --cluster NAME, which sets spec.stopped and every member back to default in one write, then kubectl ha start"
+    }
+]))]
 pub struct HAClusterSpec {
     /// The member nodes: an ordered list (`nodes`), a label selector
     /// (`selector`), or both (the list then orders and sets modes for
@@ -93,6 +99,13 @@ pub struct HAClusterSpec {
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub stopped: bool,
 }
+
+/// CEL transition rule on `spec`: a listed member that was in mode
+/// `config` may be written back to `default` only in a write that leaves
+/// the cluster stopped (`spec.stopped`), as `kubectl ha stop` and the
+/// operator's repair of a prohibited state do. An update only: on create
+/// `oldSelf` does not exist.
+pub const CONFIG_TO_DEFAULT_RULE: &str = "!has(self.members.nodes) || !has(oldSelf.members.nodes) || (has(self.stopped) && self.stopped) || self.members.nodes.all(n, n.mode != 'default' || !oldSelf.members.nodes.exists(o, o.name == n.name && o.mode == 'config'))";
 
 /// The member nodes of a cluster.
 #[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
