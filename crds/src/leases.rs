@@ -49,6 +49,17 @@ pub const CLEARED_NODE_ANNOTATION: &str = "kubeha.io/cleared-node";
 /// cluster spec says now).
 pub const EXPIRY_MS_ANNOTATION: &str = "kubeha.io/expiry-ms";
 
+/// Annotation of a heartbeat Lease: the agent's own mode when it is
+/// `single` or `config` (absent otherwise). In those modes HA monitoring is
+/// off (StorNext): an agent whose last successful renew carried this
+/// annotation does not fence itself when it loses the API server, it keeps
+/// its roles and VIPs as under `noQuorumPolicy: Freeze`. So observers never
+/// count such a node's Lost heartbeat as a fence: only `peerdown` (or the
+/// node's own acknowledgement) lets another node in. The annotation is
+/// what the node knew when it renewed, which an admin's later mode change
+/// cannot alter while the node is cut off.
+pub const EXCLUSIVE_MODE_ANNOTATION: &str = "kubeha.io/exclusive-mode";
+
 /// Annotation of a service Lease: the `renewTime` of the holder's
 /// heartbeat Lease as the operator had seen it when it wrote the Lease. An
 /// agent back from a fence enters only on a Lease written after the
@@ -139,6 +150,16 @@ pub fn heartbeat_expiry(
         .parse::<u64>()
         .ok()
         .map(std::time::Duration::from_millis)
+}
+
+/// Whether a heartbeat Lease says its node renewed in mode `single` or
+/// `config` ([`EXCLUSIVE_MODE_ANNOTATION`], any value).
+pub fn heartbeat_exclusive(lease: &k8s_openapi::api::coordination::v1::Lease) -> bool {
+    lease
+        .metadata
+        .annotations
+        .as_ref()
+        .is_some_and(|a| a.contains_key(EXCLUSIVE_MODE_ANNOTATION))
 }
 
 /// Name of the heartbeat Lease of `node` in `cluster` (in the operator's

@@ -472,3 +472,74 @@ fn a_returning_peerdown_peer_beside_single_resets_it_and_stops_the_services() {
         .assert_single_holder(vip, "a peerdown peer returning beside single");
     ha::remove_services_and_cluster(&lab, &[svc], name, &[vip]).unwrap();
 }
+
+/// StorNext: in single (and config) HA monitoring is off, so a node cut
+/// off from the API server does not fence itself; it keeps the service.
+/// Its peers must then never be let in on its Lost heartbeat alone, even
+/// after an admin makes one eligible meanwhile: only a peerdown does.
+#[test]
+fn a_node_in_single_cut_off_keeps_its_service_and_a_peer_enters_only_after_peerdown() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let lab = lab();
+    let name = "md-frozen";
+    let (svc, vip) = ("md-frozen", "198.18.0.127");
+    fresh(
+        &lab,
+        name,
+        &[(1, "single"), (2, "locked")],
+        &[(svc, vip, None)],
+    );
+    ha::wait_active_on(&lab, svc, vip, 1, Duration::from_secs(30)).unwrap();
+    let sampler = ha::SplitBrain::start(vip, &[]);
+    let fence_log = lab.dir().join("nodes/node-1/logs/fence.log");
+    let fences = || {
+        std::fs::read_to_string(&fence_log)
+            .unwrap_or_default()
+            .lines()
+            .count()
+    };
+    let fences_before = fences();
+
+    lab.partition(1).unwrap();
+    // Past RD and past E: a node in default would have fenced itself and
+    // be Lost by now.
+    std::thread::sleep(Duration::from_secs(7));
+    assert_eq!(
+        ha::vip_holders(vip),
+        [1],
+        "node-1 dropped its VIP in single"
+    );
+    assert_eq!(fences(), fences_before, "node-1 fenced itself in single");
+
+    // An admin makes node-2 eligible while node-1 is cut off: node-1 still
+    // believes it is in single and keeps the service, so node-2 must not
+    // enter on node-1's Lost heartbeat.
+    ha::apply(
+        &lab,
+        &ha::cluster_with_modes(name, &[(1, "default"), (2, "default")], Timing::DEFAULT),
+    )
+    .unwrap();
+    std::thread::sleep(Duration::from_secs(10));
+    assert_eq!(
+        ha::vip_holders(vip),
+        [1],
+        "node-2 entered on the Lost heartbeat of a node that renewed in single: {}",
+        ha::service_status(&lab, svc)
+    );
+
+    // The admin powers node-1 off and certifies it: node-2 takes over.
+    lab.power_off(1).unwrap();
+    sampler.set_off(&[1]);
+    lab.kubectl_ha_ok(&["--wait", "0", "peerdown", "node-1", "--cluster", name])
+        .unwrap();
+    let moved = ha::wait_until(Duration::from_secs(20), || ha::vip_holders(vip) == [2]);
+    assert!(moved.is_some(), "{}", ha::service_status(&lab, svc));
+    sampler
+        .stop()
+        .assert_single_holder(vip, "a node in single cut off from the API server");
+
+    lab.heal(1).unwrap();
+    lab.power_on(1).unwrap();
+    lab.start_agent(1, &[] as &[&str]).unwrap();
+    ha::remove_services_and_cluster(&lab, &[svc], name, &[vip]).unwrap();
+}

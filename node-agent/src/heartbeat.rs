@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta};
 use kube::api::{Api, Patch, PatchParams};
+use kubeha_crds::Mode;
 use kubeha_crds::cluster::HeartbeatTiming;
 use kubeha_crds::leases;
 
@@ -54,6 +55,16 @@ pub struct Beat {
     pub renewed_under: Option<Timing>,
     /// The `renewTime` the last successful renew wrote.
     pub renew_time: Option<jiff::Timestamp>,
+    /// This node's mode in the cluster when it is `single` or `config`
+    /// (renews announce it, [`leases::EXCLUSIVE_MODE_ANNOTATION`]).
+    pub exclusive: Option<Mode>,
+    /// Whether the last successful renew announced `single` or `config`,
+    /// and no renew sent since (answered or not: it may have been applied)
+    /// announced anything else. Then observers wait for `peerdown` instead
+    /// of counting this node's Lost heartbeat as a fence, and this node
+    /// keeps its roles and VIPs when cut off instead of fencing itself (HA
+    /// monitoring off, StorNext).
+    pub renewed_exclusive: bool,
 }
 
 impl Timing {
@@ -191,17 +202,23 @@ impl Heartbeats {
         self.lock().clone()
     }
 
-    /// Sets (or updates) a cluster's timing, keeping its history.
-    pub fn set_timing(&self, cluster: &str, timing: Timing) {
+    /// Sets (or updates) a cluster's timing and this node's exclusive mode
+    /// there (`single` or `config`, else `None`), keeping its history.
+    pub fn set_timing(&self, cluster: &str, timing: Timing, exclusive: Option<Mode>) {
         self.lock()
             .entry(cluster.to_owned())
-            .and_modify(|b| b.timing = timing)
+            .and_modify(|b| {
+                b.timing = timing;
+                b.exclusive = exclusive;
+            })
             .or_insert(Beat {
                 timing,
                 last_success: None,
                 failures: 0,
                 renewed_under: None,
                 renew_time: None,
+                exclusive,
+                renewed_exclusive: false,
             });
     }
 
@@ -217,10 +234,18 @@ impl Heartbeats {
                 if b.last_success.is_none_or(|t| sent >= t) {
                     b.renewed_under = Some(renew.timing);
                     b.renew_time = renew.written;
+                    b.renewed_exclusive = renew.exclusive.is_some();
                 }
                 b.last_success = Some(b.last_success.map_or(sent, |t| t.max(sent)));
             } else {
                 b.failures += 1;
+                // A renew whose answer was lost may still have been applied:
+                // once one without the exclusive mode was sent, observers
+                // may count a Lost heartbeat as a fence, so this node must
+                // fence itself again.
+                if renew.exclusive.is_none() {
+                    b.renewed_exclusive = false;
+                }
             }
         }
     }
@@ -230,27 +255,38 @@ impl Heartbeats {
     }
 }
 
-/// What one renew sent: the timing it announced and the `renewTime` it
-/// wrote.
+/// What one renew sent: the timing it announced, the `renewTime` it
+/// wrote and the exclusive mode it announced.
 #[derive(Debug, Clone, Copy)]
 struct Renew {
     timing: Timing,
     written: Option<jiff::Timestamp>,
+    exclusive: Option<Mode>,
 }
 
 /// The heartbeat Lease as the agent applies it (server-side apply, the
-/// node's own field manager): holder = node, duration = D rounded up.
-pub fn heartbeat_lease(cluster: &str, node: &str, timing: &Timing) -> Lease {
+/// node's own field manager): holder = node, duration = D rounded up, and
+/// the node's mode when it is `single` or `config`.
+pub fn heartbeat_lease(
+    cluster: &str,
+    node: &str,
+    timing: &Timing,
+    exclusive: Option<Mode>,
+) -> Lease {
+    let mut annotations = std::collections::BTreeMap::from([(
+        leases::EXPIRY_MS_ANNOTATION.to_owned(),
+        timing.expiry().as_millis().to_string(),
+    )]);
+    if let Some(mode) = exclusive {
+        annotations.insert(
+            leases::EXCLUSIVE_MODE_ANNOTATION.to_owned(),
+            mode.as_str().to_owned(),
+        );
+    }
     Lease {
         metadata: ObjectMeta {
             name: Some(leases::heartbeat_lease_name(cluster, node)),
-            annotations: Some(
-                [(
-                    leases::EXPIRY_MS_ANNOTATION.to_owned(),
-                    timing.expiry().as_millis().to_string(),
-                )]
-                .into(),
-            ),
+            annotations: Some(annotations),
             labels: Some(
                 [
                     (
@@ -289,12 +325,13 @@ pub async fn renew_loop(
         let Some(beat) = beats.get(&cluster) else {
             return;
         };
-        let timing = beat.timing;
+        let (timing, exclusive) = (beat.timing, beat.exclusive);
         let sent = Instant::now();
         if let Some(why) = beats.withheld(&cluster, beat.guard().renew_deadline, sent) {
             let renew = Renew {
                 timing,
                 written: None,
+                exclusive,
             };
             beats.record(&cluster, sent, renew, false);
             metrics.renew_failure(&cluster);
@@ -302,7 +339,7 @@ pub async fn renew_loop(
             tokio::time::sleep_until((sent + timing.renew_interval).into()).await;
             continue;
         }
-        let lease = heartbeat_lease(&cluster, &node, &timing);
+        let lease = heartbeat_lease(&cluster, &node, &timing, exclusive);
         // A renew slower than R is useless: the next one is due.
         let result = tokio::time::timeout(
             timing.renew_interval,
@@ -312,6 +349,7 @@ pub async fn renew_loop(
         let ok = matches!(result, Ok(Ok(_)));
         let renew = Renew {
             timing,
+            exclusive,
             written: lease
                 .spec
                 .as_ref()
@@ -341,6 +379,7 @@ mod tests {
         Renew {
             timing,
             written: None,
+            exclusive: None,
         }
     }
 
@@ -357,6 +396,8 @@ mod tests {
             failures: 0,
             renewed_under: None,
             renew_time: None,
+            exclusive: None,
+            renewed_exclusive: false,
         };
         assert!(beat.past_deadline(t0), "no renew yet means cut off");
         beat.last_success = Some(t0);
@@ -375,7 +416,7 @@ mod tests {
     #[test]
     fn renews_keep_the_latest_send() {
         let beats = Heartbeats::default();
-        beats.set_timing("c", timing());
+        beats.set_timing("c", timing(), None);
         let t0 = Instant::now();
         beats.record("c", t0 + Duration::from_millis(5), renew(timing()), true);
         beats.record("c", t0, renew(timing()), true);
@@ -386,6 +427,46 @@ mod tests {
     }
 
     #[test]
+    fn only_renews_that_all_announced_single_or_config_let_the_node_freeze() {
+        let beats = Heartbeats::default();
+        beats.set_timing("c", timing(), Some(Mode::Single));
+        let t0 = Instant::now();
+        let sent = |ms: u64| t0 + Duration::from_millis(ms);
+        let with = |exclusive: Option<Mode>| Renew {
+            exclusive,
+            ..renew(timing())
+        };
+        assert!(
+            !beats.get("c").unwrap().renewed_exclusive,
+            "nothing renewed"
+        );
+        beats.record("c", sent(0), with(Some(Mode::Single)), true);
+        assert!(beats.get("c").unwrap().renewed_exclusive);
+        // A lost answer to a renew in single changes nothing.
+        beats.record("c", sent(1000), with(Some(Mode::Single)), false);
+        assert!(beats.get("c").unwrap().renewed_exclusive);
+        // Back to default: a renew whose answer was lost may have been
+        // applied, so the node fences again even before one succeeds.
+        beats.set_timing("c", timing(), None);
+        beats.record("c", sent(2000), with(None), false);
+        assert!(!beats.get("c").unwrap().renewed_exclusive);
+        // In config again: only a successful renew announcing it counts.
+        beats.set_timing("c", timing(), Some(Mode::Config));
+        beats.record("c", sent(3000), with(Some(Mode::Config)), false);
+        assert!(!beats.get("c").unwrap().renewed_exclusive);
+        beats.record("c", sent(4000), with(Some(Mode::Config)), true);
+        assert!(beats.get("c").unwrap().renewed_exclusive);
+        let lease = heartbeat_lease("c", "node-1", &timing(), Some(Mode::Config));
+        assert!(leases::heartbeat_exclusive(&lease));
+        assert!(!leases::heartbeat_exclusive(&heartbeat_lease(
+            "c",
+            "node-1",
+            &timing(),
+            None
+        )));
+    }
+
+    #[test]
     fn a_lowered_d_counts_at_once_and_a_raised_one_from_the_renew_that_announced_it() {
         let beats = Heartbeats::default();
         let long = Timing {
@@ -393,17 +474,17 @@ mod tests {
             renew_deadline: Duration::from_secs(7),
             ..timing()
         };
-        beats.set_timing("c", long);
+        beats.set_timing("c", long, None);
         let t0 = Instant::now();
         beats.record("c", t0, renew(long), true);
         // Lowered: the short D bounds the node at once.
-        beats.set_timing("c", timing());
+        beats.set_timing("c", timing(), None);
         let b = beats.get("c").unwrap();
         assert_eq!(b.guard().lease_duration, Duration::from_secs(3));
         assert!(b.past_deadline(t0 + Duration::from_secs(2)));
         // Raised again: the renew sent under the short D still bounds it.
         beats.record("c", t0 + Duration::from_secs(1), renew(timing()), true);
-        beats.set_timing("c", long);
+        beats.set_timing("c", long, None);
         let b = beats.get("c").unwrap();
         assert_eq!(b.guard().lease_duration, Duration::from_secs(3));
         assert!(b.past_deadline(t0 + Duration::from_secs(3)));
@@ -449,7 +530,7 @@ mod tests {
         let mut t = timing();
         (t.lease_duration, t.clock_skew) =
             (Duration::from_millis(3000), Duration::from_millis(500));
-        let lease = heartbeat_lease("c", "node-1", &t);
+        let lease = heartbeat_lease("c", "node-1", &t, None);
         assert_eq!(
             leases::heartbeat_expiry(&lease),
             Some(Duration::from_millis(3500))
@@ -460,7 +541,7 @@ mod tests {
     fn lease_rounds_duration_up() {
         let mut t = timing();
         t.lease_duration = Duration::from_millis(1500);
-        let lease = heartbeat_lease("c", "node-1", &t);
+        let lease = heartbeat_lease("c", "node-1", &t, None);
         assert_eq!(lease.spec.unwrap().lease_duration_seconds, Some(2));
         assert_eq!(lease.metadata.name.as_deref(), Some("kubeha-hb-c.node-1"));
     }

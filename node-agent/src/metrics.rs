@@ -382,6 +382,7 @@ mod tests {
         beats.set_timing(
             "c",
             crate::heartbeat::Timing::from(&kubeha_crds::cluster::HeartbeatTiming::default()),
+            None,
         );
         let text = m.encode(&beats);
         for name in [

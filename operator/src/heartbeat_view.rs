@@ -111,6 +111,11 @@ pub struct Fingerprint {
     /// ([`kubeha_crds::leases::EXPIRY_MS_ANNOTATION`]); counted as at most
     /// [`MAX_ANNOUNCED_EXPIRY`].
     pub announced_expiry: Option<Duration>,
+    /// The node renewed in mode `single` or `config`
+    /// ([`kubeha_crds::leases::EXCLUSIVE_MODE_ANNOTATION`]): HA monitoring
+    /// is off there, so when cut off it keeps what it holds instead of
+    /// fencing itself, and its Lost heartbeat is no fence.
+    pub exclusive: bool,
 }
 
 /// The longest E an agent may announce: the API's largest D plus its
@@ -128,6 +133,7 @@ impl Fingerprint {
                 .and_then(|s| s.renew_time.as_ref())
                 .map(|t| t.0.to_string()),
             announced_expiry: kubeha_crds::leases::heartbeat_expiry(lease),
+            exclusive: kubeha_crds::leases::heartbeat_exclusive(lease),
         }
     }
 }
@@ -258,6 +264,12 @@ impl HeartbeatView {
                 }
             }
         }
+    }
+
+    /// Whether `node`'s last renew seen announced mode `single` or
+    /// `config` (see [`Fingerprint::exclusive`]).
+    pub fn renewed_exclusive(&self, node: &str) -> bool {
+        self.fingerprint(node).is_some_and(|f| f.exclusive)
     }
 
     /// The fingerprint last seen for `node`.
@@ -409,6 +421,7 @@ mod tests {
             resource_version: Some(rv.to_owned()),
             renew_time: None,
             announced_expiry: None,
+            exclusive: false,
         }
     }
 
@@ -422,6 +435,7 @@ mod tests {
         let mut v = HeartbeatView::new(long, t0);
         let under = |rv: &str, e: u64| Fingerprint {
             announced_expiry: Some(ms(e)),
+            exclusive: false,
             ..fp(rv)
         };
         v.observe("a", under("1", 10_500), t0);
@@ -479,6 +493,7 @@ mod tests {
             resource_version: Some("1".into()),
             renew_time: Some("later".into()),
             announced_expiry: None,
+            exclusive: false,
         };
         assert_eq!(v.observe("a", renewed, t0 + ms(1000)), Observation::Renewed);
         assert_eq!(v.state("a", t0 + ms(4000)), Alive);

@@ -206,7 +206,7 @@ fn a_handover_read_by_the_agents() {
 #[test]
 fn the_operator_routes_and_times_the_agents_heartbeat_lease() {
     let timing = AgentTiming::from(&HeartbeatTiming::default());
-    let lease = heartbeat::heartbeat_lease("c1", "node-1", &timing);
+    let lease = heartbeat::heartbeat_lease("c1", "node-1", &timing, None);
     assert_eq!(
         lease.metadata.name,
         Some(leases::heartbeat_lease_name("c1", "node-1"))
@@ -229,7 +229,7 @@ fn the_operator_routes_and_times_the_agents_heartbeat_lease() {
     // A renew changes the fingerprint (renewTime and resourceVersion).
     let mut first = lease.clone();
     first.metadata.resource_version = Some("10".into());
-    let mut next = heartbeat::heartbeat_lease("c1", "node-1", &timing);
+    let mut next = heartbeat::heartbeat_lease("c1", "node-1", &timing, None);
     next.metadata.resource_version = Some("11".into());
     assert_ne!(Fingerprint::of(&first), Fingerprint::of(&next));
     assert!(Fingerprint::of(&next).renew_time.is_some());

@@ -103,7 +103,12 @@ pub(super) async fn fence_if_cut_off(
             if flag.load(Ordering::SeqCst) {
                 continue;
             }
-            if cluster.spec.fence.no_quorum_policy == NoQuorumPolicy::Freeze {
+            // Freeze, or HA monitoring off: the last renew announced mode
+            // single or config, so observers wait for peerdown instead of
+            // counting this node's Lost heartbeat as a fence.
+            if cluster.spec.fence.no_quorum_policy == NoQuorumPolicy::Freeze
+                || beat.renewed_exclusive
+            {
                 freeze(shared, &name).await;
                 continue;
             }

@@ -79,7 +79,11 @@ pub(super) fn sync_heartbeats(
         if m == Membership::Unknown {
             undecided.insert(c.name_any());
         } else {
-            wanted.insert(c.name_any(), Timing::from(&c.spec.heartbeat));
+            let exclusive = match m {
+                Membership::Member(mode) if mode.is_exclusive() => Some(mode),
+                _ => None,
+            };
+            wanted.insert(c.name_any(), (Timing::from(&c.spec.heartbeat), exclusive));
         }
     }
     renewers.retain(|name, (_, handle)| {
@@ -90,8 +94,9 @@ pub(super) fn sync_heartbeats(
         }
         keep
     });
-    for (name, timing) in wanted {
-        shared.beats.set_timing(&name, timing);
+    for (name, (timing, exclusive)) in wanted {
+        // The mode reaches the renew loop through the beat: no restart.
+        shared.beats.set_timing(&name, timing, exclusive);
         if renewers
             .get(&name)
             .is_some_and(|(t, h)| *t == timing && !h.is_finished())

@@ -644,6 +644,8 @@ mod tests {
             failures: 0,
             renewed_under: None,
             renew_time: None,
+            exclusive: None,
+            renewed_exclusive: false,
         }
     }
 

@@ -22,6 +22,8 @@ fn beat(age_ms: u64, d_ms: u64, skew_ms: u64) -> (Beat, Instant) {
         Beat {
             renewed_under: None,
             renew_time: None,
+            exclusive: None,
+            renewed_exclusive: false,
             timing,
             last_success: Some(now - Duration::from_millis(age_ms)),
             failures: 0,

@@ -196,7 +196,7 @@ pub(super) fn evaluate(svc: &HAService, ctx: &Ctx, deleting: bool, now: Instant)
     let mode_of = |n: &str| members.iter().find(|m| m.name == n).map(|m| m.mode);
 
     let first_seen = ctx.first_seen(&cluster_name, now);
-    let (node_views, states, next_expiry) = ctx.with_view(&cluster_name, |view| {
+    let (node_views, states, next_expiry, frozen) = ctx.with_view(&cluster_name, |view| {
         if let Some(c) = &cluster {
             view.set_timing(Timing::from(&c.spec.heartbeat));
         }
@@ -219,12 +219,20 @@ pub(super) fn evaluate(svc: &HAService, ctx: &Ctx, deleting: bool, now: Instant)
             .map(|n| (n.clone(), view.state(n, now)))
             .collect();
         let next = view.next_expiry(relevant.iter().map(String::as_str), now);
-        (node_views, states, next)
+        let frozen: BTreeSet<String> = relevant
+            .iter()
+            .filter(|n| view.renewed_exclusive(n))
+            .cloned()
+            .collect();
+        (node_views, states, next, frozen)
     });
     // Under `noQuorumPolicy: Freeze` a node cut off from the API server
     // keeps its roles and VIPs (its agent extends them itself): its Lost
     // heartbeat proves nothing, only `peerdown` (or its own acknowledgement)
-    // lets another node in.
+    // lets another node in. The same for a node whose last renew seen
+    // announced mode single or config (`frozen`): HA monitoring is off
+    // there, so it does not fence itself; what it knew when it renewed
+    // counts, not a mode an admin set since.
     let lost_means_fenced = cluster
         .as_ref()
         .is_none_or(|c| c.spec.fence.no_quorum_policy == NoQuorumPolicy::Stop);
@@ -234,6 +242,7 @@ pub(super) fn evaluate(svc: &HAService, ctx: &Ctx, deleting: bool, now: Instant)
             let fence = if mode_of(n) == Some(Mode::Peerdown) {
                 Fence::Peerdown
             } else if lost_means_fenced
+                && !frozen.contains(n)
                 && matches!(s, HeartbeatState::Lost | HeartbeatState::Fenced)
             {
                 Fence::Heartbeat
