@@ -155,8 +155,8 @@ pub struct Hooks {
     pub env: Vec<HookEnvVar>,
 
     /// Run every script of the service as this user id instead of root:
-    /// with the user's primary group from the node's user database (the
-    /// uid itself when the node has no such user), no supplementary
+    /// with the user's primary group from the node's user database
+    /// (group 65534, nogroup, when the node has no such user), no supplementary
     /// groups, and `HOME` the user's home directory (`/` when it has
     /// none). The HACluster must allow the id for the service's namespace
     /// (`spec.allowedHookSources.namespaces[].runAsUsers`); otherwise the

@@ -23,33 +23,56 @@ use tokio::process::Command;
 pub struct RunAs {
     /// The user id.
     pub uid: u32,
-    /// Its primary group: the user database's, else the uid itself.
+    /// Its primary group: the user database's, else [`UNKNOWN_USER_GID`].
     pub gid: u32,
     /// `HOME` for the script: the user's home directory, else `/`.
     pub home: PathBuf,
 }
 
+/// The group a uid that no user database knows runs with: `nogroup`, not
+/// the uid taken as a gid (gid 6 is `disk` on Debian: raw block devices).
+pub const UNKNOWN_USER_GID: u32 = 65534;
+
+/// The host's user database when the agent runs in a container that sees
+/// the host's processes (`hostPID`): PID 1's root. In the lab the agent runs
+/// on the host and this is `/etc/passwd` itself.
+const HOST_PASSWD: &str = "/proc/1/root/etc/passwd";
+
 impl RunAs {
-    /// The credentials of `uid` as the agent's user database
-    /// (`/etc/passwd`, NSS) knows them; a uid it does not know gets its own
-    /// id as group and `/` as home.
+    /// The credentials of `uid` as the host's user database knows them
+    /// ([`HOST_PASSWD`], else the agent's own `/etc/passwd` and NSS); a
+    /// uid neither knows gets group [`UNKNOWN_USER_GID`] and home `/`.
     pub fn of(uid: u32) -> Self {
-        match User::from_uid(Uid::from_raw(uid)) {
-            Ok(Some(user)) => RunAs {
+        let host = std::fs::read_to_string(HOST_PASSWD).unwrap_or_default();
+        Self::from_passwd(uid, &host)
+            .or_else(|| match User::from_uid(Uid::from_raw(uid)) {
+                Ok(Some(user)) => Some(RunAs {
+                    uid,
+                    gid: user.gid.as_raw(),
+                    home: home_or_root(user.dir),
+                }),
+                _ => None,
+            })
+            .unwrap_or(RunAs {
                 uid,
-                gid: user.gid.as_raw(),
-                home: if user.dir.as_os_str().is_empty() {
-                    PathBuf::from("/")
-                } else {
-                    user.dir
-                },
-            },
-            _ => RunAs {
-                uid,
-                gid: uid,
+                gid: UNKNOWN_USER_GID,
                 home: PathBuf::from("/"),
-            },
-        }
+            })
+    }
+
+    /// `uid`'s entry in `passwd` (the `/etc/passwd` format), if any.
+    fn from_passwd(uid: u32, passwd: &str) -> Option<Self> {
+        passwd.lines().find_map(|line| {
+            let fields: Vec<&str> = line.split(':').collect();
+            if fields.len() < 7 || fields[2].parse::<u32>().ok()? != uid {
+                return None;
+            }
+            Some(RunAs {
+                uid,
+                gid: fields[3].parse().ok()?,
+                home: home_or_root(PathBuf::from(fields[5])),
+            })
+        })
     }
 
     /// Whether the user may read and execute `script` (a shell script
@@ -93,5 +116,52 @@ impl RunAs {
                 Ok(())
             });
         }
+    }
+}
+
+/// `dir`, or `/` when it is empty.
+fn home_or_root(dir: PathBuf) -> PathBuf {
+    if dir.as_os_str().is_empty() {
+        PathBuf::from("/")
+    } else {
+        dir
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_host_database_gives_group_and_home_and_an_unknown_uid_gets_nogroup() {
+        let passwd = "root:x:0:0:root:/root:/bin/bash\n\
+                      man:x:6:12:man:/var/cache/man:/usr/sbin/nologin\n\
+                      odd:x:7\n\
+                      svc:x:1500:1500::/:/bin/sh\n";
+        assert_eq!(
+            RunAs::from_passwd(6, passwd),
+            Some(RunAs {
+                uid: 6,
+                gid: 12,
+                home: PathBuf::from("/var/cache/man"),
+            }),
+            "uid 6 runs with its own group 12, not gid 6 (disk)"
+        );
+        assert_eq!(
+            RunAs::from_passwd(7, passwd),
+            None,
+            "a short line is no entry"
+        );
+        assert_eq!(
+            RunAs::from_passwd(1500, passwd).map(|r| r.home),
+            Some(PathBuf::from("/"))
+        );
+        assert_eq!(RunAs::from_passwd(4242, passwd), None);
+        // Neither the host nor the agent knows 4242424: nogroup, not 4242424.
+        let unknown = RunAs::of(4_242_424);
+        assert_eq!(
+            (unknown.gid, unknown.home),
+            (UNKNOWN_USER_GID, PathBuf::from("/"))
+        );
     }
 }
