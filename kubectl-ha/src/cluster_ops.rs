@@ -165,12 +165,16 @@ pub fn mode_change_refusal(
         })
         .map(|s| format!("{}/{}", s.namespace().unwrap_or_default(), s.name_any()))
         .collect();
-    (!held.is_empty()).then(|| {
-        format!(
-            "{node} leaves mode config for default only with its services stopped, and it runs {}; run kubectl ha stop --cluster {name} (it also sets every member back to default), then kubectl ha start --cluster {name}",
-            held.join(", ")
-        )
-    })
+    // The API server refuses it too (the CRD's rule): only a write that
+    // leaves the cluster stopped takes a member from config to default.
+    let runs = if held.is_empty() {
+        String::new()
+    } else {
+        format!(", and it runs {}", held.join(", "))
+    };
+    Some(format!(
+        "{node} leaves mode config for default only with the cluster's services stopped{runs}; run kubectl ha stop --cluster {name} (it also sets every member back to default), then kubectl ha start --cluster {name}"
+    ))
 }
 
 /// The JSON patch (RFC 6902) of `kubectl ha stop`: `spec.stopped` true and
@@ -192,15 +196,19 @@ pub fn stop_patch(c: &HACluster) -> Value {
 }
 
 /// Whether a service has left everywhere: no active node, phase
-/// Suspended, and every node's entry Stopped.
+/// Suspended, and every node's entry Stopped, or Failed with no role and
+/// nothing left unclean (an old failure, such as a permanent one, that no
+/// leave will ever turn into Stopped).
 pub fn left_everywhere(s: &HAService) -> bool {
     s.status.as_ref().is_some_and(|st| {
         st.active_node.is_none()
             && st.phase == Some(Phase::Suspended)
-            && st
-                .nodes
-                .iter()
-                .all(|e| e.state == NodeServiceState::Stopped)
+            && st.nodes.iter().all(|e| {
+                e.state == NodeServiceState::Stopped
+                    || e.state == NodeServiceState::Failed
+                        && e.role == kubeha_crds::Role::None
+                        && e.unclean_epoch.is_none()
+            })
     })
 }
 
@@ -398,15 +406,41 @@ mod tests {
     }
 
     #[test]
+    fn an_old_failure_with_no_role_counts_as_left_but_an_unclean_one_does_not() {
+        let entry = |state, unclean: Option<i64>| {
+            let mut e = kubeha_crds::testing::status_entry(
+                "node-1",
+                kubeha_crds::Role::None,
+                state,
+                2,
+                Some(2),
+            );
+            e.unclean_epoch = unclean;
+            e
+        };
+        let mut s = svc_on(None);
+        let st = s.status.as_mut().unwrap();
+        st.phase = Some(Phase::Suspended);
+        st.nodes = vec![
+            entry(NodeServiceState::Stopped, None),
+            entry(NodeServiceState::Failed, None),
+        ];
+        assert!(left_everywhere(&s));
+        s.status.as_mut().unwrap().nodes[1].unclean_epoch = Some(3);
+        assert!(!left_everywhere(&s), "a node that may still run it");
+        s.status.as_mut().unwrap().nodes[1] = entry(NodeServiceState::Running, None);
+        assert!(!left_everywhere(&s));
+    }
+
+    #[test]
     fn config_returns_to_default_only_stopped() {
         let mut cl = c(&[("node-1", Mode::Config), ("node-2", Mode::Locked)]);
         let why =
             mode_change_refusal(&cl, "node-1", Mode::Default, &[svc_on(Some("node-1"))]).unwrap();
         assert!(why.contains("kubectl ha stop --cluster c"), "{why}");
-        assert_eq!(
-            mode_change_refusal(&cl, "node-1", Mode::Default, &[svc_on(None)]),
-            None
-        );
+        // Refused too with nothing running there: the cluster is not stopped.
+        let why = mode_change_refusal(&cl, "node-1", Mode::Default, &[svc_on(None)]).unwrap();
+        assert!(why.contains("kubectl ha stop --cluster c"), "{why}");
         assert_eq!(
             mode_change_refusal(&cl, "node-2", Mode::Default, &[svc_on(Some("node-1"))]),
             None
