@@ -86,12 +86,19 @@ async fn reconcile_inner(cluster: &HACluster, ctx: &Ctx) -> Result<Action> {
             .collect()
     });
     let member_names: BTreeSet<&str> = members.iter().map(|m| m.name.as_str()).collect();
+    let released = cluster
+        .annotations()
+        .get(annotations::RELEASE_NODE)
+        .map(|n| n.trim().to_owned());
     let (heartbeats, returned, next_expiry, orphans) = ctx.with_view(&name, |view| {
         view.set_timing(Timing::from(&cluster.spec.heartbeat));
         view.retain_capable(|n| member_names.contains(n));
         let mut heartbeats = BTreeMap::new();
         for m in &members {
-            let cordoned = infos.get(&m.name).is_some_and(|i| i.cordoned);
+            // A released node counts as cordoned: its time eligible starts
+            // again when the release ends, so a failback waits its delay.
+            let cordoned = infos.get(&m.name).is_some_and(|i| i.cordoned)
+                || released.as_deref() == Some(m.name.as_str());
             view.note_capable(&m.name, m.mode.allows_services() && !cordoned, now);
             heartbeats.insert(m.name.clone(), view.state(&m.name, now));
         }
@@ -278,12 +285,21 @@ async fn reconcile_inner(cluster: &HACluster, ctx: &Ctx) -> Result<Action> {
     }
 
     // A release (FreeHA's HUP) ends once no service of the cluster has the
-    // node as its holder: the services moved (or, with nowhere else to go,
-    // stopped), and the node is eligible again.
+    // node as its holder and the node's own entries show it left every
+    // role: the services moved (or, with nowhere else to go, stopped), and
+    // the node is eligible again.
     if let Some(node) = cluster.annotations().get(annotations::RELEASE_NODE)
         && !services
             .iter()
             .any(|s| s.master.as_deref() == Some(node.trim()))
+        && !ctx.stores.services.state().iter().any(|s| {
+            s.spec.cluster_ref == name
+                && s.status.as_ref().is_some_and(|st| {
+                    st.nodes
+                        .iter()
+                        .any(|e| e.node == node.trim() && e.role != kubeha_crds::Role::None)
+                })
+        })
         && end_release(&api, &name, node).await?
     {
         tracing::info!(%node, "release done: no service runs there");

@@ -196,6 +196,10 @@ pub(super) fn evaluate(svc: &HAService, ctx: &Ctx, deleting: bool, now: Instant)
     let mode_of = |n: &str| members.iter().find(|m| m.name == n).map(|m| m.mode);
 
     let first_seen = ctx.first_seen(&cluster_name, now);
+    let released_node = cluster
+        .as_ref()
+        .and_then(|c| c.annotations().get(annotations::RELEASE_NODE))
+        .map(|n| n.trim().to_owned());
     let (node_views, states, next_expiry, frozen) = ctx.with_view(&cluster_name, |view| {
         if let Some(c) = &cluster {
             view.set_timing(Timing::from(&c.spec.heartbeat));
@@ -204,7 +208,14 @@ pub(super) fn evaluate(svc: &HAService, ctx: &Ctx, deleting: bool, now: Instant)
             .iter()
             .map(|m| {
                 let cordoned = infos.get(&m.name).is_some_and(|i| i.cordoned);
-                view.note_capable(&m.name, m.mode.allows_services() && !cordoned, now);
+                // A released node is not capable either (as in the cluster
+                // reconciler): a failback to it waits its delay afterwards.
+                let released = released_node.as_deref() == Some(m.name.as_str());
+                view.note_capable(
+                    &m.name,
+                    m.mode.allows_services() && !cordoned && !released,
+                    now,
+                );
                 NodeView {
                     name: m.name.clone(),
                     mode: m.mode,
