@@ -367,6 +367,15 @@ async fn reconcile_service(
                 && r.retry_at.is_none_or(|t| now >= t)
                 && entry_wanted(&guard, api_digest.is_some(), owes_proof)
         };
+        // In single and config HA monitoring is off (StorNext), and a
+        // stopped cluster's services are leaving: no monitor runs. The
+        // next one is due a whole interval after monitoring comes back, not
+        // at once (a node just back from config to default would otherwise
+        // run it before the services it reconfigured have stopped).
+        let monitoring_off = mode.is_exclusive() || cluster.spec.stopped;
+        if monitoring_off && let Some(m) = hooks.and_then(|h| h.monitor.as_ref()) {
+            slot.next_monitor = now + Duration::from_secs(m.interval_seconds.max(1) as u64);
+        }
         let work = decide::next(&Facts {
             wanted,
             lease_epoch,
@@ -377,12 +386,10 @@ async fn reconcile_service(
             cleared_before_return,
             cut_off,
             vip_expired: shared.node.held.any_expired(&guard.vips),
-            // In single and config HA monitoring is off (StorNext): no
-            // monitor runs, so no monitor failure moves the service. The
-            // self-fence on API loss stays in every mode (see the agent's
-            // heartbeat): a partitioned node cannot learn that an admin
-            // has since made a peer eligible.
-            monitor_due: !mode.is_exclusive()
+            // No monitor failure moves the service while monitoring is
+            // off (above); the self-fence is off too in single and config
+            // when the last renew said so (`heartbeat::Beat`).
+            monitor_due: !monitoring_off
                 && hooks.is_some_and(|h| h.monitor.is_some())
                 && now >= slot.next_monitor,
             periodic_due: hooks.is_some_and(|h| h.periodic.is_some()) && now >= slot.next_periodic,
