@@ -56,6 +56,15 @@ pub const CLEAR: &str = "kubeha.io/clear";
 /// `kubectl ha clear` removes it (with the failures).
 pub const FORCE_START: &str = "kubeha.io/force-start";
 
+/// Annotation on an HAService, beside [`FORCE_START`]: the forced node's
+/// fail count for the service when the force was asked (`kubectl ha
+/// force-start` writes both). Only failures up to that count are
+/// overridden: a failure there after the force (a higher count) ends the
+/// override, so a forced start that fails is not retried at every new
+/// epoch and the service can fail over again. Without it, every failure
+/// on the node is overridden while the request stands.
+pub const FORCE_START_FAIL_COUNT: &str = "kubeha.io/force-start-fail-count";
+
 /// Annotation on an HACluster (cluster-admin only: tenants cannot write
 /// HAClusters): release the node it names, like FreeHA's `kill -HUP`. Every
 /// service of the cluster that runs there leaves it through the ordinary

@@ -205,14 +205,24 @@ pub async fn force_start(ctx: &Ctx, name: &str, node: &str) -> anyhow::Result<Ou
         "WARNING: FORCE START of {what} on {node}: its failures there are overridden and it starts there even though placement would not choose it. Make sure {node} can run it. The ForceStarted condition stays until: kubectl ha clear {name} -n {}",
         ctx.namespace
     );
-    api.patch(
-        name,
-        &params(),
-        &Patch::Merge(&annotation_patch(annotations::FORCE_START, Some(node))),
-    )
-    .await
-    .map_err(|e| api_error(e, &what, "patch"))?;
-    ctx.say(&format!("{what}: {}={node} set", annotations::FORCE_START));
+    // The failures the force overrides: those counted so far on the node.
+    let fail_count = svc
+        .status
+        .as_ref()
+        .and_then(|st| st.nodes.iter().find(|e| e.node == node))
+        .map_or(0, |e| e.fail_count);
+    let patch = json!({ "metadata": { "annotations": {
+        annotations::FORCE_START: node,
+        annotations::FORCE_START_FAIL_COUNT: fail_count.to_string(),
+    } } });
+    api.patch(name, &params(), &Patch::Merge(&patch))
+        .await
+        .map_err(|e| api_error(e, &what, "patch"))?;
+    ctx.say(&format!(
+        "{what}: {}={node} set ({}={fail_count})",
+        annotations::FORCE_START,
+        annotations::FORCE_START_FAIL_COUNT
+    ));
     let settled = |s: &HAService| {
         force_condition(s).is_some_and(|(status, reason, _)| {
             status == "True" || reason == "TargetNotEligible" || reason == "ForcedStartFailed"
@@ -253,13 +263,13 @@ pub async fn end_force_start(
         );
         return Ok(());
     }
-    api.patch(
-        &name,
-        &params(),
-        &Patch::Merge(&annotation_patch(annotations::FORCE_START, None)),
-    )
-    .await
-    .map_err(|e| api_error(e, &format!("HAService {name}"), "patch"))?;
+    let patch = json!({ "metadata": { "annotations": {
+        annotations::FORCE_START: null,
+        annotations::FORCE_START_FAIL_COUNT: null,
+    } } });
+    api.patch(&name, &params(), &Patch::Merge(&patch))
+        .await
+        .map_err(|e| api_error(e, &format!("HAService {name}"), "patch"))?;
     ctx.say(&format!("{}: removed", annotations::FORCE_START));
     Ok(())
 }

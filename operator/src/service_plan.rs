@@ -82,6 +82,11 @@ pub struct Facts<'a> {
     /// The node an admin asked to start the service on by force
     /// (annotation [`annotations::FORCE_START`]); `None` or blank: none.
     pub force_start: Option<&'a str>,
+    /// The forced node's fail count when the force was asked (annotation
+    /// [`annotations::FORCE_START_FAIL_COUNT`]): a higher count there now
+    /// means the forced start failed, and its failures are no longer
+    /// overridden. `None`: every failure is.
+    pub force_fail_count: Option<i32>,
     /// The node the cluster's admin asked to release (HACluster annotation
     /// [`annotations::RELEASE_NODE`]); `None` or blank: none.
     pub released: Option<&'a str>,
@@ -298,6 +303,13 @@ pub fn plan(f: &Facts<'_>) -> Plan {
     let facts = node_facts(f.fences, f.status, f.started_nothing);
     let entries = f.status.map(|s| s.nodes.as_slice()).unwrap_or_default();
     let entry = |n: &str| entries.iter().find(|e| e.node == n);
+    // The forced node failed again since the force was asked: its
+    // failures are no longer overridden (no retry at every new epoch, and
+    // the service may fail over again).
+    let force_failed = force_start.is_some_and(|t| {
+        f.force_fail_count
+            .is_some_and(|n| entry(t).is_some_and(|e| e.fail_count > n))
+    });
     let move_to = f.move_to.map(str::trim).filter(|n| !n.is_empty());
     let mut move_blocked = None;
 
@@ -335,7 +347,7 @@ pub fn plan(f: &Facts<'_>) -> Plan {
                 });
             }
         }
-        if let Some(target) = force_start {
+        if let Some(target) = force_start.filter(|_| !force_failed) {
             let unclean = entry(target).is_some_and(|e| e.unclean_epoch.is_some());
             force_blocked = force_blocker(cluster, &view, &f.spec.cluster_ref, target, unclean);
             if force_blocked.is_none() {
@@ -536,7 +548,18 @@ pub fn plan(f: &Facts<'_>) -> Plan {
     let mut forced = None;
     if let (Some(target), Some(_)) = (force_start, &decision) {
         let target_entry = entry(target);
-        let cond = if let Some(why) = &force_blocked {
+        let cond = if force_failed {
+            Cond::no(
+                FORCE_STARTED,
+                "ForcedStartFailed",
+                format!(
+                    "{target} failed again after the force start ({} {}), so its failures are no longer overridden and the service is placed as usual; fix the service there and clear it (kubectl ha clear {}), then force again",
+                    annotations::FORCE_START_FAIL_COUNT,
+                    f.force_fail_count.unwrap_or_default(),
+                    kubectl_target(f.key)
+                ),
+            )
+        } else if let Some(why) = &force_blocked {
             Cond::no(FORCE_STARTED, "TargetNotEligible", why.clone())
         } else if holder.as_deref() == Some(target)
             && target_entry
@@ -570,7 +593,7 @@ pub fn plan(f: &Facts<'_>) -> Plan {
                 ),
             )
         };
-        if force_blocked.is_none() {
+        if force_blocked.is_none() && !force_failed {
             forced = Some(format!(
                 "FORCE START of {} on {target} ({}): its failures there are overridden and it starts there through the handover even though placement would not choose it; make sure {target} can run it. Withdraw with kubectl ha clear {}",
                 f.key,

@@ -353,6 +353,10 @@ pub(super) fn evaluate(svc: &HAService, ctx: &Ctx, deleting: bool, now: Instant)
             .annotations()
             .get(annotations::FORCE_START)
             .map(String::as_str),
+        force_fail_count: svc
+            .annotations()
+            .get(annotations::FORCE_START_FAIL_COUNT)
+            .and_then(|v| v.trim().parse().ok()),
         released: cluster
             .as_ref()
             .and_then(|c| c.annotations().get(annotations::RELEASE_NODE))

@@ -58,6 +58,7 @@ struct Case {
     failures: BTreeMap<String, Failures>,
     move_to: Option<String>,
     force_start: Option<String>,
+    force_fail_count: Option<i32>,
     released: Option<String>,
 }
 
@@ -84,6 +85,7 @@ impl Case {
             failures: BTreeMap::new(),
             move_to: None,
             force_start: None,
+            force_fail_count: None,
             released: None,
         }
     }
@@ -102,6 +104,7 @@ impl Case {
             started_nothing: &BTreeSet::new(),
             move_to: self.move_to.as_deref(),
             force_start: self.force_start.as_deref(),
+            force_fail_count: self.force_fail_count,
             released: self.released.as_deref(),
         })
     }
@@ -207,6 +210,7 @@ fn failed_monitor_moves_after_the_ack() {
         started_nothing: &BTreeSet::new(),
         move_to: None,
         force_start: None,
+        force_fail_count: None,
         released: None,
     });
     assert_eq!(p.handover.lease.holder.as_deref(), Some("b"));
@@ -325,6 +329,7 @@ fn all_failed_is_errored_and_stalled() {
         started_nothing: &BTreeSet::new(),
         move_to: None,
         force_start: None,
+        force_fail_count: None,
         released: None,
     });
     assert_eq!(p.status.phase, Phase::Errored);
@@ -371,6 +376,7 @@ fn a_refused_enter_moves_once_its_vips_expired() {
             started_nothing: started,
             move_to: None,
             force_start: None,
+            force_fail_count: None,
             released: None,
         })
     };
@@ -831,4 +837,55 @@ fn a_released_node_gives_its_service_to_the_next_node() {
     )]));
     let p = c.plan();
     assert_eq!(p.handover.lease.holder.as_deref(), Some("a"));
+}
+
+/// A forced start that fails again on its node is not retried at every new
+/// epoch: failures past the count the force was asked at end the
+/// override, and the service is placed as usual (review finding).
+#[test]
+fn a_force_start_that_fails_again_ends_its_override() {
+    let mut c = Case::new(&[("a", Alive), ("b", Alive)]);
+    c.spec.preferred_nodes = vec!["a".into()];
+    let mut failed_b = entry("b", Role::None, NodeServiceState::Failed, 2, Some(2));
+    failed_b.fail_count = 1;
+    c.lease = Some(cleared("a", 3));
+    c.status = Some(status(vec![running("a", 3), failed_b.clone()]));
+    c.failures.insert("b".into(), failed_once(false));
+    c.force_start = Some("b".into());
+    c.force_fail_count = Some(1);
+    let p = c.plan();
+    assert_eq!(p.decision.as_ref().unwrap().master.as_deref(), Some("b"));
+    assert!(p.forced.is_some());
+
+    // b entered at epoch 4 and failed there: its count is 2 now.
+    let mut again = entry("b", Role::None, NodeServiceState::Failed, 4, Some(4));
+    again.fail_count = 2;
+    c.lease = Some(LeaseState {
+        holder: None,
+        ..cleared("b", 4)
+    });
+    c.status = Some(status(vec![
+        entry("a", Role::None, NodeServiceState::Stopped, 3, Some(3)),
+        again,
+    ]));
+    c.failures.insert(
+        "b".into(),
+        Failures {
+            count: 2,
+            ..failed_once(false)
+        },
+    );
+    let p = c.plan();
+    assert_eq!(
+        p.decision.as_ref().unwrap().master.as_deref(),
+        Some("a"),
+        "placed as usual, not on b again"
+    );
+    assert_eq!(p.forced, None, "no warning while not overriding");
+    let fc = forced_cond(&p).unwrap();
+    assert_eq!(
+        (fc.status, fc.reason.as_str()),
+        (false, "ForcedStartFailed")
+    );
+    assert!(fc.message.contains("kubectl ha clear svc -n ns"), "{fc:?}");
 }
