@@ -547,7 +547,6 @@ pub fn plan(f: &Facts<'_>) -> Plan {
     // ForceStarted: only while a force start request stands.
     let mut forced = None;
     if let (Some(target), Some(_)) = (force_start, &decision) {
-        let target_entry = entry(target);
         let cond = if force_failed {
             Cond::no(
                 FORCE_STARTED,
@@ -561,18 +560,6 @@ pub fn plan(f: &Facts<'_>) -> Plan {
             )
         } else if let Some(why) = &force_blocked {
             Cond::no(FORCE_STARTED, "TargetNotEligible", why.clone())
-        } else if holder.as_deref() == Some(target)
-            && target_entry
-                .is_some_and(|e| e.state == NodeServiceState::Failed && e.epoch == Some(epoch))
-        {
-            Cond::no(
-                FORCE_STARTED,
-                "ForcedStartFailed",
-                format!(
-                    "the forced start on {target} failed at epoch {epoch} and is not retried; fix the service there and clear it (kubectl ha clear {}), then force again",
-                    kubectl_target(f.key)
-                ),
-            )
         } else if holder.as_deref() == Some(target) && phase == Phase::Active {
             Cond::yes(
                 FORCE_STARTED,
