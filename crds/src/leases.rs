@@ -263,6 +263,26 @@ impl ServiceLeaseFields {
     }
 }
 
+/// The nodes a service Lease names: its holder, its standby and the node
+/// last cleared to enter ([`CLEARED_NODE_ANNOTATION`], whose proof the
+/// operator waits for). The nodes whose agents act on this Lease.
+pub fn named_nodes(lease: &k8s_openapi::api::coordination::v1::Lease) -> Vec<String> {
+    let fields = ServiceLeaseFields::read(lease);
+    let cleared = lease
+        .metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(CLEARED_NODE_ANNOTATION))
+        .filter(|n| !n.is_empty())
+        .cloned();
+    fields
+        .holder
+        .into_iter()
+        .chain(fields.standby)
+        .chain(cleared)
+        .collect()
+}
+
 /// An epoch as written in an annotation: a non-negative decimal number,
 /// surrounding whitespace ignored.
 pub fn parse_epoch(value: &str) -> Option<i64> {
@@ -272,26 +292,21 @@ pub fn parse_epoch(value: &str) -> Option<i64> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
-    use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+    use k8s_openapi::api::coordination::v1::Lease;
 
-    fn lease(holder: &str, transitions: Option<i32>, annotations: &[(&str, &str)]) -> Lease {
-        Lease {
-            metadata: ObjectMeta {
-                annotations: Some(
-                    annotations
-                        .iter()
-                        .map(|(k, v)| (k.to_string(), v.to_string()))
-                        .collect(),
-                ),
-                ..Default::default()
-            },
-            spec: Some(LeaseSpec {
-                holder_identity: Some(holder.into()),
-                lease_transitions: transitions,
-                ..Default::default()
-            }),
-        }
+    use crate::testing::lease;
+
+    #[test]
+    fn a_lease_names_its_holder_standby_and_cleared_node() {
+        let l = lease(
+            "n1",
+            Some(3),
+            &[(STANDBY_ANNOTATION, "n2"), (CLEARED_NODE_ANNOTATION, "n3")],
+        );
+        assert_eq!(named_nodes(&l), ["n1", "n2", "n3"]);
+        // Empty values name nobody.
+        let l = lease("", Some(3), &[(CLEARED_NODE_ANNOTATION, "")]);
+        assert!(named_nodes(&l).is_empty());
     }
 
     /// Names that used to collide (`kubeha-hb-a-b-c` twice) no longer do,

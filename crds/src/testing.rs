@@ -91,6 +91,26 @@ pub fn status_entry(
     }
 }
 
+/// A Lease held by `holder` (empty: nobody) at `transitions`, with
+/// `annotations`.
+pub fn lease(
+    holder: &str,
+    transitions: Option<i32>,
+    annotations: &[(&str, &str)],
+) -> k8s_openapi::api::coordination::v1::Lease {
+    k8s_openapi::api::coordination::v1::Lease {
+        metadata: k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta {
+            annotations: Some(labels(annotations)),
+            ..Default::default()
+        },
+        spec: Some(k8s_openapi::api::coordination::v1::LeaseSpec {
+            holder_identity: Some(holder.into()),
+            lease_transitions: transitions,
+            ..Default::default()
+        }),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

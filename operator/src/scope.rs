@@ -51,18 +51,7 @@ pub const REMOVAL_GRACE: Duration = Duration::from_secs(10);
 pub fn needed_nodes(svc: &HAService, lease: Option<&Lease>) -> BTreeSet<String> {
     let mut nodes = BTreeSet::new();
     if let Some(lease) = lease {
-        let fields = leases::ServiceLeaseFields::read(lease);
-        nodes.extend(fields.holder);
-        nodes.extend(fields.standby);
-        if let Some(cleared) = lease
-            .metadata
-            .annotations
-            .as_ref()
-            .and_then(|a| a.get(leases::CLEARED_NODE_ANNOTATION))
-            .filter(|n| !n.is_empty())
-        {
-            nodes.insert(cleared.clone());
-        }
+        nodes.extend(leases::named_nodes(lease));
     }
     if let Some(status) = &svc.status {
         nodes.extend(

@@ -536,6 +536,11 @@ fn print_scale(r: &kubeha_e2e::bench::ScaleReport, steady_seconds: u64) {
             s.services,
             s.writes_by_text()
         );
+        println!(
+            "writes per service added on the way to {}: {}",
+            s.services,
+            s.created_writes_by_text()
+        );
     }
     let Some(f) = &r.failover else {
         println!(

@@ -79,6 +79,10 @@ pub struct Steady {
     pub requests_per_s: f64,
     /// `writes_per_s` by `resource verb`, the busiest first.
     pub writes_by: Vec<(String, f64)>,
+    /// API writes per service added in this step, from its first apply to
+    /// every service Active, by `resource verb` (the busiest first): what
+    /// creating a service costs the API server.
+    pub created_writes_by: Vec<(String, f64)>,
     /// Resident memory of the operator, MiB.
     pub operator_rss_mb: f64,
     /// CPU of the operator, percent of one core.
@@ -96,12 +100,22 @@ pub struct Steady {
 impl Steady {
     /// [`Steady::writes_by`] as one line: `leases APPLY 20.00, ...`.
     pub fn writes_by_text(&self) -> String {
-        self.writes_by
-            .iter()
-            .map(|(k, r)| format!("{k} {r:.2}"))
-            .collect::<Vec<_>>()
-            .join(", ")
+        rates_text(&self.writes_by)
     }
+
+    /// [`Steady::created_writes_by`] as one line.
+    pub fn created_writes_by_text(&self) -> String {
+        rates_text(&self.created_writes_by)
+    }
+}
+
+/// Figures by `resource verb` as one line: `leases APPLY 20.00, ...`.
+fn rates_text(rates: &[(String, f64)]) -> String {
+    rates
+        .iter()
+        .map(|(k, r)| format!("{k} {r:.2}"))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// The power-off of the node holding the most services.
@@ -424,6 +438,7 @@ fn measure(
     for &services in &plan.services {
         let started = Instant::now();
         let (events0, created0) = (haservice_watch_events(lab)?, created);
+        let requests0 = ApiRequests::now(lab)?;
         eprintln!("scale: {services} services on {count} nodes: applying {wave} at a time");
         while created < services {
             let to = services.min(created + wave);
@@ -435,15 +450,19 @@ fn measure(
             created = to;
         }
         let settle_s = started.elapsed().as_secs_f64();
+        let created_writes_by = requests0
+            .write_rates_since(&ApiRequests::now(lab)?, (services - created0).max(1) as f64);
         eprintln!("scale: {services} services Active after {settle_s:.0} s; steady window");
         let mut step = measure_steady(lab, count, services, settle_s, plan.steady_secs)?;
+        step.created_writes_by = created_writes_by;
         step.haservice_watch_events_per_service =
             (haservice_watch_events(lab)? - events0) / (services - created0).max(1) as f64;
         eprintln!(
-            "scale: {services} services: {:.1} writes/s ({}), {:.0} HAService watch events per service added",
+            "scale: {services} services: {:.1} writes/s ({}), {:.0} HAService watch events per service added; writes per service added: {}",
             step.writes_per_s,
             step.writes_by_text(),
-            step.haservice_watch_events_per_service
+            step.haservice_watch_events_per_service,
+            step.created_writes_by_text()
         );
         steady.push(step);
     }
@@ -497,6 +516,7 @@ fn measure_steady(
         writes_per_s: (api1.writes - api0.writes) / elapsed,
         requests_per_s: (api1.all - api0.all) / elapsed,
         writes_by: api0.write_rates_since(&api1, elapsed),
+        created_writes_by: Vec::new(),
         operator_rss_mb: rss_mb(operator)?,
         operator_cpu_pct: pct(op0, op1),
         agent_rss_mb: MedianMax::of(&agent_rss),

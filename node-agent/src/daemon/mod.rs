@@ -11,7 +11,7 @@ mod report;
 mod reset;
 mod tasks;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
@@ -20,11 +20,11 @@ use std::time::{Duration, Instant};
 use futures::StreamExt;
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{Node as KubeNode, ObjectReference};
-use kube::Client;
 use kube::api::Api;
 use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::reflector::Store;
 use kube::runtime::watcher;
+use kube::{Client, ResourceExt};
 use kubeha_crds::annotations::node_scope_selector;
 use kubeha_crds::service::{NodeServiceState, Role};
 use kubeha_crds::{HACluster, HAService, HAServiceSpec, leases};
@@ -241,6 +241,10 @@ struct Shared {
     written: std::sync::Mutex<Option<NodeStatus>>,
     /// Permits for routine status reports ([`REPORTS_IN_FLIGHT`]).
     report_permits: Arc<tokio::sync::Semaphore>,
+    /// The service Lease names of every service this node has a record
+    /// for, as of the last pass: an event of one of them wakes the main
+    /// loop ([`lease_wakes`]).
+    recorded_leases: std::sync::Mutex<HashSet<String>>,
 }
 
 impl Shared {
@@ -288,6 +292,7 @@ pub async fn run(config: Config) -> crate::Result<()> {
         resend: Default::default(),
         written: Default::default(),
         report_permits: Arc::new(tokio::sync::Semaphore::new(REPORTS_IN_FLIGHT)),
+        recorded_leases: Default::default(),
         recorder: Recorder::new(
             client.clone(),
             Reporter {
@@ -310,28 +315,54 @@ pub async fn run(config: Config) -> crate::Result<()> {
         }
     });
 
-    let clusters = watch::<HACluster>(&client, None, watcher::Config::default(), &shared, |_| {});
+    let clusters = watch::<HACluster>(
+        &client,
+        None,
+        watcher::Config::default(),
+        &shared,
+        |_| {},
+        |_| true,
+    );
     // Only the services that carry this node's node-scope label (the
     // operator labels the nodes a service needs; one that leaves the
     // selection is one this node has no role in), and of a service's
     // status, the agent reads its own node's entry only.
     let scope = watcher::Config::default().labels(&node_scope_selector(&config.node));
-    let services = watch::<HAService>(&client, None, scope, &shared, {
-        let node = config.node.clone();
-        move |svc: &mut HAService| {
-            if let Some(status) = svc.status.as_mut() {
-                status.nodes.retain(|e| e.node == node);
+    let services = watch::<HAService>(
+        &client,
+        None,
+        scope,
+        &shared,
+        {
+            let node = config.node.clone();
+            move |svc: &mut HAService| {
+                if let Some(status) = svc.status.as_mut() {
+                    status.nodes.retain(|e| e.node == node);
+                }
             }
-        }
-    });
+        },
+        |_| true,
+    );
     // In the operator's namespace (where only the operator may write
-    // them), never in a tenant's.
+    // them), never in a tenant's. Every one of them (their VIP claims are
+    // the agent's re-check of the operator, `assignments::claims_of`), but
+    // only those this node acts on wake the main loop.
     let service_leases = watch::<Lease>(
         &client,
         Some(&config.namespace),
         watcher::Config::default().labels(&leases::service_lease_selector()),
         &shared,
         |_| {},
+        {
+            let (shared, node) = (shared.clone(), config.node.clone());
+            move |event: &watcher::Event<Lease>| {
+                let recorded = shared
+                    .recorded_leases
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner());
+                lease_wakes(&recorded, &node, event)
+            }
+        },
     );
     // This node's own Node object: its labels decide membership in clusters
     // that pick members with `spec.members.selector`.
@@ -341,6 +372,7 @@ pub async fn run(config: Config) -> crate::Result<()> {
         watcher::Config::default().fields(&format!("metadata.name={}", config.node)),
         &shared,
         |_| {},
+        |_| true,
     );
     // Not part of the sync below: without it (e.g. RBAC without nodes) only
     // membership by selector stays undecided, listed clusters go on.
@@ -581,16 +613,18 @@ fn new_slot(record: ServiceRecord, adopt: bool) -> Slot {
     }
 }
 
-/// A reflector whose every event wakes the main loop; `trim` drops what the
-/// agent never reads before an object is stored. A malformed object is
-/// skipped ([`kubeha_runtime::watch::reflect_trimmed`]); errors are logged
-/// and retried with backoff: the watch goes on.
+/// A reflector whose events wake the main loop when `wakes` says so (every
+/// error does); `trim` drops what the agent never reads before an object
+/// is stored. A malformed object is skipped
+/// ([`kubeha_runtime::watch::reflect_trimmed`]); errors are logged and
+/// retried with backoff: the watch goes on.
 fn watch<K>(
     client: &Client,
     namespace: Option<&str>,
     config: watcher::Config,
     shared: &Arc<Shared>,
     trim: impl Fn(&mut K) + Send + Sync + 'static,
+    wakes: impl Fn(&watcher::Event<K>) -> bool + Send + 'static,
 ) -> Store<K>
 where
     K: kube::Resource<DynamicType = ()>
@@ -606,13 +640,35 @@ where
     tokio::spawn(async move {
         let mut stream = std::pin::pin!(stream);
         while let Some(event) = stream.next().await {
-            if let Err(e) = event {
-                tracing::warn!(error = %e, kind = %std::any::type_name::<K>(), "watch error (retrying)");
+            match event {
+                Ok(e) if !wakes(&e) => continue,
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::warn!(error = %e, kind = %std::any::type_name::<K>(), "watch error (retrying)");
+                }
             }
             shared.notify.notify_one();
         }
     });
     reader
+}
+
+/// Whether a service Lease event wakes the main loop: one that names this
+/// node ([`leases::named_nodes`]) or is the Lease of a service this node
+/// has a record for (a Lease that stops naming it, or is deleted), and the
+/// end of a (re)list. With many services, the others' Lease writes would
+/// otherwise run a pass over every service of this node each (issue 11:
+/// 20 agents at 1,000 services took the API server's CPU); the store keeps
+/// them all the same, and the next pass reads them.
+fn lease_wakes(recorded: &HashSet<String>, node: &str, event: &watcher::Event<Lease>) -> bool {
+    match event {
+        watcher::Event::Apply(lease) | watcher::Event::Delete(lease) => {
+            leases::named_nodes(lease).iter().any(|n| n == node)
+                || recorded.contains(&lease.name_any())
+        }
+        watcher::Event::Init | watcher::Event::InitApply(_) => false,
+        watcher::Event::InitDone => true,
+    }
 }
 
 fn fenced_flag(shared: &Shared, cluster: &str) -> Arc<AtomicBool> {
@@ -654,6 +710,42 @@ mod tests {
         let mut slot = new_slot(ServiceRecord::fresh("c", &spec, "x".into(), None), false);
         (slot.next_monitor, slot.next_periodic, slot.next_refresh) = (next, next, next);
         slot
+    }
+
+    /// Only the service Leases this node acts on wake the main loop: one
+    /// naming it (holder, standby, cleared), one of a service it has a
+    /// record for (it may stop naming this node), and the end of a list.
+    #[test]
+    fn only_the_leases_this_node_acts_on_wake_the_loop() {
+        let lease = |name: &str, holder: &str, annotations: &[(&str, &str)]| {
+            let mut l = kubeha_crds::testing::lease(holder, None, annotations);
+            l.metadata.name = Some(name.into());
+            l
+        };
+        let recorded: HashSet<String> = ["ours".to_owned()].into();
+        let wakes = |e: watcher::Event<Lease>| lease_wakes(&recorded, "n1", &e);
+        let apply = |l: Lease| watcher::Event::Apply(l);
+        assert!(wakes(apply(lease("a", "n1", &[]))), "holder");
+        assert!(wakes(apply(lease(
+            "b",
+            "n2",
+            &[(leases::STANDBY_ANNOTATION, "n1")]
+        ))));
+        assert!(wakes(apply(lease(
+            "c",
+            "n2",
+            &[(leases::CLEARED_NODE_ANNOTATION, "n1")]
+        ))));
+        assert!(
+            wakes(apply(lease("ours", "n2", &[]))),
+            "recorded, moved away"
+        );
+        assert!(wakes(watcher::Event::Delete(lease("ours", "n2", &[]))));
+        assert!(!wakes(apply(lease("other", "n2", &[]))), "not ours");
+        assert!(!wakes(watcher::Event::Delete(lease("other", "n2", &[]))));
+        assert!(!wakes(watcher::Event::InitApply(lease("a", "n1", &[]))));
+        assert!(!wakes(watcher::Event::Init));
+        assert!(wakes(watcher::Event::InitDone));
     }
 
     #[test]

@@ -17,7 +17,7 @@ use kubeha_crds::service::{NodeServiceState, Role};
 use kubeha_crds::{HACluster, HAService, annotations, leases};
 
 use super::membership::{OwnNode, cluster_view, deleted_cluster_view};
-use super::report::{applied_digest, event, report, report_digest};
+use super::report::{ROUTINE_REPORT_TIMEOUT, applied_digest, event, report_digest, report_within};
 use super::tasks::{spawn_adopt, spawn_monitor, spawn_periodic, spawn_revip, spawn_steps};
 use super::{REPORT_RECHECK, Shared, Slot, Target, new_slot, spec_checksum};
 use crate::assignments::{self, Assignment, Membership, steps_between};
@@ -125,6 +125,18 @@ pub(super) async fn reconcile(
             target,
         );
     }
+    // The Leases whose events wake the next pass (`super::lease_wakes`).
+    let recorded = slots
+        .keys()
+        .map(|key| {
+            let (ns, name) = key.split_once('/').unwrap_or(("", key));
+            leases::service_lease_name(ns, name)
+        })
+        .collect();
+    *shared
+        .recorded_leases
+        .lock()
+        .unwrap_or_else(|e| e.into_inner()) = recorded;
 }
 
 /// What one pass knows of every service alike.
@@ -353,7 +365,11 @@ async fn reconcile_service(
         };
         let report_due = {
             let mut r = slot.reported.lock().unwrap_or_else(|e| e.into_inner());
-            if resend_due {
+            // A report that timed out may have been applied late, over a
+            // newer one: looked at again then, and sent again only when the
+            // API server's copy differs (not once more for nothing to an
+            // API server that was only slow).
+            if resend_due && api_digest.as_deref() != Some(&digest) {
                 r.done = None;
             }
             // Reported and taken, but the API server's copy says
@@ -535,7 +551,7 @@ async fn reconcile_service(
                 drop(guard);
                 let shared = shared.clone();
                 tokio::spawn(async move {
-                    report(&shared, &target, &record).await;
+                    report_within(&shared, &target, &record, ROUTINE_REPORT_TIMEOUT).await;
                     drop(permit);
                     shared.notify.notify_one();
                 });

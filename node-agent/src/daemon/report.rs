@@ -198,6 +198,27 @@ pub(super) async fn report(
     target: &Target,
     record: &ServiceRecord,
 ) -> Option<bool> {
+    report_within(shared, target, record, STEP_REPORT_TIMEOUT).await
+}
+
+/// How long a report sent under the service's record lock (a transition's,
+/// which the next step or decision waits for) may take before it counts as
+/// timed out.
+pub(super) const STEP_REPORT_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// How long a routine report (sent from a copy, holding no lock) may take:
+/// longer than a step's, so that an API server slow to apply is not sent
+/// the same entry again while the first is still on its way (issue 11:
+/// 2 s timeouts and their re-sends fed an overloaded API server).
+pub(super) const ROUTINE_REPORT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// [`report`] with its own timeout.
+pub(super) async fn report_within(
+    shared: &Shared,
+    target: &Target,
+    record: &ServiceRecord,
+    timeout: Duration,
+) -> Option<bool> {
     let (api, name) = (&target.api, target.name.as_str());
     let entry = status_entry(&shared.config.node, record);
     let patch = serde_json::json!({
@@ -207,7 +228,7 @@ pub(super) async fn report(
     });
     let params = PatchParams::apply(&leases::agent_field_manager(&shared.config.node)).force();
     let outcome = tokio::time::timeout(
-        Duration::from_secs(2),
+        timeout,
         api.patch_status(name, &params, &Patch::Apply(&patch)),
     )
     .await;
