@@ -349,7 +349,18 @@ pub fn plan(f: &Facts<'_>) -> Plan {
         }
         if let Some(target) = force_start.filter(|_| !force_failed) {
             let unclean = entry(target).is_some_and(|e| e.unclean_epoch.is_some());
-            force_blocked = force_blocker(cluster, &view, &f.spec.cluster_ref, target, unclean);
+            force_blocked = match f.force_fail_count {
+                // Without the fail count at the request, a failure after
+                // it could not be told from one before: every failure
+                // would be overridden, at every new epoch.
+                None => Some(format!(
+                    "{} asks for {target}, but {} is missing or not a number, so a failure after the force could not be told from the ones it overrides and it is not forced: ask with kubectl ha force-start {} --on {target}, which writes both",
+                    annotations::FORCE_START,
+                    annotations::FORCE_START_FAIL_COUNT,
+                    kubectl_target(f.key)
+                )),
+                Some(_) => force_blocker(cluster, &view, &f.spec.cluster_ref, target, unclean),
+            };
             if force_blocked.is_none() {
                 // The override of the Errored state: this node's failures
                 // for this service do not count, and it goes first, as

@@ -706,6 +706,19 @@ fn a_force_start_overrides_the_failures_on_its_node_only() {
 
     c.force_start = Some("b".into());
     let p = c.plan();
+    let why = p.force_blocked.clone().expect("no fail count, no force");
+    assert!(
+        why.contains("kubeha.io/force-start-fail-count is missing"),
+        "{why}"
+    );
+    assert!(
+        why.contains("kubectl ha force-start svc -n ns --on b"),
+        "{why}"
+    );
+    assert_eq!(p.forced, None);
+    assert_eq!(p.status.phase, Phase::Errored, "still errored");
+    c.force_fail_count = Some(1);
+    let p = c.plan();
     let d = p.decision.as_ref().unwrap();
     assert_eq!(d.master.as_deref(), Some("b"));
     assert_eq!(d.standby, None, "a's failures still count");
@@ -744,6 +757,7 @@ fn a_force_start_away_from_a_running_holder_waits_for_its_leave() {
     c.status = Some(status(vec![running("a", 1)]));
     c.failures.insert("b".into(), failed_once(false));
     c.force_start = Some("b".into());
+    c.force_fail_count = Some(1);
     let p = c.plan();
     assert_eq!(p.handover.lease.holder.as_deref(), Some("b"));
     assert_eq!(p.handover.lease.epoch, 2);
@@ -762,6 +776,7 @@ fn a_force_start_never_overrides_membership_heartbeat_mode_cordon_or_unclean() {
         c.status = Some(status(vec![running("a", 1)]));
         c.failures.insert("b".into(), failed_once(false));
         c.force_start = Some("b".into());
+        c.force_fail_count = Some(1);
         c
     };
     let blocked = |c: &Case, expect: &str| {
