@@ -398,8 +398,42 @@ fn reset_fences_the_node_at_once_and_the_service_moves() {
         .is_some(),
         "node-1 never heartbeat again after the reset"
     );
-    // Once per request: a restarted agent sees the same request and does
-    // not fence again.
+    // The operator removes the request once node-1 stopped heartbeating,
+    // so a node whose reset log is lost does not act on it again.
+    let annotation = || {
+        cluster_json(&lab, name)["metadata"]["annotations"]
+            .get("kubeha.io/reset-node")
+            .and_then(|v| v.as_str())
+            .map(str::to_owned)
+    };
+    assert!(
+        ha::wait_until(Duration::from_secs(10), || annotation().is_none()).is_some(),
+        "the reset request stayed: {:?}",
+        annotation()
+    );
+    let events = reasons(&lab, "default", name);
+    assert!(
+        events.iter().any(|r| r == "ResetDone"),
+        "no ResetDone Event: {events:?}"
+    );
+    // Once per request: the request written again by hand (the id the
+    // agent's reset log recorded), a restarted agent sees it and does not
+    // fence again.
+    let log = std::fs::read_to_string(lab.node_dir(1).join("logs").join("reset-requests.log"))
+        .expect("node-1's reset log");
+    let id = log
+        .lines()
+        .rev()
+        .find_map(|l| l.strip_prefix(&format!("{name} ")))
+        .expect("the request in node-1's reset log")
+        .to_owned();
+    lab.kubectl_ok(&[
+        "annotate",
+        "hacluster",
+        name,
+        &format!("kubeha.io/reset-node=node-1/{id}"),
+    ])
+    .unwrap();
     lab.stop_agent(1, StopSignal::Term).unwrap();
     lab.start_agent(1, &[] as &[&str]).unwrap();
     assert!(

@@ -15,7 +15,7 @@ use kube::api::{DeleteParams, Patch, PatchParams};
 use kube::runtime::controller::Action;
 use kube::runtime::reflector::ObjectRef;
 use kube::{Api, Resource, ResourceExt};
-use kubeha_crds::cluster::HeartbeatState;
+use kubeha_crds::cluster::{HeartbeatState, MemberStatus};
 use kubeha_crds::{HACluster, Mode, annotations, leases};
 use serde_json::json;
 
@@ -165,8 +165,9 @@ async fn reconcile_inner(cluster: &HACluster, ctx: &Ctx) -> Result<Action> {
         ctx.with_view(&name, |v| gone.iter().for_each(|node| v.forget(node)));
     }
 
-    let requeue = match next_expiry {
-        Some(t) => Action::requeue(t.saturating_duration_since(now) + EXPIRY_MARGIN),
+    let expiry_in = next_expiry.map(|t| t.saturating_duration_since(now) + EXPIRY_MARGIN);
+    let requeue = match expiry_in {
+        Some(d) => Action::requeue(d),
         None => Action::await_change(),
     };
     if !ctx.is_leader() {
@@ -256,7 +257,21 @@ async fn reconcile_inner(cluster: &HACluster, ctx: &Ctx) -> Result<Action> {
         && old.members == plan.status.members
         && old.observed_generation == generation
         && conditions::same(&old.conditions, &conds);
-    if !unchanged {
+    // A change of the members' roles or of the active count alone waits
+    // until ROLES_WRITE_INTERVAL after the last write (a requeue then
+    // writes what is current); heartbeats, modes, readiness, state and
+    // conditions go out at once.
+    let roles_only = old.ready.as_deref() == Some(plan.status.ready.as_str())
+        && old.state.as_deref() == Some(plan.status.state.as_str())
+        && old.observed_generation == generation
+        && conditions::same(&old.conditions, &conds)
+        && same_members_but_roles(&old.members, &plan.status.members);
+    let write_at = ctx.with_cluster_memory(&name, |m| m.roles_write_at(now));
+    let mut requeue = requeue;
+    if !unchanged && roles_only && write_at > now {
+        let wait = write_at - now;
+        requeue = Action::requeue(expiry_in.map_or(wait, |d| d.min(wait)));
+    } else if !unchanged {
         let patch = status_patch(&plan.status, &conds, generation);
         api.patch_status(
             &name,
@@ -264,6 +279,7 @@ async fn reconcile_inner(cluster: &HACluster, ctx: &Ctx) -> Result<Action> {
             &Patch::Apply(&patch),
         )
         .await?;
+        ctx.with_cluster_memory(&name, |m| m.note_status_written(Instant::now()));
     }
 
     for e in mode_events {
@@ -300,7 +316,7 @@ async fn reconcile_inner(cluster: &HACluster, ctx: &Ctx) -> Result<Action> {
                         .any(|e| e.node == node.trim() && e.role != kubeha_crds::Role::None)
                 })
         })
-        && end_release(&api, &name, node).await?
+        && remove_annotation_if(&api, &name, annotations::RELEASE_NODE, node).await?
     {
         tracing::info!(%node, "release done: no service runs there");
         ctx.publish(
@@ -310,6 +326,32 @@ async fn reconcile_inner(cluster: &HACluster, ctx: &Ctx) -> Result<Action> {
             format!(
                 "{node} released: no service of this cluster has it as its holder any more ({} removed); it is eligible again",
                 annotations::RELEASE_NODE
+            ),
+        )
+        .await;
+    }
+
+    // A reset (`kubectl ha reset`) ends once the node's heartbeat shows
+    // it stopped renewing (its agent fenced itself and withholds its
+    // heartbeat), or the node is no member any more: the request is not
+    // left for a node whose reset log was lost to act on again.
+    if let Some(value) = cluster.annotations().get(annotations::RESET_NODE)
+        && let Some((node, _)) = annotations::reset_request(value)
+        && (!member_names.contains(node)
+            || matches!(
+                heartbeats.get(node),
+                Some(HeartbeatState::Lost | HeartbeatState::Fenced)
+            ))
+        && remove_annotation_if(&api, &name, annotations::RESET_NODE, value).await?
+    {
+        tracing::info!(%node, "reset done: the node stopped heartbeating");
+        ctx.publish(
+            &reference,
+            "ResetDone",
+            false,
+            format!(
+                "{node} stopped heartbeating after its reset ({} {value} removed)",
+                annotations::RESET_NODE
             ),
         )
         .await;
@@ -338,18 +380,30 @@ async fn reconcile_inner(cluster: &HACluster, ctx: &Ctx) -> Result<Action> {
     Ok(requeue)
 }
 
-/// Removes the release annotation of cluster `name` if it still names
-/// `node` (a JSON patch that tests the value first, so an admin's newer
-/// request is not lost); whether it removed it.
-async fn end_release(api: &Api<HACluster>, name: &str, node: &str) -> Result<bool> {
+/// Whether two member lists say the same but for their service roles:
+/// the same nodes in the same order, with the same heartbeat and mode.
+fn same_members_but_roles(a: &[MemberStatus], b: &[MemberStatus]) -> bool {
+    a.len() == b.len()
+        && a.iter()
+            .zip(b)
+            .all(|(x, y)| x.node == y.node && x.heartbeat == y.heartbeat && x.mode == y.mode)
+}
+
+/// Removes annotation `key` of cluster `name` if it still has `value` (a
+/// JSON patch that tests the value first, so an admin's newer request is
+/// not lost); whether it removed it.
+async fn remove_annotation_if(
+    api: &Api<HACluster>,
+    name: &str,
+    key: &str,
+    value: &str,
+) -> Result<bool> {
     let path = format!(
         "/metadata/annotations/{}",
-        annotations::RELEASE_NODE
-            .replace('~', "~0")
-            .replace('/', "~1")
+        key.replace('~', "~0").replace('/', "~1")
     );
     let patch: json_patch::Patch = serde_json::from_value(json!([
-        {"op": "test", "path": path, "value": node},
+        {"op": "test", "path": path, "value": value},
         {"op": "remove", "path": path},
     ]))?;
     match api
@@ -373,6 +427,40 @@ async fn end_release(api: &Api<HACluster>, name: &str, node: &str) -> Result<boo
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_a_change_of_roles_is_told_from_other_member_changes() {
+        use kubeha_crds::cluster::ServiceRole;
+        let member = |node: &str, heartbeat, roles: usize| MemberStatus {
+            node: node.into(),
+            heartbeat,
+            mode: Mode::Default,
+            roles: (0..roles)
+                .map(|i| ServiceRole {
+                    service: format!("ns/s{i}"),
+                    role: kubeha_crds::Role::Master,
+                })
+                .collect(),
+        };
+        let before = [
+            member("a", HeartbeatState::Alive, 1),
+            member("b", HeartbeatState::Alive, 0),
+        ];
+        let roles = [
+            member("a", HeartbeatState::Alive, 2),
+            member("b", HeartbeatState::Alive, 1),
+        ];
+        assert!(same_members_but_roles(&before, &roles));
+        let lost = [
+            member("a", HeartbeatState::Alive, 1),
+            member("b", HeartbeatState::Lost, 0),
+        ];
+        assert!(!same_members_but_roles(&before, &lost));
+        let mut locked = before.clone();
+        locked[1].mode = Mode::Locked;
+        assert!(!same_members_but_roles(&before, &locked));
+        assert!(!same_members_but_roles(&before, &before[..1]));
+    }
 
     #[test]
     fn status_patch_shape() {

@@ -291,6 +291,12 @@ pub enum ModeEvent {
     Prohibited(String),
 }
 
+/// The least time between two HACluster status writes of which the later
+/// changes only the members' service roles and the count of active
+/// services (issue 11: with 1,000 services, the status lists 2,000 roles,
+/// and one rewrite per service placed went to every agent's watch).
+pub const ROLES_WRITE_INTERVAL: Duration = Duration::from_secs(1);
+
 /// Memory of one cluster.
 #[derive(Clone, Debug, Default)]
 pub struct ClusterMemory {
@@ -298,6 +304,8 @@ pub struct ClusterMemory {
     modes: BTreeMap<String, Mode>,
     peerdown_since: BTreeMap<String, Instant>,
     prohibited: Option<String>,
+    /// When the operator last wrote the cluster's status.
+    status_written: Option<Instant>,
 }
 
 impl ClusterMemory {
@@ -347,6 +355,18 @@ impl ClusterMemory {
     /// Since when the operator has seen `node` in mode `peerdown`.
     pub fn peerdown_since(&self, node: &str) -> Option<Instant> {
         self.peerdown_since.get(node).copied()
+    }
+
+    /// When a status write that changes only roles may go out: `now`, or
+    /// [`ROLES_WRITE_INTERVAL`] after the last status write.
+    pub fn roles_write_at(&self, now: Instant) -> Instant {
+        self.status_written
+            .map_or(now, |t| (t + ROLES_WRITE_INTERVAL).max(now))
+    }
+
+    /// Notes a status write at `now`.
+    pub fn note_status_written(&mut self, now: Instant) {
+        self.status_written = Some(now);
     }
 }
 

@@ -70,6 +70,8 @@ pub(super) async fn fence_if_cut_off(
         };
         let reset = resets.get(&name);
         let flag = fenced_flag(shared, &name);
+        // A reset's Event, published once the VIPs are dropped.
+        let mut reset_note = None;
         let line = if let Some(id) = reset {
             let timing = beat.guard();
             let hold = timing.expiry() + timing.renew_interval + Duration::from_millis(500);
@@ -80,14 +82,7 @@ pub(super) async fn fence_if_cut_off(
                 cluster.spec.fence.action,
                 hold.as_millis()
             );
-            event_about(
-                shared,
-                &cluster.object_ref(&()),
-                true,
-                "Reset",
-                note.clone(),
-            )
-            .await;
+            reset_note = Some(note.clone());
             format!(
                 "{} node={} cluster={} fence: {note}",
                 jiff::Timestamp::now(),
@@ -133,6 +128,14 @@ pub(super) async fn fence_if_cut_off(
         //    transition's lock.
         let dropped = shared.node.drop_held(&name).await;
         tracing::error!(cluster = %name, dropped, "VIPs dropped");
+        if let Some(note) = reset_note {
+            // Not waited for: the leave scripts below run in the time
+            // left before D.
+            let (shared, reference) = (shared.clone(), cluster.object_ref(&()));
+            tokio::spawn(async move {
+                event_about(&shared, &reference, true, "Reset", note).await;
+            });
+        }
         let mut masters = Vec::new();
         for (key, slot) in slots {
             let (vips, iface, cluster_of) = match slot.record.try_lock() {

@@ -315,12 +315,18 @@ pub async fn run(config: Config) -> crate::Result<()> {
         }
     });
 
+    // Of a cluster's status the agent reads the members, never their
+    // service roles (a list as long as the cluster's services).
     let clusters = watch::<HACluster>(
         &client,
         None,
         watcher::Config::default(),
         &shared,
-        |_| {},
+        |c: &mut HACluster| {
+            if let Some(status) = c.status.as_mut() {
+                status.members.iter_mut().for_each(|m| m.roles.clear());
+            }
+        },
         |_| true,
     );
     // Only the services that carry this node's node-scope label (the
