@@ -239,6 +239,17 @@ impl HookRunner {
         }
     }
 
+    /// Where the agent reads the files its hooks run: with the hooks in
+    /// the host's namespaces, the host's `/` (`/proc/<pid>/root`), since
+    /// the script and every directory on its way are the host's (in a pod,
+    /// the agent's own `/tmp` or `/etc` are other directories); otherwise
+    /// `/`.
+    fn host_root(&self) -> PathBuf {
+        self.host
+            .as_ref()
+            .map_or_else(|| PathBuf::from("/"), |h| h.host_path(Path::new("/")))
+    }
+
     /// The fence's reset hook (`fence.resetHook`, action `ResetHook`):
     /// `path fence`, checked like every hook script ([`check_script`], on
     /// the host's file), in
@@ -249,11 +260,7 @@ impl HookRunner {
     pub async fn run_reset(&self, path: &Path, log: &Path, timeout: Duration) -> String {
         // The script is the host's file: checked where the agent sees it,
         // every directory from the host's `/` down to it.
-        let base = self
-            .host
-            .as_ref()
-            .map_or_else(|| PathBuf::from("/"), |h| h.host_path(Path::new("/")));
-        if let Err(e) = check_script_at(&base, path, None) {
+        if let Err(e) = check_script_at(&self.host_root(), path, None) {
             return format!("refused, not run: {e}");
         }
         let out = std::fs::OpenOptions::new()
@@ -358,7 +365,8 @@ impl HookRunner {
     /// Runs one script and reports how it ended. Never panics and never
     /// returns an error: problems become the result's outcome and tail.
     ///
-    /// The script is checked with [`check_script`] (refused and not run when
+    /// The script is checked with [`check_script_at`] as the namespaces it
+    /// runs in see it ([`HookRunner::host_root`]; refused and not run when
     /// unsafe), then run as `[path, ACTION, ROLE]` (its own action, and the
     /// context's role) in its own process group, with stdin from /dev/null,
     /// working directory `/`, and only `PATH` and the `KUBEHA_*` variables in
@@ -408,7 +416,7 @@ impl HookRunner {
             }
         };
 
-        if let Err(e) = check_script_at(Path::new("/"), &script.path, root) {
+        if let Err(e) = check_script_at(&self.host_root(), &script.path, root) {
             let reason = e.to_string();
             tracing::warn!(script = %script.path.display(), reason, "hook script refused");
             if let Some(l) = &mut log {
