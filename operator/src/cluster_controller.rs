@@ -251,25 +251,24 @@ async fn reconcile_inner(cluster: &HACluster, ctx: &Ctx) -> Result<Action> {
         generation,
         Time(jiff::Timestamp::now()),
     );
-    let unchanged = old.ready.as_deref() == Some(plan.status.ready.as_str())
-        && old.state.as_deref() == Some(plan.status.state.as_str())
-        && old.services_active == Some(plan.status.services_active)
-        && old.members == plan.status.members
-        && old.observed_generation == generation
-        && conditions::same(&old.conditions, &conds);
-    // A change of the members' roles or of the active count alone waits
-    // until ROLES_WRITE_INTERVAL after the last write (a requeue then
-    // writes what is current); heartbeats, modes, readiness, state and
-    // conditions go out at once.
-    let roles_only = old.ready.as_deref() == Some(plan.status.ready.as_str())
+    // Everything but the members' roles and the active count: a change of
+    // those alone waits until ROLES_WRITE_INTERVAL after the last write (a
+    // requeue then writes what is current); heartbeats, modes, readiness,
+    // state and conditions go out at once.
+    let same_but_roles = old.ready.as_deref() == Some(plan.status.ready.as_str())
         && old.state.as_deref() == Some(plan.status.state.as_str())
         && old.observed_generation == generation
         && conditions::same(&old.conditions, &conds)
         && same_members_but_roles(&old.members, &plan.status.members);
-    let write_at = ctx.with_cluster_memory(&name, |m| m.roles_write_at(now));
+    let unchanged = same_but_roles
+        && old.services_active == Some(plan.status.services_active)
+        && old.members == plan.status.members;
+    let write_at = (!unchanged && same_but_roles)
+        .then(|| ctx.with_cluster_memory(&name, |m| m.roles_write_at(now)))
+        .filter(|at| *at > now);
     let mut requeue = requeue;
-    if !unchanged && roles_only && write_at > now {
-        let wait = write_at - now;
+    if let Some(at) = write_at {
+        let wait = at - now;
         requeue = Action::requeue(expiry_in.map_or(wait, |d| d.min(wait)));
     } else if !unchanged {
         let patch = status_patch(&plan.status, &conds, generation);
