@@ -1,8 +1,18 @@
 //! Names, labels and annotations of the Lease objects operator and agents
-//! share: one heartbeat Lease per (HACluster, member node) and one
-//! leadership Lease per HAService, all in the operator's namespace, where
-//! tenants cannot write (the operator writes service Leases, each agent
-//! only its own heartbeat: the chart's RBAC and admission policy).
+//! share: one heartbeat Lease per (HACluster, member node), and per
+//! HAService one leadership Lease and one VIP claim Lease, all in the
+//! operator's namespace, where tenants cannot write (the operator writes
+//! service and claim Leases, each agent only its own heartbeat: the chart's
+//! RBAC and admission policy).
+//!
+//! A service Lease carries the node-scope label
+//! ([`crate::annotations::node_scope_label`]) of every node it names
+//! ([`named_nodes`]), and each agent watches only the service Leases
+//! labelled for it ([`service_lease_selector_for`]): a failover's Lease
+//! writes reach the nodes involved, not every node (issue 11). The claim
+//! Leases, written only when a service is created or its VIPs change, are
+//! what every agent watches to re-check an assignment's VIPs against every
+//! older service's ([`claim_of`]).
 //!
 //! Names are built so that two different inputs never give one name:
 //! cluster and namespace names are DNS labels (no `.`), so the first `.`
@@ -14,6 +24,8 @@ pub const LEASE_KIND_LABEL: &str = "kubeha.io/lease";
 pub const HEARTBEAT: &str = "heartbeat";
 /// [`LEASE_KIND_LABEL`] value of a service leadership Lease.
 pub const SERVICE: &str = "service";
+/// [`LEASE_KIND_LABEL`] value of a service's VIP claim Lease.
+pub const CLAIM: &str = "claim";
 /// Label: the HACluster a Lease belongs to.
 pub const CLUSTER_LABEL: &str = "kubeha.io/cluster";
 /// Label: the node a heartbeat Lease belongs to.
@@ -68,18 +80,18 @@ pub const EXCLUSIVE_MODE_ANNOTATION: &str = "kubeha.io/exclusive-mode";
 /// have been given away meanwhile by a write its stale watch has not shown.
 pub const HOLDER_RENEW_ANNOTATION: &str = "kubeha.io/holder-renew-time";
 
-/// Annotation of a service Lease: the service's VIP addresses, comma
-/// separated, as the operator read them from its spec when it wrote the
-/// Lease. With [`SERVICE_CREATED_ANNOTATION`] it is the service's VIP claim
+/// Annotation of a claim Lease: the service's VIP addresses, comma
+/// separated, as the operator read them from its spec. With
+/// [`SERVICE_CREATED_ANNOTATION`] it is the service's VIP claim
 /// ([`claim_of`]): agents check an assignment against the claims of every
-/// service Lease, since they watch only the HAServices of their own node.
+/// claim Lease, since they watch only the HAServices of their own node.
 pub const VIPS_ANNOTATION: &str = "kubeha.io/vips";
 
-/// Annotation of a service Lease: the HAService's `creationTimestamp` (the
+/// Annotation of a claim Lease: the HAService's `creationTimestamp` (the
 /// older claim of a VIP wins).
 pub const SERVICE_CREATED_ANNOTATION: &str = "kubeha.io/service-created";
 
-/// The annotations carrying `claim` on a service Lease
+/// The annotations carrying `claim` on a claim Lease
 /// ([`VIPS_ANNOTATION`], and [`SERVICE_CREATED_ANNOTATION`] when the
 /// creation time is known).
 pub fn claim_annotations(claim: &crate::validate::Claim) -> Vec<(String, String)> {
@@ -91,10 +103,10 @@ pub fn claim_annotations(claim: &crate::validate::Claim) -> Vec<(String, String)
     annotations
 }
 
-/// The VIP claim a service Lease carries: keyed `namespace/name` by its
+/// The VIP claim a claim Lease carries: keyed `namespace/name` by its
 /// labels, its addresses and creation time from [`claim_annotations`].
-/// `None` for a Lease without the labels or the VIPs annotation (written
-/// by an older operator); addresses that do not parse are skipped.
+/// `None` for a Lease without the labels or the VIPs annotation;
+/// addresses that do not parse are skipped.
 pub fn claim_of(
     lease: &k8s_openapi::api::coordination::v1::Lease,
 ) -> Option<crate::validate::Claim> {
@@ -177,6 +189,12 @@ pub fn service_lease_name(namespace: &str, service: &str) -> String {
     format!("kubeha-svc-{namespace}.{service}")
 }
 
+/// Name of the VIP claim Lease of the HAService `namespace/service` (in
+/// the operator's namespace): `kubeha-claim-<namespace>.<service>`.
+pub fn claim_lease_name(namespace: &str, service: &str) -> String {
+    format!("kubeha-claim-{namespace}.{service}")
+}
+
 /// The (cluster, node) of a heartbeat Lease: its labels, when its name is
 /// the one [`heartbeat_lease_name`] gives them. Any other Lease, a
 /// labelled copy under another name included, is nobody's heartbeat.
@@ -211,6 +229,76 @@ pub fn service_uid(lease: &k8s_openapi::api::coordination::v1::Lease) -> Option<
 /// Label selector for every service Lease.
 pub fn service_lease_selector() -> String {
     format!("{LEASE_KIND_LABEL}={SERVICE}")
+}
+
+/// Label selector of the service Leases `node`'s agent watches: those
+/// labelled for it (its node-scope label, set for every node the Lease
+/// names).
+pub fn service_lease_selector_for(node: &str) -> String {
+    format!(
+        "{},{}",
+        service_lease_selector(),
+        crate::annotations::node_scope_selector(node)
+    )
+}
+
+/// Label selector of every VIP claim Lease.
+pub fn claim_lease_selector() -> String {
+    format!("{LEASE_KIND_LABEL}={CLAIM}")
+}
+
+/// Label selector of every service and claim Lease (the operator's watch).
+pub fn service_and_claim_lease_selector() -> String {
+    format!("{LEASE_KIND_LABEL} in ({SERVICE},{CLAIM})")
+}
+
+/// Whether a Lease is a claim Lease (by its kind label).
+pub fn is_claim(lease: &k8s_openapi::api::coordination::v1::Lease) -> bool {
+    lease
+        .metadata
+        .labels
+        .as_ref()
+        .and_then(|l| l.get(LEASE_KIND_LABEL))
+        .is_some_and(|k| k == CLAIM)
+}
+
+/// The node-scope labels `lease` should carry: one per node it names
+/// ([`named_nodes`]).
+pub fn wanted_scope_labels(
+    lease: &k8s_openapi::api::coordination::v1::Lease,
+) -> std::collections::BTreeSet<String> {
+    named_nodes(lease)
+        .iter()
+        .map(|n| crate::annotations::node_scope_label(n))
+        .collect()
+}
+
+/// The node-scope labels `lease` carries now.
+pub fn scope_labels_of(
+    lease: &k8s_openapi::api::coordination::v1::Lease,
+) -> std::collections::BTreeSet<String> {
+    lease
+        .metadata
+        .labels
+        .iter()
+        .flatten()
+        .map(|(k, _)| k)
+        .filter(|k| k.starts_with(crate::annotations::NODE_SCOPE_LABEL_PREFIX))
+        .cloned()
+        .collect()
+}
+
+/// Gives `lease` exactly the node-scope labels of the nodes it names
+/// ([`wanted_scope_labels`]): adds the missing ones, removes the others.
+pub fn set_scope_labels(lease: &mut k8s_openapi::api::coordination::v1::Lease) {
+    let wanted = wanted_scope_labels(lease);
+    let labels = lease.metadata.labels.get_or_insert_with(Default::default);
+    labels.retain(|k, _| {
+        !k.starts_with(crate::annotations::NODE_SCOPE_LABEL_PREFIX) || wanted.contains(k)
+    });
+    for key in wanted {
+        labels.insert(key, crate::annotations::NODE_SCOPE_LABEL_VALUE.to_owned());
+    }
 }
 
 /// Label selector of every heartbeat Lease.
@@ -307,6 +395,32 @@ mod tests {
         // Empty values name nobody.
         let l = lease("", Some(3), &[(CLEARED_NODE_ANNOTATION, "")]);
         assert!(named_nodes(&l).is_empty());
+    }
+
+    /// A Lease is labelled for exactly the nodes it names: a node it no
+    /// longer names loses its label (its agent's scoped watch then sees
+    /// the Lease leave, which reads as "no role"), foreign labels stay.
+    #[test]
+    fn a_lease_is_labelled_for_exactly_the_nodes_it_names() {
+        let mut l = lease("n1", Some(3), &[(STANDBY_ANNOTATION, "n2")]);
+        l.metadata.labels = Some(crate::testing::labels(&[
+            ("node.kubeha.io/n9", "true"),
+            ("node.kubeha.io/n1", "false"),
+            ("team", "web"),
+        ]));
+        set_scope_labels(&mut l);
+        let labels = l.metadata.labels.as_ref().unwrap();
+        assert_eq!(
+            scope_labels_of(&l).into_iter().collect::<Vec<_>>(),
+            ["node.kubeha.io/n1", "node.kubeha.io/n2"]
+        );
+        assert_eq!(labels["node.kubeha.io/n1"], "true");
+        assert_eq!(labels["team"], "web");
+        assert_eq!(scope_labels_of(&l), wanted_scope_labels(&l));
+        assert_eq!(
+            service_lease_selector_for("n1"),
+            "kubeha.io/lease=service,node.kubeha.io/n1"
+        );
     }
 
     /// Names that used to collide (`kubeha-hb-a-b-c` twice) no longer do,

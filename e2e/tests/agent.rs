@@ -767,7 +767,7 @@ fn a_frozen_agent_stops_answering_for_its_vip_at_its_lease_end_while_the_address
         let renew = heartbeat_renew_text(&lab, name, 3).unwrap();
         ha::apply_as_operator(
             &lab,
-            &serde_json::json!({
+            &ha::scoped_lease(serde_json::json!({
                 "apiVersion": "coordination.k8s.io/v1",
                 "kind": "Lease",
                 "metadata": ha::service_lease_metadata(&lab, name, serde_json::json!({
@@ -777,7 +777,7 @@ fn a_frozen_agent_stops_answering_for_its_vip_at_its_lease_end_while_the_address
                 }))
                 .unwrap(),
                 "spec": {"holderIdentity": "node-3", "leaseTransitions": epoch}
-            }),
+            })),
         )
         .unwrap();
     };

@@ -230,11 +230,12 @@ fn the_service_lease_policy_is_on_by_default_and_lets_only_the_operator_write() 
     let text = expressions_of(&objects, name);
     for expected in [
         "request.namespace == 'kubeha-system'",
-        "object.metadata.?labels[?'kubeha.io/lease'].orValue('') == 'service'",
-        "oldObject.metadata.?labels[?'kubeha.io/lease'].orValue('') == 'service'",
+        "object.metadata.?labels[?'kubeha.io/lease'].orValue('') in ['service', 'claim']",
+        "oldObject.metadata.?labels[?'kubeha.io/lease'].orValue('') in ['service', 'claim']",
         "request.name.startsWith('kubeha-svc-')",
+        "request.name.startsWith('kubeha-claim-')",
         "request.userInfo.username == 'system:serviceaccount:kubeha-system:kubeha-operator'",
-        "service Leases are written only by the kubeha operator (system:serviceaccount:kubeha-system:kubeha-operator)",
+        "service and claim Leases are written only by the kubeha operator (system:serviceaccount:kubeha-system:kubeha-operator)",
         "kubectl ha move / the kubeha.io/move-to annotation",
         // The agent is left to the node identity policy's own refusal.
         "request.userInfo.username != 'system:serviceaccount:kubeha-system:kubeha-agent'",

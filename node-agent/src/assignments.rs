@@ -190,14 +190,14 @@ pub fn vet(
 }
 
 /// The VIP claims for [`vet`]: those of the `services` this agent sees
-/// (only its own node's, by the node-scope label) and those every service
-/// Lease carries ([`leases::claim_of`]; the agent sees every service Lease,
+/// (only its own node's, by the node-scope label) and those every claim
+/// Lease carries ([`leases::claim_of`]; the agent sees every claim Lease,
 /// written by the operator only), so a VIP claimed by an older service
 /// this node does not see is still refused. A service seen both ways
 /// claims twice, which changes nothing.
 pub fn claims_of<'a>(
     services: impl IntoIterator<Item = &'a HAService>,
-    service_leases: impl IntoIterator<Item = &'a Lease>,
+    claim_leases: impl IntoIterator<Item = &'a Lease>,
 ) -> Vec<validate::Claim> {
     services
         .into_iter()
@@ -208,7 +208,7 @@ pub fn claims_of<'a>(
                 &s.spec,
             )
         })
-        .chain(service_leases.into_iter().filter_map(leases::claim_of))
+        .chain(claim_leases.into_iter().filter_map(leases::claim_of))
         .collect()
 }
 

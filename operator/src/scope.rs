@@ -182,8 +182,44 @@ pub async fn pass(ctx: &Ctx, unneeded: &mut Unneeded, now: Instant) {
                 tracing::warn!(service = %key, error = %e, "could not update the node-scope labels");
             }
         }
+        if let Some(lease) = &lease
+            && let Some(patch) = lease_label_patch(lease)
+        {
+            tracing::info!(service = %key, "labelling the service Lease for the nodes it names");
+            if let Err(e) = patch_lease(ctx, &lease.name_any(), &patch).await {
+                tracing::warn!(service = %key, error = %e, "could not label the service Lease");
+            }
+        }
     }
     *unneeded = still_unneeded;
+}
+
+/// The metadata merge patch that gives a service Lease the node-scope
+/// labels of exactly the nodes it names, at its resourceVersion (a
+/// precondition: a newer write is never relabelled from this copy);
+/// `None` when it has them.
+pub fn lease_label_patch(lease: &Lease) -> Option<Value> {
+    let have = leases::scope_labels_of(lease);
+    let want = leases::wanted_scope_labels(lease);
+    let add: BTreeSet<String> = want.difference(&have).cloned().collect();
+    let remove: BTreeSet<String> = have.difference(&want).cloned().collect();
+    let mut patch = label_patch(&add, &remove)?;
+    patch["metadata"]["resourceVersion"] = Value::from(lease.resource_version()?);
+    Some(patch)
+}
+
+async fn patch_lease(ctx: &Ctx, name: &str, patch: &Value) -> Result<()> {
+    let api: Api<Lease> = Api::namespaced(ctx.client.clone(), &ctx.namespace);
+    let params = PatchParams {
+        field_manager: Some(SCOPE_FIELD_MANAGER.to_owned()),
+        ..Default::default()
+    };
+    match api.patch(name, &params, &Patch::Merge(patch)).await {
+        Ok(_) => Ok(()),
+        // Deleted or written again meanwhile: the next pass reads it anew.
+        Err(kube::Error::Api(s)) if s.code == 404 || s.code == 409 => Ok(()),
+        Err(e) => Err(e.into()),
+    }
 }
 
 /// Keeps every HAService's node-scope labels up to date while this replica

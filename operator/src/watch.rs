@@ -11,7 +11,7 @@
 //! |---|---|---|
 //! | HAService, all namespaces | - | the service itself, its cluster |
 //! | HACluster | - | the cluster; its services when the spec or the release annotation changed |
-//! | Lease, all namespaces | `kubeha.io/lease=service` | the service named by `kubeha.io/service` |
+//! | Lease, operator namespace | `kubeha.io/lease in (service,claim)` | the service named by `kubeha.io/service` |
 //! | Lease, operator namespace | `kubeha.io/lease=heartbeat` | heartbeat view; cluster and services when a member's state changed |
 //! | Node | - | every cluster and service when cordon, labels or addresses changed |
 //!
@@ -42,7 +42,7 @@ pub struct Stores {
     pub services: Store<HAService>,
     /// Every HACluster.
     pub clusters: Store<HACluster>,
-    /// Service Leases (operator namespace).
+    /// Service and claim Leases (operator namespace).
     pub service_leases: Store<Lease>,
     /// Heartbeat Leases (operator namespace).
     pub heartbeat_leases: Store<Lease>,
@@ -57,6 +57,13 @@ impl Stores {
     pub fn service_lease(&self, svc: &HAService) -> Option<std::sync::Arc<Lease>> {
         let name =
             leases::service_lease_name(&svc.namespace().unwrap_or_default(), &svc.name_any());
+        self.service_leases
+            .get(&ObjectRef::new(&name).within(&self.namespace))
+    }
+
+    /// The VIP claim Lease of `svc`, as the watch shows it.
+    pub fn claim_lease(&self, svc: &HAService) -> Option<std::sync::Arc<Lease>> {
+        let name = leases::claim_lease_name(&svc.namespace().unwrap_or_default(), &svc.name_any());
         self.service_leases
             .get(&ObjectRef::new(&name).within(&self.namespace))
     }
@@ -91,7 +98,7 @@ pub fn start(client: &Client, namespace: &str) -> (Stores, Streams) {
     let (service_leases, s3) = kubeha_runtime::watch::reflect::<Lease>(
         client,
         Some(namespace),
-        watcher::Config::default().labels(&leases::service_lease_selector()),
+        watcher::Config::default().labels(&leases::service_and_claim_lease_selector()),
     );
     let (heartbeat_leases, s4) = kubeha_runtime::watch::reflect::<Lease>(
         client,

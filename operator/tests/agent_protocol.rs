@@ -81,16 +81,22 @@ fn entry(
 #[test]
 fn the_agent_finds_the_service_lease_where_the_operator_writes_it() {
     let (lease, _) = decide(None, Some("a"), Some("b"), &BTreeMap::new());
-    // The agent watches the operator's namespace with this selector and
-    // looks the Lease up by service_lease_name(service namespace, name).
-    let (key, value) = leases::service_lease_selector()
-        .split_once('=')
-        .map(|(k, v)| (k.to_owned(), v.to_owned()))
-        .unwrap();
-    assert_eq!(
-        lease.metadata.labels.as_ref().unwrap().get(&key),
-        Some(&value)
-    );
+    // The agent on each node watches the operator's namespace with its
+    // own selector (`key=value` and `key` terms) and looks the Lease up
+    // by service_lease_name(service namespace, name): the holder's and
+    // the standby's agents see it, another node's does not.
+    let labels = lease.metadata.labels.as_ref().unwrap();
+    let selects = |selector: String| {
+        selector.split(',').all(|term| match term.split_once('=') {
+            Some((k, v)) => labels.get(k).map(String::as_str) == Some(v),
+            None => labels.contains_key(term),
+        })
+    };
+    assert!(selects(leases::service_lease_selector_for("a")));
+    assert!(selects(leases::service_lease_selector_for("b")));
+    assert!(!selects(leases::service_lease_selector_for("c")));
+    // Neither is it a claim Lease, which no agent takes a role from.
+    assert!(!selects(leases::claim_lease_selector()));
     assert_eq!(
         lease.metadata.name,
         Some(leases::service_lease_name(NS, "web"))

@@ -122,12 +122,12 @@ impl LeaseWriter {
         metadata["annotations"] = json!({
             "kubeha.io/enter-epoch": if cleared { epoch.to_string() } else { "-1".into() }
         });
-        let lease = json!({
+        let lease = ha::scoped_lease(json!({
             "apiVersion": "coordination.k8s.io/v1",
             "kind": "Lease",
             "metadata": metadata,
             "spec": {"holderIdentity": holder, "leaseTransitions": epoch}
-        });
+        }));
         // The holder's agent sees only services labelled for its node
         // (before the timed write; a no-op once labelled).
         ha::show_service_to(lab, ha::SERVICE_NAMESPACE, service, &[holder])?;

@@ -126,6 +126,18 @@ pub fn service_lease_metadata(
     }))
 }
 
+/// `lease` (a service Lease as JSON, written by hand) with the node-scope
+/// label of every node it names, as the operator labels it: each agent
+/// watches only the service Leases labelled for its node.
+pub fn scoped_lease(mut lease: Value) -> Value {
+    let parsed: k8s_openapi::api::coordination::v1::Lease =
+        serde_json::from_value(lease.clone()).unwrap_or_default();
+    for key in kubeha_crds::leases::wanted_scope_labels(&parsed) {
+        lease["metadata"]["labels"][key] = json!("true");
+    }
+    lease
+}
+
 /// Shows HAService `namespace/service` to the agents of `nodes` as the
 /// operator does, by their node-scope labels `node.kubeha.io/<node>`
 /// (each agent watches only the HAServices labelled for its node): for
@@ -273,12 +285,12 @@ pub fn set_service_lease(
     )?;
     apply_as_operator(
         lab,
-        &json!({
+        &scoped_lease(json!({
             "apiVersion": "coordination.k8s.io/v1",
             "kind": "Lease",
             "metadata": service_lease_metadata(lab, service, Value::Object(annotations))?,
             "spec": {"holderIdentity": holder.unwrap_or(""), "leaseTransitions": epoch}
-        }),
+        })),
     )
 }
 

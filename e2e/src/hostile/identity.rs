@@ -473,7 +473,7 @@ fn admin_service_lease_patch(ctx: &Ctx) -> anyhow::Result<String> {
         &out,
         &[
             SERVICE_LEASE_POLICY_DENIED,
-            "service Leases are written only by the kubeha operator (system:serviceaccount:kubeha-system:kubeha-operator)",
+            "service and claim Leases are written only by the kubeha operator (system:serviceaccount:kubeha-system:kubeha-operator)",
             "kubectl ha move",
         ],
     )?;

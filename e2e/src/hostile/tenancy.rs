@@ -169,9 +169,11 @@ impl<'a> Tenant<'a> {
             &self.name,
             &[&crate::nodes::node_name(node)],
         )?;
+        // Labelled for the node it names, as the operator labels a Lease:
+        // each agent watches only the service Leases labelled for it.
         write(
             self.lab,
-            &json!({
+            &ha::scoped_lease(json!({
                 "apiVersion": "coordination.k8s.io/v1",
                 "kind": "Lease",
                 "metadata": {
@@ -193,7 +195,7 @@ impl<'a> Tenant<'a> {
                     "holderIdentity": crate::nodes::node_name(node),
                     "leaseTransitions": epoch,
                 },
-            }),
+            })),
         )
     }
 

@@ -233,11 +233,11 @@ fn a_failed_epoch_is_not_retried_but_a_new_one_is() {
     );
 }
 
-/// The agent sees only its own node's HAServices: a VIP an older service
-/// it does not see claims on its service Lease is still refused, and the
-/// service's own Lease claim is no contender.
+/// The agent sees only its own node's HAServices and service Leases: a
+/// VIP an older service it does not see claims on its claim Lease is still
+/// refused, and the service's own claim is no contender.
 #[test]
-fn a_vip_claimed_on_an_older_service_s_lease_is_refused() {
+fn a_vip_claimed_on_an_older_service_s_claim_lease_is_refused() {
     let c = cluster(&[("node-1", Mode::Default)], None);
     let at = |t: &str| {
         Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
@@ -256,15 +256,23 @@ fn a_vip_claimed_on_an_older_service_s_lease_is_refused() {
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect(),
         );
+        l
+    };
+    let claim_lease_for = |svc: &HAService| {
+        let mut l = service_lease_for(svc);
+        l.spec = None;
+        l.metadata.annotations = None;
+        l.metadata
+            .labels
+            .as_mut()
+            .unwrap()
+            .insert(leases::LEASE_KIND_LABEL.into(), leases::CLAIM.into());
         let claim = validate::Claim::of(
             String::new(),
             svc.metadata.creation_timestamp.as_ref().map(|t| t.0),
             &svc.spec,
         );
-        l.metadata
-            .annotations
-            .get_or_insert_with(Default::default)
-            .extend(leases::claim_annotations(&claim));
+        l.metadata.annotations = Some(leases::claim_annotations(&claim).into_iter().collect());
         l
     };
     let service = |name: &str, created: &str| {
@@ -279,9 +287,10 @@ fn a_vip_claimed_on_an_older_service_s_lease_is_refused() {
     };
     let older = service("old", "2026-12-01T00:00:00Z");
     let newer = service("new", "2026-12-02T00:00:00Z");
-    let (older_lease, newer_lease) = (service_lease_for(&older), service_lease_for(&newer));
-    // This node sees only `newer`, and every service Lease.
-    let claims = claims_of([&newer], [&older_lease, &newer_lease]);
+    let newer_lease = service_lease_for(&newer);
+    let (older_claim, newer_claim) = (claim_lease_for(&older), claim_lease_for(&newer));
+    // This node sees only `newer` (and its Lease), and every claim Lease.
+    let claims = claims_of([&newer], [&older_claim, &newer_claim]);
     match vet(&newer, &newer_lease, &c, &claims) {
         Err(Refusal::Invalid(problems)) => assert_eq!(
             problems,
@@ -292,8 +301,8 @@ fn a_vip_claimed_on_an_older_service_s_lease_is_refused() {
         ),
         other => panic!("expected the older Lease's claim to win: {other:?}"),
     }
-    // Without the older service's Lease, nothing contends.
-    let claims = claims_of([&newer], [&newer_lease]);
+    // Without the older service's claim, nothing contends.
+    let claims = claims_of([&newer], [&newer_claim]);
     assert_eq!(vet(&newer, &newer_lease, &c, &claims), Ok(()));
 }
 

@@ -350,13 +350,15 @@ pub async fn run(config: Config) -> crate::Result<()> {
         |_| true,
     );
     // In the operator's namespace (where only the operator may write
-    // them), never in a tenant's. Every one of them (their VIP claims are
-    // the agent's re-check of the operator, `assignments::claims_of`), but
-    // only those this node acts on wake the main loop.
+    // them), never in a tenant's; only those labelled for this node (the
+    // operator labels every node a Lease names: a failover's Lease writes
+    // reach the nodes involved, not every node), and of those, only the
+    // ones this node acts on wake the main loop. A Lease that stops naming
+    // this node leaves the selection: a delete event, read as "no role".
     let service_leases = watch::<Lease>(
         &client,
         Some(&config.namespace),
-        watcher::Config::default().labels(&leases::service_lease_selector()),
+        watcher::Config::default().labels(&leases::service_lease_selector_for(&config.node)),
         &shared,
         |_| {},
         {
@@ -369,6 +371,18 @@ pub async fn run(config: Config) -> crate::Result<()> {
                 lease_wakes(&recorded, &node, event)
             }
         },
+    );
+    // Every service's VIP claim (written when a service is created or its
+    // VIPs change, so almost no events): the agent's re-check of the
+    // operator, `assignments::claims_of`. Read at the next pass, never a
+    // reason for one.
+    let claim_leases = watch::<Lease>(
+        &client,
+        Some(&config.namespace),
+        watcher::Config::default().labels(&leases::claim_lease_selector()),
+        &shared,
+        |_| {},
+        |_| false,
     );
     // This node's own Node object: its labels decide membership in clusters
     // that pick members with `spec.members.selector`.
@@ -399,12 +413,14 @@ pub async fn run(config: Config) -> crate::Result<()> {
     let synced = Arc::new(AtomicBool::new(false));
     tokio::spawn({
         let (c, s, l) = (clusters.clone(), services.clone(), service_leases.clone());
+        let claims = claim_leases.clone();
         let (synced, shared) = (synced.clone(), shared.clone());
         async move {
             if tokio::try_join!(
                 c.wait_until_ready(),
                 s.wait_until_ready(),
-                l.wait_until_ready()
+                l.wait_until_ready(),
+                claims.wait_until_ready()
             )
             .is_ok()
             {
@@ -520,6 +536,7 @@ pub async fn run(config: Config) -> crate::Result<()> {
                 &me,
                 &services,
                 &service_leases,
+                &claim_leases,
                 &mut slots,
             )
             .await;

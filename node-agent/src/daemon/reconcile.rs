@@ -32,13 +32,21 @@ pub(super) async fn reconcile(
     me: &OwnNode,
     services: &Store<HAService>,
     service_leases: &Store<Lease>,
+    claim_leases: &Store<Lease>,
     slots: &mut BTreeMap<String, Slot>,
 ) {
     let node = shared.config.node.clone();
     let by_name: HashMap<String, &Arc<HACluster>> =
         clusters.iter().map(|c| (c.name_any(), c)).collect();
-    // Every service Lease is in the operator's namespace: by name.
+    // Every service Lease is in the operator's namespace: by name (those
+    // labelled for this node).
     let lease_of: HashMap<String, Arc<Lease>> = service_leases
+        .state()
+        .into_iter()
+        .map(|l| (l.name_any(), l))
+        .collect();
+    // Every service's claim Lease, by name: its VIPs, and that it exists.
+    let claim_of: HashMap<String, Arc<Lease>> = claim_leases
         .state()
         .into_iter()
         .map(|l| (l.name_any(), l))
@@ -46,7 +54,7 @@ pub(super) async fn reconcile(
     let all_services = services.state();
     let claims = assignments::claims_of(
         all_services.iter().map(|s| s.as_ref()),
-        lease_of.values().map(|l| l.as_ref()),
+        claim_of.values().map(|l| l.as_ref()),
     );
     let mut seen = std::collections::HashSet::new();
     let pass = Pass {
@@ -75,13 +83,16 @@ pub(super) async fn reconcile(
             continue;
         };
         let (ns, name) = key.split_once('/').unwrap_or(("", &key));
-        // Not deleted (its Lease is still there), only out of this node's
-        // view: keep the record, and what the Lease still gives.
-        if let Some(lease) = lease_of.get(&leases::service_lease_name(ns, name)) {
+        // Not deleted (its claim Lease, or its service Lease, is still
+        // there), only out of this node's view: keep the record, and what
+        // the Lease still gives (nothing once it no longer names this node
+        // and so left this node's watch).
+        let lease = lease_of.get(&leases::service_lease_name(ns, name));
+        if lease.is_some() || claim_of.contains_key(&leases::claim_lease_name(ns, name)) {
             let mode = by_name
                 .get(&guard.cluster)
                 .and_then(|c| me.membership(c).mode());
-            let wanted = assignments::assignment(&node, Some(lease.as_ref()), mode);
+            let wanted = assignments::assignment(&node, lease.map(|l| l.as_ref()), mode);
             if assignments::kept_out_of_view(guard.role, guard.epoch, wanted) {
                 continue;
             }

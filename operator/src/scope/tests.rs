@@ -91,3 +91,32 @@ fn changes_touch_only_scope_labels() {
     );
     assert_eq!(label_patch(&BTreeSet::new(), &BTreeSet::new()), None);
 }
+
+/// A service Lease written by an older operator (no node-scope labels, or
+/// those of nodes it no longer names) is labelled for exactly the nodes it
+/// names, at its resourceVersion; a Lease labelled right is left alone.
+#[test]
+fn a_lease_labelled_for_other_nodes_is_relabelled_at_its_version() {
+    let mut old = lease("n1", Some("n2"), None);
+    old.metadata.resource_version = Some("42".into());
+    old.metadata.labels = Some(
+        [("node.kubeha.io/n3".to_owned(), "true".to_owned())]
+            .into_iter()
+            .collect(),
+    );
+    let patch = lease_label_patch(&old).expect("labels to fix");
+    assert_eq!(
+        patch,
+        json!({"metadata": {
+            "resourceVersion": "42",
+            "labels": {
+                "node.kubeha.io/n1": "true",
+                "node.kubeha.io/n2": "true",
+                "node.kubeha.io/n3": null,
+            },
+        }})
+    );
+    let mut right = old.clone();
+    leases::set_scope_labels(&mut right);
+    assert_eq!(lease_label_patch(&right), None);
+}

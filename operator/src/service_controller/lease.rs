@@ -102,56 +102,95 @@ pub fn service_lease(
         annotations.remove(CLEARED_NODE_ANNOTATION);
     }
     annotations.extend(state.annotations());
-    // The service's VIP claim, for the agents' re-check (they do not see
-    // every HAService, but every service Lease).
-    annotations.extend(leases::claim_annotations(&Claim::of(
-        String::new(),
-        svc.metadata.creation_timestamp.as_ref().map(|t| t.0),
-        &svc.spec,
-    )));
+    // The VIP claim is the claim Lease's ([`claim_lease`]); an older
+    // operator wrote it here.
+    annotations.remove(leases::VIPS_ANNOTATION);
+    annotations.remove(leases::SERVICE_CREATED_ANNOTATION);
     let spec = lease.spec.get_or_insert_with(LeaseSpec::default);
     spec.holder_identity = state.holder.clone();
     spec.lease_transitions = Some(state.lease_transitions());
     if holder_changed {
         spec.acquire_time = Some(MicroTime(now));
     }
+    // Each agent watches only the Leases labelled for its node: label
+    // exactly the nodes this Lease names (a node it stops naming sees it
+    // leave its watch, which it reads as "no role").
+    leases::set_scope_labels(&mut lease);
     lease
 }
 
-/// The annotations that bring `current`'s VIP claim up to `svc`'s spec,
-/// when they differ: a service Lease is written again only when its
-/// assignment changes, and a claim left stale by a VIP edit (the holder
-/// kept) would make every agent refuse a newer service that takes the
-/// address the older one gave up.
-pub(super) fn stale_claim(current: &Lease, svc: &HAService) -> Option<serde_json::Value> {
-    let want = leases::claim_annotations(&Claim::of(
-        String::new(),
-        svc.metadata.creation_timestamp.as_ref().map(|t| t.0),
-        &svc.spec,
-    ));
-    let have = current.metadata.annotations.as_ref();
-    let stale = want
-        .iter()
-        .any(|(k, v)| have.and_then(|a| a.get(k)) != Some(v));
-    stale.then(|| {
-        let annotations: serde_json::Map<String, serde_json::Value> = want
-            .into_iter()
-            .map(|(k, v)| (k, serde_json::Value::String(v)))
-            .collect();
-        json!({"metadata": {"annotations": annotations}})
-    })
+/// `svc`'s VIP claim Lease as the operator writes it (server-side apply,
+/// in the operator's `namespace`): the kubeha labels of the service
+/// Lease with kind [`leases::CLAIM`], and the claim annotations (its VIP
+/// addresses and creation time). Every agent watches these (they see only
+/// the HAServices and service Leases of their own node) to refuse an
+/// assignment of a VIP an older service claims. Pure.
+pub fn claim_lease(namespace: &str, svc: &HAService) -> Lease {
+    let mut labels = service_lease_labels(svc);
+    labels.insert(
+        leases::LEASE_KIND_LABEL.to_owned(),
+        leases::CLAIM.to_owned(),
+    );
+    Lease {
+        metadata: ObjectMeta {
+            name: Some(leases::claim_lease_name(
+                &svc.namespace().unwrap_or_default(),
+                &svc.name_any(),
+            )),
+            namespace: Some(namespace.to_owned()),
+            labels: Some(labels),
+            annotations: Some(
+                leases::claim_annotations(&Claim::of(
+                    String::new(),
+                    svc.metadata.creation_timestamp.as_ref().map(|t| t.0),
+                    &svc.spec,
+                ))
+                .into_iter()
+                .collect(),
+            ),
+            ..Default::default()
+        },
+        spec: Some(LeaseSpec::default()),
+    }
 }
 
-/// Writes the VIP claim annotations of [`stale_claim`] onto the service
-/// Lease `name` (a merge patch of those annotations only: the assignment
-/// and the holder's renew mark stay as they are).
-pub(super) async fn refresh_claim(ctx: &Ctx, name: &str, patch: &serde_json::Value) -> Result<()> {
-    let api: Api<Lease> = Api::namespaced(ctx.client.clone(), &ctx.namespace);
-    let params = PatchParams {
-        field_manager: Some(FIELD_MANAGER.to_owned()),
-        ..Default::default()
+/// Whether `current` (the claim Lease as the watch shows it) already says
+/// what [`claim_lease`] would write for `svc`: its claim is written when
+/// the service is created and again only when its VIPs change (a claim
+/// left stale by a VIP edit would make every agent refuse a newer service
+/// that takes the address the older one gave up).
+pub fn claim_is_current(current: Option<&Lease>, want: &Lease) -> bool {
+    let Some(current) = current else {
+        return false;
     };
-    api.patch(name, &params, &Patch::Merge(patch)).await?;
+    let has_all = |want: &Option<std::collections::BTreeMap<String, String>>,
+                   have: &Option<std::collections::BTreeMap<String, String>>| {
+        want.iter()
+            .flatten()
+            .all(|(k, v)| have.as_ref().and_then(|h| h.get(k)) == Some(v))
+    };
+    has_all(&want.metadata.labels, &current.metadata.labels)
+        && has_all(&want.metadata.annotations, &current.metadata.annotations)
+}
+
+/// Writes `svc`'s claim Lease ([`claim_lease`]) unless the store shows it
+/// current: one server-side apply, creating it or bringing it up to date.
+pub(super) async fn write_claim(ctx: &Ctx, svc: &HAService) -> Result<()> {
+    let want = claim_lease(&ctx.namespace, svc);
+    let current = ctx.stores.claim_lease(svc);
+    if claim_is_current(current.as_deref(), &want) {
+        return Ok(());
+    }
+    let api: Api<Lease> = Api::namespaced(ctx.client.clone(), &ctx.namespace);
+    let mut body = serde_json::to_value(&want)?;
+    body["apiVersion"] = json!("coordination.k8s.io/v1");
+    body["kind"] = json!("Lease");
+    api.patch(
+        &want.name_any(),
+        &PatchParams::apply(FIELD_MANAGER).force(),
+        &Patch::Apply(&body),
+    )
+    .await?;
     ctx.metrics.lease_written();
     Ok(())
 }
@@ -263,23 +302,24 @@ fn service_lease_labels(svc: &HAService) -> std::collections::BTreeMap<String, S
     .collect()
 }
 
-/// Deletes `svc`'s Lease once the service is stopped everywhere and its
-/// finalizer is about to go: a Lease in another namespace cannot be owned
-/// by the HAService, so garbage collection would never remove it.
-pub(super) async fn delete_lease(ctx: &Ctx, svc: &HAService) -> Result<()> {
+/// Deletes `svc`'s service Lease, then its claim Lease, once the service
+/// is stopped everywhere and its finalizer is about to go: a Lease in
+/// another namespace cannot be owned by the HAService, so garbage
+/// collection would never remove them.
+pub(super) async fn delete_leases(ctx: &Ctx, svc: &HAService) -> Result<()> {
     let ns = svc.namespace().ok_or(Error::Unnamed("namespace"))?;
     let api: Api<Lease> = Api::namespaced(ctx.client.clone(), &ctx.namespace);
-    match api
-        .delete(
-            &leases::service_lease_name(&ns, &svc.name_any()),
-            &Default::default(),
-        )
-        .await
-    {
-        Ok(_) => Ok(()),
-        Err(kube::Error::Api(s)) if s.code == 404 => Ok(()),
-        Err(e) => Err(e.into()),
+    for name in [
+        leases::service_lease_name(&ns, &svc.name_any()),
+        leases::claim_lease_name(&ns, &svc.name_any()),
+    ] {
+        match api.delete(&name, &Default::default()).await {
+            Ok(_) => {}
+            Err(kube::Error::Api(s)) if s.code == 404 => {}
+            Err(e) => return Err(e.into()),
+        }
     }
+    Ok(())
 }
 
 /// A Lease of that name exists but the watch (by label) does not show it:
@@ -315,8 +355,31 @@ mod tests {
     }
 
     #[test]
-    fn a_claim_left_stale_by_a_vip_edit_is_refreshed_and_a_current_one_is_not() {
-        let lease = service_lease(
+    fn a_claim_is_written_when_missing_or_stale_and_not_again_when_current() {
+        let claim = claim_lease("kubeha-system", &svc(&["198.18.0.10/24"]));
+        assert_eq!(claim.name_any(), "kubeha-claim-default.web");
+        assert_eq!(
+            claim.labels()[leases::LEASE_KIND_LABEL],
+            leases::CLAIM,
+            "a claim, not a service Lease: no agent takes a role from it"
+        );
+        assert_eq!(claim.annotations()[leases::VIPS_ANNOTATION], "198.18.0.10");
+        let read = leases::claim_of(&claim).expect("a claim");
+        assert_eq!(read.key, "default/web");
+        assert!(!claim_is_current(None, &claim));
+        assert!(claim_is_current(Some(&claim), &claim));
+        // A VIP edit makes it stale.
+        let edited = claim_lease("kubeha-system", &svc(&["198.18.0.11/24"]));
+        assert!(!claim_is_current(Some(&claim), &edited));
+        // Extra fields on the stored copy do not.
+        let mut stored = claim.clone();
+        stored.labels_mut().insert("other".into(), "x".into());
+        assert!(claim_is_current(Some(&stored), &claim));
+    }
+
+    #[test]
+    fn a_service_lease_carries_no_claim_and_is_labelled_for_the_nodes_it_names() {
+        let mut old = service_lease(
             None,
             "kubeha-system",
             &svc(&["198.18.0.10/24"]),
@@ -324,15 +387,30 @@ mod tests {
             false,
             jiff::Timestamp::UNIX_EPOCH,
         );
-        assert_eq!(stale_claim(&lease, &svc(&["198.18.0.10/24"])), None);
-        let patch = stale_claim(&lease, &svc(&["198.18.0.11/24"])).expect("stale");
-        assert_eq!(
-            patch["metadata"]["annotations"][leases::VIPS_ANNOTATION],
-            "198.18.0.11"
+        // As an older operator wrote it: the claim, and a node it named.
+        old.annotations_mut()
+            .insert(leases::VIPS_ANNOTATION.into(), "198.18.0.10".into());
+        old.labels_mut()
+            .insert("node.kubeha.io/gone".into(), "true".into());
+        let state = LeaseState {
+            holder: Some("n1".into()),
+            standby: Some("n2".into()),
+            ..Default::default()
+        };
+        let lease = service_lease(
+            Some(&old),
+            "kubeha-system",
+            &svc(&["198.18.0.10/24"]),
+            &state,
+            true,
+            jiff::Timestamp::UNIX_EPOCH,
         );
-        // A Lease from an operator that wrote no claim gets one.
-        let mut bare = lease.clone();
-        bare.metadata.annotations = None;
-        assert!(stale_claim(&bare, &svc(&["198.18.0.10/24"])).is_some());
+        assert!(!lease.annotations().contains_key(leases::VIPS_ANNOTATION));
+        assert_eq!(
+            leases::scope_labels_of(&lease)
+                .into_iter()
+                .collect::<Vec<_>>(),
+            ["node.kubeha.io/n1", "node.kubeha.io/n2"]
+        );
     }
 }

@@ -207,12 +207,8 @@ async fn apply(svc: &HAService, ctx: &Ctx, deleting: bool) -> Result<Action> {
         }
     }
 
-    if !h.write
-        && !deleting
-        && let Some(current) = ev.lease.as_deref()
-        && let Some(patch) = lease::stale_claim(current, svc)
-    {
-        lease::refresh_claim(ctx, &current.name_any(), &patch).await?;
+    if !deleting {
+        lease::write_claim(ctx, svc).await?;
     }
 
     publish_status(ctx, svc, &ev.plan.status).await?;
@@ -260,8 +256,8 @@ async fn apply(svc: &HAService, ctx: &Ctx, deleting: bool) -> Result<Action> {
 
     if deleting {
         if ev.plan.stopped() {
-            tracing::info!("stopped everywhere: deleting its Lease and releasing");
-            lease::delete_lease(ctx, svc).await?;
+            tracing::info!("stopped everywhere: deleting its Leases and releasing");
+            lease::delete_leases(ctx, svc).await?;
             return Ok(Action::await_change());
         }
         return Err(Error::WaitingForRelease(format!(
