@@ -289,9 +289,11 @@ pub fn scope_labels_of(
 }
 
 /// Gives `lease` exactly the node-scope labels of the nodes it names
-/// ([`wanted_scope_labels`]): adds the missing ones, removes the others.
-pub fn set_scope_labels(lease: &mut k8s_openapi::api::coordination::v1::Lease) {
-    let wanted = wanted_scope_labels(lease);
+/// ([`wanted_scope_labels`]) and of the nodes in `also` (those the
+/// operator waits on): adds the missing ones, removes the others.
+pub fn set_scope_labels(lease: &mut k8s_openapi::api::coordination::v1::Lease, also: &[String]) {
+    let mut wanted = wanted_scope_labels(lease);
+    wanted.extend(also.iter().map(|n| crate::annotations::node_scope_label(n)));
     let labels = lease.metadata.labels.get_or_insert_with(Default::default);
     labels.retain(|k, _| {
         !k.starts_with(crate::annotations::NODE_SCOPE_LABEL_PREFIX) || wanted.contains(k)
@@ -408,7 +410,7 @@ mod tests {
             ("node.kubeha.io/n1", "false"),
             ("team", "web"),
         ]));
-        set_scope_labels(&mut l);
+        set_scope_labels(&mut l, &[]);
         let labels = l.metadata.labels.as_ref().unwrap();
         assert_eq!(
             scope_labels_of(&l).into_iter().collect::<Vec<_>>(),
@@ -417,6 +419,16 @@ mod tests {
         assert_eq!(labels["node.kubeha.io/n1"], "true");
         assert_eq!(labels["team"], "web");
         assert_eq!(scope_labels_of(&l), wanted_scope_labels(&l));
+        // And the nodes the operator waits on, named or not.
+        set_scope_labels(&mut l, &["n5".into()]);
+        assert_eq!(
+            scope_labels_of(&l).into_iter().collect::<Vec<_>>(),
+            [
+                "node.kubeha.io/n1",
+                "node.kubeha.io/n2",
+                "node.kubeha.io/n5"
+            ]
+        );
         assert_eq!(
             service_lease_selector_for("n1"),
             "kubeha.io/lease=service,node.kubeha.io/n1"

@@ -317,6 +317,17 @@ pub enum Progress {
     Stopped,
 }
 
+impl Progress {
+    /// The nodes the handover waits on (whose proof that they run nothing
+    /// it needs): they must see the Lease, whether or not it names them.
+    pub fn waiting_on(&self) -> &[String] {
+        match self {
+            Progress::Waiting { nodes, .. } | Progress::Stopping { nodes, .. } => nodes,
+            Progress::Cleared | Progress::Stopped => &[],
+        }
+    }
+}
+
 /// The input of [`handover`].
 #[derive(Clone, Copy, Debug)]
 pub struct Input<'a> {

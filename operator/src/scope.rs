@@ -194,16 +194,15 @@ pub async fn pass(ctx: &Ctx, unneeded: &mut Unneeded, now: Instant) {
     *unneeded = still_unneeded;
 }
 
-/// The metadata merge patch that gives a service Lease the node-scope
-/// labels of exactly the nodes it names, at its resourceVersion (a
+/// The metadata merge patch that adds to a service Lease the missing
+/// node-scope labels of the nodes it names, at its resourceVersion (a
 /// precondition: a newer write is never relabelled from this copy);
-/// `None` when it has them.
+/// `None` when it has them all.
 pub fn lease_label_patch(lease: &Lease) -> Option<Value> {
     let have = leases::scope_labels_of(lease);
     let want = leases::wanted_scope_labels(lease);
     let add: BTreeSet<String> = want.difference(&have).cloned().collect();
-    let remove: BTreeSet<String> = have.difference(&want).cloned().collect();
-    let mut patch = label_patch(&add, &remove)?;
+    let mut patch = label_patch(&add, &BTreeSet::new())?;
     patch["metadata"]["resourceVersion"] = Value::from(lease.resource_version()?);
     Some(patch)
 }

@@ -53,6 +53,7 @@ fn decide(
         &service(),
         &h.lease,
         h.holder_changed,
+        h.progress.waiting_on(),
         jiff::Timestamp::UNIX_EPOCH,
     );
     (lease, h.progress)

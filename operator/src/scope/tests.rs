@@ -92,9 +92,10 @@ fn changes_touch_only_scope_labels() {
     assert_eq!(label_patch(&BTreeSet::new(), &BTreeSet::new()), None);
 }
 
-/// A service Lease written by an older operator (no node-scope labels, or
-/// those of nodes it no longer names) is labelled for exactly the nodes it
-/// names, at its resourceVersion; a Lease labelled right is left alone.
+/// A service Lease written by an older operator (without the node-scope
+/// labels of the nodes it names) gets them, at its resourceVersion; other
+/// labels stay (the handover's waited-on nodes), and a Lease labelled
+/// right is left alone.
 #[test]
 fn a_lease_labelled_for_other_nodes_is_relabelled_at_its_version() {
     let mut old = lease("n1", Some("n2"), None);
@@ -112,11 +113,10 @@ fn a_lease_labelled_for_other_nodes_is_relabelled_at_its_version() {
             "labels": {
                 "node.kubeha.io/n1": "true",
                 "node.kubeha.io/n2": "true",
-                "node.kubeha.io/n3": null,
             },
         }})
     );
     let mut right = old.clone();
-    leases::set_scope_labels(&mut right);
+    leases::set_scope_labels(&mut right, &["n3".into()]);
     assert_eq!(lease_label_patch(&right), None);
 }

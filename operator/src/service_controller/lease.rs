@@ -69,6 +69,8 @@ pub(super) enum Written {
 /// HAService's namespace, name and UID), the annotations of `state`,
 /// `holderIdentity` = master and `leaseTransitions` = epoch; `acquireTime` moves to `now` when the holder changes. Other fields
 /// of `current` (resourceVersion, foreign labels and annotations) are kept.
+/// It carries the node-scope label of every node it names and of the nodes
+/// in `waiting_on` (the handover's, [`crate::handover::Progress::waiting_on`]).
 /// Pure: this is exactly what the agents read (see `tests/agent_protocol.rs`).
 pub fn service_lease(
     current: Option<&Lease>,
@@ -76,6 +78,7 @@ pub fn service_lease(
     svc: &HAService,
     state: &LeaseState,
     holder_changed: bool,
+    waiting_on: &[String],
     now: jiff::Timestamp,
 ) -> Lease {
     let mut lease = current.cloned().unwrap_or_else(|| Lease {
@@ -114,8 +117,10 @@ pub fn service_lease(
     }
     // Each agent watches only the Leases labelled for its node: label
     // exactly the nodes this Lease names (a node it stops naming sees it
-    // leave its watch, which it reads as "no role").
-    leases::set_scope_labels(&mut lease);
+    // leave its watch, which it reads as "no role"), and those whose proof
+    // the handover waits for (a node it cannot attribute a clearance to
+    // proves it moved on by reporting the epoch it sees).
+    leases::set_scope_labels(&mut lease, waiting_on);
     lease
 }
 
@@ -201,6 +206,7 @@ pub(super) async fn write_lease(
     current: Option<&Lease>,
     state: &LeaseState,
     holder_changed: bool,
+    waiting_on: &[String],
     holder_renew: Option<String>,
 ) -> Result<Written> {
     let ns = svc.namespace().ok_or(Error::Unnamed("namespace"))?;
@@ -212,6 +218,7 @@ pub(super) async fn write_lease(
         svc,
         state,
         holder_changed,
+        waiting_on,
         jiff::Timestamp::now(),
     );
     // The holder's heartbeat as seen now (as just read, else as the view
@@ -385,6 +392,7 @@ mod tests {
             &svc(&["198.18.0.10/24"]),
             &LeaseState::default(),
             false,
+            &[],
             jiff::Timestamp::UNIX_EPOCH,
         );
         // As an older operator wrote it: the claim, and a node it named.
@@ -403,6 +411,7 @@ mod tests {
             &svc(&["198.18.0.10/24"]),
             &state,
             true,
+            &["n3".into()],
             jiff::Timestamp::UNIX_EPOCH,
         );
         assert!(!lease.annotations().contains_key(leases::VIPS_ANNOTATION));
@@ -410,7 +419,12 @@ mod tests {
             leases::scope_labels_of(&lease)
                 .into_iter()
                 .collect::<Vec<_>>(),
-            ["node.kubeha.io/n1", "node.kubeha.io/n2"]
+            [
+                "node.kubeha.io/n1",
+                "node.kubeha.io/n2",
+                "node.kubeha.io/n3"
+            ],
+            "the named nodes and the one the handover waits on"
         );
     }
 }

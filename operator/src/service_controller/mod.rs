@@ -174,6 +174,7 @@ async fn apply(svc: &HAService, ctx: &Ctx, deleting: bool) -> Result<Action> {
             ev.lease.as_deref(),
             &h.lease,
             h.holder_changed,
+            h.progress.waiting_on(),
             renewed,
         )
         .await?
