@@ -346,16 +346,26 @@ pub fn remove_services(lab: &Lab, cluster: &str) -> anyhow::Result<()> {
         "-n",
         ha::OPERATOR_NAMESPACE,
         "-l",
-        "kubeha.io/lease=service",
+        "kubeha.io/lease in (service,claim)",
         "-o",
         "name",
     ])?;
-    let ours = format!(
-        "lease.coordination.k8s.io/{}",
-        ha::service_lease_name(&format!("{cluster}-"))
-    );
+    let ours = [
+        format!(
+            "lease.coordination.k8s.io/{}",
+            ha::service_lease_name(&format!("{cluster}-"))
+        ),
+        format!(
+            "lease.coordination.k8s.io/kubeha-claim-{}.{cluster}-",
+            ha::SERVICE_NAMESPACE
+        ),
+    ];
     let mut args = vec!["delete", "-n", ha::OPERATOR_NAMESPACE, "--wait=false"];
-    args.extend(leases.lines().filter(|l| l.starts_with(&ours)));
+    args.extend(
+        leases
+            .lines()
+            .filter(|l| ours.iter().any(|o| l.starts_with(o.as_str()))),
+    );
     if args.len() > 4 {
         lab.kubectl_ok(&args)?;
     }

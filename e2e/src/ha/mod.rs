@@ -84,16 +84,16 @@ pub fn delete(lab: &Lab, kind: &str, name: &str, namespace: Option<&str>) {
 }
 
 /// Deletes HAService `name` in [`SERVICE_NAMESPACE`] and its leadership
-/// Lease (the operator deletes it when it releases the finalizer, but a
-/// test may run without the operator).
+/// and claim Leases (the operator deletes them when it releases the
+/// finalizer, but a test may run without the operator).
 pub fn delete_service(lab: &Lab, name: &str) {
     delete(lab, "haservice", name, Some(SERVICE_NAMESPACE));
-    delete(
-        lab,
-        "lease",
-        &service_lease_name(name),
-        Some(OPERATOR_NAMESPACE),
-    );
+    for lease in [
+        service_lease_name(name),
+        format!("kubeha-claim-{SERVICE_NAMESPACE}.{name}"),
+    ] {
+        delete(lab, "lease", &lease, Some(OPERATOR_NAMESPACE));
+    }
 }
 
 /// Name of the leadership Lease (in [`OPERATOR_NAMESPACE`]) of HAService
