@@ -162,6 +162,13 @@ fn vip_answers_ping_and_arp_and_the_client_sees_the_garp_burst() {
         .is_some(),
         "node-1 never acknowledged epoch 1"
     );
+    // Its reports came through the chart's own API priority level for the
+    // agents' status writes (not the shared service-accounts one).
+    let dispatched = ha::flow_dispatched(&lab, "kubeha-agent-status").unwrap();
+    assert!(
+        dispatched > 0.0,
+        "no request dispatched by the kubeha-agent-status FlowSchema"
+    );
     assert!(
         !ha::vip_on_node(1, v4) && !ha::vip_on_node(2, v4),
         "an uncleared holder must not enter"

@@ -126,6 +126,20 @@ pub fn service_lease_metadata(
     }))
 }
 
+/// Requests the API server's priority and fairness has dispatched through
+/// FlowSchema `flow_schema` since it started (its
+/// `apiserver_flowcontrol_dispatched_requests_total`).
+pub fn flow_dispatched(lab: &Lab, flow_schema: &str) -> anyhow::Result<f64> {
+    let text = lab.kubectl_ok(&["get", "--raw", "/metrics"])?;
+    let wanted = format!("flow_schema=\"{flow_schema}\"");
+    Ok(text
+        .lines()
+        .filter(|l| l.starts_with("apiserver_flowcontrol_dispatched_requests_total{"))
+        .filter(|l| l.contains(&wanted))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum())
+}
+
 /// `lease` (a service Lease as JSON, written by hand) with the node-scope
 /// label of every node it names, as the operator labels it: each agent
 /// watches only the service Leases labelled for its node.
