@@ -187,6 +187,41 @@ impl Claim {
     }
 }
 
+/// Claims by address, so that the claims contending with a spec are found
+/// without going through every claim: an agent checks each service it
+/// holds a role in against every service's claim, on every pass.
+#[derive(Clone, Debug, Default)]
+pub struct ClaimIndex {
+    by_address: std::collections::HashMap<IpAddr, Vec<Claim>>,
+}
+
+impl ClaimIndex {
+    /// The index of `claims`.
+    pub fn new(claims: impl IntoIterator<Item = Claim>) -> Self {
+        let mut by_address: std::collections::HashMap<IpAddr, Vec<Claim>> = Default::default();
+        for claim in claims {
+            for address in &claim.addresses {
+                by_address.entry(*address).or_default().push(claim.clone());
+            }
+        }
+        Self { by_address }
+    }
+
+    /// The claims that share an address with `spec`'s VIPs, each once:
+    /// the only ones [`validate`] can find contending.
+    pub fn sharing(&self, spec: &HAServiceSpec) -> Vec<Claim> {
+        let mut found: Vec<Claim> = Vec::new();
+        for address in Claim::of(String::new(), None, spec).addresses {
+            for claim in self.by_address.get(&address).into_iter().flatten() {
+                if !found.contains(claim) {
+                    found.push(claim.clone());
+                }
+            }
+        }
+        found
+    }
+}
+
 /// Orders claims: older first; ties (or unknown times) by key.
 fn older(a: (Option<jiff::Timestamp>, &str), b: (Option<jiff::Timestamp>, &str)) -> bool {
     let rank = |t: Option<jiff::Timestamp>| t.unwrap_or(jiff::Timestamp::MAX);
@@ -403,6 +438,35 @@ mod tests {
             created: Some(jiff::Timestamp::from_second(created).unwrap()),
             spec,
         }
+    }
+
+    /// The index finds exactly the claims sharing an address, once each,
+    /// and validation over them finds what it finds over every claim.
+    #[test]
+    fn the_claim_index_finds_the_claims_sharing_an_address() {
+        let at = |s: i64| Some(jiff::Timestamp::from_second(s).unwrap());
+        let old = Claim::of(
+            "a/old".into(),
+            at(1),
+            &spec(&["198.18.0.10/24", "198.18.0.11/24"]),
+        );
+        let other = Claim::of("a/other".into(), at(1), &spec(&["198.18.0.99/24"]));
+        let all = vec![old.clone(), other.clone()];
+        let index = ClaimIndex::new(all.clone());
+        let young = spec(&["198.18.0.10/24", "198.18.0.11/24"]);
+        assert_eq!(index.sharing(&young), vec![old]);
+        assert!(index.sharing(&spec(&["198.18.0.50/24"])).is_empty());
+        let c = cluster(&["198.18.0.0/24"], &[]);
+        assert_eq!(
+            validate(
+                subject(&young, "a/young", 2),
+                "c",
+                &c,
+                &[],
+                &index.sharing(&young)
+            ),
+            validate(subject(&young, "a/young", 2), "c", &c, &[], &all)
+        );
     }
 
     #[test]

@@ -8,6 +8,7 @@ use k8s_openapi::api::coordination::v1::Lease;
 use kube::ResourceExt;
 use kubeha_crds::members::member_mode;
 use kubeha_crds::service::Role;
+use kubeha_crds::validate::ClaimIndex;
 use kubeha_crds::{HACluster, HAService, Mode, leases, validate};
 
 /// What the Lease asks of this node for one service.
@@ -189,27 +190,38 @@ pub fn vet(
     }
 }
 
-/// The VIP claims for [`vet`]: those of the `services` this agent sees
-/// (only its own node's, by the node-scope label) and those every claim
-/// Lease carries ([`leases::claim_of`]; the agent sees every claim Lease,
-/// written by the operator only), so a VIP claimed by an older service
-/// this node does not see is still refused. A service seen both ways
-/// claims twice, which changes nothing.
-pub fn claims_of<'a>(
-    services: impl IntoIterator<Item = &'a HAService>,
-    claim_leases: impl IntoIterator<Item = &'a Lease>,
+/// The VIP claims every claim Lease carries ([`leases::claim_of`]; the
+/// agent sees every claim Lease, written by the operator only), indexed by
+/// address: built again only when a claim Lease changed.
+pub fn lease_claims<'a>(claim_leases: impl IntoIterator<Item = &'a Lease>) -> ClaimIndex {
+    ClaimIndex::new(claim_leases.into_iter().filter_map(leases::claim_of))
+}
+
+/// The VIP claims of the `services` this agent sees (only its own node's,
+/// by the node-scope label), indexed by address: one whose claim Lease is
+/// not written yet still claims.
+pub fn seen_claims<'a>(services: impl IntoIterator<Item = &'a HAService>) -> ClaimIndex {
+    ClaimIndex::new(services.into_iter().map(|s| {
+        validate::Claim::of(
+            format!("{}/{}", s.namespace().unwrap_or_default(), s.name_any()),
+            s.metadata.creation_timestamp.as_ref().map(|t| t.0),
+            &s.spec,
+        )
+    }))
+}
+
+/// The claims for [`vet`] of `svc`: those of `leases` ([`lease_claims`])
+/// and of `seen` ([`seen_claims`]) that share an address with it, so a VIP
+/// claimed by an older service this node does not see is still refused. A
+/// service claiming both ways claims twice, which changes nothing.
+pub fn contending_claims(
+    svc: &HAService,
+    leases: &ClaimIndex,
+    seen: &ClaimIndex,
 ) -> Vec<validate::Claim> {
-    services
-        .into_iter()
-        .map(|s| {
-            validate::Claim::of(
-                format!("{}/{}", s.namespace().unwrap_or_default(), s.name_any()),
-                s.metadata.creation_timestamp.as_ref().map(|t| t.0),
-                &s.spec,
-            )
-        })
-        .chain(claim_leases.into_iter().filter_map(leases::claim_of))
-        .collect()
+    let mut claims = leases.sharing(&svc.spec);
+    claims.extend(seen.sharing(&svc.spec));
+    claims
 }
 
 /// A master assignment this node would enter at an epoch older than the

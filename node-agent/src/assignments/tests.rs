@@ -290,7 +290,11 @@ fn a_vip_claimed_on_an_older_service_s_claim_lease_is_refused() {
     let newer_lease = service_lease_for(&newer);
     let (older_claim, newer_claim) = (claim_lease_for(&older), claim_lease_for(&newer));
     // This node sees only `newer` (and its Lease), and every claim Lease.
-    let claims = claims_of([&newer], [&older_claim, &newer_claim]);
+    let claims = contending_claims(
+        &newer,
+        &lease_claims([&older_claim, &newer_claim]),
+        &seen_claims([&newer]),
+    );
     match vet(&newer, &newer_lease, &c, &claims) {
         Err(Refusal::Invalid(problems)) => assert_eq!(
             problems,
@@ -302,7 +306,11 @@ fn a_vip_claimed_on_an_older_service_s_claim_lease_is_refused() {
         other => panic!("expected the older Lease's claim to win: {other:?}"),
     }
     // Without the older service's claim, nothing contends.
-    let claims = claims_of([&newer], [&newer_claim]);
+    let claims = contending_claims(
+        &newer,
+        &lease_claims([&newer_claim]),
+        &seen_claims([&newer]),
+    );
     assert_eq!(vet(&newer, &newer_lease, &c, &claims), Ok(()));
 }
 

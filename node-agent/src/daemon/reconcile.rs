@@ -32,9 +32,13 @@ pub(super) async fn reconcile(
     me: &OwnNode,
     services: &Store<HAService>,
     service_leases: &Store<Lease>,
-    claim_leases: &Store<Lease>,
+    claims: Claims<'_>,
     slots: &mut BTreeMap<String, Slot>,
 ) {
+    let Claims {
+        leases: claim_leases,
+        index: lease_claims,
+    } = claims;
     let node = shared.config.node.clone();
     let by_name: HashMap<String, &Arc<HACluster>> =
         clusters.iter().map(|c| (c.name_any(), c)).collect();
@@ -45,23 +49,15 @@ pub(super) async fn reconcile(
         .into_iter()
         .map(|l| (l.name_any(), l))
         .collect();
-    // Every service's claim Lease, by name: its VIPs, and that it exists.
-    let claim_of: HashMap<String, Arc<Lease>> = claim_leases
-        .state()
-        .into_iter()
-        .map(|l| (l.name_any(), l))
-        .collect();
     let all_services = services.state();
-    let claims = assignments::claims_of(
-        all_services.iter().map(|s| s.as_ref()),
-        claim_of.values().map(|l| l.as_ref()),
-    );
+    let seen_claims = assignments::seen_claims(all_services.iter().map(|s| s.as_ref()));
     let mut seen = std::collections::HashSet::new();
     let pass = Pass {
         node: &node,
         by_name: &by_name,
         lease_of: &lease_of,
-        claims: &claims,
+        lease_claims,
+        seen_claims: &seen_claims,
         me,
     };
     for svc in all_services {
@@ -88,7 +84,13 @@ pub(super) async fn reconcile(
         // the Lease still gives (nothing once it no longer names this node
         // and so left this node's watch).
         let lease = lease_of.get(&leases::service_lease_name(ns, name));
-        if lease.is_some() || claim_of.contains_key(&leases::claim_lease_name(ns, name)) {
+        let claimed = claim_leases
+            .get(
+                &kube::runtime::reflector::ObjectRef::new(&leases::claim_lease_name(ns, name))
+                    .within(&shared.config.namespace),
+            )
+            .is_some();
+        if lease.is_some() || claimed {
             let mode = by_name
                 .get(&guard.cluster)
                 .and_then(|c| me.membership(c).mode());
@@ -150,13 +152,25 @@ pub(super) async fn reconcile(
         .unwrap_or_else(|e| e.into_inner()) = recorded;
 }
 
+/// Every service's claim Lease (whether a service exists) and their VIP
+/// claims, indexed ([`assignments::lease_claims`]).
+#[derive(Clone, Copy)]
+pub(super) struct Claims<'a> {
+    /// The claim Leases.
+    pub leases: &'a Store<Lease>,
+    /// Their claims, by address.
+    pub index: &'a kubeha_crds::validate::ClaimIndex,
+}
+
 /// What one pass knows of every service alike.
 struct Pass<'a> {
     node: &'a str,
     by_name: &'a HashMap<String, &'a Arc<HACluster>>,
     lease_of: &'a HashMap<String, Arc<Lease>>,
-    /// Every service's VIP claims, for [`assignments::vet`].
-    claims: &'a [kubeha_crds::validate::Claim],
+    /// Every claim Lease's VIP claim, for [`assignments::vet`].
+    lease_claims: &'a kubeha_crds::validate::ClaimIndex,
+    /// The VIP claims of the services this node sees.
+    seen_claims: &'a kubeha_crds::validate::ClaimIndex,
     me: &'a OwnNode,
 }
 
@@ -175,7 +189,8 @@ async fn reconcile_service(
         node,
         by_name,
         lease_of,
-        claims,
+        lease_claims,
+        seen_claims,
         me,
     } = *pass;
     let Some(cluster) = by_name.get(&svc.spec.cluster_ref) else {
@@ -200,9 +215,12 @@ async fn reconcile_service(
     // Before taking any role, the same checks the operator made before it
     // wrote the Lease: a forged or stale assignment runs nothing here.
     let refusal = match lease {
-        Some(l) if wanted.role != Role::None => assignments::vet(svc, l, cluster, claims)
-            .err()
-            .map(|r| r.to_string()),
+        Some(l) if wanted.role != Role::None => {
+            let claims = assignments::contending_claims(svc, lease_claims, seen_claims);
+            assignments::vet(svc, l, cluster, &claims)
+                .err()
+                .map(|r| r.to_string())
+        }
         _ => None,
     };
     // A clearance the operator wrote before it saw this node renew
