@@ -273,16 +273,12 @@ pub fn wanted_scope_labels(
         .collect()
 }
 
-/// The node-scope labels `lease` carries now.
-pub fn scope_labels_of(
-    lease: &k8s_openapi::api::coordination::v1::Lease,
-) -> std::collections::BTreeSet<String> {
-    lease
-        .metadata
-        .labels
-        .iter()
-        .flatten()
-        .map(|(k, _)| k)
+/// The node-scope labels an object (a service Lease, an HAService)
+/// carries now.
+pub fn scope_labels_of(object: &impl kube::ResourceExt) -> std::collections::BTreeSet<String> {
+    object
+        .labels()
+        .keys()
         .filter(|k| k.starts_with(crate::annotations::NODE_SCOPE_LABEL_PREFIX))
         .cloned()
         .collect()

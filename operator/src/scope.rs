@@ -29,7 +29,7 @@ use std::time::{Duration, Instant};
 use k8s_openapi::api::coordination::v1::Lease;
 use kube::api::{Patch, PatchParams};
 use kube::{Api, ResourceExt};
-use kubeha_crds::annotations::{NODE_SCOPE_LABEL_PREFIX, NODE_SCOPE_LABEL_VALUE, node_scope_label};
+use kubeha_crds::annotations::{NODE_SCOPE_LABEL_VALUE, node_scope_label};
 use kubeha_crds::service::{NodeServiceState, Role};
 use kubeha_crds::{HAService, leases};
 use serde_json::{Map, Value, json};
@@ -72,11 +72,7 @@ pub fn needed_nodes(svc: &HAService, lease: Option<&Lease>) -> BTreeSet<String> 
 
 /// The node-scope labels `svc` carries now.
 pub fn scope_labels(svc: &HAService) -> BTreeSet<String> {
-    svc.labels()
-        .keys()
-        .filter(|k| k.starts_with(NODE_SCOPE_LABEL_PREFIX))
-        .cloned()
-        .collect()
+    leases::scope_labels_of(svc)
 }
 
 /// The changes from the scope labels `current` to those of `needed`

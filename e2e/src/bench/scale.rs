@@ -356,8 +356,8 @@ pub fn remove_services(lab: &Lab, cluster: &str) -> anyhow::Result<()> {
             ha::service_lease_name(&format!("{cluster}-"))
         ),
         format!(
-            "lease.coordination.k8s.io/kubeha-claim-{}.{cluster}-",
-            ha::SERVICE_NAMESPACE
+            "lease.coordination.k8s.io/{}",
+            kubeha_crds::leases::claim_lease_name(ha::SERVICE_NAMESPACE, &format!("{cluster}-"))
         ),
     ];
     let mut args = vec!["delete", "-n", ha::OPERATOR_NAMESPACE, "--wait=false"];

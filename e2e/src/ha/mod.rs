@@ -90,7 +90,7 @@ pub fn delete_service(lab: &Lab, name: &str) {
     delete(lab, "haservice", name, Some(SERVICE_NAMESPACE));
     for lease in [
         service_lease_name(name),
-        format!("kubeha-claim-{SERVICE_NAMESPACE}.{name}"),
+        kubeha_crds::leases::claim_lease_name(SERVICE_NAMESPACE, name),
     ] {
         delete(lab, "lease", &lease, Some(OPERATOR_NAMESPACE));
     }
