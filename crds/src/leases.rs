@@ -285,11 +285,15 @@ pub fn scope_labels_of(object: &impl kube::ResourceExt) -> std::collections::BTr
 }
 
 /// Gives `lease` exactly the node-scope labels of the nodes it names
-/// ([`wanted_scope_labels`]) and of the nodes in `also` (those the
-/// operator waits on): adds the missing ones, removes the others.
-pub fn set_scope_labels(lease: &mut k8s_openapi::api::coordination::v1::Lease, also: &[String]) {
+/// ([`wanted_scope_labels`]) and the label keys in `also` (of the nodes the
+/// operator waits on or still shows it to): adds the missing ones, removes
+/// the others.
+pub fn set_scope_labels(
+    lease: &mut k8s_openapi::api::coordination::v1::Lease,
+    also: impl IntoIterator<Item = String>,
+) {
     let mut wanted = wanted_scope_labels(lease);
-    wanted.extend(also.iter().map(|n| crate::annotations::node_scope_label(n)));
+    wanted.extend(also);
     let labels = lease.metadata.labels.get_or_insert_with(Default::default);
     labels.retain(|k, _| {
         !k.starts_with(crate::annotations::NODE_SCOPE_LABEL_PREFIX) || wanted.contains(k)
@@ -406,7 +410,7 @@ mod tests {
             ("node.kubeha.io/n1", "false"),
             ("team", "web"),
         ]));
-        set_scope_labels(&mut l, &[]);
+        set_scope_labels(&mut l, []);
         let labels = l.metadata.labels.as_ref().unwrap();
         assert_eq!(
             scope_labels_of(&l).into_iter().collect::<Vec<_>>(),
@@ -416,7 +420,7 @@ mod tests {
         assert_eq!(labels["team"], "web");
         assert_eq!(scope_labels_of(&l), wanted_scope_labels(&l));
         // And the nodes the operator waits on, named or not.
-        set_scope_labels(&mut l, &["n5".into()]);
+        set_scope_labels(&mut l, [crate::annotations::node_scope_label("n5")]);
         assert_eq!(
             scope_labels_of(&l).into_iter().collect::<Vec<_>>(),
             [

@@ -359,7 +359,8 @@ pub async fn run(config: Config) -> crate::Result<()> {
     // operator labels every node a Lease names: a failover's Lease writes
     // reach the nodes involved, not every node), and of those, only the
     // ones this node acts on wake the main loop. A Lease that stops naming
-    // this node leaves the selection: a delete event, read as "no role".
+    // this node stays in the selection until this node reports its epoch
+    // (role none), then leaves it: a delete event, read as "no role".
     let service_leases = watch::<Lease>(
         &client,
         Some(&config.namespace),

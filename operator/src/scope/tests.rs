@@ -117,6 +117,6 @@ fn a_lease_labelled_for_other_nodes_is_relabelled_at_its_version() {
         }})
     );
     let mut right = old.clone();
-    leases::set_scope_labels(&mut right, &["n3".into()]);
+    leases::set_scope_labels(&mut right, [node_scope_label("n3")]);
     assert_eq!(lease_label_patch(&right), None);
 }

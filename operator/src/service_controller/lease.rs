@@ -69,8 +69,9 @@ pub(super) enum Written {
 /// HAService's namespace, name and UID), the annotations of `state`,
 /// `holderIdentity` = master and `leaseTransitions` = epoch; `acquireTime` moves to `now` when the holder changes. Other fields
 /// of `current` (resourceVersion, foreign labels and annotations) are kept.
-/// It carries the node-scope label of every node it names and of the nodes
-/// in `waiting_on` (the handover's, [`crate::handover::Progress::waiting_on`]).
+/// It carries the node-scope label of every node it names, of the nodes
+/// in `waiting_on` (the handover's, [`crate::handover::Progress::waiting_on`])
+/// and of the nodes it stops naming until they report its epoch.
 /// Pure: this is exactly what the agents read (see `tests/agent_protocol.rs`).
 pub fn service_lease(
     current: Option<&Lease>,
@@ -115,13 +116,41 @@ pub fn service_lease(
     if holder_changed {
         spec.acquire_time = Some(MicroTime(now));
     }
-    // Each agent watches only the Leases labelled for its node: label
-    // exactly the nodes this Lease names (a node it stops naming sees it
-    // leave its watch, which it reads as "no role"), and those whose proof
-    // the handover waits for (a node it cannot attribute a clearance to
-    // proves it moved on by reporting the epoch it sees).
-    leases::set_scope_labels(&mut lease, waiting_on);
+    // Each agent watches only the Leases labelled for its node: label the
+    // nodes this Lease names, those whose proof the handover waits for (a
+    // node it cannot attribute a clearance to proves it moved on by
+    // reporting the epoch it sees), and those it stopped naming until they
+    // report its epoch. A Lease that leaves a node's watch reads there as
+    // "no role" at the last epoch the node saw.
+    let waited_on = waiting_on.iter().map(|n| node_scope_label(n));
+    let dropped = dropped_unacknowledged(current, svc, state.epoch);
+    leases::set_scope_labels(&mut lease, waited_on.chain(dropped));
     lease
+}
+
+/// The node-scope labels of `current` whose node has not reported `epoch`
+/// on `svc` yet (no status entry maps to the label at `epoch` or later): a
+/// Lease that stops naming a node stays shown to it until it reports the
+/// Lease's epoch (role none), so a node dropped at an epoch learns that
+/// epoch, as it did when every agent saw every Lease. The label goes with
+/// the next write after that report; no write is made for it alone. A node
+/// that never reports again (powered off, removed) keeps its label: it
+/// learns the epoch if it comes back.
+fn dropped_unacknowledged(current: Option<&Lease>, svc: &HAService, epoch: i64) -> Vec<String> {
+    let Some(current) = current else {
+        return Vec::new();
+    };
+    let reported: std::collections::BTreeSet<String> = svc
+        .status
+        .iter()
+        .flat_map(|s| &s.nodes)
+        .filter(|n| n.epoch.is_some_and(|e| e >= epoch))
+        .map(|n| node_scope_label(&n.node))
+        .collect();
+    leases::scope_labels_of(current)
+        .into_iter()
+        .filter(|l| !reported.contains(l))
+        .collect()
 }
 
 /// `svc`'s VIP claim Lease as the operator writes it (server-side apply,
@@ -405,10 +434,22 @@ mod tests {
             standby: Some("n2".into()),
             ..Default::default()
         };
+        // The node it named has reported this epoch: its label goes.
+        let mut service = svc(&["198.18.0.10/24"]);
+        service.status = Some(kubeha_crds::HAServiceStatus {
+            nodes: vec![kubeha_crds::testing::status_entry(
+                "gone",
+                kubeha_crds::service::Role::None,
+                kubeha_crds::service::NodeServiceState::Stopped,
+                0,
+                None,
+            )],
+            ..Default::default()
+        });
         let lease = service_lease(
             Some(&old),
             "kubeha-system",
-            &svc(&["198.18.0.10/24"]),
+            &service,
             &state,
             true,
             &["n3".into()],
@@ -426,5 +467,64 @@ mod tests {
             ],
             "the named nodes and the one the handover waits on"
         );
+    }
+
+    #[test]
+    fn a_node_the_lease_stops_naming_sees_it_until_it_reports_its_epoch() {
+        use kubeha_crds::service::{NodeServiceState, Role};
+        use kubeha_crds::testing::status_entry;
+        let labels = |l: &Lease| leases::scope_labels_of(l).into_iter().collect::<Vec<_>>();
+        let mut service = svc(&["198.18.0.10/24"]);
+        let at = |holder: &str, standby: &str, epoch| LeaseState {
+            holder: Some(holder.into()),
+            standby: Some(standby.into()),
+            epoch,
+            ..Default::default()
+        };
+        let write = |current: Option<&Lease>, service: &HAService, state: &LeaseState| {
+            service_lease(
+                current,
+                "kubeha-system",
+                service,
+                state,
+                true,
+                &[],
+                jiff::Timestamp::UNIX_EPOCH,
+            )
+        };
+        let first = write(None, &service, &at("n1", "n2", 1));
+        assert_eq!(labels(&first), ["node.kubeha.io/n1", "node.kubeha.io/n2"]);
+        service.status = Some(kubeha_crds::HAServiceStatus {
+            nodes: vec![
+                status_entry("n1", Role::Master, NodeServiceState::Running, 1, None),
+                status_entry("n2", Role::Vicemaster, NodeServiceState::Stopped, 1, None),
+                status_entry("n3", Role::None, NodeServiceState::Stopped, 0, None),
+            ],
+            ..Default::default()
+        });
+        // Moved to n3 at epoch 2: n2 has not seen epoch 2 yet.
+        let moved = write(Some(&first), &service, &at("n3", "n1", 2));
+        assert_eq!(
+            labels(&moved),
+            [
+                "node.kubeha.io/n1",
+                "node.kubeha.io/n2",
+                "node.kubeha.io/n3"
+            ],
+            "n2, dropped at epoch 2, still sees the Lease"
+        );
+        // Still not reported: kept on the next write of the same epoch.
+        let again = write(Some(&moved), &service, &at("n3", "n1", 2));
+        assert!(labels(&again).contains(&"node.kubeha.io/n2".to_owned()));
+        // A node that has not reported at all is kept the same way.
+        let mut unreported = service.clone();
+        unreported.status.as_mut().unwrap().nodes.remove(1);
+        let again = write(Some(&again), &unreported, &at("n3", "n1", 2));
+        assert!(labels(&again).contains(&"node.kubeha.io/n2".to_owned()));
+        // Reported (role none at epoch 2): the next write drops it.
+        service.status.as_mut().unwrap().nodes[1] =
+            status_entry("n2", Role::None, NodeServiceState::Stopped, 2, None);
+        let after = write(Some(&again), &service, &at("n3", "n1", 2));
+        assert_eq!(labels(&after), ["node.kubeha.io/n1", "node.kubeha.io/n3"]);
     }
 }
