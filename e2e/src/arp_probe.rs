@@ -1,8 +1,8 @@
 //! The client's view of the safety rule: from the client namespace, an ARP
 //! probe ([`garp::arp_probe`], the frame an entering agent sends) for every
-//! IPv4 VIP every [`PROBE_EVERY`], and every answer's MAC recorded
-//! ([`garp::claim`]). Two different MACs answering for one VIP less than
-//! [`PROBE_EVERY`] apart is a window with two holders as the segment saw it
+//! IPv4 VIP every [`PROBE_EVERY`] (or the interval given), and every
+//! answer's MAC recorded ([`garp::claim`]). Two different MACs answering for
+//! one VIP less than one interval apart is a window with two holders as the segment saw it
 //! (each holder answers the same request, microseconds apart); a handover,
 //! even a quick one, leaves far longer than that between the last answer of
 //! the old holder and the first of the new one.
@@ -12,10 +12,10 @@
 //! an address the detector's `ip` view could miss. IPv6 VIPs are not probed
 //! (the address view covers them).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
@@ -63,6 +63,8 @@ pub struct Probed {
 pub struct ArpProbe {
     stop: Arc<AtomicBool>,
     handle: Option<std::thread::JoinHandle<Probed>>,
+    /// Every (VIP, MAC) heard so far, as `aa:bb:cc:dd:ee:ff`.
+    heard: Arc<Mutex<BTreeSet<(Ipv4Addr, String)>>>,
 }
 
 /// A datalink channel on `iface` inside network namespace `ns` (the
@@ -93,8 +95,18 @@ fn channel_in(
 
 impl ArpProbe {
     /// Starts probing the IPv4 addresses among `vips` (addresses without
-    /// prefix; others are ignored) from the client namespace.
+    /// prefix; others are ignored) from the client namespace, each every
+    /// [`PROBE_EVERY`].
     pub fn start(vips: &[&str]) -> anyhow::Result<ArpProbe> {
+        Self::start_every(vips, PROBE_EVERY)
+    }
+
+    /// [`ArpProbe::start`], each VIP asked for every `every`: with many
+    /// VIPs, every request is a broadcast every node's kernel handles, so
+    /// a coarser probe keeps the measurement from loading the machine it
+    /// measures (at most `every` late).
+    pub fn start_every(vips: &[&str], every: Duration) -> anyhow::Result<ArpProbe> {
+        let heard = Arc::new(Mutex::new(BTreeSet::new()));
         let targets: Vec<Ipv4Addr> = vips.iter().filter_map(|v| v.parse().ok()).collect();
         let mac = crate::ha::mac_of(nodes::CLIENT_NS, nodes::NS_IFACE)?;
         let mac: pnet::util::MacAddr = mac
@@ -104,7 +116,7 @@ impl ArpProbe {
         let stop = Arc::new(AtomicBool::new(false));
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         let handle = {
-            let stop = stop.clone();
+            let (stop, heard) = (stop.clone(), heard.clone());
             std::thread::spawn(move || {
                 let (mut tx, mut rx) = match channel_in(nodes::CLIENT_NS, nodes::NS_IFACE) {
                     Ok(c) => {
@@ -139,18 +151,25 @@ impl ArpProbe {
                                 *silence = (*silence).max(at.saturating_sub(*when));
                             }
                             let now = jiff::Timestamp::now();
-                            seen.answers
-                                .entry((vip, garp::mac_string(from)))
-                                .and_modify(|(_, last)| *last = now)
-                                .or_insert((now, now));
+                            match seen.answers.entry((vip, garp::mac_string(from))) {
+                                std::collections::btree_map::Entry::Occupied(mut e) => {
+                                    e.get_mut().1 = now;
+                                }
+                                std::collections::btree_map::Entry::Vacant(e) => {
+                                    if let Ok(mut heard) = heard.lock() {
+                                        heard.insert(e.key().clone());
+                                    }
+                                    e.insert((now, now));
+                                }
+                            }
                             if let Some((mac, when)) = last.get(&vip) {
                                 let quiet = at.saturating_sub(*when);
-                                if *mac != from && quiet < PROBE_EVERY {
+                                if *mac != from && quiet < every {
                                     let macs = vec![garp::mac_string(*mac), garp::mac_string(from)];
                                     match open.get(&vip) {
                                         Some(w)
                                             if at.saturating_sub(seen.windows[*w].to)
-                                                < PROBE_EVERY * 3 =>
+                                                < every * 3 =>
                                         {
                                             seen.windows[*w].to = at
                                         }
@@ -185,7 +204,7 @@ impl ArpProbe {
                         let sent = matches!(tx.send_to(f, None), Some(Ok(())));
                         requests += usize::from(sent);
                     }
-                    next += PROBE_EVERY;
+                    next += every;
                     let now = Instant::now();
                     if next > now {
                         std::thread::sleep(next - now);
@@ -205,6 +224,18 @@ impl ArpProbe {
         Ok(ArpProbe {
             stop,
             handle: Some(handle),
+            heard,
+        })
+    }
+
+    /// Whether every one of `vips` has been answered for by a MAC other
+    /// than `but` (as `aa:bb:cc:dd:ee:ff`, any case) since the probe started.
+    pub fn answered_by_other(&self, vips: &[Ipv4Addr], but: &str) -> bool {
+        let heard = self.heard.lock().unwrap_or_else(|e| e.into_inner());
+        vips.iter().all(|vip| {
+            heard
+                .iter()
+                .any(|(v, mac)| v == vip && !mac.eq_ignore_ascii_case(but))
         })
     }
 
