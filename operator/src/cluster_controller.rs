@@ -202,8 +202,7 @@ async fn reconcile_inner(cluster: &HACluster, ctx: &Ctx) -> Result<Action> {
                         format!(
                             "{node} was marked peerdown but heartbeats again: the mark is erased (mode default) and members in single or config return to default"
                         ),
-                    )
-                    .await;
+                    );
                 }
                 if plan.returned.is_empty() && !plan.reset.is_empty() {
                     let msg = format!(
@@ -221,15 +220,14 @@ async fn reconcile_inner(cluster: &HACluster, ctx: &Ctx) -> Result<Action> {
                         }
                     );
                     tracing::warn!(%msg, "prohibited mode combination repaired");
-                    ctx.publish(&reference, "ProhibitedState", true, msg).await;
+                    ctx.publish(&reference, "ProhibitedState", true, msg);
                 } else if plan.stops {
                     ctx.publish(
                         &reference,
                         "ClusterStopped",
                         true,
                         "a returning peer reset a member in single or config to default: the services are stopped (spec.stopped); start them with kubectl ha start".to_owned(),
-                    )
-                    .await;
+                    );
                 }
                 // The spec change triggers the next reconcile.
                 return Ok(Action::await_change());
@@ -283,18 +281,15 @@ async fn reconcile_inner(cluster: &HACluster, ctx: &Ctx) -> Result<Action> {
 
     for e in mode_events {
         match e {
-            ModeEvent::Changed { node, from, to } => {
-                ctx.publish(
-                    &reference,
-                    "ModeChanged",
-                    false,
-                    format!("{node}: mode {from} -> {to}"),
-                )
-                .await
-            }
+            ModeEvent::Changed { node, from, to } => ctx.publish(
+                &reference,
+                "ModeChanged",
+                false,
+                format!("{node}: mode {from} -> {to}"),
+            ),
             ModeEvent::Prohibited(msg) => {
                 tracing::warn!(%msg, "prohibited mode combination");
-                ctx.publish(&reference, "ProhibitedState", true, msg).await
+                ctx.publish(&reference, "ProhibitedState", true, msg)
             }
         }
     }
@@ -326,8 +321,7 @@ async fn reconcile_inner(cluster: &HACluster, ctx: &Ctx) -> Result<Action> {
                 "{node} released: no service of this cluster has it as its holder any more ({} removed); it is eligible again",
                 annotations::RELEASE_NODE
             ),
-        )
-        .await;
+        );
     }
 
     // A reset (`kubectl ha reset`) ends once the node's heartbeat shows
@@ -352,8 +346,7 @@ async fn reconcile_inner(cluster: &HACluster, ctx: &Ctx) -> Result<Action> {
                 "{node} stopped heartbeating after its reset ({} {value} removed)",
                 annotations::RESET_NODE
             ),
-        )
-        .await;
+        );
     }
 
     // Heartbeat Leases of nodes that are no longer members, once Fenced.

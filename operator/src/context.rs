@@ -62,7 +62,10 @@ pub struct Ctx {
     gap_opened: tokio::sync::Notify,
     /// Every watch has listed once.
     pub ready: Arc<AtomicBool>,
-    recorder: Recorder,
+    /// Fresh heartbeat reads shared by the reconciles that wait for them.
+    pub(crate) heartbeat_reads: crate::service_controller::HeartbeatReads,
+    /// Events for the publisher task ([`publish_events`]).
+    events: tokio::sync::mpsc::Sender<(Event, ObjectReference)>,
     /// Metrics.
     pub metrics: Metrics,
     triggers: Triggers,
@@ -124,6 +127,8 @@ impl Ctx {
                 instance: Some(instance),
             },
         );
+        let (events, queued) = tokio::sync::mpsc::channel(EVENT_QUEUE);
+        tokio::spawn(publish_events(recorder, queued));
         Self {
             client,
             namespace,
@@ -137,7 +142,8 @@ impl Ctx {
             gaps: AtomicU64::new(0),
             gap_opened: tokio::sync::Notify::new(),
             ready: Arc::new(AtomicBool::new(false)),
-            recorder,
+            heartbeat_reads: Default::default(),
+            events,
             metrics,
             triggers,
         }
@@ -425,14 +431,12 @@ impl Ctx {
         let _ = self.triggers.all_clusters.unbounded_send(());
     }
 
-    /// Publishes an Event about `reference` (leader only; best effort).
-    pub async fn publish(
-        &self,
-        reference: &ObjectReference,
-        reason: &str,
-        warning: bool,
-        note: String,
-    ) {
+    /// Publishes an Event about `reference` (leader only; best effort): it
+    /// is queued for the publisher task, in order, so no reconcile waits
+    /// for it (after a power-off, each service's Events held its turn for
+    /// up to [`EVENT_TIMEOUT`] each while the next services' Lease writes
+    /// waited). A full queue drops it.
+    pub fn publish(&self, reference: &ObjectReference, reason: &str, warning: bool, note: String) {
         if !self.is_leader() {
             return;
         }
@@ -447,14 +451,30 @@ impl Ctx {
             action: reason.to_owned(),
             secondary: None,
         };
-        // Best effort, and never for long: a reconcile waits for it.
-        match tokio::time::timeout(EVENT_TIMEOUT, self.recorder.publish(&event, reference)).await {
+        if self.events.try_send((event, reference.clone())).is_err() {
+            tracing::warn!(reason, "the Event queue is full: Event dropped");
+        }
+    }
+}
+
+/// Publishes the queued Events one at a time, each given at most
+/// [`EVENT_TIMEOUT`]; ends when the context is dropped.
+async fn publish_events(
+    recorder: Recorder,
+    mut queued: tokio::sync::mpsc::Receiver<(Event, ObjectReference)>,
+) {
+    while let Some((event, reference)) = queued.recv().await {
+        let reason = event.reason.as_str();
+        match tokio::time::timeout(EVENT_TIMEOUT, recorder.publish(&event, &reference)).await {
             Ok(Ok(())) => {}
             Ok(Err(e)) => tracing::warn!(error = %e, reason, "publishing an Event failed"),
             Err(_) => tracing::warn!(reason, "publishing an Event timed out"),
         }
     }
 }
+
+/// How many Events may wait for the publisher task.
+pub const EVENT_QUEUE: usize = 4096;
 
 /// How long publishing one Event may take.
 pub const EVENT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);

@@ -20,9 +20,16 @@ use crate::heartbeat_view::Fingerprint;
 
 /// Confirms with a fresh read that `node`'s heartbeat really stopped: if
 /// its Lease changed since the watch last showed it (a stalled watch), the
-/// change is observed now and `true` is returned.
-pub(super) async fn heartbeat_moved(ctx: &Ctx, cluster: &str, node: &str) -> Result<bool> {
-    let (moved, _) = refresh_heartbeat(ctx, cluster, node).await?;
+/// change is observed now and `true` is returned. `decided` is when the
+/// plan to confirm was made: a read begun since then serves (see
+/// [`HeartbeatReads`]).
+pub(super) async fn heartbeat_moved(
+    ctx: &Ctx,
+    cluster: &str,
+    node: &str,
+    decided: Instant,
+) -> Result<bool> {
+    let (moved, _) = refresh_heartbeat(ctx, cluster, node, decided).await?;
     if moved {
         tracing::warn!(%cluster, %node, "heartbeat Lease changed although the watch showed none: not fenced");
     }
@@ -31,12 +38,22 @@ pub(super) async fn heartbeat_moved(ctx: &Ctx, cluster: &str, node: &str) -> Res
 
 /// Reads `node`'s heartbeat Lease afresh and records it in the view when
 /// it differs from what the watch showed: whether it did, and the Lease's
-/// `renewTime` as read.
+/// `renewTime` as read. A read of the same Lease begun at or after
+/// `decided` (another service's, in flight or just done) is shared.
 pub(super) async fn refresh_heartbeat(
     ctx: &Ctx,
     cluster: &str,
     node: &str,
+    decided: Instant,
 ) -> Result<(bool, Option<String>)> {
+    let read = ctx.heartbeat_reads.since(cluster, node, decided);
+    read.outcome
+        .get_or_try_init(|| read_heartbeat(ctx, cluster, node))
+        .await
+        .cloned()
+}
+
+async fn read_heartbeat(ctx: &Ctx, cluster: &str, node: &str) -> Result<(bool, Option<String>)> {
     let api: Api<Lease> = Api::namespaced(ctx.client.clone(), &ctx.namespace);
     let Some(lease) = api
         .get_opt(&leases::heartbeat_lease_name(cluster, node))
@@ -55,6 +72,54 @@ pub(super) async fn refresh_heartbeat(
         }
     });
     Ok((moved, renewed))
+}
+
+/// Fresh heartbeat reads, one per (cluster, node) at a time. After a
+/// power-off every service the lost node held confirms the same heartbeat
+/// (and its new holder's) before its Lease write: 50 services made 100
+/// reads of two Leases, each a round trip to an API server already loaded
+/// by the failover. A reconcile that decided before a read began takes
+/// that read's outcome: it is as fresh as one of its own (`true` still
+/// means the view it decided on was behind). Reads older than
+/// [`HeartbeatReads::KEPT`] are dropped, so clusters and nodes that went
+/// leave nothing behind.
+#[derive(Default)]
+pub struct HeartbeatReads {
+    reads: std::sync::Mutex<
+        std::collections::HashMap<(String, String), std::sync::Arc<HeartbeatRead>>,
+    >,
+}
+
+/// One fresh read of a heartbeat Lease: when it began, and its outcome
+/// once there is one (a failed read leaves it empty for the next caller).
+pub(crate) struct HeartbeatRead {
+    began: Instant,
+    outcome: tokio::sync::OnceCell<(bool, Option<String>)>,
+}
+
+impl HeartbeatReads {
+    /// How long a read is kept for sharing.
+    const KEPT: std::time::Duration = std::time::Duration::from_secs(10);
+
+    /// The read of `node`'s heartbeat in `cluster` begun at or after
+    /// `decided`, or a new one (begun now).
+    fn since(&self, cluster: &str, node: &str, decided: Instant) -> std::sync::Arc<HeartbeatRead> {
+        let mut reads = self.reads.lock().unwrap_or_else(|e| e.into_inner());
+        let key = (cluster.to_owned(), node.to_owned());
+        if let Some(read) = reads.get(&key)
+            && read.began >= decided
+        {
+            return read.clone();
+        }
+        let now = Instant::now();
+        reads.retain(|_, r| now.duration_since(r.began) < Self::KEPT);
+        let read = std::sync::Arc::new(HeartbeatRead {
+            began: now,
+            outcome: tokio::sync::OnceCell::new(),
+        });
+        reads.insert(key, read.clone());
+        read
+    }
 }
 
 /// The outcome of a Lease write.
@@ -388,6 +453,36 @@ mod tests {
         let mut svc = HAService::new("web", service_spec("c", vips));
         svc.metadata.namespace = Some("default".into());
         svc
+    }
+
+    #[test]
+    fn a_heartbeat_read_is_shared_only_with_reconciles_that_decided_before_it_began() {
+        let reads = HeartbeatReads::default();
+        let decided = Instant::now();
+        let first = reads.since("c", "n1", decided);
+        // Decided before the read began: the same read.
+        assert!(std::sync::Arc::ptr_eq(
+            &first,
+            &reads.since("c", "n1", decided)
+        ));
+        // Another node, another cluster: other reads.
+        assert!(!std::sync::Arc::ptr_eq(
+            &first,
+            &reads.since("c", "n2", decided)
+        ));
+        assert!(!std::sync::Arc::ptr_eq(
+            &first,
+            &reads.since("d", "n1", decided)
+        ));
+        // Decided after it began: a read of its own, which later callers share.
+        std::thread::sleep(std::time::Duration::from_millis(2));
+        let later = Instant::now();
+        let second = reads.since("c", "n1", later);
+        assert!(!std::sync::Arc::ptr_eq(&first, &second));
+        assert!(std::sync::Arc::ptr_eq(
+            &second,
+            &reads.since("c", "n1", decided)
+        ));
     }
 
     #[test]

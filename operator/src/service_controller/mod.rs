@@ -26,8 +26,8 @@ use kubeha_crds::HAService;
 use crate::context::{Ctx, service_key};
 use crate::error::{Error, Result};
 
-use evaluate::{evaluate, requeue};
-pub use lease::service_lease;
+use evaluate::{Evaluation, evaluate, requeue};
+pub use lease::{HeartbeatReads, service_lease};
 use lease::{Written, heartbeat_moved, refresh_heartbeat, write_lease};
 use status::{condition_is_new, move_blocked_is_new, publish_status, stall_is_new};
 
@@ -138,11 +138,13 @@ async fn apply(svc: &HAService, ctx: &Ctx, deleting: bool) -> Result<Action> {
         let confirmations = futures::future::try_join_all(
             confirm
                 .iter()
-                .map(|node| heartbeat_moved(ctx, &ev.cluster, node)),
+                .map(|node| heartbeat_moved(ctx, &ev.cluster, node, now)),
         );
         let refresh = async {
             match &holder {
-                Some(holder) => refresh_heartbeat(ctx, &ev.cluster, holder).await.map(Some),
+                Some(holder) => refresh_heartbeat(ctx, &ev.cluster, holder, now)
+                    .await
+                    .map(Some),
                 None => Ok(None),
             }
         };
@@ -164,6 +166,7 @@ async fn apply(svc: &HAService, ctx: &Ctx, deleting: bool) -> Result<Action> {
         // A gap opened while the heartbeats were being confirmed.
         return Ok(Action::requeue(crate::gaps::WAIT_IN_GAP));
     }
+    let mut new_holder_written = false;
     if h.write {
         let renewed = holder_renew
             .filter(|(holder, _)| h.lease.holder.as_ref() == Some(holder))
@@ -198,6 +201,7 @@ async fn apply(svc: &HAService, ctx: &Ctx, deleting: bool) -> Result<Action> {
                 if h.holder_changed
                     && let Some(holder) = &h.lease.holder
                 {
+                    new_holder_written = true;
                     let reason = placement_reason(svc, reason, holder);
                     ctx.metrics.placed(reason);
                     ctx.with_service_memory(&key, |m| {
@@ -206,6 +210,16 @@ async fn apply(svc: &HAService, ctx: &Ctx, deleting: bool) -> Result<Action> {
                 }
             }
         }
+    }
+
+    if new_holder_written && !deleting {
+        // The new holder's agent needs only the Lease. What this service
+        // has to announce is queued; its status (and the claim check) waits
+        // for the next reconcile, right after the services already queued:
+        // after a power-off, 50 services each wrote their status before the
+        // next one's Lease could go.
+        announce(ctx, &ev);
+        return Ok(Action::requeue(Duration::ZERO));
     }
 
     if !deleting {
@@ -220,22 +234,19 @@ async fn apply(svc: &HAService, ctx: &Ctx, deleting: bool) -> Result<Action> {
             &stalled.reason,
             true,
             stalled.message.clone(),
-        )
-        .await;
+        );
     }
 
     if let Some(why) = &ev.plan.move_blocked
         && move_blocked_is_new(svc, why)
     {
-        ctx.publish(&ev.reference, "MoveNotPossible", true, why.clone())
-            .await;
+        ctx.publish(&ev.reference, "MoveNotPossible", true, why.clone());
     }
 
     if let Some(why) = &ev.plan.force_blocked
         && condition_is_new(svc, crate::conditions::FORCE_STARTED, Some(why))
     {
-        ctx.publish(&ev.reference, "ForceStartNotPossible", true, why.clone())
-            .await;
+        ctx.publish(&ev.reference, "ForceStartNotPossible", true, why.clone());
     }
     // Announced once per request: when the status shows no ForceStarted
     // condition yet, or only a blocked one.
@@ -243,17 +254,10 @@ async fn apply(svc: &HAService, ctx: &Ctx, deleting: bool) -> Result<Action> {
         && condition_is_new(svc, crate::conditions::FORCE_STARTED, None)
     {
         tracing::warn!(%warning, "force start");
-        ctx.publish(&ev.reference, "ForceStarted", true, warning.clone())
-            .await;
+        ctx.publish(&ev.reference, "ForceStarted", true, warning.clone());
     }
 
-    if let Some(done) = &ev.seen.completed {
-        ctx.metrics.placement_completed(&done.reason, done.duration);
-    }
-    for t in &ev.seen.announcements {
-        ctx.publish(&ev.reference, t.reason, t.warning, t.message.clone())
-            .await;
-    }
+    announce(ctx, &ev);
 
     if deleting {
         if ev.plan.stopped() {
@@ -267,6 +271,17 @@ async fn apply(svc: &HAService, ctx: &Ctx, deleting: bool) -> Result<Action> {
         )));
     }
     Ok(requeue(&ev, Instant::now()))
+}
+
+/// What the service memory saw in this evaluation (observed once, so never
+/// skipped): a completed placement's metric, and its Events.
+fn announce(ctx: &Ctx, ev: &Evaluation) {
+    if let Some(done) = &ev.seen.completed {
+        ctx.metrics.placement_completed(&done.reason, done.duration);
+    }
+    for t in &ev.seen.announcements {
+        ctx.publish(&ev.reference, t.reason, t.warning, t.message.clone());
+    }
 }
 
 /// The reason a new master `holder` was written for: placement's, except a
