@@ -120,13 +120,6 @@ fn condition(lab: &Lab, service: &str, type_: &str) -> Option<serde_json::Value>
         .cloned()
 }
 
-fn reasons(lab: &Lab, namespace: &str, name: &str) -> Vec<String> {
-    ha::events_about(lab, namespace, name)
-        .into_iter()
-        .map(|(r, _)| r)
-        .collect()
-}
-
 /// FreeHA's HUP: both services of node-1 move to node-2 through the
 /// handover (never two holders), node-1 keeps heartbeating, and the
 /// operator ends the release (annotation removed, Event Released).
@@ -168,11 +161,8 @@ fn release_moves_every_service_of_the_node_elsewhere_and_its_agent_keeps_heartbe
         annotations.get("kubeha.io/release-node").is_none(),
         "the operator removes the release once done: {annotations}"
     );
-    let events = reasons(&lab, "default", name);
-    assert!(
-        events.iter().any(|r| r == "Released"),
-        "no Released Event: {events:?}"
-    );
+    ha::wait_event_reasons(&lab, "default", name, |r| ha::has_reason(r, "Released"))
+        .unwrap_or_else(|events| panic!("no Released Event: {events:?}"));
     // Failback Never: they stay on node-2 although node-1 is eligible again.
     std::thread::sleep(Duration::from_secs(3));
     for (s, vip) in services.iter().zip(vips) {
@@ -261,11 +251,10 @@ fn force_start_runs_the_service_on_a_failed_node_until_clear() {
     seen.assert_single_holder(vip, "force start on node-1");
     let forced = condition(&lab, svc, "ForceStarted").expect("a ForceStarted condition");
     assert_eq!(forced["status"], "True", "{forced}");
-    let events = reasons(&lab, ha::SERVICE_NAMESPACE, svc);
-    assert!(
-        events.iter().any(|r| r == "ForceStarted"),
-        "no ForceStarted Event: {events:?}"
-    );
+    ha::wait_event_reasons(&lab, ha::SERVICE_NAMESPACE, svc, |r| {
+        ha::has_reason(r, "ForceStarted")
+    })
+    .unwrap_or_else(|events| panic!("no ForceStarted Event: {events:?}"));
     // It stays: a while later the condition is still there.
     std::thread::sleep(Duration::from_secs(2));
     assert!(condition(&lab, svc, "ForceStarted").is_some());
@@ -385,11 +374,8 @@ fn reset_fences_the_node_at_once_and_the_service_moves() {
     wait_active_on(&lab, svc, vip, 2, Duration::from_secs(20));
     let seen = sampler.stop();
     seen.assert_single_holder(vip, "kubectl ha reset node-1");
-    let events = reasons(&lab, "default", name);
-    assert!(
-        events.iter().any(|r| r == "Reset"),
-        "no Reset Event: {events:?}"
-    );
+    ha::wait_event_reasons(&lab, "default", name, |r| ha::has_reason(r, "Reset"))
+        .unwrap_or_else(|events| panic!("no Reset Event: {events:?}"));
 
     // The hold ends: node-1 heartbeats again; the service stays on node-2.
     assert!(
@@ -411,11 +397,8 @@ fn reset_fences_the_node_at_once_and_the_service_moves() {
         "the reset request stayed: {:?}",
         annotation()
     );
-    let events = reasons(&lab, "default", name);
-    assert!(
-        events.iter().any(|r| r == "ResetDone"),
-        "no ResetDone Event: {events:?}"
-    );
+    ha::wait_event_reasons(&lab, "default", name, |r| ha::has_reason(r, "ResetDone"))
+        .unwrap_or_else(|events| panic!("no ResetDone Event: {events:?}"));
     // Once per request: the request written again by hand (the id the
     // agent's reset log recorded), a restarted agent sees it and does not
     // fence again.

@@ -315,11 +315,8 @@ fn a_locked_peer_that_stops_heartbeating_moves_config_to_default_and_stops_the_s
         "the service did not stop: {}",
         ha::service_status(&lab, svc)
     );
-    let r = reasons(&lab, "", name);
-    assert!(
-        r.iter().any(|r| r == "ProhibitedState"),
-        "no ProhibitedState Event: {r:?}"
-    );
+    ha::wait_event_reasons(&lab, "", name, |r| ha::has_reason(r, "ProhibitedState"))
+        .unwrap_or_else(|r| panic!("no ProhibitedState Event: {r:?}"));
 
     lab.power_on(2).unwrap();
     sampler.set_off(&[]);
@@ -456,11 +453,10 @@ fn a_returning_peerdown_peer_beside_single_resets_it_and_stops_the_services() {
         "still running: {}",
         ha::service_status(&lab, svc)
     );
-    let r = reasons(&lab, "", name);
-    assert!(
-        r.iter().any(|r| r == "PeerReturned") && r.iter().any(|r| r == "ClusterStopped"),
-        "{r:?}"
-    );
+    ha::wait_event_reasons(&lab, "", name, |r| {
+        ha::has_reason(r, "PeerReturned") && ha::has_reason(r, "ClusterStopped")
+    })
+    .unwrap_or_else(|r| panic!("{r:?}"));
     lab.kubectl_ha_ok(&["--wait", "30", "start", "--cluster", name])
         .unwrap();
     let active = ha::wait_until(Duration::from_secs(30), || {

@@ -115,14 +115,6 @@ fn wait_active(lab: &Lab, name: &str, vip: &str, timeout: Duration) -> u8 {
     seen.unwrap()
 }
 
-/// Reasons of the Events about object `name` in `namespace`.
-fn event_reasons(lab: &Lab, namespace: &str, name: &str) -> Vec<String> {
-    ha::events_about(lab, namespace, name)
-        .into_iter()
-        .map(|(reason, _)| reason)
-        .collect()
-}
-
 /// Installs, on nodes 1..=3, an enter and a leave hook for service `name`
 /// that append to `trace-NAME` in the lab folder, the leave failing on the
 /// nodes in `leave_fails`; returns the trace file (emptied).
@@ -188,11 +180,10 @@ fn power_off_moves_the_vip_to_the_next_node_and_status_events_metrics_record_it(
     );
 
     assert_eq!(wait_active(&lab, name, vip, Duration::from_secs(10)), 2);
-    let reasons = event_reasons(&lab, ha::SERVICE_NAMESPACE, name);
-    assert!(
-        reasons.iter().any(|r| r == "TakeOver"),
-        "no TakeOver Event: {reasons:?}"
-    );
+    ha::wait_event_reasons(&lab, ha::SERVICE_NAMESPACE, name, |r| {
+        ha::has_reason(r, "TakeOver")
+    })
+    .unwrap_or_else(|reasons| panic!("no TakeOver Event: {reasons:?}"));
     assert!(
         ha::wait_until(Duration::from_secs(5), || ha::operator_metric(
             0,
@@ -243,11 +234,12 @@ fn a_move_switches_the_service_over_with_never_two_holders() {
     eprintln!("move to first reply from node-3: {:?}", asked.elapsed());
     seen.assert_single_holder(vip, "kubectl ha move node-1 -> node-3");
     assert_eq!(wait_active(&lab, name, vip, Duration::from_secs(10)), 3);
-    let reasons = event_reasons(&lab, ha::SERVICE_NAMESPACE, name);
-    assert!(
-        reasons.iter().any(|r| r == "GiveAway" || r == "GiveBack"),
-        "no GiveAway/GiveBack Event for the planned move: {reasons:?}"
-    );
+    ha::wait_event_reasons(&lab, ha::SERVICE_NAMESPACE, name, |r| {
+        ha::has_reason(r, "GiveAway") || ha::has_reason(r, "GiveBack")
+    })
+    .unwrap_or_else(|reasons| {
+        panic!("no GiveAway/GiveBack Event for the planned move: {reasons:?}")
+    });
     cleanup(&lab, name, vip);
 }
 
@@ -306,11 +298,8 @@ fn locked_stops_and_keeps_services_off_and_single_runs_them_alone() {
         .stop()
         .assert_single_holder(vip, "mode changes locked / single / default");
     assert_eq!(ha::vip_holders(vip).len(), 1);
-    let reasons = event_reasons(&lab, "", name);
-    assert!(
-        reasons.iter().any(|r| r == "ModeChanged"),
-        "no ModeChanged Event on the cluster: {reasons:?}"
-    );
+    ha::wait_event_reasons(&lab, "", name, |r| ha::has_reason(r, "ModeChanged"))
+        .unwrap_or_else(|reasons| panic!("no ModeChanged Event on the cluster: {reasons:?}"));
     cleanup(&lab, name, vip);
 }
 
@@ -367,11 +356,8 @@ fn peerdown_lets_the_survivor_take_over_at_once_and_a_returning_node_loses_the_m
         erased.is_some(),
         "the peerdown mark of a returning node stayed"
     );
-    let reasons = event_reasons(&lab, "", name);
-    assert!(
-        reasons.iter().any(|r| r == "PeerReturned"),
-        "no PeerReturned Event: {reasons:?}"
-    );
+    ha::wait_event_reasons(&lab, "", name, |r| ha::has_reason(r, "PeerReturned"))
+        .unwrap_or_else(|reasons| panic!("no PeerReturned Event: {reasons:?}"));
     // The service ends up on exactly one node.
     wait_active(&lab, name, vip, Duration::from_secs(40));
     sampler.stop().assert_single_holder(
@@ -406,11 +392,10 @@ fn an_enter_failure_moves_on_and_a_failure_everywhere_is_errored_until_cleared()
         2,
         "the enter hook fails on node-1: the service moves to node-2"
     );
-    let reasons = event_reasons(&lab, ha::SERVICE_NAMESPACE, name);
-    assert!(
-        reasons.iter().any(|r| r == "HookFailed"),
-        "no HookFailed Event: {reasons:?}"
-    );
+    ha::wait_event_reasons(&lab, ha::SERVICE_NAMESPACE, name, |r| {
+        ha::has_reason(r, "HookFailed")
+    })
+    .unwrap_or_else(|reasons| panic!("no HookFailed Event: {reasons:?}"));
 
     // Now the hooks fail everywhere: moved to node-3, it fails there, then
     // on node-2 (node-1 is still failed): no node is left.
@@ -820,11 +805,10 @@ fn a_leave_that_fails_fences_its_node_and_the_service_moves_without_an_admin() {
         "a move whose leave fails on node-1, then node-1's fence and node-2's entry",
     );
     eprintln!("move with a failing leave to node-2 active: {took:?}");
-    let reasons = event_reasons(&lab, ha::SERVICE_NAMESPACE, name);
-    assert!(
-        reasons.iter().any(|r| r == "FenceEscalated"),
-        "no FenceEscalated Event: {reasons:?}"
-    );
+    ha::wait_event_reasons(&lab, ha::SERVICE_NAMESPACE, name, |r| {
+        ha::has_reason(r, "FenceEscalated")
+    })
+    .unwrap_or_else(|reasons| panic!("no FenceEscalated Event: {reasons:?}"));
     // node-1 heartbeats again after its fence.
     assert!(
         all_ready(&lab, name, Duration::from_secs(30)),

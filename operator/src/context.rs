@@ -457,21 +457,33 @@ impl Ctx {
     }
 }
 
-/// Publishes the queued Events one at a time, each given at most
-/// [`EVENT_TIMEOUT`]; ends when the context is dropped.
+/// Publishes the queued Events, at most [`EVENTS_IN_FLIGHT`] at once, each
+/// given at most [`EVENT_TIMEOUT`]; ends when the context is dropped.
 async fn publish_events(
     recorder: Recorder,
     mut queued: tokio::sync::mpsc::Receiver<(Event, ObjectReference)>,
 ) {
+    let in_flight = Arc::new(tokio::sync::Semaphore::new(EVENTS_IN_FLIGHT));
     while let Some((event, reference)) = queued.recv().await {
-        let reason = event.reason.as_str();
-        match tokio::time::timeout(EVENT_TIMEOUT, recorder.publish(&event, &reference)).await {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => tracing::warn!(error = %e, reason, "publishing an Event failed"),
-            Err(_) => tracing::warn!(reason, "publishing an Event timed out"),
-        }
+        let Ok(permit) = in_flight.clone().acquire_owned().await else {
+            return;
+        };
+        let recorder = recorder.clone();
+        tokio::spawn(async move {
+            let reason = event.reason.as_str();
+            match tokio::time::timeout(EVENT_TIMEOUT, recorder.publish(&event, &reference)).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => tracing::warn!(error = %e, reason, "publishing an Event failed"),
+                Err(_) => tracing::warn!(reason, "publishing an Event timed out"),
+            }
+            drop(permit);
+        });
     }
 }
+
+/// How many Events are sent at once (the reconciles sent up to their
+/// concurrency's worth before).
+pub const EVENTS_IN_FLIGHT: usize = 8;
 
 /// How many Events may wait for the publisher task.
 pub const EVENT_QUEUE: usize = 4096;

@@ -29,6 +29,9 @@ pub enum Error {
     /// An object without a name or namespace where one is required.
     #[error("object has no {0}")]
     Unnamed(&'static str),
+    /// A fresh heartbeat read, shared with other reconciles, failed.
+    #[error("heartbeat read: {0}")]
+    HeartbeatRead(String),
     /// A reconcile did not finish in time (an API call that hangs on a
     /// stalled API server or a dead connection); retried soon.
     #[error("reconcile took longer than {0:?}")]

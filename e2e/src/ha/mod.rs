@@ -466,6 +466,31 @@ pub fn operator_metric(r: u8, metric: &str) -> f64 {
         .sum()
 }
 
+/// Waits up to 10 s until the reasons of the Events about object `name` in
+/// `namespace` satisfy `done` (the operator sends its Events from a queue,
+/// after the writes they tell of); else the reasons last seen.
+pub fn wait_event_reasons(
+    lab: &Lab,
+    namespace: &str,
+    name: &str,
+    done: impl Fn(&[String]) -> bool,
+) -> Result<(), Vec<String>> {
+    let mut seen = Vec::new();
+    let found = wait_every(Duration::from_secs(10), Duration::from_millis(250), || {
+        seen = events_about(lab, namespace, name)
+            .into_iter()
+            .map(|(reason, _)| reason)
+            .collect();
+        done(&seen)
+    });
+    found.map(|_| ()).ok_or(seen)
+}
+
+/// Whether `reasons` has `reason`.
+pub fn has_reason(reasons: &[String], reason: &str) -> bool {
+    reasons.iter().any(|r| r == reason)
+}
+
 /// `(reason, message)` of every Event about object `name` in `namespace`.
 pub fn events_about(lab: &Lab, namespace: &str, name: &str) -> Vec<(String, String)> {
     lab.kubectl_json(&[

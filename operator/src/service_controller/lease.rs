@@ -47,10 +47,17 @@ pub(super) async fn refresh_heartbeat(
     decided: Instant,
 ) -> Result<(bool, Option<String>)> {
     let read = ctx.heartbeat_reads.since(cluster, node, decided);
+    // Its failure too is shared: every sharer retries with backoff, none
+    // runs the read again in turn behind the others.
     read.outcome
-        .get_or_try_init(|| read_heartbeat(ctx, cluster, node))
+        .get_or_init(|| async {
+            read_heartbeat(ctx, cluster, node)
+                .await
+                .map_err(|e| e.to_string())
+        })
         .await
-        .cloned()
+        .clone()
+        .map_err(Error::HeartbeatRead)
 }
 
 async fn read_heartbeat(ctx: &Ctx, cluster: &str, node: &str) -> Result<(bool, Option<String>)> {
@@ -91,10 +98,10 @@ pub struct HeartbeatReads {
 }
 
 /// One fresh read of a heartbeat Lease: when it began, and its outcome
-/// once there is one (a failed read leaves it empty for the next caller).
+/// once there is one (a failure as its message).
 pub(crate) struct HeartbeatRead {
     began: Instant,
-    outcome: tokio::sync::OnceCell<(bool, Option<String>)>,
+    outcome: tokio::sync::OnceCell<std::result::Result<(bool, Option<String>), String>>,
 }
 
 impl HeartbeatReads {

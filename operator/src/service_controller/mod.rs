@@ -215,11 +215,12 @@ async fn apply(svc: &HAService, ctx: &Ctx, deleting: bool) -> Result<Action> {
     if new_holder_written && !deleting {
         // The new holder's agent needs only the Lease. What this service
         // has to announce is queued; its status (and the claim check) waits
-        // for the next reconcile, right after the services already queued:
-        // after a power-off, 50 services each wrote their status before the
-        // next one's Lease could go.
+        // for the next reconcile, which the Lease's watch event starts once
+        // the store shows the write (a second at the latest): after a
+        // power-off, 50 services each wrote their status before the next
+        // one's Lease could go.
         announce(ctx, &ev);
-        return Ok(Action::requeue(Duration::ZERO));
+        return Ok(Action::requeue(STATUS_AFTER_NEW_HOLDER));
     }
 
     if !deleting {
@@ -272,6 +273,10 @@ async fn apply(svc: &HAService, ctx: &Ctx, deleting: bool) -> Result<Action> {
     }
     Ok(requeue(&ev, Instant::now()))
 }
+
+/// The latest a service's status follows the write of a new holder (the
+/// Lease's watch event usually starts that reconcile first).
+const STATUS_AFTER_NEW_HOLDER: Duration = Duration::from_secs(1);
 
 /// What the service memory saw in this evaluation (observed once, so never
 /// skipped): a completed placement's metric, and its Events.
