@@ -563,6 +563,10 @@ fn print_scale(r: &kubeha_e2e::bench::ScaleReport, steady_seconds: u64) {
         "API during the failover ({:.0} ms from power-off to every VIP on another node): {:.1} requests/s, {:.1} writes/s; every status Active elsewhere after {:.1} s",
         f.window_ms, f.requests_per_s, f.writes_per_s, f.status_settled_s
     );
+    println!(
+        "writes in that window per service moved (heartbeat renewals included): {}",
+        f.writes_by_text()
+    );
     if !f.unanswered.is_empty() {
         println!("unanswered: {}", f.unanswered.join(", "));
     }

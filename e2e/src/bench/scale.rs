@@ -147,9 +147,19 @@ pub struct Failover {
     pub requests_per_s: f64,
     /// API write requests per second in that window.
     pub writes_per_s: f64,
+    /// The writes of that window by resource and verb, per service moved
+    /// (the heartbeats' renewals included).
+    pub writes_by_per_service: Vec<(String, f64)>,
     /// Power-off to every one of those services reported Active on another
     /// node in its status, s.
     pub status_settled_s: f64,
+}
+
+impl Failover {
+    /// [`Failover::writes_by_per_service`] as text.
+    pub fn writes_by_text(&self) -> String {
+        rates_text(&self.writes_by_per_service)
+    }
 }
 
 /// Results of `bench scale`.
@@ -666,6 +676,7 @@ fn power_off_busiest(
         window_ms: window * 1000.0,
         requests_per_s: (api1.all - api0.all) / window,
         writes_per_s: (api1.writes - api0.writes) / window,
+        writes_by_per_service: api0.write_rates_since(&api1, held.max(1) as f64),
         status_settled_s,
     })
 }
