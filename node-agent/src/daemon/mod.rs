@@ -338,7 +338,10 @@ pub async fn run(config: Config) -> crate::Result<()> {
     // operator labels the nodes a service needs; one that leaves the
     // selection is one this node has no role in), and of a service's
     // status, the agent reads its own node's entry only.
+    // Another node's or the operator's status write changes nothing this
+    // agent reads: it does not wake the main loop ([`ServiceFaces`]).
     let scope = watcher::Config::default().labels(&node_scope_selector(&config.node));
+    let faces = std::sync::Mutex::new(ServiceFaces::default());
     let services = watch::<HAService>(
         &client,
         None,
@@ -352,7 +355,9 @@ pub async fn run(config: Config) -> crate::Result<()> {
                 }
             }
         },
-        |_| true,
+        move |event: &watcher::Event<HAService>| {
+            faces.lock().unwrap_or_else(|e| e.into_inner()).wakes(event)
+        },
     );
     // In the operator's namespace (where only the operator may write
     // them), never in a tenant's; only those labelled for this node (the
@@ -719,6 +724,72 @@ fn lease_wakes(recorded: &HashSet<String>, node: &str, event: &watcher::Event<Le
     }
 }
 
+/// What the agent reads of an HAService (its status trimmed to this
+/// node's entry): an event that changes none of it wakes nothing. At 1,000
+/// services, every status write of another node or of the operator on any
+/// of this node's services ran a pass over all of them.
+#[derive(Clone, Debug, PartialEq)]
+struct ServiceFace {
+    uid: Option<String>,
+    deleting: bool,
+    labels: BTreeMap<String, String>,
+    annotations: BTreeMap<String, String>,
+    spec: HAServiceSpec,
+    own_entry: Option<kubeha_crds::service::ServiceNodeStatus>,
+}
+
+impl ServiceFace {
+    fn of(svc: &HAService) -> Self {
+        ServiceFace {
+            uid: svc.metadata.uid.clone(),
+            deleting: svc.metadata.deletion_timestamp.is_some(),
+            labels: svc.labels().clone(),
+            annotations: svc.annotations().clone(),
+            spec: svc.spec.clone(),
+            own_entry: svc.status.as_ref().and_then(|s| s.nodes.first().cloned()),
+        }
+    }
+}
+
+/// The [`ServiceFace`] of every HAService in view, by `namespace/name`.
+#[derive(Default)]
+struct ServiceFaces {
+    faces: HashMap<String, ServiceFace>,
+    /// Faces of a relist under way (they replace all others at its end).
+    relisted: HashMap<String, ServiceFace>,
+}
+
+impl ServiceFaces {
+    /// Whether `event` wakes the main loop: a service's face changed or it
+    /// left the view, or a (re)list ended; records the face.
+    fn wakes(&mut self, event: &watcher::Event<HAService>) -> bool {
+        let key =
+            |svc: &HAService| format!("{}/{}", svc.namespace().unwrap_or_default(), svc.name_any());
+        match event {
+            watcher::Event::Apply(svc) => {
+                let face = ServiceFace::of(svc);
+                self.faces.insert(key(svc), face.clone()) != Some(face)
+            }
+            watcher::Event::Delete(svc) => {
+                self.faces.remove(&key(svc));
+                true
+            }
+            watcher::Event::Init => {
+                self.relisted.clear();
+                false
+            }
+            watcher::Event::InitApply(svc) => {
+                self.relisted.insert(key(svc), ServiceFace::of(svc));
+                false
+            }
+            watcher::Event::InitDone => {
+                self.faces = std::mem::take(&mut self.relisted);
+                true
+            }
+        }
+    }
+}
+
 fn fenced_flag(shared: &Shared, cluster: &str) -> Arc<AtomicBool> {
     shared
         .fenced
@@ -733,6 +804,48 @@ fn fenced_flag(shared: &Shared, cluster: &str) -> Arc<AtomicBool> {
 mod tests {
     use super::*;
     use crate::heartbeat::Beat;
+
+    #[test]
+    fn only_a_change_of_what_the_agent_reads_of_a_service_wakes_it() {
+        use kubeha_crds::service::{HAServiceStatus, NodeServiceState, Role};
+        use kubeha_crds::testing::{service_spec, status_entry};
+        let mut svc = HAService::new("web", service_spec("c", &["198.18.0.10/24"]));
+        svc.metadata.namespace = Some("default".into());
+        svc.metadata.uid = Some("u1".into());
+        let entry = |state| status_entry("n1", Role::Master, state, 1, None);
+        svc.status = Some(HAServiceStatus {
+            nodes: vec![entry(NodeServiceState::Running)],
+            ..Default::default()
+        });
+        let mut faces = ServiceFaces::default();
+        let apply = |faces: &mut ServiceFaces, svc: &HAService| {
+            faces.wakes(&watcher::Event::Apply(svc.clone()))
+        };
+        assert!(apply(&mut faces, &svc), "first seen");
+        // Another node's or the operator's write (trimmed away but for the
+        // resourceVersion and the operator's fields): nothing to do.
+        svc.metadata.resource_version = Some("2".into());
+        svc.status.as_mut().unwrap().phase = Some(kubeha_crds::service::Phase::Active);
+        assert!(!apply(&mut faces, &svc));
+        // This node's entry, an annotation, the spec, a label: a pass.
+        svc.status.as_mut().unwrap().nodes = vec![entry(NodeServiceState::Stopped)];
+        assert!(apply(&mut faces, &svc));
+        svc.annotations_mut()
+            .insert("kubeha.io/clear".into(), "1".into());
+        assert!(apply(&mut faces, &svc));
+        svc.spec = service_spec("c", &["198.18.0.11/24"]);
+        assert!(apply(&mut faces, &svc));
+        svc.labels_mut()
+            .insert("node.kubeha.io/n1".into(), "true".into());
+        assert!(apply(&mut faces, &svc));
+        assert!(!apply(&mut faces, &svc));
+        // Leaving the view, and the end of a relist, always do.
+        assert!(faces.wakes(&watcher::Event::Delete(svc.clone())));
+        assert!(!faces.wakes(&watcher::Event::Init));
+        assert!(!faces.wakes(&watcher::Event::InitApply(svc.clone())));
+        assert!(faces.wakes(&watcher::Event::InitDone));
+        assert!(!apply(&mut faces, &svc), "the relist recorded it");
+    }
 
     fn beat(sent: Option<Instant>, rd_ms: u64) -> Beat {
         let ms = Duration::from_millis;
