@@ -481,9 +481,9 @@ async fn publish_events(
     }
 }
 
-/// How many Events are sent at once (the reconciles sent up to their
-/// concurrency's worth before).
-pub const EVENTS_IN_FLIGHT: usize = 8;
+/// How many Events are sent at once: few, as an Event is never urgent and
+/// a failover's burst of them competes with its Lease writes.
+pub const EVENTS_IN_FLIGHT: usize = 2;
 
 /// How many Events may wait for the publisher task.
 pub const EVENT_QUEUE: usize = 4096;

@@ -73,11 +73,12 @@ pub(super) fn spawn_steps(
             if step == assignments::Step::LeaveMaster || !ok || Some(step) == last {
                 report(&shared, &target, &record).await;
             }
-            let (warning, reason, note) = step_event(step, ok, &record, primary);
-            tokio::spawn({
-                let (shared, target) = (shared.clone(), target.clone());
-                async move { event(&shared, &target, warning, reason, note).await }
-            });
+            if let Some((warning, reason, note)) = step_event(step, ok, &record, primary) {
+                tokio::spawn({
+                    let (shared, target) = (shared.clone(), target.clone());
+                    async move { event(&shared, &target, warning, reason, note).await }
+                });
+            }
             if !ok {
                 tracing::warn!(?step, "step failed");
                 if step == assignments::Step::LeaveMaster && record.unclean_epoch.is_some() {
@@ -337,7 +338,7 @@ pub(super) fn step_event(
     ok: bool,
     record: &ServiceRecord,
     primary: bool,
-) -> (bool, &'static str, String) {
+) -> Option<(bool, &'static str, String)> {
     use assignments::Step::*;
     let tail = || {
         record
@@ -358,38 +359,61 @@ pub(super) fn step_event(
     };
     if !ok && record.last_hooks.iter().any(|h| h.script == "-") {
         // Not a hook: the VIPs could not be placed (missing interface, ...).
-        return (
+        return Some((
             true,
             "VipFailed",
             format!("{step:?} failed at epoch {}: {}", record.epoch, tail()),
-        );
+        ));
     }
     if !ok {
-        return (
+        return Some((
             true,
             "HookFailed",
             format!("{step:?} failed at epoch {}: {}", record.epoch, tail()),
-        );
+        ));
     }
+    // A standby step that succeeded is only logged (the status shows the
+    // role): after a power-off, every service the node held or stood by
+    // for changes standby, and those Events were most of the agents'
+    // writes beside their status reports (issue 11).
     let reason = match step {
         EnterMaster => Transition::of(true, primary).reason(),
         LeaveMaster => Transition::of(false, primary).reason(),
-        EnterVicemaster => "EnteredStandby",
-        LeaveVicemaster => "LeftStandby",
+        EnterVicemaster | LeaveVicemaster => return None,
     };
-    (
+    Some((
         false,
         reason,
         format!(
             "{step:?} done at epoch {} (VIPs {:?})",
             record.epoch, record.vips
         ),
-    )
+    ))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_master_steps_and_failures_are_told_in_events() {
+        use assignments::Step::*;
+        let record = ServiceRecord::fresh("c", &spec("198.18.0.10/24"), "sum".into(), None);
+        for step in [EnterVicemaster, LeaveVicemaster] {
+            assert_eq!(step_event(step, true, &record, true), None, "{step:?}");
+            let (warning, reason, _) = step_event(step, false, &record, true).unwrap();
+            assert!(
+                warning && reason == "HookFailed",
+                "{step:?} failed: {reason}"
+            );
+        }
+        for step in [EnterMaster, LeaveMaster] {
+            let (warning, reason, note) = step_event(step, true, &record, true).unwrap();
+            assert!(!warning, "{step:?}");
+            assert!(note.contains("done at epoch"), "{note}");
+            assert!(!reason.is_empty());
+        }
+    }
 
     fn spec(vip: &str) -> HAServiceSpec {
         kubeha_crds::testing::service_spec("c", &[vip])
