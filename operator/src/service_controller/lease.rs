@@ -340,9 +340,10 @@ pub(super) async fn write_lease(
     }
     // A new holder's agent must see the service (its node-scope label)
     // no later than the Lease that names it: label it first. A standby
-    // not labelled yet is labelled right after the write (it is not on
-    // the failover path; until then it just takes no role). Hiding or
-    // showing a service never makes a node enter: only the Lease does.
+    // not labelled yet is left to the scope pass (`crate::scope::run`,
+    // within a second): until then it just takes no role, and the next
+    // services' failovers do not wait for its label. Hiding or showing a
+    // service never makes a node enter: only the Lease does.
     let fields = leases::ServiceLeaseFields::read(&lease);
     let scope = crate::scope::scope_labels(svc);
     let unlabelled = |n: &Option<String>| {
@@ -353,6 +354,7 @@ pub(super) async fn write_lease(
     let (holder_unlabelled, standby_unlabelled) =
         (unlabelled(&fields.holder), unlabelled(&fields.standby));
     if holder_unlabelled.is_some() {
+        // With the standby: one patch for both.
         let nodes: Vec<&str> = [&holder_unlabelled, &standby_unlabelled]
             .into_iter()
             .flatten()
@@ -373,13 +375,6 @@ pub(super) async fn write_lease(
     match result {
         Ok(_) => {
             ctx.metrics.lease_written();
-            if holder_unlabelled.is_none()
-                && let Some(standby) = &standby_unlabelled
-                && let Err(e) = crate::scope::label_nodes(ctx, svc, &[standby]).await
-            {
-                // The scope pass labels it within a second.
-                tracing::debug!(%standby, error = %e, "could not label the standby");
-            }
             Ok(Written::Done)
         }
         Err(kube::Error::Api(s)) if s.code == 409 => {
@@ -438,7 +433,15 @@ pub(super) async fn adopt_unlabelled_lease(
     name: &str,
     svc: &HAService,
 ) -> Result<()> {
-    let patch = json!({ "metadata": { "labels": service_lease_labels(svc) } });
+    let labels = service_lease_labels(svc);
+    // Usually a Lease this operator just created, not in its store yet (a
+    // reconcile of the same service soon after the create): nothing to do.
+    if let Some(lease) = api.get_opt(name).await?
+        && labels.iter().all(|(k, v)| lease.labels().get(k) == Some(v))
+    {
+        return Ok(());
+    }
+    let patch = json!({ "metadata": { "labels": labels } });
     tracing::warn!(
         lease = name,
         "a service Lease exists without the kubeha labels: labelling it"
