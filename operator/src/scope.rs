@@ -179,7 +179,7 @@ pub async fn pass(ctx: &Ctx, unneeded: &mut Unneeded, now: Instant) {
             }
         }
         if let Some(lease) = &lease
-            && let Some(patch) = lease_label_patch(lease)
+            && let Some(patch) = lease_label_patch(lease, &svc)
         {
             tracing::info!(service = %key, "labelling the service Lease for the nodes it names");
             if let Err(e) = patch_lease(ctx, &lease.name_any(), &patch).await {
@@ -191,12 +191,24 @@ pub async fn pass(ctx: &Ctx, unneeded: &mut Unneeded, now: Instant) {
 }
 
 /// The metadata merge patch that adds to a service Lease the missing
-/// node-scope labels of the nodes it names, at its resourceVersion (a
-/// precondition: a newer write is never relabelled from this copy);
-/// `None` when it has them all.
-pub fn lease_label_patch(lease: &Lease) -> Option<Value> {
+/// node-scope labels of the nodes it names, and of the nodes whose status
+/// entry in `svc` is of an earlier epoch (a node that restarted with an
+/// older record, or reported after the Lease moved on: it sees the Lease
+/// until it reports its epoch, as [`crate::service_controller::service_lease`]
+/// keeps them), at its resourceVersion (a precondition: a newer write is
+/// never relabelled from this copy); `None` when it has them all.
+pub fn lease_label_patch(lease: &Lease, svc: &HAService) -> Option<Value> {
     let have = leases::scope_labels_of(lease);
-    let want = leases::wanted_scope_labels(lease);
+    let mut want = leases::wanted_scope_labels(lease);
+    if let Some(epoch) = leases::ServiceLeaseFields::read(lease).epoch {
+        want.extend(
+            svc.status
+                .iter()
+                .flat_map(|s| &s.nodes)
+                .filter(|e| e.epoch.is_some_and(|e| e < epoch))
+                .map(|e| node_scope_label(&e.node)),
+        );
+    }
     let add: BTreeSet<String> = want.difference(&have).cloned().collect();
     let mut patch = label_patch(&add, &BTreeSet::new())?;
     patch["metadata"]["resourceVersion"] = Value::from(lease.resource_version()?);

@@ -105,7 +105,7 @@ fn a_lease_labelled_for_other_nodes_is_relabelled_at_its_version() {
             .into_iter()
             .collect(),
     );
-    let patch = lease_label_patch(&old).expect("labels to fix");
+    let patch = lease_label_patch(&old, &service(Vec::new())).expect("labels to fix");
     assert_eq!(
         patch,
         json!({"metadata": {
@@ -118,5 +118,16 @@ fn a_lease_labelled_for_other_nodes_is_relabelled_at_its_version() {
     );
     let mut right = old.clone();
     leases::set_scope_labels(&mut right, [node_scope_label("n3")]);
-    assert_eq!(lease_label_patch(&right), None);
+    assert_eq!(lease_label_patch(&right, &service(Vec::new())), None);
+    // A node whose entry is of an earlier epoch (3 is the Lease's) is
+    // shown the Lease until it reports it; one at the epoch is not.
+    let behind = service(vec![
+        status_entry("n4", Role::None, NodeServiceState::Stopped, 2, Some(2)),
+        status_entry("n5", Role::None, NodeServiceState::Stopped, 3, None),
+    ]);
+    let patch = lease_label_patch(&right, &behind).expect("n4 to be shown the Lease");
+    assert_eq!(
+        patch["metadata"]["labels"],
+        json!({"node.kubeha.io/n4": "true"})
+    );
 }
